@@ -1,0 +1,163 @@
+"""The one definition of the CapsNet architecture that every implementation, test and benchmark uses.
+
+Every size and constant of the network of Sabour, Frosst & Hinton (2017), "Dynamic Routing Between
+Capsules", is a field of :class:`CapsNetConfig`; the defaults are the paper's MNIST network.  Shapes that
+follow from the fields (20x20 after Conv1, 6x6 after PrimaryCaps, 1152 primary capsules, ...) are derived
+properties, never written down a second time.
+
+Choices the paper leaves open, fixed here once for every implementation:
+
+* **PrimaryCaps layout.**  PrimaryCaps is one convolution with ``primary_caps_channels * primary_caps_dim``
+  output channels.  Output channel ``o = t * primary_caps_dim + d`` is component ``d`` of capsule type
+  ``t``.  Capsule ``i = t * H * W + h * W + w`` (type-major, then row, then column) is the 8D vector of the
+  8 channels of type ``t`` at pixel ``(h, w)``.  In NCHW terms: reshape to ``(B, T, D, H, W)``, move ``D``
+  last, flatten ``(T, H, W)``.  A plain ``view(B, -1, D)`` of the NCHW tensor (no transpose) mixes pixels
+  into capsule components, a known bug in public implementations.
+* **squash.**  ``squash(s) = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps)`` along the capsule axis;
+  ``squash_eps`` keeps the value and gradient finite at ``s = 0``.
+* **Routing (Procedure 1).**  Logits ``b`` are per example and start at zero on every forward pass;
+  ``c = softmax(b)`` over the *output* capsules for each input capsule; ``routing_iterations`` counts the
+  computations of ``v`` (the paper's r = 3).  The logit update after the last iteration cannot change the
+  output and is skipped.  Gradients flow through every iteration, through ``c`` and ``b`` as well as
+  through the weighted sum, exactly as Procedure 1 reads (no stop-gradient anywhere).
+* **Capsule length.**  ``|v| = sqrt(sum v^2)`` with gradient ``v / |v|``, taken as 0 where ``|v| = 0``
+  (the convention of ``torch.linalg.vector_norm``).
+* **Decoder mask.**  The DigitCaps output is masked to the true class in training and to the longest
+  capsule at inference; no gradient flows through the choice of the longest capsule.
+* **Loss.**  Margin loss on the raw lengths with squared hinges, summed over classes and averaged over the
+  batch; reconstruction loss is the sum of squared pixel errors (pixels in [0, 1]) averaged over the batch
+  and weighted by ``reconstruction_weight``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+def conv_output_size(size: int, kernel: int, stride: int) -> int:
+    """Spatial size after a 'valid' (unpadded) convolution."""
+    return (size - kernel) // stride + 1
+
+
+@dataclass(frozen=True)
+class CapsNetConfig:
+    """Sizes and constants of one CapsNet; the defaults are the paper's MNIST network."""
+
+    image_channels: int = 1
+    image_size: int = 28
+    conv1_channels: int = 256
+    conv1_kernel: int = 9
+    conv1_stride: int = 1
+    primary_caps_channels: int = 32  # capsule types
+    primary_caps_dim: int = 8
+    primary_kernel: int = 9
+    primary_stride: int = 2
+    num_classes: int = 10
+    digit_caps_dim: int = 16
+    routing_iterations: int = 3
+    squash_eps: float = 1e-8  # keeps squash and its gradient finite at s = 0
+    decoder_hidden: tuple[int, ...] = (512, 1024)
+    margin_positive: float = 0.9  # m+
+    margin_negative: float = 0.1  # m-
+    margin_down_weight: float = 0.5  # lambda
+    reconstruction_weight: float = 0.0005
+    digit_weight_std: float = 0.01  # W ~ N(0, std^2); the correct softmax axis needs a small W
+
+    def __post_init__(self) -> None:
+        if self.routing_iterations < 1:
+            raise ValueError(f"routing_iterations must be >= 1, got {self.routing_iterations}")
+        if self.primary_size < 1:
+            raise ValueError(
+                f"image_size {self.image_size} is too small for the Conv1 and PrimaryCaps kernels"
+            )
+
+    # Derived shapes ------------------------------------------------------------------------------
+    @property
+    def conv1_size(self) -> int:
+        """Height (= width) of the Conv1 feature map (20 in the paper)."""
+        return conv_output_size(self.image_size, self.conv1_kernel, self.conv1_stride)
+
+    @property
+    def primary_size(self) -> int:
+        """Height (= width) of the PrimaryCaps grid (6 in the paper)."""
+        return conv_output_size(self.conv1_size, self.primary_kernel, self.primary_stride)
+
+    @property
+    def primary_conv_channels(self) -> int:
+        """Output channels of the single PrimaryCaps convolution (256 in the paper)."""
+        return self.primary_caps_channels * self.primary_caps_dim
+
+    @property
+    def num_primary_caps(self) -> int:
+        """Number of 8D input capsules to routing (1152 in the paper)."""
+        return self.primary_size * self.primary_size * self.primary_caps_channels
+
+    @property
+    def image_pixels(self) -> int:
+        """Pixels the decoder reconstructs (784 for MNIST)."""
+        return self.image_channels * self.image_size * self.image_size
+
+    @property
+    def decoder_input(self) -> int:
+        """Width of the masked DigitCaps output fed to the decoder (160 in the paper)."""
+        return self.num_classes * self.digit_caps_dim
+
+    @property
+    def decoder_sizes(self) -> tuple[int, ...]:
+        """Widths of every decoder layer, input to output: (160, 512, 1024, 784) in the paper."""
+        return (self.decoder_input, *self.decoder_hidden, self.image_pixels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.image_channels, self.image_size, self.image_size)
+
+    @property
+    def u_hat_shape(self) -> tuple[int, int, int]:
+        """Per-example shape of the prediction vectors u_hat in the canonical layout (N, J, D)."""
+        return (self.num_primary_caps, self.num_classes, self.digit_caps_dim)
+
+    def replace(self, **changes) -> "CapsNetConfig":
+        """A copy with some fields changed (e.g. ``routing_iterations``)."""
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PAPER = CapsNetConfig()
+
+# A network of the same structure, small enough for float64 gradient checks and CI training runs on MNIST.
+SMALL = CapsNetConfig(
+    conv1_channels=16,
+    primary_caps_channels=4,
+    primary_caps_dim=4,
+    digit_caps_dim=8,
+    decoder_hidden=(64, 128),
+)
+
+CONFIGS: dict[str, CapsNetConfig] = {"paper": PAPER, "small": SMALL}
+
+
+def get_config(name: str) -> CapsNetConfig:
+    """The named configuration ('paper' or 'small'); an unknown name fails with the known ones."""
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown config {name!r}: choose one of {', '.join(CONFIGS)}") from None
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """The optimiser every implementation uses (torch.optim.Adam's update rule and defaults, lr 1e-3)."""
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+ADAM = AdamConfig()
+
+# Shift augmentation of the paper: up to this many pixels in each direction, zero padded.
+MAX_SHIFT_PIXELS = 2

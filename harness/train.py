@@ -1,0 +1,185 @@
+"""python -m harness.train: train one implementation on MNIST and record how it learns and how fast.
+
+Adam (lr 1e-3, :data:`harness.spec.ADAM`) from the canonical parameters, the paper's random shift of up to
+2 pixels on the training images, test accuracy after every epoch.  The results file (under
+``results/training/`` unless ``--out`` says otherwise) is rewritten atomically after every epoch, so an
+interrupted or diverged run keeps everything up to its last epoch: per-step loss and training wall time,
+per-epoch loss, test accuracy, time and images/s, with the implementation, config, library versions and
+machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from harness import registry
+from harness.data import DataError, Dataset, iterate_batches, load_mnist
+from harness.environment import machine_facts
+from harness.params import init_parameters
+from harness.results import TRAINING_DIR, TRAINING_KIND, write_json_atomic
+from harness.spec import ADAM, CONFIGS, get_config
+
+try:
+    from tqdm import tqdm
+except ImportError:  # progress bars are a nicety
+    tqdm = None
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being a finite number."""
+
+
+def evaluate(impl: registry.Implementation, dataset: Dataset, batch_size: int) -> float:
+    """Test accuracy: the predicted class is the longest DigitCaps capsule."""
+    correct = 0
+    for start in range(0, len(dataset), batch_size):
+        images, labels = dataset.images[start : start + batch_size], dataset.labels[start : start + batch_size]
+        lengths, _ = impl.forward(impl.to_device(images), train=False)
+        correct += int(np.sum(impl.to_numpy(lengths).argmax(axis=1) == labels))
+    return correct / len(dataset)
+
+
+def new_record(info: registry.ImplementationInfo, args: argparse.Namespace, config_name: str) -> dict:
+    return {
+        "kind": TRAINING_KIND,
+        "format_version": 1,
+        "status": "running",
+        "message": "",
+        "implementation": info.name,
+        "framework": info.framework,
+        "device": info.device,
+        "routing": info.routing,
+        "dtype": args.dtype,
+        "config_name": config_name,
+        "config": get_config(config_name).as_dict(),
+        "optimizer": {"name": "adam", **ADAM.__dict__},
+        "batch_size": args.batch_size,
+        "epochs_requested": args.epochs,
+        "limit": args.limit,
+        "test_limit": args.test_limit,
+        "seed": args.seed,
+        "augment": not args.no_augment,
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_facts(),
+        "epochs": [],
+        "steps": [],
+    }
+
+
+def train_epochs(impl, train_set: Dataset, test_set: Dataset, record: dict, epochs: int, batch_size: int,
+                 seed: int, augment: bool, save) -> dict:
+    """Train for ``epochs``, appending to ``record`` and calling ``save(record)`` after each epoch."""
+    rng = np.random.default_rng(seed)
+    elapsed = 0.0
+    steps_per_epoch = math.ceil(len(train_set) / batch_size)
+    for epoch in range(1, epochs + 1):
+        losses, images_seen, epoch_start = [], 0, time.perf_counter()
+        batches = iterate_batches(train_set, batch_size, rng, shuffle=True, augment=augment)
+        progress = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", unit="step",
+                        leave=True, disable=None) if tqdm else batches
+        for step, (images, labels) in enumerate(progress, start=1):
+            step_start = time.perf_counter()
+            loss = impl.train_step(impl.to_device(images, labels))
+            elapsed += time.perf_counter() - step_start
+            images_seen += len(labels)
+            record["steps"].append({"epoch": epoch, "step": step, "loss": loss, "elapsed_seconds": elapsed})
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"loss is {loss} at epoch {epoch}, step {step}")
+            losses.append(loss)
+            if tqdm:
+                progress.set_postfix(loss=f"{loss:.4f}")
+        train_seconds = time.perf_counter() - epoch_start
+        eval_start = time.perf_counter()
+        accuracy = evaluate(impl, test_set, batch_size)
+        record["epochs"].append({
+            "epoch": epoch,
+            "mean_loss": float(np.mean(losses)),
+            "test_accuracy": accuracy,
+            "train_seconds": train_seconds,
+            "eval_seconds": time.perf_counter() - eval_start,
+            "images": images_seen,
+            "images_per_second": images_seen / train_seconds,
+            "elapsed_seconds": elapsed,
+        })
+        print(f"epoch {epoch}: mean loss {np.mean(losses):.4f}, test accuracy {accuracy:.2%}, "
+              f"{train_seconds:.1f} s, {images_seen / train_seconds:.1f} images/s", flush=True)
+        save(record)
+    return record
+
+
+def default_output(name: str, config_name: str) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return TRAINING_DIR / f"{name}_{config_name}_{stamp}.json"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m harness.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--impl", required=True, metavar="NAME", help="implementation (see python -m harness list)")
+    parser.add_argument("--data-dir", help="folder with the four MNIST IDX files (default: $CAPSBENCH_DATA_DIR)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--limit", type=int, help="train on the first N training images only")
+    parser.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data order and augmentation")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="paper")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--no-augment", action="store_true", help="no random 2-pixel shifts")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument("--out", type=Path, help="results file (default: results/training/<impl>_<config>_<time>.json)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for option in ("epochs", "batch_size", "limit", "test_limit"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            print(f"error: --{option.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
+            return 2
+    try:
+        info = registry.get(args.impl)
+        config = get_config(args.config)
+        if args.threads:
+            from harness.threads import set_threads
+
+            set_threads(args.threads)
+        impl = info.create(config, init_parameters(config, dtype=args.dtype), args.dtype)
+        train_set = load_mnist(args.data_dir, "train").head(args.limit)
+        test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
+    except (registry.UnknownImplementationError, registry.UnavailableImplementationError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = args.out or default_output(info.name, args.config)
+    record = new_record(info, args, args.config)
+    write_json_atomic(out, record)
+    print(f"training {info.name} ({args.dtype}, {args.config} config) on {len(train_set)} images, "
+          f"batch {args.batch_size}, {args.epochs} epoch(s); results -> {out}", flush=True)
+    try:
+        train_epochs(impl, train_set, test_set, record, args.epochs, args.batch_size, args.seed,
+                     augment=not args.no_augment, save=lambda r: write_json_atomic(out, r))
+    except TrainingDiverged as error:
+        record.update(status="stopped", message=f"training diverged: {error}")
+        write_json_atomic(out, record)
+        print(f"error: training diverged: {error}; the results up to the last epoch are in {out} "
+              "(check the implementation with python -m harness.check)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        record.update(status="interrupted", message="interrupted by the user")
+        write_json_atomic(out, record)
+        print(f"interrupted; the results up to here are in {out}", file=sys.stderr)
+        return 130
+    record["status"] = "completed"
+    write_json_atomic(out, record)
+    print(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

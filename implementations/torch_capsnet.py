@@ -1,0 +1,246 @@
+"""CapsNet in PyTorch with autograd: ``torch-vectorised`` and ``torch-looped``, on CPU and on CUDA.
+
+``torch-vectorised`` (float64, CPU) is the reference every other implementation is checked against.
+The two routing variants differ only in :func:`routing_vectorised` and :func:`routing_looped`; everything
+else is shared.  The network follows :mod:`harness.spec` exactly (read its docstring for the choices).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from harness.params import DECODER_PREFIX, decoder_layer_count
+from harness.registry import Availability, Batch, Implementation, register
+from harness.spec import ADAM, CapsNetConfig
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # the registry still lists the implementations, as unavailable
+    torch = None
+
+
+# The network, as functions of tensors --------------------------------------------------------------
+
+
+def squash(s, eps: float):
+    """|s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps), along the last axis."""
+    squared_norm = (s * s).sum(dim=-1, keepdim=True)
+    return s * (squared_norm / (1.0 + squared_norm) / torch.sqrt(squared_norm + eps))
+
+
+def primary_capsules(conv_output, config: CapsNetConfig):
+    """(B, T*D, H, W) PrimaryCaps convolution output -> (B, T*H*W, D) capsules (see spec: layout)."""
+    batch, _, height, width = conv_output.shape
+    types, dim = config.primary_caps_channels, config.primary_caps_dim
+    capsules = conv_output.reshape(batch, types, dim, height, width).permute(0, 1, 3, 4, 2)
+    return capsules.reshape(batch, types * height * width, dim)
+
+
+def prediction_vectors(u, weight):
+    """u_hat[b, i, j] = W_ij u[b, i]: (B, N, K) x (N, J, D, K) -> (B, N, J, D), W never tiled over B."""
+    n_in, n_out, dim_out, dim_in = weight.shape
+    per_capsule = torch.matmul(u.transpose(0, 1), weight.reshape(n_in, n_out * dim_out, dim_in).transpose(1, 2))
+    return per_capsule.transpose(0, 1).reshape(u.shape[0], n_in, n_out, dim_out)
+
+
+def routing_vectorised(u_hat, iterations: int, eps: float):
+    """Procedure 1 as batched tensor operations over all input and output capsules; returns v (B, J, D)."""
+    batch, n_in, n_out, _ = u_hat.shape
+    logits = u_hat.new_zeros(batch, n_in, n_out)
+    for iteration in range(iterations):
+        coupling = torch.softmax(logits, dim=2)  # over the output capsules, for each input capsule
+        v = squash(torch.einsum("bij,bijd->bjd", coupling, u_hat), eps)
+        if iteration < iterations - 1:
+            logits = logits + torch.einsum("bijd,bjd->bij", u_hat, v)
+    return v
+
+
+def routing_looped(u_hat, iterations: int, eps: float):
+    """Procedure 1 transcribed line by line, with Python loops over the output capsules j."""
+    batch, n_in, n_out, _ = u_hat.shape
+    logits = [u_hat.new_zeros(batch, n_in) for _ in range(n_out)]  # b_ij, one (B, N) tensor per j
+    for iteration in range(iterations):
+        # c_i = softmax(b_i) over j, written out
+        largest = logits[0]
+        for j in range(1, n_out):
+            largest = torch.maximum(largest, logits[j])
+        exps = [torch.exp(logits[j] - largest) for j in range(n_out)]
+        total = exps[0]
+        for j in range(1, n_out):
+            total = total + exps[j]
+        # s_j = sum_i c_ij u_hat_j|i ; v_j = squash(s_j)
+        v = []
+        for j in range(n_out):
+            s_j = ((exps[j] / total).unsqueeze(-1) * u_hat[:, :, j, :]).sum(dim=1)
+            v.append(squash(s_j, eps))
+        # b_ij <- b_ij + u_hat_j|i . v_j
+        if iteration < iterations - 1:
+            for j in range(n_out):
+                logits[j] = logits[j] + (u_hat[:, :, j, :] * v[j].unsqueeze(1)).sum(dim=2)
+    return torch.stack(v, dim=1)
+
+
+ROUTING = {"vectorised": routing_vectorised, "looped": routing_looped}
+
+
+def capsule_lengths(v):
+    """|v_j| along the capsule axis (gradient 0 where |v| = 0)."""
+    return torch.linalg.vector_norm(v, dim=-1)
+
+
+def decode(params: dict, v, selected, config: CapsNetConfig):
+    """Reconstruction from the DigitCaps output masked to the ``selected`` class of each example."""
+    mask = F.one_hot(selected, config.num_classes).to(v.dtype)
+    hidden = (v * mask.unsqueeze(-1)).reshape(v.shape[0], -1)
+    layers = decoder_layer_count(config)
+    for layer in range(layers):
+        hidden = F.linear(hidden, params[f"{DECODER_PREFIX}{layer}.weight"], params[f"{DECODER_PREFIX}{layer}.bias"])
+        hidden = torch.relu(hidden) if layer < layers - 1 else torch.sigmoid(hidden)
+    return hidden
+
+
+def margin_loss(lengths, labels, config: CapsNetConfig):
+    """Squared-hinge margin loss on the raw lengths, summed over classes, averaged over the batch."""
+    target = F.one_hot(labels, config.num_classes).to(lengths.dtype)
+    present = target * torch.relu(config.margin_positive - lengths) ** 2
+    absent = config.margin_down_weight * (1.0 - target) * torch.relu(lengths - config.margin_negative) ** 2
+    return (present + absent).sum(dim=1).mean()
+
+
+def reconstruction_loss(reconstructions, images, config: CapsNetConfig):
+    """reconstruction_weight x sum of squared pixel errors, averaged over the batch."""
+    errors = reconstructions - images.reshape(images.shape[0], -1)
+    return config.reconstruction_weight * (errors * errors).sum(dim=1).mean()
+
+
+def predictions_from_images(params: dict, images, config: CapsNetConfig):
+    """Conv1 -> PrimaryCaps -> squash -> prediction vectors u_hat (B, N, J, D), the input to routing."""
+    hidden = torch.relu(F.conv2d(images, params["conv1.weight"], params["conv1.bias"], stride=config.conv1_stride))
+    primary = F.conv2d(hidden, params["primary.weight"], params["primary.bias"], stride=config.primary_stride)
+    u = squash(primary_capsules(primary, config), config.squash_eps)
+    return prediction_vectors(u, params["digit.weight"])
+
+
+# The implementation --------------------------------------------------------------------------------
+
+
+class TorchCapsNet(Implementation):
+    """CapsNet with PyTorch autograd and torch.optim.Adam; routing variant and device chosen at build."""
+
+    framework = "torch"
+
+    def __init__(self, config, params, dtype="float32", device="cpu", routing="vectorised"):
+        super().__init__(config, params, dtype, device, routing)
+        self._dtype = getattr(torch, dtype)
+        self._device = torch.device(device)
+        self._route = ROUTING[routing]
+        self.params = {
+            name: torch.tensor(value, dtype=self._dtype, device=self._device, requires_grad=True)
+            for name, value in params.items()
+        }
+        self.optimizer = torch.optim.Adam(
+            list(self.params.values()), lr=ADAM.lr, betas=(ADAM.beta1, ADAM.beta2), eps=ADAM.eps
+        )
+        self._loss = None
+
+    @classmethod
+    def availability(cls, device: str) -> Availability:
+        if torch is None:
+            return Availability.missing("torch not installed (pip install torch==2.13.0)")
+        if device == "cuda" and not torch.cuda.is_available():
+            if torch.version.cuda is None:
+                return Availability.missing(f"no CUDA device: torch {torch.__version__} is a CPU-only build")
+            return Availability.missing("no CUDA device (torch.cuda.is_available() is False)")
+        return Availability.ok()
+
+    # data
+    def to_device(self, images, labels=None) -> Batch:
+        images = torch.as_tensor(np.asarray(images), dtype=self._dtype, device=self._device)
+        if labels is not None:
+            labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self._device)
+        return Batch(images, labels)
+
+    def to_numpy(self, array) -> np.ndarray:
+        return array.detach().cpu().numpy()
+
+    # the network
+    def route(self, u_hat):
+        return self._route(u_hat, self.config.routing_iterations, self.config.squash_eps)
+
+    def _forward(self, batch: Batch, train: bool):
+        v = self.route(predictions_from_images(self.params, batch.images, self.config))
+        lengths = capsule_lengths(v)
+        if train:
+            if batch.labels is None:
+                raise ValueError("a training forward pass needs labels (the decoder is masked to the true class)")
+            selected = batch.labels
+        else:
+            selected = lengths.argmax(dim=1)
+        return lengths, decode(self.params, v, selected, self.config)
+
+    def forward(self, batch: Batch, train: bool = True):
+        with torch.no_grad():
+            return self._forward(batch, train)
+
+    def forward_loss(self, batch: Batch):
+        self._loss = None  # free the previous graph before building the next
+        lengths, reconstructions = self._forward(batch, train=True)
+        self._loss = margin_loss(lengths, batch.labels, self.config) + reconstruction_loss(
+            reconstructions, batch.images, self.config
+        )
+        return self._loss.detach()
+
+    def _backward(self, keep_graph: bool) -> None:
+        if self._loss is None:
+            raise RuntimeError("backward() needs a forward_loss() first")
+        self.optimizer.zero_grad(set_to_none=True)
+        self._loss.backward(retain_graph=keep_graph)
+
+    def backward(self) -> None:
+        self._backward(keep_graph=True)
+
+    def adam_step(self) -> None:
+        self.optimizer.step()
+
+    def train_step(self, batch: Batch) -> float:
+        loss = self.forward_loss(batch)
+        self._backward(keep_graph=False)
+        self._loss = None
+        self.optimizer.step()
+        return float(loss)
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        return {name: self.to_numpy(p.grad).copy() for name, p in self.params.items()}
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {name: self.to_numpy(p).copy() for name, p in self.params.items()}
+
+    # routing alone
+    def prediction_vectors(self, batch: Batch):
+        with torch.no_grad():
+            return predictions_from_images(self.params, batch.images, self.config)
+
+    def routing(self, u_hat):
+        with torch.no_grad():
+            return self.route(u_hat)
+
+    def routing_backward(self, u_hat, grad_v):
+        u_hat = u_hat.detach().requires_grad_(True)
+        (grad_u_hat,) = torch.autograd.grad(self.route(u_hat), u_hat, grad_v)
+        return grad_u_hat
+
+    def synchronize(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
+
+for _device in ("cpu", "cuda"):
+    for _routing in ("vectorised", "looped"):
+        register(
+            f"torch-{_routing}" + ("-cuda" if _device == "cuda" else ""),
+            TorchCapsNet,
+            device=_device,
+            routing=_routing,
+            description=f"PyTorch autograd, {_routing} routing, {_device}",
+        )

@@ -1,0 +1,54 @@
+"""Sampled central finite differences of the total loss, for any registered implementation (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from harness import registry
+from harness.data import synthetic_batch
+from harness.params import init_parameters
+
+STEP = 1e-6
+
+
+def livelier_parameters(config, seed: int = 0) -> dict[str, np.ndarray]:
+    """Canonical float64 parameters with W scaled up, so capsule lengths (and every gradient) are O(0.1-1)
+    rather than the near-zero of the small initialisation, where finite differences drown in rounding."""
+    params = init_parameters(config, seed=seed, dtype=np.float64)
+    params["digit.weight"] = params["digit.weight"] * 30.0
+    return params
+
+
+def loss_of(name, config, params, images, labels) -> float:
+    impl = registry.create(name, config, params, "float64")
+    return float(impl.to_numpy(impl.forward_loss(impl.to_device(images, labels))))
+
+
+def sampled_entries(gradient: np.ndarray, count: int, rng) -> list[tuple]:
+    """The entry with the largest gradient plus ``count`` random ones."""
+    picks = [np.unravel_index(np.argmax(np.abs(gradient)), gradient.shape)]
+    picks += [tuple(rng.integers(0, n) for n in gradient.shape) for _ in range(count)]
+    return picks
+
+
+def finite_difference_errors(name, config, per_tensor: int = 4, batch_size: int = 3, seed: int = 0) -> dict:
+    """For every parameter tensor: max |fd - analytic| / max |analytic gradient of that tensor|."""
+    params = livelier_parameters(config)
+    images, labels = synthetic_batch(config, batch_size, seed=seed)
+    impl = registry.create(name, config, params, "float64")
+    impl.forward_loss(impl.to_device(images, labels))
+    impl.backward()
+    gradients = impl.gradients()
+    rng = np.random.default_rng(seed)
+    errors = {}
+    for param_name, gradient in gradients.items():
+        worst = 0.0
+        for index in sampled_entries(gradient, per_tensor, rng):
+            shifted = {k: v.copy() for k, v in params.items()}
+            shifted[param_name][index] += STEP
+            up = loss_of(name, config, shifted, images, labels)
+            shifted[param_name][index] -= 2 * STEP
+            down = loss_of(name, config, shifted, images, labels)
+            worst = max(worst, abs((up - down) / (2 * STEP) - gradient[index]))
+        errors[param_name] = worst / np.max(np.abs(gradient))
+    return errors

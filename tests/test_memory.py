@@ -1,0 +1,110 @@
+"""The memory sampler: peak logic with a scripted reader, host RSS for real, NVML unavailability."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from harness import memory
+from harness.memory import PeakSampler, Reading
+
+
+class ScriptedReader:
+    """Returns the scripted readings in order (the last one repeats), counting calls."""
+
+    def __init__(self, readings):
+        self.readings = list(readings)
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self):
+        with self.lock:
+            reading = self.readings[min(self.calls, len(self.readings) - 1)]
+            self.calls += 1
+            return reading
+
+
+def test_peak_baseline_and_process_figure():
+    reader = ScriptedReader([Reading(100, 10), Reading(400, 40), Reading(250, 25), Reading(120, 12)])
+    sampler = PeakSampler(reader, interval_s=0.0005)
+    with sampler:
+        while reader.calls < 4:
+            pass
+    result = sampler.result
+    assert result.available and result.baseline_bytes == 100
+    assert result.peak_bytes == 400 and result.process_peak_bytes == 40
+    assert result.increase_bytes == 300
+    assert result.samples == reader.calls >= 5  # entry, thread samples, exit
+    assert result.interval_s == 0.0005
+
+
+def test_a_region_shorter_than_the_interval_still_has_entry_and_exit_samples():
+    reader = ScriptedReader([Reading(5), Reading(9)])
+    with PeakSampler(reader, interval_s=10.0) as sampler:
+        pass
+    assert sampler.result.samples == 2 and sampler.result.peak_bytes == 9
+
+
+def test_invisible_process_is_said_not_reported_as_zero():
+    reader = ScriptedReader([Reading(100, None), Reading(300, None)])
+    with PeakSampler(reader, interval_s=0.001, process_note=memory.PROCESS_NOT_VISIBLE) as sampler:
+        pass
+    assert sampler.result.process_peak_bytes is None
+    assert "host PIDs" in sampler.result.process_note
+
+
+def test_a_failing_reader_is_reported():
+    calls = {"n": 0}
+
+    def read():
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError("device lost")
+        return Reading(1)
+
+    with pytest.raises(RuntimeError, match="memory sampling failed: device lost"):
+        with PeakSampler(read, interval_s=0.0005) as sampler:
+            sampler._thread.join(timeout=5)  # the thread ends at its first failed read
+
+
+def test_sampler_works_as_a_decorator():
+    reader = ScriptedReader([Reading(1), Reading(7)])
+    sampler = PeakSampler(reader, interval_s=10.0)
+    assert sampler(lambda x: x * 2)(21) == 42
+    assert sampler.result.peak_bytes == 7
+
+
+def test_invalid_interval():
+    with pytest.raises(ValueError, match="interval_s must be positive"):
+        PeakSampler(lambda: Reading(0), interval_s=0)
+
+
+def test_host_sampler_sees_a_large_allocation():
+    with memory.host_sampler(interval_s=0.001) as sampler:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        block += 1
+    assert sampler.result.increase_bytes >= 60 * 2**20
+    del block
+
+
+def test_nvml_without_a_driver_says_unavailable():
+    if memory.nvml_status() is None:
+        pytest.skip("NVML works on this machine")
+    with memory.nvml_sampler() as sampler:
+        pass
+    assert not sampler.result.available
+    assert sampler.result.reason.startswith("unavailable: ")
+    assert sampler.result.peak_bytes is None
+    facts = memory.nvml_device_facts()
+    assert facts["available"] is False and facts["reason"]
+    assert memory.nvml_used_bytes() is None
+
+
+def test_nvml_on_a_gpu_machine():
+    if memory.nvml_status() is not None:
+        pytest.skip(f"no NVML here: {memory.nvml_status()}")
+    facts = memory.nvml_device_facts()
+    assert facts["available"] and facts["memory_total_bytes"] > 0
+    with memory.nvml_sampler() as sampler:
+        pass
+    assert sampler.result.available and sampler.result.peak_bytes > 0

@@ -1,0 +1,165 @@
+"""The PyTorch implementation against hand-computed cases and an independent per-example transcription."""
+
+import numpy as np
+import pytest
+import torch
+
+from harness import registry
+from harness.data import synthetic_batch
+from harness.params import init_parameters
+from harness.spec import SMALL
+from implementations import torch_capsnet as tc
+
+
+def paper_routing(u_hat: np.ndarray, iterations: int, eps: float) -> np.ndarray:
+    """Procedure 1 for one example at a time, written from the paper with plain Python loops."""
+    batch, n_in, n_out, dim = u_hat.shape
+    out = np.zeros((batch, n_out, dim))
+    for b in range(batch):
+        logits = np.zeros((n_in, n_out))
+        for r in range(iterations):
+            for i in range(n_in):
+                e = np.exp(logits[i] - logits[i].max())
+                c_i = e / e.sum()
+                if i == 0:
+                    coupling = np.zeros((n_in, n_out))
+                coupling[i] = c_i
+            for j in range(n_out):
+                s = sum(coupling[i, j] * u_hat[b, i, j] for i in range(n_in))
+                n2 = s @ s
+                out[b, j] = n2 / (1 + n2) * s / np.sqrt(n2 + eps)
+            for i in range(n_in):
+                for j in range(n_out):
+                    logits[i, j] += u_hat[b, i, j] @ out[b, j]
+    return out
+
+
+def test_squash_hand_computed():
+    s = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
+    v = tc.squash(s, eps=1e-8)
+    # |s|^2 = 25: 25 / 26 * s / 5
+    np.testing.assert_allclose(v[0].numpy(), [25 / 26 * 3 / 5, 25 / 26 * 4 / 5], rtol=1e-7)
+    np.testing.assert_array_equal(v[1].numpy(), [0.0, 0.0])
+
+
+def test_squash_gradient_is_finite_at_zero():
+    s = torch.zeros(1, 8, dtype=torch.float64, requires_grad=True)
+    tc.squash(s, eps=1e-8).sum().backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_squash_is_vector_valued_finite_differences():
+    s = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: tc.squash(x, 1e-8), (s,))
+
+
+def test_primary_capsules_take_the_channels_of_one_type_at_one_pixel():
+    config = SMALL
+    types, dim, size = config.primary_caps_channels, config.primary_caps_dim, config.primary_size
+    # value encodes (type, component, h, w)
+    t, d, h, w = np.meshgrid(np.arange(types), np.arange(dim), np.arange(size), np.arange(size), indexing="ij")
+    code = t * 1000 + d * 100 + h * 10 + w
+    conv_out = torch.tensor(code.reshape(1, types * dim, size, size), dtype=torch.float64)
+    caps = tc.primary_capsules(conv_out, config).numpy()[0]
+    assert caps.shape == (config.num_primary_caps, dim)
+    for i in [0, 1, size, size * size, config.num_primary_caps - 1]:
+        t_i, rest = divmod(i, size * size)
+        h_i, w_i = divmod(rest, size)
+        np.testing.assert_array_equal(caps[i], [t_i * 1000 + d_i * 100 + h_i * 10 + w_i for d_i in range(dim)])
+
+
+def test_prediction_vectors_equal_the_tiled_product(rng):
+    u = rng.normal(size=(3, 5, 4))
+    w = rng.normal(size=(5, 2, 6, 4))
+    expected = np.einsum("njdk,bnk->bnjd", w, u)
+    got = tc.prediction_vectors(torch.tensor(u), torch.tensor(w)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("routing", ["vectorised", "looped"])
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_routing_matches_the_paper_transcription(rng, routing, iterations):
+    u_hat = rng.normal(scale=0.5, size=(2, 7, 3, 4))
+    expected = paper_routing(u_hat, iterations, 1e-8)
+    got = tc.ROUTING[routing](torch.tensor(u_hat), iterations, 1e-8).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_coupling_is_a_softmax_over_output_capsules():
+    # one iteration with b = 0 gives c = 1/J for every pair: s_j is the mean over i times N / J... i.e. sum/J
+    u_hat = torch.ones(1, 6, 4, 2, dtype=torch.float64)
+    v = tc.routing_vectorised(u_hat, 1, 1e-8)
+    s = torch.full((2,), 6 / 4, dtype=torch.float64)  # sum over 6 inputs of 1 * (1/4)
+    np.testing.assert_allclose(v[0, 0].numpy(), tc.squash(s, 1e-8).numpy())
+
+
+def test_routing_gradients_flow_through_every_iteration(rng):
+    u_hat = torch.tensor(rng.normal(size=(1, 4, 3, 2)), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: tc.routing_vectorised(x, 3, 1e-8), (u_hat,))
+    # with three iterations the gradient differs from the one-iteration gradient (routing is not detached)
+    g3 = torch.autograd.grad(tc.routing_vectorised(u_hat, 3, 1e-8).sum(), u_hat)[0]
+    g1 = torch.autograd.grad(tc.routing_vectorised(u_hat, 1, 1e-8).sum(), u_hat)[0]
+    assert not torch.allclose(g3, g1)
+
+
+def test_margin_loss_hand_computed():
+    lengths = torch.tensor([[0.95, 0.2, 0.05], [0.5, 0.0, 0.12]], dtype=torch.float64)
+    labels = torch.tensor([0, 2])
+    config = SMALL.replace(num_classes=3)
+    # example 0: present 0 (0.95 > 0.9); absent 0.5*(0.1^2) for 0.2, 0 for 0.05 -> 0.005
+    # example 1: present (0.9-0.12)^2 = 0.6084; absent 0.5*0.4^2 = 0.08 for 0.5 -> 0.6884
+    expected = (0.005 + 0.6884) / 2
+    assert tc.margin_loss(lengths, labels, config).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_reconstruction_loss_hand_computed():
+    images = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    recon = torch.tensor([[1.0, 0, 0, 0], [0.5, 0.5, 0, 0]], dtype=torch.float64)
+    # sum of squares: 1 and 0.5 -> mean 0.75 -> x 0.0005
+    assert tc.reconstruction_loss(recon, images, SMALL).item() == pytest.approx(0.75 * 0.0005)
+
+
+def test_decoder_sees_the_true_class_in_training_and_the_longest_at_inference():
+    params = init_parameters(SMALL, dtype=np.float64)
+    impl = registry.create("torch-vectorised", SMALL, params, "float64")
+    images, labels = synthetic_batch(SMALL, 6)
+    batch = impl.to_device(images, labels)
+    v = impl.routing(impl.prediction_vectors(batch))
+    lengths = torch.linalg.vector_norm(v, dim=-1)
+    longest = lengths.argmax(dim=1)
+    assert (longest != batch.labels).any(), "the test needs examples whose label is not the longest capsule"
+    tensors = {name: torch.tensor(value) for name, value in params.items()}
+    # the masked input keeps exactly one capsule: decoding a v with every other capsule zeroed is the same
+    only_label = v * torch.nn.functional.one_hot(batch.labels, SMALL.num_classes).unsqueeze(-1)
+    np.testing.assert_allclose(impl.forward(batch, train=True)[1], tc.decode(tensors, only_label, batch.labels, SMALL))
+    np.testing.assert_allclose(impl.forward(batch, train=False)[1], tc.decode(tensors, v, longest, SMALL))
+    assert not torch.equal(impl.forward(batch, train=True)[1], impl.forward(batch, train=False)[1])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_vectorised_and_looped_agree(train):
+    params = init_parameters(SMALL, dtype=np.float64)
+    images, labels = synthetic_batch(SMALL, 4)
+    outputs = []
+    for name in ("torch-vectorised", "torch-looped"):
+        impl = registry.create(name, SMALL, params, "float64")
+        batch = impl.to_device(images, labels)
+        lengths, recon = impl.forward(batch, train=train)
+        impl.forward_loss(batch)
+        impl.backward()
+        outputs.append((lengths.numpy(), recon.numpy(), impl.gradients()))
+    np.testing.assert_allclose(outputs[0][0], outputs[1][0], rtol=1e-12)
+    np.testing.assert_allclose(outputs[0][1], outputs[1][1], rtol=1e-12)
+    for name, gradient in outputs[0][2].items():
+        np.testing.assert_allclose(gradient, outputs[1][2][name], rtol=1e-9, atol=1e-15, err_msg=name)
+
+
+def test_backward_twice_gives_the_same_gradients_not_their_sum():
+    impl = registry.create("torch-vectorised", SMALL, init_parameters(SMALL), "float32")
+    batch = impl.to_device(*synthetic_batch(SMALL, 2))
+    impl.forward_loss(batch)
+    impl.backward()
+    first = impl.gradients()
+    impl.backward()
+    for name, gradient in impl.gradients().items():
+        np.testing.assert_array_equal(gradient, first[name])
