@@ -1,0 +1,525 @@
+"""CapsNet written once over an array module (NumPy or CuPy), with the backward pass written by hand.
+
+``numpy_capsnet`` and ``cupy_capsnet`` are thin: they choose the array module ``xp`` and register the
+variants; all the mathematics is here, so everything the CuPy implementation computes runs on the CPU
+through NumPy in the tests.  Each layer is a pair of module-level functions (``*_forward`` keeping what its
+``*_backward`` needs), so each can be checked against finite differences on its own.
+
+Layouts (internal; :meth:`ArrayCapsNet.parameters` and :meth:`ArrayCapsNet.gradients` convert to the
+canonical layout of :mod:`harness.params`):
+
+* activations are NHWC, so a convolution is one im2col copy (a strided window view, no Python loop over
+  pixels or channels) and one matrix product, and its backward one product and one col2im;
+* convolution weights are kept as (out, kh * kw * in) matrices, W as (N, K, J * D), so no weight is
+  re-laid out on any step;
+* u_hat is kept as (B, J, N, D): every sum of routing is then a batched matrix product.
+
+What the training forward pass keeps for backward, and why: the im2col matrices of Conv1 and PrimaryCaps
+(the weight gradients are products with them; the PrimaryCaps one is the largest buffer, B x 36 x 20,736,
+kept rather than rebuilt because rebuilding costs a full copy every step); the Conv1 output (its sign is
+the ReLU mask); the PrimaryCaps pre-squash capsules and the squashed capsules u; u_hat; per routing
+iteration the couplings c, the sums s and the outputs v; the decoder's layer outputs; and the lengths.
+The large buffers live in a workspace that is allocated once per batch shape and reused on every step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from harness.params import DECODER_PREFIX, decoder_layer_count
+from harness.registry import Availability, Batch, Implementation
+from harness.spec import ADAM, CapsNetConfig
+
+CONV_LAYERS = {"conv1": ("conv1_kernel", "conv1_stride"), "primary": ("primary_kernel", "primary_stride")}
+DIGIT = "digit.weight"
+
+
+# Convolution as im2col + matrix product ---------------------------------------------------------------
+
+
+def conv_output_shape(shape: tuple, kernel: int, stride: int) -> tuple[int, int]:
+    _, height, width, _ = shape
+    return (height - kernel) // stride + 1, (width - kernel) // stride + 1
+
+
+def im2col(xp, x, kernel: int, stride: int, out=None):
+    """NHWC input (B, H, W, C) -> (B * Ho * Wo, kh * kw * C) patch matrix, columns in (kh, kw, C) order."""
+    batch, _, _, channels = x.shape
+    out_h, out_w = conv_output_shape(x.shape, kernel, stride)
+    s_b, s_h, s_w, s_c = x.strides
+    windows = xp.lib.stride_tricks.as_strided(
+        x, shape=(batch, out_h, out_w, kernel, kernel, channels),
+        strides=(s_b, s_h * stride, s_w * stride, s_h, s_w, s_c),
+    )
+    if out is None:
+        out = xp.empty((batch * out_h * out_w, kernel * kernel * channels), dtype=x.dtype)
+    xp.copyto(out.reshape(windows.shape), windows)
+    return out
+
+
+def col2im(xp, cols, input_shape: tuple, kernel: int, stride: int):
+    """Adjoint of :func:`im2col`: add every patch gradient back onto its input pixels (NHWC)."""
+    batch, _, _, channels = input_shape
+    out_h, out_w = conv_output_shape(input_shape, kernel, stride)
+    patches = cols.reshape(batch, out_h, out_w, kernel, kernel, channels)
+    grad = xp.zeros(input_shape, dtype=cols.dtype)
+    for i in range(kernel):  # a loop over kernel offsets: each step adds one strided slab
+        for j in range(kernel):
+            grad[:, i : i + stride * out_h : stride, j : j + stride * out_w : stride, :] += patches[:, :, :, i, j, :]
+    return grad
+
+
+def conv_forward(xp, x, weight, bias, kernel: int, stride: int, cols_out=None, out=None):
+    """Valid convolution of NHWC ``x`` with a (O, kh*kw*C) weight matrix; returns (output NHWC, cols)."""
+    batch = x.shape[0]
+    out_h, out_w = conv_output_shape(x.shape, kernel, stride)
+    cols = im2col(xp, x, kernel, stride, cols_out)
+    result = xp.matmul(cols, weight.T, out=out)
+    result += bias
+    return result.reshape(batch, out_h, out_w, weight.shape[0]), cols
+
+
+def conv_backward(xp, grad_out, cols, weight, input_shape: tuple, kernel: int, stride: int, need_input: bool = True):
+    """Gradients (weight, bias, input or None) of :func:`conv_forward` given d loss / d output (NHWC)."""
+    grad_rows = grad_out.reshape(-1, weight.shape[0])
+    grad_weight = grad_rows.T @ cols
+    grad_bias = grad_rows.sum(axis=0)
+    grad_input = col2im(xp, grad_rows @ weight, input_shape, kernel, stride) if need_input else None
+    return grad_weight, grad_bias, grad_input
+
+
+# Capsule nonlinearities --------------------------------------------------------------------------------
+
+
+def squash_forward(xp, s, eps: float):
+    """|s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) along the last axis."""
+    squared = (s * s).sum(axis=-1, keepdims=True)
+    return s * (squared / ((1.0 + squared) * xp.sqrt(squared + eps)))
+
+
+def squash_backward(xp, s, grad_v, eps: float):
+    """d loss / d s of the vector squash: the full Jacobian (f I + 2 f' s s^T), not its diagonal."""
+    squared = (s * s).sum(axis=-1, keepdims=True)
+    root = xp.sqrt(squared + eps)
+    scale = squared / ((1.0 + squared) * root)  # f(|s|^2)
+    slope = (1.0 / (1.0 + squared) - squared / (2.0 * (squared + eps))) / ((1.0 + squared) * root)  # f'
+    along = (s * grad_v).sum(axis=-1, keepdims=True)
+    return scale * grad_v + (2.0 * slope * along) * s
+
+
+def softmax(xp, logits, axis: int):
+    shifted = xp.exp(logits - logits.max(axis=axis, keepdims=True))
+    return shifted / shifted.sum(axis=axis, keepdims=True)
+
+
+def softmax_backward(coupling, grad_coupling, axis: int):
+    return coupling * (grad_coupling - (coupling * grad_coupling).sum(axis=axis, keepdims=True))
+
+
+# Routing (Procedure 1) on u_hat laid out (B, J, N, D) ---------------------------------------------------
+
+
+def routing_vectorised_forward(xp, u_hat, iterations: int, eps: float):
+    """All input and output capsules at once; returns v (B, J, D) and the per-iteration (c, s, v)."""
+    batch, n_out, n_in, _ = u_hat.shape
+    logits = xp.zeros((batch, n_out, n_in), dtype=u_hat.dtype)
+    cache = []
+    for iteration in range(iterations):
+        coupling = softmax(xp, logits, axis=1)  # over the output capsules j, for each input capsule i
+        s = xp.matmul(coupling[:, :, None, :], u_hat)[:, :, 0, :]  # s_j = sum_i c_ij u_hat_j|i
+        v = squash_forward(xp, s, eps)
+        cache.append((coupling, s, v))
+        if iteration < iterations - 1:
+            logits = logits + xp.matmul(u_hat, v[:, :, :, None])[..., 0]  # b_ij += u_hat_j|i . v_j
+    return v, cache
+
+
+def routing_vectorised_backward(xp, u_hat, cache, grad_v, eps: float):
+    """d loss / d u_hat through every iteration (through c and b as well as the weighted sums)."""
+    grad_u_hat = xp.zeros_like(u_hat)
+    grad_logits_next = None  # d loss / d b_{r+1}
+    for iteration in reversed(range(len(cache))):
+        coupling, s, v = cache[iteration]
+        if grad_logits_next is None:
+            grad_v_r = grad_v
+        else:  # b_{r+1} = b_r + u_hat . v_r
+            grad_v_r = xp.matmul(grad_logits_next[:, :, None, :], u_hat)[:, :, 0, :]
+            grad_u_hat += grad_logits_next[..., None] * v[:, :, None, :]
+        grad_s = squash_backward(xp, s, grad_v_r, eps)
+        grad_u_hat += coupling[..., None] * grad_s[:, :, None, :]
+        if iteration == 0:
+            break  # b_0 = 0 is a constant
+        grad_coupling = xp.matmul(u_hat, grad_s[..., None])[..., 0]
+        grad_logits = softmax_backward(coupling, grad_coupling, axis=1)
+        if grad_logits_next is not None:
+            grad_logits += grad_logits_next
+        grad_logits_next = grad_logits
+    return grad_u_hat
+
+
+def routing_looped_forward(xp, u_hat, iterations: int, eps: float):
+    """Procedure 1 transcribed line by line with Python loops over the output capsules j."""
+    batch, n_out, n_in, _ = u_hat.shape
+    logits = [xp.zeros((batch, n_in), dtype=u_hat.dtype) for _ in range(n_out)]
+    cache = []
+    for iteration in range(iterations):
+        largest = logits[0]
+        for j in range(1, n_out):
+            largest = xp.maximum(largest, logits[j])
+        exps = [xp.exp(logits[j] - largest) for j in range(n_out)]
+        total = exps[0]
+        for j in range(1, n_out):
+            total = total + exps[j]
+        coupling = [exps[j] / total for j in range(n_out)]
+        s = [(coupling[j][:, :, None] * u_hat[:, j]).sum(axis=1) for j in range(n_out)]
+        v = [squash_forward(xp, s[j], eps) for j in range(n_out)]
+        cache.append((coupling, s, v))
+        if iteration < iterations - 1:
+            for j in range(n_out):
+                logits[j] = logits[j] + (u_hat[:, j] * v[j][:, None, :]).sum(axis=2)
+    return xp.stack(v, axis=1), cache
+
+
+def routing_looped_backward(xp, u_hat, cache, grad_v, eps: float):
+    """The backward of :func:`routing_looped_forward`, with the same loops over j."""
+    n_out = u_hat.shape[1]
+    grad_u_hat = xp.zeros_like(u_hat)
+    grad_logits_next = None
+    for iteration in reversed(range(len(cache))):
+        coupling, s, v = cache[iteration]
+        grad_coupling = []
+        for j in range(n_out):
+            if grad_logits_next is None:
+                grad_v_j = grad_v[:, j]
+            else:
+                grad_v_j = (grad_logits_next[j][:, :, None] * u_hat[:, j]).sum(axis=1)
+                grad_u_hat[:, j] += grad_logits_next[j][:, :, None] * v[j][:, None, :]
+            grad_s_j = squash_backward(xp, s[j], grad_v_j, eps)
+            grad_u_hat[:, j] += coupling[j][:, :, None] * grad_s_j[:, None, :]
+            grad_coupling.append((u_hat[:, j] * grad_s_j[:, None, :]).sum(axis=2))
+        if iteration == 0:
+            break
+        weighted = coupling[0] * grad_coupling[0]
+        for j in range(1, n_out):
+            weighted = weighted + coupling[j] * grad_coupling[j]
+        grad_logits = [coupling[j] * (grad_coupling[j] - weighted) for j in range(n_out)]
+        if grad_logits_next is not None:
+            grad_logits = [grad_logits[j] + grad_logits_next[j] for j in range(n_out)]
+        grad_logits_next = grad_logits
+    return grad_u_hat
+
+
+ROUTING = {
+    "vectorised": (routing_vectorised_forward, routing_vectorised_backward),
+    "looped": (routing_looped_forward, routing_looped_backward),
+}
+
+
+# Prediction vectors, lengths, decoder, losses --------------------------------------------------------------
+
+
+def prediction_vectors_forward(xp, u, weight, n_out: int, out=None):
+    """u (B, N, K) and W as (N, K, J*D) -> u_hat (B, J, N, D), W never tiled over the batch."""
+    batch, n_in = u.shape[:2]
+    dim = weight.shape[2] // n_out
+    per_capsule = xp.matmul(u.transpose(1, 0, 2), weight)  # (N, B, J*D): one small product per input capsule
+    if out is None:
+        out = xp.empty((batch, n_out, n_in, dim), dtype=u.dtype)
+    xp.copyto(out, per_capsule.reshape(n_in, batch, n_out, dim).transpose(1, 2, 0, 3))
+    return out
+
+
+def prediction_vectors_backward(xp, u, weight, grad_u_hat):
+    """Gradients (u, W) of :func:`prediction_vectors_forward`."""
+    batch, n_out, n_in, dim = grad_u_hat.shape
+    grad_rows = xp.ascontiguousarray(grad_u_hat.transpose(2, 0, 1, 3)).reshape(n_in, batch, n_out * dim)
+    grad_weight = xp.matmul(u.transpose(1, 2, 0), grad_rows)  # (N, K, J*D)
+    grad_u = xp.matmul(grad_rows, weight.transpose(0, 2, 1)).transpose(1, 0, 2)  # (B, N, K)
+    return grad_u, grad_weight
+
+
+def lengths_forward(xp, v):
+    return xp.sqrt((v * v).sum(axis=-1))
+
+
+def lengths_backward(xp, v, lengths, grad_lengths):
+    """d |v| / d v = v / |v|, taken as 0 where |v| = 0."""
+    safe = xp.where(lengths > 0, lengths, 1.0)
+    return xp.where(lengths[..., None] > 0, v * (grad_lengths / safe)[..., None], 0.0)
+
+
+def one_hot(xp, labels, classes: int, dtype):
+    return (labels[:, None] == xp.arange(classes)[None, :]).astype(dtype)
+
+
+def margin_loss_forward(xp, lengths, target, config: CapsNetConfig):
+    present = xp.maximum(config.margin_positive - lengths, 0.0)
+    absent = xp.maximum(lengths - config.margin_negative, 0.0)
+    per_class = target * present**2 + config.margin_down_weight * (1.0 - target) * absent**2
+    return per_class.sum() / lengths.shape[0]
+
+
+def margin_loss_backward(xp, lengths, target, config: CapsNetConfig):
+    present = xp.maximum(config.margin_positive - lengths, 0.0)
+    absent = xp.maximum(lengths - config.margin_negative, 0.0)
+    return (-2.0 * target * present + 2.0 * config.margin_down_weight * (1.0 - target) * absent) / lengths.shape[0]
+
+
+def reconstruction_loss_forward(reconstructions, pixels, config: CapsNetConfig):
+    errors = reconstructions - pixels
+    return config.reconstruction_weight * (errors * errors).sum() / pixels.shape[0]
+
+
+def reconstruction_loss_backward(reconstructions, pixels, config: CapsNetConfig):
+    return (2.0 * config.reconstruction_weight / pixels.shape[0]) * (reconstructions - pixels)
+
+
+def decoder_forward(xp, layers: list, x):
+    """Linear layers, ReLU between them and a sigmoid at the end; returns every layer's output."""
+    outputs = [x]
+    for index, (weight, bias) in enumerate(layers):
+        z = outputs[-1] @ weight.T
+        z += bias
+        if index < len(layers) - 1:
+            outputs.append(xp.maximum(z, 0.0, out=z))
+        else:
+            outputs.append(1.0 / (1.0 + xp.exp(-z)))
+    return outputs
+
+
+def decoder_backward(layers: list, outputs: list, grad_reconstruction):
+    """Gradients of every layer's (weight, bias), and d loss / d decoder input."""
+    reconstruction = outputs[-1]
+    grad = grad_reconstruction * reconstruction * (1.0 - reconstruction)
+    grads = [None] * len(layers)
+    for index in reversed(range(len(layers))):
+        weight, _ = layers[index]
+        grads[index] = (grad.T @ outputs[index], grad.sum(axis=0))
+        grad = grad @ weight
+        if index > 0:
+            grad = grad * (outputs[index] > 0)
+    return grads, grad
+
+
+# The implementation ---------------------------------------------------------------------------------
+
+
+class ArrayCapsNet(Implementation):
+    """The whole CapsNet over an array module; subclasses choose ``xp`` by overriding :meth:`array_module`."""
+
+    framework = "numpy"
+
+    @classmethod
+    def array_module(cls):
+        return np
+
+    def __init__(self, config, params, dtype="float32", device="cpu", routing="vectorised"):
+        super().__init__(config, params, dtype, device, routing)
+        self.xp = self.array_module()
+        self._dtype = getattr(self.xp, dtype)
+        self._route_forward, self._route_backward = ROUTING[routing]
+        self.params = {name: self._to_internal(name, value) for name, value in params.items()}
+        self.grads: dict = {}
+        self._moments = {name: (self.xp.zeros_like(p), self.xp.zeros_like(p)) for name, p in self.params.items()}
+        self._adam_steps = 0
+        self._workspace: dict = {}
+        self._cache: dict | None = None
+        self.input_gradient = None
+
+    # canonical <-> internal layouts
+    def _to_internal(self, name: str, value: np.ndarray):
+        value = np.asarray(value)
+        if name.split(".")[0] in CONV_LAYERS and name.endswith(".weight"):
+            value = value.transpose(0, 2, 3, 1).reshape(value.shape[0], -1)  # (O, kh*kw*C)
+        elif name == DIGIT:
+            n_in, n_out, dim_out, dim_in = value.shape
+            value = value.transpose(0, 3, 1, 2).reshape(n_in, dim_in, n_out * dim_out)  # (N, K, J*D)
+        return self.xp.array(np.ascontiguousarray(value), dtype=self._dtype)
+
+    def _to_canonical(self, name: str, value) -> np.ndarray:
+        value = self.to_numpy(value)
+        config = self.config
+        if name == "conv1.weight":
+            k = config.conv1_kernel
+            return value.reshape(-1, k, k, config.image_channels).transpose(0, 3, 1, 2).copy()
+        if name == "primary.weight":
+            k = config.primary_kernel
+            return value.reshape(-1, k, k, config.conv1_channels).transpose(0, 3, 1, 2).copy()
+        if name == DIGIT:
+            n_in, dim_in, _ = value.shape
+            return value.reshape(n_in, dim_in, config.num_classes, config.digit_caps_dim).transpose(0, 2, 3, 1).copy()
+        return value.copy()
+
+    def _buffer(self, key: str, shape: tuple):
+        """A workspace array reused across steps; reallocated only when the batch shape changes."""
+        buffer = self._workspace.get(key)
+        if buffer is None or buffer.shape != shape:
+            buffer = self._workspace[key] = self.xp.empty(shape, dtype=self._dtype)
+        return buffer
+
+    # data
+    @classmethod
+    def availability(cls, device: str) -> Availability:
+        return Availability.ok()
+
+    def to_device(self, images, labels=None) -> Batch:
+        images = self.xp.ascontiguousarray(self.xp.asarray(images, dtype=self._dtype))
+        if labels is not None:
+            labels = self.xp.asarray(labels, dtype=self.xp.int64)
+        return Batch(images, labels)
+
+    def to_numpy(self, array) -> np.ndarray:
+        return getattr(self.xp, "asnumpy", np.asarray)(array)
+
+    # forward
+    def _features(self, images, keep: bool, scope: str):
+        """Conv1 -> PrimaryCaps -> squash -> u_hat (B, J, N, D); fills the cache when ``keep``."""
+        xp, config, p = self.xp, self.config, self.params
+        batch = images.shape[0]
+        x = images.transpose(0, 2, 3, 1)
+        if config.image_channels > 1:
+            x = xp.ascontiguousarray(x)
+        k1, s1, k2, s2 = config.conv1_kernel, config.conv1_stride, config.primary_kernel, config.primary_stride
+        size1, size2 = config.conv1_size, config.primary_size
+        rows1, rows2 = batch * size1 * size1, batch * size2 * size2
+        hidden, cols1 = conv_forward(
+            xp, x, p["conv1.weight"], p["conv1.bias"], k1, s1,
+            cols_out=self._buffer(f"{scope}cols1", (rows1, k1 * k1 * config.image_channels)),
+            out=self._buffer(f"{scope}hidden", (rows1, config.conv1_channels)),
+        )
+        xp.maximum(hidden, 0.0, out=hidden)
+        primary, cols2 = conv_forward(
+            xp, hidden, p["primary.weight"], p["primary.bias"], k2, s2,
+            cols_out=self._buffer(f"{scope}cols2", (rows2, k2 * k2 * config.conv1_channels)),
+        )
+        types, dim = config.primary_caps_channels, config.primary_caps_dim
+        s_primary = xp.ascontiguousarray(
+            primary.reshape(batch, size2, size2, types, dim).transpose(0, 3, 1, 2, 4)
+        ).reshape(batch, config.num_primary_caps, dim)
+        u = squash_forward(xp, s_primary, config.squash_eps)
+        u_hat = prediction_vectors_forward(
+            xp, u, p[DIGIT], config.num_classes,
+            out=self._buffer(f"{scope}u_hat", (batch, config.num_classes, config.num_primary_caps, config.digit_caps_dim)),
+        )
+        if keep:
+            self._cache = {"x_shape": x.shape, "cols1": cols1, "hidden": hidden, "cols2": cols2,
+                           "s_primary": s_primary, "u": u, "u_hat": u_hat}
+        return u_hat
+
+    def _decoder_layers(self) -> list:
+        return [(self.params[f"{DECODER_PREFIX}{i}.weight"], self.params[f"{DECODER_PREFIX}{i}.bias"])
+                for i in range(decoder_layer_count(self.config))]
+
+    def _forward(self, batch: Batch, train: bool, keep: bool):
+        xp, config = self.xp, self.config
+        u_hat = self._features(batch.images, keep, scope="" if keep else "eval:")
+        v, routing_cache = self._route_forward(xp, u_hat, config.routing_iterations, config.squash_eps)
+        lengths = lengths_forward(xp, v)
+        if train:
+            if batch.labels is None:
+                raise ValueError("a training forward pass needs labels (the decoder is masked to the true class)")
+            selected = batch.labels
+        else:
+            selected = lengths.argmax(axis=1)
+        mask = one_hot(xp, selected, config.num_classes, self._dtype)
+        outputs = decoder_forward(xp, self._decoder_layers(), (v * mask[:, :, None]).reshape(v.shape[0], -1))
+        if keep:
+            self._cache.update(routing=routing_cache, v=v, lengths=lengths, mask=mask, decoder=outputs)
+        return lengths, outputs[-1]
+
+    def forward(self, batch: Batch, train: bool = True):
+        return self._forward(batch, train, keep=False)
+
+    def forward_loss(self, batch: Batch):
+        xp, config = self.xp, self.config
+        lengths, reconstructions = self._forward(batch, train=True, keep=True)
+        target = one_hot(xp, batch.labels, config.num_classes, self._dtype)
+        pixels = batch.images.reshape(batch.images.shape[0], -1)
+        self._cache.update(target=target, pixels=pixels)
+        return margin_loss_forward(xp, lengths, target, config) + reconstruction_loss_forward(
+            reconstructions, pixels, config
+        )
+
+    # backward
+    def backward(self, with_input: bool = False) -> None:
+        """Parameter gradients of the last forward_loss (and d loss / d images if ``with_input``)."""
+        if self._cache is None:
+            raise RuntimeError("backward() needs a forward_loss() first")
+        xp, config, p, cache = self.xp, self.config, self.params, self._cache
+        grads = {}
+        # losses -> decoder -> v
+        reconstructions = cache["decoder"][-1]
+        grad_reconstruction = reconstruction_loss_backward(reconstructions, cache["pixels"], config)
+        layer_grads, grad_masked = decoder_backward(self._decoder_layers(), cache["decoder"], grad_reconstruction)
+        for index, (grad_weight, grad_bias) in enumerate(layer_grads):
+            grads[f"{DECODER_PREFIX}{index}.weight"], grads[f"{DECODER_PREFIX}{index}.bias"] = grad_weight, grad_bias
+        v = cache["v"]
+        grad_v = grad_masked.reshape(v.shape) * cache["mask"][:, :, None]
+        grad_lengths = margin_loss_backward(xp, cache["lengths"], cache["target"], config)
+        grad_v += lengths_backward(xp, v, cache["lengths"], grad_lengths)
+        # routing -> u_hat -> u
+        grad_u_hat = self._route_backward(xp, cache["u_hat"], cache["routing"], grad_v, config.squash_eps)
+        grad_u, grads[DIGIT] = prediction_vectors_backward(xp, cache["u"], p[DIGIT], grad_u_hat)
+        grad_s = squash_backward(xp, cache["s_primary"], grad_u, config.squash_eps)
+        # PrimaryCaps capsules -> NHWC channels (type * dim + component)
+        batch, size2 = grad_s.shape[0], config.primary_size
+        grad_primary = xp.ascontiguousarray(
+            grad_s.reshape(batch, config.primary_caps_channels, size2, size2, config.primary_caps_dim)
+            .transpose(0, 2, 3, 1, 4)
+        )
+        hidden = cache["hidden"]
+        size1 = config.conv1_size
+        hidden_shape = (batch, size1, size1, config.conv1_channels)
+        grads["primary.weight"], grads["primary.bias"], grad_hidden = conv_backward(
+            xp, grad_primary, cache["cols2"], p["primary.weight"], hidden_shape,
+            config.primary_kernel, config.primary_stride,
+        )
+        grad_hidden *= hidden.reshape(hidden_shape) > 0
+        grads["conv1.weight"], grads["conv1.bias"], grad_x = conv_backward(
+            xp, grad_hidden, cache["cols1"], p["conv1.weight"], cache["x_shape"],
+            config.conv1_kernel, config.conv1_stride, need_input=with_input,
+        )
+        if with_input:  # the images are also the reconstruction target
+            target_term = -grad_reconstruction.reshape(batch, config.image_channels, config.image_size, config.image_size)
+            self.input_gradient = grad_x.transpose(0, 3, 1, 2) + target_term
+        else:
+            self.input_gradient = None
+        self.grads = {name: grads[name] for name in self.params}
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        return {name: self._to_canonical(name, grad) for name, grad in self.grads.items()}
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {name: self._to_canonical(name, value) for name, value in self.params.items()}
+
+    def adam_step(self) -> None:
+        """torch.optim.Adam's update, in place: m, v moments with bias correction, eps outside the root."""
+        xp = self.xp
+        self._adam_steps += 1
+        step = self._adam_steps
+        step_size = ADAM.lr / (1.0 - ADAM.beta1**step)
+        root_correction = math.sqrt(1.0 - ADAM.beta2**step)
+        for name, param in self.params.items():
+            grad = self.grads[name]
+            first, second = self._moments[name]
+            first += (1.0 - ADAM.beta1) * (grad - first)
+            second *= ADAM.beta2
+            second += (1.0 - ADAM.beta2) * grad * grad
+            param -= step_size * first / (xp.sqrt(second) / root_correction + ADAM.eps)
+
+    # routing alone
+    def prediction_vectors(self, batch: Batch):
+        return self._features(batch.images, keep=False, scope="routing:").transpose(0, 2, 1, 3)
+
+    def routing(self, u_hat):
+        u = self.xp.ascontiguousarray(u_hat.transpose(0, 2, 1, 3))
+        v, _ = self._route_forward(self.xp, u, self.config.routing_iterations, self.config.squash_eps)
+        return v
+
+    def routing_backward(self, u_hat, grad_v):
+        xp, eps = self.xp, self.config.squash_eps
+        u = xp.ascontiguousarray(u_hat.transpose(0, 2, 1, 3))
+        _, cache = self._route_forward(xp, u, self.config.routing_iterations, eps)
+        return self._route_backward(xp, u, cache, grad_v, eps).transpose(0, 2, 1, 3)

@@ -1,0 +1,220 @@
+"""The hand-written backward of the NumPy/CuPy CapsNet: every layer and the whole model against finite
+differences (float64), the convolutions against torch, and the model against the torch reference."""
+
+import numpy as np
+import pytest
+import torch
+
+from gradcheck_util import finite_difference_errors, livelier_parameters
+from harness import registry
+from harness.check import check_implementation
+from harness.data import synthetic_batch
+from harness.spec import SMALL
+from implementations import array_capsnet as ac
+
+EPS = 1e-8
+STEP = 1e-6
+
+
+def numeric_gradient(function, x, step=STEP):
+    """Central differences of the scalar ``function`` at every entry of ``x``."""
+    grad = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        saved = x[index]
+        x[index] = saved + step
+        up = function(x)
+        x[index] = saved - step
+        down = function(x)
+        x[index] = saved
+        grad[index] = (up - down) / (2 * step)
+    return grad
+
+
+def assert_gradient(analytic, numeric, rtol=1e-6):
+    scale = np.max(np.abs(numeric))
+    assert scale > 0
+    assert np.max(np.abs(analytic - numeric)) <= rtol * scale, np.max(np.abs(analytic - numeric)) / scale
+
+
+@pytest.mark.parametrize("dim", [8, 16])
+def test_squash_backward_is_the_full_vector_jacobian(rng, dim):
+    s = rng.normal(size=(5, dim))
+    s[0] *= 1e-3  # near zero
+    s[1] *= 30  # long
+    g = rng.normal(size=s.shape)
+    numeric = numeric_gradient(lambda x: np.sum(g * ac.squash_forward(np, x, EPS)), s)
+    assert_gradient(ac.squash_backward(np, s, g, EPS), numeric)
+    # the diagonal-only (scalar) version, the bug of a public implementation, fails this check
+    diagonal_only = ac.squash_forward(np, s, EPS) / np.where(s == 0, 1, s) * g
+    assert np.max(np.abs(diagonal_only - numeric)) > 0.1 * np.max(np.abs(numeric))
+
+
+def test_squash_gradient_at_zero_is_finite():
+    grad = ac.squash_backward(np, np.zeros((1, 8)), np.ones((1, 8)), EPS)
+    assert np.all(np.isfinite(grad))
+
+
+def test_softmax_backward(rng):
+    logits = rng.normal(size=(3, 4, 5))
+    g = rng.normal(size=logits.shape)
+    numeric = numeric_gradient(lambda x: np.sum(g * ac.softmax(np, x, axis=1)), logits)
+    assert_gradient(ac.softmax_backward(ac.softmax(np, logits, axis=1), g, axis=1), numeric)
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (2, 2)])
+def test_convolution_matches_torch_and_its_backward_finite_differences(rng, kernel, stride):
+    x = rng.normal(size=(2, 7, 7, 3))  # NHWC
+    weight = rng.normal(size=(4, 3, kernel, kernel))  # canonical (O, C, kh, kw)
+    bias = rng.normal(size=4)
+    matrix = weight.transpose(0, 2, 3, 1).reshape(4, -1)
+    out, cols = ac.conv_forward(np, x, matrix, bias, kernel, stride)
+    expected = torch.nn.functional.conv2d(
+        torch.tensor(x.transpose(0, 3, 1, 2)), torch.tensor(weight), torch.tensor(bias), stride=stride
+    ).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+    g = rng.normal(size=out.shape)
+    grad_w, grad_b, grad_x = ac.conv_backward(np, g, cols, matrix, x.shape, kernel, stride)
+    loss = lambda xx=x, ww=matrix, bb=bias: np.sum(g * ac.conv_forward(np, xx, ww, bb, kernel, stride)[0])
+    assert_gradient(grad_x, numeric_gradient(lambda xx: loss(xx=xx), x.copy()))
+    assert_gradient(grad_w, numeric_gradient(lambda ww: loss(ww=ww), matrix.copy()))
+    assert_gradient(grad_b, numeric_gradient(lambda bb: loss(bb=bb), bias.copy()))
+
+
+def test_col2im_is_the_adjoint_of_im2col(rng):
+    x = rng.normal(size=(2, 9, 9, 3))
+    cols = ac.im2col(np, x, 3, 2)
+    y = rng.normal(size=cols.shape)
+    assert np.sum(cols * y) == pytest.approx(np.sum(x * ac.col2im(np, y, x.shape, 3, 2)), rel=1e-12)
+
+
+def test_prediction_vectors_forward_and_backward(rng):
+    u = rng.normal(size=(2, 5, 4))
+    weight = rng.normal(size=(5, 4, 3 * 6))  # (N, K, J*D)
+    u_hat = ac.prediction_vectors_forward(np, u, weight, n_out=3)
+    expected = np.einsum("nkjd,bnk->bjnd", weight.reshape(5, 4, 3, 6), u)
+    np.testing.assert_allclose(u_hat, expected, rtol=1e-12)
+    g = rng.normal(size=u_hat.shape)
+    grad_u, grad_w = ac.prediction_vectors_backward(np, u, weight, g)
+    loss = lambda uu=u, ww=weight: np.sum(g * ac.prediction_vectors_forward(np, uu, ww, n_out=3))
+    assert_gradient(grad_u, numeric_gradient(lambda uu: loss(uu=uu), u.copy()))
+    assert_gradient(grad_w, numeric_gradient(lambda ww: loss(ww=ww), weight.copy()))
+
+
+@pytest.mark.parametrize("variant", ["vectorised", "looped"])
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+def test_routing_backward_through_every_iteration(rng, variant, iterations):
+    forward, backward = ac.ROUTING[variant]
+    u_hat = rng.normal(scale=0.7, size=(2, 3, 6, 4))  # (B, J, N, D)
+    g = rng.normal(size=(2, 3, 4))
+    v, cache = forward(np, u_hat, iterations, EPS)
+    numeric = numeric_gradient(lambda x: np.sum(g * forward(np, x, iterations, EPS)[0]), u_hat.copy())
+    assert_gradient(backward(np, u_hat, cache, g, EPS), numeric)
+
+
+def test_routing_variants_agree_with_torch(rng):
+    from implementations.torch_capsnet import routing_vectorised
+
+    u_hat = rng.normal(size=(2, 3, 6, 4))
+    expected = routing_vectorised(torch.tensor(u_hat.transpose(0, 2, 1, 3)), 3, EPS).numpy()
+    for variant in ("vectorised", "looped"):
+        np.testing.assert_allclose(ac.ROUTING[variant][0](np, u_hat, 3, EPS)[0], expected, rtol=1e-12)
+
+
+def test_lengths_backward_is_zero_at_a_zero_capsule(rng):
+    v = rng.normal(size=(2, 3, 4))
+    v[0, 1] = 0.0
+    lengths = ac.lengths_forward(np, v)
+    g = rng.normal(size=lengths.shape)
+    grad = ac.lengths_backward(np, v, lengths, g)
+    assert np.all(grad[0, 1] == 0.0)
+    keep = v.copy()
+    numeric = numeric_gradient(lambda x: np.sum(g * ac.lengths_forward(np, x)), keep)
+    mask = np.ones_like(v, dtype=bool)
+    mask[0, 1] = False
+    np.testing.assert_allclose(grad[mask], numeric[mask], rtol=1e-6, atol=1e-9)
+
+
+def test_losses_backward(rng):
+    lengths = rng.uniform(0.0, 1.0, size=(4, 10))
+    target = ac.one_hot(np, np.array([1, 5, 9, 0]), 10, np.float64)
+    numeric = numeric_gradient(lambda x: ac.margin_loss_forward(np, x, target, SMALL), lengths.copy())
+    assert_gradient(ac.margin_loss_backward(np, lengths, target, SMALL), numeric)
+    recon, pixels = rng.uniform(size=(4, 9)), rng.uniform(size=(4, 9))
+    numeric = numeric_gradient(lambda x: ac.reconstruction_loss_forward(x, pixels, SMALL), recon.copy())
+    assert_gradient(ac.reconstruction_loss_backward(recon, pixels, SMALL), numeric)
+
+
+def test_decoder_backward(rng):
+    layers = [(rng.normal(size=(6, 5)), rng.normal(size=6)), (rng.normal(size=(3, 6)), rng.normal(size=3))]
+    x = rng.normal(size=(4, 5))
+    g = rng.normal(size=(4, 3))
+    outputs = ac.decoder_forward(np, layers, x)
+    grads, grad_x = ac.decoder_backward(layers, outputs, g)
+    loss = lambda xx: np.sum(g * ac.decoder_forward(np, layers, xx)[-1])
+    assert_gradient(grad_x, numeric_gradient(loss, x.copy()))
+    weight = layers[0][0]
+    numeric = numeric_gradient(lambda w: np.sum(g * ac.decoder_forward(np, [(w, layers[0][1]), layers[1]], x)[-1]), weight.copy())
+    assert_gradient(grads[0][0], numeric)
+
+
+def test_whole_model_gradients_against_finite_differences():
+    config = SMALL.replace(reconstruction_weight=0.5)  # decoder gradients large enough for differences
+    errors = finite_difference_errors("numpy-vectorised", config, per_tensor=3)
+    assert len(errors) == 11
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_input_gradient_against_finite_differences():
+    config = SMALL.replace(reconstruction_weight=0.5)
+    params = livelier_parameters(config)
+    images, labels = synthetic_batch(config, 2, seed=5)
+    images = images.astype(np.float64)
+    impl = registry.create("numpy-vectorised", config, params, "float64")
+    impl.forward_loss(impl.to_device(images, labels))
+    impl.backward(with_input=True)
+    analytic = impl.input_gradient
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        index = (int(rng.integers(2)), 0, int(rng.integers(28)), int(rng.integers(28)))
+        shifted = images.copy()
+        values = []
+        for sign in (1, -1):
+            shifted[index] = images[index] + sign * 1e-5
+            fresh = registry.create("numpy-vectorised", config, params, "float64")
+            values.append(float(fresh.forward_loss(fresh.to_device(shifted, labels))))
+        numeric = (values[0] - values[1]) / 2e-5
+        assert abs(numeric - analytic[index]) <= 1e-6 * np.max(np.abs(analytic)), (index, numeric, analytic[index])
+    # and every entry against torch autograd (the images are also the reconstruction target)
+    reference = registry.create("torch-vectorised", config, params, "float64")
+    batch = reference.to_device(images, labels)
+    batch.images.requires_grad_(True)
+    reference.forward_loss(batch)
+    reference.backward()
+    np.testing.assert_allclose(analytic, batch.images.grad.numpy(), rtol=0, atol=1e-12 * np.max(np.abs(analytic)))
+
+
+@pytest.mark.parametrize("name", ["numpy-vectorised", "numpy-looped"])
+def test_every_parameter_changes_during_training(name):
+    params = registry.get(name).create(SMALL, livelier_parameters(SMALL), "float32").parameters()
+    impl = registry.create(name, SMALL, params, "float32")
+    for seed in range(3):
+        impl.train_step(impl.to_device(*synthetic_batch(SMALL, 4, seed=seed)))
+    for param_name, value in impl.parameters().items():
+        assert not np.array_equal(value, params[param_name]), f"{param_name} never changed"
+
+
+@pytest.mark.parametrize("name", ["numpy-vectorised", "numpy-looped"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_parity_with_the_torch_reference(name, dtype):
+    rows = check_implementation(name, SMALL, dtype)
+    assert all(row.passed for row in rows), [row for row in rows if not row.passed]
+
+
+def test_gradients_are_not_accumulated_across_backward_calls():
+    impl = registry.create("numpy-vectorised", SMALL, livelier_parameters(SMALL), "float64")
+    impl.forward_loss(impl.to_device(*synthetic_batch(SMALL, 2)))
+    impl.backward()
+    first = impl.gradients()
+    impl.backward()
+    for name, grad in impl.gradients().items():
+        np.testing.assert_array_equal(grad, first[name])
