@@ -11,6 +11,7 @@ routing)`` from the canonical parameters (:mod:`harness.params`):
 
 * ``availability()`` (classmethod, given the device): :class:`Availability`, with a reason a person can
   act on when it is not available ("cupy not installed", "no CUDA device").  It must not raise.
+* ``from_numpy(array)``: a float array of the implementation's own kind, dtype and device.
 * ``to_device(images, labels)``: a :class:`Batch` of the implementation's own arrays; images are float
   NumPy arrays (B, C, H, W) in [0, 1], labels integer class indices (B,) or None.  Timed code starts here.
 * ``forward(batch, train)``: class-capsule lengths (B, J) and reconstructions (B, pixels); in training the
@@ -110,6 +111,10 @@ class Implementation(abc.ABC):
     @classmethod
     def availability(cls, device: str) -> Availability:
         return Availability.ok()
+
+    @abc.abstractmethod
+    def from_numpy(self, array: np.ndarray):
+        """A float array in this implementation's dtype and on its device."""
 
     @abc.abstractmethod
     def to_device(self, images: np.ndarray, labels: np.ndarray | None = None) -> Batch: ...

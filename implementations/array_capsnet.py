@@ -364,8 +364,11 @@ class ArrayCapsNet(Implementation):
     def availability(cls, device: str) -> Availability:
         return Availability.ok()
 
+    def from_numpy(self, array):
+        return self.xp.ascontiguousarray(self.xp.asarray(array, dtype=self._dtype))
+
     def to_device(self, images, labels=None) -> Batch:
-        images = self.xp.ascontiguousarray(self.xp.asarray(images, dtype=self._dtype))
+        images = self.from_numpy(images)
         if labels is not None:
             labels = self.xp.asarray(labels, dtype=self.xp.int64)
         return Batch(images, labels)

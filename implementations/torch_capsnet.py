@@ -155,8 +155,11 @@ class TorchCapsNet(Implementation):
         return Availability.ok()
 
     # data
+    def from_numpy(self, array):
+        return torch.as_tensor(np.asarray(array), dtype=self._dtype, device=self._device)
+
     def to_device(self, images, labels=None) -> Batch:
-        images = torch.as_tensor(np.asarray(images), dtype=self._dtype, device=self._device)
+        images = self.from_numpy(images)
         if labels is not None:
             labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self._device)
         return Batch(images, labels)

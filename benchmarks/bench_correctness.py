@@ -1,0 +1,19 @@
+"""Correctness beside speed: each implementation's largest error against the float64 reference."""
+
+from benchmarks.common import CHECK_BATCH_SIZE, CONFIG, DTYPE, IMPLEMENTATIONS, require_available
+from harness.check import max_error
+
+
+class Correctness:
+    params = [IMPLEMENTATIONS]
+    param_names = ["implementation"]
+    timeout = 900
+
+    def setup(self, name):
+        require_available(name)
+
+    def track_max_rel_error(self, name):
+        """max over lengths, reconstructions, loss, gradients and parameters after 3 Adam steps (float32)."""
+        return max_error(name, CONFIG, DTYPE, CHECK_BATCH_SIZE)
+
+    track_max_rel_error.unit = "relative error"

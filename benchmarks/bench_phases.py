@@ -1,0 +1,60 @@
+"""Time of each phase of CapsNet training and inference, for every implementation on the grid."""
+
+import numpy as np
+
+from benchmarks.common import ModelBenchmark
+
+
+class Phases(ModelBenchmark):
+    """Forward, inference and a full training step on a prepared model and batch."""
+
+    def time_forward(self, *params):
+        """Training forward pass: the loss, keeping what backward needs (autograd graph or caches)."""
+        self.impl.forward_loss(self.batch)
+        self.impl.synchronize()
+
+    def time_inference(self, *params):
+        """Forward pass without the training mask: the decoder sees the longest capsule, no graph kept."""
+        self.impl.forward(self.batch, train=False)
+        self.impl.synchronize()
+
+    def time_train_step(self, *params):
+        """Forward, backward and one Adam update."""
+        self.impl.train_step(self.batch)
+        self.impl.synchronize()
+
+
+class Backward(ModelBenchmark):
+    """Backward alone: each sample's setup runs a fresh training forward pass outside the timed region."""
+
+    def setup(self, *params):
+        super().setup(*params)
+        self.impl.forward_loss(self.batch)
+        self.impl.synchronize()
+
+    def time_backward(self, *params):
+        self.impl.backward()
+        self.impl.synchronize()
+
+
+class Routing(ModelBenchmark):
+    """The routing iterations alone, on fixed prediction vectors u_hat of the prepared batch."""
+
+    def setup(self, *params):
+        super().setup(*params)
+        self.u_hat = self.impl.prediction_vectors(self.batch)
+        shape = (self.u_hat.shape[0], self.u_hat.shape[2], self.u_hat.shape[3])
+        grad = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        self.grad_v = self.impl.from_numpy(grad)
+        self.impl.routing_backward(self.u_hat, self.grad_v)  # warm-up
+        self.impl.synchronize()
+
+    def time_routing(self, *params):
+        """Forward routing: c, s, v for every iteration."""
+        self.impl.routing(self.u_hat)
+        self.impl.synchronize()
+
+    def time_routing_backward(self, *params):
+        """Routing forward and backward: d loss / d u_hat through every iteration."""
+        self.impl.routing_backward(self.u_hat, self.grad_v)
+        self.impl.synchronize()

@@ -1,0 +1,126 @@
+"""What every capsbench benchmark shares: the parameter grid, availability, prepared models, device sync.
+
+The grid is implementation x batch size x routing iterations.  Implementations are every name the
+registry knows (built-in, added later, or installed through the entry point); one that cannot run here,
+or a combination that runs out of memory, is skipped through asv's own mechanism (``NotImplementedError``
+in ``setup``, with the reason printed).  Sizes come from a profile in ``config.json``, chosen with
+``CAPSBENCH_PROFILE`` (scikit-learn's asv suite does the same with its fast / regular / large profiles).
+
+Importing this module must never touch a GPU: asv imports the suite once in a fork server and forks a
+process per benchmark, and CUDA does not survive a fork.  Availability is checked in ``setup`` only.
+
+Set-up work stays out of the timed region: the model is built, moved to its device and warmed up with
+one full training step (lazy initialisation, CUDA context, kernel compilation, cuDNN autotuning) in
+``setup``, and every timed call ends with the implementation's ``synchronize()``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import registry
+from harness.data import synthetic_batch
+from harness.params import init_parameters
+from harness.spec import get_config
+from harness.threads import set_threads
+
+CONFIG_FILE = Path(__file__).with_name("config.json")
+PROFILE_ENV = "CAPSBENCH_PROFILE"
+THREADS_ENV = "CAPSBENCH_THREADS"
+IMPLEMENTATIONS_ENV = "CAPSBENCH_IMPLEMENTATIONS"
+DTYPE = "float32"
+DATA_SEED = 0
+
+
+def load_profile(name: str | None = None) -> tuple[str, dict]:
+    """The named profile (default: $CAPSBENCH_PROFILE, else the file's default)."""
+    settings = json.loads(CONFIG_FILE.read_text())
+    name = name or os.environ.get(PROFILE_ENV) or settings["default_profile"]
+    try:
+        return name, settings["profiles"][name]
+    except KeyError:
+        raise ValueError(
+            f"unknown benchmark profile {name!r} in ${PROFILE_ENV}: choose one of {', '.join(settings['profiles'])}"
+        ) from None
+
+
+def selected_implementations() -> list[str]:
+    """Every registered name, or those listed in $CAPSBENCH_IMPLEMENTATIONS (comma separated)."""
+    wanted = os.environ.get(IMPLEMENTATIONS_ENV)
+    names = registry.names()
+    if not wanted:
+        return names
+    chosen = [name.strip() for name in wanted.split(",") if name.strip()]
+    for name in chosen:
+        registry.get(name)  # an unknown name fails here, with the known ones listed
+    return chosen
+
+
+PROFILE_NAME, PROFILE = load_profile()
+CONFIG = get_config(PROFILE["config"])
+IMPLEMENTATIONS = selected_implementations()
+BATCH_SIZES = PROFILE["batch_sizes"]
+ROUTING_ITERATIONS = PROFILE["routing_iterations"]
+CHECK_BATCH_SIZE = PROFILE["check_batch_size"]
+THREADS = int(os.environ.get(THREADS_ENV) or os.cpu_count() or 1)
+
+
+def require_available(name: str) -> registry.ImplementationInfo:
+    """The registry entry, or NotImplementedError (asv: skipped) saying why it cannot run here."""
+    info = registry.get(name)
+    status = info.availability()
+    if not status:
+        raise NotImplementedError(f"{name} is unavailable here: {status.reason}")
+    return info
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """MemoryError, torch.cuda.OutOfMemoryError, cupy's OutOfMemoryError, or an allocator's OOM message."""
+    return isinstance(error, MemoryError) or "OutOfMemory" in type(error).__name__ or "out of memory" in str(error)
+
+
+@dataclass
+class Prepared:
+    impl: registry.Implementation
+    batch: registry.Batch
+
+
+_prepared: dict[tuple, Prepared] = {}
+
+
+def prepare(name: str, batch_size: int, iterations: int, warm_up: bool = True) -> Prepared:
+    """A built, warmed-up implementation and a batch on its device, reused for every sample of a process."""
+    key = (name, batch_size, iterations, warm_up)
+    if key in _prepared:
+        return _prepared[key]
+    info = require_available(name)
+    set_threads(THREADS)
+    config = CONFIG.replace(routing_iterations=iterations)
+    try:
+        impl = info.create(config, init_parameters(config), DTYPE)
+        batch = impl.to_device(*synthetic_batch(config, batch_size, seed=DATA_SEED))
+        if warm_up:
+            impl.train_step(batch)
+            impl.forward(batch, train=False)
+        impl.synchronize()
+    except Exception as error:
+        if is_out_of_memory(error):
+            raise NotImplementedError(f"{name} runs out of memory at batch {batch_size}: {error}") from None
+        raise
+    _prepared[key] = Prepared(impl, batch)
+    return _prepared[key]
+
+
+class ModelBenchmark:
+    """Base class: the grid, and ``self.impl`` / ``self.batch`` ready before every sample."""
+
+    params = [IMPLEMENTATIONS, BATCH_SIZES, ROUTING_ITERATIONS]
+    param_names = ["implementation", "batch_size", "routing_iterations"]
+    timeout = 900
+
+    def setup(self, name: str, batch_size: int, iterations: int) -> None:
+        prepared = prepare(name, batch_size, iterations)
+        self.impl, self.batch = prepared.impl, prepared.batch

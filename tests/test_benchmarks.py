@@ -1,0 +1,84 @@
+"""The asv suite: every benchmark runs once in its quickest form (so a broken benchmark fails CI), and the
+suite's own helpers skip what cannot run instead of crashing."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import REPO_ROOT
+from harness import registry
+from implementations.torch_capsnet import TorchCapsNet
+
+BENCHMARK_NAMES = [
+    "time_forward", "time_inference", "time_train_step", "time_backward", "time_routing", "time_routing_backward",
+    "peakmem_train_step", "track_host_memory_train_step", "track_max_rel_error", "track_threads",
+]
+
+
+def run_asv(*args, profile="smoke"):
+    env = {**os.environ, "CAPSBENCH_PROFILE": profile}
+    return subprocess.run(["asv", *args], cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_asv_check_accepts_the_suite():
+    result = run_asv("check", "--python=same")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_benchmark_runs_once_on_the_small_configuration():
+    result = run_asv("run", "--quick", "--dry-run", "--python=same", "--launch-method", "forkserver", "--show-stderr")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert " failed" not in output, output
+    for name in BENCHMARK_NAMES:
+        assert name in output
+    assert "skipped: NotImplementedError('torch-vectorised-cuda is unavailable here" in output or \
+        registry.get("torch-vectorised-cuda").availability()
+
+
+def test_profiles_choose_the_grid(monkeypatch):
+    from benchmarks import common
+
+    name, profile = common.load_profile("fast")
+    assert profile["config"] == "paper" and 128 in profile["batch_sizes"] and 3 in profile["routing_iterations"]
+    with pytest.raises(ValueError, match="unknown benchmark profile 'huge'.*smoke, fast, regular, large"):
+        common.load_profile("huge")
+    settings = json.loads(common.CONFIG_FILE.read_text())
+    assert settings["default_profile"] == "fast"
+
+
+def test_implementations_can_be_narrowed_and_unknown_names_fail(monkeypatch):
+    from benchmarks import common
+
+    monkeypatch.setenv(common.IMPLEMENTATIONS_ENV, "numpy-vectorised, torch-looped")
+    assert common.selected_implementations() == ["numpy-vectorised", "torch-looped"]
+    monkeypatch.setenv(common.IMPLEMENTATIONS_ENV, "numpy-vectorized")
+    with pytest.raises(registry.UnknownImplementationError):
+        common.selected_implementations()
+
+
+def test_unavailable_implementation_is_skipped_with_its_reason():
+    from benchmarks import common
+
+    if registry.get("cupy-vectorised").availability():
+        pytest.skip("CuPy runs here")
+    with pytest.raises(NotImplementedError, match="cupy-vectorised is unavailable here: "):
+        common.prepare("cupy-vectorised", 2, 3)
+
+
+class RunsOutOfMemory(TorchCapsNet):
+    def train_step(self, batch):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 755.00 MiB")
+
+
+def test_out_of_memory_is_a_skip_not_a_crash(monkeypatch):
+    from benchmarks import common
+
+    monkeypatch.setitem(registry._REGISTRY.entries, "oom",
+                        registry.ImplementationInfo("oom", RunsOutOfMemory, "cpu", "vectorised"))
+    with pytest.raises(NotImplementedError, match="oom runs out of memory at batch 512"):
+        common.prepare("oom", 512, 3)
+    assert common.is_out_of_memory(MemoryError())
+    assert not common.is_out_of_memory(ValueError("shapes do not match"))
