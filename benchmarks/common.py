@@ -1,6 +1,7 @@
 """What every capsbench benchmark shares: the parameter grid, availability, prepared models, device sync.
 
-The grid is implementation x batch size x routing iterations.  Implementations are every name the
+The grid is implementation x batch size x routing iterations (the routing-alone benchmarks sweep more
+iteration counts than the whole-network ones, whose cost barely depends on them).  Implementations are every name the
 registry knows (built-in, added later, or installed through the entry point); one that cannot run here,
 or a combination that runs out of memory, is skipped through asv's own mechanism (``NotImplementedError``
 in ``setup``, with the reason printed).  Sizes come from a profile in ``config.json``, chosen with
@@ -9,9 +10,9 @@ in ``setup``, with the reason printed).  Sizes come from a profile in ``config.j
 Importing this module must never touch a GPU: asv imports the suite once in a fork server and forks a
 process per benchmark, and CUDA does not survive a fork.  Availability is checked in ``setup`` only.
 
-Set-up work stays out of the timed region: the model is built, moved to its device and warmed up with
-one full training step (lazy initialisation, CUDA context, kernel compilation, cuDNN autotuning) in
-``setup``, and every timed call ends with the implementation's ``synchronize()``.
+Set-up work stays out of the timed region: the model is built, moved to its device and warmed up in
+``setup`` by one call of the operation the benchmark times (lazy initialisation, CUDA context, kernel
+compilation, cuDNN autotuning all happen there), and every timed call ends with ``synchronize()``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ CONFIG = get_config(PROFILE["config"])
 IMPLEMENTATIONS = selected_implementations()
 BATCH_SIZES = PROFILE["batch_sizes"]
 ROUTING_ITERATIONS = PROFILE["routing_iterations"]
+STEP_ROUTING_ITERATIONS = PROFILE["step_routing_iterations"]
 CHECK_BATCH_SIZE = PROFILE["check_batch_size"]
 THREADS = int(os.environ.get(THREADS_ENV) or os.cpu_count() or 1)
 
@@ -91,8 +93,18 @@ class Prepared:
 _prepared: dict[tuple, Prepared] = {}
 
 
-def prepare(name: str, batch_size: int, iterations: int, warm_up: bool = True) -> Prepared:
-    """A built, warmed-up implementation and a batch on its device, reused for every sample of a process."""
+WARM_UPS = {
+    "train_step": lambda impl, batch: impl.train_step(batch),
+    "forward": lambda impl, batch: impl.forward_loss(batch),
+    "backward": lambda impl, batch: (impl.forward_loss(batch), impl.backward()),
+    "inference": lambda impl, batch: impl.forward(batch, train=False),
+    "routing": lambda impl, batch: impl.routing(impl.prediction_vectors(batch)),
+}
+
+
+def prepare(name: str, batch_size: int, iterations: int, warm_up: str) -> Prepared:
+    """A built implementation and a batch on its device, warmed up by one ``warm_up`` call (see
+    :data:`WARM_UPS`); reused for every sample of the process."""
     key = (name, batch_size, iterations, warm_up)
     if key in _prepared:
         return _prepared[key]
@@ -102,9 +114,7 @@ def prepare(name: str, batch_size: int, iterations: int, warm_up: bool = True) -
     try:
         impl = info.create(config, init_parameters(config), DTYPE)
         batch = impl.to_device(*synthetic_batch(config, batch_size, seed=DATA_SEED))
-        if warm_up:
-            impl.train_step(batch)
-            impl.forward(batch, train=False)
+        WARM_UPS[warm_up](impl, batch)
         impl.synchronize()
     except Exception as error:
         if is_out_of_memory(error):
@@ -115,12 +125,13 @@ def prepare(name: str, batch_size: int, iterations: int, warm_up: bool = True) -
 
 
 class ModelBenchmark:
-    """Base class: the grid, and ``self.impl`` / ``self.batch`` ready before every sample."""
+    """Base class: the grid, and ``self.impl`` / ``self.batch`` ready (and warmed up) before every sample."""
 
-    params = [IMPLEMENTATIONS, BATCH_SIZES, ROUTING_ITERATIONS]
+    params = [IMPLEMENTATIONS, BATCH_SIZES, STEP_ROUTING_ITERATIONS]
     param_names = ["implementation", "batch_size", "routing_iterations"]
     timeout = 900
+    warm_up = "train_step"
 
     def setup(self, name: str, batch_size: int, iterations: int) -> None:
-        prepared = prepare(name, batch_size, iterations)
+        prepared = prepare(name, batch_size, iterations, self.warm_up)
         self.impl, self.batch = prepared.impl, prepared.batch

@@ -122,7 +122,37 @@ def predictions_from_images(params: dict, images, config: CapsNetConfig):
     return prediction_vectors(u, params["digit.weight"])
 
 
+def total_loss(lengths, reconstructions, images, labels, config: CapsNetConfig):
+    """Margin loss plus the weighted reconstruction loss."""
+    return margin_loss(lengths, labels, config) + reconstruction_loss(reconstructions, images, config)
+
+
 # The implementation --------------------------------------------------------------------------------
+
+
+class CapsNetModule(torch.nn.Module if torch is not None else object):
+    """The network as a ``torch.nn.Module`` (what DistributedDataParallel wraps).
+
+    ``forward(images, labels)`` returns (lengths, reconstructions): with labels the decoder sees the true
+    class (training), without them the longest capsule (inference).  ``params`` maps the canonical names
+    of :mod:`harness.params` to the module's parameters (a Module's own names cannot contain dots).
+    """
+
+    def __init__(self, config: CapsNetConfig, params: dict, dtype, device, route):
+        super().__init__()
+        self.config = config
+        self.route = route
+        self.params = {}
+        for name, value in params.items():
+            parameter = torch.nn.Parameter(torch.tensor(value, dtype=dtype, device=device))
+            self.register_parameter(name.replace(".", "_"), parameter)
+            self.params[name] = parameter
+
+    def forward(self, images, labels=None):
+        v = self.route(predictions_from_images(self.params, images, self.config))
+        lengths = capsule_lengths(v)
+        selected = labels if labels is not None else lengths.argmax(dim=1)
+        return lengths, decode(self.params, v, selected, self.config)
 
 
 class TorchCapsNet(Implementation):
@@ -135,12 +165,10 @@ class TorchCapsNet(Implementation):
         self._dtype = getattr(torch, dtype)
         self._device = torch.device(device)
         self._route = ROUTING[routing]
-        self.params = {
-            name: torch.tensor(value, dtype=self._dtype, device=self._device, requires_grad=True)
-            for name, value in params.items()
-        }
+        self.module = CapsNetModule(config, params, self._dtype, self._device, self.route)
+        self.params = self.module.params
         self.optimizer = torch.optim.Adam(
-            list(self.params.values()), lr=ADAM.lr, betas=(ADAM.beta1, ADAM.beta2), eps=ADAM.eps
+            self.module.parameters(), lr=ADAM.lr, betas=(ADAM.beta1, ADAM.beta2), eps=ADAM.eps
         )
         self._loss = None
 
@@ -171,27 +199,18 @@ class TorchCapsNet(Implementation):
     def route(self, u_hat):
         return self._route(u_hat, self.config.routing_iterations, self.config.squash_eps)
 
-    def _forward(self, batch: Batch, train: bool):
-        v = self.route(predictions_from_images(self.params, batch.images, self.config))
-        lengths = capsule_lengths(v)
-        if train:
-            if batch.labels is None:
-                raise ValueError("a training forward pass needs labels (the decoder is masked to the true class)")
-            selected = batch.labels
-        else:
-            selected = lengths.argmax(dim=1)
-        return lengths, decode(self.params, v, selected, self.config)
-
     def forward(self, batch: Batch, train: bool = True):
+        if train and batch.labels is None:
+            raise ValueError("a training forward pass needs labels (the decoder is masked to the true class)")
         with torch.no_grad():
-            return self._forward(batch, train)
+            return self.module(batch.images, batch.labels if train else None)
 
     def forward_loss(self, batch: Batch):
+        if batch.labels is None:
+            raise ValueError("the training loss needs labels")
         self._loss = None  # free the previous graph before building the next
-        lengths, reconstructions = self._forward(batch, train=True)
-        self._loss = margin_loss(lengths, batch.labels, self.config) + reconstruction_loss(
-            reconstructions, batch.images, self.config
-        )
+        lengths, reconstructions = self.module(batch.images, batch.labels)
+        self._loss = total_loss(lengths, reconstructions, batch.images, batch.labels, self.config)
         return self._loss.detach()
 
     def _backward(self, keep_graph: bool) -> None:

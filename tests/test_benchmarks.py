@@ -65,7 +65,7 @@ def test_unavailable_implementation_is_skipped_with_its_reason():
     if registry.get("cupy-vectorised").availability():
         pytest.skip("CuPy runs here")
     with pytest.raises(NotImplementedError, match="cupy-vectorised is unavailable here: "):
-        common.prepare("cupy-vectorised", 2, 3)
+        common.prepare("cupy-vectorised", 2, 3, "train_step")
 
 
 class RunsOutOfMemory(TorchCapsNet):
@@ -79,6 +79,6 @@ def test_out_of_memory_is_a_skip_not_a_crash(monkeypatch):
     monkeypatch.setitem(registry._REGISTRY.entries, "oom",
                         registry.ImplementationInfo("oom", RunsOutOfMemory, "cpu", "vectorised"))
     with pytest.raises(NotImplementedError, match="oom runs out of memory at batch 512"):
-        common.prepare("oom", 512, 3)
+        common.prepare("oom", 512, 3, "train_step")
     assert common.is_out_of_memory(MemoryError())
     assert not common.is_out_of_memory(ValueError("shapes do not match"))
