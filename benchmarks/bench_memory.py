@@ -2,7 +2,10 @@
 what NVML sees the device (and, where visible, this process) use, the framework allocator's own peak,
 and the CUDA context overhead on its own."""
 
-from benchmarks.common import IMPLEMENTATIONS, ModelBenchmark
+import gc
+import sys
+
+from benchmarks.common import BATCH_SIZES, IMPLEMENTATIONS, STEP_ROUTING_ITERATIONS, ModelBenchmark, build
 from harness import registry
 from harness.memory import PROCESS_NOT_VISIBLE, host_sampler, nvml_sampler, nvml_status, nvml_used_bytes
 
@@ -26,57 +29,106 @@ class HostMemory(ModelBenchmark):
     track_host_memory_train_step.unit = "bytes"
 
 
-def require_gpu_measurement(name: str) -> None:
-    if registry.get(name).device != "cuda":
-        raise NotImplementedError(f"{name} runs on the CPU: no GPU memory to measure")
+def measure_gpu_steps() -> dict:
+    """For every CUDA implementation and grid point: NVML's samples over one training step and the
+    allocator's peak over the same step; or, per point, the reason it was not measured."""
     problem = nvml_status()
-    if problem:
-        raise NotImplementedError(f"NVML unavailable: {problem}")
+    measured = {}
+    for name in IMPLEMENTATIONS:
+        for batch_size in BATCH_SIZES:
+            for iterations in STEP_ROUTING_ITERATIONS:
+                key = (name, batch_size, iterations)
+                if registry.get(name).device != "cuda":
+                    measured[key] = f"{name} runs on the CPU: no GPU memory to measure"
+                    continue
+                if problem:
+                    measured[key] = f"NVML unavailable: {problem}"
+                    continue
+                try:
+                    prepared = build(name, batch_size, iterations, "train_step")
+                except NotImplementedError as reason:
+                    measured[key] = str(reason)
+                    continue
+                impl = prepared.impl
+                impl.reset_peak_memory()
+                with nvml_sampler(interval_s=NVML_INTERVAL_S) as sampler:
+                    impl.train_step(prepared.batch)
+                    impl.synchronize()
+                measured[key] = {"nvml": sampler.result.as_dict(), "allocator_peak": impl.allocator_peak_bytes()}
+                del prepared, impl
+                release_device_memory()
+    return measured
 
 
-class GpuMemory(ModelBenchmark):
-    """One training step sampled through NVML, with the allocator's peak over the same step."""
+def release_device_memory() -> None:
+    """Return what the allocators cache to the device, so one model's memory is not in the next's figure."""
+    gc.collect()
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+        sys.modules["torch"].cuda.empty_cache()
+    if "cupy" in sys.modules and sys.modules["cupy"] is not None:
+        try:
+            sys.modules["cupy"].get_default_memory_pool().free_all_blocks()
+        except Exception:  # no device: nothing was cached
+            pass
 
-    def setup(self, name, batch_size, iterations):
-        require_gpu_measurement(name)
-        super().setup(name, batch_size, iterations)
-        self.impl.reset_peak_memory()
-        with nvml_sampler(interval_s=NVML_INTERVAL_S) as sampler:
-            self.impl.train_step(self.batch)
-            self.impl.synchronize()
-        self.nvml = sampler.result
-        self.allocator_peak = self.impl.allocator_peak_bytes()
 
-    def track_gpu_memory_nvml(self, *params):
+class GpuMemory:
+    """One training step sampled through NVML, with the allocator's peak over the same step.  All grid
+    points are measured once, in ``setup_cache`` (one process for the whole grid)."""
+
+    params = [IMPLEMENTATIONS, BATCH_SIZES, STEP_ROUTING_ITERATIONS]
+    param_names = ["implementation", "batch_size", "routing_iterations"]
+    timeout = 1800
+
+    def setup_cache(self):
+        return measure_gpu_steps()
+
+    def setup(self, measured, *params):
+        figures = measured[params]
+        if isinstance(figures, str):
+            raise NotImplementedError(figures)
+        self.nvml, self.allocator_peak = figures["nvml"], figures["allocator_peak"]
+
+    def track_gpu_memory_nvml(self, measured, *params):
         """Peak device memory in use (all processes, CUDA context included) during the step, from NVML."""
-        return self.nvml.peak_bytes
+        return self.nvml["peak_bytes"]
 
-    def track_gpu_memory_nvml_increase(self, *params):
+    def track_gpu_memory_nvml_increase(self, measured, *params):
         """That peak minus NVML's reading just before the step."""
-        return self.nvml.increase_bytes
+        return self.nvml["increase_bytes"]
 
-    def track_gpu_memory_allocator_peak(self, *params):
+    def track_gpu_memory_allocator_peak(self, measured, *params):
         """The framework allocator's peak (torch.cuda.max_memory_allocated, CuPy pool) over the step."""
         return self.allocator_peak
 
-    def track_nvml_sampling_interval(self, *params):
-        return self.nvml.interval_s
+    def track_nvml_sampling_interval(self, measured, *params):
+        return self.nvml["interval_s"]
 
     track_gpu_memory_nvml.unit = track_gpu_memory_nvml_increase.unit = "bytes"
     track_gpu_memory_allocator_peak.unit = "bytes"
     track_nvml_sampling_interval.unit = "seconds"
 
 
-class GpuProcessMemory(GpuMemory):
+class GpuProcessMemory:
     """NVML's figure for this process alone, where NVML can see it (not inside most containers)."""
 
-    def setup(self, *params):
-        super().setup(*params)
-        if self.nvml.process_peak_bytes is None:
-            raise NotImplementedError(PROCESS_NOT_VISIBLE)
+    params = GpuMemory.params
+    param_names = GpuMemory.param_names
+    timeout = 1800
 
-    def track_gpu_memory_nvml_process(self, *params):
-        return self.nvml.process_peak_bytes
+    def setup_cache(self):
+        return measure_gpu_steps()
+
+    def setup(self, measured, *params):
+        figures = measured[params]
+        if isinstance(figures, str):
+            raise NotImplementedError(figures)
+        if figures["nvml"]["process_peak_bytes"] is None:
+            raise NotImplementedError(PROCESS_NOT_VISIBLE)
+        self.process_peak = figures["nvml"]["process_peak_bytes"]
+
+    def track_gpu_memory_nvml_process(self, measured, *params):
+        return self.process_peak
 
     track_gpu_memory_nvml_process.unit = "bytes"
 
@@ -97,14 +149,16 @@ def create_cuda_context(framework: str) -> None:
         raise NotImplementedError(f"no CUDA context recipe for framework {framework!r}")
 
 
+def cuda_frameworks() -> list[str]:
+    return sorted({registry.get(name).framework for name in IMPLEMENTATIONS if registry.get(name).device == "cuda"})
+
+
 class CudaContext:
-    """Device memory the CUDA context of each framework takes at creation (NVML, before and after).
+    """Device memory the CUDA context of each framework takes at creation (NVML, before and after), in a
+    fresh process.  With CUDA's lazy module loading, kernels loaded later add to this; that part is in
+    the step figures."""
 
-    With CUDA's lazy module loading, kernels loaded later add to this; that part is in the step figures.
-    """
-
-    params = [sorted({registry.get(name).framework for name in IMPLEMENTATIONS if registry.get(name).device == "cuda"})
-              or ["none"]]
+    params = [cuda_frameworks() or ["none"]]
     param_names = ["framework"]
 
     def setup(self, framework):
@@ -112,10 +166,12 @@ class CudaContext:
                       if registry.get(name).framework == framework and registry.get(name).device == "cuda"]
         if not candidates:
             raise NotImplementedError("no CUDA implementation is registered")
-        require_gpu_measurement(candidates[0])
         status = registry.get(candidates[0]).availability()
         if not status:
             raise NotImplementedError(f"{candidates[0]} is unavailable here: {status.reason}")
+        problem = nvml_status()
+        if problem:
+            raise NotImplementedError(f"NVML unavailable: {problem}")
         before = nvml_used_bytes()
         create_cuda_context(framework)
         self.context_bytes = nvml_used_bytes() - before

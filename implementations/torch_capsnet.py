@@ -256,6 +256,18 @@ class TorchCapsNet(Implementation):
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
 
+    def reset_peak_memory(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+            torch.cuda.reset_peak_memory_stats(self._device)
+
+    def allocator_peak_bytes(self) -> int | None:
+        """torch.cuda.max_memory_allocated: the caching allocator's peak of live tensors (reserved
+        memory, which NVML sees, is larger)."""
+        if self._device.type != "cuda":
+            return None
+        return int(torch.cuda.max_memory_allocated(self._device))
+
 
 for _device in ("cpu", "cuda"):
     for _routing in ("vectorised", "looped"):
