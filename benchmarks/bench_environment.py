@@ -21,7 +21,7 @@ MACHINE_ENV = "CAPSBENCH_ASV_MACHINE"  # set it when `asv run --machine NAME` is
 def facts_path() -> Path:
     root = Path(os.environ.get("ASV_CONF_DIR", Path(__file__).resolve().parent.parent))
     machine = os.environ.get(MACHINE_ENV) or platform.node()
-    commit = os.environ.get("ASV_COMMIT", "unknown")[:8]
+    commit = os.environ["ASV_COMMIT"][:8]
     environment = os.environ.get("ASV_ENV_NAME", "unknown")
     return root / FACTS_DIR / machine / f"{commit}-{environment}.json"
 
@@ -31,6 +31,8 @@ class MachineFacts:
 
     def setup(self):
         set_threads(THREADS)
+        if "ASV_COMMIT" not in os.environ:
+            return  # a dry run or a run without a commit: asv saves no results for facts to sit beside
         facts = machine_facts()
         facts.update(threads=thread_facts(), profile=PROFILE_NAME, asv_commit=os.environ.get("ASV_COMMIT"),
                      asv_env_name=os.environ.get("ASV_ENV_NAME"))
