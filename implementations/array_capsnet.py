@@ -137,18 +137,31 @@ def routing_vectorised_forward(xp, u_hat, iterations: int, eps: float):
 
 
 def routing_vectorised_backward(xp, u_hat, cache, grad_v, eps: float):
-    """d loss / d u_hat through every iteration (through c and b as well as the weighted sums)."""
-    grad_u_hat = xp.zeros_like(u_hat)
+    """d loss / d u_hat through every iteration (through c and b as well as the weighted sums).
+
+    u_hat enters iteration r twice, in s_r = sum_i c_r u_hat and in b_{r+1} = b_r + u_hat . v_r, so its
+    gradient is a sum of 2R - 1 rank-one terms per (example, output capsule): c_r (x) d s_r and
+    d b_{r+1} (x) v_r.  The coefficients are gathered first and the (B, J, N, D) gradient is written
+    once, by one batched product with an inner dimension of 2R - 1, instead of being accumulated term by
+    term (each term a full pass over u_hat's memory).
+    """
+    iterations = len(cache)
+    batch, n_out, n_in, dim = u_hat.shape
+    terms = 2 * iterations - 1
+    left = xp.empty((batch, n_out, n_in, terms), dtype=u_hat.dtype)  # coefficients over the input capsules
+    right = xp.empty((batch, n_out, terms, dim), dtype=u_hat.dtype)  # vectors over the capsule axis
     grad_logits_next = None  # d loss / d b_{r+1}
-    for iteration in reversed(range(len(cache))):
+    for iteration in reversed(range(iterations)):
         coupling, s, v = cache[iteration]
         if grad_logits_next is None:
             grad_v_r = grad_v
         else:  # b_{r+1} = b_r + u_hat . v_r
             grad_v_r = xp.matmul(grad_logits_next[:, :, None, :], u_hat)[:, :, 0, :]
-            grad_u_hat += grad_logits_next[..., None] * v[:, :, None, :]
+            left[..., iterations + iteration] = grad_logits_next
+            right[:, :, iterations + iteration, :] = v
         grad_s = squash_backward(xp, s, grad_v_r, eps)
-        grad_u_hat += coupling[..., None] * grad_s[:, :, None, :]
+        left[..., iteration] = coupling
+        right[:, :, iteration, :] = grad_s
         if iteration == 0:
             break  # b_0 = 0 is a constant
         grad_coupling = xp.matmul(u_hat, grad_s[..., None])[..., 0]
@@ -156,7 +169,7 @@ def routing_vectorised_backward(xp, u_hat, cache, grad_v, eps: float):
         if grad_logits_next is not None:
             grad_logits += grad_logits_next
         grad_logits_next = grad_logits
-    return grad_u_hat
+    return xp.matmul(left, right)
 
 
 def routing_looped_forward(xp, u_hat, iterations: int, eps: float):

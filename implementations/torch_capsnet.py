@@ -38,27 +38,35 @@ def primary_capsules(conv_output, config: CapsNetConfig):
 
 
 def prediction_vectors(u, weight):
-    """u_hat[b, i, j] = W_ij u[b, i]: (B, N, K) x (N, J, D, K) -> (B, N, J, D), W never tiled over B."""
+    """u_hat[b, i, j] = W_ij u[b, i]: (B, N, K) x (N, J, D, K) -> (B, N, J, D), W never tiled over B.
+
+    The result is a (B, N, J, D) view of memory laid out (B, J, N, D): one copy here makes every sum of
+    routing (over i for s_j, over the capsule axis for the agreement) a batched matrix product over
+    contiguous (N, D) blocks, and the softmax over j a reduction across rows.
+    """
     n_in, n_out, dim_out, dim_in = weight.shape
+    batch = u.shape[0]
     per_capsule = torch.matmul(u.transpose(0, 1), weight.reshape(n_in, n_out * dim_out, dim_in).transpose(1, 2))
-    return per_capsule.transpose(0, 1).reshape(u.shape[0], n_in, n_out, dim_out)
+    by_output = per_capsule.reshape(n_in, batch, n_out, dim_out).permute(1, 2, 0, 3).contiguous()
+    return by_output.transpose(1, 2)
 
 
 def routing_vectorised(u_hat, iterations: int, eps: float):
-    """Procedure 1 as batched tensor operations over all input and output capsules; returns v (B, J, D)."""
-    batch, n_in, n_out, _ = u_hat.shape
-    logits = u_hat.new_zeros(batch, n_in, n_out)
+    """Procedure 1 as batched matrix products over all input and output capsules; returns v (B, J, D)."""
+    u = u_hat.transpose(1, 2)  # (B, J, N, D), contiguous when u_hat comes from prediction_vectors
+    logits = u.new_zeros(u.shape[:3])  # b_ij stored (B, J, N)
     for iteration in range(iterations):
-        coupling = torch.softmax(logits, dim=2)  # over the output capsules, for each input capsule
-        v = squash(torch.einsum("bij,bijd->bjd", coupling, u_hat), eps)
+        coupling = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
+        v = squash(torch.matmul(coupling.unsqueeze(2), u).squeeze(2), eps)  # s_j = sum_i c_ij u_hat_j|i
         if iteration < iterations - 1:
-            logits = logits + torch.einsum("bijd,bjd->bij", u_hat, v)
+            logits = logits + torch.matmul(u, v.unsqueeze(-1)).squeeze(-1)  # b_ij += u_hat_j|i . v_j
     return v
 
 
 def routing_looped(u_hat, iterations: int, eps: float):
     """Procedure 1 transcribed line by line, with Python loops over the output capsules j."""
     batch, n_in, n_out, _ = u_hat.shape
+    predictions = u_hat.unbind(dim=2)  # u_hat_j|i for each output capsule j, (B, N, D) each
     logits = [u_hat.new_zeros(batch, n_in) for _ in range(n_out)]  # b_ij, one (B, N) tensor per j
     for iteration in range(iterations):
         # c_i = softmax(b_i) over j, written out
@@ -72,12 +80,12 @@ def routing_looped(u_hat, iterations: int, eps: float):
         # s_j = sum_i c_ij u_hat_j|i ; v_j = squash(s_j)
         v = []
         for j in range(n_out):
-            s_j = ((exps[j] / total).unsqueeze(-1) * u_hat[:, :, j, :]).sum(dim=1)
+            s_j = ((exps[j] / total).unsqueeze(-1) * predictions[j]).sum(dim=1)
             v.append(squash(s_j, eps))
         # b_ij <- b_ij + u_hat_j|i . v_j
         if iteration < iterations - 1:
             for j in range(n_out):
-                logits[j] = logits[j] + (u_hat[:, :, j, :] * v[j].unsqueeze(1)).sum(dim=2)
+                logits[j] = logits[j] + (predictions[j] * v[j].unsqueeze(1)).sum(dim=2)
     return torch.stack(v, dim=1)
 
 

@@ -1,0 +1,75 @@
+"""The analytic FLOP counts against a count made by hand on a tiny network, and the paper's totals."""
+
+import pytest
+
+from harness.flops import adam_flops, backward_flops, forward_flops, phase_flops
+from harness.params import count_parameters
+from harness.peak import backend_of, gemm_peak_gflops
+from harness.spec import PAPER, CapsNetConfig
+
+# 10x10 image; Conv1 2 channels 3x3 -> 8x8; PrimaryCaps 2 types x 2D, 3x3 stride 2 -> 3x3 (18 capsules);
+# 3 classes x 4D; decoder 12 -> 5 -> 100; 2 routing iterations.
+TINY = CapsNetConfig(image_size=10, conv1_channels=2, conv1_kernel=3, primary_caps_channels=2, primary_caps_dim=2,
+                     primary_kernel=3, num_classes=3, digit_caps_dim=4, decoder_hidden=(5,), routing_iterations=2)
+
+HAND_FORWARD = {
+    "conv1": 2 * (8 * 8 * 2) * 9 + 128,  # 128 outputs, 9 multiply-adds each, plus bias = 2432
+    "primary_caps": 2 * (3 * 3 * 4) * 18 + 36,  # 36 outputs, 3*3*2 = 18 multiply-adds each, plus bias = 1332
+    "primary_squash": 18 * (3 * 2 + 4),  # 180
+    "u_hat": 2 * 18 * 3 * 4 * 2,  # 864
+    # per iteration: softmax 18 * (4*3 - 1) = 198, s 2*18*3*4 = 432, squash 3 * (3*4 + 4) = 48 -> 678;
+    # one agreement (2 iterations): 432 + 18*3 = 486
+    "routing": 2 * 678 + 486,  # 1842
+    "lengths": 3 * 2 * 4,  # 24
+    "decoder": (2 * 12 * 5 + 5) + (2 * 5 * 100 + 100) + 4 * 100 + 12,  # 1637 (layers, sigmoid, mask)
+    "losses": 8 * 3 + 3 * 100,  # 324
+}
+HAND_BACKWARD = {
+    "conv1": 2304 + 128,  # weight gradient only (the image needs none), plus bias gradient
+    "primary_caps": 2 * 1296 + 36,  # weight and input gradients, plus bias gradient
+    "primary_squash": 360,
+    "u_hat": 2 * 864,
+    # products: (2 iterations + 1 agreement) x 432, twice; elementwise (198 + 48) x 2 iterations, twice;
+    # the gradient flowing from b_2 back to b_1: 18 * 3
+    "routing": 2 * (2 * 432 + 432) + 2 * (2 * (198 + 48)) + 54,  # 3630
+    "lengths": 48,
+    "decoder": 2 * (2 * 12 * 5 + 2 * 5 * 100) + (5 + 100) + 2 * 4 * 100 + 12,  # 3157
+    "losses": 648,
+}
+
+
+def test_forward_against_a_hand_count():
+    assert forward_flops(TINY) == HAND_FORWARD
+    assert sum(HAND_FORWARD.values()) == 8635
+
+
+def test_backward_against_a_hand_count():
+    assert backward_flops(TINY) == HAND_BACKWARD
+    assert sum(HAND_BACKWARD.values()) == 14631
+
+
+def test_adam_and_phases():
+    assert count_parameters(TINY) == 20 + 76 + 432 + 665
+    assert adam_flops(TINY) == 12 * 1193
+    phases = phase_flops(TINY, batch_size=4)
+    assert phases["forward"] == 4 * 8635
+    assert phases["train_step"] == 4 * (8635 + 14631) + 12 * 1193
+    assert phases["inference"] == 4 * (8635 - 324)
+    assert phases["routing"] == 4 * 1842
+    assert phases["routing_backward"] == 4 * (1842 + 3630)
+
+
+def test_paper_network_totals():
+    forward = forward_flops(PAPER)
+    assert forward["primary_caps"] == 382_215_168
+    assert sum(forward.values()) == pytest.approx(406.7e6, rel=1e-3)
+    per_image_step = phase_flops(PAPER, 1000)["train_step"] / 1000
+    assert per_image_step == pytest.approx(1.204e9, rel=1e-3)
+    assert forward["primary_caps"] / sum(forward.values()) > 0.93
+
+
+def test_gemm_peak_is_measured_and_backends_are_named():
+    assert gemm_peak_gflops("numpy", size=256, repeats=1) > 0
+    assert backend_of("torch", "cuda") == "torch-cuda" and backend_of("numpy", "cpu") == "numpy"
+    with pytest.raises(ValueError, match="unknown GEMM backend 'jax'"):
+        gemm_peak_gflops("jax")
