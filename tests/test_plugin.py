@@ -31,22 +31,22 @@ def with_plugin(plugin_path):
 def test_installed_plugin_is_listed(plugin_path):
     result = run_module("harness", "list", env=with_plugin(plugin_path))
     assert result.returncode == 0, result.stderr
-    line = next(line for line in result.stdout.splitlines() if line.startswith("example-torch-matmul"))
+    line = next(line for line in result.stdout.splitlines() if line.startswith("example-torch-einsum"))
     assert "torch" in line and "available" in line
     assert "entry point capsbench_plugin_example" in line
 
 
 def test_installed_plugin_passes_the_parity_check(plugin_path):
-    result = run_module("harness.check", "--impl", "example-torch-matmul", env=with_plugin(plugin_path))
+    result = run_module("harness.check", "--impl", "example-torch-einsum", env=with_plugin(plugin_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "example-torch-matmul" in result.stdout
+    assert "example-torch-einsum" in result.stdout
     assert "all 52 quantities within tolerance" in result.stdout
 
 
 def test_plugin_is_absent_without_the_package():
     result = run_module("harness", "list")
     assert result.returncode == 0
-    assert "example-torch-matmul" not in result.stdout
+    assert "example-torch-einsum" not in result.stdout
 
 
 def test_a_broken_plugin_is_reported_and_the_rest_still_works(tmp_path):
@@ -64,5 +64,5 @@ def test_readme_shows_the_tested_example_verbatim():
     readme = (REPO_ROOT / "README.md").read_text()
     source = (EXAMPLE / "capsbench_plugin_example.py").read_text()
     assert source.strip() in readme
-    entry_point = '[project.entry-points."capsbench.implementations"]\nexample-torch-matmul = "capsbench_plugin_example"'
+    entry_point = '[project.entry-points."capsbench.implementations"]\nexample-torch-einsum = "capsbench_plugin_example"'
     assert entry_point in (EXAMPLE / "pyproject.toml").read_text() and entry_point in readme
