@@ -71,6 +71,21 @@ def col2im(xp, cols, input_shape: tuple, kernel: int, stride: int):
     return grad
 
 
+def conv_input_gradient(xp, grad_rows, weight, input_shape: tuple, kernel: int, stride: int):
+    """d loss / d input of a valid convolution, one kernel offset at a time: the window of offset (i, j)
+    receives grad_out @ W_ij.  The same products as col2im(grad_out @ W), without the patch-gradient
+    matrix (B * Ho * Wo x kh * kw * C, 382 MB for PrimaryCaps at batch 128) ever being written."""
+    batch, _, _, channels = input_shape
+    out_h, out_w = conv_output_shape(input_shape, kernel, stride)
+    per_offset = weight.reshape(weight.shape[0], kernel, kernel, channels)
+    grad = xp.zeros(input_shape, dtype=grad_rows.dtype)
+    for i in range(kernel):  # a loop over kernel offsets: each step is one product and one strided add
+        for j in range(kernel):
+            window = grad[:, i : i + stride * out_h : stride, j : j + stride * out_w : stride, :]
+            window += (grad_rows @ per_offset[:, i, j, :]).reshape(batch, out_h, out_w, channels)
+    return grad
+
+
 def conv_forward(xp, x, weight, bias, kernel: int, stride: int, cols_out=None, out=None):
     """Valid convolution of NHWC ``x`` with a (O, kh*kw*C) weight matrix; returns (output NHWC, cols)."""
     batch = x.shape[0]
@@ -511,7 +526,8 @@ class ArrayCapsNet(Implementation):
         return {name: self._to_canonical(name, value) for name, value in self.params.items()}
 
     def adam_step(self) -> None:
-        """torch.optim.Adam's update, in place: m, v moments with bias correction, eps outside the root."""
+        """torch.optim.Adam's update, in place: m, v moments with bias correction, eps outside the root.
+        One scratch buffer per tensor, so a step allocates nothing."""
         xp = self.xp
         self._adam_steps += 1
         step = self._adam_steps
@@ -520,10 +536,20 @@ class ArrayCapsNet(Implementation):
         for name, param in self.params.items():
             grad = self.grads[name]
             first, second = self._moments[name]
-            first += (1.0 - ADAM.beta1) * (grad - first)
-            second *= ADAM.beta2
-            second += (1.0 - ADAM.beta2) * grad * grad
-            param -= step_size * first / (xp.sqrt(second) / root_correction + ADAM.eps)
+            scratch = self._buffer(f"adam:{name}", param.shape)
+            xp.subtract(grad, first, out=scratch)  # m <- m + (1 - beta1) (g - m)
+            scratch *= 1.0 - ADAM.beta1
+            first += scratch
+            second *= ADAM.beta2  # v <- beta2 v + (1 - beta2) g^2
+            xp.multiply(grad, grad, out=scratch)
+            scratch *= 1.0 - ADAM.beta2
+            second += scratch
+            xp.sqrt(second, out=scratch)  # p <- p - step_size m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+            scratch /= root_correction
+            scratch += ADAM.eps
+            xp.divide(first, scratch, out=scratch)
+            scratch *= step_size
+            param -= scratch
 
     # routing alone
     def prediction_vectors(self, batch: Batch):

@@ -73,3 +73,16 @@ def test_gemm_peak_is_measured_and_backends_are_named():
     assert backend_of("torch", "cuda") == "torch-cuda" and backend_of("numpy", "cpu") == "numpy"
     with pytest.raises(ValueError, match="unknown GEMM backend 'jax'"):
         gemm_peak_gflops("jax")
+
+
+def test_activation_memory_hand_count():
+    from harness.activations import expected_step_bytes, im2col_bytes, kept_activations, parameter_state_bytes
+
+    kept = kept_activations(TINY, batch_size=2, itemsize=4)
+    # per image: images 100, conv1 8*8*2 = 128, capsules 2*18*2 = 72, u_hat 18*3*4 = 216,
+    # routing 2 * (18*3 + 2*3*4) = 156, lengths 3, decoder 12 + 5 + 100 = 117
+    assert kept == {"images": 800, "conv1_output": 1024, "primary_capsules": 576, "u_hat": 1728,
+                    "routing": 1248, "lengths": 24, "decoder": 936}
+    assert parameter_state_bytes(TINY, itemsize=4) == 4 * 1193 * 4
+    assert expected_step_bytes(TINY, 2) == 4 * 1193 * 4 + sum(kept.values())
+    assert im2col_bytes(TINY, 1, itemsize=1) == 8 * 8 * 9 * 1 + 3 * 3 * 9 * 2
