@@ -11,10 +11,10 @@ from pathlib import Path
 
 from benchmarks.common import PROFILE_NAME, THREADS
 from harness.environment import machine_facts
+from harness.profiles import FACTS_SUBDIR
 from harness.results import write_json_atomic
 from harness.threads import set_threads, thread_facts
 
-FACTS_DIR = "results/asv-facts"
 MACHINE_ENV = "CAPSBENCH_ASV_MACHINE"  # set it when `asv run --machine NAME` is not the hostname
 
 
@@ -23,7 +23,7 @@ def facts_path() -> Path:
     machine = os.environ.get(MACHINE_ENV) or platform.node()
     commit = os.environ["ASV_COMMIT"][:8]
     environment = os.environ.get("ASV_ENV_NAME", "unknown")
-    return root / FACTS_DIR / machine / f"{commit}-{environment}.json"
+    return root / "results" / FACTS_SUBDIR / machine / f"{commit}-{environment}.json"
 
 
 class MachineFacts:

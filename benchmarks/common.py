@@ -4,7 +4,7 @@ The grid is implementation x batch size x routing iterations (the routing-alone 
 iteration counts than the whole-network ones, whose cost barely depends on them).  Implementations are every name the
 registry knows (built-in, added later, or installed through the entry point); one that cannot run here,
 or a combination that runs out of memory, is skipped through asv's own mechanism (``NotImplementedError``
-in ``setup``, with the reason printed).  Sizes come from a profile in ``config.json``, chosen with
+in ``setup``, with the reason printed).  Sizes come from a profile of :mod:`harness.profiles`, chosen with
 ``CAPSBENCH_PROFILE`` (scikit-learn's asv suite does the same with its fast / regular / large profiles).
 
 Importing this module must never touch a GPU: asv imports the suite once in a fork server and forks a
@@ -17,35 +17,20 @@ compilation, cuDNN autotuning all happen there), and every timed call ends with 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from harness import registry
 from harness.data import synthetic_batch
 from harness.params import init_parameters
+from harness.profiles import load_profile
 from harness.spec import get_config
 from harness.threads import set_threads
 
-CONFIG_FILE = Path(__file__).with_name("config.json")
-PROFILE_ENV = "CAPSBENCH_PROFILE"
 THREADS_ENV = "CAPSBENCH_THREADS"
 IMPLEMENTATIONS_ENV = "CAPSBENCH_IMPLEMENTATIONS"
 DTYPE = "float32"
 DATA_SEED = 0
-
-
-def load_profile(name: str | None = None) -> tuple[str, dict]:
-    """The named profile (default: $CAPSBENCH_PROFILE, else the file's default)."""
-    settings = json.loads(CONFIG_FILE.read_text())
-    name = name or os.environ.get(PROFILE_ENV) or settings["default_profile"]
-    try:
-        return name, settings["profiles"][name]
-    except KeyError:
-        raise ValueError(
-            f"unknown benchmark profile {name!r} in ${PROFILE_ENV}: choose one of {', '.join(settings['profiles'])}"
-        ) from None
 
 
 def selected_implementations() -> list[str]:

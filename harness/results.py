@@ -7,6 +7,7 @@ replaced by a complete newer one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -28,23 +29,37 @@ def _umask() -> int:
     return mask
 
 
-def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
-    """Write ``payload`` as JSON to ``path`` through a temporary file and an atomic rename."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike):
+    """A temporary path in ``path``'s folder that replaces ``path`` in one rename if the block succeeds;
+    if it fails, ``path`` is untouched and the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+        yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    with atomic_output(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
+    """Write ``payload`` as JSON to ``path`` through a temporary file and an atomic rename."""
+    with atomic_output(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as stream:
             json.dump(payload, stream, indent=1, allow_nan=True)
             stream.write("\n")
             stream.flush()
             os.fsync(stream.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def read_json(path: str | os.PathLike) -> dict:

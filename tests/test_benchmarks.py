@@ -1,7 +1,6 @@
 """The asv suite: every benchmark runs once in its quickest form (so a broken benchmark fails CI), and the
 suite's own helpers skip what cannot run instead of crashing."""
 
-import json
 import os
 import subprocess
 
@@ -40,14 +39,16 @@ def test_every_benchmark_runs_once_on_the_small_configuration():
 
 
 def test_profiles_choose_the_grid(monkeypatch):
-    from benchmarks import common
+    from harness.profiles import load_profile
 
-    name, profile = common.load_profile("fast")
-    assert profile["config"] == "paper" and 128 in profile["batch_sizes"] and 3 in profile["routing_iterations"]
+    monkeypatch.delenv("CAPSBENCH_PROFILE", raising=False)
+    name, profile = load_profile()
+    assert name == "fast" and profile["config"] == "paper"
+    assert 128 in profile["batch_sizes"] and 3 in profile["routing_iterations"]
+    monkeypatch.setenv("CAPSBENCH_PROFILE", "smoke")
+    assert load_profile()[1]["config"] == "small"
     with pytest.raises(ValueError, match="unknown benchmark profile 'huge'.*smoke, fast, regular, large"):
-        common.load_profile("huge")
-    settings = json.loads(common.CONFIG_FILE.read_text())
-    assert settings["default_profile"] == "fast"
+        load_profile("huge")
 
 
 def test_implementations_can_be_narrowed_and_unknown_names_fail(monkeypatch):

@@ -5,7 +5,6 @@ import json
 import math
 
 import numpy as np
-import pytest
 
 from harness import registry, train
 from harness.results import read_training_result

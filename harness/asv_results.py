@@ -1,0 +1,348 @@
+"""asv's results folder read into one tidy pandas table: one row per benchmark x parameter combination x run.
+
+The layout asv writes (``results_dir`` in ``asv.conf.json``) and the suite's machine facts beside it::
+
+    <results>/asv/benchmarks.json                          parameter names and units of every benchmark
+    <results>/asv/<machine>/machine.json                   CPU, cores, RAM, OS (asv's own)
+    <results>/asv/<machine>/<commit8>-<env>.json           one run: ``results`` keyed by benchmark name,
+                                                           each a list in the order of ``result_columns``
+    <results>/asv-facts/<machine>/<commit8>-<env>.json     GPU, library versions, BLAS, threads, profile
+
+In a run file every benchmark's ``result`` list follows ``itertools.product(*params)``, the parameters are
+stored as ``repr`` strings (decoded here with :func:`ast.literal_eval`), and the lists of a benchmark can be
+shorter than ``result_columns`` (missing trailing statistics).  A skipped combination is NaN, a failed one
+null; both become a row with value NaN (``status`` "skipped" / "failed"), never a dropped row.
+
+Benchmarks are matched by their function name (the last dotted part, e.g. ``time_train_step``), so the
+suite's class names can change.  Parameters become columns: ``implementation`` (with ``framework``,
+``device``, ``routing`` and the GEMM ``backend`` looked up in :mod:`harness.registry`), ``batch_size``,
+``routing_iterations``; the non-implementation benchmarks fill ``framework`` (CudaContext) or ``backend``
+(GemmPeak) and leave ``implementation`` empty; any other parameter gets a column of its own name.
+
+Timed phases also get their arithmetic: ``flops`` (:func:`harness.flops.phase_flops` for the run's
+network at that batch size and routing iterations), ``gflops_per_s``, ``peak_gflops`` (the GemmPeak result
+of the implementation's backend in the same run) and ``pct_of_peak``.  The network a run used follows from
+the ``profile`` in its facts file through :mod:`harness.profiles`.
+
+Nothing here raises on a bad file: every problem is one line in the returned ``warnings`` that names the
+file, and the file (or the one benchmark entry) is skipped.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+
+from harness import registry
+from harness.flops import phase_flops
+from harness.peak import backend_of
+from harness.profiles import ASV_RESULTS_SUBDIR, DEFAULT_PROFILE, FACTS_SUBDIR, PROFILES
+from harness.results import ResultsFileError, read_json
+from harness.spec import get_config
+
+ASV_SUBDIR = ASV_RESULTS_SUBDIR
+RESULTS_API_VERSION = 2  # asv.results.Results.api_version
+UNKNOWN = "unknown"
+
+# benchmark function name -> short metric name; a function not listed keeps its name minus the prefix
+METRICS = {
+    "time_train_step": "train_step",
+    "time_forward": "forward",
+    "time_backward": "backward",
+    "time_inference": "inference",
+    "time_routing": "routing",
+    "time_routing_backward": "routing_backward",
+    "peakmem_train_step": "host_memory_peak",
+    "track_host_memory_train_step": "host_memory",
+    "track_gpu_memory_nvml": "gpu_memory_nvml",
+    "track_gpu_memory_nvml_increase": "gpu_memory_nvml_increase",
+    "track_gpu_memory_allocator_peak": "gpu_memory_allocator",
+    "track_gpu_memory_nvml_process": "gpu_memory_nvml_process",
+    "track_nvml_sampling_interval": "nvml_sampling_interval",
+    "track_cuda_context_bytes": "cuda_context",
+    "track_max_rel_error": "max_rel_error",
+    "track_threads": "threads",
+    "track_gemm_peak_gflops": "gemm_peak",
+}
+PREFIX_UNITS = {"time_": "seconds", "peakmem_": "bytes", "mem_": "bytes", "track_": UNKNOWN}
+GEMM_PEAK_METRIC = METRICS["track_gemm_peak_gflops"]
+PHASES_WITH_FLOPS = frozenset(phase_flops(get_config("small"), 1))  # the phases harness.flops counts
+
+IMPLEMENTATION_COLUMNS = ["implementation", "framework", "device", "routing", "backend"]
+PARAMETER_COLUMNS = ["batch_size", "routing_iterations"]
+VALUE_COLUMNS = ["benchmark", "metric", "value", "unit", "spread", "q25", "q75", "status"]
+FLOPS_COLUMNS = ["flops", "gflops_per_s", "peak_gflops", "pct_of_peak"]
+RUN_COLUMNS = ["machine", "commit", "env", "date", "profile", "config_name"]
+TIDY_COLUMNS = IMPLEMENTATION_COLUMNS + PARAMETER_COLUMNS + VALUE_COLUMNS + FLOPS_COLUMNS + RUN_COLUMNS
+RUN_KEY = ["machine", "commit", "env"]
+
+
+@dataclass
+class Run:
+    """One asv results file: a (machine, commit, environment), with what the report says about it."""
+
+    machine: str
+    commit: str
+    env: str
+    date: pd.Timestamp
+    path: Path
+    profile: str
+    config_name: str
+    profile_assumed: bool  # no facts file: the default profile was assumed
+    facts: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.machine, self.commit, self.env)
+
+    @property
+    def label(self) -> str:
+        return f"{self.machine} @ {self.commit[:8]}"
+
+
+@dataclass
+class AsvResults:
+    """Everything read from an asv results folder."""
+
+    table: pd.DataFrame
+    runs: list[Run]
+    machines: dict[str, dict]  # machine name -> machine.json
+    warnings: list[str]
+
+
+def metric_name(function: str) -> str:
+    """The short name of what a benchmark function measures (``time_train_step`` -> ``train_step``)."""
+    if function in METRICS:
+        return METRICS[function]
+    for prefix in PREFIX_UNITS:
+        if function.startswith(prefix):
+            return function[len(prefix):]
+    return function
+
+
+def default_unit(function: str) -> str:
+    """asv's unit of a benchmark type, for a benchmark that benchmarks.json does not describe."""
+    for prefix, unit in PREFIX_UNITS.items():
+        if function.startswith(prefix):
+            return unit
+    return UNKNOWN
+
+
+def decode_param(text):
+    """A parameter value as asv stores it (its ``repr``) back to the value; the text itself if not a literal."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError):
+        return text
+
+
+def as_number(value) -> float:
+    """A result or statistic as a float: null (failed), NaN (skipped) and non-numbers become NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+@lru_cache(maxsize=None)
+def implementation_facts(name: str) -> dict:
+    """Framework, device, routing variant and GEMM backend of a registered name; "unknown" for a name
+    this installation does not register (a plugin on another machine)."""
+    try:
+        info = registry.get(name)
+    except registry.UnknownImplementationError:
+        return {"framework": UNKNOWN, "device": UNKNOWN, "routing": UNKNOWN, "backend": UNKNOWN}
+    return {"framework": info.framework, "device": info.device, "routing": info.routing,
+            "backend": backend_of(info.framework, info.device)}
+
+
+def read_benchmarks(asv_dir: Path, warnings: list[str]) -> dict[str, dict]:
+    """benchmarks.json: parameter names and unit of each benchmark (empty, with a warning, if unreadable)."""
+    path = asv_dir / "benchmarks.json"
+    if not path.exists():
+        warnings.append(f"warning: {path}: missing; parameters are named param1, param2, ... "
+                        "(run `asv run` again to write it)")
+        return {}
+    try:
+        payload = read_json(path)
+    except ResultsFileError as error:
+        warnings.append(f"warning: {error}; parameters are named param1, param2, ...")
+        return {}
+    return {name: entry for name, entry in payload.items() if isinstance(entry, dict)}
+
+
+def read_facts(results_root: Path, machine: str, commit: str, env: str, warnings: list[str]) -> dict | None:
+    """The suite's machine facts beside a run (``asv-facts/<machine>/<commit8>-<env>.json``), or None."""
+    path = results_root / FACTS_SUBDIR / machine / f"{commit[:8]}-{env}.json"
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except ResultsFileError as error:
+        warnings.append(f"warning: {error}; skipped")
+        return None
+
+
+def check_run_file(path: Path, payload: dict) -> None:
+    """Raise ResultsFileError naming the file and the problem unless ``payload`` is an asv v2 results file."""
+    if payload.get("version") != RESULTS_API_VERSION:
+        raise ResultsFileError(f"{path}: asv results format version {payload.get('version')!r}, "
+                               f"expected {RESULTS_API_VERSION} (asv >= 0.5)")
+    for key in ("commit_hash", "env_name", "date", "params", "results", "result_columns"):
+        if key not in payload:
+            raise ResultsFileError(f"{path}: missing field {key!r}")
+    columns = payload["result_columns"]
+    if not isinstance(columns, list) or "result" not in columns or "params" not in columns:
+        raise ResultsFileError(f"{path}: result_columns {columns!r} lacks 'result' or 'params'")
+    if not isinstance(payload["results"], dict):
+        raise ResultsFileError(f"{path}: 'results' is a {type(payload['results']).__name__}, not an object")
+    if not isinstance(payload["params"], dict):
+        raise ResultsFileError(f"{path}: 'params' is not an object")
+
+
+def expand_benchmark(name: str, entry: list, columns: list[str], described: dict | None) -> list[dict]:
+    """The rows of one benchmark in one run, in ``itertools.product(*params)`` order; ValueError if the
+    entry does not fit its columns."""
+    if not isinstance(entry, list):
+        raise ValueError(f"entry is a {type(entry).__name__}, not a list")
+    fields = dict(zip(columns, entry))  # lists may be shorter than the columns: missing trailing stats
+    params = fields.get("params") or []
+    if not isinstance(params, list) or not all(isinstance(values, list) for values in params):
+        raise ValueError(f"params {params!r} is not a list of lists")
+    combinations = list(itertools.product(*params))
+    results = fields.get("result")
+    if results is None:  # asv stores null when every combination failed
+        results = [None] * len(combinations)
+    if not isinstance(results, list) or len(results) != len(combinations):
+        raise ValueError(f"{len(results) if isinstance(results, list) else results!r} results for "
+                         f"{len(combinations)} parameter combinations")
+    function = name.rsplit(".", 1)[-1]
+    names = list((described or {}).get("param_names") or [])
+    names += [f"param{index + 1}" for index in range(len(names), len(params))]
+    unit = (described or {}).get("unit") or default_unit(function)
+    q25s, q75s = fields.get("stats_q_25") or [], fields.get("stats_q_75") or []
+    rows = []
+    for index, (combination, result) in enumerate(zip(combinations, results)):
+        value = as_number(result)
+        row = {"benchmark": function, "metric": metric_name(function), "unit": unit, "value": value,
+               "status": "failed" if result is None else "skipped" if math.isnan(value) else "ok",
+               "q25": as_number(q25s[index]) if index < len(q25s) else math.nan,
+               "q75": as_number(q75s[index]) if index < len(q75s) else math.nan}
+        row["spread"] = row["q75"] - row["q25"]
+        for param_name, text in zip(names, combination):
+            row[param_name] = decode_param(text)
+        if isinstance(row.get("implementation"), str):
+            row.update(implementation_facts(row["implementation"]))
+        rows.append(row)
+    return rows
+
+
+def read_run(path: Path, results_root: Path, benchmarks: dict, warnings: list[str]) -> tuple[Run, list[dict]] | None:
+    """One results file as a Run and its rows; None (with a warning naming the file) if it is malformed."""
+    try:
+        payload = read_json(path)
+        check_run_file(path, payload)
+    except ResultsFileError as error:
+        warnings.append(f"warning: {error}; file skipped")
+        return None
+    machine = str(payload["params"].get("machine") or path.parent.name)
+    commit, env = str(payload["commit_hash"]), str(payload["env_name"])
+    facts = read_facts(results_root, path.parent.name, commit, env, warnings)
+    default_profile, all_profiles = DEFAULT_PROFILE, PROFILES
+    profile = (facts or {}).get("profile") or default_profile
+    if profile not in all_profiles:
+        warnings.append(f"warning: {path}: profile {profile!r} is not in harness.profiles; assuming {default_profile!r}")
+        profile = default_profile
+    date = pd.to_datetime(as_number(payload["date"]), unit="ms", utc=True) if payload["date"] is not None else pd.NaT
+    run = Run(machine, commit, env, date, path, profile, all_profiles[profile]["config"],
+              profile_assumed=facts is None or "profile" not in facts, facts=facts or {})
+    rows = []
+    for name, entry in payload["results"].items():
+        if benchmarks and name not in benchmarks:
+            warnings.append(f"warning: {path}: benchmark {name} is not in benchmarks.json (no longer in the suite?); "
+                            "its parameters are named param1, param2, ...")
+        try:
+            rows += expand_benchmark(name, entry, payload["result_columns"], benchmarks.get(name))
+        except ValueError as error:
+            warnings.append(f"warning: {path}: benchmark {name}: {error}; benchmark skipped")
+    for row in rows:
+        row.update(machine=machine, commit=commit, env=env, date=date, profile=profile, config_name=run.config_name)
+    return run, rows
+
+
+def add_flops(table: pd.DataFrame) -> pd.DataFrame:
+    """FLOPs of each timed phase, the achieved GFLOP/s, and the share of the same run's GEMM peak of the
+    implementation's backend (NaN where the run has no GemmPeak result for it)."""
+    table = table.copy()
+    table["flops"] = [
+        phase_flops(get_config(config_name).replace(routing_iterations=int(iterations)), int(batch))[metric]
+        if benchmark.startswith("time_") and metric in PHASES_WITH_FLOPS and pd.notna(batch) and pd.notna(iterations)
+        else math.nan
+        for benchmark, metric, batch, iterations, config_name in zip(
+            table["benchmark"], table["metric"], table["batch_size"], table["routing_iterations"], table["config_name"])
+    ]
+    table["gflops_per_s"] = table["flops"] / table["value"] / 1e9
+    peaks = table.loc[table["metric"] == GEMM_PEAK_METRIC, RUN_KEY + ["backend", "value"]]
+    peaks = peaks.dropna(subset=["value"]).drop_duplicates(RUN_KEY + ["backend"]).rename(columns={"value": "peak_gflops"})
+    table = table.drop(columns=["peak_gflops"]).merge(peaks, on=RUN_KEY + ["backend"], how="left")
+    table["pct_of_peak"] = 100 * table["gflops_per_s"] / table["peak_gflops"]
+    return table[TIDY_COLUMNS + [column for column in table.columns if column not in TIDY_COLUMNS]]
+
+
+
+def tidy_frame(rows: list[dict]) -> pd.DataFrame:
+    """The rows as the tidy table: the documented columns first, any other parameter after them."""
+    table = pd.DataFrame(rows)
+    for column in TIDY_COLUMNS:
+        if column not in table:
+            table[column] = math.nan
+    extra = [column for column in table.columns if column not in TIDY_COLUMNS]
+    table = table[TIDY_COLUMNS + extra]
+    for column in PARAMETER_COLUMNS:
+        table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
+    for column in ("value", "spread", "q25", "q75", "flops", "peak_gflops"):
+        table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)
+    return table
+
+
+def run_files(asv_dir: Path, machine: str | None) -> list[Path]:
+    """Every results file under ``asv_dir`` (``<machine>/<commit>-<env>.json``), optionally of one machine."""
+    folders = [asv_dir / machine] if machine else sorted(p for p in asv_dir.iterdir() if p.is_dir())
+    return sorted(path for folder in folders if folder.is_dir() for path in folder.glob("*.json")
+                  if path.name != "machine.json")
+
+
+def machine_names(asv_dir: Path) -> list[str]:
+    """The machine folders asv has written under ``asv_dir``."""
+    return sorted(p.name for p in asv_dir.iterdir() if p.is_dir()) if asv_dir.is_dir() else []
+
+
+def load_asv(results_root: str | Path, machine: str | None = None) -> AsvResults:
+    """Read every asv results file under ``<results_root>/asv`` (of ``machine`` only, if given)."""
+    results_root = Path(results_root)
+    asv_dir = results_root / ASV_SUBDIR
+    warnings: list[str] = []
+    if not asv_dir.is_dir():
+        return AsvResults(tidy_frame([]), [], {}, warnings)
+    benchmarks = read_benchmarks(asv_dir, warnings) if run_files(asv_dir, machine) else {}
+    runs, rows, machines = [], [], {}
+    for path in run_files(asv_dir, machine):
+        read = read_run(path, results_root, benchmarks, warnings)
+        if read is None:
+            continue
+        runs.append(read[0])
+        rows += read[1]
+        machine_file = path.parent / "machine.json"
+        if read[0].machine not in machines and machine_file.exists():
+            try:
+                machines[read[0].machine] = read_json(machine_file)
+            except ResultsFileError as error:
+                warnings.append(f"warning: {error}; machine description skipped")
+    runs.sort(key=lambda run: (run.date, run.machine, run.commit))
+    table = add_flops(tidy_frame(rows)) if rows else tidy_frame([])
+    return AsvResults(table, runs, machines, warnings)

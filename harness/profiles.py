@@ -1,0 +1,40 @@
+"""Benchmark profiles (the asv suite's grid at each size) and where the suite's results live.
+
+Shared by the suite (``benchmarks/``) and the report, so neither writes these twice.  As in
+scikit-learn's asv suite, a profile is chosen with an environment variable, ``CAPSBENCH_PROFILE``.
+Only ever append a profile: results of an existing one stay comparable with earlier runs.
+``routing_iterations`` is the grid of the routing-alone benchmarks, ``step_routing_iterations`` that of
+every whole-network benchmark (whose cost barely depends on it).
+"""
+
+from __future__ import annotations
+
+import os
+
+PROFILE_ENV = "CAPSBENCH_PROFILE"
+DEFAULT_PROFILE = "fast"
+PROFILES: dict[str, dict] = {
+    "smoke": {"config": "small", "batch_sizes": [4], "routing_iterations": [3], "step_routing_iterations": [3],
+              "check_batch_size": 4},
+    "fast": {"config": "paper", "batch_sizes": [32, 128], "routing_iterations": [1, 3, 5],
+             "step_routing_iterations": [3], "check_batch_size": 8},
+    "regular": {"config": "paper", "batch_sizes": [16, 32, 64, 128], "routing_iterations": [1, 2, 3, 5],
+                "step_routing_iterations": [1, 3], "check_batch_size": 8},
+    "large": {"config": "paper", "batch_sizes": [32, 64, 128, 256, 512], "routing_iterations": [1, 3, 5, 10],
+              "step_routing_iterations": [1, 3, 5], "check_batch_size": 8},
+}
+
+# Results folders, relative to the results root (asv.conf.json's "results_dir" is "results/asv").
+ASV_RESULTS_SUBDIR = "asv"
+FACTS_SUBDIR = "asv-facts"
+
+
+def load_profile(name: str | None = None) -> tuple[str, dict]:
+    """The named profile (default: $CAPSBENCH_PROFILE, else 'fast'); an unknown name lists the known."""
+    name = name or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+    try:
+        return name, PROFILES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown benchmark profile {name!r} (from ${PROFILE_ENV}): choose one of {', '.join(PROFILES)}"
+        ) from None
