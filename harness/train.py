@@ -133,10 +133,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-augment", action="store_true", help="no random 2-pixel shifts")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--out", type=Path, help="results file (default: results/training/<impl>_<config>_<time>.json)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel (DistributedDataParallel) under torchrun: the same as "
+                             "`torchrun ... -m harness.distributed train`, whose options it takes (--batch-size is per rank)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--distributed" in argv:
+        from harness.distributed import train_main
+
+        return train_main([arg for arg in argv if arg != "--distributed"])
     args = _parser().parse_args(argv)
     for option in ("epochs", "batch_size", "limit", "test_limit"):
         value = getattr(args, option)

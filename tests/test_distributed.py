@@ -1,0 +1,167 @@
+"""Data-parallel training on torch.distributed: 2 ranks with gloo on the CPU, launched through torchrun,
+learn exactly what one process learns on the same global batches; a failing or silent rank ends the run
+with a non-zero exit and one clear line, without a hang; the scaling measurement writes its results file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available in this torch build", allow_module_level=True)
+
+from torch.utils.data.distributed import DistributedSampler  # noqa: E402
+
+from harness import distributed, train  # noqa: E402
+from harness.data import load_mnist  # noqa: E402
+from harness.params import init_parameters  # noqa: E402
+from harness.results import read_json, read_training_result  # noqa: E402
+from harness.spec import SMALL  # noqa: E402
+from implementations.torch_capsnet import TorchCapsNet  # noqa: E402
+
+from conftest import REPO_ROOT  # noqa: E402
+
+WORLD = 2
+PER_RANK = 16
+LIMIT = 79  # odd: DistributedSampler pads the shards to 40 each (one image twice); 3 steps per epoch: 16, 16, 8
+EPOCHS = 2
+SEED = 3
+# A single-process float32 run on the same global batches: DDP averages the two ranks' gradients (each a mean
+# over 16 images) where the single process takes one mean over 32, so the parameters differ by rounding only.
+# Measured after 6 Adam steps: relative norm difference of a tensor at most 4e-8, largest elementwise
+# difference 1.5e-8 (parameters are 1e-3 to 0.3 in size).  Asserted with 25x and 7x margins.
+NORMWISE_RTOL = 1e-6
+ELEMENTWISE = dict(rtol=1e-5, atol=1e-7)
+
+
+def torchrun(module_args, *, nproc=WORLD, env=None, timeout=120):
+    """``python -m torch.distributed.run --standalone`` with one thread per rank; (process, seconds)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", *module_args]
+    start = time.perf_counter()
+    process = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return process, time.perf_counter() - start
+
+
+def train_args(tmp_path, mnist_path, *extra):
+    return ["--config", "small", "--data-dir", str(mnist_path), "--epochs", str(EPOCHS), "--limit", str(LIMIT),
+            "--batch-size", str(PER_RANK), "--test-limit", "64", "--no-augment", "--seed", str(SEED),
+            "--threads", "1", "--timeout-s", "30", "--out", str(tmp_path / "run.json"), *extra]
+
+
+def single_process_reference(mnist_path):
+    """TorchCapsNet.train_step on the concatenation of the ranks' batches, in DistributedSampler's order."""
+    train_set = load_mnist(mnist_path, "train").head(LIMIT)
+    impl = TorchCapsNet(SMALL, init_parameters(SMALL), "float32")
+    losses = []
+    for epoch in range(EPOCHS):
+        shards = []
+        for rank in range(WORLD):
+            sampler = DistributedSampler(train_set, num_replicas=WORLD, rank=rank, shuffle=True, seed=SEED)
+            sampler.set_epoch(epoch)
+            shards.append(np.array(list(sampler)))
+        assert set(np.concatenate(shards).tolist()) == set(range(LIMIT))
+        for start in range(0, len(shards[0]), PER_RANK):
+            index = np.concatenate([shard[start : start + PER_RANK] for shard in shards])
+            losses.append(impl.train_step(impl.to_device(train_set.images[index], train_set.labels[index])))
+    return impl.parameters(), np.array(losses)
+
+
+def test_two_ranks_learn_what_one_process_learns_on_the_global_batch(tmp_path, mnist_path):
+    saved = tmp_path / "params.npz"
+    process, _ = torchrun(["harness.distributed", "train", *train_args(tmp_path, mnist_path,
+                                                                       "--save-parameters", str(saved))])
+    assert process.returncode == 0, process.stderr[-3000:]
+    record = read_training_result(tmp_path / "run.json")
+    assert record["status"] == "completed"
+    assert record["distributed"] == {
+        "backend": "gloo", "world_size": 2, "threads_per_rank": 1, "per_rank_batch_size": PER_RANK,
+        "global_batch_size": 2 * PER_RANK, "timeout_seconds": 30.0, "max_parameter_spread": 0.0,
+        "sampler": "torch.utils.data.DistributedSampler (shuffle, drop_last=False)",
+    }  # max_parameter_spread 0.0: the two ranks hold bit-identical parameters at the end
+    assert len(record["steps"]) == EPOCHS * 3 and [e["images"] for e in record["epochs"]] == [80, 80]
+    assert all(0.0 <= epoch["test_accuracy"] <= 1.0 for epoch in record["epochs"])
+
+    expected_params, expected_losses = single_process_reference(mnist_path)
+    losses = np.array([step["loss"] for step in record["steps"]])
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+    with np.load(saved) as found:
+        assert sorted(found.files) == sorted(expected_params)
+        start = init_parameters(SMALL)
+        for name, expected in expected_params.items():
+            assert not np.array_equal(expected, start[name])  # six Adam steps moved every tensor
+            difference = np.linalg.norm(found[name] - expected) / np.linalg.norm(expected)
+            assert difference < NORMWISE_RTOL, f"{name}: relative difference {difference:.2e}"
+            np.testing.assert_allclose(found[name], expected, **ELEMENTWISE, err_msg=name)
+
+
+def test_a_failing_rank_ends_the_run_non_zero_with_one_line_and_no_hang(tmp_path, mnist_path):
+    # through the harness.train entry point this time: --distributed hands over to harness.distributed
+    process, seconds = torchrun(["harness.train", "--distributed", *train_args(tmp_path, mnist_path)],
+                                env={distributed.FAIL_ENV: "1:2"}, timeout=90)
+    assert process.returncode != 0
+    assert seconds < 60
+    lines = [line for line in (process.stderr + process.stdout).splitlines() if line.startswith("error: rank 1 failed:")]
+    assert lines == [f"error: rank 1 failed: InjectedFailure: injected failure at step 2 ({distributed.FAIL_ENV}=1:2)"]
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["status"] != "completed" and len(record["steps"]) <= 2
+
+
+def test_a_rank_that_stops_answering_makes_the_others_time_out(tmp_path, mnist_path):
+    args = train_args(tmp_path, mnist_path)
+    args[args.index("--timeout-s") + 1] = "4"
+    process, seconds = torchrun(["harness.distributed", "train", *args],
+                                env={distributed.FAIL_ENV: "1:2:hang"}, timeout=90)
+    assert process.returncode != 0
+    assert 4 <= seconds < 60
+    output = process.stderr + process.stdout
+    assert "error: rank 0 failed:" in output and "another rank probably failed first or stopped answering" in output
+
+
+def test_scaling_writes_one_results_file_for_world_sizes_1_and_2(tmp_path):
+    out = tmp_path / "scaling.json"
+    process = subprocess.run(
+        [sys.executable, "-m", "harness.distributed", "scaling", "--config", "small", "--world-sizes", "1", "2",
+         "--threads", "2", "--global-batch-size", "16", "--steps", "2", "--warmup", "1", "--timeout-s", "30",
+         "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert process.returncode == 0, process.stderr[-3000:]
+    payload = read_json(out)
+    assert payload["kind"] == "capsbench-distributed-scaling"
+    assert (payload["implementation"], payload["backend"], payload["device"], payload["config_name"]) == (
+        "torch-vectorised", "gloo", "cpu", "small")
+    assert payload["scaling"] == "strong" and isinstance(payload["machine"], dict) and payload["machine"]["cpu_count"]
+    types = {"world_size": int, "threads_per_rank": int, "per_rank_batch_size": int, "global_batch_size": int,
+             "steps": int, "step_seconds": float, "images_per_second": float, "allreduce_seconds": float,
+             "allreduce_share": float}
+    assert [(run["world_size"], run["threads_per_rank"], run["per_rank_batch_size"]) for run in payload["runs"]] == [
+        (1, 2, 16), (2, 1, 8)]
+    for run in payload["runs"]:
+        for key, kind in types.items():
+            assert isinstance(run[key], kind), (key, run[key])
+        assert run["global_batch_size"] == 16 and run["steps"] == 2 and run["step_seconds"] > 0
+        assert run["images_per_second"] == pytest.approx(16 / run["step_seconds"])
+        assert 0.0 <= run["allreduce_share"] < 1.0
+        assert run["allreduce_seconds"] == pytest.approx(run["allreduce_share"] * run["step_seconds"])
+    assert "| world size |" in process.stdout
+
+
+def test_outside_torchrun_and_for_a_non_torch_implementation_one_line(tmp_path, mnist_path, monkeypatch, capsys):
+    for name in distributed.LAUNCH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert train.main(["--distributed", "--impl", "torch-vectorised", "--data-dir", str(mnist_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: RANK, WORLD_SIZE") and "torchrun" in error and "\n" not in error
+    assert distributed.main(["train", "--impl", "numpy-vectorised"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "'numpy-vectorised' is a numpy implementation" in error and "torch-vectorised" in error
+    assert "\n" not in error
