@@ -80,11 +80,14 @@ def test_convolution_matches_torch_and_its_backward_finite_differences(rng, kern
     assert_gradient(grad_b, numeric_gradient(lambda bb: loss(bb=bb), bias.copy()))
 
 
-def test_col2im_is_the_adjoint_of_im2col(rng):
+def test_input_gradient_is_the_adjoint_of_im2col(rng):
+    """<im2col(x) W^T, g> = <x, d/dx>: the input gradient is im2col's adjoint applied to g W."""
     x = rng.normal(size=(2, 9, 9, 3))
-    cols = ac.im2col(np, x, 3, 2)
-    y = rng.normal(size=cols.shape)
-    assert np.sum(cols * y) == pytest.approx(np.sum(x * ac.col2im(np, y, x.shape, 3, 2)), rel=1e-12)
+    weight = rng.normal(size=(4, 3 * 3 * 3))
+    grad_rows = rng.normal(size=(2 * 4 * 4, 4))
+    forward = np.sum((ac.im2col(np, x, 3, 2) @ weight.T) * grad_rows)
+    adjoint = np.sum(x * ac.conv_input_gradient(np, grad_rows, weight, x.shape, 3, 2))
+    assert forward == pytest.approx(adjoint, rel=1e-12)
 
 
 def test_prediction_vectors_forward_and_backward(rng):
@@ -114,7 +117,7 @@ def test_routing_backward_through_every_iteration(rng, variant, iterations):
 def test_routing_variants_agree_with_torch(rng):
     from implementations.torch_capsnet import routing_vectorised
 
-    u_hat = rng.normal(size=(2, 3, 6, 4))
+    u_hat = rng.normal(size=(2, 3, 6, 4))  # (B, J, N, D)
     expected = routing_vectorised(torch.tensor(u_hat.transpose(0, 2, 1, 3)), 3, EPS).numpy()
     for variant in ("vectorised", "looped"):
         np.testing.assert_allclose(ac.ROUTING[variant][0](np, u_hat, 3, EPS)[0], expected, rtol=1e-12)
