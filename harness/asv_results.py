@@ -60,6 +60,7 @@ METRICS = {
     "time_routing_backward": "routing_backward",
     "peakmem_train_step": "host_memory_peak",
     "track_host_memory_train_step": "host_memory",
+    "track_host_memory_before_model": "host_memory_before_model",
     "track_gpu_memory_nvml": "gpu_memory_nvml",
     "track_gpu_memory_nvml_increase": "gpu_memory_nvml_increase",
     "track_gpu_memory_allocator_peak": "gpu_memory_allocator",

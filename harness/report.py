@@ -29,7 +29,16 @@ import numpy as np
 import pandas as pd
 
 from harness import plots
-from harness.asv_results import ASV_SUBDIR, TIDY_COLUMNS, AsvResults, Run, load_asv, machine_names
+from harness.activations import im2col_bytes, kept_activations, parameter_state_bytes
+from harness.asv_results import (
+    ASV_SUBDIR,
+    TIDY_COLUMNS,
+    AsvResults,
+    Run,
+    implementation_facts,
+    load_asv,
+    machine_names,
+)
 from harness.results import (
     RESULTS_DIR,
     TRAINING_DIR,
@@ -404,6 +413,48 @@ def summary_section(rows: pd.DataFrame, run: Run) -> str:
     return "\n".join(text)
 
 
+def memory_table(rows: pd.DataFrame, iterations: int, config_name: str) -> pd.DataFrame:
+    """Per CPU implementation x batch size: host memory measured around a training step beside the
+    analytic figure of :mod:`harness.activations` (bytes)."""
+    step = rows[rows["implementation"].notna() & (rows["routing_iterations"] == iterations)
+                & (rows["device"] == "cpu")]
+    measured = step[step["metric"].isin(["host_memory", "host_memory_before_model"])].pivot_table(
+        index=["implementation", "batch_size"], columns="metric", values="value", aggfunc="first")
+    if measured.empty or not {"host_memory", "host_memory_before_model"} <= set(measured.columns):
+        return pd.DataFrame()
+    config = get_config(config_name).replace(routing_iterations=iterations)
+    frame = measured.reset_index()
+    frame["model_and_step"] = frame["host_memory"] - frame["host_memory_before_model"]
+    frame["parameter_state"] = parameter_state_bytes(config)
+    frame["activations"] = [sum(kept_activations(config, int(batch)).values()) for batch in frame["batch_size"]]
+    frame["expected"] = frame["parameter_state"] + frame["activations"]
+    keeps_patches = frame["implementation"].map(lambda name: implementation_facts(name)["framework"]).isin(
+        ["numpy", "cupy"])
+    frame["im2col"] = [im2col_bytes(config, int(batch)) if keeps else 0
+                       for batch, keeps in zip(frame["batch_size"], keeps_patches)]
+    frame["ratio"] = frame["model_and_step"] / (frame["expected"] + frame["im2col"])
+    return frame
+
+
+def memory_section(rows: pd.DataFrame, run: Run) -> str:
+    iterations, _ = step_iterations(rows, run.config_name)
+    frame = memory_table(rows, iterations, run.config_name)
+    if frame.empty:
+        return f"### {run.label}\n\nNo host-memory results (track_host_memory_train_step and " \
+               "track_host_memory_before_model) in this run."
+    columns = {"implementation": ("implementation", "str"), "batch_size": ("batch", "int"),
+               "host_memory_before_model": ("before model MiB", "mib"), "host_memory": ("peak in step MiB", "mib"),
+               "model_and_step": ("measured MiB", "mib"), "parameter_state": ("parameter state MiB", "mib"),
+               "activations": ("activations MiB", "mib"), "im2col": ("im2col kept MiB", "mib"),
+               "ratio": ("measured / expected", "times")}
+    return (f"### {run.label}\n\nmeasured = resident memory at the peak of a training step minus resident memory "
+            "before the model was built; expected = parameter state (parameters, gradients, Adam's two moments) "
+            "+ the activations the backward pass needs (harness.activations), + the im2col matrices the "
+            "NumPy/CuPy implementation keeps.  A ratio above 1 is what an implementation keeps beyond that: "
+            "autograd's saved tensors and temporaries, the allocator's free lists.\n\n"
+            + markdown_table(formatted(frame, columns), text_columns=1))
+
+
 def speedup_section(rows: pd.DataFrame, run: Run) -> tuple[str, pd.DataFrame]:
     iterations, _ = step_iterations(rows, run.config_name)
     table = speedup_table(rows, iterations)
@@ -554,15 +605,17 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
         written.append(write_csv(table, out / TIDY_CSV))
     md += ["## Runs", ""]
     md += [run_header(run, asv.machines.get(run.machine, {})) + "\n" for run in asv.runs] or ["No asv results.", ""]
-    speedups, sections = {}, {"summary": [], "speedup": []}
+    speedups, sections = {}, {"summary": [], "speedup": [], "memory": []}
     for run in asv.runs:
         rows = run_rows(table, run)
         sections["summary"].append(summary_section(rows, run))
         text, speedups[run.key] = speedup_section(rows, run)
         sections["speedup"].append(text)
+        sections["memory"].append(memory_section(rows, run))
     if asv.runs:
         md += ["## Summary per implementation", "", "\n\n".join(sections["summary"]), "",
-               "## Vectorised vs looped routing", "", "\n\n".join(sections["speedup"]), ""]
+               "## Vectorised vs looped routing", "", "\n\n".join(sections["speedup"]), "",
+               "## Host memory of a training step: measured and expected", "", "\n\n".join(sections["memory"]), ""]
     comparisons = compare_runs(table, asv.runs, out, written)
     if comparisons:
         md += ["## Comparison of runs", "", f"Also in [`{COMPARISON_MD}`]({COMPARISON_MD}) and "
