@@ -135,7 +135,10 @@ def routing_vectorised_forward(xp, u_hat, iterations: int, eps: float):
     logits = xp.zeros((batch, n_out, n_in), dtype=u_hat.dtype)
     cache = []
     for iteration in range(iterations):
-        coupling = softmax(xp, logits, axis=1)  # over the output capsules j, for each input capsule i
+        if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
+            coupling = xp.full((batch, n_out, n_in), 1.0 / n_out, dtype=u_hat.dtype)
+        else:
+            coupling = softmax(xp, logits, axis=1)  # over the output capsules j, for each input capsule i
         s = xp.matmul(coupling[:, :, None, :], u_hat)[:, :, 0, :]  # s_j = sum_i c_ij u_hat_j|i
         v = squash_forward(xp, s, eps)
         cache.append((coupling, s, v))
@@ -156,7 +159,7 @@ def routing_vectorised_backward(xp, u_hat, cache, grad_v, eps: float):
     iterations = len(cache)
     batch, n_out, n_in, dim = u_hat.shape
     terms = 2 * iterations - 1
-    left = xp.empty((batch, n_out, n_in, terms), dtype=u_hat.dtype)  # coefficients over the input capsules
+    left = xp.empty((batch, n_out, terms, n_in), dtype=u_hat.dtype)  # coefficients over the input capsules
     right = xp.empty((batch, n_out, terms, dim), dtype=u_hat.dtype)  # vectors over the capsule axis
     grad_logits_next = None  # d loss / d b_{r+1}
     for iteration in reversed(range(iterations)):
@@ -165,10 +168,10 @@ def routing_vectorised_backward(xp, u_hat, cache, grad_v, eps: float):
             grad_v_r = grad_v
         else:  # b_{r+1} = b_r + u_hat . v_r
             grad_v_r = xp.matmul(grad_logits_next[:, :, None, :], u_hat)[:, :, 0, :]
-            left[..., iterations + iteration] = grad_logits_next
+            left[:, :, iterations + iteration, :] = grad_logits_next
             right[:, :, iterations + iteration, :] = v
         grad_s = squash_backward(xp, s, grad_v_r, eps)
-        left[..., iteration] = coupling
+        left[:, :, iteration, :] = coupling
         right[:, :, iteration, :] = grad_s
         if iteration == 0:
             break  # b_0 = 0 is a constant
@@ -177,7 +180,7 @@ def routing_vectorised_backward(xp, u_hat, cache, grad_v, eps: float):
         if grad_logits_next is not None:
             grad_logits += grad_logits_next
         grad_logits_next = grad_logits
-    return xp.matmul(left, right)
+    return xp.matmul(left.transpose(0, 1, 3, 2), right)
 
 
 def routing_looped_forward(xp, u_hat, iterations: int, eps: float):

@@ -56,7 +56,10 @@ def routing_vectorised(u_hat, iterations: int, eps: float):
     u = u_hat.transpose(1, 2)  # (B, J, N, D), contiguous when u_hat comes from prediction_vectors
     logits = u.new_zeros(u.shape[:3])  # b_ij stored (B, J, N)
     for iteration in range(iterations):
-        coupling = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
+        if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
+            coupling = torch.full_like(logits, 1.0 / logits.shape[1])
+        else:
+            coupling = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
         v = squash(torch.matmul(coupling.unsqueeze(2), u).squeeze(2), eps)  # s_j = sum_i c_ij u_hat_j|i
         if iteration < iterations - 1:
             logits = logits + torch.matmul(u, v.unsqueeze(-1)).squeeze(-1)  # b_ij += u_hat_j|i . v_j
