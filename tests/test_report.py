@@ -16,9 +16,10 @@ from matplotlib import image
 
 from harness import report, train
 from harness.asv_results import load_asv
+from harness.activations import im2col_bytes
 from harness.flops import phase_flops
 from harness.spec import PAPER
-from tests.conftest import run_module
+from conftest import run_module
 
 FIXTURE = Path(__file__).parent / "fixtures" / "asv_cpu_fast"
 MACHINE = "vm"
@@ -30,6 +31,16 @@ TRAIN_STEP = "bench_phases.TrainStep.time_train_step"
 def fixture_json() -> dict:
     """The fixture's results file, read with json alone (not with the code under test)."""
     return json.loads(RUN_FILE.read_text())
+
+
+def fixture_value(benchmark: str, *params) -> float:
+    """One result of the fixture, found with json alone: ``params`` as asv stores them (repr strings)."""
+    fields = dict(zip(fixture_json()["result_columns"], fixture_json()["results"][benchmark]))
+    return dict(zip(itertools.product(*fields["params"]), fields["result"]))[params]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
 
 
 def results_layout(root: Path) -> Path:
@@ -150,17 +161,25 @@ def test_report_and_plots_from_the_fixture_and_a_training_run(tmp_path, capsys, 
     folder = root / "report"
     assert "report.md" in out
     for name in ("phase_times", "batch_scaling", "routing_iterations", "vectorised_speedup", "memory",
-                 "training_curves"):
+                 "roofline", "training_curves"):
         assert_png_with_content(folder / f"{name}.png")
-    assert not (folder / "roofline.png").exists()  # no GemmPeak in this fixture: skipped, not empty
     text = (folder / "report.md").read_text()
-    assert "`roofline.png`" in text and "not drawn: no GemmPeak" in text
-    assert "Intel(R) Xeon(R) Processor" in text and "d578449e87c6e742d287dcb45ca93012f5df1c6d" in text
+    assert "Intel(R) Xeon(R) Processor" in text and fixture_json()["commit_hash"] in text
     assert "torch 2.13.0+cpu" in text and "benchmark profile: fast (network: paper)" in text
     summary = next(line for line in text.splitlines() if line.startswith("| torch-vectorised | 32 |"))
-    assert "| 268.5 |" in summary  # the train step of the fixture, in ms with one decimal
+    train_step = fixture_value(TRAIN_STEP, "'torch-vectorised'", "32", "3")
+    assert f"| {ms(train_step)} |" in summary  # the train step of the fixture, in ms with one decimal
+    peak = fixture_value("bench_peak.GemmPeak.track_gemm_peak_gflops", "'torch'")
+    percent = 100 * phase_flops(PAPER, 32)["train_step"] / train_step / 1e9 / peak
+    assert f"| {percent:.1f}% |" in summary  # % of the GEMM peak measured in the same run
     assert "| torch-vectorised-cuda | 128 | n/a |" in text  # unavailable here: shown, not dropped
     assert "| torch (cpu) | 128 |" in text  # the speed-up table
+    memory = next(line for line in text.splitlines() if line.startswith("| numpy-vectorised | 128 |")
+                  and "×" in line and "n/a" not in line)
+    peak_rss = fixture_value("bench_memory.HostMemory.track_host_memory_train_step", "'numpy-vectorised'", "128", "3")
+    before = fixture_value("bench_memory.HostMemory.track_host_memory_before_model", "'numpy-vectorised'", "128", "3")
+    assert f"| {(peak_rss - before) / 2**20:.1f} |" in memory  # measured = peak in the step - before the model
+    assert f"| {im2col_bytes(PAPER, 128) / 2**20:.1f} |" in memory
     assert "## Training" in text and "| torch-vectorised_small.json | torch-vectorised | cpu | small | 64 | 2/2 |" in text
     assert not (folder / "comparison.md").exists()
     tidy = (folder / "results_tidy.csv").read_text().splitlines()
@@ -175,7 +194,8 @@ def test_two_commits_are_compared_and_a_doubling_is_flagged(tmp_path, capsys, ta
     comparison = (root / "report" / "comparison.md").read_text()
     line = next(line for line in comparison.splitlines()
                 if line.startswith("| time_train_step | torch-vectorised, batch 32, 3 it. |"))
-    assert "| 268.5 ms | 536.9 ms | 2.00× | **worse** |" in line
+    old = fixture_value(TRAIN_STEP, "'torch-vectorised'", "32", "3")
+    assert f"| {ms(old)} ms | {ms(2 * old)} ms | 2.00× | **worse** |" in line
     assert "| time_train_step | torch-vectorised-cuda" not in comparison  # no result in either run: not listed
     assert "## Comparison of runs" in (root / "report" / "report.md").read_text()
 
@@ -204,7 +224,8 @@ def test_an_implementation_absent_from_one_run_is_shown_missing(tmp_path, capsys
     assert "Only in the old run (shown as missing in the other): numpy-looped." in comparison
     line = next(line for line in comparison.splitlines()
                 if line.startswith("| time_train_step | numpy-looped, batch 32, 3 it. |"))
-    assert "| 423.0 ms | missing |" in line and "missing in new" in line
+    old = fixture_value(TRAIN_STEP, "'numpy-looped'", "32", "3")
+    assert f"| {ms(old)} ms | missing |" in line and "missing in new" in line
 
 
 @pytest.mark.parametrize("corrupt, problem", [
@@ -223,7 +244,8 @@ def test_a_malformed_results_file_is_named_and_the_rest_is_reported(tmp_path, ca
     assert len(lines) == 1 and str(bad) in lines[0] and problem in lines[0] and "skipped" in lines[0]
     text = (root / "report" / "report.md").read_text()
     assert "## Warnings" in text and bad.name in text
-    assert "| torch-vectorised | 32 | 268.5 |" in text  # the good run is still reported
+    good = fixture_value(TRAIN_STEP, "'torch-vectorised'", "32", "3")
+    assert f"| torch-vectorised | 32 | {ms(good)} |" in text  # the good run is still reported
 
 
 def test_a_malformed_benchmark_entry_skips_only_that_benchmark(tmp_path, capsys, tables_only):
