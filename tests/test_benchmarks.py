@@ -17,18 +17,29 @@ BENCHMARK_NAMES = [
 ]
 
 
-def run_asv(*args, profile="smoke"):
-    env = {**os.environ, "CAPSBENCH_PROFILE": profile}
-    return subprocess.run(["asv", *args], cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=900)
+@pytest.fixture(scope="module")
+def asv_env(tmp_path_factory):
+    """asv's environment with a HOME of its own, holding the machine description `asv machine --yes`
+    writes (asv refuses to run without one, and the user's own ~/.asv-machine.json stays untouched)."""
+    home = tmp_path_factory.mktemp("home")
+    env = {**os.environ, "HOME": str(home), "CAPSBENCH_PROFILE": "smoke"}
+    subprocess.run(["asv", "machine", "--yes"], cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=120)
+    return env
 
 
-def test_asv_check_accepts_the_suite():
-    result = run_asv("check", "--python=same")
+def run_asv(env, *args):
+    return subprocess.run(["asv", *args], cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=900,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_asv_check_accepts_the_suite(asv_env):
+    result = run_asv(asv_env, "check", "--python=same")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_every_benchmark_runs_once_on_the_small_configuration():
-    result = run_asv("run", "--quick", "--dry-run", "--python=same", "--launch-method", "forkserver", "--show-stderr")
+def test_every_benchmark_runs_once_on_the_small_configuration(asv_env):
+    result = run_asv(asv_env, "run", "--quick", "--dry-run", "--python=same", "--launch-method", "forkserver",
+                     "--show-stderr")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert " failed" not in output, output
