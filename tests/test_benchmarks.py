@@ -1,6 +1,7 @@
 """The asv suite: every benchmark runs once in its quickest form (so a broken benchmark fails CI), and the
 suite's own helpers skip what cannot run instead of crashing."""
 
+import json
 import os
 import subprocess
 
@@ -20,16 +21,23 @@ BENCHMARK_NAMES = [
 @pytest.fixture(scope="module")
 def asv_env(tmp_path_factory):
     """asv's environment with a HOME of its own, holding the machine description `asv machine --yes`
-    writes (asv refuses to run without one, and the user's own ~/.asv-machine.json stays untouched)."""
+    writes (asv refuses to run without one; the user's own ~/.asv-machine.json stays untouched), and a
+    copy of asv.conf.json whose results and environments go to a temporary folder (even a dry run
+    rewrites results/asv/benchmarks.json, which the committed results need as they are)."""
     home = tmp_path_factory.mktemp("home")
-    env = {**os.environ, "HOME": str(home), "CAPSBENCH_PROFILE": "smoke"}
+    lines = (REPO_ROOT / "asv.conf.json").read_text().splitlines()
+    conf = json.loads("\n".join(line for line in lines if not line.strip().startswith("//")))
+    conf.update(repo=str(REPO_ROOT), benchmark_dir=str(REPO_ROOT / "benchmarks"), results_dir=str(home / "results"),
+                env_dir=str(home / "env"), html_dir=str(home / "html"))
+    (home / "asv.conf.json").write_text(json.dumps(conf))
+    env = {**os.environ, "HOME": str(home), "CAPSBENCH_PROFILE": "smoke", "ASV_CONFIG": str(home / "asv.conf.json")}
     subprocess.run(["asv", "machine", "--yes"], cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=120)
     return env
 
 
-def run_asv(env, *args):
-    return subprocess.run(["asv", *args], cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=900,
-                          stdin=subprocess.DEVNULL)
+def run_asv(env, command, *args):
+    return subprocess.run(["asv", command, "--config", env["ASV_CONFIG"], *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, env=env, timeout=900, stdin=subprocess.DEVNULL)
 
 
 def test_asv_check_accepts_the_suite(asv_env):
