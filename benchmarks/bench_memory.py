@@ -94,6 +94,15 @@ def release_device_memory() -> None:
             pass
 
 
+def measured_point(measured: dict, params: tuple) -> dict:
+    """The figures of one grid point of :func:`measure_gpu_steps`, or NotImplementedError (asv: skipped)
+    with the reason it was not measured."""
+    figures = measured[params]
+    if isinstance(figures, str):
+        raise NotImplementedError(figures)
+    return figures
+
+
 class GpuMemory:
     """One training step sampled through NVML, with the allocator's peak over the same step.  All grid
     points are measured once, in ``setup_cache`` (one process for the whole grid)."""
@@ -106,9 +115,7 @@ class GpuMemory:
         return measure_gpu_steps()
 
     def setup(self, measured, *params):
-        figures = measured[params]
-        if isinstance(figures, str):
-            raise NotImplementedError(figures)
+        figures = measured_point(measured, params)
         self.nvml, self.allocator_peak = figures["nvml"], figures["allocator_peak"]
 
     def track_gpu_memory_nvml(self, measured, *params):
@@ -142,9 +149,7 @@ class GpuProcessMemory:
         return measure_gpu_steps()
 
     def setup(self, measured, *params):
-        figures = measured[params]
-        if isinstance(figures, str):
-            raise NotImplementedError(figures)
+        figures = measured_point(measured, params)
         if figures["nvml"]["process_peak_bytes"] is None:
             raise NotImplementedError(PROCESS_NOT_VISIBLE)
         self.process_peak = figures["nvml"]["process_peak_bytes"]

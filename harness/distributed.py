@@ -78,6 +78,7 @@ from harness.environment import machine_facts
 from harness.params import init_parameters
 from harness.results import RESULTS_DIR, TRAINING_DIR, read_json, write_json_atomic
 from harness.spec import CONFIGS, get_config
+from harness.train import TrainingDiverged, epoch_summary, new_record, print_epoch
 
 try:
     import torch
@@ -277,8 +278,6 @@ def parameter_spread(ctx: Context, impl) -> float:
 def train_distributed(ctx: Context, impl, ddp, train_set: Dataset, test_set: Dataset, record: dict | None,
                       args: argparse.Namespace, save) -> None:
     """Train for ``args.epochs`` on this rank's shard; rank 0 appends to ``record`` and saves it each epoch."""
-    from harness.train import TrainingDiverged
-
     sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                  seed=args.seed, drop_last=False)
     rng = np.random.default_rng([args.seed, ctx.rank])
@@ -310,19 +309,10 @@ def train_distributed(ctx: Context, impl, ddp, train_set: Dataset, test_set: Dat
         eval_start = time.perf_counter()
         accuracy = evaluate_sharded(ctx, impl, test_set, args.batch_size)
         if record is not None:
-            record["epochs"].append({
-                "epoch": epoch,
-                "mean_loss": float(np.mean(losses)),
-                "test_accuracy": accuracy,
-                "train_seconds": train_seconds,
-                "eval_seconds": time.perf_counter() - eval_start,
-                "images": images_seen,
-                "images_per_second": images_seen / train_seconds,
-                "elapsed_seconds": elapsed,
-            })
-            print(f"epoch {epoch}: mean loss {np.mean(losses):.4f}, test accuracy {accuracy:.2%}, "
-                  f"{train_seconds:.1f} s, {images_seen / train_seconds:.1f} images/s "
-                  f"({ctx.world_size} ranks)", flush=True)
+            summary = epoch_summary(epoch, losses, accuracy, train_seconds, time.perf_counter() - eval_start,
+                                    images_seen, elapsed)
+            record["epochs"].append(summary)
+            print_epoch(summary, note=f" ({ctx.world_size} ranks)")
             save(record)
 
 
@@ -377,7 +367,6 @@ def train_main(argv: list[str] | None = None) -> int:
         train_set = load_mnist(args.data_dir, "train").head(args.limit)
         test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
         if ctx.is_root:
-            from harness.train import new_record
 
             stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             out = args.out or TRAINING_DIR / f"{info.name}-ddp{ctx.world_size}_{args.config}_{stamp}.json"
@@ -413,7 +402,6 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"error: rank {ctx.rank if ctx else '?'}: {error}", file=sys.stderr, flush=True)
         return 2
     except Exception as error:  # includes TrainingDiverged, injected failures, collective errors, Terminated
-        from harness.train import TrainingDiverged
 
         rank = ctx.rank if ctx else os.environ.get("RANK", "?")
         status = "stopped" if isinstance(error, TrainingDiverged) else "failed"

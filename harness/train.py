@@ -98,20 +98,33 @@ def train_epochs(impl, train_set: Dataset, test_set: Dataset, record: dict, epoc
         train_seconds = time.perf_counter() - epoch_start
         eval_start = time.perf_counter()
         accuracy = evaluate(impl, test_set, batch_size)
-        record["epochs"].append({
-            "epoch": epoch,
-            "mean_loss": float(np.mean(losses)),
-            "test_accuracy": accuracy,
-            "train_seconds": train_seconds,
-            "eval_seconds": time.perf_counter() - eval_start,
-            "images": images_seen,
-            "images_per_second": images_seen / train_seconds,
-            "elapsed_seconds": elapsed,
-        })
-        print(f"epoch {epoch}: mean loss {np.mean(losses):.4f}, test accuracy {accuracy:.2%}, "
-              f"{train_seconds:.1f} s, {images_seen / train_seconds:.1f} images/s", flush=True)
+        summary = epoch_summary(epoch, losses, accuracy, train_seconds, time.perf_counter() - eval_start,
+                                images_seen, elapsed)
+        record["epochs"].append(summary)
+        print_epoch(summary)
         save(record)
     return record
+
+
+def epoch_summary(epoch: int, losses: list[float], accuracy: float, train_seconds: float, eval_seconds: float,
+                  images: int, elapsed: float) -> dict:
+    """One entry of a results file's ``epochs``: training time counts the steps only, not evaluation."""
+    return {
+        "epoch": epoch,
+        "mean_loss": float(np.mean(losses)),
+        "test_accuracy": accuracy,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "images": images,
+        "images_per_second": images / train_seconds,
+        "elapsed_seconds": elapsed,
+    }
+
+
+def print_epoch(summary: dict, note: str = "") -> None:
+    print(f"epoch {summary['epoch']}: mean loss {summary['mean_loss']:.4f}, test accuracy "
+          f"{summary['test_accuracy']:.2%}, {summary['train_seconds']:.1f} s, "
+          f"{summary['images_per_second']:.1f} images/s{note}", flush=True)
 
 
 def default_output(name: str, config_name: str) -> Path:
