@@ -9,9 +9,9 @@ moment estimates from one that keeps them).
 The error of a quantity is the normwise relative error ``max|x - ref| / max|ref|``: elementwise relative
 errors are meaningless for entries that are zero up to rounding, and a max-norm never averages a bad entry
 away.  Tolerances (:data:`TOLERANCES`) are per dtype and kind of quantity.  Measured on the paper network
-(torch-vectorised float32 against the reference), the largest errors were 7e-7 for outputs, 2e-6 for
-gradients at batch 8 and 2.2e-4 at batch 128 (the Conv1 gradient sums 51,200 positions per weight), and
-5.5e-4 for parameters after Adam.  The last is larger for a reason that is not a
+(float32 against the reference), the largest errors were 7e-7 for outputs, 2e-6 for gradients at batch 8
+and 2.2e-4 at batch 128 (the Conv1 gradient sums 51,200 positions per weight), and up to 7.9e-4 for
+parameters after Adam.  The last is larger for a reason that is not a
 bug: Adam divides each gradient by ``sqrt(v) + eps`` with eps = 1e-8, so for gradient entries near or below
 eps, float32 rounding of the gradient reaches the parameter multiplied by lr / eps = 1e5.  A real Adam bug
 (moments reset between steps, bias correction missing) moves parameters by O(lr), errors of 0.1 to 1.
@@ -144,7 +144,10 @@ def max_error(name: str, config: CapsNetConfig, dtype: str, batch_size: int = CH
     return max(row.error for row in check_implementation(name, config, dtype, batch_size))
 
 
-def time_train_step(name: str, config: CapsNetConfig, dtype: str, batch_size: int, repeats: int = 5) -> float:
+TIMED_STEPS = 5
+
+
+def time_train_step(name: str, config: CapsNetConfig, dtype: str, batch_size: int, repeats: int = TIMED_STEPS) -> float:
     """Median seconds of one training step (forward + backward + Adam), after one warm-up step."""
     impl = registry.create(name, config, init_parameters(config, dtype=dtype), dtype)
     batch = impl.to_device(*synthetic_batch(config, batch_size))
@@ -173,14 +176,14 @@ def format_table(rows: list[Row]) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m harness.check",
-        description="Compare implementations with the float64 reference (torch-vectorised) on the canonical "
-        "parameters: outputs, loss, every gradient, every parameter after three Adam steps.",
+        description=f"Compare implementations with the float64 reference ({REFERENCE}) on the canonical "
+        f"parameters: outputs, loss, every gradient, every parameter after {ADAM_STEPS} Adam steps.",
     )
     parser.add_argument("--impl", nargs="+", metavar="NAME", help="implementations to check (default: all)")
     parser.add_argument("--dtype", choices=sorted(TOLERANCES), action="append",
                         help="dtype(s) to check (default: float32 and float64)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small", help="network size (default: small)")
-    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+    parser.add_argument("--device", choices=[*registry.DEVICES, "all"], default="all",
                         help="only implementations on this device (default: all)")
     parser.add_argument("--batch-size", type=int, default=CHECK_BATCH_SIZE)
     parser.add_argument("--time", action="store_true",
@@ -190,39 +193,53 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.batch_size < 1:
+        print(f"error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
+        return 2
     config = get_config(args.config)
-    dtypes = args.dtype or ["float32", "float64"]
+    dtypes = args.dtype or sorted(TOLERANCES)
     try:
         infos = [registry.get(name) for name in args.impl] if args.impl else registry.entries()
     except registry.UnknownImplementationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    reference = registry.get(REFERENCE).availability()
+    if not reference:
+        print(f"error: the reference {REFERENCE} cannot run here: {reference.reason}", file=sys.stderr)
+        return 2
     if args.device != "all":
         infos = [info for info in infos if info.device == args.device]
     print(f"reference: {REFERENCE} {REFERENCE_DTYPE} on the CPU; config {args.config}; batch {args.batch_size}; "
-          f"{ADAM_STEPS} Adam steps")
-    rows, skipped, timings = [], [], []
+          f"{ADAM_STEPS} Adam steps", flush=True)
+    rows, skipped, timings, crashed = [], [], [], []
     for info in infos:
         status = info.availability()
         if not status:
             skipped.append((info.name, status.reason))
             continue
         for dtype in dtypes:
-            rows.extend(check_implementation(info.name, config, dtype, args.batch_size))
-            if args.time or args.device == "cuda":
-                timings.append((info.name, dtype, time_train_step(info.name, config, dtype, args.batch_size)))
+            try:
+                rows.extend(check_implementation(info.name, config, dtype, args.batch_size))
+                if args.time or args.device == "cuda":
+                    timings.append((info.name, dtype, time_train_step(info.name, config, dtype, args.batch_size)))
+            except Exception as error:  # one broken implementation must not hide the others' results
+                crashed.append((f"{info.name} {dtype}", f"{type(error).__name__}: {error}"))
     if rows:
         print(format_table(rows))
-    for name, seconds in [(f"{n} {d}", s) for n, d, s in timings]:
-        print(f"train step  {name:<32} {seconds * 1e3:10.2f} ms  (batch {args.batch_size}, median of 5)")
+    for name, dtype, seconds in timings:
+        print(f"train step  {name + ' ' + dtype:<32} {seconds * 1e3:10.2f} ms  "
+              f"(batch {args.batch_size}, median of {TIMED_STEPS})")
     for name, reason in skipped:
         print(f"skipped     {name:<32} {reason}")
+    for name, reason in crashed:
+        print(f"CRASHED     {name:<32} {reason}")
     failures = [row for row in rows if not row.passed]
-    if not rows:
+    if not rows and not crashed:
         print("nothing was checked: no requested implementation is available here", file=sys.stderr)
         return 1
-    if failures:
-        print(f"FAILED: {len(failures)} of {len(rows)} quantities exceed their tolerance", file=sys.stderr)
+    if failures or crashed:
+        print(f"FAILED: {len(failures)} of {len(rows)} quantities exceed their tolerance; "
+              f"{len(crashed)} run(s) crashed", file=sys.stderr)
         return 1
     print(f"all {len(rows)} quantities within tolerance")
     return 0

@@ -18,7 +18,9 @@ nothing else breaks.
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -46,6 +48,14 @@ class PeakMemory:
     process_note: str = ""
     interval_s: float = DEFAULT_INTERVAL_S
     samples: int = 0
+    duration_s: float | None = None
+
+    @property
+    def achieved_interval_s(self) -> float | None:
+        """The region's duration divided by the samples taken in it: the interval actually achieved."""
+        if self.duration_s is None or self.samples < 2:
+            return None
+        return self.duration_s / (self.samples - 1)
 
     @property
     def increase_bytes(self) -> int | None:
@@ -55,7 +65,7 @@ class PeakMemory:
         return self.peak_bytes - self.baseline_bytes
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "increase_bytes": self.increase_bytes}
+        return {**asdict(self), "increase_bytes": self.increase_bytes, "achieved_interval_s": self.achieved_interval_s}
 
 
 class PeakSampler:
@@ -95,6 +105,9 @@ class PeakSampler:
             self._error = error
 
     def __enter__(self) -> "PeakSampler":
+        self._stop.clear()  # a sampler can measure one region after another
+        self._error = None
+        self._start = time.perf_counter()
         first = self._read()
         self._baseline = first.total_bytes
         self._peak = first.total_bytes
@@ -120,6 +133,7 @@ class PeakSampler:
             process_note=note,
             interval_s=self.interval_s,
             samples=self._samples,
+            duration_s=time.perf_counter() - self._start,
         )
 
     def __call__(self, function):
@@ -154,7 +168,8 @@ def current_rss_bytes() -> int:
     except OSError:
         import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def host_sampler(interval_s: float = DEFAULT_INTERVAL_S) -> PeakSampler:
@@ -193,13 +208,24 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def nvml_device_facts(index: int = 0) -> dict:
+def _device_handle(nvml, index: int | None):
+    """NVML's handle of GPU ``index``; by default the first GPU in CUDA_VISIBLE_DEVICES (NVML ignores that
+    variable and numbers every GPU of the machine), given as an index or a GPU-/MIG- UUID, else GPU 0."""
+    if index is None:
+        first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+        if first.startswith(("GPU-", "MIG-")):
+            return nvml.nvmlDeviceGetHandleByUUID(first)
+        index = int(first) if first.isdigit() else 0
+    return nvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def nvml_device_facts(index: int | None = None) -> dict:
     """Name, total memory, driver and CUDA driver version of one GPU, or why they cannot be read."""
     nvml = _nvml()
     if isinstance(nvml, str):
         return {"available": False, "reason": nvml}
     try:
-        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        handle = _device_handle(nvml, index)
         cuda = nvml.nvmlSystemGetCudaDriverVersion()
         return {
             "available": True,
@@ -213,8 +239,8 @@ def nvml_device_facts(index: int = 0) -> dict:
         return {"available": False, "reason": f"NVML query failed: {type(error).__name__}: {error}"}
 
 
-def _nvml_reader(nvml, index: int, pid: int) -> Callable[[], Reading]:
-    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+def _nvml_reader(nvml, index: int | None, pid: int) -> Callable[[], Reading]:
+    handle = _device_handle(nvml, index)
 
     def read() -> Reading:
         used = int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
@@ -233,7 +259,7 @@ PROCESS_NOT_VISIBLE = (
 )
 
 
-def nvml_sampler(index: int = 0, interval_s: float = DEFAULT_INTERVAL_S) -> PeakSampler | UnavailableSampler:
+def nvml_sampler(index: int | None = None, interval_s: float = DEFAULT_INTERVAL_S) -> PeakSampler | UnavailableSampler:
     """Peak GPU memory over a region through NVML; an :class:`UnavailableSampler` where NVML cannot run."""
     nvml = _nvml()
     if isinstance(nvml, str):
@@ -241,14 +267,14 @@ def nvml_sampler(index: int = 0, interval_s: float = DEFAULT_INTERVAL_S) -> Peak
     try:
         read = _nvml_reader(nvml, index, os.getpid())
     except Exception as error:
-        return UnavailableSampler(f"unavailable: NVML has no device {index}: {error}", interval_s)
+        return UnavailableSampler(f"unavailable: NVML cannot find the GPU ({error})", interval_s)
     return PeakSampler(read, interval_s, process_note=PROCESS_NOT_VISIBLE)
 
 
-def nvml_used_bytes(index: int = 0) -> int | None:
+def nvml_used_bytes(index: int | None = None) -> int | None:
     """Device memory in use now, by every process (None without NVML)."""
     nvml = _nvml()
     if isinstance(nvml, str):
         return None
-    return int(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index)).used)
+    return int(nvml.nvmlDeviceGetMemoryInfo(_device_handle(nvml, index)).used)
 

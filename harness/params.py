@@ -106,7 +106,3 @@ def validate_parameters(params: dict[str, np.ndarray], config: CapsNetConfig) ->
         if tuple(params[name].shape) != shape:
             raise ValueError(f"parameter {name} has shape {tuple(params[name].shape)}, expected {shape}")
 
-
-def cast_parameters(params: dict[str, np.ndarray], dtype) -> dict[str, np.ndarray]:
-    """Copies of every tensor in ``dtype`` (canonical order kept)."""
-    return {name: np.array(value, dtype=dtype, copy=True) for name, value in params.items()}

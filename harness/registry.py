@@ -12,6 +12,7 @@ routing)`` from the canonical parameters (:mod:`harness.params`):
 * ``availability()`` (classmethod, given the device): :class:`Availability`, with a reason a person can
   act on when it is not available ("cupy not installed", "no CUDA device").  It must not raise.
 * ``from_numpy(array)``: a float array of the implementation's own kind, dtype and device.
+* ``to_numpy(array)``: a NumPy copy of one of its arrays (for comparisons and results files).
 * ``to_device(images, labels)``: a :class:`Batch` of the implementation's own arrays; images are float
   NumPy arrays (B, C, H, W) in [0, 1], labels integer class indices (B,) or None.  Timed code starts here.
 * ``forward(batch, train)``: class-capsule lengths (B, J) and reconstructions (B, pixels); in training the
@@ -176,7 +177,6 @@ class ImplementationInfo:
     device: str
     routing: str
     source: str = "builtin"
-    description: str = ""
 
     @property
     def framework(self) -> str:
@@ -214,22 +214,22 @@ def register(
     *,
     device: str = "cpu",
     routing: str = "vectorised",
-    description: str = "",
     source: str = "builtin",
 ) -> ImplementationInfo:
-    """Add an implementation under ``name``; a name registered twice is an error."""
+    """Add an implementation under ``name``.  Registering the same entry again changes nothing; a name
+    taken by another entry is an error."""
     if not (isinstance(cls, type) and issubclass(cls, Implementation)):
         raise TypeError(f"{name}: {cls!r} is not a subclass of harness.registry.Implementation")
     if routing not in ROUTING_VARIANTS:
         raise ValueError(f"{name}: routing must be one of {ROUTING_VARIANTS}, got {routing!r}")
     if device not in DEVICES:
         raise ValueError(f"{name}: device must be one of {DEVICES}, got {device!r}")
+    info = ImplementationInfo(name, cls, device, routing, source=source)
     existing = _REGISTRY.entries.get(name)
-    if existing is not None and existing.cls is not cls:
+    if existing is not None and (existing.cls, existing.device, existing.routing) != (cls, device, routing):
         raise ValueError(f"implementation name {name!r} is already registered by {existing.cls.__module__}")
-    info = ImplementationInfo(name, cls, device, routing, source=source, description=description)
-    _REGISTRY.entries[name] = info
-    return info
+    _REGISTRY.entries[name] = existing or info
+    return _REGISTRY.entries[name]
 
 
 def _load_builtin() -> None:
@@ -241,31 +241,26 @@ def _load_builtin() -> None:
 
 
 def _load_entry_points() -> None:
+    """Import every module named in the entry-point group; importing it registers its implementations.
+    A plugin that fails, or registers nothing, is recorded in plugin_errors and never stops the rest."""
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
         before = set(_REGISTRY.entries)
         try:
-            loaded = entry_point.load()
-        except Exception as error:  # a broken plugin is reported, never fatal
-            _REGISTRY.plugin_errors[entry_point.name] = f"{type(error).__name__}: {error}"
-            continue
-        source = f"entry point {entry_point.value}"
-        if isinstance(loaded, type) and issubclass(loaded, Implementation):
-            register(
-                entry_point.name,
-                loaded,
-                device=getattr(loaded, "default_device", "cpu"),
-                routing=getattr(loaded, "default_routing", "vectorised"),
-                source=source,
-            )
-        for name in set(_REGISTRY.entries) - before:
-            _REGISTRY.entries[name] = dataclasses.replace(_REGISTRY.entries[name], source=source)
+            entry_point.load()
+            problem = None if set(_REGISTRY.entries) - before else "importing it registered no implementation"
+        except Exception as error:
+            problem = f"{type(error).__name__}: {error}"
+        if problem:
+            _REGISTRY.plugin_errors[entry_point.name] = problem
+        for name in set(_REGISTRY.entries) - before:  # also those registered before a failure
+            _REGISTRY.entries[name] = dataclasses.replace(_REGISTRY.entries[name], source=f"entry point {entry_point.value}")
 
 
 def _ensure_loaded() -> None:
     if not _REGISTRY.loaded:
-        _REGISTRY.loaded = True
         _load_builtin()
         _load_entry_points()
+        _REGISTRY.loaded = True
 
 
 def entries() -> list[ImplementationInfo]:

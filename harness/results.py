@@ -17,6 +17,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "results"
 TRAINING_DIR = RESULTS_DIR / "training"
 TRAINING_KIND = "capsbench-training"
+SCALING_DIR = RESULTS_DIR / "distributed"
+SCALING_KIND = "capsbench-distributed-scaling"
+EPOCH_FIELDS = ("epoch", "mean_loss", "test_accuracy", "train_seconds", "images", "elapsed_seconds")
+STEP_FIELDS = ("epoch", "step", "loss", "elapsed_seconds")
 
 
 class ResultsFileError(ValueError):
@@ -85,4 +89,10 @@ def read_training_result(path: str | os.PathLike) -> dict:
     for key in ("implementation", "epochs", "steps"):
         if key not in payload:
             raise ResultsFileError(f"{path}: missing field {key!r}")
+    for key, fields in (("epochs", EPOCH_FIELDS), ("steps", STEP_FIELDS)):
+        if not isinstance(payload[key], list):
+            raise ResultsFileError(f"{path}: {key!r} is not a list")
+        for index, entry in enumerate(payload[key]):
+            if not isinstance(entry, dict) or any(field not in entry for field in fields):
+                raise ResultsFileError(f"{path}: {key}[{index}] lacks one of {', '.join(fields)}")
     return payload

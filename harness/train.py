@@ -1,11 +1,11 @@
 """python -m harness.train: train one implementation on MNIST and record how it learns and how fast.
 
 Adam (lr 1e-3, :data:`harness.spec.ADAM`) from the canonical parameters, the paper's random shift of up to
-2 pixels on the training images, test accuracy after every epoch.  The results file (under
-``results/training/`` unless ``--out`` says otherwise) is rewritten atomically after every epoch, so an
-interrupted or diverged run keeps everything up to its last epoch: per-step loss and training wall time,
-per-epoch loss, test accuracy, time and images/s, with the implementation, config, library versions and
-machine.
+2 pixels (:data:`harness.spec.MAX_SHIFT_PIXELS`) on the training images, test accuracy after every epoch.
+The results file (under ``results/training/`` unless ``--out`` says otherwise) is rewritten atomically
+after every epoch, so an interrupted, diverged or failed run keeps everything up to its last epoch:
+per-step loss and training wall time, per-epoch loss, test accuracy, time and images/s, with the
+implementation, config, library versions and machine.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from harness.data import DataError, Dataset, iterate_batches, load_mnist
 from harness.environment import machine_facts
 from harness.params import init_parameters
 from harness.results import TRAINING_DIR, TRAINING_KIND, write_json_atomic
-from harness.spec import ADAM, CONFIGS, get_config
+from harness.spec import ADAM, CONFIGS, MAX_SHIFT_PIXELS, get_config
+from harness.threads import set_threads
 
 try:
     from tqdm import tqdm
@@ -108,7 +109,9 @@ def train_epochs(impl, train_set: Dataset, test_set: Dataset, record: dict, epoc
 
 def epoch_summary(epoch: int, losses: list[float], accuracy: float, train_seconds: float, eval_seconds: float,
                   images: int, elapsed: float) -> dict:
-    """One entry of a results file's ``epochs``: training time counts the steps only, not evaluation."""
+    """One entry of a results file's ``epochs``.  ``train_seconds`` is the wall time of the epoch's training
+    loop (batch preparation and augmentation included, evaluation not), so ``images_per_second`` is what a
+    user gets; ``elapsed_seconds`` adds up the training steps alone, the clock of the loss curves."""
     return {
         "epoch": epoch,
         "mean_loss": float(np.mean(losses)),
@@ -142,14 +145,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order and augmentation")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="paper")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--no-augment", action="store_true", help="no random 2-pixel shifts")
+    parser.add_argument("--dtype", choices=registry.DTYPES, default="float32")
+    parser.add_argument("--no-augment", action="store_true", help=f"no random {MAX_SHIFT_PIXELS}-pixel shifts")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--out", type=Path, help="results file (default: results/training/<impl>_<config>_<time>.json)")
     parser.add_argument("--distributed", action="store_true",
                         help="data-parallel (DistributedDataParallel) under torchrun: the same as "
                              "`torchrun ... -m harness.distributed train`, whose options it takes (--batch-size is per rank)")
     return parser
+
+
+def check_at_least_one(args: argparse.Namespace, options) -> str | None:
+    """The error line for the first of ``options`` given below 1, or None."""
+    for option in options:
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            return f"error: --{option.replace('_', '-')} must be at least 1, got {value}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,17 +171,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_main([arg for arg in argv if arg != "--distributed"])
     args = _parser().parse_args(argv)
-    for option in ("epochs", "batch_size", "limit", "test_limit"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            print(f"error: --{option.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
-            return 2
+    problem = check_at_least_one(args, ("epochs", "batch_size", "limit", "test_limit", "threads"))
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     try:
         info = registry.get(args.impl)
         config = get_config(args.config)
         if args.threads:
-            from harness.threads import set_threads
-
             set_threads(args.threads)
         impl = info.create(config, init_parameters(config, dtype=args.dtype), args.dtype)
         train_set = load_mnist(args.data_dir, "train").head(args.limit)
@@ -196,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(out, record)
         print(f"interrupted; the results up to here are in {out}", file=sys.stderr)
         return 130
+    except Exception as error:  # out of memory, a bug in an implementation, ...: the file must not say "running"
+        record.update(status="failed", message=f"{type(error).__name__}: {error}")
+        write_json_atomic(out, record)
+        print(f"error: training failed: {type(error).__name__}: {error}; the results up to the last epoch are "
+              f"in {out}", file=sys.stderr)
+        return 1
     record["status"] = "completed"
     write_json_atomic(out, record)
     print(f"results written to {out}")

@@ -1,13 +1,19 @@
 """``cupy-vectorised`` and ``cupy-looped``: the array-module CapsNet of :mod:`array_capsnet` on CuPy (CUDA).
 
 All the mathematics is the shared NumPy/CuPy code, exercised on the CPU through NumPy.  The CuPy-only
-addition is a fused Adam update (one ``cupy.ElementwiseKernel`` launch per tensor instead of about eight
-elementwise kernels); the shared ``xp`` update is its fallback, used wherever the kernel is unavailable.
+addition is a fused Adam update (one ``cupy.ElementwiseKernel`` launch per tensor instead of the shared
+update's 13 elementwise kernels); the shared ``xp`` update is its fallback, used whenever the array module
+is not CuPy.
+
+Allocator peak: CuPy's pool has no peak counter, so :meth:`CupyCapsNet.allocator_peak_bytes` reports the
+bytes the pool holds after the step, starting from an emptied pool.  The pool keeps freed blocks, so this is
+the step's peak rounded up to the pool's block sizes, comparable with torch's ``max_memory_reserved``
+rather than with the ``max_memory_allocated`` that the torch implementation reports.
 """
 
 from __future__ import annotations
 
-from harness.registry import Availability, register
+from harness.registry import ROUTING_VARIANTS, Availability, register
 from implementations.array_capsnet import ArrayCapsNet
 from harness.spec import ADAM
 
@@ -65,10 +71,7 @@ class CupyCapsNet(ArrayCapsNet):
     def adam_step(self) -> None:
         if self._adam_kernel is None:
             return super().adam_step()
-        self._adam_steps += 1
-        step = self._adam_steps
-        step_size = ADAM.lr / (1.0 - ADAM.beta1**step)
-        root_correction = (1.0 - ADAM.beta2**step) ** 0.5
+        step_size, root_correction = self._next_adam_step()
         for name, param in self.params.items():
             first, second = self._moments[name]
             self._adam_kernel(self.grads[name], step_size, root_correction, ADAM.beta1, ADAM.beta2, ADAM.eps,
@@ -84,14 +87,12 @@ class CupyCapsNet(ArrayCapsNet):
             cupy.get_default_memory_pool().free_all_blocks()
 
     def allocator_peak_bytes(self) -> int | None:
-        """Bytes CuPy's pool holds after the region, from an emptied pool: the pool keeps freed blocks,
-        so this is the region's peak rounded up to the pool's block sizes."""
+        """Bytes CuPy's pool holds after the region, from an emptied pool (see the module docstring)."""
         if self.xp is not cupy:
             return None
         self.synchronize()
         return int(cupy.get_default_memory_pool().total_bytes())
 
 
-for _routing in ("vectorised", "looped"):
-    register(f"cupy-{_routing}", CupyCapsNet, device="cuda", routing=_routing,
-             description=f"CuPy on CUDA, hand-written backward, {_routing} routing")
+for _routing in ROUTING_VARIANTS:
+    register(f"cupy-{_routing}", CupyCapsNet, device="cuda", routing=_routing)

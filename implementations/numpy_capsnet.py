@@ -1,6 +1,6 @@
 """``numpy-vectorised`` and ``numpy-looped``: the array-module CapsNet of :mod:`array_capsnet` on NumPy."""
 
-from harness.registry import register
+from harness.registry import ROUTING_VARIANTS, register
 from implementations.array_capsnet import ArrayCapsNet
 
 
@@ -10,6 +10,5 @@ class NumpyCapsNet(ArrayCapsNet):
     framework = "numpy"
 
 
-for _routing in ("vectorised", "looped"):
-    register(f"numpy-{_routing}", NumpyCapsNet, routing=_routing,
-             description=f"NumPy, hand-written backward, {_routing} routing")
+for _routing in ROUTING_VARIANTS:
+    register(f"numpy-{_routing}", NumpyCapsNet, routing=_routing)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import numpy as np
 
 from harness.params import DECODER_PREFIX, decoder_layer_count
-from harness.registry import Availability, Batch, Implementation, register
+from harness.registry import DEVICES, ROUTING_VARIANTS, Availability, Batch, Implementation, register
 from harness.spec import ADAM, CapsNetConfig
 
 try:
     import torch
     import torch.nn.functional as F
-except ImportError:  # the registry still lists the implementations, as unavailable
+except Exception as error:  # not installed, or a broken CUDA install: listed as unavailable, with the reason
     torch = None
+    _IMPORT_ERROR = ("torch not installed (pip install torch==2.13.0)" if isinstance(error, ImportError)
+                     else f"torch cannot be imported: {type(error).__name__}: {error}")
 
 
 # The network, as functions of tensors --------------------------------------------------------------
@@ -175,6 +177,9 @@ class TorchCapsNet(Implementation):
         super().__init__(config, params, dtype, device, routing)
         self._dtype = getattr(torch, dtype)
         self._device = torch.device(device)
+        if self._device.type == "cuda":  # float32 means float32: no TF32 in convolutions or matrix products
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self._route = ROUTING[routing]
         self.module = CapsNetModule(config, params, self._dtype, self._device, self.route)
         self.params = self.module.params
@@ -186,7 +191,7 @@ class TorchCapsNet(Implementation):
     @classmethod
     def availability(cls, device: str) -> Availability:
         if torch is None:
-            return Availability.missing("torch not installed (pip install torch==2.13.0)")
+            return Availability.missing(_IMPORT_ERROR)
         if device == "cuda" and not torch.cuda.is_available():
             if torch.version.cuda is None:
                 return Availability.missing(f"no CUDA device: torch {torch.__version__} is a CPU-only build")
@@ -280,12 +285,7 @@ class TorchCapsNet(Implementation):
         return int(torch.cuda.max_memory_allocated(self._device))
 
 
-for _device in ("cpu", "cuda"):
-    for _routing in ("vectorised", "looped"):
-        register(
-            f"torch-{_routing}" + ("-cuda" if _device == "cuda" else ""),
-            TorchCapsNet,
-            device=_device,
-            routing=_routing,
-            description=f"PyTorch autograd, {_routing} routing, {_device}",
-        )
+for _device in DEVICES:
+    for _routing in ROUTING_VARIANTS:
+        register(f"torch-{_routing}" + ("-cuda" if _device == "cuda" else ""), TorchCapsNet, device=_device,
+                 routing=_routing)

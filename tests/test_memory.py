@@ -36,6 +36,7 @@ def test_peak_baseline_and_process_figure():
     assert result.increase_bytes == 300
     assert result.samples == reader.calls >= 5  # entry, thread samples, exit
     assert result.interval_s == 0.0005
+    assert result.duration_s > 0 and result.achieved_interval_s == result.duration_s / (result.samples - 1)
 
 
 def test_a_region_shorter_than_the_interval_still_has_entry_and_exit_samples():
@@ -67,11 +68,17 @@ def test_a_failing_reader_is_reported():
             sampler._thread.join(timeout=5)  # the thread ends at its first failed read
 
 
-def test_sampler_works_as_a_decorator():
+def test_sampler_works_as_a_decorator_and_again():
     reader = ScriptedReader([Reading(1), Reading(7)])
     sampler = PeakSampler(reader, interval_s=10.0)
     assert sampler(lambda x: x * 2)(21) == 42
     assert sampler.result.peak_bytes == 7
+    busy = PeakSampler(ScriptedReader([Reading(3)]), interval_s=0.0005)
+    for _ in range(2):  # the second region is sampled as often as the first
+        with busy:
+            memory_wait = threading.Event()
+            memory_wait.wait(0.02)
+        assert busy.result.samples > 5
 
 
 def test_invalid_interval():
@@ -108,3 +115,25 @@ def test_nvml_on_a_gpu_machine():
     with memory.nvml_sampler() as sampler:
         pass
     assert sampler.result.available and sampler.result.peak_bytes > 0
+
+
+class FakeNvml:
+    """Records which handle lookup was asked for (the real pynvml needs a driver)."""
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return ("index", index)
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return ("uuid", uuid)
+
+
+@pytest.mark.parametrize("visible, expected", [
+    (None, ("index", 0)), ("3,1", ("index", 3)), ("GPU-8f2a-11", ("uuid", "GPU-8f2a-11")), ("", ("index", 0)),
+])
+def test_nvml_reads_the_first_visible_gpu(monkeypatch, visible, expected):
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert memory._device_handle(FakeNvml(), None) == expected
+    assert memory._device_handle(FakeNvml(), 2) == ("index", 2)

@@ -1,6 +1,7 @@
 """An implementation installed as a separate package is found through the entry point group."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,9 +16,10 @@ EXAMPLE = REPO_ROOT / "examples" / "capsbench-plugin-example"
 def plugin_path(tmp_path_factory):
     """The example plugin, pip-installed into its own folder (the test environment is left untouched)."""
     target = tmp_path_factory.mktemp("site")
+    source = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("source") / EXAMPLE.name)  # builds leave files behind
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(EXAMPLE)],
+         "--target", str(target), str(source)],
         check=True, capture_output=True, text=True, timeout=300,
     )
     assert list(target.glob("capsbench_plugin_example-*.dist-info/entry_points.txt"))

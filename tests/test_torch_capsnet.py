@@ -86,11 +86,35 @@ def test_routing_matches_the_paper_transcription(rng, routing, iterations):
 
 
 def test_coupling_is_a_softmax_over_output_capsules():
-    # one iteration with b = 0 gives c = 1/J for every pair: s_j is the mean over i times N / J... i.e. sum/J
-    u_hat = torch.ones(1, 6, 4, 2, dtype=torch.float64)
-    v = tc.routing_vectorised(u_hat, 1, 1e-8)
-    s = torch.full((2,), 6 / 4, dtype=torch.float64)  # sum over 6 inputs of 1 * (1/4)
-    np.testing.assert_allclose(v[0, 0].numpy(), tc.squash(s, 1e-8).numpy())
+    """Two inputs, two outputs, 2 iterations: input 0 agrees only with output 0.  With c normalised over the
+    outputs (the paper), the second iteration gives input 0 a larger coupling to output 0 than the uniform
+    1/2, and input 1 (which agrees with nothing) keeps 1/2 to each output.  Normalised over the inputs (the
+    common bug), output 1's sum would also change.  Checked against hand arithmetic."""
+    u_hat = torch.zeros(1, 2, 2, 1, dtype=torch.float64)
+    u_hat[0, 0, 0, 0] = 2.0  # input 0 predicts output 0
+    eps = 1e-8
+    s0 = torch.tensor([[1.0], [0.0]], dtype=torch.float64)  # iteration 1: c = 1/2 everywhere, s_0 = 2/2, s_1 = 0
+    v0 = tc.squash(s0, eps)
+    b00 = 2.0 * v0[0, 0]  # agreement of input 0 with output 0; every other agreement is 0
+    c00 = torch.exp(b00) / (torch.exp(b00) + 1.0)  # softmax over the two outputs of input 0
+    expected = tc.squash(torch.stack([2.0 * c00, torch.tensor(0.0, dtype=torch.float64)]).reshape(2, 1), eps)
+    for routing in tc.ROUTING.values():
+        np.testing.assert_allclose(routing(u_hat, 2, eps)[0].numpy(), expected.numpy(), rtol=1e-12)
+
+
+def test_whole_model_gradients_against_finite_differences():
+    from gradcheck_util import finite_difference_errors
+
+    config = SMALL.replace(reconstruction_weight=0.5)  # decoder gradients large enough for differences
+    errors = finite_difference_errors("torch-vectorised", config, per_tensor=3)
+    assert len(errors) == 11
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("routing", ["vectorised", "looped"])
+def test_routing_gradcheck(rng, routing):
+    u_hat = torch.tensor(rng.normal(size=(2, 4, 3, 2)), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: tc.ROUTING[routing](x, 3, 1e-8), (u_hat,))
 
 
 def test_routing_gradients_flow_through_every_iteration(rng):
