@@ -5,7 +5,7 @@ One class per timed operation, so that each is warmed up by exactly the call it 
 
 import numpy as np
 
-from benchmarks.common import BATCH_SIZES, IMPLEMENTATIONS, ROUTING_ITERATIONS, ModelBenchmark
+from benchmarks.common import BATCH_SIZES, IMPLEMENTATIONS, ROUTING_ITERATIONS, ModelBenchmark, is_out_of_memory
 
 
 class TrainStep(ModelBenchmark):
@@ -62,11 +62,16 @@ class Routing(ModelBenchmark):
     def setup(self, *params):
         super().setup(*params)
         if params not in _routing_inputs:  # once per process, not before every sample
-            u_hat = self.impl.prediction_vectors(self.batch)
-            shape = (u_hat.shape[0], u_hat.shape[2], u_hat.shape[3])
-            grad_v = self.impl.from_numpy(np.random.default_rng(0).standard_normal(shape))
-            self.impl.routing(u_hat)  # warm-ups
-            self.impl.routing_backward(u_hat, grad_v)
+            try:
+                u_hat = self.impl.prediction_vectors(self.batch)
+                shape = (u_hat.shape[0], u_hat.shape[2], u_hat.shape[3])
+                grad_v = self.impl.from_numpy(np.random.default_rng(0).standard_normal(shape))
+                self.impl.routing(u_hat)  # warm-ups
+                self.impl.routing_backward(u_hat, grad_v)
+            except Exception as error:
+                if is_out_of_memory(error):
+                    raise NotImplementedError(f"{params[0]} runs out of memory at batch {params[1]}: {error}") from None
+                raise
             _routing_inputs[params] = (u_hat, grad_v)
         self.u_hat, self.grad_v = _routing_inputs[params]
         self.impl.synchronize()

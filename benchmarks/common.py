@@ -12,7 +12,8 @@ process per benchmark, and CUDA does not survive a fork.  Availability is checke
 
 Set-up work stays out of the timed region: the model is built, moved to its device and warmed up in
 ``setup`` by one call of the operation the benchmark times (lazy initialisation, CUDA context, kernel
-compilation, cuDNN autotuning all happen there), and every timed call ends with ``synchronize()``.
+compilation and cuDNN's algorithm choice all happen there), and every timed call ends with
+``synchronize()``.
 """
 
 from __future__ import annotations

@@ -46,7 +46,6 @@ from harness.profiles import ASV_RESULTS_SUBDIR, DEFAULT_PROFILE, FACTS_SUBDIR, 
 from harness.results import ResultsFileError, read_json
 from harness.spec import get_config
 
-ASV_SUBDIR = ASV_RESULTS_SUBDIR
 RESULTS_API_VERSION = 2  # asv.results.Results.api_version
 UNKNOWN = "unknown"
 
@@ -254,13 +253,12 @@ def read_run(path: Path, results_root: Path, benchmarks: dict, warnings: list[st
     machine = str(payload["params"].get("machine") or path.parent.name)
     commit, env = str(payload["commit_hash"]), str(payload["env_name"])
     facts = read_facts(results_root, path.parent.name, commit, env, warnings)
-    default_profile, all_profiles = DEFAULT_PROFILE, PROFILES
-    profile = (facts or {}).get("profile") or default_profile
-    if profile not in all_profiles:
-        warnings.append(f"warning: {path}: profile {profile!r} is not in harness.profiles; assuming {default_profile!r}")
-        profile = default_profile
+    profile = (facts or {}).get("profile") or DEFAULT_PROFILE
+    if profile not in PROFILES:
+        warnings.append(f"warning: {path}: profile {profile!r} is not in harness.profiles; assuming {DEFAULT_PROFILE!r}")
+        profile = DEFAULT_PROFILE
     date = pd.to_datetime(as_number(payload["date"]), unit="ms", utc=True) if payload["date"] is not None else pd.NaT
-    run = Run(machine, commit, env, date, path, profile, all_profiles[profile]["config"],
+    run = Run(machine, commit, env, date, path, profile, PROFILES[profile]["config"],
               profile_assumed=facts is None or "profile" not in facts, facts=facts or {})
     rows = []
     for name, entry in payload["results"].items():
@@ -326,7 +324,7 @@ def machine_names(asv_dir: Path) -> list[str]:
 def load_asv(results_root: str | Path, machine: str | None = None) -> AsvResults:
     """Read every asv results file under ``<results_root>/asv`` (of ``machine`` only, if given)."""
     results_root = Path(results_root)
-    asv_dir = results_root / ASV_SUBDIR
+    asv_dir = results_root / ASV_RESULTS_SUBDIR
     warnings: list[str] = []
     if not asv_dir.is_dir():
         return AsvResults(tidy_frame([]), [], {}, warnings)

@@ -76,9 +76,9 @@ from harness import registry
 from harness.data import DataError, Dataset, load_mnist, shift_images, synthetic_batch
 from harness.environment import machine_facts
 from harness.params import init_parameters
-from harness.results import RESULTS_DIR, TRAINING_DIR, read_json, write_json_atomic
+from harness.results import SCALING_DIR, SCALING_KIND, TRAINING_DIR, read_json, write_json_atomic
 from harness.spec import CONFIGS, get_config
-from harness.train import TrainingDiverged, epoch_summary, new_record, print_epoch
+from harness.train import TrainingDiverged, check_at_least_one, epoch_summary, new_record, print_epoch
 
 try:
     import torch
@@ -88,12 +88,13 @@ try:
 except ImportError:  # the error is reported when a command needs torch
     torch = None
 
-SCALING_KIND = "capsbench-distributed-scaling"
-SCALING_DIR = RESULTS_DIR / "distributed"
 FAIL_ENV = "CAPSBENCH_FAIL_RANK"
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_TIMEOUT_S = 600.0
 TORCHRUN_EXAMPLE = "torchrun --standalone --nproc-per-node 2 -m harness.distributed train ..."
+
+
+LAUNCH_GRACE_S = 60.0  # per timed or warm-up step, beyond the process-group timeout, before torchrun is stopped
 
 
 class LaunchError(RuntimeError):
@@ -241,14 +242,6 @@ def _raise_terminated(signum, frame):
     raise Terminated(f"terminated by signal {signum} (torchrun stops the ranks when one has failed)")
 
 
-def _check_positive(args, options) -> str | None:
-    for option in options:
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            return f"error: --{option.replace('_', '-')} must be at least 1, got {value}"
-    return None
-
-
 # Training ------------------------------------------------------------------------------------------
 
 
@@ -342,7 +335,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv: list[str] | None = None) -> int:
     args = _train_parser().parse_args(argv)
-    problem = _check_positive(args, ("epochs", "batch_size", "limit", "test_limit", "threads"))
+    problem = check_at_least_one(args, ("epochs", "batch_size", "limit", "test_limit", "threads"))
     if problem is None and args.timeout_s <= 0:
         problem = f"error: --timeout-s must be positive, got {args.timeout_s}"
     if problem:
@@ -443,7 +436,9 @@ def measure_scaling(ctx: Context, impl, ddp, config, per_rank: int, steps: int, 
 
     Step i's time is the slowest rank's (the ranks start each step together, after a barrier); the
     all-reduce time is the median over i of (ordinary step i - no_sync step i): adjacent pairs, so that a
-    drift in the machine's load cancels out.
+    drift in the machine's load cancels out.  The no_sync steps still update each rank's parameters from
+    its own gradients, so the ranks' parameters drift apart during the measurement: harmless for timing
+    (the work per step is the same), which is all this measures.
     """
     images, labels = synthetic_batch(config, per_rank, seed + ctx.rank)
     batch = impl.to_device(images, labels)
@@ -546,7 +541,7 @@ def _scaling_parser() -> argparse.ArgumentParser:
 
 def scaling_main(argv: list[str]) -> int:
     args = _scaling_parser().parse_args(argv)
-    problem = _check_positive(args, ("threads", "global_batch_size", "per_rank_batch_size", "steps"))
+    problem = check_at_least_one(args, ("threads", "global_batch_size", "per_rank_batch_size", "steps", "timeout_s"))
     if problem is None and (args.warmup < 0 or min(args.world_sizes) < 1):
         problem = "error: --warmup must be at least 0 and every world size at least 1"
     if problem:
@@ -585,7 +580,13 @@ def scaling_main(argv: list[str]) -> int:
                 env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
             print(f"world size {world_size}: {per_rank} images per rank, "
                   f"{threads or 'default'} thread(s) per rank ...", flush=True)
-            completed = subprocess.run(command, env=env, cwd=Path(__file__).resolve().parent.parent)
+            try:  # the ranks' own timeout ends a hang; this bounds torchrun itself (start-up, rendezvous)
+                completed = subprocess.run(command, env=env, cwd=Path(__file__).resolve().parent.parent,
+                                           timeout=args.timeout_s + LAUNCH_GRACE_S * (args.steps + args.warmup))
+            except subprocess.TimeoutExpired:
+                print(f"error: the run with world size {world_size} did not finish in time; no results file written",
+                      file=sys.stderr)
+                return 1
             if completed.returncode != 0 or not part.is_file():
                 print(f"error: the run with world size {world_size} failed (torchrun exit status "
                       f"{completed.returncode}); no results file written", file=sys.stderr)

@@ -20,6 +20,7 @@ report is still written.  No results at all is one error line saying how to prod
 from __future__ import annotations
 
 import argparse
+import itertools
 import datetime as dt
 import math
 import sys
@@ -31,7 +32,7 @@ import pandas as pd
 from harness import plots
 from harness.activations import im2col_bytes, kept_activations, parameter_state_bytes
 from harness.asv_results import (
-    ASV_SUBDIR,
+    ASV_RESULTS_SUBDIR,
     TIDY_COLUMNS,
     AsvResults,
     Run,
@@ -41,6 +42,8 @@ from harness.asv_results import (
 )
 from harness.results import (
     RESULTS_DIR,
+    SCALING_DIR,
+    SCALING_KIND,
     TRAINING_DIR,
     ResultsFileError,
     atomic_output,
@@ -51,14 +54,11 @@ from harness.results import (
 from harness.spec import get_config
 
 TRAINING_SUBDIR = TRAINING_DIR.name
-DISTRIBUTED_SUBDIR = "distributed"
-DISTRIBUTED_KIND = "capsbench-distributed-scaling"
 REPORT_SUBDIR = "report"
 TIDY_CSV, REPORT_MD, COMPARISON_MD, COMPARISON_CSV = "results_tidy.csv", "report.md", "comparison.md", "comparison.csv"
 CHANGE_FACTOR = 1.1  # a ratio outside [1/1.1, 1.1] (asv compare's default factor) beyond the spread is flagged
 LOWER_IS_BETTER = {"seconds", "bytes", "relative error"}
 HIGHER_IS_BETTER = {"GFLOP/s"}
-MIB = 2**20
 NA = "n/a"
 SUMMARY_METRICS = ["train_step", "forward", "backward", "routing", "routing_backward", "host_memory_peak",
                    "host_memory", "gpu_memory_nvml", "gpu_memory_allocator"]
@@ -94,7 +94,7 @@ def load_training(folder: Path, warnings: list[str]) -> list[tuple[Path, dict]]:
 
 def check_distributed(path: Path, payload: dict) -> None:
     """Raise ResultsFileError unless ``payload`` is a distributed-scaling results file with usable runs."""
-    if payload.get("kind") != DISTRIBUTED_KIND:
+    if payload.get("kind") != SCALING_KIND:
         raise ResultsFileError(f"{path}: not a capsbench distributed-scaling file (kind {payload.get('kind')!r})")
     runs = payload.get("runs")
     if not isinstance(runs, list) or not runs:
@@ -103,8 +103,9 @@ def check_distributed(path: Path, payload: dict) -> None:
         if not isinstance(run, dict):
             raise ResultsFileError(f"{path}: runs[{index}] is not an object")
         for key in ("world_size", "images_per_second"):
-            if not isinstance(run.get(key), (int, float)) or isinstance(run.get(key), bool):
-                raise ResultsFileError(f"{path}: runs[{index}].{key} is missing or not a number")
+            value = run.get(key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ResultsFileError(f"{path}: runs[{index}].{key} is missing or not a positive number")
 
 
 def load_distributed(folder: Path, warnings: list[str]) -> list[tuple[Path, dict]]:
@@ -274,8 +275,9 @@ def distributed_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
         base = runs[0]
         for run in runs:
             ideal = base["images_per_second"] * run["world_size"] / base["world_size"]
-            cores = run["world_size"] * run.get("threads_per_rank", math.nan)
-            base_cores = base["world_size"] * base.get("threads_per_rank", math.nan)
+            on_cpu = record.get("device") == "cpu"  # GPU ranks bring their own device: threads say nothing
+            cores = run["world_size"] * run.get("threads_per_rank", math.nan) if on_cpu else math.nan
+            base_cores = base["world_size"] * base.get("threads_per_rank", math.nan) if on_cpu else math.nan
             core_ideal = base["images_per_second"] * cores / base_cores
             out.append({"label": label, "implementation": record.get("implementation"),
                         "backend": record.get("backend"), "device": record.get("device"),
@@ -300,7 +302,7 @@ def fmt(value, kind: str) -> str:
         ms = value * 1e3
         return f"{ms:.1f}" if abs(ms) >= 1 else f"{ms:.2g}"
     if kind == "mib":
-        return f"{value / MIB:.1f}"
+        return f"{value / plots.MIB:.1f}"
     if kind == "rate":
         return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
     if kind == "pct":
@@ -428,8 +430,7 @@ def memory_table(rows: pd.DataFrame, iterations: int, config_name: str) -> pd.Da
     frame["parameter_state"] = parameter_state_bytes(config)
     frame["activations"] = [sum(kept_activations(config, int(batch)).values()) for batch in frame["batch_size"]]
     frame["expected"] = frame["parameter_state"] + frame["activations"]
-    keeps_patches = frame["implementation"].map(lambda name: implementation_facts(name)["framework"]).isin(
-        ["numpy", "cupy"])
+    keeps_patches = frame["implementation"].map(lambda name: implementation_facts(name)["framework"]) == "numpy"
     frame["im2col"] = [im2col_bytes(config, int(batch)) if keeps else 0
                        for batch, keeps in zip(frame["batch_size"], keeps_patches)]
     frame["ratio"] = frame["model_and_step"] / (frame["expected"] + frame["im2col"])
@@ -587,7 +588,7 @@ def plots_section(entries: list[tuple[str, str, str]]) -> str:
 
 # ------------------------------------------------------------------------------------------------ main
 def no_results_message(root: Path) -> str:
-    return (f"error: no results under {root / ASV_SUBDIR} or {root / TRAINING_SUBDIR}: run `asv run --quick` "
+    return (f"error: no results under {root / ASV_RESULTS_SUBDIR} or {root / TRAINING_SUBDIR}: run `asv run --quick` "
             "(benchmarks) or `python -m harness.train --impl NAME --data-dir DIR` first (see README)")
 
 
@@ -647,14 +648,20 @@ def write_csv(frame: pd.DataFrame, path: Path) -> Path:
 
 
 def compare_runs(table: pd.DataFrame, runs: list[Run], out: Path, written: list[Path]) -> str:
-    """With more than one run, each against the one before it (by commit date): comparison.md and .csv
-    written, the Markdown returned (empty with a single run, and a stale comparison removed)."""
-    if len(runs) < 2:
+    """Each run against the one before it on the same machine and environment (by commit date), or, with
+    one run per machine, the machines against each other: comparison.md and .csv written, the Markdown
+    returned (empty with a single run, and a stale comparison removed)."""
+    pairs = [(old, new) for _, group in itertools.groupby(sorted(runs, key=lambda run: (run.machine, run.env)),
+                                                          key=lambda run: (run.machine, run.env))
+             for group in [list(group)] for old, new in zip(group, group[1:])]
+    if len(runs) > 1 and not pairs:  # one run per machine: compare the machines, in date order
+        pairs = list(zip(runs, runs[1:]))
+    if not pairs:
         for name in (COMPARISON_MD, COMPARISON_CSV):
             (out / name).unlink(missing_ok=True)
         return ""
     sections, frames = [], []
-    for old, new in zip(runs, runs[1:]):
+    for old, new in pairs:
         comparison = comparison_table(table, old, new)
         sections.append(comparison_section(comparison, old, new))
         frames.append(comparison.assign(old_run=old.label, new_run=new.label))
@@ -676,15 +683,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     root, out = args.results, args.out or args.results / REPORT_SUBDIR
-    if args.machine and args.machine not in machine_names(root / ASV_SUBDIR):
-        known = ", ".join(machine_names(root / ASV_SUBDIR)) or "none"
-        print(f"error: no asv results for machine {args.machine!r} under {root / ASV_SUBDIR} (machines there: {known})",
+    if args.machine and args.machine not in machine_names(root / ASV_RESULTS_SUBDIR):
+        known = ", ".join(machine_names(root / ASV_RESULTS_SUBDIR)) or "none"
+        print(f"error: no asv results for machine {args.machine!r} under {root / ASV_RESULTS_SUBDIR} (machines there: {known})",
               file=sys.stderr)
         return 1
     asv = load_asv(root, args.machine)
     warnings = list(asv.warnings)
     training = load_training(root / TRAINING_SUBDIR, warnings)
-    distributed = load_distributed(root / DISTRIBUTED_SUBDIR, warnings)
+    distributed = load_distributed(root / SCALING_DIR.name, warnings)
     for warning in warnings:
         print(warning, file=sys.stderr)
     if asv.table.empty and not training and not distributed:
