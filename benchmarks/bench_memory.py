@@ -1,23 +1,20 @@
-"""Memory of one training step: host memory on every machine, and on GPUs three figures kept apart:
-what NVML sees the device (and, where visible, this process) use, the framework allocator's own peak,
-and the CUDA context overhead on its own."""
+"""Memory of one training step: host memory on every machine, and on GPUs the figures kept apart (NVML's
+device-wide figure and its increase over the step, NVML's per-process figure where visible, the allocator's
+peak of live bytes and of reserved bytes), plus the CUDA context on its own."""
 
-import gc
-import sys
-
-from benchmarks.common import BATCH_SIZES, IMPLEMENTATIONS, STEP_ROUTING_ITERATIONS, ModelBenchmark, build
-from harness import registry
-from harness.memory import (
-    PROCESS_NOT_VISIBLE,
-    current_rss_bytes,
-    host_sampler,
-    nvml_sampler,
-    nvml_status,
-    nvml_used_bytes,
+from benchmarks.common import (
+    BATCH_SIZES,
+    CONFIG,
+    DTYPE,
+    IMPLEMENTATIONS,
+    STEP_ROUTING_ITERATIONS,
+    ModelBenchmark,
+    record_facts,
+    require_available,
 )
-
-NVML_INTERVAL_S = 0.0005
-
+from harness import registry
+from harness.memory import PROCESS_NOT_VISIBLE, current_rss_bytes, host_sampler, nvml_status, nvml_used_bytes
+from harness.step_memory import measure_grid
 
 _rss_before_model: dict[tuple, int] = {}
 
@@ -51,65 +48,19 @@ class HostMemory(ModelBenchmark):
     track_host_memory_train_step.unit = track_host_memory_before_model.unit = "bytes"
 
 
-def measure_gpu_steps() -> dict:
-    """For every CUDA implementation and grid point: NVML's samples over one training step and the
-    allocator's peak over the same step; or, per point, the reason it was not measured (a point that
-    fails, out of memory or otherwise, is skipped, and the rest of the grid is still measured)."""
-    problem = nvml_status()
-    measured = {}
-    for name in IMPLEMENTATIONS:
-        for batch_size in BATCH_SIZES:
-            for iterations in STEP_ROUTING_ITERATIONS:
-                key = (name, batch_size, iterations)
-                if registry.get(name).device != "cuda":
-                    measured[key] = f"{name} runs on the CPU: no GPU memory to measure"
-                    continue
-                if problem:
-                    measured[key] = f"NVML unavailable: {problem}"
-                    continue
-                try:
-                    measured[key] = measure_gpu_step(name, batch_size, iterations)
-                except NotImplementedError as reason:
-                    measured[key] = str(reason)
-                except Exception as error:
-                    measured[key] = f"{name} failed at batch {batch_size}: {type(error).__name__}: {error}"
-                release_device_memory()
-    return measured
-
-
-def measure_gpu_step(name: str, batch_size: int, iterations: int) -> dict | str:
-    prepared = build(name, batch_size, iterations, "train_step")
-    impl = prepared.impl
-    impl.reset_peak_memory()
-    with nvml_sampler(interval_s=NVML_INTERVAL_S) as sampler:
-        impl.train_step(prepared.batch)
-        impl.synchronize()
-    if not sampler.result.available:
-        return sampler.result.reason
-    return {"nvml": sampler.result.as_dict(), "allocator_peak": impl.allocator_peak_bytes()}
-
-
 def shared_setup_cache(benchmark) -> dict:
-    """One measurement of the GPU grid for both GPU-memory classes: asv runs a setup_cache once per
-    function, so both classes name this same function."""
-    return measure_gpu_steps()
-
-
-def release_device_memory() -> None:
-    """Return what the allocators cache to the device, so one model's memory is not in the next's figure."""
-    gc.collect()
-    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
-        sys.modules["torch"].cuda.empty_cache()
-    if "cupy" in sys.modules and sys.modules["cupy"] is not None:
-        try:
-            sys.modules["cupy"].get_default_memory_pool().free_all_blocks()
-        except Exception:  # no device: nothing was cached
-            pass
+    """One measurement of the GPU grid for every GPU-memory class (asv runs a setup_cache once per
+    function, so the classes name this same function): each GPU implementation in a process of its own
+    (:mod:`harness.step_memory`), a failed point recorded with its reason and the rest still measured."""
+    record_facts()
+    points = [(batch, iterations) for batch in BATCH_SIZES for iterations in STEP_ROUTING_ITERATIONS]
+    return measure_grid(IMPLEMENTATIONS, CONFIG, DTYPE, points)
 
 
 def measured_point(measured: dict, params: tuple) -> dict:
-    """The figures of one grid point of :func:`measure_gpu_steps`, or NotImplementedError (asv: skipped)
-    with the reason it was not measured."""
+    """The figures of one grid point, or NotImplementedError (asv: skipped) with the reason it was not
+    measured (not selected, on the CPU, unavailable, NVML missing, out of memory)."""
+    require_available(params[0])
     figures = measured[params]
     if isinstance(figures, str):
         raise NotImplementedError(figures)
@@ -117,8 +68,7 @@ def measured_point(measured: dict, params: tuple) -> dict:
 
 
 class GpuMemory:
-    """One training step sampled through NVML, with the allocator's peak over the same step.  All grid
-    points are measured once, in ``setup_cache`` (one process for the whole grid)."""
+    """One training step sampled through NVML, with the allocator's peaks over the same step."""
 
     params = [IMPLEMENTATIONS, BATCH_SIZES, STEP_ROUTING_ITERATIONS]
     param_names = ["implementation", "batch_size", "routing_iterations"]
@@ -128,19 +78,26 @@ class GpuMemory:
 
     def setup(self, measured, *params):
         figures = measured_point(measured, params)
-        self.nvml, self.allocator_peak = figures["nvml"], figures["allocator_peak"]
+        self.nvml = figures["nvml"]
+        self.live, self.reserved = figures["allocator_live"], figures["allocator_reserved"]
 
     def track_gpu_memory_nvml(self, measured, *params):
         """Peak device memory in use (all processes, CUDA context included) during the step, from NVML."""
         return self.nvml["peak_bytes"]
 
     def track_gpu_memory_nvml_increase(self, measured, *params):
-        """That peak minus NVML's reading just before the step."""
+        """That peak minus NVML's reading just before the step, the allocator's cache emptied first."""
         return self.nvml["increase_bytes"]
 
-    def track_gpu_memory_allocator_peak(self, measured, *params):
-        """The framework allocator's peak (torch.cuda.max_memory_allocated, CuPy pool) over the step."""
-        return self.allocator_peak
+    def track_gpu_memory_allocator_live(self, measured, *params):
+        """The allocator's peak of bytes in live arrays over the step (torch max_memory_allocated; CuPy
+        counted by a memory hook)."""
+        return self.live
+
+    def track_gpu_memory_allocator_reserved(self, measured, *params):
+        """The allocator's peak of bytes held from the device over the step, its cache included (torch
+        max_memory_reserved; CuPy's pool total)."""
+        return self.reserved
 
     def track_nvml_sampling_interval(self, measured, *params):
         """The interval the sampling thread achieved (the step's duration / samples), not the one asked
@@ -148,7 +105,7 @@ class GpuMemory:
         return self.nvml["achieved_interval_s"]
 
     track_gpu_memory_nvml.unit = track_gpu_memory_nvml_increase.unit = "bytes"
-    track_gpu_memory_allocator_peak.unit = "bytes"
+    track_gpu_memory_allocator_live.unit = track_gpu_memory_allocator_reserved.unit = "bytes"
     track_nvml_sampling_interval.unit = "seconds"
 
 
@@ -173,24 +130,27 @@ class GpuProcessMemory:
     track_gpu_memory_nvml_process.unit = "bytes"
 
 
-def create_cuda_context(framework: str) -> None:
-    """Make the framework create its CUDA context without allocating anything."""
+def create_cuda_context(framework: str) -> str | None:
+    """Make the framework create its CUDA context without allocating anything; the device's PCI bus id."""
     if framework == "torch":
         import torch
 
+        from implementations.torch_capsnet import cuda_pci_bus_id
+
         torch.empty(0, device="cuda")
         torch.cuda.synchronize()
-    elif framework == "cupy":
+        return cuda_pci_bus_id(torch.cuda.get_device_properties(torch.cuda.current_device()))
+    if framework == "cupy":
         import cupy
 
         cupy.cuda.runtime.free(0)
-        cupy.cuda.Device(0).synchronize()
-    else:
-        raise NotImplementedError(f"no CUDA context recipe for framework {framework!r}")
+        cupy.cuda.Device().synchronize()
+        return cupy.cuda.Device().pci_bus_id
+    raise NotImplementedError(f"no CUDA context recipe for framework {framework!r}")
 
 
 def cuda_frameworks() -> list[str]:
-    return sorted({registry.get(name).framework for name in IMPLEMENTATIONS if registry.get(name).device == "cuda"})
+    return sorted({info.framework for info in registry.entries() if info.device == "cuda"})
 
 
 class CudaContext:
@@ -202,19 +162,16 @@ class CudaContext:
     param_names = ["framework"]
 
     def setup(self, framework):
-        candidates = [name for name in IMPLEMENTATIONS
-                      if registry.get(name).framework == framework and registry.get(name).device == "cuda"]
+        candidates = [info.name for info in registry.entries() if info.framework == framework and info.device == "cuda"]
         if not candidates:
             raise NotImplementedError("no CUDA implementation is registered")
-        status = registry.get(candidates[0]).availability()
-        if not status:
-            raise NotImplementedError(f"{candidates[0]} is unavailable here: {status.reason}")
+        require_available(candidates[0])
         problem = nvml_status()
         if problem:
             raise NotImplementedError(f"NVML unavailable: {problem}")
-        before = nvml_used_bytes()
-        create_cuda_context(framework)
-        self.context_bytes = nvml_used_bytes() - before
+        before = nvml_used_bytes()  # the framework has chosen no device yet: NVML's default GPU
+        pci_bus_id = create_cuda_context(framework)
+        self.context_bytes = nvml_used_bytes(pci_bus_id) - before
 
     def track_cuda_context_bytes(self, framework):
         return self.context_bytes

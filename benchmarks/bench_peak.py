@@ -18,11 +18,17 @@ class GemmPeak:
     timeout = 600
 
     def setup(self, backend):
-        users = [name for name in IMPLEMENTATIONS
-                 if backend_of(registry.get(name).framework, registry.get(name).device) == backend]
-        available = [name for name in users if registry.get(name).availability()]
-        if not available:
-            require_available(users[0])  # raises NotImplementedError with the reason
+        reasons = []
+        for name in IMPLEMENTATIONS:
+            if backend_of(registry.get(name).framework, registry.get(name).device) != backend:
+                continue
+            try:
+                require_available(name)
+                break
+            except NotImplementedError as reason:
+                reasons.append(str(reason))
+        else:  # no implementation of this backend runs here (or is selected): skipped with the first reason
+            raise NotImplementedError(reasons[0] if reasons else f"no implementation uses {backend}")
         set_threads(THREADS)
 
     def track_gemm_peak_gflops(self, backend):

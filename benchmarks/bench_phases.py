@@ -5,7 +5,8 @@ One class per timed operation, so that each is warmed up by exactly the call it 
 
 import numpy as np
 
-from benchmarks.common import BATCH_SIZES, IMPLEMENTATIONS, ROUTING_ITERATIONS, ModelBenchmark, is_out_of_memory
+from benchmarks.common import BATCH_SIZES, CONFIG, IMPLEMENTATIONS, ROUTING_ITERATIONS, ModelBenchmark
+from harness.step_memory import is_out_of_memory
 
 
 class TrainStep(ModelBenchmark):
@@ -54,7 +55,8 @@ _routing_inputs: dict[tuple, tuple] = {}
 
 
 class Routing(ModelBenchmark):
-    """The routing iterations alone, on fixed prediction vectors u_hat of the prepared batch."""
+    """The routing iterations alone, on fixed prediction vectors u_hat of the prepared batch, in the layout
+    the implementation's routing consumes (no timed region converts it)."""
 
     params = [IMPLEMENTATIONS, BATCH_SIZES, ROUTING_ITERATIONS]
     warm_up = None
@@ -64,9 +66,9 @@ class Routing(ModelBenchmark):
         if params not in _routing_inputs:  # once per process, not before every sample
             try:
                 u_hat = self.impl.prediction_vectors(self.batch)
-                shape = (u_hat.shape[0], u_hat.shape[2], u_hat.shape[3])
+                shape = (params[1], CONFIG.num_classes, CONFIG.digit_caps_dim)  # v: (B, J, D)
                 grad_v = self.impl.from_numpy(np.random.default_rng(0).standard_normal(shape))
-                self.impl.routing(u_hat)  # warm-ups
+                self.impl.routing_forward(u_hat)  # warm-ups
                 self.impl.routing_backward(u_hat, grad_v)
             except Exception as error:
                 if is_out_of_memory(error):
@@ -78,7 +80,7 @@ class Routing(ModelBenchmark):
 
     def time_routing(self, *params):
         """Forward routing: c, s, v for every iteration."""
-        self.impl.routing(self.u_hat)
+        self.impl.routing_forward(self.u_hat)
         self.impl.synchronize()
 
     def time_routing_backward(self, *params):

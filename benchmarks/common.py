@@ -1,11 +1,12 @@
-"""What every capsbench benchmark shares: the parameter grid, availability, prepared models, device sync.
+"""What every capsbench benchmark shares: the parameter grid, availability, prepared models, machine facts.
 
 The grid is implementation x batch size x routing iterations (the routing-alone benchmarks sweep more
-iteration counts than the whole-network ones, whose cost barely depends on them).  Implementations are every name the
-registry knows (built-in, added later, or installed through the entry point); one that cannot run here,
-or a combination that runs out of memory, is skipped through asv's own mechanism (``NotImplementedError``
-in ``setup``, with the reason printed).  Sizes come from a profile of :mod:`harness.profiles`, chosen with
-``CAPSBENCH_PROFILE`` (scikit-learn's asv suite does the same with its fast / regular / large profiles).
+iteration counts than the whole-network ones, whose cost barely depends on them).  Implementations are every
+name the registry knows (built-in, added later, or installed through the entry point), always, so that
+every run describes the same grid and no earlier result loses its labels.  One that cannot run here, one
+left out by ``CAPSBENCH_IMPLEMENTATIONS``, or a combination that runs out of memory is skipped through
+asv's own mechanism (``NotImplementedError`` in ``setup``, with the reason).  Sizes come from a profile of
+:mod:`harness.profiles`, chosen with ``CAPSBENCH_PROFILE`` (scikit-learn's asv suite does the same).
 
 Importing this module must never touch a GPU: asv imports the suite once in a fork server and forks a
 process per benchmark, and CUDA does not survive a fork.  Availability is checked in ``setup`` only.
@@ -13,51 +14,73 @@ process per benchmark, and CUDA does not survive a fork.  Availability is checke
 Set-up work stays out of the timed region: the model is built, moved to its device and warmed up in
 ``setup`` by one call of the operation the benchmark times (lazy initialisation, CUDA context, kernel
 compilation and cuDNN's algorithm choice all happen there), and every timed call ends with
-``synchronize()``.
+``synchronize()``.  Every benchmark's ``setup`` also writes the machine facts beside the run's results
+(:func:`record_facts`), whatever subset of the suite runs.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from harness import registry
 from harness.data import synthetic_batch
+from harness.environment import machine_facts
 from harness.params import init_parameters
-from harness.profiles import load_profile
+from harness.profiles import FACTS_SUBDIR, load_profile
+from harness.results import write_json_atomic
 from harness.spec import get_config
-from harness.threads import set_threads
+from harness.step_memory import is_out_of_memory
+from harness.threads import set_threads, thread_facts, usable_cpu_count
 
 THREADS_ENV = "CAPSBENCH_THREADS"
 IMPLEMENTATIONS_ENV = "CAPSBENCH_IMPLEMENTATIONS"
+MACHINE_ENV = "CAPSBENCH_ASV_MACHINE"  # set it when `asv run --machine NAME` is not the hostname
+# asv exports the commit being measured (ASV_COMMIT) and its configuration's folder (ASV_CONF_DIR), except
+# with --python=same; there set these to the hash given to --set-commit-hash and, with --config, that file
+COMMIT_ENV = "CAPSBENCH_ASV_COMMIT"
+CONFIG_ENV = "CAPSBENCH_ASV_CONFIG"
 DTYPE = "float32"
 DATA_SEED = 0
 
 
-def selected_implementations() -> list[str]:
-    """Every registered name, or those listed in $CAPSBENCH_IMPLEMENTATIONS (comma separated)."""
+def selected_implementations() -> set[str] | str:
+    """The names in $CAPSBENCH_IMPLEMENTATIONS (comma separated; all when unset), or, when one is not
+    registered, the one-line error that every benchmark then reports as its skip reason."""
     wanted = os.environ.get(IMPLEMENTATIONS_ENV)
-    names = registry.names()
     if not wanted:
-        return names
-    chosen = [name.strip() for name in wanted.split(",") if name.strip()]
-    for name in chosen:
-        registry.get(name)  # an unknown name fails here, with the known ones listed
+        return set(registry.names())
+    chosen = {name.strip() for name in wanted.split(",") if name.strip()}
+    unknown = sorted(chosen - set(registry.names()))
+    if unknown:
+        return (f"{IMPLEMENTATIONS_ENV} names {', '.join(map(repr, unknown))}, which no implementation registers; "
+                f"known implementations: {', '.join(registry.names())}")
     return chosen
 
 
 PROFILE_NAME, PROFILE = load_profile()
 CONFIG = get_config(PROFILE["config"])
-IMPLEMENTATIONS = selected_implementations()
+IMPLEMENTATIONS = registry.names()
+SELECTED = selected_implementations()
 BATCH_SIZES = PROFILE["batch_sizes"]
 ROUTING_ITERATIONS = PROFILE["routing_iterations"]
 STEP_ROUTING_ITERATIONS = PROFILE["step_routing_iterations"]
 CHECK_BATCH_SIZE = PROFILE["check_batch_size"]
-THREADS = int(os.environ.get(THREADS_ENV) or os.cpu_count() or 1)
+THREADS = int(os.environ.get(THREADS_ENV) or usable_cpu_count())
 
 
 def require_available(name: str) -> registry.ImplementationInfo:
-    """The registry entry, or NotImplementedError (asv: skipped) saying why it cannot run here."""
+    """The registry entry, or NotImplementedError (asv: skipped) saying why it does not run: not selected,
+    or unavailable here."""
+    record_facts()
+    if isinstance(SELECTED, str):
+        raise NotImplementedError(SELECTED)
+    if name not in SELECTED:
+        raise NotImplementedError(f"{name} is left out by {IMPLEMENTATIONS_ENV}")
     info = registry.get(name)
     status = info.availability()
     if not status:
@@ -65,9 +88,59 @@ def require_available(name: str) -> registry.ImplementationInfo:
     return info
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """MemoryError, torch.cuda.OutOfMemoryError, cupy's OutOfMemoryError, or an allocator's OOM message."""
-    return isinstance(error, MemoryError) or "OutOfMemory" in type(error).__name__ or "out of memory" in str(error)
+# Machine facts beside the results ------------------------------------------------------------------------
+
+
+def asv_config_path() -> Path:
+    """The asv configuration in use: ASV_CONF_DIR's, else $CAPSBENCH_ASV_CONFIG, else the repository's."""
+    if os.environ.get("ASV_CONF_DIR"):
+        return Path(os.environ["ASV_CONF_DIR"]) / "asv.conf.json"
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    return Path(__file__).resolve().parent.parent / "asv.conf.json"
+
+
+def asv_results_dir() -> Path:
+    """The results folder of the asv configuration in use (``results_dir``, relative to the config)."""
+    path = asv_config_path()
+    conf = json.loads(re.sub(r"^\s*//.*$", "", path.read_text(encoding="utf-8"), flags=re.MULTILINE))
+    return (path.parent / conf.get("results_dir", "results")).resolve()
+
+
+def measured_commit() -> str | None:
+    """The commit asv is measuring: ASV_COMMIT, else $CAPSBENCH_ASV_COMMIT (--python=same runs)."""
+    return os.environ.get("ASV_COMMIT") or os.environ.get(COMMIT_ENV) or None
+
+
+def facts_path(commit: str) -> Path:
+    """``<results>/../asv-facts/<machine>/<commit8>-<environment>.json`` (``<commit8>.json`` where asv names
+    no environment, as with --python=same; the report reads either)."""
+    machine = os.environ.get(MACHINE_ENV) or platform.node()
+    environment = os.environ.get("ASV_ENV_NAME")
+    name = f"{commit[:8]}-{environment}.json" if environment else f"{commit[:8]}.json"
+    return asv_results_dir().parent / FACTS_SUBDIR / machine / name
+
+
+_facts_written = False
+
+
+def record_facts() -> None:
+    """Write the facts asv does not record (GPU, libraries, BLAS, threads, profile, and what each
+    implementation is) beside the run's results, once per benchmark process."""
+    global _facts_written
+    commit = measured_commit()
+    if _facts_written or commit is None:
+        return  # a dry run or a run without a commit: asv saves no results for facts to sit beside
+    set_threads(THREADS)
+    facts = machine_facts()
+    facts.update(threads=thread_facts(), profile=PROFILE_NAME, asv_commit=commit,
+                 asv_env_name=os.environ.get("ASV_ENV_NAME"),
+                 implementations={info.name: info.describe() for info in registry.entries()})
+    write_json_atomic(facts_path(commit), facts)
+    _facts_written = True
+
+
+# Prepared models -------------------------------------------------------------------------------------------
 
 
 @dataclass

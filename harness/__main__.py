@@ -1,19 +1,36 @@
-"""python -m harness list: every registered implementation, what it is, and whether it can run here."""
+"""capsbench (or python -m harness): the front door to every command of the harness.
+
+``capsbench COMMAND [options]`` is the same as ``python -m harness.COMMAND [options]`` (those stay); ``list``
+shows every registered implementation, what it is and whether it can run here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from harness import registry
+from harness import __version__, registry
+
+# command -> (module whose main() runs it, one line on what it does)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "list": ("harness.__main__", "every registered implementation, what it is, and whether it can run here"),
+    "check": ("harness.check", "parity of implementations with the float64 reference, number by number"),
+    "train": ("harness.train", "train one implementation on MNIST; loss, accuracy and images/s per epoch"),
+    "profile": ("harness.profile", "where the time and memory of a training step go, layer by layer"),
+    "report": ("harness.report", "tables and plots from benchmark, training, profile and scaling results"),
+    "distributed": ("harness.distributed", "data-parallel training under torchrun (DDP)"),
+    "scaling": ("harness.scaling", "how data-parallel training scales with the ranks on this machine"),
+    "keep": ("harness.keep", "copy runs from runs/ into results/, the folder this repository ships"),
+}
 
 
 def list_implementations() -> str:
-    """One line per implementation: name, framework, device, routing, where it comes from, status."""
+    """One line per implementation: name, framework, device, routing variant, where it comes from, status."""
     rows = [("name", "framework", "device", "routing", "source", "status")]
     for info in registry.entries():
         status = info.availability()
-        rows.append((info.name, info.framework, info.device, info.routing, info.source,
+        rows.append((info.name, info.framework, info.device, info.routing_variant, info.source,
                      "available" if status else f"unavailable: {status.reason}"))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
@@ -22,14 +39,33 @@ def list_implementations() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness", description="capsbench command line")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="list the registered implementations and whether each can run here")
-    args = parser.parse_args(argv)
-    if args.command == "list":
-        print(list_implementations())
+def list_main(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="capsbench list", description=COMMANDS["list"][1]).parse_args(argv)
+    print(list_implementations())
     return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capsbench", description="capsbench: benchmarking and profiling harness for Capsule Networks",
+        epilog="`capsbench COMMAND --help` shows a command's options (each is also `python -m harness.COMMAND`).")
+    parser.add_argument("--version", action="version", version=f"capsbench {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, summary) in COMMANDS.items():
+        commands.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        parser().parse_args(argv)  # --help, --version, or the error naming the commands
+        return 2
+    name, rest = argv[0], argv[1:]
+    if name == "list":
+        return list_main(rest)
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest)
 
 
 if __name__ == "__main__":

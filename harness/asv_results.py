@@ -15,7 +15,8 @@ null; both become a row with value NaN (``status`` "skipped" / "failed"), never 
 
 Benchmarks are matched by their function name (the last dotted part, e.g. ``time_train_step``), so the
 suite's class names can change.  Parameters become columns: ``implementation`` (with ``framework``,
-``device``, ``routing`` and the GEMM ``backend`` looked up in :mod:`harness.registry`), ``batch_size``,
+``device``, ``routing_variant`` and the GEMM ``backend`` as the run's facts file describes the
+implementation, or, for older files, as this installation's registry does), ``batch_size``,
 ``routing_iterations``; the non-implementation benchmarks fill ``framework`` (CudaContext) or ``backend``
 (GemmPeak) and leave ``implementation`` empty; any other parameter gets a column of its own name.
 
@@ -34,12 +35,11 @@ import ast
 import itertools
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pandas as pd
 
-from harness import registry
 from harness.flops import phase_flops
 from harness.peak import backend_of
 from harness.profiles import ASV_RESULTS_SUBDIR, DEFAULT_PROFILE, FACTS_SUBDIR, PROFILES
@@ -62,7 +62,10 @@ METRICS = {
     "track_host_memory_before_model": "host_memory_before_model",
     "track_gpu_memory_nvml": "gpu_memory_nvml",
     "track_gpu_memory_nvml_increase": "gpu_memory_nvml_increase",
-    "track_gpu_memory_allocator_peak": "gpu_memory_allocator",
+    "track_gpu_memory_allocator_live": "gpu_memory_allocator_live",
+    "track_gpu_memory_allocator_reserved": "gpu_memory_allocator_reserved",
+    # older runs: torch's live peak and CuPy's pool after the step in one figure (superseded by the two above)
+    "track_gpu_memory_allocator_peak": "gpu_memory_allocator_mixed",
     "track_gpu_memory_nvml_process": "gpu_memory_nvml_process",
     "track_nvml_sampling_interval": "nvml_sampling_interval",
     "track_cuda_context_bytes": "cuda_context",
@@ -74,7 +77,7 @@ PREFIX_UNITS = {"time_": "seconds", "peakmem_": "bytes", "mem_": "bytes", "track
 GEMM_PEAK_METRIC = METRICS["track_gemm_peak_gflops"]
 PHASES_WITH_FLOPS = frozenset(phase_flops(get_config("small"), 1))  # the phases harness.flops counts
 
-IMPLEMENTATION_COLUMNS = ["implementation", "framework", "device", "routing", "backend"]
+IMPLEMENTATION_COLUMNS = ["implementation", "framework", "device", "routing_variant", "backend"]
 PARAMETER_COLUMNS = ["batch_size", "routing_iterations"]
 VALUE_COLUMNS = ["benchmark", "metric", "value", "unit", "spread", "q25", "q75", "status"]
 FLOPS_COLUMNS = ["flops", "gflops_per_s", "peak_gflops", "pct_of_peak"]
@@ -149,16 +152,28 @@ def as_number(value) -> float:
     return float(value)
 
 
-@lru_cache(maxsize=None)
-def implementation_facts(name: str) -> dict:
-    """Framework, device, routing variant and GEMM backend of a registered name; "unknown" for a name
-    this installation does not register (a plugin on another machine)."""
+def implementation_facts(name: str, recorded: dict) -> dict:
+    """Framework, device, routing variant and GEMM backend of an implementation: as the run's facts file
+    recorded them (results describe themselves, so a plugin measured elsewhere keeps its labels); for an
+    older facts file without them, from this installation's registry; "unknown" otherwise."""
+    described = recorded.get(name)
+    if described is None:
+        described = registry_facts(name)
+    framework, device = described.get("framework", UNKNOWN), described.get("device", UNKNOWN)
+    return {"framework": framework, "device": device,
+            "routing_variant": described.get("routing_variant", described.get("routing", UNKNOWN)),
+            "backend": UNKNOWN if UNKNOWN in (framework, device) else backend_of(framework, device)}
+
+
+@cache
+def registry_facts(name: str) -> dict:
+    """What this installation's registry says of a name (imports the implementations: the fallback only)."""
+    from harness import registry
+
     try:
-        info = registry.get(name)
+        return registry.get(name).describe()
     except registry.UnknownImplementationError:
-        return {"framework": UNKNOWN, "device": UNKNOWN, "routing": UNKNOWN, "backend": UNKNOWN}
-    return {"framework": info.framework, "device": info.device, "routing": info.routing,
-            "backend": backend_of(info.framework, info.device)}
+        return {}
 
 
 def read_benchmarks(asv_dir: Path, warnings: list[str]) -> dict[str, dict]:
@@ -177,15 +192,17 @@ def read_benchmarks(asv_dir: Path, warnings: list[str]) -> dict[str, dict]:
 
 
 def read_facts(results_root: Path, machine: str, commit: str, env: str, warnings: list[str]) -> dict | None:
-    """The suite's machine facts beside a run (``asv-facts/<machine>/<commit8>-<env>.json``), or None."""
-    path = results_root / FACTS_SUBDIR / machine / f"{commit[:8]}-{env}.json"
-    if not path.exists():
-        return None
-    try:
-        return read_json(path)
-    except ResultsFileError as error:
-        warnings.append(f"warning: {error}; skipped")
-        return None
+    """The suite's machine facts beside a run (``asv-facts/<machine>/<commit8>-<env>.json``, or
+    ``<commit8>.json`` from a run in an existing environment), or None."""
+    folder = results_root / FACTS_SUBDIR / machine
+    for path in (folder / f"{commit[:8]}-{env}.json", folder / f"{commit[:8]}.json"):
+        if path.exists():
+            try:
+                return read_json(path)
+            except ResultsFileError as error:
+                warnings.append(f"warning: {error}; skipped")
+                return None
+    return None
 
 
 def check_run_file(path: Path, payload: dict) -> None:
@@ -205,7 +222,8 @@ def check_run_file(path: Path, payload: dict) -> None:
         raise ResultsFileError(f"{path}: 'params' is not an object")
 
 
-def expand_benchmark(name: str, entry: list, columns: list[str], described: dict | None) -> list[dict]:
+def expand_benchmark(name: str, entry: list, columns: list[str], described: dict | None,
+                     implementations: dict | None = None) -> list[dict]:
     """The rows of one benchmark in one run, in ``itertools.product(*params)`` order; ValueError if the
     entry does not fit its columns."""
     if not isinstance(entry, list):
@@ -237,7 +255,7 @@ def expand_benchmark(name: str, entry: list, columns: list[str], described: dict
         for param_name, text in zip(names, combination):
             row[param_name] = decode_param(text)
         if isinstance(row.get("implementation"), str):
-            row.update(implementation_facts(row["implementation"]))
+            row.update(implementation_facts(row["implementation"], implementations or {}))
         rows.append(row)
     return rows
 
@@ -255,7 +273,8 @@ def read_run(path: Path, results_root: Path, benchmarks: dict, warnings: list[st
     facts = read_facts(results_root, path.parent.name, commit, env, warnings)
     profile = (facts or {}).get("profile") or DEFAULT_PROFILE
     if profile not in PROFILES:
-        warnings.append(f"warning: {path}: profile {profile!r} is not in harness.profiles; assuming {DEFAULT_PROFILE!r}")
+        warnings.append(f"warning: {path}: profile {profile!r} is not in harness.profiles; "
+                        f"assuming {DEFAULT_PROFILE!r}")
         profile = DEFAULT_PROFILE
     date = pd.to_datetime(as_number(payload["date"]), unit="ms", utc=True) if payload["date"] is not None else pd.NaT
     run = Run(machine, commit, env, date, path, profile, PROFILES[profile]["config"],
@@ -266,7 +285,8 @@ def read_run(path: Path, results_root: Path, benchmarks: dict, warnings: list[st
             warnings.append(f"warning: {path}: benchmark {name} is not in benchmarks.json (no longer in the suite?); "
                             "its parameters are named param1, param2, ...")
         try:
-            rows += expand_benchmark(name, entry, payload["result_columns"], benchmarks.get(name))
+            rows += expand_benchmark(name, entry, payload["result_columns"], benchmarks.get(name),
+                                     run.facts.get("implementations"))
         except ValueError as error:
             warnings.append(f"warning: {path}: benchmark {name}: {error}; benchmark skipped")
     for row in rows:
@@ -287,7 +307,8 @@ def add_flops(table: pd.DataFrame) -> pd.DataFrame:
     ]
     table["gflops_per_s"] = table["flops"] / table["value"] / 1e9
     peaks = table.loc[table["metric"] == GEMM_PEAK_METRIC, RUN_KEY + ["backend", "value"]]
-    peaks = peaks.dropna(subset=["value"]).drop_duplicates(RUN_KEY + ["backend"]).rename(columns={"value": "peak_gflops"})
+    peaks = peaks.dropna(subset=["value"]).drop_duplicates(RUN_KEY + ["backend"])
+    peaks = peaks.rename(columns={"value": "peak_gflops"})
     table = table.drop(columns=["peak_gflops"]).merge(peaks, on=RUN_KEY + ["backend"], how="left")
     table["pct_of_peak"] = 100 * table["gflops_per_s"] / table["peak_gflops"]
     return table[TIDY_COLUMNS + [column for column in table.columns if column not in TIDY_COLUMNS]]

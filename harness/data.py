@@ -11,9 +11,9 @@ import gzip
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -45,7 +45,7 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def head(self, count: int | None) -> "Dataset":
+    def head(self, count: int | None) -> Dataset:
         return self if count is None else Dataset(self.images[:count], self.labels[:count])
 
 

@@ -50,7 +50,7 @@ def routing_forward_flops(config: CapsNetConfig) -> int:
 def routing_backward_flops(config: CapsNetConfig) -> int:
     """The products of every iteration twice (one per operand), the elementwise parts twice."""
     n_in, n_out, dim = config.num_primary_caps, config.num_classes, config.digit_caps_dim
-    products = config.routing_iterations * 2 * n_in * n_out * dim + (config.routing_iterations - 1) * 2 * n_in * n_out * dim
+    products = (2 * config.routing_iterations - 1) * 2 * n_in * n_out * dim
     elementwise = config.routing_iterations * (softmax_flops(n_in, n_out) + squash_flops(n_out, dim))
     return 2 * products + 2 * elementwise + (config.routing_iterations - 1) * n_in * n_out
 

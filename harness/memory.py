@@ -2,15 +2,18 @@
 
 GPU memory is three different numbers, reported apart and never mixed up:
 
-* what **NVML** says the device uses (``device_peak_bytes``, everything on the GPU, every process) and, where
-  NVML can see this process, what this process uses (``process_peak_bytes``).  Inside containers NVML
-  often lists processes under host PIDs that do not match ``os.getpid()``; then the process figure is
-  None with a note saying so, never 0;
-* the framework **allocator's** own peak (``torch.cuda.max_memory_allocated``, CuPy's memory pool), which
-  an implementation reports itself (:meth:`harness.registry.Implementation.allocator_peak_bytes`);
-* the **CUDA context** overhead, measured once per process by the asv suite.
+* what **NVML** says the device uses (``peak_bytes``: everything on the GPU, every process, CUDA contexts
+  included) and, where NVML can see this process, what this process uses (``process_peak_bytes``).
+  Inside containers NVML often lists processes under host PIDs that do not match ``os.getpid()``; then
+  the process figure is None with a note saying so, never 0;
+* the framework **allocator's** own peaks (:class:`harness.registry.AllocatorPeaks`: bytes in live arrays,
+  bytes reserved from the device), which an implementation reports itself;
+* the **CUDA context** overhead, measured on its own by the asv suite.
 
-NVML peaks come from a sampling thread, so they can miss a spike shorter than the interval; the interval is
+NVML numbers its GPUs by PCI bus, CUDA fastest-first and through ``CUDA_VISIBLE_DEVICES`` (indices or
+UUIDs), so an index means different GPUs to the two: the NVML handle is opened by the PCI bus id of the
+device the framework computes on (:meth:`harness.registry.Implementation.pci_bus_id`).  NVML peaks come
+from a sampling thread, so they can miss a spike shorter than the interval; the interval achieved is
 recorded with every result.  Without an NVIDIA driver the sampler reports ``unavailable: <reason>`` and
 nothing else breaks.
 """
@@ -21,8 +24,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 DEFAULT_INTERVAL_S = 0.001
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -104,7 +107,7 @@ class PeakSampler:
         except BaseException as error:  # surfaced in __exit__
             self._error = error
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         self._stop.clear()  # a sampler can measure one region after another
         self._error = None
         self._start = time.perf_counter()
@@ -150,7 +153,7 @@ class UnavailableSampler:
     def __init__(self, reason: str, interval_s: float = DEFAULT_INTERVAL_S):
         self.result = PeakMemory(False, reason=reason, interval_s=interval_s)
 
-    def __enter__(self) -> "UnavailableSampler":
+    def __enter__(self) -> UnavailableSampler:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -208,24 +211,30 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _device_handle(nvml, index: int | None):
-    """NVML's handle of GPU ``index``; by default the first GPU in CUDA_VISIBLE_DEVICES (NVML ignores that
-    variable and numbers every GPU of the machine), given as an index or a GPU-/MIG- UUID, else GPU 0."""
-    if index is None:
-        first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-        if first.startswith(("GPU-", "MIG-")):
-            return nvml.nvmlDeviceGetHandleByUUID(first)
-        index = int(first) if first.isdigit() else 0
-    return nvml.nvmlDeviceGetHandleByIndex(index)
+def nvml_pci_bus_id(pci_bus_id: str) -> str:
+    """A PCI bus id in NVML's form, 'DDDDDDDD:BB:DD.F' (CUDA and torch write the domain with 4 digits)."""
+    domain, rest = pci_bus_id.strip().split(":", 1)
+    return f"{int(domain, 16):08X}:{rest.upper()}"
 
 
-def nvml_device_facts(index: int | None = None) -> dict:
+def _device_handle(nvml, pci_bus_id: str | None):
+    """NVML's handle of the GPU with this PCI bus id; without one (no framework has chosen a device yet),
+    the first GPU of CUDA_VISIBLE_DEVICES when that names a UUID, else NVML's GPU 0."""
+    if pci_bus_id:
+        return nvml.nvmlDeviceGetHandleByPciBusId(nvml_pci_bus_id(pci_bus_id))
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    if first.startswith(("GPU-", "MIG-")):
+        return nvml.nvmlDeviceGetHandleByUUID(first)
+    return nvml.nvmlDeviceGetHandleByIndex(0)
+
+
+def nvml_device_facts(pci_bus_id: str | None = None) -> dict:
     """Name, total memory, driver and CUDA driver version of one GPU, or why they cannot be read."""
     nvml = _nvml()
     if isinstance(nvml, str):
         return {"available": False, "reason": nvml}
     try:
-        handle = _device_handle(nvml, index)
+        handle = _device_handle(nvml, pci_bus_id)
         cuda = nvml.nvmlSystemGetCudaDriverVersion()
         return {
             "available": True,
@@ -234,13 +243,16 @@ def nvml_device_facts(index: int | None = None) -> dict:
             "driver": _text(nvml.nvmlSystemGetDriverVersion()),
             "cuda_driver": f"{cuda // 1000}.{cuda % 1000 // 10}",
             "device_count": int(nvml.nvmlDeviceGetCount()),
+            "pci_bus_id": _text(nvml.nvmlDeviceGetPciInfo(handle).busId),
         }
     except Exception as error:
         return {"available": False, "reason": f"NVML query failed: {type(error).__name__}: {error}"}
 
 
-def _nvml_reader(nvml, index: int | None, pid: int) -> Callable[[], Reading]:
-    handle = _device_handle(nvml, index)
+def nvml_reader(nvml, pci_bus_id: str | None, pid: int) -> Callable[[], Reading]:
+    """A reading of the device's used memory and, where NVML lists ``pid`` with a known figure, that
+    process's own (``usedGpuMemory`` is None where the driver cannot tell, e.g. under some containers)."""
+    handle = _device_handle(nvml, pci_bus_id)
 
     def read() -> Reading:
         used = int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
@@ -259,22 +271,24 @@ PROCESS_NOT_VISIBLE = (
 )
 
 
-def nvml_sampler(index: int | None = None, interval_s: float = DEFAULT_INTERVAL_S) -> PeakSampler | UnavailableSampler:
-    """Peak GPU memory over a region through NVML; an :class:`UnavailableSampler` where NVML cannot run."""
+def nvml_sampler(pci_bus_id: str | None = None,
+                 interval_s: float = DEFAULT_INTERVAL_S) -> PeakSampler | UnavailableSampler:
+    """Peak GPU memory of the device with this PCI bus id over a region, through NVML; an
+    :class:`UnavailableSampler` where NVML cannot run."""
     nvml = _nvml()
     if isinstance(nvml, str):
         return UnavailableSampler(f"unavailable: {nvml}", interval_s)
     try:
-        read = _nvml_reader(nvml, index, os.getpid())
+        read = nvml_reader(nvml, pci_bus_id, os.getpid())
     except Exception as error:
         return UnavailableSampler(f"unavailable: NVML cannot find the GPU ({error})", interval_s)
     return PeakSampler(read, interval_s, process_note=PROCESS_NOT_VISIBLE)
 
 
-def nvml_used_bytes(index: int | None = None) -> int | None:
+def nvml_used_bytes(pci_bus_id: str | None = None) -> int | None:
     """Device memory in use now, by every process (None without NVML)."""
     nvml = _nvml()
     if isinstance(nvml, str):
         return None
-    return int(nvml.nvmlDeviceGetMemoryInfo(_device_handle(nvml, index)).used)
+    return int(nvml.nvmlDeviceGetMemoryInfo(_device_handle(nvml, pci_bus_id)).used)
 

@@ -195,7 +195,7 @@ def line_per_implementation(ax, rows: pd.DataFrame, x: str, y, palette: dict, li
     """One line (marker at every point) per implementation; ``y`` is a column name or a function of rows."""
     for name, group in rows.sort_values(x).groupby("implementation", sort=True):
         values = group[y] if isinstance(y, str) else y(group)
-        routing = group["routing"].iloc[0]
+        routing = group["routing_variant"].iloc[0]
         marker = MARKERS.get(routing, dict(marker="o", markersize=4))
         ax.plot(group[x].astype(float), values, linestyle=linestyle or LINESTYLES.get(routing, "-"),
                 color=palette[name], label=f"{name}{suffix}", **marker)
@@ -237,7 +237,8 @@ def routing_iterations(table: pd.DataFrame, where: str, palette: dict) -> Figure
     batch = largest_batch(rows)
     rows = rows[rows["batch_size"] == batch].assign(ms=lambda r: r["value"] * 1e3)
     fig, axes = new_figure(ncols=2, width=11)
-    for ax, metric, title in zip(axes, ("routing", "routing_backward"), ("Routing forward", "Routing forward + backward")):
+    panels = (("routing", "Routing forward"), ("routing_backward", "Routing forward + backward"))
+    for ax, (metric, title) in zip(axes, panels):
         line_per_implementation(ax, rows[rows["metric"] == metric], "routing_iterations", "ms", palette)
         iterations = sorted(rows["routing_iterations"].dropna().astype(int).unique())
         ax.set_xticks(iterations)
@@ -278,25 +279,34 @@ def vectorised_speedup(speedups: pd.DataFrame, where: str) -> Figure:
                   unique_handles([ax]))
 
 
+GPU_MEMORY_PANELS = (
+    ("gpu_memory_nvml", "NVML: device memory in use (all processes, CUDA context included)"),
+    ("gpu_memory_allocator_live", "allocator: peak of bytes in live arrays"),
+    ("gpu_memory_allocator_reserved", "allocator: peak of bytes held from the device (cache included)"),
+)
+HOST_MEMORY_PANELS = (
+    ("host_memory_peak", "asv peakmem: benchmark process peak RSS"),
+    ("host_memory", "RSS sampled every 1 ms during the step"),
+)
+
+
 def memory(table: pd.DataFrame, iterations: int, where: str, palette: dict) -> Figure:
-    """Peak memory of a training step against batch size, two figures named apart in two panels: on GPU
-    results NVML's device figure and the framework allocator's peak; with no GPU result on this run, the
-    host memory instead (asv's peakmem and the resident memory sampled during the step), saying so."""
-    gpu = measured(table, ["gpu_memory_nvml", "gpu_memory_allocator"])
+    """Peak memory of a training step against batch size, each figure in a panel of its own and named
+    apart: on GPU results NVML's device figure and the allocator's live and reserved peaks; with no GPU
+    result on this run, the host memory instead (asv's peakmem and the resident memory sampled during the
+    step), saying so."""
+    gpu = measured(table, [metric for metric, _ in GPU_MEMORY_PANELS])
     device = None
     if not gpu.empty:
-        rows, title, device = gpu, f"GPU memory of one training step ({where})", "cuda"
-        panels = (("gpu_memory_nvml", "NVML: device memory in use (all processes, CUDA context included)"),
-                  ("gpu_memory_allocator", "framework allocator's peak"))
+        rows, title, device, panels = gpu, f"GPU memory of one training step ({where})", "cuda", GPU_MEMORY_PANELS
     else:
-        rows, title = measured(table, ["host_memory_peak", "host_memory"]), \
+        rows, title = measured(table, [metric for metric, _ in HOST_MEMORY_PANELS]), \
             f"Host memory of one training step (no GPU memory results on {where})"
-        panels = (("host_memory_peak", "asv peakmem: benchmark process peak RSS"),
-                  ("host_memory", "RSS sampled every 1 ms during the step"))
+        panels = HOST_MEMORY_PANELS
     rows = rows[rows["routing_iterations"] == iterations]
     if rows.empty:
         raise NoData("no GPU or host memory result")
-    fig, axes = new_figure(ncols=2, width=11)
+    fig, axes = new_figure(ncols=len(panels), width=5.5 * len(panels))
     top = rows["value"].max() / MIB * 1.08
     for ax, (metric, subtitle) in zip(axes, panels):
         subset = rows[rows["metric"] == metric]
@@ -384,11 +394,8 @@ def distributed_scaling(frame: pd.DataFrame) -> Figure:
         colour = palette[index % len(palette)]
         left.plot(group["world_size"], group["images_per_second"], marker="o", color=colour, label=label)
         left.plot(group["world_size"], group["ideal_images_per_second"], linestyle=":", color=colour,
-                  label=f"{label}: ideal (linear from world size {int(group['world_size'].min())})")
+                  label=f"{label}: ideal (linear in the compute used)")
         right.plot(group["world_size"], 100 * group["efficiency"], marker="o", color=colour, label=label)
-        if not np.allclose(group["efficiency"], group["core_efficiency"], equal_nan=True):
-            right.plot(group["world_size"], 100 * group["core_efficiency"], marker="s", markerfacecolor="white",
-                       linestyle="--", color=colour, label=f"{label}: per core used (ranks × threads)")
     right.axhline(100, color="0.2", linewidth=1, linestyle=":")
     integer_log_axis(left, frame["world_size"])
     integer_log_axis(right, frame["world_size"])
@@ -396,8 +403,8 @@ def distributed_scaling(frame: pd.DataFrame) -> Figure:
     plain_log_formatter(left)
     left.set_ylabel("images per second (log scale)")
     left.set_title("Throughput", fontsize=10)
-    right.set_ylabel("scaling efficiency (% of ideal)")
-    right.set_ylim(0, max(110, 105 * np.nanmax(frame[["efficiency", "core_efficiency"]].to_numpy())))
+    right.set_ylabel("scaling efficiency (% of linear in the compute used)")
+    right.set_ylim(0, max(110, 105 * np.nanmax(frame["efficiency"].to_numpy())))
     right.set_title("Scaling efficiency", fontsize=10)
     for ax in (left, right):
         ax.set_xlabel("world size (processes, log scale)")

@@ -4,39 +4,81 @@ An implementation is one way of writing the whole CapsNet (forward, losses, back
 framework, one device and one routing variant.  Implementations in this repository register themselves
 when their module in ``implementations/`` is imported; an installed package registers through the entry
 point group ``capsbench.implementations`` (see README, "Adding an implementation").  The registry is the
-only index: ``python -m harness list``, ``harness.check``, ``harness.train`` and the asv suite all ask it.
+only index: ``capsbench list``, ``harness.check``, ``harness.train``, ``harness.profile`` and the asv
+suite all ask it.
 
 The contract, for a subclass of :class:`Implementation` built as ``cls(config, params, dtype, device,
-routing)`` from the canonical parameters (:mod:`harness.params`):
+routing_variant)`` from the canonical parameters (:mod:`harness.params`).  Every method below is what the
+harness calls; the tests in ``tests/test_contract.py`` hold every registered implementation to it.
 
-* ``availability()`` (classmethod, given the device): :class:`Availability`, with a reason a person can
-  act on when it is not available ("cupy not installed", "no CUDA device").  It must not raise.
+Building and data
+
+* ``availability(device)`` (classmethod): :class:`Availability`, with a reason a person can act on when
+  it is not available ("cupy not installed", "no CUDA device").  It must not raise.
 * ``from_numpy(array)``: a float array of the implementation's own kind, dtype and device.
 * ``to_numpy(array)``: a NumPy copy of one of its arrays (for comparisons and results files).
 * ``to_device(images, labels)``: a :class:`Batch` of the implementation's own arrays; images are float
   NumPy arrays (B, C, H, W) in [0, 1], labels integer class indices (B,) or None.  Timed code starts here.
+
+The network
+
 * ``forward(batch, train)``: class-capsule lengths (B, J) and reconstructions (B, pixels); in training the
-  decoder sees the true class, at inference the longest capsule.
+  decoder sees the true class, at inference the longest capsule.  Keeps nothing for backward.
 * ``forward_loss(batch)``: the total loss (margin + weighted reconstruction) of a training forward pass,
   keeping what ``backward`` needs.
 * ``backward()``: the parameter gradients of the last ``forward_loss``.  May be called again on the same
-  forward pass (the asv suite times it that way) and gives the same gradients, not accumulated ones.
+  forward pass (the asv suite times it that way) and gives the same gradients, not accumulated ones; the
+  previous gradients are released before the new ones are built, so a step holds one set.
 * ``gradients()`` / ``parameters()``: NumPy copies in the canonical layout.
-* ``adam_step()``: one Adam update (:data:`harness.spec.ADAM`) from the current gradients.
-* ``prediction_vectors(batch)``: u_hat (B, N, J, D); ``routing(u_hat)``: the output capsules v (B, J, D)
-  after ``config.routing_iterations`` iterations; ``routing_backward(u_hat, grad_v)``: the gradient
-  with respect to u_hat of routing, forward and backward together.
+* ``adam_step()``: one Adam update (:data:`harness.spec.ADAM`) from the current gradients, at the
+  learning rate the schedule (:meth:`set_schedule`, default :data:`harness.spec.CONSTANT_RATE`) gives
+  for this step.
+* ``train_step(batch)``: forward, backward and one Adam update; returns the loss as a Python float.
+* ``adam_state()`` / ``load_adam_state(state)``: Adam's state as NumPy arrays in the canonical layout
+  (``step``: the number of updates made; ``first/<name>`` and ``second/<name>``: the moment estimates of
+  each parameter), so that a run saved by one implementation resumes in another.
+
+Routing alone (what the routing benchmarks time; the parity check compares it)
+
+* ``prediction_vectors(batch)``: u_hat, laid out as the implementation's own routing consumes it, with
+  its axes in the order named by the class attribute ``u_hat_layout`` (a permutation of "BNJD": batch,
+  input capsule, output capsule, capsule dimension).  Not timed; it may copy.
+* ``routing_forward(u_hat)``: the output capsules v (B, J, D) after ``config.routing_iterations``
+  iterations.  ``routing_backward(u_hat, grad_v)``: routing forward and backward together, the gradient
+  with respect to u_hat in u_hat's layout.  Neither converts u_hat to another layout: that copy would be
+  timed for one implementation and not another.
+* ``canonical_u_hat(u_hat)``: a NumPy copy in the canonical (B, N, J, D) order (from ``u_hat_layout``).
+
+Devices and memory
+
 * ``synchronize()``: wait for queued device work, so a timer that stops after it is honest.
-* ``reset_peak_memory()`` / ``allocator_peak_bytes()``: the framework allocator's own peak, for GPU
-  implementations (None on the CPU, where the harness measures the process's resident memory instead).
+* ``reset_peak_memory()`` / ``allocator_peaks()``: the framework allocator's peaks since the reset, as
+  :class:`AllocatorPeaks` (bytes in live arrays; bytes the allocator reserved from the device, its cache
+  included), or None where the implementation has no device allocator (on the CPU the harness measures
+  the process's resident memory instead).
+* ``release_cached_memory()``: return the allocator's cached, unused blocks to the device, so that a
+  device-memory baseline means the same for every framework.
+* ``pci_bus_id()``: the PCI bus id of the GPU the implementation computes on (None on the CPU), so that
+  NVML reads that device and no other.
+
+Hooks a plugin may override (everything else it inherits):
+
+* :class:`implementations.torch_capsnet.TorchCapsNet` subclasses: ``route(u_hat)``, the differentiable
+  routing inside the network's forward pass (u_hat (B, N, J, D) in, v (B, J, D) out; autograd derives its
+  backward); the plugin example overrides it.
+* :class:`implementations.numpy_capsnet.NumpyCapsNet` subclasses: ``routing_functions``, a
+  :class:`~implementations.numpy_capsnet.RoutingFunctions` pair (forward keeping a cache, backward from it)
+  over u_hat (B, J, N, D), chosen per routing variant; and ``array_module()``, the NumPy-compatible module.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import importlib
 import pkgutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, NamedTuple
@@ -44,12 +86,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from harness.params import validate_parameters
-from harness.spec import CapsNetConfig
+from harness.spec import CONSTANT_RATE, CapsNetConfig, LearningRateSchedule
 
 ENTRY_POINT_GROUP = "capsbench.implementations"
 ROUTING_VARIANTS = ("vectorised", "looped")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64")
+CANONICAL_U_HAT_LAYOUT = "BNJD"
 
 
 class UnknownImplementationError(LookupError):
@@ -71,11 +114,11 @@ class Availability:
         return self.available
 
     @classmethod
-    def ok(cls) -> "Availability":
+    def ok(cls) -> Availability:
         return cls(True)
 
     @classmethod
-    def missing(cls, reason: str) -> "Availability":
+    def missing(cls, reason: str) -> Availability:
         return cls(False, reason)
 
 
@@ -86,10 +129,21 @@ class Batch(NamedTuple):
     labels: Any
 
 
+@dataclass(frozen=True)
+class AllocatorPeaks:
+    """A device allocator's peaks over a region, in bytes: ``live`` counts the bytes of arrays that were
+    alive at once (torch ``max_memory_allocated``), ``reserved`` what the allocator held from the device,
+    its cache of freed blocks included (torch ``max_memory_reserved``)."""
+
+    live: int
+    reserved: int
+
+
 class Implementation(abc.ABC):
     """One way of writing the whole CapsNet.  See the module docstring for the contract."""
 
     framework: str = "unknown"
+    u_hat_layout: str = CANONICAL_U_HAT_LAYOUT
 
     def __init__(
         self,
@@ -97,17 +151,18 @@ class Implementation(abc.ABC):
         params: dict[str, np.ndarray],
         dtype: str = "float32",
         device: str = "cpu",
-        routing: str = "vectorised",
+        routing_variant: str = "vectorised",
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        if routing not in ROUTING_VARIANTS:
-            raise ValueError(f"routing must be one of {ROUTING_VARIANTS}, got {routing!r}")
+        if routing_variant not in ROUTING_VARIANTS:
+            raise ValueError(f"routing_variant must be one of {ROUTING_VARIANTS}, got {routing_variant!r}")
         validate_parameters(params, config)
         self.config = config
         self.dtype = dtype
         self.device = device
-        self.routing_variant = routing
+        self.routing_variant = routing_variant
+        self.schedule: LearningRateSchedule = CONSTANT_RATE
 
     @classmethod
     def availability(cls, device: str) -> Availability:
@@ -142,22 +197,44 @@ class Implementation(abc.ABC):
     def adam_step(self) -> None: ...
 
     @abc.abstractmethod
+    def adam_state(self) -> dict[str, np.ndarray]: ...
+
+    @abc.abstractmethod
+    def load_adam_state(self, state: dict[str, np.ndarray]) -> None: ...
+
+    @abc.abstractmethod
     def prediction_vectors(self, batch: Batch): ...
 
     @abc.abstractmethod
-    def routing(self, u_hat): ...
+    def routing_forward(self, u_hat): ...
 
     @abc.abstractmethod
     def routing_backward(self, u_hat, grad_v): ...
+
+    def set_schedule(self, schedule: LearningRateSchedule) -> None:
+        """Use ``schedule`` for the learning rate of every later Adam step (counted from the first)."""
+        self.schedule = schedule
+
+    def canonical_u_hat(self, u_hat) -> np.ndarray:
+        """u_hat as a NumPy (B, N, J, D) array, whatever order ``u_hat_layout`` says it is in."""
+        order = [self.u_hat_layout.index(axis) for axis in CANONICAL_U_HAT_LAYOUT]
+        return np.ascontiguousarray(self.to_numpy(u_hat).transpose(order))
 
     def synchronize(self) -> None:
         """CPU implementations have nothing queued."""
 
     def reset_peak_memory(self) -> None:
-        """Start a new allocator peak (GPU implementations; nothing to do on the CPU)."""
+        """Start new allocator peaks (GPU implementations; nothing to do on the CPU)."""
 
-    def allocator_peak_bytes(self) -> int | None:
-        """The framework allocator's peak since :meth:`reset_peak_memory` (None where there is none)."""
+    def allocator_peaks(self) -> AllocatorPeaks | None:
+        """The allocator's peaks since :meth:`reset_peak_memory` (None where there is no device allocator)."""
+        return None
+
+    def release_cached_memory(self) -> None:
+        """Return cached, unused device blocks (GPU implementations; nothing to do on the CPU)."""
+
+    def pci_bus_id(self) -> str | None:
+        """PCI bus id of the GPU in use, e.g. '0000:3B:00.0' (None on the CPU)."""
         return None
 
     def train_step(self, batch: Batch) -> float:
@@ -175,12 +252,17 @@ class ImplementationInfo:
     name: str
     cls: type[Implementation]
     device: str
-    routing: str
+    routing_variant: str
     source: str = "builtin"
 
     @property
     def framework(self) -> str:
         return self.cls.framework
+
+    def describe(self) -> dict[str, str]:
+        """What a results file records of the implementation, so a report needs no registry to label it."""
+        return {"framework": self.framework, "device": self.device, "routing_variant": self.routing_variant,
+                "source": self.source}
 
     def availability(self) -> Availability:
         try:
@@ -195,7 +277,7 @@ class ImplementationInfo:
         status = self.availability()
         if not status:
             raise UnavailableImplementationError(f"implementation {self.name!r} is unavailable here: {status.reason}")
-        return self.cls(config, params, dtype=dtype, device=self.device, routing=self.routing)
+        return self.cls(config, params, dtype=dtype, device=self.device, routing_variant=self.routing_variant)
 
 
 @dataclass
@@ -213,23 +295,38 @@ def register(
     cls: type[Implementation],
     *,
     device: str = "cpu",
-    routing: str = "vectorised",
+    routing_variant: str = "vectorised",
     source: str = "builtin",
 ) -> ImplementationInfo:
     """Add an implementation under ``name``.  Registering the same entry again changes nothing; a name
     taken by another entry is an error."""
     if not (isinstance(cls, type) and issubclass(cls, Implementation)):
         raise TypeError(f"{name}: {cls!r} is not a subclass of harness.registry.Implementation")
-    if routing not in ROUTING_VARIANTS:
-        raise ValueError(f"{name}: routing must be one of {ROUTING_VARIANTS}, got {routing!r}")
+    if routing_variant not in ROUTING_VARIANTS:
+        raise ValueError(f"{name}: routing_variant must be one of {ROUTING_VARIANTS}, got {routing_variant!r}")
     if device not in DEVICES:
         raise ValueError(f"{name}: device must be one of {DEVICES}, got {device!r}")
-    info = ImplementationInfo(name, cls, device, routing, source=source)
+    info = ImplementationInfo(name, cls, device, routing_variant, source=source)
     existing = _REGISTRY.entries.get(name)
-    if existing is not None and (existing.cls, existing.device, existing.routing) != (cls, device, routing):
+    if existing is not None and (existing.cls, existing.device, existing.routing_variant) != (
+            cls, device, routing_variant):
         raise ValueError(f"implementation name {name!r} is already registered by {existing.cls.__module__}")
     _REGISTRY.entries[name] = existing or info
     return _REGISTRY.entries[name]
+
+
+@contextlib.contextmanager
+def registered(name: str, cls: type[Implementation], **options) -> Iterator[ImplementationInfo]:
+    """Register an implementation for the duration of a ``with`` block (tests, one-off experiments);
+    the registry is as it was afterwards."""
+    _ensure_loaded()
+    if name in _REGISTRY.entries:
+        raise ValueError(f"implementation name {name!r} is already registered")
+    info = register(name, cls, **options)
+    try:
+        yield info
+    finally:
+        _REGISTRY.entries.pop(name, None)
 
 
 def _load_builtin() -> None:
@@ -253,14 +350,15 @@ def _load_entry_points() -> None:
         if problem:
             _REGISTRY.plugin_errors[entry_point.name] = problem
         for name in set(_REGISTRY.entries) - before:  # also those registered before a failure
-            _REGISTRY.entries[name] = dataclasses.replace(_REGISTRY.entries[name], source=f"entry point {entry_point.value}")
+            source = f"entry point {entry_point.value}"
+            _REGISTRY.entries[name] = dataclasses.replace(_REGISTRY.entries[name], source=source)
 
 
 def _ensure_loaded() -> None:
     if not _REGISTRY.loaded:
+        _REGISTRY.loaded = True  # before loading: a module that asks the registry while loading sees it partly
         _load_builtin()
         _load_entry_points()
-        _REGISTRY.loaded = True
 
 
 def entries() -> list[ImplementationInfo]:
@@ -274,7 +372,7 @@ def names() -> list[str]:
 
 
 def plugin_errors() -> dict[str, str]:
-    """Entry points that failed to load, with the error, so `harness list` can show them."""
+    """Entry points that failed to load, with the error, so `capsbench list` can show them."""
     _ensure_loaded()
     return dict(_REGISTRY.plugin_errors)
 
@@ -287,7 +385,7 @@ def get(name: str) -> ImplementationInfo:
     except KeyError:
         known = ", ".join(sorted(_REGISTRY.entries)) or "none"
         raise UnknownImplementationError(
-            f"unknown implementation {name!r}; known implementations: {known} (see `python -m harness list`)"
+            f"unknown implementation {name!r}; known implementations: {known} (see `capsbench list`)"
         ) from None
 
 
@@ -305,4 +403,3 @@ def create(
 ) -> Implementation:
     """Build the named implementation from the canonical parameters."""
     return get(name).create(config, params, dtype)
-

@@ -20,49 +20,42 @@ report is still written.  No results at all is one error line saying how to prod
 from __future__ import annotations
 
 import argparse
-import itertools
 import datetime as dt
+import itertools
 import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from harness import plots
-from harness.activations import im2col_bytes, kept_activations, parameter_state_bytes
-from harness.asv_results import (
-    ASV_RESULTS_SUBDIR,
-    TIDY_COLUMNS,
-    AsvResults,
-    Run,
-    implementation_facts,
-    load_asv,
-    machine_names,
-)
+from harness.asv_results import ASV_RESULTS_SUBDIR, AsvResults, Run, load_asv, machine_names
+from harness.formatting import NA, fmt, fmt_unit, formatted, markdown_table
 from harness.results import (
-    RESULTS_DIR,
-    SCALING_DIR,
-    SCALING_KIND,
-    TRAINING_DIR,
-    ResultsFileError,
+    RUNS_DIR,
+    SCALING_SUBDIR,
+    TRAINING_SUBDIR,
     atomic_output,
-    read_json,
-    read_training_result,
+    load_scaling_results,
+    load_training_results,
     write_text_atomic,
 )
-from harness.spec import get_config
+from harness.tables import (
+    CHANGE_FACTOR,
+    SPEEDUP_PHASES,
+    SUMMARY_METRICS,
+    comparison_table,
+    distributed_table,
+    memory_table,
+    run_rows,
+    speedup_table,
+    step_iterations,
+    summary_table,
+    training_table,
+)
 
-TRAINING_SUBDIR = TRAINING_DIR.name
 REPORT_SUBDIR = "report"
 TIDY_CSV, REPORT_MD, COMPARISON_MD, COMPARISON_CSV = "results_tidy.csv", "report.md", "comparison.md", "comparison.csv"
-CHANGE_FACTOR = 1.1  # a ratio outside [1/1.1, 1.1] (asv compare's default factor) beyond the spread is flagged
-LOWER_IS_BETTER = {"seconds", "bytes", "relative error"}
-HIGHER_IS_BETTER = {"GFLOP/s"}
-NA = "n/a"
-SUMMARY_METRICS = ["train_step", "forward", "backward", "routing", "routing_backward", "host_memory_peak",
-                   "host_memory", "gpu_memory_nvml", "gpu_memory_allocator"]
-SPEEDUP_PHASES = ["train_step", "forward", "backward", "inference", "routing", "routing_backward"]
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -74,279 +67,6 @@ def save_figure(figure, path: Path) -> Path:
     finally:
         plots.plt.close(figure)
     return path
-
-
-# ------------------------------------------------------------------------------------------------ inputs
-def json_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.json")) if folder.is_dir() else []
-
-
-def load_training(folder: Path, warnings: list[str]) -> list[tuple[Path, dict]]:
-    """Every readable training results file in ``folder``; a malformed one is a warning."""
-    records = []
-    for path in json_files(folder):
-        try:
-            records.append((path, read_training_result(path)))
-        except ResultsFileError as error:
-            warnings.append(f"warning: {error}; file skipped")
-    return records
-
-
-def check_distributed(path: Path, payload: dict) -> None:
-    """Raise ResultsFileError unless ``payload`` is a distributed-scaling results file with usable runs."""
-    if payload.get("kind") != SCALING_KIND:
-        raise ResultsFileError(f"{path}: not a capsbench distributed-scaling file (kind {payload.get('kind')!r})")
-    runs = payload.get("runs")
-    if not isinstance(runs, list) or not runs:
-        raise ResultsFileError(f"{path}: 'runs' must be a non-empty list")
-    for index, run in enumerate(runs):
-        if not isinstance(run, dict):
-            raise ResultsFileError(f"{path}: runs[{index}] is not an object")
-        for key in ("world_size", "images_per_second"):
-            value = run.get(key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ResultsFileError(f"{path}: runs[{index}].{key} is missing or not a positive number")
-
-
-def load_distributed(folder: Path, warnings: list[str]) -> list[tuple[Path, dict]]:
-    """Every readable distributed-scaling file in ``folder`` (none, silently, if the folder is absent)."""
-    records = []
-    for path in json_files(folder):
-        try:
-            payload = read_json(path)
-            check_distributed(path, payload)
-            records.append((path, payload))
-        except ResultsFileError as error:
-            warnings.append(f"warning: {error}; file skipped")
-    return records
-
-
-# ------------------------------------------------------------------------------------------------ tables
-def run_rows(table: pd.DataFrame, run: Run) -> pd.DataFrame:
-    """The tidy rows of one run."""
-    return table[(table["machine"] == run.machine) & (table["commit"] == run.commit) & (table["env"] == run.env)]
-
-
-def step_iterations(rows: pd.DataFrame, config_name: str) -> tuple[int, str]:
-    """The routing iterations the summary shows: the network's default if the whole-network benchmarks
-    measured it, else the nearest measured count (with a note saying so)."""
-    default = get_config(config_name).routing_iterations
-    measured = sorted(rows.loc[rows["metric"] == "train_step", "routing_iterations"].dropna().astype(int).unique())
-    if not measured or default in measured:
-        return default, ""
-    nearest = min(measured, key=lambda value: (abs(value - default), value))
-    return nearest, f"{default} routing iterations (the default) were not measured; showing {nearest}."
-
-
-def summary_table(rows: pd.DataFrame, iterations: int) -> pd.DataFrame:
-    """Per implementation x batch size: the median phase times (s), images/s, train-step GFLOP/s and % of
-    peak, routing share, host and GPU memory (bytes), max relative error.  Every implementation and batch
-    size of the run is a row, measured or not."""
-    step = rows[rows["implementation"].notna() & rows["batch_size"].notna()]
-    step = step[step["routing_iterations"] == iterations]
-    index = step[["implementation", "batch_size"]].drop_duplicates().sort_values(["implementation", "batch_size"])
-    values = step[step["metric"].isin(SUMMARY_METRICS)].pivot_table(
-        index=["implementation", "batch_size"], columns="metric", values="value", aggfunc="first", dropna=False)
-    train = step[step["metric"] == "train_step"].set_index(["implementation", "batch_size"])
-    frame = index.set_index(["implementation", "batch_size"]).join(values).reindex(columns=SUMMARY_METRICS)
-    frame["images_per_second"] = frame.index.get_level_values("batch_size").astype(float) / frame["train_step"]
-    frame["train_gflops_per_s"] = train["gflops_per_s"].reindex(frame.index)
-    frame["train_pct_of_peak"] = train["pct_of_peak"].reindex(frame.index)
-    frame["routing_share"] = frame["routing_backward"] / frame["train_step"]
-    errors = rows[rows["metric"] == "max_rel_error"].drop_duplicates("implementation").set_index("implementation")["value"]
-    frame["max_rel_error"] = errors.reindex(frame.index.get_level_values("implementation")).to_numpy()
-    return frame.reset_index()
-
-
-def speedup_table(rows: pd.DataFrame, iterations: int) -> pd.DataFrame:
-    """Vectorised over looped routing: for every framework and device with both variants, per batch size
-    and phase, the looped time divided by the vectorised time (NaN where either is missing)."""
-    timed = rows[rows["metric"].isin(SPEEDUP_PHASES) & (rows["routing_iterations"] == iterations)]
-    timed = timed[timed["routing"].isin(["vectorised", "looped"])]
-    out = []
-    for (framework, device), group in timed.groupby(["framework", "device"], sort=True):
-        vectorised = sorted(group.loc[group["routing"] == "vectorised", "implementation"].unique())
-        looped = sorted(group.loc[group["routing"] == "looped", "implementation"].unique())
-        times = group.set_index(["implementation", "metric", "batch_size"])["value"]
-        for fast in vectorised:
-            for slow in looped:
-                pair = f"{framework} ({device})" if len(vectorised) == len(looped) == 1 else f"{fast} / {slow}"
-                for (metric, batch), _ in group.groupby(["metric", "batch_size"], sort=True):
-                    v, l = times.get((fast, metric, batch), math.nan), times.get((slow, metric, batch), math.nan)
-                    out.append({"framework": framework, "device": device, "pair": pair, "vectorised": fast,
-                                "looped": slow, "batch_size": batch, "phase": metric, "vectorised_s": v,
-                                "looped_s": l, "speedup": l / v})
-    return pd.DataFrame(out, columns=["framework", "device", "pair", "vectorised", "looped", "batch_size", "phase",
-                                      "vectorised_s", "looped_s", "speedup"])
-
-
-def parameter_label(row: pd.Series, extra_columns: list[str]) -> str:
-    """The parameters of a tidy row in words: ``torch-vectorised, batch 32, 3 it.`` or ``backend=torch``."""
-    parts = []
-    if isinstance(row.get("implementation"), str):
-        parts.append(row["implementation"])
-    elif isinstance(row.get("framework"), str):
-        parts.append(f"framework={row['framework']}")
-    if isinstance(row.get("backend"), str) and not isinstance(row.get("implementation"), str):
-        parts.append(f"backend={row['backend']}")
-    if pd.notna(row.get("batch_size")):
-        parts.append(f"batch {int(row['batch_size'])}")
-    if pd.notna(row.get("routing_iterations")):
-        parts.append(f"{int(row['routing_iterations'])} it.")
-    parts += [f"{column}={row[column]}" for column in extra_columns if pd.notna(row.get(column))]
-    return ", ".join(parts)
-
-
-def keyed(rows: pd.DataFrame, extra_columns: list[str]) -> pd.DataFrame:
-    """Rows indexed by (benchmark, parameters) for the comparison."""
-    rows = rows.assign(params=[parameter_label(row, extra_columns) for _, row in rows.iterrows()])
-    return rows.drop_duplicates(["benchmark", "params"]).set_index(["benchmark", "params"])
-
-
-def change_of(row: pd.Series) -> str:
-    """Whether new differs from old beyond the factor and beyond the measured spread, and which way."""
-    old, new = row["old"], row["new"]
-    if row["old_status"] == "missing" or row["new_status"] == "missing":
-        return "missing in " + ("old" if row["old_status"] == "missing" else "new")
-    if not (math.isfinite(old) and math.isfinite(new)):
-        return f"{NA} in " + ("both" if not (math.isfinite(old) or math.isfinite(new)) else "old" if not math.isfinite(old) else "new")
-    ratio = row["ratio"]
-    if not (ratio > CHANGE_FACTOR or ratio < 1 / CHANGE_FACTOR):
-        return ""
-    ranges = [row[c] for c in ("old_q25", "old_q75", "new_q25", "new_q75")]
-    if all(math.isfinite(value) for value in ranges):
-        if ranges[0] <= ranges[3] and ranges[2] <= ranges[1]:
-            return ""  # the [q25, q75] ranges overlap: within the noise
-    up = ratio > 1
-    if row["unit"] in LOWER_IS_BETTER:
-        return "worse" if up else "better"
-    if row["unit"] in HIGHER_IS_BETTER:
-        return "better" if up else "worse"
-    return "higher" if up else "lower"
-
-
-def comparison_table(table: pd.DataFrame, old: Run, new: Run) -> pd.DataFrame:
-    """Every benchmark x parameters of two runs side by side with ratio new / old and the change flag;
-    a combination absent from one run is 'missing' on that side, one with no result is 'n/a'."""
-    extra = [column for column in table.columns if column not in TIDY_COLUMNS]
-    left, right = keyed(run_rows(table, old), extra), keyed(run_rows(table, new), extra)
-    index = left.index.union(right.index, sort=False)
-    frame = pd.DataFrame(index=index)
-    for side, rows in (("old", left), ("new", right)):
-        frame[side] = rows["value"].reindex(index)
-        frame[f"{side}_q25"] = rows["q25"].reindex(index)
-        frame[f"{side}_q75"] = rows["q75"].reindex(index)
-        frame[f"{side}_status"] = rows["status"].reindex(index).fillna("missing")
-    for column in ("unit", "implementation", "batch_size", "routing_iterations"):
-        frame[column] = right[column].reindex(index).fillna(left[column].reindex(index))
-    frame["ratio"] = frame["new"] / frame["old"]
-    frame["change"] = [change_of(row) for _, row in frame.iterrows()] if len(frame) else []
-    return frame.reset_index()
-
-
-def training_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
-    """One row per training results file: what was trained, how far, how well, how fast."""
-    out = []
-    for path, record in records:
-        epochs = record.get("epochs") or []
-        last = epochs[-1] if epochs else {}
-        seconds = sum(epoch.get("train_seconds", 0.0) for epoch in epochs)
-        images = sum(epoch.get("images", 0) for epoch in epochs)
-        out.append({"file": path.name, "implementation": record["implementation"],
-                    "device": record.get("device", "?"), "config": record.get("config_name", "?"),
-                    "batch_size": record.get("batch_size"), "epochs": len(epochs),
-                    "epochs_requested": record.get("epochs_requested", len(epochs)),
-                    "status": record.get("status", "?"), "final_test_accuracy": last.get("test_accuracy", math.nan),
-                    "final_mean_loss": last.get("mean_loss", math.nan), "train_seconds": seconds,
-                    "images_per_second": images / seconds if seconds else math.nan})
-    return pd.DataFrame(out)
-
-
-def distributed_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
-    """One row per world size per file: the ideal linear throughput from the smallest world size (world
-    size 1 when measured) and the scaling efficiency against it; and, since runs on one machine often split
-    a fixed set of cores among the ranks, the same against the cores used (ranks x threads per rank)."""
-    out = []
-    labels = [f"{record.get('implementation', '?')} ({record.get('backend', '?')}, {record.get('device', '?')}"
-              + (f", {record['scaling']} scaling" if record.get("scaling") else "") + ")" for _, record in records]
-    for (path, record), label in zip(records, labels):
-        label = f"{label} [{path.stem}]" if labels.count(label) > 1 else label
-        runs = sorted(record["runs"], key=lambda run: run["world_size"])
-        base = runs[0]
-        for run in runs:
-            ideal = base["images_per_second"] * run["world_size"] / base["world_size"]
-            on_cpu = record.get("device") == "cpu"  # GPU ranks bring their own device: threads say nothing
-            cores = run["world_size"] * run.get("threads_per_rank", math.nan) if on_cpu else math.nan
-            base_cores = base["world_size"] * base.get("threads_per_rank", math.nan) if on_cpu else math.nan
-            core_ideal = base["images_per_second"] * cores / base_cores
-            out.append({"label": label, "implementation": record.get("implementation"),
-                        "backend": record.get("backend"), "device": record.get("device"),
-                        "config": record.get("config_name"), **{key: run.get(key, math.nan) for key in (
-                            "world_size", "threads_per_rank", "per_rank_batch_size", "global_batch_size", "steps",
-                            "step_seconds", "images_per_second", "allreduce_seconds", "allreduce_share")},
-                        "ideal_images_per_second": ideal, "efficiency": run["images_per_second"] / ideal,
-                        "cores": cores, "core_efficiency": run["images_per_second"] / core_ideal})
-    return pd.DataFrame(out)
-
-
-# ------------------------------------------------------------------------------------------------ formatting
-def is_missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
-
-
-def fmt(value, kind: str) -> str:
-    """One number as the report shows it; missing values as 'n/a'."""
-    if is_missing(value):
-        return NA
-    if kind == "ms":
-        ms = value * 1e3
-        return f"{ms:.1f}" if abs(ms) >= 1 else f"{ms:.2g}"
-    if kind == "mib":
-        return f"{value / plots.MIB:.1f}"
-    if kind == "rate":
-        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
-    if kind == "pct":
-        return f"{100 * value:.1f}%"
-    if kind == "pct100":
-        return f"{value:.1f}%"
-    if kind == "times":
-        return f"{value:.2f}×"
-    if kind == "sci":
-        return f"{value:.1e}"
-    if kind == "int":
-        return f"{int(value)}"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def fmt_unit(value, unit: str) -> str:
-    """A value of a tidy row in its own unit: seconds as ms, bytes as MiB."""
-    if is_missing(value):
-        return NA
-    if unit == "seconds":
-        return f"{fmt(value, 'ms')} ms"
-    if unit == "bytes":
-        return f"{fmt(value, 'mib')} MiB"
-    if unit == "relative error":
-        return f"{value:.2e}"
-    return f"{value:.4g} {unit}"
-
-
-def markdown_table(frame: pd.DataFrame, text_columns: int = 1, left: set[str] = frozenset()) -> str:
-    """A GitHub Markdown table of already formatted cells; the first ``text_columns`` and those named in
-    ``left`` left-aligned, the rest (numbers) right-aligned."""
-    def cell(value) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    header = "| " + " | ".join(cell(c) for c in frame.columns) + " |"
-    rule = "| " + " | ".join("---" if i < text_columns or name in left else "---:"
-                             for i, name in enumerate(frame.columns)) + " |"
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
-
-
-def formatted(frame: pd.DataFrame, columns: dict[str, tuple[str, str]]) -> pd.DataFrame:
-    """``frame`` with the ``columns`` (name -> (heading, format kind)) formatted, in that order."""
-    return pd.DataFrame({heading: [fmt(value, kind) for value in frame[name]] for name, (heading, kind) in columns.items()})
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -379,7 +99,8 @@ def run_header(run: Run, machine: dict) -> str:
     if facts:
         threads = ", ".join(f"{k} {v}" for k, v in (facts.get("threads") or {}).items())
         versions = ", ".join(f"{k} {v}" for k, v in (facts.get("versions") or {}).items() if v)
-        lines += [f"- threads: {threads or '?'}" + (f"; environment {facts['thread_env']}" if facts.get("thread_env") else ""),
+        environment = f"; environment {facts['thread_env']}" if facts.get("thread_env") else ""
+        lines += [f"- threads: {threads or '?'}{environment}",
                   f"- BLAS: numpy {facts.get('numpy_blas', '?')}, torch {facts.get('torch_blas', '?')}",
                   f"- Python {facts.get('python', '?')}; libraries: {versions}"]
     return "\n".join(lines)
@@ -396,12 +117,16 @@ def summary_section(rows: pd.DataFrame, run: Run) -> str:
                "images_per_second": ("images/s", "rate"), "train_gflops_per_s": ("train GFLOP/s", "rate"),
                "train_pct_of_peak": ("% of GEMM peak", "pct100"), "routing_share": ("routing share", "pct"),
                "host_memory_peak": ("host peak MiB (asv)", "mib"), "host_memory": ("host sampled MiB", "mib"),
-               "gpu_memory_nvml": ("GPU NVML MiB", "mib"), "gpu_memory_allocator": ("GPU allocator MiB", "mib"),
+               "gpu_memory_nvml": ("GPU NVML MiB", "mib"),
+               "gpu_memory_allocator_live": ("GPU allocator live MiB", "mib"),
+               "gpu_memory_allocator_reserved": ("GPU allocator reserved MiB", "mib"),
                "max_rel_error": ("max rel error", "sci")}
-    missing = sorted(frame.loc[frame[SUMMARY_METRICS + ["max_rel_error"]].isna().all(axis=1), "implementation"].unique())
+    unmeasured = frame[SUMMARY_METRICS + ["max_rel_error"]].isna().all(axis=1)
+    missing = sorted(frame.loc[unmeasured, "implementation"].unique())
     text = [f"### {run.label}", "", f"Median times per call at {iterations} routing iterations. images/s = batch / "
             "train-step time; routing share = routing forward + backward alone / train step; GPU NVML = device "
-            "memory in use (all processes, CUDA context included), GPU allocator = the framework allocator's peak; "
+            "memory in use (all processes, CUDA context included), GPU allocator live / reserved = the framework "
+            "allocator's peak of bytes in live arrays / of bytes held from the device (its cache included); "
             "host peak = asv's peakmem of the benchmark process, host sampled = resident memory sampled during "
             "the step. n/a: not measured (skipped, failed or unavailable here)."]
     if frame["train_pct_of_peak"].isna().all():
@@ -413,28 +138,6 @@ def summary_section(rows: pd.DataFrame, run: Run) -> str:
     if missing:
         text += ["", f"No result at all on this run for: {', '.join(missing)}."]
     return "\n".join(text)
-
-
-def memory_table(rows: pd.DataFrame, iterations: int, config_name: str) -> pd.DataFrame:
-    """Per CPU implementation x batch size: host memory measured around a training step beside the
-    analytic figure of :mod:`harness.activations` (bytes)."""
-    step = rows[rows["implementation"].notna() & (rows["routing_iterations"] == iterations)
-                & (rows["device"] == "cpu")]
-    measured = step[step["metric"].isin(["host_memory", "host_memory_before_model"])].pivot_table(
-        index=["implementation", "batch_size"], columns="metric", values="value", aggfunc="first")
-    if measured.empty or not {"host_memory", "host_memory_before_model"} <= set(measured.columns):
-        return pd.DataFrame()
-    config = get_config(config_name).replace(routing_iterations=iterations)
-    frame = measured.reset_index()
-    frame["model_and_step"] = frame["host_memory"] - frame["host_memory_before_model"]
-    frame["parameter_state"] = parameter_state_bytes(config)
-    frame["activations"] = [sum(kept_activations(config, int(batch)).values()) for batch in frame["batch_size"]]
-    frame["expected"] = frame["parameter_state"] + frame["activations"]
-    keeps_patches = frame["implementation"].map(lambda name: implementation_facts(name)["framework"]) == "numpy"
-    frame["im2col"] = [im2col_bytes(config, int(batch)) if keeps else 0
-                       for batch, keeps in zip(frame["batch_size"], keeps_patches)]
-    frame["ratio"] = frame["model_and_step"] / (frame["expected"] + frame["im2col"])
-    return frame
 
 
 def memory_section(rows: pd.DataFrame, run: Run) -> str:
@@ -489,14 +192,15 @@ def comparison_section(comparison: pd.DataFrame, old: Run, new: Run) -> str:
             f"lower where neither is better) when the ratio is outside [{1 / CHANGE_FACTOR:.3f}, {CHANGE_FACTOR}] "
             "and the interquartile ranges [q25, q75] of the two runs do not overlap (by the ratio alone where "
             "a run records no spread).", "",
-            f"{flagged} change(s) flagged; {int(both_na.sum())} combination(s) without a result in either run not listed."]
+            f"{flagged} change(s) flagged; {int(both_na.sum())} combination(s) without a result in either run "
+            "not listed."]
     for side in ("old", "new"):
         if only[side]:
             text.append(f"\nOnly in the {side} run (shown as missing in the other): {', '.join(only[side])}.")
     cells = pd.DataFrame({
         "benchmark": shown["benchmark"], "parameters": shown["params"],
-        "old": [fmt_unit(v, u) if s != "missing" else "missing" for v, u, s in zip(shown["old"], shown["unit"], shown["old_status"])],
-        "new": [fmt_unit(v, u) if s != "missing" else "missing" for v, u, s in zip(shown["new"], shown["unit"], shown["new_status"])],
+        **{side: [fmt_unit(v, u) if s != "missing" else "missing"
+                  for v, u, s in zip(shown[side], shown["unit"], shown[f"{side}_status"])] for side in ("old", "new")},
         "ratio": [fmt(r, "times") if math.isfinite(r) else NA for r in shown["ratio"]],
         "change": [f"**{c}**" if c in order else c for c in shown["change"]],
     })
@@ -516,19 +220,15 @@ def training_section(frame: pd.DataFrame) -> str:
 
 
 def distributed_section(frame: pd.DataFrame) -> str:
-    columns = {"label": ("run", "str"), "world_size": ("world size", "int"), "threads_per_rank": ("threads/rank", "int"),
+    columns = {"label": ("run", "str"), "world_size": ("world size", "int"),
+               "threads_per_rank": ("threads/rank", "int"),
                "per_rank_batch_size": ("batch/rank", "int"), "global_batch_size": ("global batch", "int"),
-               "step_seconds": ("step ms", "ms"), "images_per_second": ("images/s", "rate"),
-               "efficiency": ("scaling efficiency", "pct"), "allreduce_seconds": ("allreduce ms", "ms"),
-               "allreduce_share": ("allreduce share", "pct")}
-    columns["cores"] = ("cores used", "int")
-    columns["core_efficiency"] = ("efficiency per core", "pct")
-    text = ("Scaling efficiency = images/s / (images/s at the smallest world size × world size / that size); "
-            "efficiency per core does the same with the cores used (ranks × threads per rank) instead of the "
-            "world size.")
-    if (frame["cores"].notna() & ~np.isclose(frame["efficiency"], frame["core_efficiency"])).any():
-        text += (" Where the ranks share a fixed number of cores (cores used does not grow with the world size), "
-                 "linear scaling with the world size is out of reach by construction: read the efficiency per core.")
+               "compute_units": ("compute used", "int"), "step_seconds": ("step ms", "ms"),
+               "images_per_second": ("images/s", "rate"), "efficiency": ("scaling efficiency", "pct"),
+               "allreduce_seconds": ("all-reduce ms", "ms"), "allreduce_share": ("all-reduce share", "pct")}
+    text = ("Scaling efficiency = speed-up over the smallest world size / growth of the compute used (CPU: ranks × "
+            "threads per rank, so ranks that split a fixed set of cores are judged against those cores; GPU: "
+            "ranks); the scaling command prints the same figure. One rank has no all-reduce (n/a).")
     return text + "\n\n" + markdown_table(formatted(frame, columns), text_columns=1)
 
 
@@ -673,8 +373,9 @@ def compare_runs(table: pd.DataFrame, runs: list[Run], out: Path, written: list[
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.split("\n")[0])
-    parser.add_argument("--results", type=Path, default=RESULTS_DIR,
-                        help="folder holding asv/, asv-facts/, training/ and distributed/ (default: results)")
+    parser.add_argument("--results", type=Path, default=RUNS_DIR,
+                        help="folder holding asv/, asv-facts/, training/, profile/ and distributed/ (default: runs, "
+                             "where every command writes; the results this repository ships are in results)")
     parser.add_argument("--out", type=Path, help="output folder (default: <results>/report)")
     parser.add_argument("--machine", metavar="NAME", help="only the asv results of this machine")
     return parser
@@ -685,13 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     root, out = args.results, args.out or args.results / REPORT_SUBDIR
     if args.machine and args.machine not in machine_names(root / ASV_RESULTS_SUBDIR):
         known = ", ".join(machine_names(root / ASV_RESULTS_SUBDIR)) or "none"
-        print(f"error: no asv results for machine {args.machine!r} under {root / ASV_RESULTS_SUBDIR} (machines there: {known})",
-              file=sys.stderr)
+        print(f"error: no asv results for machine {args.machine!r} under {root / ASV_RESULTS_SUBDIR} "
+              f"(machines there: {known})", file=sys.stderr)
         return 1
     asv = load_asv(root, args.machine)
     warnings = list(asv.warnings)
-    training = load_training(root / TRAINING_SUBDIR, warnings)
-    distributed = load_distributed(root / SCALING_DIR.name, warnings)
+    training = load_training_results(root / TRAINING_SUBDIR, warnings)
+    distributed = load_scaling_results(root / SCALING_SUBDIR, warnings)
     for warning in warnings:
         print(warning, file=sys.stderr)
     if asv.table.empty and not training and not distributed:

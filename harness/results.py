@@ -1,4 +1,8 @@
-"""Results files: written atomically, read back with a clear error when malformed.
+"""Results files: where they go, written atomically, read back with a clear error when malformed.
+
+Two folders: ``runs/`` (git-ignored) is where every command writes by default, so a user's runs never
+touch what the repository tracks; ``results/`` holds the results this repository ships, written only when
+a command is pointed at it (``--out results/...``) or a run is kept (``capsbench keep``).
 
 A results file is replaced in one ``os.replace`` of a complete temporary file in the same folder, so a
 crash, Ctrl-C or full disk never leaves a half-written file, and a file a user ran before is only ever
@@ -14,13 +18,15 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "results"
-TRAINING_DIR = RESULTS_DIR / "training"
+RESULTS_DIR = REPO_ROOT / "results"  # shipped with the repository
+RUNS_DIR = REPO_ROOT / "runs"  # a user's own runs (git-ignored): every command's default
+TRAINING_SUBDIR, SCALING_SUBDIR, PROFILE_SUBDIR = "training", "distributed", "profile"
 TRAINING_KIND = "capsbench-training"
-SCALING_DIR = RESULTS_DIR / "distributed"
 SCALING_KIND = "capsbench-distributed-scaling"
+PROFILE_KIND = "capsbench-profile"
 EPOCH_FIELDS = ("epoch", "mean_loss", "test_accuracy", "train_seconds", "images", "elapsed_seconds")
 STEP_FIELDS = ("epoch", "step", "loss", "elapsed_seconds")
+SCALING_RUN_FIELDS = ("world_size", "images_per_second")
 
 
 class ResultsFileError(ValueError):
@@ -96,3 +102,46 @@ def read_training_result(path: str | os.PathLike) -> dict:
             if not isinstance(entry, dict) or any(field not in entry for field in fields):
                 raise ResultsFileError(f"{path}: {key}[{index}] lacks one of {', '.join(fields)}")
     return payload
+
+
+def read_scaling_result(path: str | os.PathLike) -> dict:
+    """A distributed-scaling results file written by ``python -m harness.scaling``, checked for what the
+    report needs: a non-empty list of runs, each with a positive world size and images/s."""
+    payload = read_json(path)
+    if payload.get("kind") != SCALING_KIND:
+        raise ResultsFileError(f"{path}: not a capsbench distributed-scaling file (kind {payload.get('kind')!r})")
+    runs = payload.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise ResultsFileError(f"{path}: 'runs' must be a non-empty list")
+    for index, run in enumerate(runs):
+        if not isinstance(run, dict):
+            raise ResultsFileError(f"{path}: runs[{index}] is not an object")
+        for key in SCALING_RUN_FIELDS:
+            value = run.get(key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ResultsFileError(f"{path}: runs[{index}].{key} is missing or not a positive number")
+    return payload
+
+
+def json_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.json")) if folder.is_dir() else []
+
+
+def _load_all(folder: Path, read, warnings: list[str]) -> list[tuple[Path, dict]]:
+    records = []
+    for path in json_files(folder):
+        try:
+            records.append((path, read(path)))
+        except ResultsFileError as error:
+            warnings.append(f"warning: {error}; file skipped")
+    return records
+
+
+def load_training_results(folder: Path, warnings: list[str]) -> list[tuple[Path, dict]]:
+    """Every readable training results file in ``folder``; a malformed one is a warning line."""
+    return _load_all(folder, read_training_result, warnings)
+
+
+def load_scaling_results(folder: Path, warnings: list[str]) -> list[tuple[Path, dict]]:
+    """Every readable distributed-scaling file in ``folder`` (none, silently, if the folder is absent)."""
+    return _load_all(folder, read_scaling_result, warnings)

@@ -117,7 +117,7 @@ class CapsNetConfig:
         """Per-example shape of the prediction vectors u_hat in the canonical layout (N, J, D)."""
         return (self.num_primary_caps, self.num_classes, self.digit_caps_dim)
 
-    def replace(self, **changes) -> "CapsNetConfig":
+    def replace(self, **changes) -> CapsNetConfig:
         """A copy with some fields changed (e.g. ``routing_iterations``)."""
         return dataclasses.replace(self, **changes)
 
@@ -158,6 +158,41 @@ class AdamConfig:
 
 
 ADAM = AdamConfig()
+
+
+@dataclass(frozen=True)
+class LearningRateSchedule:
+    """Adam's learning rate as a function of the step: ``initial * decay_rate ** (step / decay_steps)``,
+    the step counted from 0 for the first update (TensorFlow's ``exponential_decay`` without staircase).
+    ``decay_rate`` 1 is a constant rate.  Every implementation's optimizer asks this one function."""
+
+    name: str
+    initial: float = ADAM.lr
+    decay_rate: float = 1.0
+    decay_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.initial <= 0 or not 0 < self.decay_rate <= 1 or self.decay_steps < 1:
+            raise ValueError(f"learning-rate schedule {self.name!r}: initial > 0, 0 < decay_rate <= 1 and "
+                             f"decay_steps >= 1 are required, got {self.initial}, {self.decay_rate}, "
+                             f"{self.decay_steps}")
+
+    def factor(self, step: int) -> float:
+        """The learning rate of update ``step`` (0 for the first) over the initial rate."""
+        return self.decay_rate ** (step / self.decay_steps)
+
+    def rate(self, step: int) -> float:
+        """The learning rate of update ``step`` (0 for the first)."""
+        return self.initial * self.factor(step)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CONSTANT_RATE = LearningRateSchedule("constant")
+# The official implementation's schedule (see the module docstring): x 0.96 every 2,000 steps, smoothly.
+PAPER_SCHEDULE = LearningRateSchedule("paper", decay_rate=0.96, decay_steps=2000)
+SCHEDULES: dict[str, LearningRateSchedule] = {schedule.name: schedule for schedule in (PAPER_SCHEDULE, CONSTANT_RATE)}
 
 # Shift augmentation of the paper: up to this many pixels in each direction, zero padded.
 MAX_SHIFT_PIXELS = 2

@@ -1,16 +1,43 @@
 """Fix the number of CPU threads every library uses, and say what they are, so timings are comparable.
 
 torch has its own intra-op pool (``torch.set_num_threads``); NumPy's BLAS (OpenBLAS or MKL) and OpenMP
-runtimes are set through threadpoolctl, which works after the libraries are loaded.
+runtimes are set through threadpoolctl, which works after the libraries are loaded.  The default count is
+the CPUs this process may actually run on: its affinity mask (``taskset``, ``asv run --cpu-affinity``)
+and the container's CPU quota (cgroup ``cpu.max``), not ``os.cpu_count()``, which counts the machine's.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import sys
+from pathlib import Path
 
 from threadpoolctl import threadpool_info, threadpool_limits
 
 _limits = []  # keeps threadpool_limits alive: the limit holds until the object is restored
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cgroup_cpu_limit(path: Path = CGROUP_CPU_MAX) -> int | None:
+    """CPUs the cgroup quota allows (``cpu.max`` "QUOTA PERIOD", rounded up), None without a quota."""
+    try:
+        quota, period = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
+
+
+def usable_cpu_count() -> int:
+    """The CPUs this process may run on: the affinity mask, capped by the cgroup quota."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        count = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return min(count, limit) if limit else count
 
 
 def set_threads(count: int) -> None:

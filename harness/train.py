@@ -1,167 +1,69 @@
 """python -m harness.train: train one implementation on MNIST and record how it learns and how fast.
 
-Adam (lr 1e-3, :data:`harness.spec.ADAM`) from the canonical parameters, the paper's random shift of up to
-2 pixels (:data:`harness.spec.MAX_SHIFT_PIXELS`) on the training images, test accuracy after every epoch.
-The results file (under ``results/training/`` unless ``--out`` says otherwise) is rewritten atomically
-after every epoch, so an interrupted, diverged or failed run keeps everything up to its last epoch:
-per-step loss and training wall time, per-epoch loss, test accuracy, time and images/s, with the
-implementation, config, library versions and machine.
+Adam from the canonical parameters with the paper's learning-rate schedule (``--schedule constant`` for a
+fixed 1e-3), the paper's random shifts of up to 2 pixels on the training images, test accuracy after every
+epoch.  Torch, BLAS and OpenMP are pinned to one thread count (``--threads``, default: the CPUs this process
+may use), recorded with what every pool used.  The results file (under ``runs/training/`` unless ``--out``
+says otherwise) and the checkpoint beside it are rewritten atomically after every epoch, so an interrupted,
+diverged or failed run keeps everything up to its last epoch, and ``--resume FILE`` continues it.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from harness import registry
-from harness.data import DataError, Dataset, iterate_batches, load_mnist
-from harness.environment import machine_facts
+from harness import epochs, registry
+from harness.data import DataError, load_mnist
 from harness.params import init_parameters
-from harness.results import TRAINING_DIR, TRAINING_KIND, write_json_atomic
-from harness.spec import ADAM, CONFIGS, MAX_SHIFT_PIXELS, get_config
-from harness.threads import set_threads
-
-try:
-    from tqdm import tqdm
-except ImportError:  # progress bars are a nicety
-    tqdm = None
+from harness.results import ResultsFileError, write_json_atomic
+from harness.spec import SCHEDULES, get_config
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss stopped being a finite number."""
-
-
-def evaluate(impl: registry.Implementation, dataset: Dataset, batch_size: int) -> float:
-    """Test accuracy: the predicted class is the longest DigitCaps capsule."""
-    correct = 0
-    for start in range(0, len(dataset), batch_size):
-        images, labels = dataset.images[start : start + batch_size], dataset.labels[start : start + batch_size]
-        lengths, _ = impl.forward(impl.to_device(images), train=False)
-        correct += int(np.sum(impl.to_numpy(lengths).argmax(axis=1) == labels))
-    return correct / len(dataset)
-
-
-def new_record(info: registry.ImplementationInfo, args: argparse.Namespace, config_name: str) -> dict:
-    return {
-        "kind": TRAINING_KIND,
-        "format_version": 1,
-        "status": "running",
-        "message": "",
-        "implementation": info.name,
-        "framework": info.framework,
-        "device": info.device,
-        "routing": info.routing,
-        "dtype": args.dtype,
-        "config_name": config_name,
-        "config": get_config(config_name).as_dict(),
-        "optimizer": {"name": "adam", **ADAM.__dict__},
-        "batch_size": args.batch_size,
-        "epochs_requested": args.epochs,
-        "limit": args.limit,
-        "test_limit": args.test_limit,
-        "seed": args.seed,
-        "augment": not args.no_augment,
-        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_facts(),
-        "epochs": [],
-        "steps": [],
-    }
-
-
-def train_epochs(impl, train_set: Dataset, test_set: Dataset, record: dict, epochs: int, batch_size: int,
-                 seed: int, augment: bool, save) -> dict:
-    """Train for ``epochs``, appending to ``record`` and calling ``save(record)`` after each epoch."""
-    rng = np.random.default_rng(seed)
-    elapsed = 0.0
-    steps_per_epoch = math.ceil(len(train_set) / batch_size)
-    for epoch in range(1, epochs + 1):
+def train_epochs(impl: registry.Implementation, train_set, test_set, record: dict, out: Path,
+                 args: argparse.Namespace, first_epoch: int = 1) -> dict:
+    """Train epochs ``first_epoch`` .. ``args.epochs``, appending to ``record``; after each, the results
+    file and the checkpoint are saved."""
+    elapsed = record["epochs"][-1]["elapsed_seconds"] if record["epochs"] else 0.0
+    steps_per_epoch = -(-len(train_set) // args.batch_size)
+    for epoch in range(first_epoch, args.epochs + 1):
         losses, images_seen, epoch_start = [], 0, time.perf_counter()
-        batches = iterate_batches(train_set, batch_size, rng, shuffle=True, augment=augment)
-        progress = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", unit="step",
-                        leave=True, disable=None) if tqdm else batches
-        for step, (images, labels) in enumerate(progress, start=1):
+        progress = epochs.Progress(steps_per_epoch, f"epoch {epoch}/{args.epochs}", args.log_every)
+        batches = epochs.training_batches(train_set, args.batch_size, args.seed, epoch, not args.no_augment)
+        for step, (images, labels) in enumerate(batches, start=1):
             step_start = time.perf_counter()
             loss = impl.train_step(impl.to_device(images, labels))
             elapsed += time.perf_counter() - step_start
             images_seen += len(labels)
             record["steps"].append({"epoch": epoch, "step": step, "loss": loss, "elapsed_seconds": elapsed})
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss} at epoch {epoch}, step {step}")
+            epochs.check_finite(loss, epoch, step)
             losses.append(loss)
-            if tqdm:
-                progress.set_postfix(loss=f"{loss:.4f}")
+            progress.update(loss=loss)
+        progress.close()
         train_seconds = time.perf_counter() - epoch_start
         eval_start = time.perf_counter()
-        accuracy = evaluate(impl, test_set, batch_size)
-        summary = epoch_summary(epoch, losses, accuracy, train_seconds, time.perf_counter() - eval_start,
-                                images_seen, elapsed)
-        record["epochs"].append(summary)
-        print_epoch(summary)
-        save(record)
+        correct = epochs.evaluate(impl, test_set.images, test_set.labels, args.batch_size,
+                                  f"epoch {epoch}/{args.epochs} evaluation", every=args.log_every)
+        eval_seconds = time.perf_counter() - eval_start
+        epochs.save_checkpoint(out, impl, epoch)
+        summary = epochs.epoch_summary(epoch, losses, correct / len(test_set), train_seconds, eval_seconds,
+                                       time.perf_counter() - epoch_start, images_seen, elapsed)
+        epochs.add_epoch(record, summary)
+        write_json_atomic(out, record)
+        print(epochs.epoch_line(summary), flush=True)
     return record
 
 
-def epoch_summary(epoch: int, losses: list[float], accuracy: float, train_seconds: float, eval_seconds: float,
-                  images: int, elapsed: float) -> dict:
-    """One entry of a results file's ``epochs``.  ``train_seconds`` is the wall time of the epoch's training
-    loop (batch preparation and augmentation included, evaluation not), so ``images_per_second`` is what a
-    user gets; ``elapsed_seconds`` adds up the training steps alone, the clock of the loss curves."""
-    return {
-        "epoch": epoch,
-        "mean_loss": float(np.mean(losses)),
-        "test_accuracy": accuracy,
-        "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
-        "images": images,
-        "images_per_second": images / train_seconds,
-        "elapsed_seconds": elapsed,
-    }
-
-
-def print_epoch(summary: dict, note: str = "") -> None:
-    print(f"epoch {summary['epoch']}: mean loss {summary['mean_loss']:.4f}, test accuracy "
-          f"{summary['test_accuracy']:.2%}, {summary['train_seconds']:.1f} s, "
-          f"{summary['images_per_second']:.1f} images/s{note}", flush=True)
-
-
-def default_output(name: str, config_name: str) -> Path:
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return TRAINING_DIR / f"{name}_{config_name}_{stamp}.json"
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--impl", required=True, metavar="NAME", help="implementation (see python -m harness list)")
-    parser.add_argument("--data-dir", help="folder with the four MNIST IDX files (default: $CAPSBENCH_DATA_DIR)")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--limit", type=int, help="train on the first N training images only")
-    parser.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data order and augmentation")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="paper")
-    parser.add_argument("--dtype", choices=registry.DTYPES, default="float32")
-    parser.add_argument("--no-augment", action="store_true", help=f"no random {MAX_SHIFT_PIXELS}-pixel shifts")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
-    parser.add_argument("--out", type=Path, help="results file (default: results/training/<impl>_<config>_<time>.json)")
-    parser.add_argument("--distributed", action="store_true",
-                        help="data-parallel (DistributedDataParallel) under torchrun: the same as "
-                             "`torchrun ... -m harness.distributed train`, whose options it takes (--batch-size is per rank)")
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m harness.train", description=__doc__.split("\n")[0],
+                                     epilog="--distributed: data-parallel under torchrun, the same as "
+                                            "`torchrun ... -m harness.distributed train`, whose options it takes")
+    epochs.add_training_arguments(parser, batch_help="images per step", default_impl=None)
+    parser.add_argument("--threads", type=epochs.positive_int,
+                        help="CPU threads for torch, BLAS and OpenMP (default: the CPUs this process may use)")
     return parser
-
-
-def check_at_least_one(args: argparse.Namespace, options) -> str | None:
-    """The error line for the first of ``options`` given below 1, or None."""
-    for option in options:
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            return f"error: --{option.replace('_', '-')} must be at least 1, got {value}"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,31 +72,33 @@ def main(argv: list[str] | None = None) -> int:
         from harness.distributed import train_main
 
         return train_main([arg for arg in argv if arg != "--distributed"])
-    args = _parser().parse_args(argv)
-    problem = check_at_least_one(args, ("epochs", "batch_size", "limit", "test_limit", "threads"))
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2
+    args = parser().parse_args(argv)
     try:
+        record, resumed_from, params, adam = epochs.prepare_resume(args)
         info = registry.get(args.impl)
         config = get_config(args.config)
-        if args.threads:
-            set_threads(args.threads)
-        impl = info.create(config, init_parameters(config, dtype=args.dtype), args.dtype)
+        epochs.pin_threads(args.threads)
+        schedule = SCHEDULES[args.schedule]
+        impl = info.create(config, init_parameters(config, dtype=args.dtype) if params is None else params, args.dtype)
+        impl.set_schedule(schedule)
+        if adam is not None:
+            impl.load_adam_state(adam)
         train_set = load_mnist(args.data_dir, "train").head(args.limit)
         test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
-    except (registry.UnknownImplementationError, registry.UnavailableImplementationError, DataError) as error:
+    except (registry.UnknownImplementationError, registry.UnavailableImplementationError, DataError,
+            ResultsFileError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = args.out or default_output(info.name, args.config)
-    record = new_record(info, args, args.config)
+    out = args.out or epochs.default_output(info.name, args.config)
+    if record is None:
+        record = epochs.new_record(info, args, schedule, len(train_set), len(test_set))
+    record["status"] = "running"
     write_json_atomic(out, record)
-    print(f"training {info.name} ({args.dtype}, {args.config} config) on {len(train_set)} images, "
-          f"batch {args.batch_size}, {args.epochs} epoch(s); results -> {out}", flush=True)
+    print(epochs.start_line(info.name, args, len(train_set), len(test_set), out, resumed_from=resumed_from),
+          flush=True)
     try:
-        train_epochs(impl, train_set, test_set, record, args.epochs, args.batch_size, args.seed,
-                     augment=not args.no_augment, save=lambda r: write_json_atomic(out, r))
-    except TrainingDiverged as error:
+        train_epochs(impl, train_set, test_set, record, out, args, first_epoch=resumed_from + 1)
+    except epochs.TrainingDiverged as error:
         record.update(status="stopped", message=f"training diverged: {error}")
         write_json_atomic(out, record)
         print(f"error: training diverged: {error}; the results up to the last epoch are in {out} "
@@ -203,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         record.update(status="interrupted", message="interrupted by the user")
         write_json_atomic(out, record)
-        print(f"interrupted; the results up to here are in {out}", file=sys.stderr)
+        print(f"interrupted; the results up to the last epoch are in {out} (continue with --resume {out})",
+              file=sys.stderr)
         return 130
     except Exception as error:  # out of memory, a bug in an implementation, ...: the file must not say "running"
         record.update(status="failed", message=f"{type(error).__name__}: {error}")
@@ -211,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: training failed: {type(error).__name__}: {error}; the results up to the last epoch are "
               f"in {out}", file=sys.stderr)
         return 1
-    record["status"] = "completed"
+    record.update(status="completed", message="")
     write_json_atomic(out, record)
-    print(f"results written to {out}")
+    print(f"results written to {out} (best test accuracy {record['best_test_accuracy']:.2%})")
     return 0
 
 

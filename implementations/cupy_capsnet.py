@@ -1,29 +1,28 @@
-"""``cupy-vectorised`` and ``cupy-looped``: the array-module CapsNet of :mod:`array_capsnet` on CuPy (CUDA).
+"""``cupy-vectorised`` and ``cupy-looped``: the NumPy CapsNet of :mod:`implementations.numpy_capsnet` on CuPy.
 
-All the mathematics is the shared NumPy/CuPy code, exercised on the CPU through NumPy.  The CuPy-only
-addition is a fused Adam update (one ``cupy.ElementwiseKernel`` launch per tensor instead of the shared
-update's 13 elementwise kernels); the shared ``xp`` update is its fallback, used whenever the array module
-is not CuPy.
-
-Allocator peak: CuPy's pool has no peak counter, so :meth:`CupyCapsNet.allocator_peak_bytes` reports the
-bytes the pool holds after the step, starting from an emptied pool.  The pool keeps freed blocks, so this is
-the step's peak rounded up to the pool's block sizes, comparable with torch's ``max_memory_reserved``
-rather than with the ``max_memory_allocated`` that the torch implementation reports.
+All the mathematics is the NumPy code with ``xp = cupy``, so it is exercised on the CPU through NumPy.
+What only a GPU runs is here: a fused Adam update (one ``cupy.ElementwiseKernel`` launch per tensor
+instead of the shared update's dozen elementwise kernels; the shared update is its fallback whenever the
+array module is not CuPy), and the allocator's peaks, which CuPy's memory pool does not count itself: a
+``cupy.cuda.MemoryHook`` (:class:`PoolPeakHook`) follows every allocation and free of the pool between
+``reset_peak_memory`` and ``allocator_peaks``, so its figures mean what torch's ``max_memory_allocated``
+(live bytes) and ``max_memory_reserved`` (bytes held from the device) mean.
 """
 
 from __future__ import annotations
 
-from harness.registry import ROUTING_VARIANTS, Availability, register
-from implementations.array_capsnet import ArrayCapsNet
+from harness.registry import ROUTING_VARIANTS, AllocatorPeaks, Availability, register
 from harness.spec import ADAM
+from implementations.numpy_capsnet import NumpyCapsNet
 
 try:
     import cupy
+    from cupy.cuda.memory_hook import MemoryHook
 except ImportError:
-    cupy = None
+    cupy, MemoryHook = None, object
     _IMPORT_ERROR = "cupy not installed (pip install cupy-cuda12x, or cupy-cuda13x for CUDA 13)"
 except Exception as error:  # a broken CUDA toolkit can make the import itself fail
-    cupy = None
+    cupy, MemoryHook = None, object
     _IMPORT_ERROR = f"cupy cannot be imported: {type(error).__name__}: {error}"
 
 _ADAM_SOURCE = """
@@ -43,7 +42,48 @@ def fused_adam_kernel():
     )
 
 
-class CupyCapsNet(ArrayCapsNet):
+class PeakCounter:
+    """Peaks of a memory pool from its allocation events: bytes in live blocks, bytes held from the device."""
+
+    def __init__(self, live: int, reserved: int) -> None:
+        self.live = self.live_peak = live
+        self.reserved_peak = reserved
+
+    def allocated(self, size: int) -> None:
+        self.live += size
+        self.live_peak = max(self.live_peak, self.live)
+
+    def freed(self, size: int) -> None:
+        self.live -= size
+
+    def reserved(self, total: int) -> None:
+        self.reserved_peak = max(self.reserved_peak, total)
+
+    def peaks(self) -> AllocatorPeaks:
+        return AllocatorPeaks(live=self.live_peak, reserved=self.reserved_peak)
+
+
+class PoolPeakHook(MemoryHook):
+    """A CuPy memory hook feeding a :class:`PeakCounter`: ``malloc`` / ``free`` are the pool handing out and
+    taking back a block (its rounded size), ``alloc`` the pool taking new memory from the device."""
+
+    name = "capsbench_pool_peaks"
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.counter = PeakCounter(live=pool.used_bytes(), reserved=pool.total_bytes())
+
+    def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
+        self.counter.allocated(mem_size)
+
+    def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
+        self.counter.freed(mem_size)
+
+    def alloc_postprocess(self, device_id, mem_size, mem_ptr):
+        self.counter.reserved(self.pool.total_bytes())
+
+
+class CupyCapsNet(NumpyCapsNet):
     """CapsNet on an NVIDIA GPU through CuPy; forward and backward written by hand."""
 
     framework = "cupy"
@@ -64,9 +104,12 @@ class CupyCapsNet(ArrayCapsNet):
             return Availability.missing("no CUDA device (cupy sees 0 devices)")
         return Availability.ok()
 
-    def __init__(self, config, params, dtype="float32", device="cuda", routing="vectorised"):
-        super().__init__(config, params, dtype, device, routing)
-        self._adam_kernel = fused_adam_kernel() if self.xp is cupy and cupy is not None else None
+    def __init__(self, config, params, dtype="float32", device="cuda", routing_variant="vectorised"):
+        super().__init__(config, params, dtype, device, routing_variant)
+        self._on_gpu = cupy is not None and self.xp is cupy
+        self._adam_kernel = fused_adam_kernel() if self._on_gpu else None
+        self._peak_hook = None
+        self._last_peaks: AllocatorPeaks | None = None
 
     def adam_step(self) -> None:
         if self._adam_kernel is None:
@@ -78,21 +121,40 @@ class CupyCapsNet(ArrayCapsNet):
                               param, first, second)
 
     def synchronize(self) -> None:
-        if self.xp is cupy:
+        if self._on_gpu:
             cupy.cuda.get_current_stream().synchronize()
 
     def reset_peak_memory(self) -> None:
-        if self.xp is cupy:
-            self.synchronize()
-            cupy.get_default_memory_pool().free_all_blocks()
+        if not self._on_gpu:
+            return
+        self.synchronize()
+        self._stop_peak_hook()
+        self._peak_hook = PoolPeakHook(cupy.get_default_memory_pool())
+        self._peak_hook.__enter__()
 
-    def allocator_peak_bytes(self) -> int | None:
-        """Bytes CuPy's pool holds after the region, from an emptied pool (see the module docstring)."""
-        if self.xp is not cupy:
+    def allocator_peaks(self) -> AllocatorPeaks | None:
+        """The pool's peaks since :meth:`reset_peak_memory`; following the pool stops here."""
+        if not self._on_gpu:
             return None
         self.synchronize()
-        return int(cupy.get_default_memory_pool().total_bytes())
+        self._stop_peak_hook()
+        return self._last_peaks
+
+    def _stop_peak_hook(self) -> None:
+        if self._peak_hook is not None:
+            self._peak_hook.__exit__(None, None, None)
+            self._last_peaks = self._peak_hook.counter.peaks()
+            self._peak_hook = None
+
+    def release_cached_memory(self) -> None:
+        if self._on_gpu:
+            self.synchronize()
+            cupy.get_default_memory_pool().free_all_blocks()
+            cupy.get_default_pinned_memory_pool().free_all_blocks()
+
+    def pci_bus_id(self) -> str | None:
+        return cupy.cuda.Device().pci_bus_id if self._on_gpu else None
 
 
-for _routing in ROUTING_VARIANTS:
-    register(f"cupy-{_routing}", CupyCapsNet, device="cuda", routing=_routing)
+for _variant in ROUTING_VARIANTS:
+    register(f"cupy-{_variant}", CupyCapsNet, device="cuda", routing_variant=_variant)

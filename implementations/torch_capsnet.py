@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from harness.params import DECODER_PREFIX, decoder_layer_count
-from harness.registry import DEVICES, ROUTING_VARIANTS, Availability, Batch, Implementation, register
-from harness.spec import ADAM, CapsNetConfig
+from harness.registry import DEVICES, ROUTING_VARIANTS, AllocatorPeaks, Availability, Batch, Implementation, register
+from harness.spec import ADAM, CapsNetConfig, LearningRateSchedule
 
 try:
     import torch
@@ -173,20 +173,30 @@ class TorchCapsNet(Implementation):
 
     framework = "torch"
 
-    def __init__(self, config, params, dtype="float32", device="cpu", routing="vectorised"):
-        super().__init__(config, params, dtype, device, routing)
+    def __init__(self, config, params, dtype="float32", device="cpu", routing_variant="vectorised"):
+        super().__init__(config, params, dtype, device, routing_variant)
         self._dtype = getattr(torch, dtype)
         self._device = torch.device(device)
         if self._device.type == "cuda":  # float32 means float32: no TF32 in convolutions or matrix products
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-        self._route = ROUTING[routing]
+        self._routing_function = ROUTING[routing_variant]
         self.module = CapsNetModule(config, params, self._dtype, self._device, self.route)
         self.params = self.module.params
-        self.optimizer = torch.optim.Adam(
-            self.module.parameters(), lr=ADAM.lr, betas=(ADAM.beta1, ADAM.beta2), eps=ADAM.eps
-        )
+        self.optimizer = self.make_optimizer()
+        self.set_schedule(self.schedule)
         self._loss = None
+
+    def make_optimizer(self):
+        """torch.optim.Adam with the harness's constants (a subclass may choose another Adam kernel)."""
+        return torch.optim.Adam(self.module.parameters(), lr=ADAM.lr, betas=(ADAM.beta1, ADAM.beta2), eps=ADAM.eps)
+
+    def set_schedule(self, schedule: LearningRateSchedule) -> None:
+        """The schedule as torch's own LambdaLR scheduler, stepped after every Adam step."""
+        super().set_schedule(schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = schedule.initial
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule.factor)
 
     @classmethod
     def availability(cls, device: str) -> Availability:
@@ -213,7 +223,9 @@ class TorchCapsNet(Implementation):
 
     # the network
     def route(self, u_hat):
-        return self._route(u_hat, self.config.routing_iterations, self.config.squash_eps)
+        """The differentiable routing of the forward pass: u_hat (B, N, J, D) -> v (B, J, D).  The hook a
+        plugin overrides to try another routing (see harness.registry)."""
+        return self._routing_function(u_hat, self.config.routing_iterations, self.config.squash_eps)
 
     def forward(self, batch: Batch, train: bool = True):
         if train and batch.labels is None:
@@ -240,13 +252,38 @@ class TorchCapsNet(Implementation):
 
     def adam_step(self) -> None:
         self.optimizer.step()
+        self.scheduler.step()
 
     def train_step(self, batch: Batch) -> float:
         loss = self.forward_loss(batch)
         self._backward(keep_graph=False)
         self._loss = None
-        self.optimizer.step()
+        self.adam_step()
         return float(loss)
+
+    def adam_state(self) -> dict[str, np.ndarray]:
+        state = {"step": np.asarray(self.scheduler.last_epoch)}
+        for name, parameter in self.params.items():
+            moments = self.optimizer.state.get(parameter, {})
+            for key, moment in (("first", "exp_avg"), ("second", "exp_avg_sq")):
+                value = moments.get(moment)
+                state[f"{key}/{name}"] = (self.to_numpy(value).copy() if value is not None
+                                          else np.zeros(parameter.shape, dtype=self.dtype))
+        return state
+
+    def load_adam_state(self, state: dict[str, np.ndarray]) -> None:
+        step = int(state["step"])
+        on_device = self.optimizer.defaults.get("fused") or self.optimizer.defaults.get("capturable")
+        for name, parameter in self.params.items():
+            self.optimizer.state[parameter] = {
+                "step": torch.tensor(float(step), dtype=torch.float32,
+                                     device=parameter.device if on_device else "cpu"),
+                "exp_avg": self.from_numpy(state[f"first/{name}"]).reshape(parameter.shape).clone(),
+                "exp_avg_sq": self.from_numpy(state[f"second/{name}"]).reshape(parameter.shape).clone(),
+            }
+        self.scheduler.last_epoch = step
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule.rate(step)
 
     def gradients(self) -> dict[str, np.ndarray]:
         return {name: self.to_numpy(p.grad).copy() for name, p in self.params.items()}
@@ -259,7 +296,7 @@ class TorchCapsNet(Implementation):
         with torch.no_grad():
             return predictions_from_images(self.params, batch.images, self.config)
 
-    def routing(self, u_hat):
+    def routing_forward(self, u_hat):
         with torch.no_grad():
             return self.route(u_hat)
 
@@ -277,15 +314,36 @@ class TorchCapsNet(Implementation):
             torch.cuda.synchronize(self._device)
             torch.cuda.reset_peak_memory_stats(self._device)
 
-    def allocator_peak_bytes(self) -> int | None:
-        """torch.cuda.max_memory_allocated: the caching allocator's peak of live tensors (reserved
-        memory, which NVML sees, is larger)."""
+    def allocator_peaks(self) -> AllocatorPeaks | None:
+        """The caching allocator's peaks: max_memory_allocated (live tensors), max_memory_reserved."""
         if self._device.type != "cuda":
             return None
-        return int(torch.cuda.max_memory_allocated(self._device))
+        torch.cuda.synchronize(self._device)
+        return AllocatorPeaks(live=int(torch.cuda.max_memory_allocated(self._device)),
+                              reserved=int(torch.cuda.max_memory_reserved(self._device)))
+
+    def release_cached_memory(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+            torch.cuda.empty_cache()
+
+    def pci_bus_id(self) -> str | None:
+        if self._device.type != "cuda":
+            return None
+        return cuda_pci_bus_id(torch.cuda.get_device_properties(self._device))
 
 
-for _device in DEVICES:
-    for _routing in ROUTING_VARIANTS:
-        register(f"torch-{_routing}" + ("-cuda" if _device == "cuda" else ""), TorchCapsNet, device=_device,
-                 routing=_routing)
+def cuda_pci_bus_id(properties) -> str:
+    """'DDDD:BB:DD.0' from torch's device properties (domain, bus and device numbers)."""
+    return f"{properties.pci_domain_id:04x}:{properties.pci_bus_id:02x}:{properties.pci_device_id:02x}.0"
+
+
+def register_variants(prefix: str, cls: type[Implementation], devices=DEVICES) -> None:
+    """``<prefix>-vectorised``, ``<prefix>-looped`` and their ``-cuda`` twins."""
+    for device in devices:
+        for variant in ROUTING_VARIANTS:
+            register(f"{prefix}-{variant}" + ("-cuda" if device == "cuda" else ""), cls, device=device,
+                     routing_variant=variant)
+
+
+register_variants("torch", TorchCapsNet)

@@ -4,12 +4,14 @@ suite's own helpers skip what cannot run instead of crashing."""
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
 from harness import registry
 from implementations.torch_capsnet import TorchCapsNet
+
+from conftest import REPO_ROOT
 
 BENCHMARK_NAMES = [
     "time_forward", "time_inference", "time_train_step", "time_backward", "time_routing", "time_routing_backward",
@@ -70,14 +72,51 @@ def test_profiles_choose_the_grid(monkeypatch):
         load_profile("huge")
 
 
-def test_implementations_can_be_narrowed_and_unknown_names_fail(monkeypatch):
+def test_implementations_can_be_narrowed_and_unknown_names_are_one_line(monkeypatch):
     from benchmarks import common
 
     monkeypatch.setenv(common.IMPLEMENTATIONS_ENV, "numpy-vectorised, torch-looped")
-    assert common.selected_implementations() == ["numpy-vectorised", "torch-looped"]
-    monkeypatch.setenv(common.IMPLEMENTATIONS_ENV, "numpy-vectorized")
-    with pytest.raises(registry.UnknownImplementationError):
-        common.selected_implementations()
+    assert common.selected_implementations() == {"numpy-vectorised", "torch-looped"}
+    monkeypatch.setenv(common.IMPLEMENTATIONS_ENV, "numpy-vectorized,torch-looped")
+    problem = common.selected_implementations()
+    assert isinstance(problem, str) and "\n" not in problem
+    assert "'numpy-vectorized'" in problem and "known implementations: " + ", ".join(registry.names()) in problem
+
+
+def test_a_narrowed_run_keeps_the_grid_and_writes_the_facts(asv_env, tmp_path):
+    """CAPSBENCH_IMPLEMENTATIONS and --bench narrow what runs, never the grid: benchmarks.json still names
+    every implementation, the others are skipped with the reason, and the machine facts are written beside
+    the saved results although the MachineFacts benchmark did not run."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    env = {**asv_env, "CAPSBENCH_IMPLEMENTATIONS": "numpy-vectorised", "CAPSBENCH_ASV_COMMIT": head,
+           "CAPSBENCH_ASV_CONFIG": asv_env["ASV_CONFIG"]}
+    result = subprocess.run(["asv", "run", "--config", env["ASV_CONFIG"], "--quick", "--python=same",
+                             "--set-commit-hash", head, "--bench", "TrainStep", "--show-stderr"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=900,
+                            stdin=subprocess.DEVNULL)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    results = Path(env["HOME"]) / "results"
+    described = json.loads((results / "benchmarks.json").read_text())
+    grid = described["bench_phases.TrainStep.time_train_step"]["params"][0]
+    assert sorted(json.loads(name.replace("'", '"')) for name in grid) == registry.names()
+    assert "torch-looped is left out by CAPSBENCH_IMPLEMENTATIONS" in output
+    facts = list((results.parent / "asv-facts").glob(f"*/{head[:8]}*.json"))
+    assert len(facts) == 1, output
+    recorded = json.loads(facts[0].read_text())
+    assert recorded["profile"] == "smoke" and set(recorded["implementations"]) == set(registry.names())
+    assert recorded["implementations"]["numpy-looped"] == registry.get("numpy-looped").describe()
+
+
+def test_a_misspelt_implementation_ends_with_the_known_names(asv_env):
+    env = {**asv_env, "CAPSBENCH_IMPLEMENTATIONS": "numpy-vectorized"}
+    result = subprocess.run(["asv", "run", "--config", env["ASV_CONFIG"], "--quick", "--dry-run", "--python=same",
+                             "--bench", "TrainStep", "--show-stderr"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=900,
+                            stdin=subprocess.DEVNULL)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert "known implementations: " + ", ".join(registry.names()) in lines[-1], lines[-5:]
 
 
 def test_unavailable_implementation_is_skipped_with_its_reason():
@@ -97,9 +136,9 @@ class RunsOutOfMemory(TorchCapsNet):
 def test_out_of_memory_is_a_skip_not_a_crash(monkeypatch):
     from benchmarks import common
 
-    monkeypatch.setitem(registry._REGISTRY.entries, "oom",
-                        registry.ImplementationInfo("oom", RunsOutOfMemory, "cpu", "vectorised"))
-    with pytest.raises(NotImplementedError, match="oom runs out of memory at batch 512"):
-        common.prepare("oom", 512, 3, "train_step")
+    with registry.registered("oom", RunsOutOfMemory):
+        monkeypatch.setattr(common, "SELECTED", set(registry.names()))
+        with pytest.raises(NotImplementedError, match="oom runs out of memory at batch 512"):
+            common.prepare("oom", 512, 3, "train_step")
     assert common.is_out_of_memory(MemoryError())
     assert not common.is_out_of_memory(ValueError("shapes do not match"))

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from harness.data import (
+    IMAGE_MAGIC,
     DataError,
     iterate_batches,
     load_mnist,
     read_idx,
-    IMAGE_MAGIC,
     resolve_data_dir,
     shift_images,
     synthetic_batch,

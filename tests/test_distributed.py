@@ -22,9 +22,10 @@ from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 
 from harness import distributed, train  # noqa: E402
 from harness.data import load_mnist  # noqa: E402
+from harness.epochs import DEFAULT_SCHEDULE  # noqa: E402
 from harness.params import init_parameters  # noqa: E402
 from harness.results import read_json, read_training_result  # noqa: E402
-from harness.spec import SMALL  # noqa: E402
+from harness.spec import SCHEDULES, SMALL  # noqa: E402
 from implementations.torch_capsnet import TorchCapsNet  # noqa: E402
 
 from conftest import REPO_ROOT  # noqa: E402
@@ -62,6 +63,7 @@ def single_process_reference(mnist_path):
     """TorchCapsNet.train_step on the concatenation of the ranks' batches, in DistributedSampler's order."""
     train_set = load_mnist(mnist_path, "train").head(LIMIT)
     impl = TorchCapsNet(SMALL, init_parameters(SMALL), "float32")
+    impl.set_schedule(SCHEDULES[DEFAULT_SCHEDULE])  # the default of both training commands
     losses = []
     for epoch in range(EPOCHS):
         shards = []
@@ -110,7 +112,8 @@ def test_a_failing_rank_ends_the_run_non_zero_with_one_line_and_no_hang(tmp_path
                                 env={distributed.FAIL_ENV: "1:2"}, timeout=90)
     assert process.returncode != 0
     assert seconds < 60
-    lines = [line for line in (process.stderr + process.stdout).splitlines() if line.startswith("error: rank 1 failed:")]
+    output = (process.stderr + process.stdout).splitlines()
+    lines = [line for line in output if line.startswith("error: rank 1 failed:")]
     assert lines == [f"error: rank 1 failed: InjectedFailure: injected failure at step 2 ({distributed.FAIL_ENV}=1:2)"]
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["status"] != "completed" and len(record["steps"]) <= 2
@@ -130,7 +133,7 @@ def test_a_rank_that_stops_answering_makes_the_others_time_out(tmp_path, mnist_p
 def test_scaling_writes_one_results_file_for_world_sizes_1_and_2(tmp_path):
     out = tmp_path / "scaling.json"
     process = subprocess.run(
-        [sys.executable, "-m", "harness.distributed", "scaling", "--config", "small", "--world-sizes", "1", "2",
+        [sys.executable, "-m", "harness.scaling", "--config", "small", "--world-sizes", "1", "2",
          "--threads", "2", "--global-batch-size", "16", "--steps", "2", "--warmup", "1", "--timeout-s", "30",
          "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -141,8 +144,7 @@ def test_scaling_writes_one_results_file_for_world_sizes_1_and_2(tmp_path):
         "torch-vectorised", "gloo", "cpu", "small")
     assert payload["scaling"] == "strong" and isinstance(payload["machine"], dict) and payload["machine"]["cpu_count"]
     types = {"world_size": int, "threads_per_rank": int, "per_rank_batch_size": int, "global_batch_size": int,
-             "steps": int, "step_seconds": float, "images_per_second": float, "allreduce_seconds": float,
-             "allreduce_share": float}
+             "steps": int, "step_seconds": float, "images_per_second": float}
     assert [(run["world_size"], run["threads_per_rank"], run["per_rank_batch_size"]) for run in payload["runs"]] == [
         (1, 2, 16), (2, 1, 8)]
     for run in payload["runs"]:
@@ -150,9 +152,15 @@ def test_scaling_writes_one_results_file_for_world_sizes_1_and_2(tmp_path):
             assert isinstance(run[key], kind), (key, run[key])
         assert run["global_batch_size"] == 16 and run["steps"] == 2 and run["step_seconds"] > 0
         assert run["images_per_second"] == pytest.approx(16 / run["step_seconds"])
-        assert 0.0 <= run["allreduce_share"] < 1.0
-        assert run["allreduce_seconds"] == pytest.approx(run["allreduce_share"] * run["step_seconds"])
-    assert "| world size |" in process.stdout
+    one, two = payload["runs"]
+    assert one["allreduce_seconds"] is None and one["allreduce_share"] is None  # one rank: nothing to all-reduce
+    assert 0.0 <= two["allreduce_share"] < 1.0
+    assert two["allreduce_seconds"] == pytest.approx(two["allreduce_share"] * two["step_seconds"])
+    # the printed efficiency is the report's figure: speed-up / growth of the cores used (2 x 1 = 1 x 2)
+    efficiency = two["images_per_second"] / one["images_per_second"]
+    row = next(line for line in process.stdout.splitlines() if line.startswith("| 2 | 1 | 16 |"))
+    assert row.endswith(f"| {efficiency:.0%} |") and "| — |" in next(
+        line for line in process.stdout.splitlines() if line.startswith("| 1 | 2 | 16 |"))
 
 
 def test_outside_torchrun_and_for_a_non_torch_implementation_one_line(tmp_path, mnist_path, monkeypatch, capsys):

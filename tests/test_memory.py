@@ -1,6 +1,7 @@
 """The memory sampler: peak logic with a scripted reader, host RSS for real, NVML unavailability."""
 
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -118,22 +119,61 @@ def test_nvml_on_a_gpu_machine():
 
 
 class FakeNvml:
-    """Records which handle lookup was asked for (the real pynvml needs a driver)."""
+    """pynvml's calls the harness makes, on two GPUs of a machine, with scripted memory readings: GPU
+    '00000000:3B:00.0' has 8 GiB used and 32 GiB free, the other 1 GiB used; its process list holds
+    another process and this one (whose figure can be unknown: None)."""
 
-    def nvmlDeviceGetHandleByIndex(self, index):
-        return ("index", index)
+    BUS = {"00000000:3B:00.0": "gpu-b", "00000000:1A:00.0": "gpu-a"}
+
+    def __init__(self, own_pid: int, own_bytes: int | None = 3 * 2**30):
+        self.own_pid, self.own_bytes, self.opened = own_pid, own_bytes, []
+
+    def nvmlDeviceGetHandleByPciBusId(self, bus_id):
+        self.opened.append(("pci", bus_id))
+        return self.BUS[bus_id]
 
     def nvmlDeviceGetHandleByUUID(self, uuid):
-        return ("uuid", uuid)
+        self.opened.append(("uuid", uuid))
+        return "gpu-uuid"
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        self.opened.append(("index", index))
+        return "gpu-a"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        used = {"gpu-b": 8 * 2**30}.get(handle, 2**30)
+        return types.SimpleNamespace(used=used, free=40 * 2**30 - used, total=40 * 2**30)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        return [types.SimpleNamespace(pid=self.own_pid + 1, usedGpuMemory=5 * 2**30),
+                types.SimpleNamespace(pid=self.own_pid, usedGpuMemory=self.own_bytes)]
+
+
+def test_nvml_opens_the_gpu_the_framework_uses_by_its_pci_bus_id():
+    """CUDA and NVML number GPUs differently: the handle comes from the framework's PCI bus id (in NVML's
+    8-digit-domain form), never from an index."""
+    nvml = FakeNvml(own_pid=100)
+    assert memory.nvml_pci_bus_id("0000:3b:00.0") == "00000000:3B:00.0"
+    read = memory.nvml_reader(nvml, "0000:3b:00.0", pid=100)
+    assert nvml.opened == [("pci", "00000000:3B:00.0")]
+    assert read() == Reading(8 * 2**30, 3 * 2**30)  # the used memory (not the free), and this PID's own
+
+
+def test_nvml_process_figure_is_none_when_unknown_or_not_listed():
+    unknown = FakeNvml(own_pid=100, own_bytes=None)
+    assert memory.nvml_reader(unknown, "0000:3B:00.0", pid=100)() == Reading(8 * 2**30, None)
+    assert memory.nvml_reader(FakeNvml(own_pid=100), "0000:3B:00.0", pid=7)() == Reading(8 * 2**30, None)
 
 
 @pytest.mark.parametrize("visible, expected", [
-    (None, ("index", 0)), ("3,1", ("index", 3)), ("GPU-8f2a-11", ("uuid", "GPU-8f2a-11")), ("", ("index", 0)),
+    (None, ("index", 0)), ("3,1", ("index", 0)), ("GPU-8f2a-11", ("uuid", "GPU-8f2a-11")), ("", ("index", 0)),
 ])
-def test_nvml_reads_the_first_visible_gpu(monkeypatch, visible, expected):
+def test_without_a_framework_device_nvml_falls_back_to_a_uuid_or_its_first_gpu(monkeypatch, visible, expected):
+    """An index in CUDA_VISIBLE_DEVICES is CUDA's numbering, not NVML's: it is not used."""
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    assert memory._device_handle(FakeNvml(), None) == expected
-    assert memory._device_handle(FakeNvml(), 2) == ("index", 2)
+    nvml = FakeNvml(own_pid=1)
+    memory._device_handle(nvml, None)
+    assert nvml.opened == [expected]

@@ -1,6 +1,5 @@
 """The registry: names, metadata, availability reasons, errors, and a broken implementation caught."""
 
-import numpy as np
 import pytest
 
 from harness import registry
@@ -15,7 +14,7 @@ def test_builtin_torch_implementations_are_registered_and_available():
         info = registry.get(name)
         assert (info.framework, info.device) == ("torch", "cpu")
         assert info.availability()
-    assert registry.get("torch-looped").routing == "looped"
+    assert registry.get("torch-looped").routing_variant == "looped"
     assert {"torch-vectorised", "torch-looped"} <= set(registry.available("cpu"))
 
 
@@ -60,7 +59,7 @@ def test_wrong_parameters_are_refused():
         registry.create("torch-vectorised", SMALL, params)
 
 
-def test_availability_that_raises_is_reported_not_fatal(monkeypatch):
+def test_availability_that_raises_is_reported_not_fatal():
     class Fragile(TorchCapsNet):
         @classmethod
         def availability(cls, device):
@@ -80,26 +79,27 @@ class WrongSoftmaxAxis(TorchCapsNet):
         from implementations.torch_capsnet import squash
 
         logits = u_hat.new_zeros(u_hat.shape[:3])
-        for iteration in range(self.config.routing_iterations):
+        for _ in range(self.config.routing_iterations):
             coupling = torch.softmax(logits, dim=1)  # wrong: over i
             v = squash(torch.einsum("bij,bijd->bjd", coupling, u_hat), self.config.squash_eps)
             logits = logits + torch.einsum("bijd,bjd->bij", u_hat, v)
         return v
 
 
-def test_check_catches_the_wrong_softmax_axis(monkeypatch):
-    monkeypatch.setitem(
-        registry._REGISTRY.entries, "wrong-softmax", registry.ImplementationInfo("wrong-softmax", WrongSoftmaxAxis, "cpu", "vectorised")
-    )
-    rows = check_implementation("wrong-softmax", SMALL, "float64")
+def test_check_catches_the_wrong_softmax_axis():
+    with registry.registered("wrong-softmax", WrongSoftmaxAxis):
+        rows = check_implementation("wrong-softmax", SMALL, "float64")
     failed = {row.quantity for row in rows if not row.passed}
     assert "lengths" in failed and "grad digit.weight" in failed
+    assert "wrong-softmax" not in registry.names()  # gone again after the with block
 
 
-def test_check_passes_both_torch_variants_in_both_dtypes():
-    for name in ("torch-vectorised", "torch-looped"):
-        for dtype in ("float32", "float64"):
-            rows = check_implementation(name, SMALL, dtype)
-            assert len(rows) == 4 + 2 * 11
-            assert all(row.passed for row in rows), [r for r in rows if not r.passed]
-            assert all(np.isfinite(row.error) for row in rows)
+def test_registered_refuses_a_taken_name_and_restores_the_registry():
+    with pytest.raises(ValueError, match="already registered"):
+        with registry.registered("torch-vectorised", WrongSoftmaxAxis):
+            pass
+    assert registry.get("torch-vectorised").cls is TorchCapsNet
+    with pytest.raises(RuntimeError, match="boom"):
+        with registry.registered("short-lived", WrongSoftmaxAxis):
+            raise RuntimeError("boom")
+    assert "short-lived" not in registry.names()

@@ -1,4 +1,5 @@
-"""The PyTorch implementation against hand-computed cases and an independent per-example transcription."""
+"""The PyTorch implementation's pieces against hand-computed cases and an independent per-example
+transcription of Procedure 1.  The whole model is held to the contract in test_contract.py."""
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ def paper_routing(u_hat: np.ndarray, iterations: int, eps: float) -> np.ndarray:
     out = np.zeros((batch, n_out, dim))
     for b in range(batch):
         logits = np.zeros((n_in, n_out))
-        for r in range(iterations):
+        for _ in range(iterations):
             for i in range(n_in):
                 e = np.exp(logits[i] - logits[i].max())
                 c_i = e / e.sum()
@@ -102,15 +103,6 @@ def test_coupling_is_a_softmax_over_output_capsules():
         np.testing.assert_allclose(routing(u_hat, 2, eps)[0].numpy(), expected.numpy(), rtol=1e-12)
 
 
-def test_whole_model_gradients_against_finite_differences():
-    from gradcheck_util import finite_difference_errors
-
-    config = SMALL.replace(reconstruction_weight=0.5)  # decoder gradients large enough for differences
-    errors = finite_difference_errors("torch-vectorised", config, per_tensor=3)
-    assert len(errors) == 11
-    assert max(errors.values()) < 1e-5, errors
-
-
 @pytest.mark.parametrize("routing", ["vectorised", "looped"])
 def test_routing_gradcheck(rng, routing):
     u_hat = torch.tensor(rng.normal(size=(2, 4, 3, 2)), requires_grad=True)
@@ -148,7 +140,7 @@ def test_decoder_sees_the_true_class_in_training_and_the_longest_at_inference():
     impl = registry.create("torch-vectorised", SMALL, params, "float64")
     images, labels = synthetic_batch(SMALL, 6)
     batch = impl.to_device(images, labels)
-    v = impl.routing(impl.prediction_vectors(batch))
+    v = impl.routing_forward(impl.prediction_vectors(batch))
     lengths = torch.linalg.vector_norm(v, dim=-1)
     longest = lengths.argmax(dim=1)
     assert (longest != batch.labels).any(), "the test needs examples whose label is not the longest capsule"
@@ -158,32 +150,3 @@ def test_decoder_sees_the_true_class_in_training_and_the_longest_at_inference():
     np.testing.assert_allclose(impl.forward(batch, train=True)[1], tc.decode(tensors, only_label, batch.labels, SMALL))
     np.testing.assert_allclose(impl.forward(batch, train=False)[1], tc.decode(tensors, v, longest, SMALL))
     assert not torch.equal(impl.forward(batch, train=True)[1], impl.forward(batch, train=False)[1])
-
-
-@pytest.mark.parametrize("train", [True, False])
-def test_vectorised_and_looped_agree(train):
-    params = init_parameters(SMALL, dtype=np.float64)
-    images, labels = synthetic_batch(SMALL, 4)
-    outputs = []
-    for name in ("torch-vectorised", "torch-looped"):
-        impl = registry.create(name, SMALL, params, "float64")
-        batch = impl.to_device(images, labels)
-        lengths, recon = impl.forward(batch, train=train)
-        impl.forward_loss(batch)
-        impl.backward()
-        outputs.append((lengths.numpy(), recon.numpy(), impl.gradients()))
-    np.testing.assert_allclose(outputs[0][0], outputs[1][0], rtol=1e-12)
-    np.testing.assert_allclose(outputs[0][1], outputs[1][1], rtol=1e-12)
-    for name, gradient in outputs[0][2].items():
-        np.testing.assert_allclose(gradient, outputs[1][2][name], rtol=1e-9, atol=1e-15, err_msg=name)
-
-
-def test_backward_twice_gives_the_same_gradients_not_their_sum():
-    impl = registry.create("torch-vectorised", SMALL, init_parameters(SMALL), "float32")
-    batch = impl.to_device(*synthetic_batch(SMALL, 2))
-    impl.forward_loss(batch)
-    impl.backward()
-    first = impl.gradients()
-    impl.backward()
-    for name, gradient in impl.gradients().items():
-        np.testing.assert_array_equal(gradient, first[name])

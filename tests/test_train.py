@@ -65,7 +65,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_file(tmp_path, mnist_
 
 
 def test_missing_data_folder_is_one_line(tmp_path, capsys):
-    code = train.main(["--impl", "torch-vectorised", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "x.json")])
+    code = train.main(["--impl", "torch-vectorised", "--data-dir", str(tmp_path / "none"),
+                       "--out", str(tmp_path / "x.json")])
     assert code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: MNIST folder") and "--data-dir" in error and "\n" not in error

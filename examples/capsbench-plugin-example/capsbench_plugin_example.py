@@ -24,4 +24,4 @@ class TorchEinsumRouting(TorchCapsNet):
         return routing_einsum(u_hat, self.config.routing_iterations, self.config.squash_eps)
 
 
-register("example-torch-einsum", TorchEinsumRouting, device="cpu", routing="vectorised")
+register("example-torch-einsum", TorchEinsumRouting, device="cpu", routing_variant="vectorised")

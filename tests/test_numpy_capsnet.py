@@ -1,16 +1,19 @@
-"""The hand-written backward of the NumPy/CuPy CapsNet: every layer and the whole model against finite
-differences (float64), the convolutions against torch, and the model against the torch reference."""
+"""The hand-written backward of the NumPy/CuPy CapsNet, layer by layer: every layer against finite
+differences (float64), the convolutions and the input gradient against torch.  The whole model is held to
+the contract in test_contract.py."""
+
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
-from gradcheck_util import finite_difference_errors, livelier_parameters
 from harness import registry
-from harness.check import check_implementation
 from harness.data import synthetic_batch
 from harness.spec import SMALL
-from implementations import array_capsnet as ac
+from implementations import numpy_capsnet as ac
+
+from gradcheck_util import livelier_parameters
 
 EPS = 1e-8
 STEP = 1e-6
@@ -156,15 +159,9 @@ def test_decoder_backward(rng):
     loss = lambda xx: np.sum(g * ac.decoder_forward(np, layers, xx)[-1])
     assert_gradient(grad_x, numeric_gradient(loss, x.copy()))
     weight = layers[0][0]
-    numeric = numeric_gradient(lambda w: np.sum(g * ac.decoder_forward(np, [(w, layers[0][1]), layers[1]], x)[-1]), weight.copy())
+    numeric = numeric_gradient(lambda w: np.sum(g * ac.decoder_forward(np, [(w, layers[0][1]), layers[1]], x)[-1]),
+                               weight.copy())
     assert_gradient(grads[0][0], numeric)
-
-
-def test_whole_model_gradients_against_finite_differences():
-    config = SMALL.replace(reconstruction_weight=0.5)  # decoder gradients large enough for differences
-    errors = finite_difference_errors("numpy-vectorised", config, per_tensor=3)
-    assert len(errors) == 11
-    assert max(errors.values()) < 1e-5, errors
 
 
 def test_input_gradient_against_finite_differences():
@@ -196,28 +193,19 @@ def test_input_gradient_against_finite_differences():
     np.testing.assert_allclose(analytic, batch.images.grad.numpy(), rtol=0, atol=1e-12 * np.max(np.abs(analytic)))
 
 
-@pytest.mark.parametrize("name", ["numpy-vectorised", "numpy-looped"])
-def test_every_parameter_changes_during_training(name):
-    params = registry.get(name).create(SMALL, livelier_parameters(SMALL), "float32").parameters()
-    impl = registry.create(name, SMALL, params, "float32")
-    for seed in range(3):
-        impl.train_step(impl.to_device(*synthetic_batch(SMALL, 4, seed=seed)))
-    for param_name, value in impl.parameters().items():
-        assert not np.array_equal(value, params[param_name]), f"{param_name} never changed"
-
-
-@pytest.mark.parametrize("name", ["numpy-vectorised", "numpy-looped"])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_parity_with_the_torch_reference(name, dtype):
-    rows = check_implementation(name, SMALL, dtype)
-    assert all(row.passed for row in rows), [row for row in rows if not row.passed]
-
-
-def test_gradients_are_not_accumulated_across_backward_calls():
+def test_backward_releases_the_previous_gradients_before_building_new_ones():
+    """A second backward() holds one gradient set at its peak (torch frees the old ones with set_to_none):
+    its growth over what was held before it is the first one's peak less a gradient set."""
     impl = registry.create("numpy-vectorised", SMALL, livelier_parameters(SMALL), "float64")
     impl.forward_loss(impl.to_device(*synthetic_batch(SMALL, 2)))
-    impl.backward()
-    first = impl.gradients()
-    impl.backward()
-    for name, grad in impl.gradients().items():
-        np.testing.assert_array_equal(grad, first[name])
+    gradient_bytes = sum(value.nbytes for value in impl.params.values())
+    tracemalloc.start()
+    try:
+        impl.backward()
+        held, first_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        impl.backward()
+        second_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert second_peak - held < first_peak - gradient_bytes / 2, (first_peak, second_peak - held, gradient_bytes)

@@ -1,0 +1,340 @@
+"""What single-process training (:mod:`harness.train`) and data-parallel training (:mod:`harness.distributed`)
+share: their common command-line options, the results record, progress, the epoch summary, divergence and
+the checkpoint a run resumes from.
+
+One results record per run, rewritten atomically after every epoch (kind :data:`TRAINING_KIND`): what
+was trained (implementation, framework, device, routing variant, dtype, network), on what (training and
+test images, ranks, batch), how (optimizer, learning-rate schedule, seed, augmentation, threads of every
+pool), per-step loss, per-epoch loss, accuracy and times, and the best and final test accuracy.  Beside it,
+``<results>.checkpoint.npz`` holds the parameters and Adam's state after the last completed epoch, so that
+``--resume`` continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from harness import registry
+from harness.data import Dataset, iterate_batches
+from harness.environment import machine_facts
+from harness.results import RUNS_DIR, TRAINING_KIND, ResultsFileError, atomic_output, read_training_result
+from harness.spec import ADAM, CONFIGS, MAX_SHIFT_PIXELS, SCHEDULES, LearningRateSchedule
+from harness.threads import thread_facts, usable_cpu_count
+
+try:
+    from tqdm import tqdm
+except ImportError:  # progress bars are a nicety: plain lines instead
+    tqdm = None
+
+FORMAT_VERSION = 2
+TRAINING_RUNS_DIR = RUNS_DIR / "training"
+DEFAULT_SCHEDULE = "paper"
+LINES_PER_EPOCH = 10  # without a terminal, about this many progress lines per epoch
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being a finite number."""
+
+
+# Command line -----------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, *, batch_help: str, default_impl: str | None) -> None:
+    """The options both training commands take, each with its default in its help."""
+    parser.add_argument("--impl", required=default_impl is None, default=default_impl, metavar="NAME",
+                        help="implementation (see `capsbench list`)"
+                             + (" (default: %(default)s)" if default_impl else ""))
+    parser.add_argument("--data-dir", help="folder with the four MNIST IDX files, .gz or not "
+                                           "(default: $CAPSBENCH_DATA_DIR)")
+    parser.add_argument("--epochs", type=positive_int, default=1,
+                        help="epochs in all, counting those of a resumed run (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help=f"{batch_help} (default: %(default)s)")
+    parser.add_argument("--limit", type=positive_int,
+                        help="train on the first N training images only (default: all 60,000)")
+    parser.add_argument("--test-limit", type=positive_int,
+                        help="evaluate on the first N test images only (default: all 10,000)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data order and augmentation (default: %(default)s)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="paper",
+                        help="network size (default: %(default)s)")
+    parser.add_argument("--dtype", choices=registry.DTYPES, default="float32", help="(default: %(default)s)")
+    parser.add_argument("--no-augment", action="store_true",
+                        help=f"no random shifts of up to {MAX_SHIFT_PIXELS} pixels (default: shift, as the paper)")
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default=DEFAULT_SCHEDULE,
+                        help="Adam's learning rate: 'paper' decays it x0.96 every 2,000 steps as the official code "
+                             "does, 'constant' keeps 1e-3 (default: %(default)s)")
+    parser.add_argument("--log-every", type=positive_int, metavar="STEPS",
+                        help="without a terminal, a progress line every STEPS steps (default: about "
+                             f"{LINES_PER_EPOCH} lines per epoch)")
+    parser.add_argument("--out", type=Path, help="results file (default: runs/training/<impl>_<config>_<time>.json, "
+                                                 "not tracked by git)")
+    parser.add_argument("--resume", type=Path, metavar="FILE",
+                        help="continue the run whose results file this is, from its last completed epoch (its "
+                             "options are taken from the file; --epochs may raise the total)")
+
+
+# The results record -----------------------------------------------------------------------------------
+
+
+def new_record(info: registry.ImplementationInfo, args: argparse.Namespace, schedule: LearningRateSchedule,
+               train_images: int, test_images: int, ranks: int = 1) -> dict:
+    """A results record for a run about to start (status 'running')."""
+    return {
+        "kind": TRAINING_KIND,
+        "format_version": FORMAT_VERSION,
+        "status": "running",
+        "message": "",
+        "implementation": info.name,
+        **info.describe(),
+        "dtype": args.dtype,
+        "config_name": args.config,
+        "config": CONFIGS[args.config].as_dict(),
+        "optimizer": {"name": "adam", **ADAM.__dict__},
+        "schedule": schedule.as_dict(),
+        "batch_size": args.batch_size * ranks,
+        "epochs_requested": args.epochs,
+        "train_images": train_images,
+        "test_images": test_images,
+        "ranks": ranks,
+        "limit": args.limit,
+        "test_limit": args.test_limit,
+        "seed": args.seed,
+        "augment": not args.no_augment,
+        "threads": thread_facts(),
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_facts(),
+        "best_test_accuracy": None,
+        "final_test_accuracy": None,
+        "epochs": [],
+        "steps": [],
+    }
+
+
+def default_output(name: str, config_name: str, suffix: str = "") -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return TRAINING_RUNS_DIR / f"{name}{suffix}_{config_name}_{stamp}.json"
+
+
+def resume_options(path: Path, args: argparse.Namespace) -> dict:
+    """The record of the run to resume; ``args`` takes its options (the command line may raise --epochs)."""
+    record = read_training_result(path)
+    for key in ("dtype", "seed", "limit", "test_limit"):
+        setattr(args, key, record[key])
+    args.impl, args.config = record["implementation"], record["config_name"]
+    args.batch_size = record["batch_size"] // record.get("ranks", 1)
+    args.no_augment = not record["augment"]
+    args.schedule = record["schedule"]["name"]
+    args.epochs = max(args.epochs, record["epochs_requested"])
+    record["epochs_requested"] = args.epochs
+    args.out = path
+    return record
+
+
+def prepare_resume(args: argparse.Namespace) -> tuple[dict | None, int, dict | None, dict | None]:
+    """For ``--resume FILE``: (the record, the epochs it completed, the saved parameters, Adam's saved state),
+    ``args`` taking the run's options; (None, 0, None, None) for a new run.  ResultsFileError or
+    FileNotFoundError when the file and its checkpoint do not fit together."""
+    if not args.resume:
+        return None, 0, None, None
+    record = resume_options(args.resume, args)
+    truncate_to_completed_epochs(record)
+    done = completed_epochs(record)
+    if done == 0:
+        return record, 0, None, None  # stopped before its first epoch: start again
+    saved_epoch, params, adam = load_checkpoint(args.resume)
+    if saved_epoch != done:
+        raise ResultsFileError(f"{args.resume}: the results hold {done} epoch(s) but the checkpoint was saved "
+                               f"after epoch {saved_epoch}")
+    return record, done, params, adam
+
+
+def add_epoch(record: dict, summary: dict) -> None:
+    """Append an epoch's summary and update the best and final test accuracy."""
+    record["epochs"].append(summary)
+    accuracies = [epoch["test_accuracy"] for epoch in record["epochs"]]
+    record["final_test_accuracy"] = accuracies[-1]
+    record["best_test_accuracy"] = max(accuracies)
+
+
+def completed_epochs(record: dict) -> int:
+    return len(record["epochs"])
+
+
+def truncate_to_completed_epochs(record: dict) -> None:
+    """Drop the steps of an epoch that was interrupted (its parameters were never saved)."""
+    done = completed_epochs(record)
+    record["steps"] = [step for step in record["steps"] if step["epoch"] <= done]
+
+
+def check_finite(loss: float, epoch: int, step: int) -> None:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"loss is {loss} at epoch {epoch}, step {step}")
+
+
+def epoch_rng(seed: int, epoch: int, rank: int = 0) -> np.random.Generator:
+    """The generator of one epoch's data order and shifts: a function of (seed, epoch, rank) only, so a
+    resumed run draws what the uninterrupted run would have."""
+    return np.random.default_rng([seed, epoch, rank])
+
+
+def epoch_summary(epoch: int, losses: list[float], accuracy: float, train_seconds: float, eval_seconds: float,
+                  wall_seconds: float, images: int, elapsed: float) -> dict:
+    """One entry of a results file's ``epochs``.  ``train_seconds`` is the wall time of the epoch's training
+    loop (batch preparation and augmentation included, evaluation not), so ``images_per_second`` is what a
+    user gets; ``eval_seconds`` the test-set evaluation; ``wall_seconds`` the whole epoch, both and the
+    saving of results; ``elapsed_seconds`` adds up the training steps alone, the clock of the loss curves."""
+    return {
+        "epoch": epoch,
+        "mean_loss": float(np.mean(losses)),
+        "test_accuracy": accuracy,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "wall_seconds": wall_seconds,
+        "images": images,
+        "images_per_second": images / train_seconds,
+        "elapsed_seconds": elapsed,
+    }
+
+
+def epoch_line(summary: dict, note: str = "") -> str:
+    return (f"epoch {summary['epoch']}: mean loss {summary['mean_loss']:.4f}, test accuracy "
+            f"{summary['test_accuracy']:.2%}; training {summary['train_seconds']:.1f} s "
+            f"({summary['images_per_second']:.1f} images/s), evaluation {summary['eval_seconds']:.1f} s, "
+            f"epoch wall time {summary['wall_seconds']:.1f} s{note}")
+
+
+def start_line(name: str, args: argparse.Namespace, train_images: int, test_images: int, out: Path,
+               ranks: int = 1, resumed_from: int = 0) -> str:
+    """The first line of a run: what is trained, on how many images, where the results go."""
+    batch = f"batch {args.batch_size}" + (f" per rank = {args.batch_size * ranks} global" if ranks > 1 else "")
+    where = f"data-parallel on {ranks} ranks, " if ranks > 1 else ""
+    resumed = f", resuming after epoch {resumed_from}" if resumed_from else ""
+    return (f"training {name} ({args.dtype}, {args.config} network, schedule {args.schedule}) {where}on "
+            f"{train_images:,} training images, evaluating on {test_images:,} test images, {batch}, "
+            f"{args.epochs} epoch(s){resumed}; results -> {out}")
+
+
+# Progress ---------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """Progress of a loop: a tqdm bar on a terminal; otherwise (piped logs, CI) a plain line every
+    ``every`` steps and at the end.  ``enabled`` False prints nothing (the non-root ranks)."""
+
+    def __init__(self, total: int, description: str, every: int | None = None, enabled: bool = True,
+                 stream=None) -> None:
+        self.total, self.description, self.enabled = total, description, enabled
+        self.stream = stream or sys.stderr
+        self.every = every or max(1, math.ceil(total / LINES_PER_EPOCH))
+        self.count = 0
+        self.start = time.perf_counter()
+        self.bar = None
+        if enabled and tqdm is not None and self.stream.isatty():
+            self.bar = tqdm(total=total, desc=description, unit="step", leave=False, file=self.stream)
+
+    def update(self, **values) -> None:
+        self.count += 1
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            if values:
+                self.bar.set_postfix({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in values.items()})
+        elif self.count % self.every == 0 or self.count == self.total:
+            shown = "".join(f", {k} {v:.4f}" if isinstance(v, float) else f", {k} {v}" for k, v in values.items())
+            print(f"{self.description}: {self.count}/{self.total} steps, "
+                  f"{time.perf_counter() - self.start:.1f} s{shown}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def evaluate(impl: registry.Implementation, images: np.ndarray, labels: np.ndarray, batch_size: int,
+             description: str = "evaluation", enabled: bool = True, every: int | None = None) -> int:
+    """The number of ``images`` classified correctly (the longest DigitCaps capsule), with progress."""
+    correct = 0
+    progress = Progress(math.ceil(len(labels) / batch_size), description, every, enabled)
+    for start in range(0, len(labels), batch_size):
+        lengths, _ = impl.forward(impl.to_device(images[start : start + batch_size]), train=False)
+        correct += int(np.sum(impl.to_numpy(lengths).argmax(axis=1) == labels[start : start + batch_size]))
+        progress.update()
+    progress.close()
+    return correct
+
+
+def training_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, augment: bool):
+    """One epoch's shuffled (and shifted) mini-batches, drawn from :func:`epoch_rng`."""
+    return iterate_batches(dataset, batch_size, epoch_rng(seed, epoch), shuffle=True, augment=augment)
+
+
+def pin_threads(threads: int | None) -> int:
+    """Pin torch, BLAS and OpenMP to ``threads`` (default: the CPUs this process may use); the count."""
+    from harness.threads import set_threads
+
+    count = threads or usable_cpu_count()
+    set_threads(count)
+    return count
+
+
+# Checkpoints ------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(results: Path) -> Path:
+    """Where the checkpoint of a results file lives: beside it."""
+    return Path(results).with_suffix(".checkpoint.npz")
+
+
+def save_checkpoint(results: Path, impl: registry.Implementation, epoch: int) -> Path:
+    """Parameters and Adam's state after ``epoch``, written atomically beside the results file."""
+    path = checkpoint_path(results)
+    arrays = {f"param/{name}": value for name, value in impl.parameters().items()}
+    arrays.update({f"adam/{key}": value for key, value in impl.adam_state().items()})
+    with atomic_output(path) as temporary:
+        with open(temporary, "wb") as stream:
+            np.savez(stream, epoch=np.int64(epoch), **arrays)
+            stream.flush()
+            os.fsync(stream.fileno())
+    return path
+
+
+def load_checkpoint(results: Path) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(epoch, parameters, Adam state) saved beside a results file; a clear error if it is missing."""
+    path = checkpoint_path(results)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint beside {results} (a run saves one after each epoch)")
+    with np.load(path) as saved:
+        epoch = int(saved["epoch"])
+        params = {key.split("/", 1)[1]: saved[key] for key in saved.files if key.startswith("param/")}
+        adam = {key.split("/", 1)[1]: saved[key] for key in saved.files if key.startswith("adam/")}
+    return epoch, params, adam

@@ -1,0 +1,98 @@
+"""python -m harness.keep: copy runs from ``runs/`` (every command's default, git-ignored) into ``results/``,
+the results this repository ships and README cites.
+
+Nothing is ever deleted or overwritten with less: asv run files, machine descriptions and facts, training
+results, scaling results and profiles are copied file by file (atomically); ``benchmarks.json`` is replaced
+by the newer one only when it describes every benchmark the kept one does.  Framework traces and
+checkpoints stay behind (large, and not what README cites).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from harness.profiles import ASV_RESULTS_SUBDIR, FACTS_SUBDIR
+from harness.results import (
+    PROFILE_SUBDIR,
+    RESULTS_DIR,
+    RUNS_DIR,
+    SCALING_SUBDIR,
+    TRAINING_SUBDIR,
+    ResultsFileError,
+    atomic_output,
+    read_json,
+)
+
+KINDS = {"asv": (ASV_RESULTS_SUBDIR, FACTS_SUBDIR), "training": (TRAINING_SUBDIR,),
+         "scaling": (SCALING_SUBDIR,), "profile": (PROFILE_SUBDIR,)}
+KEPT_SUFFIXES = {".json", ".csv", ".md"}
+
+
+def copy_file(source: Path, target: Path) -> None:
+    with atomic_output(target) as temporary:
+        shutil.copyfile(source, temporary)
+
+
+def keeps_every_benchmark(new: Path, old: Path) -> bool:
+    """Whether the newer benchmarks.json describes every benchmark the kept one does."""
+    try:
+        return set(read_json(old)) <= set(read_json(new))
+    except ResultsFileError:
+        return not old.exists()
+
+
+def keep(source: Path, target: Path, kinds: list[str], machine: str | None = None) -> list[Path]:
+    """Copy the chosen kinds of results from ``source`` into ``target``; the files written."""
+    written = []
+    for kind in kinds:
+        for folder in KINDS[kind]:
+            base = source / folder
+            if not base.is_dir():
+                continue
+            for path in sorted(base.rglob("*")):
+                relative = path.relative_to(base)
+                if not path.is_file() or path.suffix not in KEPT_SUFFIXES or path.name.startswith("."):
+                    continue
+                if machine and kind == "asv" and len(relative.parts) > 1 and relative.parts[0] != machine:
+                    continue
+                if path.name.endswith((".checkpoint.npz", ".trace.json")):
+                    continue
+                destination = target / folder / relative
+                if relative.name == "benchmarks.json" and destination.exists() and \
+                        not keeps_every_benchmark(path, destination):
+                    print(f"warning: {path} describes fewer benchmarks than {destination}; not replaced",
+                          file=sys.stderr)
+                    continue
+                copy_file(path, destination)
+                written.append(destination)
+    return written
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m harness.keep", description=__doc__.split("\n")[0])
+    parser.add_argument("--from", dest="source", type=Path, default=RUNS_DIR, help="(default: %(default)s)")
+    parser.add_argument("--to", dest="target", type=Path, default=RESULTS_DIR, help="(default: %(default)s)")
+    parser.add_argument("--what", nargs="+", choices=sorted(KINDS), default=sorted(KINDS),
+                        help="which results to keep (default: all)")
+    parser.add_argument("--machine", help="only this machine's asv results (default: every machine's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not args.source.is_dir():
+        print(f"error: {args.source} does not exist: nothing to keep (commands write their runs there)",
+              file=sys.stderr)
+        return 1
+    written = keep(args.source, args.target, args.what, args.machine)
+    print(f"kept {len(written)} file(s) in {args.target}")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

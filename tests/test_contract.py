@@ -1,0 +1,162 @@
+"""The Implementation contract (harness.registry), held against every implementation the registry knows that
+can run here, built-in or plugin, as timm tests every model of ``list_models()``: a new implementation is
+covered by adding nothing.  GPU classes whose array module can be NumPy also run here, as CPU stand-ins.
+
+Each test names the contract clause it checks; counts come from the definition (``init_parameters``,
+``harness.check.quantities``), never typed literals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from harness import registry
+from harness.check import check_implementation, quantities
+from harness.data import synthetic_batch
+from harness.params import init_parameters, parameter_shapes
+from harness.spec import SMALL, LearningRateSchedule
+from implementations.numpy_capsnet import NumpyCapsNet
+
+from gradcheck_util import finite_difference_errors, livelier_parameters
+
+
+def cpu_stand_ins() -> dict[str, type]:
+    """For each GPU implementation built on the NumPy code that cannot run here: its own class with NumPy as
+    the array module, so everything but its GPU-only kernels runs on the CPU."""
+    stand_ins = {}
+    for info in registry.entries():
+        if info.device == "cuda" and issubclass(info.cls, NumpyCapsNet) and not info.availability():
+            stand_ins[f"{info.name}-on-numpy"] = type(f"{info.cls.__name__}OnNumpy", (info.cls,), {
+                "array_module": classmethod(lambda cls: np),
+                "availability": classmethod(lambda cls, device: registry.Availability.ok()),
+            })
+    return stand_ins
+
+
+STAND_INS = cpu_stand_ins()
+STAND_IN_VARIANTS = {name: registry.get(name[: -len("-on-numpy")]).routing_variant for name in STAND_INS}
+IMPLEMENTATIONS = registry.available() + sorted(STAND_INS)
+DTYPES = list(registry.DTYPES)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stand_ins_registered():
+    with contextlib.ExitStack() as stack:
+        for name, cls in STAND_INS.items():
+            stack.enter_context(registry.registered(name, cls, device="cpu", routing_variant=STAND_IN_VARIANTS[name]))
+        yield
+
+
+def build(name: str, dtype: str = "float64", params=None, config=SMALL):
+    params = init_parameters(config, dtype=dtype) if params is None else params
+    return registry.create(name, config, params, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_parity_with_the_float64_reference(name, dtype):
+    """Outputs, loss, gradients, parameters after Adam, u_hat and routing alone at 1, 3 and 5 iterations."""
+    rows = check_implementation(name, SMALL, dtype)
+    assert [row.quantity for row in rows] == quantities(SMALL)
+    assert all(row.passed for row in rows), [row for row in rows if not row.passed]
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_backward_twice_gives_the_same_gradients_not_their_sum(name):
+    impl = build(name, params=livelier_parameters(SMALL))
+    impl.forward_loss(impl.to_device(*synthetic_batch(SMALL, 2)))
+    impl.backward()
+    first = impl.gradients()
+    impl.backward()
+    again = impl.gradients()
+    assert list(again) == list(parameter_shapes(SMALL))
+    for param_name, gradient in again.items():
+        assert gradient.shape == parameter_shapes(SMALL)[param_name]
+        assert np.any(gradient != 0), f"{param_name} has no gradient"
+        np.testing.assert_array_equal(gradient, first[param_name], err_msg=param_name)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_every_parameter_moves_in_training(name):
+    start = livelier_parameters(SMALL)
+    impl = build(name, "float32", {key: value.astype(np.float32) for key, value in start.items()})
+    losses = [impl.train_step(impl.to_device(*synthetic_batch(SMALL, 4, seed=seed))) for seed in range(3)]
+    assert all(isinstance(loss, float) and np.isfinite(loss) for loss in losses)
+    moved = impl.parameters()
+    assert len(moved) == len(init_parameters(SMALL))
+    for param_name, value in moved.items():
+        assert not np.allclose(value, start[param_name], rtol=0, atol=1e-7), f"{param_name} never changed"
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_whole_model_gradients_against_finite_differences(name):
+    config = SMALL.replace(reconstruction_weight=0.5)  # decoder gradients large enough for differences
+    errors = finite_difference_errors(name, config, per_tensor=3)
+    assert len(errors) == len(init_parameters(config))
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_routing_alone_agrees_with_the_routing_inside_the_forward_pass(name):
+    impl = build(name, params=livelier_parameters(SMALL))
+    batch = impl.to_device(*synthetic_batch(SMALL, 3))
+    lengths, _ = impl.forward(batch, train=False)
+    v = impl.to_numpy(impl.routing_forward(impl.prediction_vectors(batch)))
+    assert v.shape == (3, SMALL.num_classes, SMALL.digit_caps_dim)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=-1), impl.to_numpy(lengths), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_u_hat_comes_in_the_layout_its_routing_consumes(name):
+    """prediction_vectors returns u_hat as the implementation's routing reads it (its axes named by
+    u_hat_layout), so the timed routing_forward converts nothing: for an implementation on NumPy it
+    allocates far less than a copy of u_hat."""
+    config = SMALL.replace(digit_caps_dim=32)  # u_hat 32x the routing's own per-capsule arrays
+    impl = build(name, "float32", config=config)
+    u_hat = impl.prediction_vectors(impl.to_device(*synthetic_batch(config, 4)))
+    assert sorted(impl.u_hat_layout) == sorted("BNJD")
+    shape = dict(zip(impl.u_hat_layout, u_hat.shape))
+    assert shape == {"B": 4, "N": config.num_primary_caps, "J": config.num_classes, "D": config.digit_caps_dim}
+    assert impl.canonical_u_hat(u_hat).shape == (4, *config.u_hat_shape)
+    if isinstance(u_hat, np.ndarray):
+        assert u_hat.flags.c_contiguous
+        tracemalloc.start()
+        impl.routing_forward(u_hat)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < u_hat.nbytes / 2, f"routing_forward allocated {peak} bytes for a u_hat of {u_hat.nbytes}"
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_adam_state_resumes_a_run_exactly(name):
+    """adam_state / load_adam_state: an implementation rebuilt from saved parameters and Adam state takes
+    the same next step as the one that kept running, learning-rate schedule included."""
+    schedule = LearningRateSchedule("fast", decay_rate=0.5, decay_steps=1)
+    batches = [synthetic_batch(SMALL, 4, seed=seed) for seed in range(3)]
+    running = build(name)
+    running.set_schedule(schedule)
+    for images, labels in batches[:2]:
+        running.train_step(running.to_device(images, labels))
+    state = running.adam_state()
+    assert int(state["step"]) == 2
+    assert {key for key in state if key != "step"} == {f"{kind}/{param}" for kind in ("first", "second")
+                                                       for param in parameter_shapes(SMALL)}
+    resumed = build(name, params=running.parameters())
+    resumed.set_schedule(schedule)
+    resumed.load_adam_state(state)
+    for impl in (running, resumed):
+        impl.train_step(impl.to_device(*batches[2]))
+    for param_name, value in running.parameters().items():
+        np.testing.assert_allclose(resumed.parameters()[param_name], value, rtol=1e-12, atol=1e-15, err_msg=param_name)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_a_training_forward_pass_needs_labels(name):
+    impl = build(name)
+    images, _ = synthetic_batch(SMALL, 2)
+    with pytest.raises(ValueError, match="labels"):
+        impl.forward(impl.to_device(images), train=True)
