@@ -111,9 +111,9 @@ class CupyCapsNet(NumpyCapsNet):
         self._peak_hook = None
         self._last_peaks: AllocatorPeaks | None = None
 
-    def adam_step(self) -> None:
+    def _adam_update(self) -> None:
         if self._adam_kernel is None:
-            return super().adam_step()
+            return super()._adam_update()
         step_size, root_correction = self._next_adam_step()
         for name, param in self.params.items():
             first, second = self._moments[name]

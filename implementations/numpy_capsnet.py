@@ -36,6 +36,7 @@ from typing import NamedTuple
 import numpy as np
 
 from harness.params import DECODER_PREFIX, DIGIT_WEIGHT, decoder_layer_count
+from harness.ranges import layer_range
 from harness.registry import ROUTING_VARIANTS, Availability, Batch, Implementation, register
 from harness.spec import ADAM, CapsNetConfig, conv_output_size
 
@@ -138,15 +139,16 @@ def routing_vectorised_forward(xp, u_hat, iterations: int, eps: float):
     logits = xp.zeros((batch, n_out, n_in), dtype=u_hat.dtype)
     cache = []
     for iteration in range(iterations):
-        if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
-            coupling = xp.full((batch, n_out, n_in), 1.0 / n_out, dtype=u_hat.dtype)
-        else:
-            coupling = softmax(xp, logits, axis=1)  # over the output capsules j, for each input capsule i
-        s = xp.matmul(coupling[:, :, None, :], u_hat)[:, :, 0, :]  # s_j = sum_i c_ij u_hat_j|i
-        v = squash_forward(xp, s, eps)
-        cache.append((coupling, s, v))
-        if iteration < iterations - 1:
-            logits = logits + xp.matmul(u_hat, v[:, :, :, None])[..., 0]  # b_ij += u_hat_j|i . v_j
+        with layer_range(f"routing_iteration_{iteration + 1}", "forward"):
+            if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
+                coupling = xp.full((batch, n_out, n_in), 1.0 / n_out, dtype=u_hat.dtype)
+            else:
+                coupling = softmax(xp, logits, axis=1)  # over the output capsules j, for each input capsule i
+            s = xp.matmul(coupling[:, :, None, :], u_hat)[:, :, 0, :]  # s_j = sum_i c_ij u_hat_j|i
+            v = squash_forward(xp, s, eps)
+            cache.append((coupling, s, v))
+            if iteration < iterations - 1:
+                logits = logits + xp.matmul(u_hat, v[:, :, :, None])[..., 0]  # b_ij += u_hat_j|i . v_j
     return v, cache
 
 
@@ -157,7 +159,8 @@ def routing_vectorised_backward(xp, u_hat, cache, grad_v, eps: float):
     gradient is a sum of 2R - 1 rank-one terms per (example, output capsule): c_r (x) d s_r and
     d b_{r+1} (x) v_r.  The coefficients are gathered first and the (B, J, N, D) gradient is written
     once, by one batched product with an inner dimension of 2R - 1, instead of being accumulated term by
-    term (each term a full pass over u_hat's memory).
+    term (each term a full pass over u_hat's memory).  That product is the last work of the backward pass,
+    after iteration 1's own, and its profile range is iteration 1's.
     """
     iterations = len(cache)
     batch, n_out, n_in, dim = u_hat.shape
@@ -166,24 +169,26 @@ def routing_vectorised_backward(xp, u_hat, cache, grad_v, eps: float):
     right = xp.empty((batch, n_out, terms, dim), dtype=u_hat.dtype)  # vectors over the capsule axis
     grad_logits_next = None  # d loss / d b_{r+1}
     for iteration in reversed(range(iterations)):
-        coupling, s, v = cache[iteration]
-        if grad_logits_next is None:
-            grad_v_r = grad_v
-        else:  # b_{r+1} = b_r + u_hat . v_r
-            grad_v_r = xp.matmul(grad_logits_next[:, :, None, :], u_hat)[:, :, 0, :]
-            left[:, :, iterations + iteration, :] = grad_logits_next
-            right[:, :, iterations + iteration, :] = v
-        grad_s = squash_backward(xp, s, grad_v_r, eps)
-        left[:, :, iteration, :] = coupling
-        right[:, :, iteration, :] = grad_s
-        if iteration == 0:
-            break  # b_0 = 0 is a constant
-        grad_coupling = xp.matmul(u_hat, grad_s[..., None])[..., 0]
-        grad_logits = softmax_backward(coupling, grad_coupling, axis=1)
-        if grad_logits_next is not None:
-            grad_logits += grad_logits_next
-        grad_logits_next = grad_logits
-    return xp.matmul(left.transpose(0, 1, 3, 2), right)
+        with layer_range(f"routing_iteration_{iteration + 1}", "backward"):
+            coupling, s, v = cache[iteration]
+            if grad_logits_next is None:
+                grad_v_r = grad_v
+            else:  # b_{r+1} = b_r + u_hat . v_r
+                grad_v_r = xp.matmul(grad_logits_next[:, :, None, :], u_hat)[:, :, 0, :]
+                left[:, :, iterations + iteration, :] = grad_logits_next
+                right[:, :, iterations + iteration, :] = v
+            grad_s = squash_backward(xp, s, grad_v_r, eps)
+            left[:, :, iteration, :] = coupling
+            right[:, :, iteration, :] = grad_s
+            if iteration == 0:
+                break  # b_0 = 0 is a constant
+            grad_coupling = xp.matmul(u_hat, grad_s[..., None])[..., 0]
+            grad_logits = softmax_backward(coupling, grad_coupling, axis=1)
+            if grad_logits_next is not None:
+                grad_logits += grad_logits_next
+            grad_logits_next = grad_logits
+    with layer_range("routing_iteration_1", "backward"):
+        return xp.matmul(left.transpose(0, 1, 3, 2), right)
 
 
 def routing_looped_forward(xp, u_hat, iterations: int, eps: float):
@@ -192,21 +197,24 @@ def routing_looped_forward(xp, u_hat, iterations: int, eps: float):
     logits = [xp.zeros((batch, n_in), dtype=u_hat.dtype) for _ in range(n_out)]
     cache = []
     for iteration in range(iterations):
-        largest = logits[0]
-        for j in range(1, n_out):
-            largest = xp.maximum(largest, logits[j])
-        exps = [xp.exp(logits[j] - largest) for j in range(n_out)]
-        total = exps[0]
-        for j in range(1, n_out):
-            total = total + exps[j]
-        coupling = [exps[j] / total for j in range(n_out)]
-        s = [(coupling[j][:, :, None] * u_hat[:, j]).sum(axis=1) for j in range(n_out)]
-        v = [squash_forward(xp, s[j], eps) for j in range(n_out)]
-        cache.append((coupling, s, v))
-        if iteration < iterations - 1:
-            for j in range(n_out):
-                logits[j] = logits[j] + (u_hat[:, j] * v[j][:, None, :]).sum(axis=2)
-    return xp.stack(v, axis=1), cache
+        with layer_range(f"routing_iteration_{iteration + 1}", "forward"):
+            largest = logits[0]
+            for j in range(1, n_out):
+                largest = xp.maximum(largest, logits[j])
+            exps = [xp.exp(logits[j] - largest) for j in range(n_out)]
+            total = exps[0]
+            for j in range(1, n_out):
+                total = total + exps[j]
+            coupling = [exps[j] / total for j in range(n_out)]
+            s = [(coupling[j][:, :, None] * u_hat[:, j]).sum(axis=1) for j in range(n_out)]
+            v = [squash_forward(xp, s[j], eps) for j in range(n_out)]
+            cache.append((coupling, s, v))
+            if iteration < iterations - 1:
+                for j in range(n_out):
+                    logits[j] = logits[j] + (u_hat[:, j] * v[j][:, None, :]).sum(axis=2)
+            else:
+                v = xp.stack(v, axis=1)
+    return v, cache
 
 
 def routing_looped_backward(xp, u_hat, cache, grad_v, eps: float):
@@ -215,26 +223,27 @@ def routing_looped_backward(xp, u_hat, cache, grad_v, eps: float):
     grad_u_hat = xp.zeros_like(u_hat)
     grad_logits_next = None
     for iteration in reversed(range(len(cache))):
-        coupling, s, v = cache[iteration]
-        grad_coupling = []
-        for j in range(n_out):
-            if grad_logits_next is None:
-                grad_v_j = grad_v[:, j]
-            else:
-                grad_v_j = (grad_logits_next[j][:, :, None] * u_hat[:, j]).sum(axis=1)
-                grad_u_hat[:, j] += grad_logits_next[j][:, :, None] * v[j][:, None, :]
-            grad_s_j = squash_backward(xp, s[j], grad_v_j, eps)
-            grad_u_hat[:, j] += coupling[j][:, :, None] * grad_s_j[:, None, :]
-            grad_coupling.append((u_hat[:, j] * grad_s_j[:, None, :]).sum(axis=2))
-        if iteration == 0:
-            break
-        weighted = coupling[0] * grad_coupling[0]
-        for j in range(1, n_out):
-            weighted = weighted + coupling[j] * grad_coupling[j]
-        grad_logits = [coupling[j] * (grad_coupling[j] - weighted) for j in range(n_out)]
-        if grad_logits_next is not None:
-            grad_logits = [grad_logits[j] + grad_logits_next[j] for j in range(n_out)]
-        grad_logits_next = grad_logits
+        with layer_range(f"routing_iteration_{iteration + 1}", "backward"):
+            coupling, s, v = cache[iteration]
+            grad_coupling = []
+            for j in range(n_out):
+                if grad_logits_next is None:
+                    grad_v_j = grad_v[:, j]
+                else:
+                    grad_v_j = (grad_logits_next[j][:, :, None] * u_hat[:, j]).sum(axis=1)
+                    grad_u_hat[:, j] += grad_logits_next[j][:, :, None] * v[j][:, None, :]
+                grad_s_j = squash_backward(xp, s[j], grad_v_j, eps)
+                grad_u_hat[:, j] += coupling[j][:, :, None] * grad_s_j[:, None, :]
+                grad_coupling.append((u_hat[:, j] * grad_s_j[:, None, :]).sum(axis=2))
+            if iteration == 0:
+                break
+            weighted = coupling[0] * grad_coupling[0]
+            for j in range(1, n_out):
+                weighted = weighted + coupling[j] * grad_coupling[j]
+            grad_logits = [coupling[j] * (grad_coupling[j] - weighted) for j in range(n_out)]
+            if grad_logits_next is not None:
+                grad_logits = [grad_logits[j] + grad_logits_next[j] for j in range(n_out)]
+            grad_logits_next = grad_logits
     return grad_u_hat
 
 
@@ -445,25 +454,29 @@ class NumpyCapsNet(Implementation):
         k1, s1, k2, s2 = config.conv1_kernel, config.conv1_stride, config.primary_kernel, config.primary_stride
         size1, size2 = config.conv1_size, config.primary_size
         rows1, rows2 = batch * size1 * size1, batch * size2 * size2
-        hidden, cols1 = conv_forward(
-            xp, x, p["conv1.weight"], p["conv1.bias"], k1, s1,
-            cols_out=self._buffer("cols1", (rows1, k1 * k1 * config.image_channels)),
-            out=self._buffer("hidden", (rows1, config.conv1_channels)),
-        )
-        xp.maximum(hidden, 0.0, out=hidden)
-        primary, cols2 = conv_forward(
-            xp, hidden, p["primary.weight"], p["primary.bias"], k2, s2,
-            cols_out=self._buffer("cols2", (rows2, k2 * k2 * config.conv1_channels)),
-        )
-        types, dim = config.primary_caps_channels, config.primary_caps_dim
-        s_primary = xp.ascontiguousarray(
-            primary.reshape(batch, size2, size2, types, dim).transpose(0, 3, 1, 2, 4)
-        ).reshape(batch, config.num_primary_caps, dim)
-        u = squash_forward(xp, s_primary, config.squash_eps)
-        u_hat = prediction_vectors_forward(
-            xp, u, p[DIGIT_WEIGHT], config.num_classes,
-            out=self._buffer("u_hat", (batch, config.num_classes, config.num_primary_caps, config.digit_caps_dim)),
-        )
+        with layer_range("conv1"):
+            hidden, cols1 = conv_forward(
+                xp, x, p["conv1.weight"], p["conv1.bias"], k1, s1,
+                cols_out=self._buffer("cols1", (rows1, k1 * k1 * config.image_channels)),
+                out=self._buffer("hidden", (rows1, config.conv1_channels)),
+            )
+            xp.maximum(hidden, 0.0, out=hidden)
+        with layer_range("primary_caps"):
+            primary, cols2 = conv_forward(
+                xp, hidden, p["primary.weight"], p["primary.bias"], k2, s2,
+                cols_out=self._buffer("cols2", (rows2, k2 * k2 * config.conv1_channels)),
+            )
+        with layer_range("primary_squash"):
+            types, dim = config.primary_caps_channels, config.primary_caps_dim
+            s_primary = xp.ascontiguousarray(
+                primary.reshape(batch, size2, size2, types, dim).transpose(0, 3, 1, 2, 4)
+            ).reshape(batch, config.num_primary_caps, dim)
+            u = squash_forward(xp, s_primary, config.squash_eps)
+        with layer_range("u_hat"):
+            u_hat = prediction_vectors_forward(
+                xp, u, p[DIGIT_WEIGHT], config.num_classes,
+                out=self._buffer("u_hat", (batch, config.num_classes, config.num_primary_caps, config.digit_caps_dim)),
+            )
         self._cache = {"x_shape": x.shape, "cols1": cols1, "hidden": hidden, "cols2": cols2,
                        "s_primary": s_primary, "u": u, "u_hat": u_hat} if keep else None
         return u_hat
@@ -476,15 +489,18 @@ class NumpyCapsNet(Implementation):
         xp, config = self.xp, self.config
         u_hat = self._features(batch.images, keep)
         v, routing_cache = self.routing_functions.forward(xp, u_hat, config.routing_iterations, config.squash_eps)
-        lengths = lengths_forward(xp, v)
-        if train:
-            if batch.labels is None:
-                raise ValueError("a training forward pass needs labels (the decoder is masked to the true class)")
-            selected = batch.labels
-        else:
-            selected = lengths.argmax(axis=1)
-        mask = one_hot(xp, selected, config.num_classes, self._dtype)
-        outputs = decoder_forward(xp, self._decoder_layers(), (v * mask[:, :, None]).reshape(v.shape[0], -1))
+        with layer_range("lengths_mask"):
+            lengths = lengths_forward(xp, v)
+            if train:
+                if batch.labels is None:
+                    raise ValueError("a training forward pass needs labels (the decoder is masked to the true class)")
+                selected = batch.labels
+            else:
+                selected = lengths.argmax(axis=1)
+            mask = one_hot(xp, selected, config.num_classes, self._dtype)
+            masked = (v * mask[:, :, None]).reshape(v.shape[0], -1)
+        with layer_range("decoder"):
+            outputs = decoder_forward(xp, self._decoder_layers(), masked)
         if keep:
             self._cache.update(routing=routing_cache, v=v, lengths=lengths, mask=mask, decoder=outputs)
         return lengths, outputs[-1]
@@ -495,12 +511,13 @@ class NumpyCapsNet(Implementation):
     def forward_loss(self, batch: Batch):
         xp, config = self.xp, self.config
         lengths, reconstructions = self._forward(batch, train=True, keep=True)
-        target = one_hot(xp, batch.labels, config.num_classes, self._dtype)
-        pixels = batch.images.reshape(batch.images.shape[0], -1)
-        self._cache.update(target=target, pixels=pixels)
-        return margin_loss_forward(xp, lengths, target, config) + reconstruction_loss_forward(
-            reconstructions, pixels, config
-        )
+        with layer_range("losses"):
+            target = one_hot(xp, batch.labels, config.num_classes, self._dtype)
+            pixels = batch.images.reshape(batch.images.shape[0], -1)
+            self._cache.update(target=target, pixels=pixels)
+            return margin_loss_forward(xp, lengths, target, config) + reconstruction_loss_forward(
+                reconstructions, pixels, config
+            )
 
     # backward
     def backward(self, with_input: bool = False) -> None:
@@ -511,42 +528,45 @@ class NumpyCapsNet(Implementation):
         xp, config, p, cache = self.xp, self.config, self.params, self._cache
         self.grads = {}  # the previous gradients go before the new ones are built: one set held at a time
         grads = {}
-        # losses -> decoder -> v
-        reconstructions = cache["decoder"][-1]
-        grad_reconstruction = reconstruction_loss_backward(reconstructions, cache["pixels"], config)
-        layer_grads, grad_masked = decoder_backward(self._decoder_layers(), cache["decoder"], grad_reconstruction)
-        for index, (grad_weight, grad_bias) in enumerate(layer_grads):
-            grads[f"{DECODER_PREFIX}{index}.weight"], grads[f"{DECODER_PREFIX}{index}.bias"] = grad_weight, grad_bias
-        v = cache["v"]
-        grad_v = grad_masked.reshape(v.shape) * cache["mask"][:, :, None]
-        grad_lengths = margin_loss_backward(xp, cache["lengths"], cache["target"], config)
-        grad_v += lengths_backward(xp, v, cache["lengths"], grad_lengths)
-        # routing -> u_hat -> u
+        with layer_range("losses", "backward"):
+            grad_reconstruction = reconstruction_loss_backward(cache["decoder"][-1], cache["pixels"], config)
+            grad_lengths = margin_loss_backward(xp, cache["lengths"], cache["target"], config)
+        with layer_range("decoder", "backward"):
+            layer_grads, grad_masked = decoder_backward(self._decoder_layers(), cache["decoder"], grad_reconstruction)
+            for index, (grad_weight, grad_bias) in enumerate(layer_grads):
+                grads[f"{DECODER_PREFIX}{index}.weight"] = grad_weight
+                grads[f"{DECODER_PREFIX}{index}.bias"] = grad_bias
+        with layer_range("lengths_mask", "backward"):
+            v = cache["v"]
+            grad_v = grad_masked.reshape(v.shape) * cache["mask"][:, :, None]
+            grad_v += lengths_backward(xp, v, cache["lengths"], grad_lengths)
         grad_u_hat = self.routing_functions.backward(xp, cache["u_hat"], cache["routing"], grad_v, config.squash_eps)
-        batch, n_out, n_in, dim = grad_u_hat.shape
-        grad_u, grads[DIGIT_WEIGHT] = prediction_vectors_backward(
-            xp, cache["u"], p[DIGIT_WEIGHT], grad_u_hat,
-            by_input=self._buffer("grad_u_hat_by_input", (n_in, batch, n_out, dim)),
-        )
-        grad_s = squash_backward(xp, cache["s_primary"], grad_u, config.squash_eps)
-        # PrimaryCaps capsules -> NHWC channels (type * dim + component)
-        batch, size2 = grad_s.shape[0], config.primary_size
-        grad_primary = xp.ascontiguousarray(
-            grad_s.reshape(batch, config.primary_caps_channels, size2, size2, config.primary_caps_dim)
-            .transpose(0, 2, 3, 1, 4)
-        )
+        with layer_range("u_hat", "backward"):
+            batch, n_out, n_in, dim = grad_u_hat.shape
+            grad_u, grads[DIGIT_WEIGHT] = prediction_vectors_backward(
+                xp, cache["u"], p[DIGIT_WEIGHT], grad_u_hat,
+                by_input=self._buffer("grad_u_hat_by_input", (n_in, batch, n_out, dim)),
+            )
+        with layer_range("primary_squash", "backward"):
+            grad_s = squash_backward(xp, cache["s_primary"], grad_u, config.squash_eps)
+            size2 = config.primary_size  # capsules -> NHWC channels (type * dim + component)
+            grad_primary = xp.ascontiguousarray(
+                grad_s.reshape(batch, config.primary_caps_channels, size2, size2, config.primary_caps_dim)
+                .transpose(0, 2, 3, 1, 4)
+            )
         hidden = cache["hidden"]
-        size1 = config.conv1_size
-        hidden_shape = (batch, size1, size1, config.conv1_channels)
-        grads["primary.weight"], grads["primary.bias"], grad_hidden = conv_backward(
-            xp, grad_primary, cache["cols2"], p["primary.weight"], hidden_shape,
-            config.primary_kernel, config.primary_stride,
-        )
-        grad_hidden *= hidden.reshape(hidden_shape) > 0
-        grads["conv1.weight"], grads["conv1.bias"], grad_x = conv_backward(
-            xp, grad_hidden, cache["cols1"], p["conv1.weight"], cache["x_shape"],
-            config.conv1_kernel, config.conv1_stride, need_input=with_input,
-        )
+        hidden_shape = (batch, config.conv1_size, config.conv1_size, config.conv1_channels)
+        with layer_range("primary_caps", "backward"):
+            grads["primary.weight"], grads["primary.bias"], grad_hidden = conv_backward(
+                xp, grad_primary, cache["cols2"], p["primary.weight"], hidden_shape,
+                config.primary_kernel, config.primary_stride,
+            )
+        with layer_range("conv1", "backward"):
+            grad_hidden *= hidden.reshape(hidden_shape) > 0
+            grads["conv1.weight"], grads["conv1.bias"], grad_x = conv_backward(
+                xp, grad_hidden, cache["cols1"], p["conv1.weight"], cache["x_shape"],
+                config.conv1_kernel, config.conv1_stride, need_input=with_input,
+            )
         if with_input:  # the images are also the reconstruction target
             target_term = -grad_reconstruction.reshape(batch, *config.input_shape)
             self.input_gradient = grad_x.transpose(0, 3, 1, 2) + target_term
@@ -571,6 +591,10 @@ class NumpyCapsNet(Implementation):
     def adam_step(self) -> None:
         """torch.optim.Adam's update, in place: m, v moments with bias correction, eps outside the root.
         One scratch buffer per tensor, so a step allocates nothing."""
+        with layer_range("optimizer", "update"):
+            self._adam_update()
+
+    def _adam_update(self) -> None:
         xp = self.xp
         step_size, root_correction = self._next_adam_step()
         for name, param in self.params.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from harness.params import DECODER_PREFIX, decoder_layer_count
+from harness.ranges import layer_range
 from harness.registry import DEVICES, ROUTING_VARIANTS, AllocatorPeaks, Availability, Batch, Implementation, register
 from harness.spec import ADAM, CapsNetConfig, LearningRateSchedule
 
@@ -58,13 +59,14 @@ def routing_vectorised(u_hat, iterations: int, eps: float):
     u = u_hat.transpose(1, 2)  # (B, J, N, D), contiguous when u_hat comes from prediction_vectors
     logits = u.new_zeros(u.shape[:3])  # b_ij stored (B, J, N)
     for iteration in range(iterations):
-        if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
-            coupling = torch.full_like(logits, 1.0 / logits.shape[1])
-        else:
-            coupling = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
-        v = squash(torch.matmul(coupling.unsqueeze(2), u).squeeze(2), eps)  # s_j = sum_i c_ij u_hat_j|i
-        if iteration < iterations - 1:
-            logits = logits + torch.matmul(u, v.unsqueeze(-1)).squeeze(-1)  # b_ij += u_hat_j|i . v_j
+        with layer_range(f"routing_iteration_{iteration + 1}"):
+            if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
+                coupling = torch.full_like(logits, 1.0 / logits.shape[1])
+            else:
+                coupling = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
+            v = squash(torch.matmul(coupling.unsqueeze(2), u).squeeze(2), eps)  # s_j = sum_i c_ij u_hat_j|i
+            if iteration < iterations - 1:
+                logits = logits + torch.matmul(u, v.unsqueeze(-1)).squeeze(-1)  # b_ij += u_hat_j|i . v_j
     return v
 
 
@@ -74,24 +76,27 @@ def routing_looped(u_hat, iterations: int, eps: float):
     predictions = u_hat.unbind(dim=2)  # u_hat_j|i for each output capsule j, (B, N, D) each
     logits = [u_hat.new_zeros(batch, n_in) for _ in range(n_out)]  # b_ij, one (B, N) tensor per j
     for iteration in range(iterations):
-        # c_i = softmax(b_i) over j, written out
-        largest = logits[0]
-        for j in range(1, n_out):
-            largest = torch.maximum(largest, logits[j])
-        exps = [torch.exp(logits[j] - largest) for j in range(n_out)]
-        total = exps[0]
-        for j in range(1, n_out):
-            total = total + exps[j]
-        # s_j = sum_i c_ij u_hat_j|i ; v_j = squash(s_j)
-        v = []
-        for j in range(n_out):
-            s_j = ((exps[j] / total).unsqueeze(-1) * predictions[j]).sum(dim=1)
-            v.append(squash(s_j, eps))
-        # b_ij <- b_ij + u_hat_j|i . v_j
-        if iteration < iterations - 1:
+        with layer_range(f"routing_iteration_{iteration + 1}"):
+            # c_i = softmax(b_i) over j, written out
+            largest = logits[0]
+            for j in range(1, n_out):
+                largest = torch.maximum(largest, logits[j])
+            exps = [torch.exp(logits[j] - largest) for j in range(n_out)]
+            total = exps[0]
+            for j in range(1, n_out):
+                total = total + exps[j]
+            # s_j = sum_i c_ij u_hat_j|i ; v_j = squash(s_j)
+            v = []
             for j in range(n_out):
-                logits[j] = logits[j] + (predictions[j] * v[j].unsqueeze(1)).sum(dim=2)
-    return torch.stack(v, dim=1)
+                s_j = ((exps[j] / total).unsqueeze(-1) * predictions[j]).sum(dim=1)
+                v.append(squash(s_j, eps))
+            # b_ij <- b_ij + u_hat_j|i . v_j
+            if iteration < iterations - 1:
+                for j in range(n_out):
+                    logits[j] = logits[j] + (predictions[j] * v[j].unsqueeze(1)).sum(dim=2)
+            else:
+                v = torch.stack(v, dim=1)
+    return v
 
 
 ROUTING = {"vectorised": routing_vectorised, "looped": routing_looped}
@@ -102,10 +107,19 @@ def capsule_lengths(v):
     return torch.linalg.vector_norm(v, dim=-1)
 
 
+def mask_capsules(v, selected, config: CapsNetConfig):
+    """The DigitCaps output (B, J, D) with every capsule but the ``selected`` class zeroed, flattened."""
+    mask = F.one_hot(selected, config.num_classes).to(v.dtype)
+    return (v * mask.unsqueeze(-1)).reshape(v.shape[0], -1)
+
+
 def decode(params: dict, v, selected, config: CapsNetConfig):
     """Reconstruction from the DigitCaps output masked to the ``selected`` class of each example."""
-    mask = F.one_hot(selected, config.num_classes).to(v.dtype)
-    hidden = (v * mask.unsqueeze(-1)).reshape(v.shape[0], -1)
+    return decoder(params, mask_capsules(v, selected, config), config)
+
+
+def decoder(params: dict, hidden, config: CapsNetConfig):
+    """The fully connected decoder: ReLU between layers, a sigmoid at the end."""
     layers = decoder_layer_count(config)
     for layer in range(layers):
         hidden = F.linear(hidden, params[f"{DECODER_PREFIX}{layer}.weight"], params[f"{DECODER_PREFIX}{layer}.bias"])
@@ -129,10 +143,14 @@ def reconstruction_loss(reconstructions, images, config: CapsNetConfig):
 
 def predictions_from_images(params: dict, images, config: CapsNetConfig):
     """Conv1 -> PrimaryCaps -> squash -> prediction vectors u_hat (B, N, J, D), the input to routing."""
-    hidden = torch.relu(F.conv2d(images, params["conv1.weight"], params["conv1.bias"], stride=config.conv1_stride))
-    primary = F.conv2d(hidden, params["primary.weight"], params["primary.bias"], stride=config.primary_stride)
-    u = squash(primary_capsules(primary, config), config.squash_eps)
-    return prediction_vectors(u, params["digit.weight"])
+    with layer_range("conv1"):
+        hidden = torch.relu(F.conv2d(images, params["conv1.weight"], params["conv1.bias"], stride=config.conv1_stride))
+    with layer_range("primary_caps"):
+        primary = F.conv2d(hidden, params["primary.weight"], params["primary.bias"], stride=config.primary_stride)
+    with layer_range("primary_squash"):
+        u = squash(primary_capsules(primary, config), config.squash_eps)
+    with layer_range("u_hat"):
+        return prediction_vectors(u, params["digit.weight"])
 
 
 def total_loss(lengths, reconstructions, images, labels, config: CapsNetConfig):
@@ -163,9 +181,11 @@ class CapsNetModule(torch.nn.Module if torch is not None else object):
 
     def forward(self, images, labels=None):
         v = self.route(predictions_from_images(self.params, images, self.config))
-        lengths = capsule_lengths(v)
-        selected = labels if labels is not None else lengths.argmax(dim=1)
-        return lengths, decode(self.params, v, selected, self.config)
+        with layer_range("lengths_mask"):
+            lengths = capsule_lengths(v)
+            masked = mask_capsules(v, labels if labels is not None else lengths.argmax(dim=1), self.config)
+        with layer_range("decoder"):
+            return lengths, decoder(self.params, masked, self.config)
 
 
 class TorchCapsNet(Implementation):
@@ -238,7 +258,8 @@ class TorchCapsNet(Implementation):
             raise ValueError("the training loss needs labels")
         self._loss = None  # free the previous graph before building the next
         lengths, reconstructions = self.module(batch.images, batch.labels)
-        self._loss = total_loss(lengths, reconstructions, batch.images, batch.labels, self.config)
+        with layer_range("losses"):
+            self._loss = total_loss(lengths, reconstructions, batch.images, batch.labels, self.config)
         return self._loss.detach()
 
     def _backward(self, keep_graph: bool) -> None:
@@ -251,8 +272,9 @@ class TorchCapsNet(Implementation):
         self._backward(keep_graph=True)
 
     def adam_step(self) -> None:
-        self.optimizer.step()
-        self.scheduler.step()
+        with layer_range("optimizer", "update"):
+            self.optimizer.step()
+            self.scheduler.step()
 
     def train_step(self, batch: Batch) -> float:
         loss = self.forward_loss(batch)

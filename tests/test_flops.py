@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.flops import adam_flops, backward_flops, forward_flops, phase_flops
+from harness.flops import adam_flops, backward_flops, forward_flops, layers, phase_flops, step_layer_flops
 from harness.params import count_parameters
 from harness.peak import backend_of, gemm_peak_gflops
 from harness.spec import PAPER, CapsNetConfig
@@ -17,11 +17,12 @@ HAND_FORWARD = {
     "primary_caps": 2 * (3 * 3 * 4) * 18 + 36,  # 36 outputs, 3*3*2 = 18 multiply-adds each, plus bias = 1332
     "primary_squash": 18 * (3 * 2 + 4),  # 180
     "u_hat": 2 * 18 * 3 * 4 * 2,  # 864
-    # per iteration: softmax 18 * (4*3 - 1) = 198, s 2*18*3*4 = 432, squash 3 * (3*4 + 4) = 48 -> 678;
-    # one agreement (2 iterations): 432 + 18*3 = 486
-    "routing": 2 * 678 + 486,  # 1842
-    "lengths": 3 * 2 * 4,  # 24
-    "decoder": (2 * 12 * 5 + 5) + (2 * 5 * 100 + 100) + 4 * 100 + 12,  # 1637 (layers, sigmoid, mask)
+    # iteration 1: c = 1/3 (no softmax), s 2*18*3*4 = 432, squash 3 * (3*4 + 4) = 48, agreement 432 + b 18*3 = 54
+    "routing_iteration_1": 432 + 48 + 432 + 54,  # 966
+    # iteration 2 (the last): softmax 18 * (4*3 - 1) = 198, s 432, squash 48, no agreement
+    "routing_iteration_2": 198 + 432 + 48,  # 678
+    "lengths_mask": 3 * 2 * 4 + 12,  # lengths 24, mask 3 x 4 = 12
+    "decoder": (2 * 12 * 5 + 5) + (2 * 5 * 100 + 100) + 4 * 100,  # 1625 (layers, sigmoid)
     "losses": 8 * 3 + 3 * 100,  # 324
 }
 HAND_BACKWARD = {
@@ -29,40 +30,59 @@ HAND_BACKWARD = {
     "primary_caps": 2 * 1296 + 36,  # weight and input gradients, plus bias gradient
     "primary_squash": 360,
     "u_hat": 2 * 864,
-    # products: (2 iterations + 1 agreement) x 432, twice; elementwise (198 + 48) x 2 iterations, twice;
-    # the gradient flowing from b_2 back to b_1: 18 * 3
-    "routing": 2 * (2 * 432 + 432) + 2 * (2 * (198 + 48)) + 54,  # 3630
-    "lengths": 48,
-    "decoder": 2 * (2 * 12 * 5 + 2 * 5 * 100) + (5 + 100) + 2 * 4 * 100 + 12,  # 3157
+    # iteration 2: s's two operands 2 x 432, squash 2 x 48, softmax 2 x 198
+    "routing_iteration_2": 864 + 96 + 396,  # 1356
+    # iteration 1: s 864, agreement 864, squash 96; no softmax (c = 1/J), no logit gradient to add (1 < r < 2: none)
+    "routing_iteration_1": 864 + 864 + 96,  # 1824
+    "lengths_mask": 48 + 12,
+    "decoder": 2 * (2 * 12 * 5 + 2 * 5 * 100) + (5 + 100) + 2 * 4 * 100,  # 3145
     "losses": 648,
 }
 
 
 def test_forward_against_a_hand_count():
     assert forward_flops(TINY) == HAND_FORWARD
-    assert sum(HAND_FORWARD.values()) == 8635
+    assert sum(HAND_FORWARD.values()) == 8437
 
 
 def test_backward_against_a_hand_count():
     assert backward_flops(TINY) == HAND_BACKWARD
-    assert sum(HAND_BACKWARD.values()) == 14631
+    assert sum(HAND_BACKWARD.values()) == 14181
+
+
+def test_three_iterations_add_one_logit_gradient_and_count_two_softmaxes():
+    """With R = 3 the middle iteration both has a softmax and receives the next iteration's logit gradient
+    (18 x 3 adds); the first has no softmax."""
+    three = TINY.replace(routing_iterations=3)
+    forward, backward = forward_flops(three), backward_flops(three)
+    assert [forward[f"routing_iteration_{r}"] for r in (1, 2, 3)] == [966, 198 + 966, 678]
+    assert [backward[f"routing_iteration_{r}"] for r in (1, 2, 3)] == [1824, 1824 + 396 + 54, 1356]
+
+
+def test_the_step_table_adds_up_to_the_phases():
+    table = step_layer_flops(TINY, batch_size=4)
+    assert table[("update", "optimizer")] == 12 * 1193
+    phases = phase_flops(TINY, batch_size=4)
+    assert sum(table.values()) == phases["train_step"]
+    assert sum(v for (phase, _), v in table.items() if phase == "backward") == phases["backward"]
+    assert [layer for phase, layer in table if phase == "forward"] == layers(TINY)
 
 
 def test_adam_and_phases():
     assert count_parameters(TINY) == 20 + 76 + 432 + 665
     assert adam_flops(TINY) == 12 * 1193
     phases = phase_flops(TINY, batch_size=4)
-    assert phases["forward"] == 4 * 8635
-    assert phases["train_step"] == 4 * (8635 + 14631) + 12 * 1193
-    assert phases["inference"] == 4 * (8635 - 324)
-    assert phases["routing"] == 4 * 1842
-    assert phases["routing_backward"] == 4 * (1842 + 3630)
+    assert phases["forward"] == 4 * 8437
+    assert phases["train_step"] == 4 * (8437 + 14181) + 12 * 1193
+    assert phases["inference"] == 4 * (8437 - 324)
+    assert phases["routing"] == 4 * (966 + 678)
+    assert phases["routing_backward"] == 4 * (966 + 678 + 1824 + 1356)
 
 
 def test_paper_network_totals():
     forward = forward_flops(PAPER)
     assert forward["primary_caps"] == 382_215_168
-    assert sum(forward.values()) == pytest.approx(406.7e6, rel=1e-3)
+    assert sum(forward.values()) == pytest.approx(406.6e6, rel=1e-3)
     per_image_step = phase_flops(PAPER, 1000)["train_step"] / 1000
     assert per_image_step == pytest.approx(1.204e9, rel=1e-3)
     assert forward["primary_caps"] / sum(forward.values()) > 0.93

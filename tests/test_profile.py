@@ -1,0 +1,148 @@
+"""python -m harness.profile on the small network: every layer of every phase for every built-in CPU
+implementation, FLOPs that add up to harness.flops' totals, layer times that add up to the step, torch's
+trace with the same names, backward attribution by autograd sequence number on known events, and one-line
+errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import types
+
+import pandas as pd
+import pytest
+
+from harness import flops, profile, ranges, registry
+from harness.spec import SMALL
+
+BUILT_IN_CPU = ["numpy-looped", "numpy-vectorised", "torch-looped", "torch-vectorised"]
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def profiled_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    code = profile.main(["--impl", *BUILT_IN_CPU, "--config", "small", "--batch-size", str(BATCH), "--steps", "2",
+                         "--warmup", "1", "--gemm-size", "256", "--out", str(out)])
+    assert code == 0
+    return out, pd.read_csv(out / profile.CSV_NAME), json.loads((out / profile.JSON_NAME).read_text())
+
+
+def test_every_layer_of_every_phase_is_profiled_for_every_implementation(profiled_run):
+    _, frame, meta = profiled_run
+    expected = list(flops.step_layer_flops(SMALL, BATCH))
+    assert set(frame["implementation"]) == set(BUILT_IN_CPU) == set(meta["implementations"])
+    for name, rows in frame.groupby("implementation"):
+        assert list(zip(rows["phase"], rows["layer"])) == expected, name
+        assert rows["time_s"].notna().all() and (rows["time_s"] > 0).all(), name
+        assert (rows["steps"] == 2).all()
+    assert list(frame.columns) == profile.CSV_COLUMNS
+
+
+def test_per_layer_flops_add_up_to_the_phase_totals(profiled_run):
+    _, frame, _ = profiled_run
+    totals = flops.phase_flops(SMALL, BATCH)
+    for _, rows in frame.groupby("implementation"):
+        assert rows["flops"].sum() == totals["train_step"]
+        assert rows.loc[rows["phase"] == "forward", "flops"].sum() == totals["forward"]
+        assert rows.loc[rows["phase"] == "backward", "flops"].sum() == totals["backward"]
+        routing = rows[rows["layer"].str.startswith("routing_iteration_")]
+        assert routing.loc[routing["phase"] == "forward", "flops"].sum() == totals["routing"]
+        row = rows.iloc[0]
+        assert row["gflops_per_s"] == pytest.approx(row["flops"] / row["time_s"] / 1e9)
+        assert row["pct_of_peak"] == pytest.approx(100 * row["gflops_per_s"] / row["peak_gflops"])
+
+
+def test_the_markdown_and_the_summary_say_the_overhead(profiled_run):
+    out, _, meta = profiled_run
+    text = (out / profile.MD_NAME).read_text()
+    for name, summary in meta["implementations"].items():
+        assert f"## {name} (" in text
+        assert summary["overhead"] == pytest.approx(summary["step_s"] / summary["unprofiled_step_s"] - 1)
+        assert summary["framework"] == registry.get(name).framework
+    assert meta["kind"] == "capsbench-profile" and meta["machine"]["cpu_count"]
+
+
+def test_torch_writes_a_trace_with_the_layer_names(profiled_run):
+    out, _, meta = profiled_run
+    assert meta["implementations"]["torch-vectorised"]["trace"] == "torch-vectorised.trace.json.gz"
+    assert meta["implementations"]["numpy-vectorised"]["trace"] is None  # NumPy has no trace of its own
+    with gzip.open(out / profile.TRACES / "torch-vectorised.trace.json.gz", "rt") as stream:
+        names = {event.get("name") for event in json.load(stream)["traceEvents"]}
+    assert {"capsbench/forward/conv1", "capsbench/forward/routing_iteration_3", "capsbench/update/optimizer"} <= names
+
+
+@pytest.mark.parametrize("name", BUILT_IN_CPU)
+def test_layer_times_add_up_to_the_step(name):
+    """In each profiled step the layers cover the phases they are in, to within 15 %."""
+    profiled = profile.profile_implementation(registry.get(name), SMALL, BATCH, "float32", steps=2, warmup=1,
+                                              trace_dir=None, memory=False)
+    for step in profiled.steps:
+        layers = sum(step.layers.values())
+        phases = sum(step.phases.values())
+        assert 0.85 * phases <= layers <= 1.001 * phases, (layers, phases)
+
+
+def test_ranges_do_nothing_when_no_profile_records():
+    assert ranges.layer_range("conv1") is ranges.layer_range("decoder", "backward")  # one shared null context
+    with ranges.layer_range("conv1"):
+        pass
+    with ranges.recording(object()):
+        with pytest.raises(RuntimeError, match="already recording"):
+            with ranges.recording(object()):
+                pass
+
+
+def event(name, start, duration, sequence_nr=-1, children=(), memory=0):
+    """A stand-in for torch.profiler's FunctionEvent: what the attribution reads (times in seconds)."""
+    node = types.SimpleNamespace(name=name, sequence_nr=sequence_nr, cpu_time_total=duration * 1e6,
+                                 cpu_memory_usage=memory, cpu_parent=None, cpu_children=list(children),
+                                 time_range=types.SimpleNamespace(start=start * 1e6, end=(start + duration) * 1e6))
+    for child in node.cpu_children:
+        child.cpu_parent = node
+    return node
+
+
+def test_backward_nodes_are_charged_to_the_layer_of_their_forward_operation():
+    """Known events: the forward ops of two layers with sequence numbers 5 and 9; a backward phase from 2.0
+    s holding the loss's seed (2.0-2.25, no sequence number, before any node), the node of op 9 (2.3-2.8), a
+    gradient accumulation (2.9-3.025, no sequence number) and the node of op 5 (3.1-5.1).  Each node is
+    charged from the end of the one before: decoder 0.25 + 0.55 + 0.225 = 1.025 s, conv1 2.075 s, together
+    the phase's 3.1 s."""
+    conv = event("capsbench/forward/conv1", 0, 1.0, children=[event("aten::convolution", 0.1, 0.8, sequence_nr=5)])
+    decoder = event("capsbench/forward/decoder", 1, 0.5, children=[event("aten::addmm", 1.1, 0.3, sequence_nr=9)])
+    forward = event("capsbench/phase/forward", 0, 1.5, children=[conv, decoder])
+    backward = event("capsbench/phase/backward", 2, 3.1, children=[
+        event("aten::ones_like", 2.0, 0.25),
+        event("autograd::engine::evaluate_function: AddmmBackward0", 2.3, 0.5, sequence_nr=9),
+        event("autograd::engine::evaluate_function: torch::autograd::AccumulateGrad", 2.9, 0.125),
+        event("autograd::engine::evaluate_function: ConvolutionBackward0", 3.1, 2.0, sequence_nr=5),
+    ])
+    events = [forward, conv, *conv.cpu_children, decoder, *decoder.cpu_children, backward, *backward.cpu_children]
+    record = profile.torch_step_record(events, "cpu", {"forward": 1.5, "backward": 3.1})
+    assert record.layers.keys() == {("forward", "conv1"), ("forward", "decoder"), ("backward", "decoder"),
+                                    ("backward", "conv1")}
+    assert record.layers[("forward", "conv1")] == pytest.approx(1.0)
+    assert record.layers[("forward", "decoder")] == pytest.approx(0.5)
+    assert record.layers[("backward", "decoder")] == pytest.approx(1.025)
+    assert record.layers[("backward", "conv1")] == pytest.approx(2.075)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--impl", "tensorflow-capsnet"], "unknown implementation 'tensorflow-capsnet'"),
+    (["--device", "cuda"] if not registry.available("cuda") else ["--impl", "no-such"], "can run here"),
+])
+def test_bad_requests_end_with_one_line(args, message, tmp_path, capsys):
+    if message == "can run here" and registry.available("cuda"):
+        pytest.skip("this machine has a CUDA implementation available")
+    assert profile.main([*args, "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and message in error and "\n" not in error
+
+
+def test_an_unwritable_output_folder_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert profile.main(["--impl", "numpy-vectorised", "--out", str(blocker / "profile")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: cannot write into ") and "--out" in error and "\n" not in error
