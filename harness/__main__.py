@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("harness.report", "tables and plots from benchmark, training, profile and scaling results"),
     "distributed": ("harness.distributed", "data-parallel training under torchrun (DDP)"),
     "scaling": ("harness.scaling", "how data-parallel training scales with the ranks on this machine"),
+    "gpu-benchmark": ("harness.gpu_benchmark", "everything capsbench measures on a GPU machine, in one command"),
     "keep": ("harness.keep", "copy runs from runs/ into results/, the folder this repository ships"),
 }
 

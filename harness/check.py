@@ -161,13 +161,13 @@ class Row:
 
 
 def compare(name: str, dtype: str, observation: Observation, reference: Observation) -> list[Row]:
+    """One row per reference quantity; a quantity missing or of another shape has an infinite error."""
     tolerances = TOLERANCES[dtype]
     rows = []
     for quantity, expected in reference.values.items():
-        if quantity not in observation.values:
-            rows.append(Row(name, dtype, quantity, float("inf"), tolerances[reference.kind(quantity)]))
-            continue
-        error = max_relative_error(observation.values[quantity], expected)
+        value = observation.values.get(quantity)
+        same_shape = value is not None and np.shape(value) == np.shape(expected)
+        error = max_relative_error(value, expected) if same_shape else float("inf")
         rows.append(Row(name, dtype, quantity, error, tolerances[reference.kind(quantity)]))
     return rows
 
@@ -213,11 +213,12 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m harness.check",
         description=f"Compare implementations with the float64 reference ({REFERENCE}) on the canonical "
-        f"parameters: outputs, loss, every gradient, every parameter after {ADAM_STEPS} Adam steps.",
+        f"parameters: outputs, loss, every gradient, every parameter after {ADAM_STEPS} Adam steps, u_hat and "
+        "routing alone.",
     )
     parser.add_argument("--impl", nargs="+", metavar="NAME", help="implementations to check (default: all)")
     parser.add_argument("--dtype", choices=sorted(TOLERANCES), action="append",
@@ -225,14 +226,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small", help="network size (default: small)")
     parser.add_argument("--device", choices=[*registry.DEVICES, "all"], default="all",
                         help="only implementations on this device (default: all)")
-    parser.add_argument("--batch-size", type=int, default=CHECK_BATCH_SIZE)
+    parser.add_argument("--batch-size", type=int, default=CHECK_BATCH_SIZE, help="(default: %(default)s)")
     parser.add_argument("--time", action="store_true",
-                        help="also time one training step of each (on by default with --device cuda)")
+                        help="also time one training step of each (default: off; on with --device cuda)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     if args.batch_size < 1:
         print(f"error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
         return 2

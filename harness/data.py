@@ -112,10 +112,10 @@ def load_mnist(data_dir: str | os.PathLike | None, split: str) -> Dataset:
         raise DataError(f"{image_path}: images are {images.shape[1:]}, expected 28x28")
     if len(images) != len(labels):
         raise DataError(f"{image_path} has {len(images)} images but {label_path} has {len(labels)} labels")
-    if len(images) != MNIST_COUNTS[split]:
-        raise DataError(f"{image_path}: {len(images)} images, the {split} split has {MNIST_COUNTS[split]}")
     if labels.max(initial=0) > 9:
         raise DataError(f"{label_path}: label {labels.max()} is not a digit 0-9")
+    if len(images) != MNIST_COUNTS[split]:
+        raise DataError(f"{image_path}: {len(images)} images, the {split} split has {MNIST_COUNTS[split]}")
     return Dataset(to_float_images(images), labels.astype(np.int64))
 
 

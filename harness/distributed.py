@@ -290,7 +290,7 @@ def train_distributed(ctx: Context, impl, ddp, train_set: Dataset, test_set: Dat
             print(epochs.epoch_line(summary, note=f" ({ctx.world_size} ranks)"), flush=True)
 
 
-def _train_parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchrun --nproc-per-node N -m harness.distributed train",
         description="data-parallel training (DistributedDataParallel); run one process per rank with torchrun")
@@ -302,7 +302,7 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout-s", type=epochs.positive_float, default=DEFAULT_TIMEOUT_S,
                         help="process-group timeout: a collective waiting longer fails (default: %(default)s)")
     parser.add_argument("--save-parameters", type=Path, metavar="NPZ",
-                        help="rank 0 also saves the final parameters (canonical names) to this .npz")
+                        help="rank 0 also saves the final parameters (canonical names) to this .npz (default: not)")
     return parser
 
 
@@ -319,7 +319,7 @@ def distributed_block(ctx: Context, args: argparse.Namespace) -> dict:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    args = _train_parser().parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         record, resumed_from, params, adam = epochs.prepare_resume(args)
         info = torch_implementation(args.impl)

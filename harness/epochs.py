@@ -71,9 +71,9 @@ def positive_float(text: str) -> float:
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, batch_help: str, default_impl: str | None) -> None:
     """The options both training commands take, each with its default in its help."""
-    parser.add_argument("--impl", required=default_impl is None, default=default_impl, metavar="NAME",
+    parser.add_argument("--impl", default=default_impl, metavar="NAME",
                         help="implementation (see `capsbench list`)"
-                             + (" (default: %(default)s)" if default_impl else ""))
+                             + (" (default: %(default)s)" if default_impl else " (no default: needed unless --resume)"))
     parser.add_argument("--data-dir", help="folder with the four MNIST IDX files, .gz or not "
                                            "(default: $CAPSBENCH_DATA_DIR)")
     parser.add_argument("--epochs", type=positive_int, default=1,
@@ -100,7 +100,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, batch_help: str, 
                                                  "not tracked by git)")
     parser.add_argument("--resume", type=Path, metavar="FILE",
                         help="continue the run whose results file this is, from its last completed epoch (its "
-                             "options are taken from the file; --epochs may raise the total)")
+                             "options are taken from the file; --epochs may raise the total) (default: a new run)")
 
 
 # The results record -----------------------------------------------------------------------------------

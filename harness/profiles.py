@@ -22,6 +22,9 @@ PROFILES: dict[str, dict] = {
                 "step_routing_iterations": [1, 3], "check_batch_size": 8},
     "large": {"config": "paper", "batch_sizes": [32, 64, 128, 256, 512], "routing_iterations": [1, 3, 5, 10],
               "step_routing_iterations": [1, 3, 5], "check_batch_size": 8},
+    # one GPU machine in a few minutes (harness.gpu_benchmark): the batch sweep, routing at the paper's count
+    "gpu": {"config": "paper", "batch_sizes": [32, 128, 512], "routing_iterations": [3],
+            "step_routing_iterations": [3], "check_batch_size": 8},
 }
 
 # Results folders, relative to the results root (asv.conf.json's "results_dir" is "results/asv").

@@ -193,7 +193,8 @@ def parser() -> argparse.ArgumentParser:
     batch.add_argument("--global-batch-size", type=positive_int,
                        help="strong scaling: the same global batch for every world size, split over the ranks "
                             f"(default: {DEFAULT_GLOBAL_BATCH})")
-    batch.add_argument("--per-rank-batch-size", type=positive_int, help="weak scaling: the same batch on every rank")
+    batch.add_argument("--per-rank-batch-size", type=positive_int,
+                       help="weak scaling: the same batch on every rank (default: strong scaling)")
     parser.add_argument("--steps", type=positive_int, default=10,
                         help="timed steps of each kind, with and without all-reduce (default: %(default)s)")
     parser.add_argument("--warmup", type=non_negative_int, default=2,

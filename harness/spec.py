@@ -27,6 +27,36 @@ Choices the paper leaves open, fixed here once for every implementation:
 * **Loss.**  Margin loss on the raw lengths with squared hinges, summed over classes and averaged over the
   batch; reconstruction loss is the sum of squared pixel errors (pixels in [0, 1]) averaged over the batch
   and weighted by ``reconstruction_weight``.
+* **Training recipe.**  Adam (lr 1e-3, torch's defaults otherwise) with the learning rate decayed
+  exponentially, x 0.96 every 2,000 steps, smoothly (:data:`PAPER_SCHEDULE`), batch 128, random shifts of
+  up to 2 pixels with zero fill (:data:`MAX_SHIFT_PIXELS`).
+
+Where the official code (Sarasra/models ``research/capsules``: ``models/layers/layers.py``,
+``models/capsule_model.py``, ``experiment.py``; ``models/model.py``, ``models/layers/variables.py`` and
+``input_data/mnist/mnist_shift.py`` read from the same folder of tensorflow/models) differs from the paper's
+text, and what capsbench follows:
+
+* DigitCaps adds a bias (shape [10, 16], initialised to 0.1) to s_j before the squash in every routing
+  iteration, and Conv1 and PrimaryCaps biases start at 0.1; the paper has no DigitCaps bias.  capsbench
+  follows the paper: no DigitCaps bias (Conv1 and PrimaryCaps biases as PyTorch initialises them).
+* The margin loss is ``0.5 * positive + 0.5 * 0.5 * negative`` (an extra factor 0.5 on both terms) and
+  ``tf.reduce_mean`` averages it over the classes as well as the batch: 1/20 of the paper's sum over
+  classes.  The reconstruction loss (sum over pixels, mean over the batch, x 0.0005) is the paper's, so
+  its weight relative to the margin loss is 20 times the paper's.  capsbench follows the paper's text.
+* squash has no epsilon (it divides by the raw norm); capsbench keeps ``squash_eps`` so that the value and
+  the gradient are finite at s = 0 (the difference is below float32 rounding elsewhere).
+* Every weight, W included, starts from a truncated normal with standard deviation 0.1 (Conv1's 0.05);
+  capsbench draws W ~ N(0, 0.01^2) (``digit_weight_std``) and the other layers as PyTorch does.
+* PrimaryCaps capsules also pass through one routing iteration over the 32 capsule types (zero logits,
+  softmax over the types), which scales every primary capsule by 1/32 before its squash; capsbench squashes
+  the convolution's output directly, as the paper describes.
+* The learning rate is ``exponential_decay(1e-3, step, 2000, 0.96)`` without staircase, floored at 1e-6
+  (a floor the decay does not reach in the official 300,000 steps); capsbench follows it.
+* The training set is written once at all 25 shifts in [-2, 2]^2 (zero fill) and shuffled; capsbench
+  draws one random shift per image per epoch from the same 25.
+* Agreed with the paper and followed: routing logits start at 0 per example, the softmax runs over the
+  output capsules, 3 iterations, no stop-gradient anywhere in routing, m+ 0.9, m- 0.1, lambda 0.5,
+  decoder 512-1024-784 with a sigmoid output, pixels in [0, 1], batch 128.
 """
 
 from __future__ import annotations

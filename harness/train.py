@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         from harness.distributed import train_main
 
         return train_main([arg for arg in argv if arg != "--distributed"])
-    args = parser().parse_args(argv)
+    command = parser()
+    args = command.parse_args(argv)
+    if args.impl is None and args.resume is None:
+        command.error("--impl NAME is required (or --resume FILE to continue a run)")
     try:
         record, resumed_from, params, adam = epochs.prepare_resume(args)
         info = registry.get(args.impl)

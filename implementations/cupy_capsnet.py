@@ -73,13 +73,13 @@ class PoolPeakHook(MemoryHook):
         self.pool = pool
         self.counter = PeakCounter(live=pool.used_bytes(), reserved=pool.total_bytes())
 
-    def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
-        self.counter.allocated(mem_size)
+    def malloc_postprocess(self, **kwargs):  # device_id, size, mem_size (rounded), mem_ptr, pmem_id
+        self.counter.allocated(kwargs["mem_size"])
 
-    def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
-        self.counter.freed(mem_size)
+    def free_postprocess(self, **kwargs):  # device_id, mem_size, mem_ptr, pmem_id
+        self.counter.freed(kwargs["mem_size"])
 
-    def alloc_postprocess(self, device_id, mem_size, mem_ptr):
+    def alloc_postprocess(self, **kwargs):  # device_id, mem_size, mem_ptr: new memory from the device
         self.counter.reserved(self.pool.total_bytes())
 
 

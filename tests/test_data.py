@@ -1,13 +1,16 @@
 """The MNIST reader on the real files and on broken copies; augmentation; synthetic batches."""
 
 import gzip
+import re
 import shutil
+import struct
 
 import numpy as np
 import pytest
 
 from harness.data import (
     IMAGE_MAGIC,
+    LABEL_MAGIC,
     DataError,
     iterate_batches,
     load_mnist,
@@ -124,11 +127,76 @@ def test_shift_fills_with_zeros_at_the_border(rng):
     assert lost_rows_and_columns.max() == 28 * 28 - 26 * 26  # shifted 2 pixels both ways
 
 
-def test_batches_cover_the_epoch_once(test_split, rng):
+def test_batches_cover_the_epoch_once_with_each_image_beside_its_label(test_split, rng):
     subset = test_split.head(300)
-    seen = np.concatenate([labels for _, labels in iterate_batches(subset, 128, rng)])
-    assert len(seen) == 300
-    assert sorted(seen.tolist()) == sorted(subset.labels.tolist())
+    batches = list(iterate_batches(subset, 128, rng))
+    assert [len(labels) for _, labels in batches] == [128, 128, 44]
+    images = np.concatenate([images for images, _ in batches])
+    labels = np.concatenate([labels for _, labels in batches])
+    # every original image exactly once, and each still beside its own label
+    index = {image.tobytes(): k for k, image in enumerate(subset.images)}
+    order = [index[image.tobytes()] for image in images]
+    assert sorted(order) == list(range(300))
+    np.testing.assert_array_equal(labels, subset.labels[order])
+    assert order != list(range(300))  # shuffled
+
+
+def test_without_shuffle_the_order_is_the_files(test_split, rng):
+    subset = test_split.head(100)
+    labels = np.concatenate([labels for _, labels in iterate_batches(subset, 32, rng, shuffle=False)])
+    np.testing.assert_array_equal(labels, subset.labels)
+
+
+def test_augmentation_shifts_real_images_and_is_absent_when_off(test_split):
+    """With augment every image is its original moved by some (dy, dx) in [-2, 2]^2 and most move; without,
+    each batch holds the original images."""
+    subset = test_split.head(64)
+    (shifted, labels), = iterate_batches(subset, 64, np.random.default_rng(0), shuffle=False, augment=True)
+    (plain, _), = iterate_batches(subset, 64, np.random.default_rng(0), shuffle=False, augment=False)
+    np.testing.assert_array_equal(plain, subset.images)
+    padded = np.pad(subset.images, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    moved = 0
+    for k in range(64):
+        candidates = {(dy, dx) for dy in range(5) for dx in range(5)
+                      if np.array_equal(padded[k, :, dy : dy + 28, dx : dx + 28], shifted[k])}
+        assert candidates, f"image {k} is not a shift of its original by at most 2 pixels"
+        moved += (2, 2) not in candidates
+    assert moved > 40  # 24 of the 25 offsets move the image
+
+
+def test_the_training_epochs_draw_their_batches_from_seed_and_epoch(test_split):
+    """A resumed run draws what the uninterrupted one would have: epoch e's batches depend on (seed, e) only."""
+    from harness.epochs import training_batches
+
+    subset = test_split.head(96)
+    first = [labels for _, labels in training_batches(subset, 32, seed=3, epoch=2, augment=True)]
+    again = [labels for _, labels in training_batches(subset, 32, seed=3, epoch=2, augment=True)]
+    other = [labels for _, labels in training_batches(subset, 32, seed=3, epoch=3, augment=True)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+
+
+def write_idx(path, magic, array):
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", n) for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def small_split(folder, images=10, labels=10, label_values=None, size=28):
+    write_idx(folder / "t10k-images-idx3-ubyte", IMAGE_MAGIC, np.zeros((images, size, size)))
+    values = np.arange(labels) % 10 if label_values is None else np.asarray(label_values)
+    write_idx(folder / "t10k-labels-idx1-ubyte", LABEL_MAGIC, values)
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    ({"images": 10, "labels": 9}, "has 10 images but"),
+    ({"label_values": [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]}, "label 10 is not a digit 0-9"),
+    ({"size": 27}, "images are (27, 27), expected 28x28"),
+    ({}, "10 images, the test split has 10000"),
+])
+def test_a_split_that_is_not_mnist_is_named(tmp_path, kwargs, problem):
+    small_split(tmp_path, **kwargs)
+    with pytest.raises(DataError, match=re.escape(problem)):
+        load_mnist(tmp_path, "test")
 
 
 def test_synthetic_batches_are_seeded():

@@ -1,6 +1,8 @@
 """The PyTorch implementation's pieces against hand-computed cases and an independent per-example
 transcription of Procedure 1.  The whole model is held to the contract in test_contract.py."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -43,10 +45,10 @@ def test_squash_hand_computed():
     np.testing.assert_array_equal(v[1].numpy(), [0.0, 0.0])
 
 
-def test_squash_gradient_is_finite_at_zero():
+def test_squash_gradient_is_zero_at_zero():
     s = torch.zeros(1, 8, dtype=torch.float64, requires_grad=True)
     tc.squash(s, eps=1e-8).sum().backward()
-    assert torch.isfinite(s.grad).all()
+    assert torch.equal(s.grad, torch.zeros(1, 8, dtype=torch.float64))
 
 
 def test_squash_is_vector_valued_finite_differences():
@@ -86,21 +88,27 @@ def test_routing_matches_the_paper_transcription(rng, routing, iterations):
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
 
 
+def scalar_squash(x: float, eps: float = 1e-8) -> float:
+    return x * x / (1 + x * x) * x / math.sqrt(x * x + eps)
+
+
 def test_coupling_is_a_softmax_over_output_capsules():
-    """Two inputs, two outputs, 2 iterations: input 0 agrees only with output 0.  With c normalised over the
-    outputs (the paper), the second iteration gives input 0 a larger coupling to output 0 than the uniform
-    1/2, and input 1 (which agrees with nothing) keeps 1/2 to each output.  Normalised over the inputs (the
-    common bug), output 1's sum would also change.  Checked against hand arithmetic."""
-    u_hat = torch.zeros(1, 2, 2, 1, dtype=torch.float64)
-    u_hat[0, 0, 0, 0] = 2.0  # input 0 predicts output 0
-    eps = 1e-8
-    s0 = torch.tensor([[1.0], [0.0]], dtype=torch.float64)  # iteration 1: c = 1/2 everywhere, s_0 = 2/2, s_1 = 0
-    v0 = tc.squash(s0, eps)
-    b00 = 2.0 * v0[0, 0]  # agreement of input 0 with output 0; every other agreement is 0
-    c00 = torch.exp(b00) / (torch.exp(b00) + 1.0)  # softmax over the two outputs of input 0
-    expected = tc.squash(torch.stack([2.0 * c00, torch.tensor(0.0, dtype=torch.float64)]).reshape(2, 1), eps)
+    """Three inputs, two outputs, one-dimensional capsules, 2 iterations, by hand: inputs 0 and 1 predict
+    output 0 (2 and 1), input 2 predicts output 1 (1).  Iteration 1: c = 1/2, s = (1.5, 0.5).  The logits
+    become b_00 = 2 v_0, b_10 = v_0, b_21 = v_1; iteration 2 normalises each input's logits over the two
+    outputs.  Normalising over the inputs instead (the common bug) gives another answer, checked too."""
+    u_hat = torch.zeros(1, 3, 2, 1, dtype=torch.float64)
+    u_hat[0, 0, 0, 0], u_hat[0, 1, 0, 0], u_hat[0, 2, 1, 0] = 2.0, 1.0, 1.0
+    v0, v1 = scalar_squash(1.5), scalar_squash(0.5)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # softmax over two outputs, one of logit 0
+    s0 = 2 * sigmoid(2 * v0) + 1 * sigmoid(v0)
+    s1 = 1 * sigmoid(v1)
+    expected = np.array([[scalar_squash(s0)], [scalar_squash(s1)]])
     for routing in tc.ROUTING.values():
-        np.testing.assert_allclose(routing(u_hat, 2, eps)[0].numpy(), expected.numpy(), rtol=1e-12)
+        np.testing.assert_allclose(routing(u_hat, 2, 1e-8)[0].numpy(), expected, rtol=1e-12)
+    over_inputs = 2 * math.exp(2 * v0) / (math.exp(2 * v0) + math.exp(v0) + 1) + math.exp(v0) / (
+        math.exp(2 * v0) + math.exp(v0) + 1)
+    assert abs(scalar_squash(over_inputs) - expected[0, 0]) > 1e-3
 
 
 @pytest.mark.parametrize("routing", ["vectorised", "looped"])

@@ -5,9 +5,11 @@ import json
 import math
 
 import numpy as np
+import pytest
 
-from harness import registry, train
+from harness import epochs, registry, train
 from harness.results import read_training_result
+from harness.threads import usable_cpu_count
 from implementations.torch_capsnet import TorchCapsNet
 
 SHORT_RUN = ["--config", "small", "--limit", "384", "--test-limit", "200", "--batch-size", "32"]
@@ -19,11 +21,24 @@ def run_train(tmp_path, mnist_path, *args, name="run.json"):
     return code, out
 
 
-def test_short_run_lowers_the_loss_and_writes_a_complete_file(tmp_path, mnist_path):
+def test_short_run_lowers_the_loss_and_writes_a_complete_file(tmp_path, mnist_path, capsys):
     code, out = run_train(tmp_path, mnist_path, "--impl", "torch-vectorised", "--epochs", "2", *SHORT_RUN)
     assert code == 0
     record = read_training_result(out)
     assert record["status"] == "completed"
+    assert (record["train_images"], record["test_images"], record["ranks"]) == (384, 200, 1)
+    assert record["best_test_accuracy"] == max(epoch["test_accuracy"] for epoch in record["epochs"])
+    assert record["final_test_accuracy"] == record["epochs"][-1]["test_accuracy"]
+    assert record["schedule"] == {"name": "paper", "initial": 1e-3, "decay_rate": 0.96, "decay_steps": 2000}
+    threads = record["threads"]  # every pool pinned to one count (the CPUs this process may use)
+    assert threads["torch"] == usable_cpu_count() and set(threads.values()) == {usable_cpu_count()}
+    captured = capsys.readouterr()
+    first = captured.out.splitlines()[0]
+    assert "on 384 training images, evaluating on 200 test images" in first and "small network" in first
+    epoch_line = next(line for line in captured.out.splitlines() if line.startswith("epoch 2:"))
+    assert "training " in epoch_line and "evaluation " in epoch_line and "epoch wall time " in epoch_line
+    # not a terminal: plain progress lines for the steps and the evaluation
+    assert "epoch 1/2: 12/12 steps" in captured.err and "epoch 2/2 evaluation: " in captured.err
     assert record["implementation"] == "torch-vectorised" and record["config"]["conv1_channels"] == 16
     assert len(record["steps"]) == 2 * 12 and len(record["epochs"]) == 2
     first, second = record["epochs"]
@@ -52,10 +67,9 @@ class Diverging(TorchCapsNet):
         return float("nan") if self._steps == 3 else super().train_step(batch)
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_file(tmp_path, mnist_path, monkeypatch, capsys):
-    monkeypatch.setitem(registry._REGISTRY.entries, "diverging",
-                        registry.ImplementationInfo("diverging", Diverging, "cpu", "vectorised"))
-    code, out = run_train(tmp_path, mnist_path, "--impl", "diverging", *SHORT_RUN)
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_file(tmp_path, mnist_path, capsys):
+    with registry.registered("diverging", Diverging):
+        code, out = run_train(tmp_path, mnist_path, "--impl", "diverging", *SHORT_RUN)
     assert code == 1
     error = capsys.readouterr().err.strip()
     assert "training diverged: loss is nan at epoch 1, step 3" in error and str(out) in error
@@ -92,3 +106,71 @@ def test_an_earlier_results_file_is_only_replaced_by_a_complete_one(tmp_path, mn
     record = read_training_result(out)
     assert record["status"] == "interrupted" and record["implementation"] == "torch-vectorised"
     assert not list(tmp_path.glob(".run.json.*"))  # no temporary file left behind
+
+
+def test_the_learning_rate_follows_the_schedule_and_the_flag_keeps_it_constant(tmp_path, mnist_path):
+    """After 12 steps torch's learning rate is 1e-3 x 0.96^(12/2000) with the paper's schedule, 1e-3 with
+    --schedule constant (checked on the optimizer itself)."""
+    rates = {}
+    original = train.train_epochs
+
+    def spy(impl, *args, **kwargs):
+        result = original(impl, *args, **kwargs)
+        rates[impl.schedule.name] = impl.optimizer.param_groups[0]["lr"]
+        return result
+
+    train.train_epochs = spy
+    try:
+        for schedule in ("paper", "constant"):
+            code, out = run_train(tmp_path, mnist_path, "--impl", "torch-vectorised", "--schedule", schedule,
+                                  *SHORT_RUN, name=f"{schedule}.json")
+            assert code == 0 and read_training_result(out)["schedule"]["name"] == schedule
+    finally:
+        train.train_epochs = original
+    assert rates["paper"] == pytest.approx(1e-3 * 0.96 ** (12 / 2000), rel=1e-12)
+    assert rates["constant"] == 1e-3
+
+
+class InterruptedInEpoch2(TorchCapsNet):
+    """Stops with Ctrl-C at the 5th step of the second epoch (step 17 of the run)."""
+
+    steps = 0
+
+    def train_step(self, batch):
+        InterruptedInEpoch2.steps += 1
+        if InterruptedInEpoch2.steps == 17:
+            raise KeyboardInterrupt
+        return super().train_step(batch)
+
+
+def test_an_interrupted_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path, mnist_path):
+    run = ["--epochs", "3", *SHORT_RUN]
+    code, whole = run_train(tmp_path, mnist_path, "--impl", "torch-vectorised", *run, name="whole.json")
+    assert code == 0
+    with registry.registered("interrupted-torch", InterruptedInEpoch2):
+        code, broken = run_train(tmp_path, mnist_path, "--impl", "interrupted-torch", *run, name="broken.json")
+    assert code == 130
+    record = read_training_result(broken)
+    assert record["status"] == "interrupted" and len(record["epochs"]) == 1 and len(record["steps"]) == 16
+    record["implementation"] = "torch-vectorised"  # the same class without the interruption
+    broken.write_text(json.dumps(record))
+    assert train.main(["--data-dir", str(mnist_path), "--resume", str(broken)]) == 0
+    resumed, reference = read_training_result(broken), read_training_result(whole)
+    assert resumed["status"] == "completed" and len(resumed["epochs"]) == 3 and len(resumed["steps"]) == 36
+    assert [step["loss"] for step in resumed["steps"]] == pytest.approx([step["loss"] for step in reference["steps"]],
+                                                                        rel=1e-6)
+    _, params, adam = epochs.load_checkpoint(broken)
+    _, expected, expected_adam = epochs.load_checkpoint(whole)
+    for name, value in expected.items():
+        np.testing.assert_allclose(params[name], value, rtol=1e-6, atol=1e-9, err_msg=name)
+    assert int(adam["step"]) == int(expected_adam["step"]) == 36
+
+
+def test_resuming_without_a_checkpoint_is_one_line(tmp_path, mnist_path, capsys):
+    code, out = run_train(tmp_path, mnist_path, "--impl", "torch-vectorised", *SHORT_RUN)
+    assert code == 0
+    epochs.checkpoint_path(out).unlink()
+    capsys.readouterr()
+    assert train.main(["--data-dir", str(mnist_path), "--resume", str(out), "--epochs", "2"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "no checkpoint beside" in error and "\n" not in error

@@ -1,0 +1,89 @@
+"""The parity gate (python -m harness.check): what it compares catches the bugs it is there for, and its
+exit status says so both ways."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness import check, registry
+from harness.check import check_implementation, quantities
+from harness.spec import SMALL
+from implementations.numpy_capsnet import NumpyCapsNet
+from implementations.torch_capsnet import TorchCapsNet
+
+
+class RoutingAloneStopsAtThree(TorchCapsNet):
+    """Correct inside the network; its routing alone (what the routing benchmarks time) never runs more
+    than 3 iterations."""
+
+    def routing_forward(self, u_hat):
+        from implementations.torch_capsnet import routing_vectorised
+
+        iterations = min(self.config.routing_iterations, 3)
+        return routing_vectorised(u_hat, iterations, self.config.squash_eps).detach()
+
+
+class IgnoresTheSchedule(NumpyCapsNet):
+    """Adam at the initial rate whatever the schedule says."""
+
+    def set_schedule(self, schedule):
+        pass
+
+
+class CopiesUHatForRouting(NumpyCapsNet):
+    """Routing alone on a u_hat it transposes back to (B, N, J, D) first and forgets to undo: wrong layout."""
+
+    u_hat_layout = "BNJD"
+
+    def prediction_vectors(self, batch):
+        return super().prediction_vectors(batch).transpose(0, 2, 1, 3).copy()
+
+    def routing_forward(self, u_hat):
+        return super().routing_forward(np.ascontiguousarray(u_hat.transpose(0, 2, 1, 3)))
+
+    def routing_backward(self, u_hat, grad_v):
+        return super().routing_backward(np.ascontiguousarray(u_hat.transpose(0, 2, 1, 3)), grad_v)  # no undo
+
+
+def failed(cls, name) -> set[str]:
+    with registry.registered(name, cls):
+        return {row.quantity for row in check_implementation(name, SMALL, "float64") if not row.passed}
+
+
+def test_routing_alone_is_checked_at_5_iterations():
+    assert failed(RoutingAloneStopsAtThree, "stops-at-three") == {"routing v (5 it.)"}
+
+
+def test_an_optimizer_that_ignores_the_learning_rate_schedule_fails():
+    bad = failed(IgnoresTheSchedule, "ignores-schedule")
+    assert bad and all(quantity.startswith("param ") for quantity in bad)
+
+
+def test_a_routing_gradient_in_the_wrong_layout_fails():
+    bad = failed(CopiesUHatForRouting, "wrong-layout")
+    assert {f"routing grad u_hat ({count} it.)" for count in (1, 3, 5)} <= bad
+
+
+def test_the_command_exits_0_when_everything_agrees(capsys):
+    assert check.main(["--impl", "numpy-vectorised", "--dtype", "float64"]) == 0
+    out = capsys.readouterr().out
+    assert f"all {len(quantities(SMALL))} quantities within tolerance" in out
+
+
+def test_the_command_exits_1_on_a_planted_disagreement(capsys):
+    with registry.registered("stops-at-three", RoutingAloneStopsAtThree):
+        assert check.main(["--impl", "stops-at-three", "--dtype", "float64"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED: 1 of" in captured.err and "routing v (5 it.)" in captured.out
+
+
+def test_an_unknown_implementation_exits_2(capsys):
+    assert check.main(["--impl", "numpy-vectorized"]) == 2
+    assert "unknown implementation 'numpy-vectorized'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, expected", [(np.array([1.0, 2.0]), 0.0), (np.array([1.0, 2.5]), 0.25),
+                                              (np.array([np.nan, 2.0]), np.inf)])
+def test_max_relative_error_by_hand(value, expected):
+    assert check.max_relative_error(value, np.array([1.0, 2.0])) == expected

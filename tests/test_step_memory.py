@@ -1,0 +1,104 @@
+"""GPU step memory measured by one rule for every framework, each implementation in a process of its own:
+the rule's order of calls, the per-point failures, and the fresh process, checked on the CPU with a stand-in
+GPU implementation and a scripted NVML sampler."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from harness import registry, step_memory
+from harness.memory import PeakMemory
+from harness.registry import AllocatorPeaks
+from harness.spec import SMALL
+from implementations.numpy_capsnet import NumpyCapsNet
+
+CALLS: list[str] = []
+
+
+class GpuStandIn(NumpyCapsNet):
+    """A 'GPU' implementation that runs on NumPy and logs the memory calls made to it."""
+
+    framework = "stand-in"
+
+    def release_cached_memory(self):
+        CALLS.append("release")
+
+    def reset_peak_memory(self):
+        CALLS.append("reset")
+
+    def allocator_peaks(self):
+        CALLS.append("peaks")
+        return AllocatorPeaks(live=100, reserved=150)
+
+    def pci_bus_id(self):
+        return "0000:3b:00.0"
+
+    def train_step(self, batch):
+        CALLS.append(f"step {len(batch.labels)}")
+        if len(batch.labels) > 8:
+            raise MemoryError("out of memory")
+        return super().train_step(batch)
+
+
+class ScriptedSampler:
+    """NVML's sampler as a context manager that logs when it starts and stops."""
+
+    def __init__(self, pci_bus_id, interval_s):
+        CALLS.append(f"nvml {pci_bus_id}")
+        self.result = None
+
+    def __enter__(self):
+        CALLS.append("enter")
+        return self
+
+    def __exit__(self, *exc):
+        CALLS.append("exit")
+        self.result = PeakMemory(True, peak_bytes=900, baseline_bytes=600, samples=3, duration_s=0.01)
+
+
+def test_every_point_follows_one_rule_and_a_failing_point_is_skipped(monkeypatch):
+    monkeypatch.setattr(step_memory, "nvml_sampler", ScriptedSampler)
+    CALLS.clear()
+    with registry.registered("gpu-stand-in", GpuStandIn, device="cuda"):
+        results = step_memory.measure_points("gpu-stand-in", SMALL, "float32", [(2, 3), (16, 3), (4, 1)])
+    assert CALLS[:9] == ["step 2",  # warm-up
+                         "release", "reset", "nvml 0000:3b:00.0", "enter", "step 2", "exit", "peaks",
+                         "release"]  # emptied again before the next point
+    assert results[(2, 3)] == {"nvml": results[(2, 3)]["nvml"], "allocator_live": 100, "allocator_reserved": 150}
+    assert results[(2, 3)]["nvml"]["increase_bytes"] == 300
+    assert results[(16, 3)] == "gpu-stand-in runs out of memory at batch 16: MemoryError: out of memory"
+    assert isinstance(results[(4, 1)], dict)  # the point after the failure is still measured
+
+
+def test_each_gpu_implementation_is_measured_in_a_process_of_its_own(monkeypatch):
+    launched = []
+    monkeypatch.setattr(step_memory, "nvml_status", lambda: None)
+    monkeypatch.setattr(step_memory, "in_fresh_process",
+                        lambda function, name, *args: launched.append(name) or {(2, 3): "measured"})
+    with registry.registered("gpu-stand-in", GpuStandIn, device="cuda"), \
+            registry.registered("gpu-stand-in-2", GpuStandIn, device="cuda"):
+        grid = step_memory.measure_grid(["numpy-vectorised", "gpu-stand-in", "gpu-stand-in-2"], SMALL, "float32",
+                                        [(2, 3)])
+    assert launched == ["gpu-stand-in", "gpu-stand-in-2"]
+    assert grid[("numpy-vectorised", 2, 3)] == "numpy-vectorised runs on the CPU: no GPU memory to measure"
+    assert grid[("gpu-stand-in", 2, 3)] == "measured"
+
+
+def test_without_nvml_every_gpu_point_says_why(monkeypatch):
+    monkeypatch.setattr(step_memory, "nvml_status", lambda: "NVML cannot start: no driver")
+    with registry.registered("gpu-stand-in", GpuStandIn, device="cuda"):
+        grid = step_memory.measure_grid(["gpu-stand-in"], SMALL, "float32", [(2, 3), (4, 3)])
+    assert set(grid.values()) == {"NVML unavailable: NVML cannot start: no driver"}
+
+
+def test_a_fresh_process_is_another_process():
+    assert step_memory.in_fresh_process(os.getpid) != os.getpid()
+
+
+@pytest.mark.parametrize("error, expected", [(MemoryError(), True), (RuntimeError("CUDA out of memory."), True),
+                                             (type("OutOfMemoryError", (Exception,), {})(), True),
+                                             (ValueError("shapes do not match"), False)])
+def test_out_of_memory_is_recognised(error, expected):
+    assert step_memory.is_out_of_memory(error) is expected

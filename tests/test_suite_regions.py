@@ -1,0 +1,74 @@
+"""What the asv suite times: set-up and warm-up stay in ``setup``, each ``time_*`` calls only its phase and
+ends by synchronising the device.  Checked by calling the benchmark classes directly on a counting stand-in
+implementation."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import bench_memory, bench_phases, common
+from harness import registry
+from implementations.numpy_capsnet import NumpyCapsNet
+
+LOG: list[str] = []
+
+
+class Counting(NumpyCapsNet):
+    """The NumPy implementation, logging every contract call the suite makes."""
+
+    def __getattribute__(self, name):
+        if name in {"forward", "forward_loss", "backward", "adam_step", "train_step", "synchronize",
+                    "prediction_vectors", "routing_forward", "routing_backward", "to_device"}:
+            LOG.append(name)
+        return super().__getattribute__(name)
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    monkeypatch.setattr(common, "_prepared", {})
+    monkeypatch.setattr(bench_phases, "_routing_inputs", {})
+    with registry.registered("counting", Counting):
+        monkeypatch.setattr(common, "SELECTED", set(registry.names()))
+        LOG.clear()
+        yield ("counting", common.BATCH_SIZES[0], common.STEP_ROUTING_ITERATIONS[0])
+
+
+@pytest.mark.parametrize("cls, method, setup_calls, timed_calls", [
+    (bench_phases.TrainStep, "time_train_step", ["train_step"],
+     ["train_step", "forward_loss", "backward", "adam_step", "synchronize"]),
+    (bench_phases.Forward, "time_forward", ["forward_loss"], ["forward_loss", "synchronize"]),
+    (bench_phases.Inference, "time_inference", ["forward"], ["forward", "synchronize"]),
+    (bench_phases.Backward, "time_backward", ["forward_loss", "backward", "forward_loss"],
+     ["backward", "synchronize"]),
+    (bench_memory.HostMemory, "track_host_memory_train_step", ["train_step"],
+     ["train_step", "forward_loss", "backward", "adam_step", "synchronize"]),
+])
+def test_setup_warms_up_and_each_timed_call_does_only_its_phase(counting, cls, method, setup_calls, timed_calls):
+    benchmark = cls()
+    benchmark.setup(*counting)
+    calls = [name for name in LOG if name not in ("synchronize", "to_device")]
+    for expected in setup_calls:  # the warm-up, and for Backward the fresh forward pass of each sample
+        assert expected in calls
+    LOG.clear()
+    getattr(benchmark, method)(*counting)
+    assert LOG == timed_calls
+    LOG.clear()
+    benchmark.setup(*counting)  # asv runs setup before every sample: no second build or warm-up
+    assert "to_device" not in LOG and ("train_step" not in LOG or cls is bench_phases.Backward)
+
+
+def test_routing_times_routing_alone_on_the_u_hat_it_prepared(counting):
+    name, batch, _ = counting
+    params = (name, batch, common.ROUTING_ITERATIONS[0])
+    benchmark = bench_phases.Routing()
+    benchmark.setup(*params)
+    assert "prediction_vectors" in LOG and "routing_forward" in LOG and "routing_backward" in LOG  # warm-ups
+    u_hat = benchmark.u_hat
+    LOG.clear()
+    benchmark.time_routing(*params)
+    assert LOG == ["routing_forward", "synchronize"]
+    LOG.clear()
+    benchmark.time_routing_backward(*params)
+    assert LOG == ["routing_backward", "synchronize"]
+    benchmark.setup(*params)
+    assert benchmark.u_hat is u_hat  # prepared once per process, in the implementation's own layout
