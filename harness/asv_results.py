@@ -11,7 +11,11 @@ The layout asv writes (``results_dir`` in ``asv.conf.json``) and the suite's mac
 In a run file every benchmark's ``result`` list follows ``itertools.product(*params)``, the parameters are
 stored as ``repr`` strings (decoded here with :func:`ast.literal_eval`), and the lists of a benchmark can be
 shorter than ``result_columns`` (missing trailing statistics).  A skipped combination is NaN, a failed one
-null; both become a row with value NaN (``status`` "skipped" / "failed"), never a dropped row.
+null; both become a row with value NaN (``status`` "skipped" / "failed"), never a dropped row.  Beside the
+value (asv's median of the samples, or the sample itself where there is one) each row keeps ``q25`` and
+``q75`` (``stats_q_25`` / ``stats_q_75``), ``spread`` = q75 - q25 and ``samples`` (``stats_repeat``: how many
+samples the figure rests on; 1 with ``asv run --quick``, NaN where asv records no statistics, as for
+``track_`` benchmarks).
 
 Benchmarks are matched by their function name (the last dotted part, e.g. ``time_train_step``), so the
 suite's class names can change.  Parameters become columns: ``implementation`` (with ``framework``,
@@ -79,7 +83,7 @@ PHASES_WITH_FLOPS = frozenset(phase_flops(get_config("small"), 1))  # the phases
 
 IMPLEMENTATION_COLUMNS = ["implementation", "framework", "device", "routing_variant", "backend"]
 PARAMETER_COLUMNS = ["batch_size", "routing_iterations"]
-VALUE_COLUMNS = ["benchmark", "metric", "value", "unit", "spread", "q25", "q75", "status"]
+VALUE_COLUMNS = ["benchmark", "metric", "value", "unit", "spread", "q25", "q75", "samples", "status"]
 FLOPS_COLUMNS = ["flops", "gflops_per_s", "peak_gflops", "pct_of_peak"]
 RUN_COLUMNS = ["machine", "commit", "env", "date", "profile", "config_name"]
 TIDY_COLUMNS = IMPLEMENTATION_COLUMNS + PARAMETER_COLUMNS + VALUE_COLUMNS + FLOPS_COLUMNS + RUN_COLUMNS
@@ -105,8 +109,27 @@ class Run:
         return (self.machine, self.commit, self.env)
 
     @property
+    def short_env(self) -> str:
+        return short_env_name(self.env)
+
+    @property
     def label(self) -> str:
-        return f"{self.machine} @ {self.commit[:8]}"
+        """Machine, commit and (shortened) asv environment: what a heading needs to tell two runs apart."""
+        return f"{self.machine} @ {self.commit[:8]}, {self.short_env}"
+
+
+DEFAULT_ENV_TOOLS = ("virtualenv",)  # asv's default environment tool: left out of the short name
+UNPINNED = ("setuptools", "wheel", "pip")  # build requirements asv names in every environment
+
+
+def short_env_name(env: str) -> str:
+    """asv's environment name without what every environment has: ``virtualenv-py3.11-setuptools-torch2.13.0``
+    -> ``py3.11-torch2.13.0`` (a conda or existing environment keeps its tool's name)."""
+    parts = [part for part in str(env).split("-") if part]
+    if parts and parts[0] in DEFAULT_ENV_TOOLS and len(parts) > 1:
+        parts = parts[1:]
+    kept = [part for part in parts if part not in UNPINNED]
+    return "-".join(kept or parts) or str(env)
 
 
 @dataclass
@@ -244,13 +267,15 @@ def expand_benchmark(name: str, entry: list, columns: list[str], described: dict
     names += [f"param{index + 1}" for index in range(len(names), len(params))]
     unit = (described or {}).get("unit") or default_unit(function)
     q25s, q75s = fields.get("stats_q_25") or [], fields.get("stats_q_75") or []
+    repeats = fields.get("stats_repeat") or []  # samples behind each figure (stats_number: calls per sample)
     rows = []
     for index, (combination, result) in enumerate(zip(combinations, results)):
         value = as_number(result)
         row = {"benchmark": function, "metric": metric_name(function), "unit": unit, "value": value,
                "status": "failed" if result is None else "skipped" if math.isnan(value) else "ok",
                "q25": as_number(q25s[index]) if index < len(q25s) else math.nan,
-               "q75": as_number(q75s[index]) if index < len(q75s) else math.nan}
+               "q75": as_number(q75s[index]) if index < len(q75s) else math.nan,
+               "samples": as_number(repeats[index]) if index < len(repeats) else math.nan}
         row["spread"] = row["q75"] - row["q25"]
         for param_name, text in zip(names, combination):
             row[param_name] = decode_param(text)
@@ -314,7 +339,6 @@ def add_flops(table: pd.DataFrame) -> pd.DataFrame:
     return table[TIDY_COLUMNS + [column for column in table.columns if column not in TIDY_COLUMNS]]
 
 
-
 def tidy_frame(rows: list[dict]) -> pd.DataFrame:
     """The rows as the tidy table: the documented columns first, any other parameter after them."""
     table = pd.DataFrame(rows)
@@ -325,7 +349,7 @@ def tidy_frame(rows: list[dict]) -> pd.DataFrame:
     table = table[TIDY_COLUMNS + extra]
     for column in PARAMETER_COLUMNS:
         table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
-    for column in ("value", "spread", "q25", "q75", "flops", "peak_gflops"):
+    for column in ("value", "spread", "q25", "q75", "samples", "flops", "peak_gflops"):
         table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)
     return table
 

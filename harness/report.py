@@ -1,17 +1,23 @@
 """python -m harness.report: tables and plots from the benchmark, training and distributed-scaling results.
 
 Reads ``<results>/asv`` (asv's own layout, with the suite's machine facts in ``<results>/asv-facts``),
-``<results>/training/*.json`` (``python -m harness.train``) and ``<results>/distributed/*.json``, and writes
-into ``<out>``:
+``<results>/training/*.json`` (``python -m harness.train``), ``<results>/profile/profile.csv`` with
+``profile.json`` (``python -m harness.profile``) and ``<results>/distributed/*.json``, and writes into
+``<out>``:
 
 * ``results_tidy.csv``: the tidy table, one row per benchmark x parameters x run (columns in
   :mod:`harness.asv_results`); a skipped or failed combination is a row with an empty value;
-* ``report.md``: machine, libraries, threads, commit and profile of each run; per run a summary per
-  implementation and batch size; the vectorised / looped speed-ups; training runs; distributed scaling;
-  the comparison of runs; the plots (or why one was not drawn); every warning;
+* ``report.md``: machine, environment, libraries, threads, commit and profile of each run; per run a summary
+  per implementation and batch size (every time with the samples behind it: one sample as itself, several
+  as the median and interquartile range); the vectorised / looped speed-ups; training runs, grouped by the
+  images they trained and tested on; where the time of a training step goes (the profile); distributed
+  scaling; the comparison of runs; the plots (or why one was not drawn); every warning.  Implementations
+  with no result at all in a run are one line per table, not rows of n/a;
 * ``comparison.md`` / ``comparison.csv`` when there is more than one run: each run against the one before
-  it (by commit date), ratio new / old per benchmark and parameters, flagged when beyond the measured spread;
-* the PNG plots of :mod:`harness.plots`.
+  it (by commit date), ratio new / old per benchmark and parameters, flagged when beyond the factor and the
+  measured spread, and "too few samples" where a side rests on one sample;
+* the PNG plots of :mod:`harness.plots` (a stale plot of an older report, such as ``roofline.png``, is
+  removed).
 
 A malformed results file is one warning line on stderr naming the file and the problem; the rest of the
 report is still written.  No results at all is one error line saying how to produce them, exit status 1.
@@ -23,6 +29,7 @@ import argparse
 import datetime as dt
 import itertools
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -30,8 +37,18 @@ import pandas as pd
 
 from harness import plots
 from harness.asv_results import ASV_RESULTS_SUBDIR, AsvResults, Run, load_asv, machine_names
-from harness.formatting import NA, fmt, fmt_unit, formatted, markdown_table
+from harness.formatting import (
+    NA,
+    fmt,
+    fmt_spread,
+    fmt_unit_spread,
+    formatted,
+    markdown_table,
+    sample_count,
+    samples_heading,
+)
 from harness.results import (
+    PROFILE_SUBDIR,
     RUNS_DIR,
     SCALING_SUBDIR,
     TRAINING_SUBDIR,
@@ -42,11 +59,19 @@ from harness.results import (
 )
 from harness.tables import (
     CHANGE_FACTOR,
+    FLAGS,
     SPEEDUP_PHASES,
-    SUMMARY_METRICS,
+    TIMINGS,
+    TOO_FEW,
+    Profile,
     comparison_table,
     distributed_table,
+    load_profile,
     memory_table,
+    not_run,
+    not_run_line,
+    profile_phase_totals,
+    profile_rows,
     run_rows,
     speedup_table,
     step_iterations,
@@ -56,6 +81,7 @@ from harness.tables import (
 
 REPORT_SUBDIR = "report"
 TIDY_CSV, REPORT_MD, COMPARISON_MD, COMPARISON_CSV = "results_tidy.csv", "report.md", "comparison.md", "comparison.csv"
+STALE_PLOTS = ("roofline",)  # plots of older reports under another name: removed when a report is written
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -94,7 +120,7 @@ def run_header(run: Run, machine: dict) -> str:
     if run.profile_assumed:
         profile += " **assumed**: no machine-facts file beside this run, so the default profile's network is assumed"
     lines = [f"### {run.label}", "", f"- machine: `{run.machine}`: {cpu}", f"- GPU: {gpu_line(facts)}",
-             f"- commit: `{run.commit}` (commit date {date}), asv environment `{run.env}`",
+             f"- commit: `{run.commit}` (commit date {date})", f"- asv environment: `{run.env}`",
              f"- benchmark profile: {profile}"]
     if facts:
         threads = ", ".join(f"{k} {v}" for k, v in (facts.get("threads") or {}).items())
@@ -106,37 +132,78 @@ def run_header(run: Run, machine: dict) -> str:
     return "\n".join(lines)
 
 
+def samples_sentence(samples) -> str:
+    """What the times of a table rest on, in a sentence."""
+    counts = sorted({n for n in (sample_count(value) for value in samples) if n is not None})
+    if not counts:
+        return "Times as asv recorded them (no sample statistics in this run)."
+    if counts == [1]:
+        return ("Every time is a single sample (`asv run --quick`): not a median, and with no spread to show; "
+                "run asv without `--quick` for medians with their interquartile ranges.")
+    if counts[0] == 1:
+        return ("Times are medians with their interquartile range (q25–q75) where asv took several samples, and "
+                "the sample itself where it took one (marked).")
+    return "Times are medians with their interquartile range (q25–q75) of the samples asv took."
+
+
+def timing_cells(frame: pd.DataFrame, metric: str, heading: str) -> tuple[str, list[str]]:
+    """A column of times in ms with the samples behind them: counts shared by the whole column in the
+    heading, otherwise in each cell."""
+    shown = frame[metric].notna()
+    suffix, per_cell = samples_heading(frame.loc[shown, f"{metric}_samples"])
+    cells = [fmt_spread(value, q25, q75, samples, "ms", count=per_cell) for value, q25, q75, samples in zip(
+        frame[metric], frame[f"{metric}_q25"], frame[f"{metric}_q75"], frame[f"{metric}_samples"])]
+    return heading + suffix, cells
+
+
+SUMMARY_TIMINGS = {"train_step": "train step ms", "forward": "forward ms", "backward": "backward ms",
+                   "routing": "routing ms"}
+SUMMARY_COLUMNS = {
+    "images_per_second": ("images/s", "rate"), "train_gflops_per_s": ("train GFLOP/s", "rate"),
+    "train_pct_of_peak": ("% of GEMM peak", "pct100"), "routing_share": ("routing share", "pct"),
+    "host_memory_peak": ("host peak MiB (asv)", "mib"), "host_memory": ("host sampled MiB", "mib"),
+    "gpu_memory_nvml": ("GPU NVML MiB", "mib"), "gpu_memory_allocator_live": ("GPU allocator live MiB", "mib"),
+    "gpu_memory_allocator_reserved": ("GPU allocator reserved MiB", "mib"),
+    "gpu_memory_allocator_mixed": ("GPU allocator MiB (old mixed figure)", "mib"),
+    "max_rel_error": ("max rel error", "sci")}
+
+
 def summary_section(rows: pd.DataFrame, run: Run) -> str:
     iterations, note = step_iterations(rows, run.config_name)
     frame = summary_table(rows, iterations)
     if frame.empty:
         return f"### {run.label}\n\nNo per-implementation results in this run."
-    columns = {"implementation": ("implementation", "str"), "batch_size": ("batch", "int"),
-               "train_step": ("train step ms", "ms"), "forward": ("forward ms", "ms"),
-               "backward": ("backward ms", "ms"), "routing": ("routing ms", "ms"),
-               "images_per_second": ("images/s", "rate"), "train_gflops_per_s": ("train GFLOP/s", "rate"),
-               "train_pct_of_peak": ("% of GEMM peak", "pct100"), "routing_share": ("routing share", "pct"),
-               "host_memory_peak": ("host peak MiB (asv)", "mib"), "host_memory": ("host sampled MiB", "mib"),
-               "gpu_memory_nvml": ("GPU NVML MiB", "mib"),
-               "gpu_memory_allocator_live": ("GPU allocator live MiB", "mib"),
-               "gpu_memory_allocator_reserved": ("GPU allocator reserved MiB", "mib"),
-               "max_rel_error": ("max rel error", "sci")}
-    unmeasured = frame[SUMMARY_METRICS + ["max_rel_error"]].isna().all(axis=1)
-    missing = sorted(frame.loc[unmeasured, "implementation"].unique())
-    text = [f"### {run.label}", "", f"Median times per call at {iterations} routing iterations. images/s = batch / "
-            "train-step time; routing share = routing forward + backward alone / train step; GPU NVML = device "
-            "memory in use (all processes, CUDA context included), GPU allocator live / reserved = the framework "
-            "allocator's peak of bytes in live arrays / of bytes held from the device (its cache included); "
-            "host peak = asv's peakmem of the benchmark process, host sampled = resident memory sampled during "
-            "the step. n/a: not measured (skipped, failed or unavailable here)."]
+    absent = not_run(rows, run.facts)
+    frame = frame[~frame["implementation"].isin(list(absent))].reset_index(drop=True)
+    if frame.empty:
+        return f"### {run.label}\n\nNo implementation has a result in this run. {not_run_line(absent)}"
+    cells = formatted(frame, {"implementation": ("implementation", "str"), "batch_size": ("batch", "int")})
+    for metric, heading in SUMMARY_TIMINGS.items():
+        title, column = timing_cells(frame, metric, heading)
+        cells[title] = column
+    columns = dict(SUMMARY_COLUMNS)
+    if frame["gpu_memory_allocator_mixed"].isna().all():
+        del columns["gpu_memory_allocator_mixed"]  # only older runs record the mixed figure
+    for name, (heading, kind) in columns.items():
+        cells[heading] = [fmt(value, kind) for value in frame[name]]
+    timed = [samples for metric in TIMINGS for samples in frame.loc[frame[metric].notna(), f"{metric}_samples"]]
+    text = [f"### {run.label}", "", f"Times per call at {iterations} routing iterations. {samples_sentence(timed)} "
+            "images/s = batch / train-step time; routing share = routing forward + backward alone / train step; "
+            "GPU NVML = device memory in use (all processes, CUDA context included), GPU allocator live / reserved "
+            "= the framework allocator's peak of bytes in live arrays / of bytes held from the device (its cache "
+            "included); host peak = asv's peakmem of the benchmark process, host sampled = resident memory sampled "
+            "during the step. n/a: not measured (skipped, failed or unavailable here)."]
+    if "gpu_memory_allocator_mixed" in columns:
+        text[-1] += (" GPU allocator (old mixed figure): older runs recorded torch's live peak and CuPy's pool "
+                     "after the step in one figure, superseded by live and reserved.")
     if frame["train_pct_of_peak"].isna().all():
         note += (" " if note else "") + ("% of GEMM peak is n/a: no GemmPeak (track_gemm_peak_gflops) result "
                                           "for these backends in this run.")
     if note:
         text += ["", note]
-    text += ["", markdown_table(formatted(frame, columns), text_columns=1)]
-    if missing:
-        text += ["", f"No result at all on this run for: {', '.join(missing)}."]
+    text += ["", markdown_table(cells, text_columns=1)]
+    if absent:
+        text += ["", not_run_line(absent)]
     return "\n".join(text)
 
 
@@ -159,6 +226,19 @@ def memory_section(rows: pd.DataFrame, run: Run) -> str:
             + markdown_table(formatted(frame, columns), text_columns=1))
 
 
+def speedup_basis(rows: pd.DataFrame) -> str:
+    """What the times behind the speed-ups rest on, in a sentence."""
+    timed = rows.loc[rows["metric"].isin(SPEEDUP_PHASES) & rows["value"].notna(), "samples"]
+    counts = sorted({n for n in (sample_count(value) for value in timed) if n is not None})
+    if not counts:
+        return ""
+    if counts == [1]:
+        return "Both times of each ratio are single samples (no medians, no spread)."
+    if counts[0] > 1:
+        return "Ratios of medians" + (f" of {counts[0]} samples each." if len(counts) == 1 else " of several samples.")
+    return "Ratios of medians or, where asv took one sample, of single samples."
+
+
 def speedup_section(rows: pd.DataFrame, run: Run) -> tuple[str, pd.DataFrame]:
     iterations, _ = step_iterations(rows, run.config_name)
     table = speedup_table(rows, iterations)
@@ -166,70 +246,199 @@ def speedup_section(rows: pd.DataFrame, run: Run) -> tuple[str, pd.DataFrame]:
         return f"### {run.label}\n\nNo framework has both a vectorised and a looped implementation.", table
     wide = table.pivot_table(index=["pair", "batch_size"], columns="phase", values="speedup", aggfunc="first",
                              dropna=False).reindex(columns=SPEEDUP_PHASES).reset_index()
-    columns = {"pair": ("framework (device)", "str"), "batch_size": ("batch", "int"),
-               **{phase: (plots.PHASE_LABELS[phase], "times") for phase in SPEEDUP_PHASES}}
-    text = (f"### {run.label}\n\nLooped time / vectorised time at {iterations} routing iterations "
-            f"(> 1×: vectorised is faster).\n\n" + markdown_table(formatted(wide, columns), text_columns=1))
-    return text, table
+    measured = table.groupby("pair", sort=False)["speedup"].apply(lambda values: values.notna().any())
+    unmeasured = [pair for pair, any_value in measured.items() if not any_value]
+    wide = wide[~wide["pair"].isin(unmeasured)]
+    absent = not_run(rows, run.facts)
+    reasons = {}
+    for pair in unmeasured:
+        names = table.loc[table["pair"] == pair, ["vectorised", "looped"]].iloc[0].tolist()
+        why = sorted({absent[name] for name in names if name in absent})
+        reasons[pair] = "; ".join(why) if why else "no result for both variants"
+    basis = " " + speedup_basis(rows) if speedup_basis(rows) else ""
+    text = [f"### {run.label}", "", f"Looped time / vectorised time at {iterations} routing iterations "
+            f"(> 1×: vectorised is faster).{basis}"]
+    if not wide.empty:
+        columns = {"pair": ("framework (device)", "str"), "batch_size": ("batch", "int"),
+                   **{phase: (plots.PHASE_LABELS[phase], "times") for phase in SPEEDUP_PHASES}}
+        text += ["", markdown_table(formatted(wide, columns), text_columns=1)]
+    if reasons:
+        text += ["", not_run_line(reasons)]
+    return "\n".join(text), table
 
 
 def comparison_section(comparison: pd.DataFrame, old: Run, new: Run) -> str:
-    """The comparison of two runs as Markdown: changes first, then missing, then the rest."""
+    """The comparison of two runs as Markdown: changes first, then those with too few samples to judge,
+    then missing, then the rest."""
     both_na = comparison["change"] == f"{NA} in both"
     shown = comparison[~both_na].copy()
-    order = {"worse": 0, "better": 1, "higher": 2, "lower": 2}
-    shown["order"] = [order.get(change, 3 if change.startswith("missing") else 4 if change.startswith(NA) else 5)
-                      for change in shown["change"]]
+    too_few = shown["change"].str.startswith(TOO_FEW)
+
+    def rank(change: str) -> int:
+        if change in FLAGS:
+            return FLAGS.index(change) if change in ("worse", "better") else 2
+        return 3 if change.startswith(TOO_FEW) else 4 if change.startswith("missing") else \
+            5 if change.startswith(NA) else 6
+
+    shown["order"] = [rank(change) for change in shown["change"]]
     shown = shown.sort_values(["order", "benchmark", "implementation", "batch_size", "routing_iterations", "params"],
                               kind="stable", na_position="first")
-    flagged = int(shown["change"].isin(list(order)).sum())
+    flagged = int(shown["change"].isin(FLAGS).sum())
     present = {side: set(comparison.loc[comparison[f"{side}_status"] != "missing", "implementation"].dropna())
                for side in ("old", "new")}
     only = {"old": sorted(present["old"] - present["new"]), "new": sorted(present["new"] - present["old"])}
+    single = {side: bool((comparison[f"{side}_samples"] == 1).any()) for side in ("old", "new")}
     text = [f"### {new.label} against {old.label}", "",
             f"old: `{old.machine}` commit `{old.commit[:12]}` ({old.env}); new: `{new.machine}` commit "
             f"`{new.commit[:12]}` ({new.env}). ratio = new / old; flagged (**worse** / **better**, or higher / "
             f"lower where neither is better) when the ratio is outside [{1 / CHANGE_FACTOR:.3f}, {CHANGE_FACTOR}] "
-            "and the interquartile ranges [q25, q75] of the two runs do not overlap (by the ratio alone where "
-            "a run records no spread).", "",
-            f"{flagged} change(s) flagged; {int(both_na.sum())} combination(s) without a result in either run "
-            "not listed."]
+            "and the interquartile ranges [q25, q75] of the two runs do not overlap. Where either side rests on a "
+            f"single sample nothing is flagged: a ratio beyond the factor reads \"{TOO_FEW}\". A figure asv "
+            "records without statistics (peakmem_ and track_ benchmarks: one measurement, no sample count) is "
+            "judged by the ratio alone."]
+    if single["old"] or single["new"]:
+        sides = " and ".join(side for side in ("old", "new") if single[side])
+        both = " and " in sides
+        text += ["", f"**Too few samples to judge**: the {sides} run{'s' if both else ''} "
+                 f"{'have' if both else 'has'} timings of one sample each (`asv run --quick`), so "
+                 f"{int(too_few.sum())} ratio(s) beyond the factor are listed without calling them worse or better. "
+                 "Run asv without `--quick` on both commits to compare them."]
+    absent_both = sorted(set(comparison.loc[both_na, "implementation"].dropna())
+                         - set(comparison.loc[~both_na, "implementation"].dropna()))
+    text += ["", f"{flagged} change(s) flagged; {int(both_na.sum())} combination(s) without a result in either run "
+             "not listed" + (f" (not run in either: {', '.join(absent_both)})" if absent_both else "") + "."]
     for side in ("old", "new"):
         if only[side]:
             text.append(f"\nOnly in the {side} run (shown as missing in the other): {', '.join(only[side])}.")
     cells = pd.DataFrame({
         "benchmark": shown["benchmark"], "parameters": shown["params"],
-        **{side: [fmt_unit(v, u) if s != "missing" else "missing"
-                  for v, u, s in zip(shown[side], shown["unit"], shown[f"{side}_status"])] for side in ("old", "new")},
+        **{side: [fmt_unit_spread(v, q25, q75, n, u) if s != "missing" else "missing"
+                  for v, q25, q75, n, u, s in zip(shown[side], shown[f"{side}_q25"], shown[f"{side}_q75"],
+                                                  shown[f"{side}_samples"], shown["unit"], shown[f"{side}_status"])]
+           for side in ("old", "new")},
         "ratio": [fmt(r, "times") if math.isfinite(r) else NA for r in shown["ratio"]],
-        "change": [f"**{c}**" if c in order else c for c in shown["change"]],
+        "change": [f"**{c}**" if c in FLAGS else c for c in shown["change"]],
     })
     return "\n".join(text + ["", markdown_table(cells, text_columns=2, left={"change"})])
 
 
+TRAINING_COLUMNS = {
+    "file": ("file", "str"), "implementation": ("implementation", "str"), "device": ("device", "str"),
+    "config": ("network", "str"), "batch_size": ("batch", "int"), "ranks": ("ranks", "int"),
+    "train_images": ("training images", "count"), "test_images": ("test images", "count"),
+    "schedule": ("schedule", "str"), "epochs": ("epochs", "int"), "status": ("status", "str"),
+    "best_test_accuracy": ("best test accuracy", "pct"), "final_test_accuracy": ("final test accuracy", "pct"),
+    "final_mean_loss": ("final mean loss", "num"), "train_seconds": ("training s", "num"),
+    "eval_seconds": ("evaluation s", "num"), "wall_seconds": ("wall s", "num"),
+    "images_per_second": ("images/s", "rate")}
+
+
 def training_section(frame: pd.DataFrame) -> str:
-    columns = {"file": ("file", "str"), "implementation": ("implementation", "str"), "device": ("device", "str"),
-               "config": ("network", "str"),
-               "batch_size": ("batch", "int"), "epochs": ("epochs", "int"), "status": ("status", "str"),
-               "final_test_accuracy": ("final test accuracy", "pct"), "final_mean_loss": ("final mean loss", "num"),
-               "train_seconds": ("training time s", "num"), "images_per_second": ("images/s", "rate")}
-    cells = formatted(frame, columns)
-    cells["epochs"] = [f"{done}/{asked}" for done, asked in zip(frame["epochs"], frame["epochs_requested"])]
-    return ("Training time counts the training steps only (not evaluation); images/s = training images / "
-            "training time.\n\n" + markdown_table(cells, text_columns=7))
+    """The training runs, one table per (network, training images, test images): runs on different data
+    are never rows of one table."""
+    text = ["Runs are grouped by network and by the images they trained and tested on; numbers are read across "
+            "rows of one table only. Times add up all epochs: training counts the training loop alone (batches "
+            "prepared and augmented), evaluation the test set, wall the whole epoch with both and the saving "
+            "of results (n/a: not recorded by older runs); images/s = training images / training time; ranks = "
+            "processes training together (data-parallel)."]
+    columns = dict(TRAINING_COLUMNS)
+    for optional in ("eval_seconds", "wall_seconds"):
+        if frame[optional].isna().all():
+            del columns[optional]
+    groups = frame.groupby(["config", "train_images", "test_images"], sort=False)
+    keys = sorted(groups.groups, key=lambda key: (-int(key[1]), -int(key[2]), str(key[0])))
+    for key in keys:
+        group = groups.get_group(key).sort_values(["implementation", "file"], kind="stable")
+        config, train_images, test_images = key
+        cells = pd.DataFrame({heading: [f"{int(v):,}" if kind == "count" else fmt(v, kind) for v in group[name]]
+                              for name, (heading, kind) in columns.items()})
+        cells["epochs"] = [f"{done}/{asked}" for done, asked in zip(group["epochs"], group["epochs_requested"])]
+        text += ["", f"#### {int(train_images):,} training images, {int(test_images):,} test images ({config} "
+                 "network)", "", markdown_table(cells, text_columns=6, left={"schedule", "epochs", "status"})]
+    return "\n".join(text)
 
 
 def distributed_section(frame: pd.DataFrame) -> str:
+    steps = {int(n) for n in frame["steps"].dropna()} if "steps" in frame else set()
+    step_heading = f"step ms (median of {steps.pop()} steps)" if len(steps) == 1 else "step ms (median)"
     columns = {"label": ("run", "str"), "world_size": ("world size", "int"),
                "threads_per_rank": ("threads/rank", "int"),
                "per_rank_batch_size": ("batch/rank", "int"), "global_batch_size": ("global batch", "int"),
-               "compute_units": ("compute used", "int"), "step_seconds": ("step ms", "ms"),
+               "compute_units": ("compute used", "int"), "step_seconds": (step_heading, "ms"),
                "images_per_second": ("images/s", "rate"), "efficiency": ("scaling efficiency", "pct"),
                "allreduce_seconds": ("all-reduce ms", "ms"), "allreduce_share": ("all-reduce share", "pct")}
+    if len(steps) > 1:
+        columns["steps"] = ("timed steps", "int")
     text = ("Scaling efficiency = speed-up over the smallest world size / growth of the compute used (CPU: ranks × "
             "threads per rank, so ranks that split a fixed set of cores are judged against those cores; GPU: "
-            "ranks); the scaling command prints the same figure. One rank has no all-reduce (n/a).")
+            "ranks); the scaling command prints the same figure. Step and all-reduce times are medians over the "
+            "timed steps (the slowest rank's); the scaling results record no spread. One rank has no all-reduce "
+            "(n/a).")
     return text + "\n\n" + markdown_table(formatted(frame, columns), text_columns=1)
+
+
+def profile_section(profile: Profile) -> str:
+    """Where the time of a training step goes: per implementation, a table of layers x phases."""
+    meta = profile.meta
+    machine = meta.get("machine") or {}
+    text = ["Per implementation, each layer's time in each phase of a training step (`python -m harness.profile`): "
+            "the median per step over the profiled steps with its interquartile range (q25–q75), its share of the "
+            "profiled step, the achieved GFLOP/s (analytic FLOPs / time) and its % of the measured GEMM peak, "
+            "and the memory the profiler saw where it reports it. The profiler's own cost is the overhead: the "
+            "profiled step against the same step timed without it."]
+    if machine:
+        cpu = machine.get("cpu") or "?"
+        text += ["", f"Profiled on `{machine.get('hostname', '?')}`: {cpu}, {machine.get('cpu_count', '?')} cores; "
+                 f"GPU: {gpu_line(machine)}."]
+    for name in profile.implementations():
+        rows = profile_rows(profile, name)
+        about = profile.about(name)
+        described = ", ".join(str(about[key]) for key in ("framework", "device") if about.get(key))
+        if about.get("routing_variant"):
+            described += f", {about['routing_variant']} routing"
+        facts = [f"batch {int(rows['batch_size'].iloc[0])}" if rows["batch_size"].notna().any() else "",
+                 f"{rows['config_name'].iloc[0]} network" if rows["config_name"].iloc[0] else "",
+                 str(rows["dtype"].iloc[0] or "")]
+        steps = rows["steps"].dropna()
+        n = int(steps.iloc[0]) if len(steps) else None
+        facts.append(f"{n} profiled step{'s' if n != 1 else ''}" if n is not None else "")
+        step, plain, overhead = about.get("step_s"), about.get("unprofiled_step_s"), about.get("overhead")
+        if isinstance(step, (int, float)):
+            facts.append(f"profiled step {fmt(step, 'ms')} ms")
+        if isinstance(plain, (int, float)):
+            facts.append(f"unprofiled step {fmt(plain, 'ms')} ms")
+        if isinstance(overhead, (int, float)):
+            facts.append(f"profiler overhead {100 * overhead:+.1f}%")
+        summed = rows["time_s"].sum()
+        facts.append(f"the layers add up to {fmt(summed, 'ms')} ms"
+                     + (f" ({summed / step:.1%} of the profiled step)" if isinstance(step, (int, float)) and step
+                        else ""))
+        samples = [n] * len(rows) if n is not None else [math.nan] * len(rows)
+        suffix, per_cell = samples_heading(samples)
+        suffix = suffix.replace("samples", "steps").replace("sample", "step")
+        cells = pd.DataFrame({
+            "phase": rows["phase"], "layer": rows["layer"],
+            f"time ms{suffix}": [fmt_spread(value, q25, q75, count, "ms", count=per_cell)
+                                 for value, q25, q75, count in zip(rows["time_s"], rows["time_q25_s"],
+                                                                   rows["time_q75_s"], samples)],
+            "share of step": [fmt(value, "pct") for value in rows["share"]],
+            "GFLOP/s": [fmt(value, "rate") for value in rows["gflops_per_s"]],
+            "% of GEMM peak": [fmt(value, "pct100") for value in rows["pct_of_peak"]],
+        })
+        for column, heading in (("memory_allocated_bytes", "allocated MiB"), ("memory_peak_bytes", "peak MiB")):
+            if rows[column].notna().any():
+                cells[heading] = [fmt(value, "mib") for value in rows[column]]
+        totals = profile_phase_totals(rows)
+        measured = about.get("phases_s") if isinstance(about.get("phases_s"), dict) else {}
+        total_line = "; ".join(
+            f"{phase} {fmt(time, 'ms')} ms of layers ({fmt(share, 'pct')} of the step"
+            + (f"; the phase measured whole: {fmt(measured[phase], 'ms')} ms" if isinstance(
+                measured.get(phase), (int, float)) else "") + ")"
+            for phase, time, share in zip(totals["phase"], totals["time_s"], totals["share"]))
+        text += ["", f"### {name}" + (f" ({described})" if described else ""), "",
+                 "; ".join(fact for fact in facts if fact) + ".", "", f"Per phase: {total_line}.", "",
+                 markdown_table(cells, text_columns=2)]
+    return "\n".join(text)
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -239,8 +448,9 @@ PLOT_DESCRIPTIONS = {
     "routing_iterations": "routing alone (forward; forward + backward) against routing iterations",
     "vectorised_speedup": "speed-up of vectorised over looped routing per framework and phase",
     "memory": "GPU memory (NVML and allocator) against batch size, or host memory where there is no GPU result",
-    "roofline": "achieved share of the measured GEMM peak per implementation and phase",
+    "peak_share": "achieved GFLOP/s as a share of the measured GEMM peak per implementation and phase",
     "training_curves": "training loss and test accuracy against training time",
+    "profile": "where the time of a training step goes, by phase and layer, per implementation",
     "distributed_scaling": "images/s against world size with the ideal line, and scaling efficiency",
 }
 
@@ -258,22 +468,35 @@ def draw(name: str, suffix: str, out: Path, build, entries: list[tuple[str, str,
     entries.append((path.name, PLOT_DESCRIPTIONS[name], ""))
 
 
+def file_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
 def benchmark_plots(table: pd.DataFrame, runs: list[Run], out: Path, entries: list, speedups: dict) -> None:
-    """The benchmark figures of the newest run of each machine (file names get the machine when there are
-    several)."""
-    newest = {run.machine: run for run in runs}  # runs are sorted by date
-    palette = plots.colours(table["implementation"].dropna())
-    for machine, run in sorted(newest.items()):
+    """The benchmark figures of the newest run of each machine and environment (file names get the machine,
+    and the environment where a machine has several, when there is more than one)."""
+    newest = {(run.machine, run.env): run for run in runs}  # runs are sorted by date
+    machines = {machine for machine, _ in newest}
+    for (machine, _), run in sorted(newest.items()):
         rows = run_rows(table, run)
-        suffix = f"_{machine}" if len(newest) > 1 else ""
+        suffix = "" if len(newest) == 1 else f"_{file_part(machine)}" if len(newest) == len(machines) else \
+            f"_{file_part(machine)}_{file_part(run.short_env)}"
         iterations, _ = step_iterations(rows, run.config_name)
         where = run.label
         draw("phase_times", suffix, out, lambda: plots.phase_times(rows, iterations, where), entries)
-        draw("batch_scaling", suffix, out, lambda: plots.batch_scaling(rows, iterations, where, palette), entries)
-        draw("routing_iterations", suffix, out, lambda: plots.routing_iterations(rows, where, palette), entries)
-        draw("vectorised_speedup", suffix, out, lambda: plots.vectorised_speedup(speedups[run.key], where), entries)
-        draw("memory", suffix, out, lambda: plots.memory(rows, iterations, where, palette), entries)
-        draw("roofline", suffix, out, lambda: plots.roofline(rows, iterations, where), entries)
+        draw("batch_scaling", suffix, out, lambda: plots.batch_scaling(rows, iterations, where), entries)
+        draw("routing_iterations", suffix, out, lambda: plots.routing_iterations(rows, where), entries)
+        draw("vectorised_speedup", suffix, out,
+             lambda: plots.vectorised_speedup(speedups[run.key], where, speedup_basis(rows)), entries)
+        draw("memory", suffix, out, lambda: plots.memory(rows, iterations, where), entries)
+        draw("peak_share", suffix, out, lambda: plots.peak_share(rows, iterations, where), entries)
+
+
+def remove_stale_plots(out: Path) -> None:
+    """Plots an older report wrote under a name this one no longer uses (roofline.png is now peak_share.png)."""
+    for name in STALE_PLOTS:
+        for path in [out / f"{name}.png", *out.glob(f"{name}_*.png")]:
+            path.unlink(missing_ok=True)
 
 
 def plots_section(entries: list[tuple[str, str, str]]) -> str:
@@ -293,9 +516,10 @@ def no_results_message(root: Path) -> str:
 
 
 def build_report(root: Path, out: Path, asv: AsvResults, training: list, distributed: list,
-                 warnings: list[str]) -> list[Path]:
+                 warnings: list[str], profile: Profile | None = None) -> list[Path]:
     """Write every output into ``out``; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_plots(out)
     written = []
     table = asv.table
     generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -304,7 +528,8 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
           f"The tidy table of every benchmark result is [`{TIDY_CSV}`]({TIDY_CSV}).", ""]
     if not table.empty:
         written.append(write_csv(table, out / TIDY_CSV))
-    md += ["## Runs", ""]
+    md += ["## Runs", "", "Each run is named by machine, commit and asv environment (shortened: the tool and "
+           "the unpinned build requirements left out).", ""]
     md += [run_header(run, asv.machines.get(run.machine, {})) + "\n" for run in asv.runs] or ["No asv results.", ""]
     speedups, sections = {}, {"summary": [], "speedup": [], "memory": []}
     for run in asv.runs:
@@ -324,6 +549,8 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
     md += ["## Training", ""]
     md += [training_section(training_table(training)), ""] if training else [
         f"No training results under `{root / TRAINING_SUBDIR}` (`python -m harness.train` writes them).", ""]
+    if profile is not None:
+        md += ["## Where the time of a training step goes", "", profile_section(profile), ""]
     distributed_frame = distributed_table(distributed)
     if distributed:
         md += ["## Distributed scaling", "", distributed_section(distributed_frame), ""]
@@ -331,6 +558,10 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
     if asv.runs:
         benchmark_plots(table, asv.runs, out, entries, speedups)
     draw("training_curves", "", out, lambda: plots.training_curves([(p.stem, r) for p, r in training]), entries)
+    if profile is not None:
+        draw("profile", "", out, lambda: plots.profile_breakdown(profile), entries)
+    else:
+        (out / "profile.png").unlink(missing_ok=True)
     if distributed:
         draw("distributed_scaling", "", out, lambda: plots.distributed_scaling(distributed_frame), entries)
     written += [out / file for file, _, problem in entries if not problem]
@@ -377,7 +608,8 @@ def parser() -> argparse.ArgumentParser:
                         help="folder holding asv/, asv-facts/, training/, profile/ and distributed/ (default: runs, "
                              "where every command writes; the results this repository ships are in results)")
     parser.add_argument("--out", type=Path, help="output folder (default: <results>/report)")
-    parser.add_argument("--machine", metavar="NAME", help="only the asv results of this machine")
+    parser.add_argument("--machine", metavar="NAME",
+                        help="only the asv results of this machine (default: every machine's)")
     return parser
 
 
@@ -393,13 +625,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings = list(asv.warnings)
     training = load_training_results(root / TRAINING_SUBDIR, warnings)
     distributed = load_scaling_results(root / SCALING_SUBDIR, warnings)
+    profile = load_profile(root / PROFILE_SUBDIR, warnings)
     for warning in warnings:
         print(warning, file=sys.stderr)
-    if asv.table.empty and not training and not distributed:
+    if asv.table.empty and not training and not distributed and profile is None:
         print(f"error: no readable results under {root} (every results file was skipped, see the warnings above)"
               if warnings else no_results_message(root), file=sys.stderr)
         return 1
-    written = build_report(root, out, asv, training, distributed, warnings)
+    written = build_report(root, out, asv, training, distributed, warnings, profile)
     plots_written = sum(path.suffix == ".png" for path in written)
     print(f"report written to {out / REPORT_MD} ({plots_written} plots, {len(written)} files in {out})")
     return 0

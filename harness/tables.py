@@ -6,22 +6,28 @@ into figures.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from harness.activations import im2col_bytes, kept_activations, parameter_state_bytes
 from harness.asv_results import TIDY_COLUMNS, Run
+from harness.results import PROFILE_KIND, ResultsFileError, read_json
 from harness.scaling import compute_units, scaling_efficiency
 from harness.spec import get_config
 
 CHANGE_FACTOR = 1.1  # a ratio outside [1/1.1, 1.1] (asv compare's default factor) beyond the spread is flagged
 LOWER_IS_BETTER = {"seconds", "bytes", "relative error"}
-HIGHER_IS_BETTER = {"GFLOP/s"}
+HIGHER_IS_BETTER = {"GFLOP/s", "images/s", "images per second"}  # and any other rate: a unit ending in "/s"
+TOO_FEW = "too few samples"  # the change of a ratio beyond the factor when a side rests on one sample
+FLAGS = ("worse", "better", "higher", "lower")
 NA = "n/a"
-SUMMARY_METRICS = ["train_step", "forward", "backward", "routing", "routing_backward", "host_memory_peak",
-                   "host_memory", "gpu_memory_nvml", "gpu_memory_allocator_live", "gpu_memory_allocator_reserved"]
+TIMINGS = ["train_step", "forward", "backward", "routing", "routing_backward"]
+SUMMARY_METRICS = TIMINGS + ["host_memory_peak", "host_memory", "gpu_memory_nvml", "gpu_memory_allocator_live",
+                             "gpu_memory_allocator_reserved", "gpu_memory_allocator_mixed"]
 SPEEDUP_PHASES = ["train_step", "forward", "backward", "inference", "routing", "routing_backward"]
+MNIST_TRAIN_IMAGES, MNIST_TEST_IMAGES = 60_000, 10_000  # what a training record's limit None means
 
 
 def run_rows(table: pd.DataFrame, run: Run) -> pd.DataFrame:
@@ -41,16 +47,22 @@ def step_iterations(rows: pd.DataFrame, config_name: str) -> tuple[int, str]:
 
 
 def summary_table(rows: pd.DataFrame, iterations: int) -> pd.DataFrame:
-    """Per implementation x batch size: the median phase times (s), images/s, train-step GFLOP/s and % of
-    peak, routing share, host and GPU memory (bytes), max relative error.  Every implementation and batch
-    size of the run is a row, measured or not."""
+    """Per implementation x batch size: the phase times (s) with their q25, q75 and samples
+    (``train_step_q25``, ...), images/s, train-step GFLOP/s and % of peak, routing share, host and GPU
+    memory (bytes), max relative error.  Every implementation and batch size of the run is a row, measured
+    or not."""
     step = rows[rows["implementation"].notna() & rows["batch_size"].notna()]
     step = step[step["routing_iterations"] == iterations]
     index = step[["implementation", "batch_size"]].drop_duplicates().sort_values(["implementation", "batch_size"])
-    values = step[step["metric"].isin(SUMMARY_METRICS)].pivot_table(
-        index=["implementation", "batch_size"], columns="metric", values="value", aggfunc="first", dropna=False)
-    train = step[step["metric"] == "train_step"].set_index(["implementation", "batch_size"])
-    frame = index.set_index(["implementation", "batch_size"]).join(values).reindex(columns=SUMMARY_METRICS)
+    keys = ["implementation", "batch_size"]
+    chosen = step[step["metric"].isin(SUMMARY_METRICS)]
+    frame = index.set_index(keys)
+    for column, suffix, metrics in (("value", "", SUMMARY_METRICS), ("q25", "_q25", TIMINGS),
+                                    ("q75", "_q75", TIMINGS), ("samples", "_samples", TIMINGS)):
+        wide = chosen.pivot_table(index=keys, columns="metric", values=column, aggfunc="first", dropna=False)
+        wide = wide.reindex(columns=metrics)
+        frame = frame.join(wide.rename(columns=lambda metric: f"{metric}{suffix}"))
+    train = step[step["metric"] == "train_step"].drop_duplicates(keys).set_index(keys)
     frame["images_per_second"] = frame.index.get_level_values("batch_size").astype(float) / frame["train_step"]
     frame["train_gflops_per_s"] = train["gflops_per_s"].reindex(frame.index)
     frame["train_pct_of_peak"] = train["pct_of_peak"].reindex(frame.index)
@@ -59,6 +71,38 @@ def summary_table(rows: pd.DataFrame, iterations: int) -> pd.DataFrame:
     errors = errors.set_index("implementation")["value"]
     frame["max_rel_error"] = errors.reindex(frame.index.get_level_values("implementation")).to_numpy()
     return frame.reset_index()
+
+
+def not_run(rows: pd.DataFrame, facts: dict | None = None) -> dict[str, str]:
+    """The implementations of a run with no result at all (every metric n/a), each with the reason in words:
+    a CUDA implementation on a machine whose facts say it has no GPU is unavailable; otherwise it was
+    skipped (unavailable, out of memory, or left out) or failed in every benchmark."""
+    gpu = (facts or {}).get("gpu") or {}
+    named = rows[rows["implementation"].notna()]
+    out = {}
+    for name, group in named.groupby("implementation", sort=True):
+        if group["value"].notna().any():
+            continue
+        if (group["device"] == "cuda").all() and gpu and not gpu.get("available"):
+            out[name] = "unavailable: no CUDA GPU on this machine"
+        elif (group["status"] == "failed").all():
+            out[name] = "failed in every benchmark"
+        elif (group["status"] == "failed").any():
+            out[name] = "skipped or failed in every benchmark"
+        else:
+            out[name] = "skipped in every benchmark: unavailable here or left out"
+    return out
+
+
+def not_run_line(reasons: dict[str, str], what: str = "Not run here") -> str:
+    """One line for everything that did not run: "Not run here: a, b (reason); c (other reason)."."""
+    if not reasons:
+        return ""
+    groups: dict[str, list[str]] = {}
+    for name, reason in reasons.items():
+        groups.setdefault(reason, []).append(name)
+    return f"{what}: " + "; ".join(f"{', '.join(sorted(names))} ({reason})"
+                                   for reason, names in sorted(groups.items())) + "."
 
 
 def speedup_table(rows: pd.DataFrame, iterations: int) -> pd.DataFrame:
@@ -107,8 +151,28 @@ def keyed(rows: pd.DataFrame, extra_columns: list[str]) -> pd.DataFrame:
     return rows.drop_duplicates(["benchmark", "params"]).set_index(["benchmark", "params"])
 
 
+def better_direction(unit) -> int:
+    """-1 where lower is better (seconds, bytes, relative error), +1 where higher is (GFLOP/s, images/s and
+    any other rate), 0 where neither is."""
+    if unit in LOWER_IS_BETTER:
+        return -1
+    if unit in HIGHER_IS_BETTER or (isinstance(unit, str) and unit.endswith("/s")):
+        return 1
+    return 0
+
+
+def single_sample(samples) -> bool:
+    return isinstance(samples, (int, float)) and samples == 1
+
+
 def change_of(row: pd.Series) -> str:
-    """Whether new differs from old beyond the factor and beyond the measured spread, and which way."""
+    """Whether new differs from old beyond the factor and beyond the measured spread, and which way.
+
+    A ratio inside [1/1.1, 1.1] is no change.  Beyond it: where either side rests on one sample nothing can
+    be judged (:data:`TOO_FEW`); where both sides record their interquartile range and the ranges overlap
+    it is within the noise; otherwise "worse" / "better" by the unit's direction (or "higher" / "lower"
+    where neither is better).  A figure with no statistics at all (a ``track_`` benchmark) is judged by the
+    ratio alone."""
     old, new = row["old"], row["new"]
     if row["old_status"] == "missing" or row["new_status"] == "missing":
         return "missing in " + ("old" if row["old_status"] == "missing" else "new")
@@ -118,14 +182,19 @@ def change_of(row: pd.Series) -> str:
     ratio = row["ratio"]
     if not (ratio > CHANGE_FACTOR or ratio < 1 / CHANGE_FACTOR):
         return ""
+    old_n, new_n = row.get("old_samples", math.nan), row.get("new_samples", math.nan)
+    if single_sample(old_n) or single_sample(new_n):
+        counts = [f"{side} {int(n)}" for side, n in (("old", old_n), ("new", new_n)) if pd.notna(n)]
+        return f"{TOO_FEW} ({', '.join(counts)})"
     ranges = [row[c] for c in ("old_q25", "old_q75", "new_q25", "new_q75")]
     if all(math.isfinite(value) for value in ranges):
         if ranges[0] <= ranges[3] and ranges[2] <= ranges[1]:
             return ""  # the [q25, q75] ranges overlap: within the noise
     up = ratio > 1
-    if row["unit"] in LOWER_IS_BETTER:
+    direction = better_direction(row["unit"])
+    if direction < 0:
         return "worse" if up else "better"
-    if row["unit"] in HIGHER_IS_BETTER:
+    if direction > 0:
         return "better" if up else "worse"
     return "higher" if up else "lower"
 
@@ -141,6 +210,7 @@ def comparison_table(table: pd.DataFrame, old: Run, new: Run) -> pd.DataFrame:
         frame[side] = rows["value"].reindex(index)
         frame[f"{side}_q25"] = rows["q25"].reindex(index)
         frame[f"{side}_q75"] = rows["q75"].reindex(index)
+        frame[f"{side}_samples"] = rows["samples"].reindex(index) if "samples" in rows else math.nan
         frame[f"{side}_status"] = rows["status"].reindex(index).fillna("missing")
     for column in ("unit", "implementation", "batch_size", "routing_iterations"):
         frame[column] = right[column].reindex(index).fillna(left[column].reindex(index))
@@ -149,20 +219,67 @@ def comparison_table(table: pd.DataFrame, old: Run, new: Run) -> pd.DataFrame:
     return frame.reset_index()
 
 
+def training_images(record: dict) -> tuple[int, int]:
+    """(training images, test images) of a run: recorded by newer runs; for older ones the limits, where
+    no limit (None) means all of MNIST (60,000 and 10,000)."""
+    train = record.get("train_images")
+    test = record.get("test_images")
+    if not isinstance(train, int):
+        limit = record.get("limit")
+        train = min(limit, MNIST_TRAIN_IMAGES) if isinstance(limit, int) else MNIST_TRAIN_IMAGES
+    if not isinstance(test, int):
+        limit = record.get("test_limit")
+        test = min(limit, MNIST_TEST_IMAGES) if isinstance(limit, int) else MNIST_TEST_IMAGES
+    return train, test
+
+
+def training_ranks(record: dict) -> int:
+    """Processes that trained together: ``ranks`` in newer records, the data-parallel world size or 1 in
+    older ones."""
+    ranks = record.get("ranks")
+    if isinstance(ranks, int) and ranks > 0:
+        return ranks
+    distributed = record.get("distributed")
+    world = distributed.get("world_size") if isinstance(distributed, dict) else None
+    return world if isinstance(world, int) and world > 0 else 1
+
+
+def epoch_total(epochs: list[dict], key: str) -> float:
+    """The sum of an epoch time over the epochs; NaN if an epoch does not record it (older records)."""
+    values = [epoch.get(key) for epoch in epochs]
+    if not values or any(not isinstance(value, (int, float)) for value in values):
+        return math.nan
+    return float(sum(values))
+
+
 def training_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
-    """One row per training results file: what was trained, how far, how well, how fast."""
+    """One row per training results file: what was trained, on how many images and ranks, how far, how
+    well (best and final test accuracy), how fast (training, evaluation and wall time over all epochs)."""
     out = []
     for path, record in records:
         epochs = record.get("epochs") or []
         last = epochs[-1] if epochs else {}
+        accuracies = [epoch["test_accuracy"] for epoch in epochs if isinstance(epoch.get("test_accuracy"), float)]
+        best = record.get("best_test_accuracy")
+        final = record.get("final_test_accuracy")
         seconds = sum(epoch.get("train_seconds", 0.0) for epoch in epochs)
         images = sum(epoch.get("images", 0) for epoch in epochs)
+        schedule = record.get("schedule")
+        train_images, test_images = training_images(record)
         out.append({"file": path.name, "implementation": record["implementation"],
                     "device": record.get("device", "?"), "config": record.get("config_name", "?"),
-                    "batch_size": record.get("batch_size"), "epochs": len(epochs),
-                    "epochs_requested": record.get("epochs_requested", len(epochs)),
-                    "status": record.get("status", "?"), "final_test_accuracy": last.get("test_accuracy", math.nan),
+                    "batch_size": record.get("batch_size"), "ranks": training_ranks(record),
+                    "train_images": train_images, "test_images": test_images,
+                    "schedule": schedule.get("name", "?") if isinstance(schedule, dict) else schedule or NA,
+                    "epochs": len(epochs), "epochs_requested": record.get("epochs_requested", len(epochs)),
+                    "status": record.get("status", "?"),
+                    "best_test_accuracy": best if isinstance(best, (int, float)) else
+                    max(accuracies) if accuracies else math.nan,
+                    "final_test_accuracy": final if isinstance(final, (int, float)) else
+                    last.get("test_accuracy", math.nan),
                     "final_mean_loss": last.get("mean_loss", math.nan), "train_seconds": seconds,
+                    "eval_seconds": epoch_total(epochs, "eval_seconds"),
+                    "wall_seconds": epoch_total(epochs, "wall_seconds"),
                     "images_per_second": images / seconds if seconds else math.nan})
     return pd.DataFrame(out)
 
@@ -217,3 +334,119 @@ def memory_table(rows: pd.DataFrame, iterations: int, config_name: str) -> pd.Da
                        for batch, keeps in zip(frame["batch_size"], keeps_patches)]
     frame["ratio"] = frame["model_and_step"] / (frame["expected"] + frame["im2col"])
     return frame
+
+
+# ------------------------------------------------------------------------------------------------ profile
+PROFILE_CSV, PROFILE_JSON = "profile.csv", "profile.json"
+PROFILE_PHASES = ("forward", "backward", "update")
+PROFILE_TEXT_COLUMNS = ["implementation", "framework", "device", "config_name", "dtype", "phase", "layer"]
+PROFILE_NUMBER_COLUMNS = ["batch_size", "order", "steps", "time_s", "time_q25_s", "time_q75_s", "share", "flops",
+                          "gflops_per_s", "peak_gflops", "pct_of_peak", "memory_allocated_bytes",
+                          "memory_peak_bytes"]
+PROFILE_REQUIRED = ["implementation", "phase", "layer", "order", "steps", "time_s", "share"]  # columns it must have
+PROFILE_NOT_EMPTY = ["order", "steps"]  # numbers every row must give (a layer a plugin does not time: empty time)
+
+
+@dataclass
+class Profile:
+    """``python -m harness.profile``'s results: the tidy per-layer table and the metadata beside it."""
+
+    frame: pd.DataFrame  # one row per implementation x phase x layer, PROFILE_TEXT/NUMBER_COLUMNS
+    meta: dict = field(default_factory=dict)  # profile.json ({} where absent or skipped)
+    path: Path | None = None
+
+    def implementations(self) -> list[str]:
+        return list(dict.fromkeys(self.frame["implementation"]))
+
+    def about(self, name: str) -> dict:
+        """profile.json's entry for an implementation, else what the CSV rows say of it."""
+        described = (self.meta.get("implementations") or {}).get(name)
+        if isinstance(described, dict):
+            return described
+        rows = self.frame[self.frame["implementation"] == name]
+        if rows.empty:
+            return {}
+        first = rows.iloc[0]
+        return {key: first[key] for key in ("framework", "device", "config_name", "batch_size", "dtype", "steps")
+                if pd.notna(first[key]) and first[key] != ""}
+
+
+def read_profile_csv(path: Path) -> pd.DataFrame:
+    """profile.csv checked for what the report needs; ResultsFileError names the file and the problem."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise ResultsFileError(f"{path}: not a readable CSV file ({str(error).strip()})") from None
+    missing = [column for column in PROFILE_REQUIRED if column not in frame.columns]
+    if missing:
+        raise ResultsFileError(f"{path}: missing column(s) {', '.join(missing)}")
+    if frame.empty:
+        raise ResultsFileError(f"{path}: no rows")
+    for column in PROFILE_TEXT_COLUMNS + PROFILE_NUMBER_COLUMNS:
+        if column not in frame:
+            frame[column] = ""
+    for column in PROFILE_NUMBER_COLUMNS:
+        text = frame[column].str.strip()
+        numbers = pd.to_numeric(text.where(text != ""), errors="coerce")
+        bad = numbers.isna() & (text != "")
+        if column in PROFILE_NOT_EMPTY:
+            bad |= text == ""
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise ResultsFileError(f"{path}: row {row + 2}: {column} is {frame[column].iloc[row]!r}, not a number")
+        frame[column] = numbers.astype(float)
+    phases = set(frame["phase"]) - set(PROFILE_PHASES)
+    if phases:
+        raise ResultsFileError(f"{path}: phase {sorted(phases)[0]!r} is not one of {', '.join(PROFILE_PHASES)}")
+    if (frame["implementation"].str.strip() == "").any() or (frame["layer"].str.strip() == "").any():
+        raise ResultsFileError(f"{path}: a row without an implementation or a layer")
+    duplicated = frame.duplicated(["implementation", "phase", "layer"])
+    if duplicated.any():
+        row = frame[duplicated].iloc[0]
+        raise ResultsFileError(f"{path}: two rows for {row['implementation']} {row['phase']} {row['layer']}")
+    return frame[PROFILE_TEXT_COLUMNS + PROFILE_NUMBER_COLUMNS]
+
+
+def read_profile_json(path: Path) -> dict:
+    payload = read_json(path)
+    if payload.get("kind") != PROFILE_KIND:
+        raise ResultsFileError(f"{path}: not a capsbench profile file (kind {payload.get('kind')!r})")
+    if not isinstance(payload.get("implementations", {}), dict):
+        raise ResultsFileError(f"{path}: 'implementations' is not an object")
+    return payload
+
+
+def load_profile(folder: Path, warnings: list[str]) -> Profile | None:
+    """``<folder>/profile.csv`` with ``profile.json`` beside it; None where there is no CSV (no section) or it
+    is malformed (one warning naming it).  A malformed profile.json is a warning too, and the table is
+    shown without it."""
+    csv, meta = folder / PROFILE_CSV, folder / PROFILE_JSON
+    if not csv.is_file():
+        return None
+    try:
+        frame = read_profile_csv(csv)
+    except ResultsFileError as error:
+        warnings.append(f"warning: {error}; file skipped")
+        return None
+    payload = {}
+    if meta.is_file():
+        try:
+            payload = read_profile_json(meta)
+        except ResultsFileError as error:
+            warnings.append(f"warning: {error}; file skipped (the profile table is shown without it)")
+    return Profile(frame, payload, csv)
+
+
+def profile_rows(profile: Profile, implementation: str) -> pd.DataFrame:
+    """One implementation's rows in the order of a training step: forward, backward, update, each by the
+    layer's place in the forward pass."""
+    rows = profile.frame[profile.frame["implementation"] == implementation]
+    phase = rows["phase"].map({name: index for index, name in enumerate(PROFILE_PHASES)})
+    return rows.assign(phase_index=phase).sort_values(["phase_index", "order", "layer"], kind="stable") \
+        .drop(columns="phase_index").reset_index(drop=True)
+
+
+def profile_phase_totals(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per phase of one implementation's rows: the summed time per step and share of the step."""
+    totals = rows.groupby("phase", sort=False)[["time_s", "share"]].sum(min_count=1)
+    return totals.reindex([phase for phase in PROFILE_PHASES if phase in totals.index]).reset_index()

@@ -1,6 +1,9 @@
-"""python -m harness.report on real asv output (tests/fixtures/asv_cpu_fast, a quick CPU run of the suite):
-the tidy table holds exactly what the files hold, every plot is a real PNG, two runs are compared, and
-missing or malformed inputs end in one clear line."""
+"""python -m harness.report on real asv output (tests/fixtures/asv_cpu_fast, a quick CPU run of the suite:
+one sample per benchmark) and on copies of it given several samples and a spread: the tidy table holds
+exactly what the files hold, every derived figure of the summary equals the one computed here by hand from
+the fixture's raw numbers, every plot is a real PNG, two runs are compared (and single samples are not
+judged), the profile fixture (tests/fixtures/report/profile) becomes a section and a plot, and missing or
+malformed inputs end in one clear line."""
 
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ import pytest
 from matplotlib import image
 
 from harness import report, train
-from harness.activations import im2col_bytes
 from harness.asv_results import load_asv
 from harness.flops import phase_flops
 from harness.spec import PAPER
@@ -23,10 +25,25 @@ from harness.spec import PAPER
 from conftest import run_module
 
 FIXTURE = Path(__file__).parent / "fixtures" / "asv_cpu_fast"
+PROFILE = Path(__file__).parent / "fixtures" / "report" / "profile"
 MACHINE = "vm"
 RUN_FILE = next((FIXTURE / MACHINE).glob("*-*.json"), None) if (FIXTURE / MACHINE).is_dir() else None
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAIN_STEP = "bench_phases.TrainStep.time_train_step"
+ROUTING_BACKWARD = "bench_phases.Routing.time_routing_backward"
+GEMM_PEAK = "bench_peak.GemmPeak.track_gemm_peak_gflops"
+NOT_RUN = ["cupy-looped", "cupy-vectorised", "torch-looped-cuda", "torch-vectorised-cuda"]
+MEASURED = ["numpy-looped", "numpy-vectorised", "torch-looped", "torch-vectorised"]
+# The paper network, counted by hand (harness.activations' docstring has the same figures):
+PAPER_PARAMETERS = 8_215_568
+KEPT_VALUES_PER_IMAGE = (784  # the images
+                         + 20 * 20 * 256  # the Conv1 output
+                         + 2 * 1152 * 8  # primary capsules before and after the squash
+                         + 1152 * 10 * 16  # u_hat
+                         + 3 * (1152 * 10 + 2 * 10 * 16)  # per routing iteration c, s and v
+                         + 10  # lengths
+                         + 160 + 512 + 1024 + 784)  # the decoder's input and layer outputs
+IM2COL_VALUES_PER_IMAGE = 20 * 20 * 9 * 9 * 1 + 6 * 6 * 9 * 9 * 256  # the patches of both convolutions
 
 
 def fixture_json() -> dict:
@@ -62,6 +79,61 @@ def add_run(root: Path, commit: str, transform, date_offset_ms: int = 86_400_000
     path = root / "asv" / MACHINE / f"{commit[:8]}-{payload['env_name']}.json"
     path.write_text(json.dumps(payload))
     return path
+
+
+def with_samples(repeat: int, low: float, high: float):
+    """Give every timed result ``repeat`` samples and the interquartile range [value * low, value * high]."""
+    def transform(name, entry, columns):
+        if "stats_repeat" not in columns or columns.index("stats_repeat") >= len(entry):
+            return entry  # a track_ benchmark: no statistics
+        values = entry[columns.index("result")]
+        if not isinstance(values, list):
+            return entry
+        measured = [isinstance(v, (int, float)) and not math.isnan(v) for v in values]
+        for column, factor in (("stats_q_25", low), ("stats_q_75", high)):
+            entry[columns.index(column)] = [v * factor if ok else None for v, ok in zip(values, measured)]
+        entry[columns.index("stats_repeat")] = [repeat if ok else None for ok in measured]
+        return entry
+    return transform
+
+
+def chain(*transforms):
+    def transform(name, entry, columns):
+        for each in transforms:
+            entry = each(name, entry, columns)
+        return entry
+    return transform
+
+
+def markdown_tables(text: str, section: str) -> list[list[dict[str, str]]]:
+    """The Markdown tables of a ``## section`` of a report, each a list of rows keyed by the headings."""
+    lines = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0].splitlines()
+    tables, current = [], None
+    for line in lines + [""]:
+        if line.startswith("| "):
+            cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+            if current is None:
+                current = {"header": cells, "rows": []}
+            elif not set("".join(cells)) <= set("-: "):
+                current["rows"].append(dict(zip(current["header"], cells)))
+        elif current is not None:
+            tables.append(current["rows"])
+            current = None
+    return tables
+
+
+def cell(row: dict[str, str], heading: str) -> str:
+    """The cell of the one column whose heading starts with ``heading``."""
+    names = [name for name in row if name.startswith(heading)]
+    assert len(names) == 1, (heading, list(row))
+    return row[names[0]]
+
+
+def assert_shows(text: str, expected: float) -> None:
+    """``text`` ("26.1%", "1.55×", "121") is ``expected`` written with the digits it shows."""
+    number = text.rstrip("%×").replace(",", "")
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    assert abs(float(number) - expected) <= 0.5 * 10**-decimals + 1e-9, (text, expected)
 
 
 def scaled(factor: float):
@@ -116,28 +188,46 @@ def test_fixture_is_real_asv_output():
     assert payload["version"] == 2 and "result" in payload["result_columns"]
 
 
-def test_tidy_rows_equal_the_numbers_in_the_file(fixture_root):
-    table = load_asv(fixture_root).table
-    entry = dict(zip(fixture_json()["result_columns"], fixture_json()["results"][TRAIN_STEP]))
-    combinations = list(itertools.product(*entry["params"]))
-    rows = table[table["benchmark"] == "time_train_step"]
-    assert len(rows) == len(combinations) == 8 * 2 * 1  # implementations x batch sizes x iterations
-    for (name, batch, iterations), expected in zip(combinations, entry["result"]):
-        match = rows[(rows["implementation"] == json.loads(name.replace("'", '"')))
-                     & (rows["batch_size"] == int(batch)) & (rows["routing_iterations"] == int(iterations))]
-        assert len(match) == 1
-        value = match["value"].iloc[0]
-        if expected is None or (isinstance(expected, float) and math.isnan(expected)):
-            assert math.isnan(value)  # skipped on this machine: kept as a row with no value
+def test_tidy_rows_equal_the_numbers_in_the_file(tmp_path):
+    """Every train-step row of two runs, the fixture's (one sample each, q25 = q75) and a copy with seven
+    samples and q25 < q75, against the file read with json alone: value, q25, q75 and samples."""
+    root = results_layout(tmp_path / "results")
+    spread_file = add_run(root, "9" * 40, with_samples(7, 0.9, 1.2))
+    table = load_asv(root).table
+    for path in (RUN_FILE, spread_file):
+        payload = json.loads(path.read_text())
+        entry = dict(zip(payload["result_columns"], payload["results"][TRAIN_STEP]))
+        combinations = list(itertools.product(*entry["params"]))
+        rows = table[(table["benchmark"] == "time_train_step") & (table["commit"] == payload["commit_hash"])]
+        assert len(rows) == len(combinations) == 8 * 2 * 1  # implementations x batch sizes x iterations
+        for index, (name, batch, iterations) in enumerate(combinations):
+            match = rows[(rows["implementation"] == json.loads(name.replace("'", '"')))
+                         & (rows["batch_size"] == int(batch)) & (rows["routing_iterations"] == int(iterations))]
+            assert len(match) == 1
+            found = match.iloc[0]
+            expected = entry["result"][index]
+            if expected is None or (isinstance(expected, float) and math.isnan(expected)):
+                assert math.isnan(found["value"])  # skipped on this machine: kept as a row with no value
+                assert math.isnan(found["samples"]) and math.isnan(found["q25"])
+            else:
+                assert found["value"] == expected
+                assert found["q25"] == entry["stats_q_25"][index]
+                assert found["q75"] == entry["stats_q_75"][index]
+                assert found["samples"] == entry["stats_repeat"][index]
+                assert found["spread"] == found["q75"] - found["q25"]
+        if path == spread_file:
+            assert (rows["q25"] < rows["q75"]).sum() == 8 and set(rows["samples"].dropna()) == {7}
         else:
-            assert value == expected
+            assert set(rows["samples"].dropna()) == {1}
+    rows = table[(table["benchmark"] == "time_train_step") & (table["commit"] == fixture_json()["commit_hash"])]
     cuda = rows[rows["device"] == "cuda"]
     assert len(cuda) == 8 and cuda["value"].isna().all() and (cuda["status"] == "skipped").all()
     measured = rows.dropna(subset=["value"]).iloc[0]
     config = PAPER.replace(routing_iterations=int(measured["routing_iterations"]))
     assert measured["flops"] == phase_flops(config, int(measured["batch_size"]))["train_step"]
     assert measured["gflops_per_s"] == pytest.approx(measured["flops"] / measured["value"] / 1e9)
-    assert measured["spread"] == measured["q75"] - measured["q25"]
+    peaks = table[table["benchmark"] == "track_gemm_peak_gflops"]
+    assert peaks["samples"].isna().all()  # a track_ benchmark records no statistics
 
 
 def test_every_benchmark_and_combination_is_a_row(fixture_root):
@@ -157,50 +247,191 @@ def test_report_and_plots_from_the_fixture_and_a_training_run(tmp_path, capsys, 
     root = results_layout(tmp_path / "results")
     (root / "training").mkdir()
     shutil.copy(training_file, root / "training")
+    (root / "report").mkdir()
+    (root / "report" / "roofline.png").write_bytes(b"an older report's plot")
     code, out, err = run_report(root, capsys)
     assert code == 0 and err == ""
     folder = root / "report"
     assert "report.md" in out
     for name in ("phase_times", "batch_scaling", "routing_iterations", "vectorised_speedup", "memory",
-                 "roofline", "training_curves"):
+                 "peak_share", "training_curves"):
         assert_png_with_content(folder / f"{name}.png")
+    assert not (folder / "roofline.png").exists()  # renamed peak_share.png: the stale file is gone
     text = (folder / "report.md").read_text()
+    assert "roofline" not in text
     assert "Intel(R) Xeon(R) Processor" in text and fixture_json()["commit_hash"] in text
     assert "torch 2.13.0+cpu" in text and "benchmark profile: fast (network: paper)" in text
-    summary = next(line for line in text.splitlines() if line.startswith("| torch-vectorised | 32 |"))
-    train_step = fixture_value(TRAIN_STEP, "'torch-vectorised'", "32", "3")
-    assert f"| {ms(train_step)} |" in summary  # the train step of the fixture, in ms with one decimal
-    peak = fixture_value("bench_peak.GemmPeak.track_gemm_peak_gflops", "'torch'")
-    percent = 100 * phase_flops(PAPER, 32)["train_step"] / train_step / 1e9 / peak
-    assert f"| {percent:.1f}% |" in summary  # % of the GEMM peak measured in the same run
-    assert "| torch-vectorised-cuda | 128 | n/a |" in text  # unavailable here: shown, not dropped
+    # every heading of a run names its environment
+    label = f"vm @ {fixture_json()['commit_hash'][:8]}, py3.11-torch2.13.0"
+    assert text.count(f"### {label}\n") == 4  # runs, summary, speed-up, host memory
+    assert "## Where the time of a training step goes" not in text and not (folder / "profile.png").exists()
+    # implementations that cannot run here: one line per table, no rows of n/a
+    for name in NOT_RUN:
+        assert f"| {name} |" not in text
+    assert f"Not run here: {', '.join(NOT_RUN)} (unavailable: no CUDA GPU on this machine)." in text
+    assert "Not run here: cupy (cuda), torch (cuda) (unavailable: no CUDA GPU on this machine)." in text
     assert "| torch (cpu) | 128 |" in text  # the speed-up table
-    memory = next(line for line in text.splitlines() if line.startswith("| numpy-vectorised | 128 |")
-                  and "×" in line and "n/a" not in line)
-    peak_rss = fixture_value("bench_memory.HostMemory.track_host_memory_train_step", "'numpy-vectorised'", "128", "3")
-    before = fixture_value("bench_memory.HostMemory.track_host_memory_before_model", "'numpy-vectorised'", "128", "3")
-    assert f"| {(peak_rss - before) / 2**20:.1f} |" in memory  # measured = peak in the step - before the model
-    assert f"| {im2col_bytes(PAPER, 128) / 2**20:.1f} |" in memory
     assert "## Training" in text
-    assert "| torch-vectorised_small.json | torch-vectorised | cpu | small | 64 | 2/2 |" in text
+    training = markdown_tables(text, "Training")
+    assert "#### 256 training images, 100 test images (small network)" in text
+    (run,) = training[0]
+    assert [run[key] for key in ("file", "implementation", "device", "network", "batch", "ranks", "training images",
+                                 "test images", "schedule", "epochs", "status")] == [
+        "torch-vectorised_small.json", "torch-vectorised", "cpu", "small", "64", "1", "256", "100", "paper", "2/2",
+        "completed"]
+    record = json.loads(training_file.read_text())
+    assert_shows(run["best test accuracy"], 100 * record["best_test_accuracy"])
+    assert_shows(run["final test accuracy"], 100 * record["final_test_accuracy"])
+    assert_shows(run["evaluation s"], sum(epoch["eval_seconds"] for epoch in record["epochs"]))
+    assert_shows(run["wall s"], sum(epoch["wall_seconds"] for epoch in record["epochs"]))
     assert not (folder / "comparison.md").exists()
     tidy = (folder / "results_tidy.csv").read_text().splitlines()
     assert tidy[0].startswith("implementation,framework,device,routing_variant,backend,batch_size,"
-                              "routing_iterations,benchmark")
+                              "routing_iterations,benchmark,metric,value,unit,spread,q25,q75,samples,status")
 
 
-def test_two_commits_are_compared_and_a_doubling_is_flagged(tmp_path, capsys, tables_only):
+def test_every_derived_figure_of_the_summary_is_the_one_computed_by_hand(fixture_root, tmp_path, capsys):
+    """images/s, GFLOP/s, % of the GEMM peak, routing share, measured / expected host memory and the
+    vectorised speed-ups of every measured row, from the fixture's raw numbers and the paper network's
+    sizes; FLOPs from harness.flops (checked against a hand count in tests/test_flops.py)."""
+    code, _, err = run_report(fixture_root, capsys, "--out", str(tmp_path / "report"))
+    assert code == 0 and err == ""
+    text = (tmp_path / "report" / "report.md").read_text()
+    (summary,) = markdown_tables(text, "Summary per implementation")
+    assert [(row["implementation"], row["batch"]) for row in summary] == [
+        (name, batch) for name in MEASURED for batch in ("32", "128")]
+    for row in summary:
+        name, batch = row["implementation"], int(row["batch"])
+        params = (f"'{name}'", str(batch), "3")
+        step = fixture_value(TRAIN_STEP, *params)
+        routing = fixture_value(ROUTING_BACKWARD, *params)
+        peak = fixture_value(GEMM_PEAK, "'numpy'" if name.startswith("numpy") else "'torch'")
+        gflops = phase_flops(PAPER, batch)["train_step"] / step / 1e9
+        assert cell(row, "train step ms") == ms(step)  # one sample: the sample itself, no range
+        assert_shows(row["images/s"], batch / step)
+        assert_shows(row["train GFLOP/s"], gflops)
+        assert_shows(row["% of GEMM peak"], 100 * gflops / peak)
+        assert_shows(row["routing share"], 100 * routing / step)
+    assert cell(summary[0], "train step ms") and "train step ms (1 sample)" in summary[0]
+    (memory,) = markdown_tables(text, "Host memory of a training step: measured and expected")
+    for row in memory:
+        name, batch = row["implementation"], int(row["batch"])
+        params = (f"'{name}'", str(batch), "3")
+        measured = (fixture_value("bench_memory.HostMemory.track_host_memory_train_step", *params)
+                    - fixture_value("bench_memory.HostMemory.track_host_memory_before_model", *params))
+        expected = 4 * 4 * PAPER_PARAMETERS + 4 * KEPT_VALUES_PER_IMAGE * batch
+        im2col = 4 * IM2COL_VALUES_PER_IMAGE * batch if name.startswith("numpy") else 0
+        assert_shows(row["measured MiB"], measured / 2**20)
+        assert_shows(row["im2col kept MiB"], im2col / 2**20)
+        assert_shows(row["measured / expected"], measured / (expected + im2col))
+    assert len(memory) == 8
+    (speedups,) = markdown_tables(text, "Vectorised vs looped routing")
+    phases = {"train step": TRAIN_STEP, "forward": "bench_phases.Forward.time_forward",
+              "backward": "bench_phases.Backward.time_backward", "inference": "bench_phases.Inference.time_inference",
+              "routing": "bench_phases.Routing.time_routing", "routing fwd+bwd": ROUTING_BACKWARD}
+    assert [(row["framework (device)"], row["batch"]) for row in speedups] == [
+        ("numpy (cpu)", "32"), ("numpy (cpu)", "128"), ("torch (cpu)", "32"), ("torch (cpu)", "128")]
+    for row in speedups:
+        framework = row["framework (device)"].split()[0]
+        for heading, benchmark in phases.items():
+            params = (str(row["batch"]), "3")
+            looped = fixture_value(benchmark, f"'{framework}-looped'", *params)
+            vectorised = fixture_value(benchmark, f"'{framework}-vectorised'", *params)
+            assert_shows(row[heading], looped / vectorised)
+
+
+def test_several_samples_show_the_median_and_its_interquartile_range(tmp_path, capsys, tables_only):
+    """A run with five samples per benchmark and q25, q75 = 0.95, 1.1 x the median: the summary shows
+    each time with its range and says how many samples stand behind it."""
+    root = tmp_path / "results"
+    shutil.copytree(FIXTURE, root / "asv", ignore=shutil.ignore_patterns("asv-facts", "*-*.json"))
+    shutil.copytree(FIXTURE / "asv-facts", root / "asv-facts")
+    payload = fixture_json()
+    columns = payload["result_columns"]
+    transform = with_samples(5, 0.95, 1.1)
+    payload["results"] = {name: transform(name, list(entry), columns) for name, entry in payload["results"].items()}
+    (root / "asv" / MACHINE / RUN_FILE.name).write_text(json.dumps(payload))
+    code, _, err = run_report(root, capsys)
+    assert code == 0 and err == ""
+    text = (root / "report" / "report.md").read_text()
+    (summary,) = markdown_tables(text, "Summary per implementation")
+    row = next(row for row in summary if (row["implementation"], row["batch"]) == ("torch-vectorised", "32"))
+    step = fixture_value(TRAIN_STEP, "'torch-vectorised'", "32", "3")
+    assert "train step ms, median (q25–q75) of 5 samples" in row
+    assert row["train step ms, median (q25–q75) of 5 samples"] == f"{ms(step)} ({ms(0.95 * step)}–{ms(1.1 * step)})"
+    assert "single sample" not in text.split("## Summary per implementation")[1].split("## Vectorised")[0]
+
+
+def comparison_line(root: Path, benchmark: str, params: str) -> str:
+    comparison = (root / "report" / "comparison.md").read_text()
+    return next(line for line in comparison.splitlines() if line.startswith(f"| {benchmark} | {params} |"))
+
+
+def test_single_sample_runs_are_too_few_to_judge(tmp_path, capsys, tables_only):
+    """The fixture is one sample per benchmark: a doubling is listed with its ratio, not called worse."""
     root = results_layout(tmp_path / "results")
     add_run(root, "f" * 40, scaled(2.0))
     code, _, err = run_report(root, capsys)
     assert code == 0 and err == ""
     comparison = (root / "report" / "comparison.md").read_text()
-    line = next(line for line in comparison.splitlines()
-                if line.startswith("| time_train_step | torch-vectorised, batch 32, 3 it. |"))
+    line = comparison_line(root, "time_train_step", "torch-vectorised, batch 32, 3 it.")
     old = fixture_value(TRAIN_STEP, "'torch-vectorised'", "32", "3")
-    assert f"| {ms(old)} ms | {ms(2 * old)} ms | 2.00× | **worse** |" in line
+    assert f"| {ms(old)} ms (1 sample) | {ms(2 * old)} ms (1 sample) | 2.00× | too few samples (old 1, new 1) |" \
+        in line
+    assert "**Too few samples to judge**: the old and new runs" in comparison
+    timings = [line for line in comparison.splitlines() if line.startswith("| time_")]
+    assert len(timings) == 4 * 2 * (4 + 2 * 3)  # 4 CPU implementations x 2 batches x (4 phases + 2 routing x 3 it.)
+    assert not [line for line in timings if "**" in line]  # no timing called worse or better
+    assert all(line.endswith("| too few samples (old 1, new 1) |") for line in timings)
+    # a figure asv records without statistics (peakmem_, track_: one measurement) is judged by the ratio
+    peakmem = comparison_line(root, "peakmem_train_step", "torch-vectorised, batch 32, 3 it.")
+    assert peakmem.endswith("| 2.00× | **worse** |")
     assert "| time_train_step | torch-vectorised-cuda" not in comparison  # no result in either run: not listed
+    assert f"(not run in either: {', '.join(NOT_RUN)})" in comparison
     assert "## Comparison of runs" in (root / "report" / "report.md").read_text()
+
+
+def test_with_several_samples_a_doubling_is_worse_a_halving_better(tmp_path, capsys, tables_only):
+    """Both runs with 5 samples and q25, q75 = 0.99, 1.01 x the median: doubled train steps are worse,
+    halved forwards better, a 5 % change (its ranges apart) and an overlapping 1.3x change not flagged, and
+    a higher GEMM peak (GFLOP/s, higher is better) better."""
+    root = tmp_path / "results"
+    shutil.copytree(FIXTURE, root / "asv", ignore=shutil.ignore_patterns("asv-facts", "*-*.json"))
+    shutil.copytree(FIXTURE / "asv-facts", root / "asv-facts")
+
+    def per_benchmark(name, entry, columns):
+        factor = {TRAIN_STEP: 2.0, "bench_phases.Forward.time_forward": 0.5,
+                  "bench_phases.Backward.time_backward": 1.05, GEMM_PEAK: 1.5}.get(name, 1.0)
+        return scaled(factor)(name, entry, columns)
+
+    def wide_inference(name, entry, columns):
+        """time_inference of the new run is 1.3x, but spread over [0.7, 1.6] x its median."""
+        if name == "bench_phases.Inference.time_inference":
+            entry = scaled(1.3)(name, entry, columns)
+            values = entry[columns.index("result")]
+            entry[columns.index("stats_q_25")] = [v * 0.7 if isinstance(v, float) else None for v in values]
+            entry[columns.index("stats_q_75")] = [v * 1.6 if isinstance(v, float) else None for v in values]
+        return entry
+
+    spread = with_samples(5, 0.99, 1.01)
+    add_run(root, "a" * 40, spread, date_offset_ms=0)
+    add_run(root, "b" * 40, chain(spread, per_benchmark, wide_inference))
+    code, _, err = run_report(root, capsys)
+    assert code == 0 and err == ""
+    comparison = (root / "report" / "comparison.md").read_text()
+    assert "Too few samples" not in comparison
+    params = "torch-vectorised, batch 32, 3 it."
+    old = fixture_value(TRAIN_STEP, "'torch-vectorised'", "32", "3")
+    line = comparison_line(root, "time_train_step", params)
+    assert (f"| {ms(old)} ms ({ms(0.99 * old)}–{ms(1.01 * old)}, 5 samples) | {ms(2 * old)} ms "
+            f"({ms(1.98 * old)}–{ms(2.02 * old)}, 5 samples) | 2.00× | **worse** |") in line
+    assert "| 0.50× | **better** |" in comparison_line(root, "time_forward", params)
+    # 1.05x with [q25, q75] apart ([0.99, 1.01] against [1.04, 1.06]): under 10 %, not flagged
+    assert comparison_line(root, "time_backward", params).endswith("| 1.05× |  |")
+    assert comparison_line(root, "time_inference", params).endswith("| 1.30× |  |")  # ranges overlap
+    assert "| 1.50× | **better** |" in comparison_line(root, "track_gemm_peak_gflops", "backend=torch")
+    flagged = [line for line in comparison.splitlines() if line.endswith(("| **worse** |", "| **better** |"))]
+    assert len(flagged) == 4 * 2 * 2 + 2  # train step and forward x 4 CPU implementations x 2 batches; 2 peaks
 
 
 def test_an_implementation_absent_from_one_run_is_shown_missing(tmp_path, capsys, tables_only):
@@ -228,7 +459,7 @@ def test_an_implementation_absent_from_one_run_is_shown_missing(tmp_path, capsys
     line = next(line for line in comparison.splitlines()
                 if line.startswith("| time_train_step | numpy-looped, batch 32, 3 it. |"))
     old = fixture_value(TRAIN_STEP, "'numpy-looped'", "32", "3")
-    assert f"| {ms(old)} ms | missing |" in line and "missing in new" in line
+    assert f"| {ms(old)} ms (1 sample) | missing |" in line and "missing in new" in line
 
 
 @pytest.mark.parametrize("corrupt, problem", [
@@ -296,7 +527,7 @@ def test_unknown_machine_is_one_line(tmp_path, capsys):
                                          "(machines there: vm)")
 
 
-def test_gemm_peak_and_gpu_memory_give_roofline_and_gpu_memory_plots(tmp_path, capsys):
+def test_gemm_peak_and_gpu_memory_give_peak_share_and_gpu_memory_plots(tmp_path, capsys):
     """The fixture's run with two entries in asv's format added, as a GPU machine with the new GemmPeak
     benchmark would write them (CPU backends' peaks; GPU memory figures for torch-vectorised-cuda)."""
     root = results_layout(tmp_path / "results")
@@ -327,11 +558,80 @@ def test_gemm_peak_and_gpu_memory_give_roofline_and_gpu_memory_plots(tmp_path, c
                 & (table["batch_size"] == 128)].iloc[0]
     assert row["peak_gflops"] == 250.0
     assert row["pct_of_peak"] == pytest.approx(100 * row["gflops_per_s"] / 250.0)
-    assert_png_with_content(root / "report" / "roofline.png")
+    assert_png_with_content(root / "report" / "peak_share.png")
     assert_png_with_content(root / "report" / "memory.png")
     text = (root / "report" / "report.md").read_text()
     assert ("| torch-vectorised-cuda | 128 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 7629.4 | "
             "3814.7 | 5722.0 |") in text
+    assert "old mixed figure" not in text  # a run with live and reserved: no column for the old figure
+    # torch-vectorised-cuda has results now; the other CUDA implementations still fold into one line
+    assert "Not run here: cupy-looped, cupy-vectorised, torch-looped-cuda (unavailable: no CUDA GPU" in text
+
+
+def test_an_old_run_shows_the_mixed_allocator_figure_labelled_as_such(tmp_path, capsys, tables_only):
+    root = results_layout(tmp_path / "results")
+    path = root / "asv" / MACHINE / RUN_FILE.name
+    payload = json.loads(path.read_text())
+    entry = payload["results"]["bench_memory.GpuMemory.track_gpu_memory_allocator_peak"]
+    entry[0] = [3 * 2**30 if impl == "'torch-vectorised-cuda'" else float("nan")
+                for impl, _, _ in itertools.product(*entry[1])]
+    path.write_text(json.dumps(payload))
+    code, _, err = run_report(root, capsys)
+    assert code == 0 and err == ""
+    text = (root / "report" / "report.md").read_text()
+    (summary,) = markdown_tables(text, "Summary per implementation")
+    row = next(row for row in summary if (row["implementation"], row["batch"]) == ("torch-vectorised-cuda", "32"))
+    assert row["GPU allocator MiB (old mixed figure)"] == "3072.0"
+    assert "older runs recorded torch's live peak and CuPy's pool after the step in one figure" in text
+
+
+def test_the_profile_becomes_a_section_and_a_plot(tmp_path, capsys):
+    root = tmp_path / "results"
+    shutil.copytree(PROFILE, root / "profile")
+    code, out, err = run_report(root, capsys)
+    assert code == 0 and err == ""
+    text = (root / "report" / "report.md").read_text()
+    assert "## Where the time of a training step goes" in text
+    assert "Profiled on `fixture-host`: Fixture CPU, 4 cores; GPU: none (no GPU in the fixture)." in text
+    assert_png_with_content(root / "report" / "profile.png")
+    assert "[`profile.png`](profile.png)" in text
+    section = text.split("## Where the time of a training step goes")[1]
+    assert "### torch-vectorised (torch, cpu, vectorised routing)" in section
+    assert ("batch 16; small network; float32; 5 profiled steps; profiled step 40.0 ms; unprofiled step 32.0 ms; "
+            "profiler overhead +25.0%; the layers add up to 38.0 ms (95.0% of the profiled step).") in section
+    assert ("Per phase: forward 16.0 ms of layers (40.0% of the step; the phase measured whole: 17.0 ms); "
+            "backward 18.0 ms of layers (45.0% of the step; the phase measured whole: 19.0 ms); update 4.0 ms of "
+            "layers (10.0% of the step; the phase measured whole: 4.0 ms).") in section
+    torch, numpy = markdown_tables(text, "Where the time of a training step goes")
+    assert [(row["phase"], row["layer"]) for row in torch] == [
+        ("forward", "conv1"), ("forward", "primary_caps"), ("forward", "routing_iteration_1"),
+        ("forward", "routing_iteration_2"), ("backward", "conv1"), ("backward", "primary_caps"),
+        ("update", "optimizer")]
+    primary = torch[5]
+    assert list(primary.values()) == ["backward", "primary_caps", "12.0 (11.0–13.0)", "30.0%", "200", "100.0%", "n/a"]
+    assert "time ms, median (q25–q75) of 5 steps" in primary and "allocated MiB" in primary
+    assert "peak MiB" not in primary  # torch reports no per-layer peak: no column of n/a
+    assert numpy[0] == {"phase": "forward", "layer": "conv1", "time ms (1 step)": "10.0", "share of step": "12.5%",
+                        "GFLOP/s": "40.0", "% of GEMM peak": "40.0%", "allocated MiB": "2.0", "peak MiB": "3.0"}
+
+
+def test_a_malformed_profile_is_one_warning_and_no_section(tmp_path, capsys, tables_only):
+    root = results_layout(tmp_path / "results")
+    shutil.copytree(PROFILE, root / "profile")
+    bad = root / "profile" / "profile.csv"
+    bad.write_text(bad.read_text().replace("0.012,0.011", "0.012s,0.011"))
+    code, _, err = run_report(root, capsys)
+    assert code == 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "time_s is '0.012s', not a number" in lines[0]
+    text = (root / "report" / "report.md").read_text()
+    assert "## Where the time of a training step goes" not in text and "## Warnings" in text
+    # a malformed profile.json alone: a warning, and the table without it
+    shutil.copy(PROFILE / "profile.csv", bad)
+    (root / "profile" / "profile.json").write_text('{"kind": "something else"}')
+    code, _, err = run_report(root, capsys)
+    assert code == 0 and "profile.json: not a capsbench profile file" in err and len(err.strip().splitlines()) == 1
+    assert "### torch-vectorised (torch, cpu)\n" in (root / "report" / "report.md").read_text()
 
 
 def test_distributed_scaling_results_give_a_table_and_a_plot(tmp_path, capsys):

@@ -1,0 +1,219 @@
+"""The report's figures (harness.plots) as a reader sees them: every tick of a log axis labelled, colours
+fixed per implementation whatever else is drawn, training curves readable when one run is far longer, the
+samples behind a time said on the figure, and the profile's stacked bars adding up to the hand-written
+fixture's numbers."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.colors import to_rgb
+
+from harness import plots
+from harness.asv_results import tidy_frame
+from harness.tables import load_profile, speedup_table
+
+PROFILE = Path(__file__).parent / "fixtures" / "report" / "profile"
+
+
+def tidy(rows: list[dict]) -> pd.DataFrame:
+    return tidy_frame([{"framework": "torch", "device": "cpu", "backend": "torch", "unit": "seconds",
+                        "status": "ok", "machine": "box", "commit": "a", "env": "py", "config_name": "paper",
+                        **r, "benchmark": f"time_{r['metric']}"} for r in rows])
+
+
+def timings(names=("torch-vectorised", "torch-looped"), samples=1, spread=0.0) -> pd.DataFrame:
+    """Times over a wide range (so that axes go logarithmic), every phase, two batch sizes, three iteration
+    counts; ``spread`` makes q25/q75 that far either side of the value."""
+    rows = []
+    for index, name in enumerate(names):
+        variant = "looped" if "looped" in name else "vectorised"
+        for batch in (32, 128):
+            for iterations in (1, 3, 5):
+                for phase, base in (("forward", 0.02), ("backward", 0.05), ("train_step", 0.08),
+                                    ("inference", 0.015), ("routing", 0.0004), ("routing_backward", 0.001)):
+                    value = base * batch / 32 * (1 + index) * iterations
+                    rows.append({"implementation": name, "routing_variant": variant, "batch_size": batch,
+                                 "routing_iterations": iterations, "metric": phase, "value": value,
+                                 "q25": value * (1 - spread), "q75": value * (1 + spread), "samples": samples,
+                                 "pct_of_peak": 40.0 / (1 + index) if phase != "routing" else 0.2})
+    return tidy(rows)
+
+
+def labelled_everywhere(fig) -> list[str]:
+    """Each log axis of ``fig`` whose ticks in view are not all labelled, described; [] when all are."""
+    fig.canvas.draw()
+    problems = []
+    for ax in fig.axes:
+        for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+            if axis.get_scale() != "log":
+                continue
+            low, high = sorted(axis.get_view_interval())
+            for minor in (False, True):
+                for tick, label in zip(axis.get_ticklocs(minor=minor), axis.get_ticklabels(minor=minor)):
+                    if low * (1 - 1e-9) <= tick <= high * (1 + 1e-9) and not label.get_text().strip():
+                        problems.append(f"{ax.get_title()!r} {name} {'minor' if minor else 'major'} tick {tick:g}")
+            shown = [t for t in axis.get_ticklocs() if low * (1 - 1e-9) <= t <= high * (1 + 1e-9)]
+            if len(shown) < 2:
+                problems.append(f"{ax.get_title()!r} {name}: {len(shown)} labelled tick(s)")
+    plots.plt.close(fig)
+    return problems
+
+
+def training_record(name: str, seconds: float, steps: int = 50, images: int = 512) -> dict:
+    times = np.linspace(seconds / steps, seconds, steps)
+    return {"implementation": name, "config_name": "small", "batch_size": 64, "limit": images, "test_limit": 100,
+            "steps": [{"epoch": 1, "step": i + 1, "loss": 0.9 - 0.5 * i / steps, "elapsed_seconds": float(t)}
+                      for i, t in enumerate(times)],
+            "epochs": [{"epoch": 1, "mean_loss": 0.5, "test_accuracy": 0.5, "train_seconds": seconds,
+                        "images": images, "elapsed_seconds": seconds}]}
+
+
+def test_every_tick_of_every_log_axis_is_labelled():
+    table = timings()
+    figures = {
+        "phase_times": plots.phase_times(table, 3, "box"),
+        "batch_scaling": plots.batch_scaling(table, 3, "box"),
+        "routing_iterations": plots.routing_iterations(table, "box"),
+        "peak_share": plots.peak_share(table, 3, "box"),
+        "vectorised_speedup": plots.vectorised_speedup(speedup_table(table, 3).assign(
+            speedup=lambda f: f["speedup"] * np.where(f["phase"] == "routing", 100, 1)), "box"),
+        "training_curves": plots.training_curves([("short", training_record("torch-looped", 5.0)),
+                                                  ("long", training_record("torch-vectorised", 500.0))]),
+    }
+    for name, figure in figures.items():
+        logs = [axis for ax in figure.axes for axis in (ax.xaxis, ax.yaxis) if axis.get_scale() == "log"]
+        assert logs, f"{name} has no log axis to check"
+        assert labelled_everywhere(figure) == [], name
+
+
+@pytest.mark.parametrize("low, high", [(0.3, 1500.0), (1.0, 1e6), (80.0, 95.0), (0.004, 0.02), (122.3, 124.0)])
+def test_the_log_locator_labels_a_readable_number_of_ticks(low, high):
+    ticks = plots.LabelledLogLocator().tick_values(low, high)
+    assert 3 <= len(ticks) <= 9 and all(low <= t <= high for t in ticks)
+    assert all("e" not in plots.tick_text(t) for t in ticks)
+
+
+def line_colours(fig) -> dict[str, tuple]:
+    colours = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if not line.get_label().startswith("_"):
+                colours[line.get_label()] = to_rgb(line.get_color())
+    plots.plt.close(fig)
+    return colours
+
+
+def test_adding_an_implementation_recolours_nothing():
+    alone = line_colours(plots.batch_scaling(timings(("torch-vectorised", "torch-looped")), 3, "box"))
+    # a plugin whose name sorts first, and a built-in one: neither changes the colours already drawn
+    more = line_colours(plots.batch_scaling(timings(("aaa-plugin", "cupy-vectorised", "torch-vectorised",
+                                                     "torch-looped")), 3, "box"))
+    for name in ("torch-vectorised", "torch-looped"):
+        assert alone[name] == more[name] == to_rgb(plots.IMPLEMENTATION_COLOURS[name])
+    assert len({more[name] for name in more}) == 4  # four names, four colours
+
+
+def test_builtin_names_have_distinct_fixed_colours_and_variants_a_shade_of_them():
+    builtin = ["torch-vectorised", "torch-looped", "numpy-vectorised", "numpy-looped", "cupy-vectorised",
+               "cupy-looped", "torch-vectorised-cuda", "torch-looped-cuda", "torch-fused", "torch-fused-cuda",
+               "cupy-fused"]
+    colours = [plots.colour_of(name) for name in builtin]
+    assert len(set(colours)) == len(builtin)
+    compiled = plots.colour_of("torch-vectorised-compiled")
+    graph = plots.colour_of("torch-vectorised-cuda-graph")
+    assert compiled not in colours and graph not in colours and compiled != graph
+
+
+def test_a_hashed_colour_is_the_same_in_every_process():
+    """An unknown name's colour comes from its name alone (not Python's salted hash, not its rank)."""
+    code = "from harness import plots; print(plots.colour_of('my-plugin-impl'))"
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")}
+    assert outputs == {f"{plots.colour_of('my-plugin-impl')}\n"}
+
+
+def test_training_runs_keep_their_colour_when_a_run_is_added():
+    short = training_record("torch-looped", 5.0)
+    alone = line_colours(plots.training_curves([("b", short)]))
+    more = line_colours(plots.training_curves([("a", training_record("numpy-vectorised", 6.0)), ("b", short)]))
+    label = next(iter(alone))
+    assert alone[label] == more[label]
+
+
+def test_training_curves_are_readable_when_one_run_is_a_hundred_times_longer():
+    fig = plots.training_curves([("short", training_record("torch-looped", 5.0)),
+                                 ("long", training_record("torch-vectorised", 500.0))])
+    loss = fig.axes[0]
+    short = next(line for line in loss.get_lines() if line.get_label().startswith("torch-looped"))
+    x_end = short.get_xdata()[-1]
+    # where the short run ends, as a fraction of the axis' width
+    fraction = loss.transAxes.inverted().transform(loss.transData.transform((x_end, 0.5)))[0]
+    plots.plt.close(fig)
+    assert fraction > 0.3, f"the 5 s run ends at {fraction:.0%} of the time axis"
+
+
+def test_a_figure_of_single_samples_says_so_and_one_of_several_draws_the_spread():
+    single = plots.phase_times(timings(samples=1), 3, "box")
+    assert "1 sample" in single.axes[0].get_ylabel() and "median" not in single.axes[0].get_ylabel()
+    assert not any(len(c.get_segments()) for c in single.axes[0].collections)  # no error bars
+    plots.plt.close(single)
+    several = plots.phase_times(timings(samples=10, spread=0.1), 3, "box")
+    assert "median" in several.axes[0].get_ylabel()
+    bars = [c for c in several.axes[0].collections if len(c.get_segments())]
+    assert bars, "no interquartile error bars"
+    segments = np.concatenate([np.asarray(c.get_segments()) for c in bars])
+    # torch-vectorised's train step at batch 128, 3 iterations: 0.08 s x 4 x 3 = 960 ms, q25-q75 +-10 %
+    spans = {(round(seg[0][1], 1), round(seg[1][1], 1)) for seg in segments}
+    plots.plt.close(several)
+    assert (864.0, 1056.0) in spans
+
+
+def test_the_old_mixed_allocator_figure_is_a_panel_of_its_own_only_for_old_runs():
+    def gpu(metric):
+        return [{"implementation": "torch-vectorised-cuda", "device": "cuda", "routing_variant": "vectorised",
+                 "batch_size": b, "routing_iterations": 3, "metric": metric, "value": 1e9 * b / 32,
+                 "unit": "bytes"} for b in (32, 128)]
+    old = plots.memory(tidy(gpu("gpu_memory_nvml") + gpu("gpu_memory_allocator_mixed")), 3, "box")
+    titles = [ax.get_title() for ax in old.axes]
+    plots.plt.close(old)
+    assert any("old mixed" in title for title in titles) and not any("live arrays" in title for title in titles)
+    new = plots.memory(tidy(gpu("gpu_memory_nvml") + gpu("gpu_memory_allocator_live")
+                            + gpu("gpu_memory_allocator_reserved")), 3, "box")
+    titles = [ax.get_title() for ax in new.axes]
+    plots.plt.close(new)
+    assert not any("old mixed" in title for title in titles)
+    assert any("live arrays" in title for title in titles) and any("held from the device" in t for t in titles)
+
+
+def test_the_profile_plot_stacks_each_phase_to_the_fixture_numbers():
+    profile = load_profile(PROFILE, [])
+    fig = plots.profile_breakdown(profile)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title().split(",")[0] for ax in panels] == ["torch-vectorised", "numpy-looped"]
+    expected = {"torch-vectorised": {"forward": 16.0, "backward": 18.0, "update": 4.0},  # ms, by hand
+                "numpy-looped": {"forward": 40.0, "backward": 20.0, "update": 10.0}}
+    for ax in panels:
+        name = ax.get_title().split(",")[0]
+        phases = [label.get_text() for label in ax.get_xticklabels()]
+        assert phases == ["forward", "backward", "update"]
+        tops = {}
+        for patch in ax.patches:
+            position = phases[round(patch.get_x() + patch.get_width() / 2)]
+            tops[position] = max(tops.get(position, 0.0), patch.get_y() + patch.get_height())
+        assert tops == pytest.approx(expected[name])
+        colours = {patch.get_label(): to_rgb(patch.get_facecolor()) for patch in ax.patches
+                   if not patch.get_label().startswith("_")}
+        for layer, colour in colours.items():
+            assert colour == pytest.approx(plots.layer_colour(layer))
+    texts = [text.get_text() for ax in panels for text in ax.texts]
+    assert "primary caps 30%" in texts and "routing 1 38%" in texts  # each segment's share of the step
+    assert any("step 40 ms profiled; layers add to 38 ms" in ax.get_title() for ax in panels)
+    plots.plt.close(fig)
+    assert math.isclose(sum(expected["torch-vectorised"].values()) / 40.0, 0.95)

@@ -1,0 +1,258 @@
+"""The report's table logic (harness.tables, harness.formatting) on small hand-built frames whose answers are
+known by hand: the run-to-run comparison and its noise filter, the summary's derived columns, the runs that
+did not run, the training table's images and ranks, and the profile reader."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.asv_results import Run, short_env_name, tidy_frame
+from harness.formatting import fmt_spread, fmt_unit_spread, samples_heading
+from harness.results import ResultsFileError
+from harness.tables import (
+    comparison_table,
+    load_profile,
+    not_run,
+    not_run_line,
+    profile_phase_totals,
+    profile_rows,
+    read_profile_csv,
+    speedup_table,
+    summary_table,
+    training_table,
+)
+
+PROFILE = Path(__file__).parent / "fixtures" / "report" / "profile"
+NAN = math.nan
+
+
+def run(commit: str, facts: dict | None = None) -> Run:
+    return Run("box", commit, "py3.11", pd.Timestamp("2026-01-01", tz="UTC"), Path(f"{commit}.json"), "fast",
+               "paper", False, facts or {})
+
+
+def row(commit: str, metric: str, value: float, q25=NAN, q75=NAN, samples=NAN, unit="seconds",
+        implementation="torch-vectorised", batch=32, iterations=3, **extra) -> dict:
+    return {"implementation": implementation, "framework": "torch", "device": "cpu", "routing_variant": "vectorised",
+            "backend": "torch", "batch_size": batch, "routing_iterations": iterations, "benchmark": f"time_{metric}",
+            "metric": metric, "value": value, "unit": unit, "q25": q25, "q75": q75, "spread": q75 - q25,
+            "samples": samples, "status": "ok" if not math.isnan(value) else "skipped", "machine": "box",
+            "commit": commit, "env": "py3.11", "config_name": "paper", **extra}
+
+
+def compare(old: dict, new: dict) -> str:
+    """The change the comparison gives one benchmark measured as ``old`` in run a and ``new`` in run b."""
+    table = tidy_frame([row("a", **old), row("b", **new)])
+    comparison = comparison_table(table, run("a"), run("b"))
+    assert len(comparison) == 1
+    return comparison["change"].iloc[0]
+
+
+# ---------------------------------------------------------------------------------------------- comparison
+def seconds(value, low, high, n=10):
+    return dict(metric="train_step", value=value, q25=low, q75=high, samples=n)
+
+
+def test_a_faster_result_with_spreads_apart_reads_better():
+    assert compare(seconds(1.00, 0.98, 1.03), seconds(0.50, 0.49, 0.52)) == "better"
+
+
+def test_a_slower_result_with_spreads_apart_reads_worse():
+    assert compare(seconds(1.00, 0.98, 1.03), seconds(1.50, 1.45, 1.55)) == "worse"
+
+
+def test_a_change_under_ten_percent_is_not_flagged_even_with_narrow_spreads():
+    # 1.08x, and the ranges [0.999, 1.001] and [1.079, 1.081] are far apart: still under the factor
+    assert compare(seconds(1.00, 0.999, 1.001), seconds(1.08, 1.079, 1.081)) == ""
+    assert compare(seconds(1.00, 0.999, 1.001), seconds(0.93, 0.929, 0.931)) == ""
+
+
+def test_overlapping_spreads_are_not_flagged_even_beyond_the_factor():
+    # 1.3x, but the old run spread over [0.8, 1.4] and the new one over [1.2, 1.5]: within the noise
+    assert compare(seconds(1.00, 0.80, 1.40), seconds(1.30, 1.20, 1.50)) == ""
+    assert compare(seconds(1.30, 1.20, 1.50), seconds(1.00, 0.80, 1.40)) == ""
+
+
+def test_higher_is_better_for_rates():
+    gflops = dict(metric="gemm_peak", unit="GFLOP/s", samples=5)
+    assert compare({**gflops, "value": 100, "q25": 98, "q75": 101}, {**gflops, "value": 150, "q25": 148,
+                                                                     "q75": 152}) == "better"
+    assert compare({**gflops, "value": 150, "q25": 148, "q75": 152}, {**gflops, "value": 100, "q25": 98,
+                                                                     "q75": 101}) == "worse"
+    images = dict(metric="throughput", unit="images/s", samples=5)
+    assert compare({**images, "value": 100, "q25": 99, "q75": 101}, {**images, "value": 50, "q25": 49,
+                                                                    "q75": 51}) == "worse"
+
+
+def test_lower_is_better_for_bytes_and_relative_error_and_neither_for_other_units():
+    assert compare(dict(metric="host_memory", unit="bytes", value=1e9), dict(metric="host_memory", unit="bytes",
+                                                                             value=2e9)) == "worse"
+    assert compare(dict(metric="max_rel_error", unit="relative error", value=1e-4),
+                   dict(metric="max_rel_error", unit="relative error", value=1e-5)) == "better"
+    assert compare(dict(metric="threads", unit="unknown", value=2), dict(metric="threads", unit="unknown",
+                                                                         value=4)) == "higher"
+
+
+def test_single_samples_are_too_few_to_judge_not_worse_or_better():
+    one = dict(metric="train_step", samples=1)
+    change = compare({**one, "value": 1.0, "q25": 1.0, "q75": 1.0}, {**one, "value": 2.0, "q25": 2.0, "q75": 2.0})
+    assert change.startswith("too few samples") and "worse" not in change
+    # one side single is enough: the other's spread cannot make a single sample a median
+    change = compare(seconds(1.00, 0.98, 1.03), {**one, "value": 0.5, "q25": 0.5, "q75": 0.5})
+    assert change.startswith("too few samples") and "better" not in change
+    # within the factor there is nothing to judge either way
+    assert compare({**one, "value": 1.0}, {**one, "value": 1.05}) == ""
+
+
+def test_the_comparison_keeps_the_ratio_and_samples_of_both_sides():
+    table = tidy_frame([row("a", **seconds(1.0, 0.9, 1.1, 7)), row("b", **seconds(2.0, 1.9, 2.1, 1))])
+    comparison = comparison_table(table, run("a"), run("b")).iloc[0]
+    assert comparison["ratio"] == 2.0
+    assert (comparison["old_samples"], comparison["new_samples"]) == (7, 1)
+    assert (comparison["old_q25"], comparison["new_q75"]) == (0.9, 2.1)
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def summary_rows(commit="a") -> list[dict]:
+    rows = []
+    for batch, step, routing in ((32, 0.400, 0.100), (128, 1.600, 0.200)):
+        rows.append(row(commit, "train_step", step, step * 0.9, step * 1.2, 5, batch=batch, flops=4e10 * batch / 32,
+                        gflops_per_s=4e10 * batch / 32 / step / 1e9, pct_of_peak=25.0))
+        rows.append(row(commit, "routing_backward", routing, batch=batch, samples=5, q25=routing, q75=routing))
+    rows.append(row(commit, "train_step", NAN, implementation="torch-vectorised-cuda", batch=32,
+                    device="cuda", samples=NAN))
+    return rows
+
+
+def test_summary_images_per_second_and_routing_share_by_hand():
+    frame = summary_table(tidy_frame(summary_rows()), 3).set_index(["implementation", "batch_size"])
+    small, large = frame.loc[("torch-vectorised", 32)], frame.loc[("torch-vectorised", 128)]
+    assert small["images_per_second"] == pytest.approx(80.0)  # 32 images / 0.4 s
+    assert large["images_per_second"] == pytest.approx(80.0)  # 128 / 1.6
+    assert small["routing_share"] == pytest.approx(0.25)  # 0.1 / 0.4
+    assert large["routing_share"] == pytest.approx(0.125)  # 0.2 / 1.6
+    assert (small["train_step_q25"], small["train_step_q75"], small["train_step_samples"]) == \
+        pytest.approx((0.36, 0.48, 5))
+    assert small["train_gflops_per_s"] == pytest.approx(100.0)  # 4e10 FLOPs / 0.4 s
+    assert math.isnan(frame.loc[("torch-vectorised-cuda", 32), "train_step"])
+
+
+def test_implementations_without_any_result_are_named_with_the_reason():
+    table = tidy_frame(summary_rows())
+    no_gpu = {"gpu": {"available": False, "reason": "no driver"}}
+    assert not_run(table, no_gpu) == {"torch-vectorised-cuda": "unavailable: no CUDA GPU on this machine"}
+    assert not_run(table, {}) == {"torch-vectorised-cuda": "skipped in every benchmark: unavailable here or left out"}
+    line = not_run_line({"a": "why", "c": "why", "b": "other"})
+    assert line == "Not run here: b (other); a, c (why)."
+
+
+def test_speedup_is_looped_over_vectorised_time():
+    rows = [row("a", "train_step", 0.5), {**row("a", "train_step", 1.5), "implementation": "torch-looped",
+                                          "routing_variant": "looped"}]
+    table = speedup_table(tidy_frame(rows), 3)
+    step = table[table["phase"] == "train_step"].iloc[0]
+    assert (step["pair"], step["speedup"]) == ("torch (cpu)", 3.0)
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+def test_a_single_sample_is_never_written_as_a_median():
+    assert fmt_spread(0.2846, 0.2846, 0.2846, 1, "ms") == "284.6 (1 sample)"
+    assert fmt_spread(0.2846, 0.2801, 0.2903, 10, "ms") == "284.6 (280.1–290.3, 10 samples)"
+    assert fmt_spread(0.2846, 0.2801, 0.2903, 10, "ms", count=False) == "284.6 (280.1–290.3)"
+    assert fmt_unit_spread(0.5, 0.4, 0.6, 3, "seconds") == "500.0 ms (400.0–600.0, 3 samples)"
+    assert fmt_unit_spread(2e9, NAN, NAN, NAN, "bytes") == "1907.3 MiB"
+    assert samples_heading([1, 1, 1]) == (" (1 sample)", False)
+    assert samples_heading([7, 7]) == (", median (q25–q75) of 7 samples", False)
+    assert samples_heading([1, 7])[1] is True
+
+
+def test_short_environment_names():
+    assert short_env_name("virtualenv-py3.11-setuptools-torch2.13.0") == "py3.11-torch2.13.0"
+    assert short_env_name("conda-py3.12-numpy") == "conda-py3.12-numpy"
+
+
+# ---------------------------------------------------------------------------------------------- training
+def record(**fields) -> dict:
+    epochs = fields.pop("epochs", [{"epoch": 1, "mean_loss": 0.5, "test_accuracy": 0.9, "train_seconds": 10.0,
+                                    "images": 512, "elapsed_seconds": 10.0}])
+    return {"kind": "capsbench-training", "implementation": "torch-vectorised", "device": "cpu",
+            "config_name": "paper", "batch_size": 128, "status": "completed", "epochs": epochs, "steps": [], **fields}
+
+
+def test_training_images_and_ranks_of_old_and_new_records():
+    epochs = [{"epoch": 1, "mean_loss": 0.6, "test_accuracy": 0.95, "train_seconds": 100.0, "eval_seconds": 5.0,
+               "wall_seconds": 106.0, "images": 60000, "elapsed_seconds": 100.0},
+              {"epoch": 2, "mean_loss": 0.4, "test_accuracy": 0.93, "train_seconds": 200.0, "eval_seconds": 7.0,
+               "wall_seconds": 208.0, "images": 60000, "elapsed_seconds": 300.0}]
+    frame = training_table([
+        (Path("old_all.json"), record(limit=None, test_limit=None)),
+        (Path("old_limited.json"), record(limit=512, test_limit=100)),
+        (Path("old_ddp.json"), record(limit=None, test_limit=None, distributed={"world_size": 4})),
+        (Path("new.json"), record(train_images=60000, test_images=10000, ranks=2, best_test_accuracy=0.95,
+                                  final_test_accuracy=0.93, schedule={"name": "paper"}, epochs=epochs)),
+    ]).set_index("file")
+    assert frame.loc["old_all.json", ["train_images", "test_images", "ranks"]].tolist() == [60000, 10000, 1]
+    assert frame.loc["old_limited.json", ["train_images", "test_images", "ranks"]].tolist() == [512, 100, 1]
+    assert frame.loc["old_ddp.json", "ranks"] == 4
+    new = frame.loc["new.json"]
+    assert [new["train_images"], new["test_images"], new["ranks"], new["schedule"]] == [60000, 10000, 2, "paper"]
+    assert (new["best_test_accuracy"], new["final_test_accuracy"]) == (0.95, 0.93)
+    assert (new["train_seconds"], new["eval_seconds"], new["wall_seconds"]) == (300.0, 12.0, 314.0)
+    assert new["images_per_second"] == pytest.approx(120000 / 300.0)
+    assert math.isnan(frame.loc["old_all.json", "eval_seconds"])  # not recorded by older runs
+    assert frame.loc["old_all.json", "best_test_accuracy"] == 0.9  # from the epochs where the record lacks it
+
+
+# ---------------------------------------------------------------------------------------------- profile
+def test_profile_rows_in_step_order_with_phase_totals_by_hand():
+    warnings: list[str] = []
+    profile = load_profile(PROFILE, warnings)
+    assert warnings == [] and profile.implementations() == ["torch-vectorised", "numpy-looped"]
+    rows = profile_rows(profile, "torch-vectorised")
+    assert list(zip(rows["phase"], rows["layer"])) == [
+        ("forward", "conv1"), ("forward", "primary_caps"), ("forward", "routing_iteration_1"),
+        ("forward", "routing_iteration_2"), ("backward", "conv1"), ("backward", "primary_caps"),
+        ("update", "optimizer")]
+    totals = profile_phase_totals(rows).set_index("phase")
+    assert totals["time_s"].to_dict() == pytest.approx({"forward": 0.016, "backward": 0.018, "update": 0.004})
+    assert totals["share"].to_dict() == pytest.approx({"forward": 0.40, "backward": 0.45, "update": 0.10})
+    assert profile.about("torch-vectorised")["overhead"] == 0.25
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda text: text.replace(",share,", ",portion,"), "missing column(s) share"),
+    (lambda text: text.replace("0.012,0.011", "fast,0.011"), "row 2: time_s is 'fast', not a number"),
+    (lambda text: text.replace(",update,", ",step,"), "phase 'step' is not one of forward, backward, update"),
+    (lambda text: text.splitlines()[0] + "\n", "no rows"),
+])
+def test_a_malformed_profile_is_one_warning_naming_the_file(tmp_path, change, problem):
+    folder = tmp_path / "profile"
+    folder.mkdir()
+    (folder / "profile.csv").write_text(change((PROFILE / "profile.csv").read_text()))
+    warnings: list[str] = []
+    assert load_profile(folder, warnings) is None
+    assert len(warnings) == 1 and str(folder / "profile.csv") in warnings[0] and problem in warnings[0]
+    with pytest.raises(ResultsFileError):
+        read_profile_csv(folder / "profile.csv")
+
+
+def test_a_layer_without_a_time_is_kept_as_not_timed(tmp_path):
+    """harness.profile writes an empty time for a layer an implementation's ranges do not cover."""
+    folder = tmp_path / "profile"
+    folder.mkdir()
+    text = (PROFILE / "profile.csv").read_text()
+    (folder / "profile.csv").write_text(text.replace("0.002,0.0019,0.0022,0.05,", ",,,,"))
+    profile = load_profile(folder, [])
+    rows = profile_rows(profile, "torch-vectorised").set_index(["phase", "layer"])
+    assert math.isnan(rows.loc[("forward", "routing_iteration_1"), "time_s"])
+    totals = profile_phase_totals(profile_rows(profile, "torch-vectorised")).set_index("phase")
+    assert totals.loc["forward", "time_s"] == pytest.approx(0.014)
+
+
+def test_no_profile_folder_is_no_profile_and_no_warning(tmp_path):
+    warnings: list[str] = []
+    assert load_profile(tmp_path / "profile", warnings) is None and warnings == []
