@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import timeit
 import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ from harness.environment import machine_facts
 from harness.formatting import fmt, markdown_table
 from harness.params import init_parameters
 from harness.peak import backend_of, gemm_peak_gflops
-from harness.ranges import RANGE_PREFIX, range_name, recording
+from harness.ranges import RANGE_PREFIX, layer_range, range_name, recording
 from harness.results import PROFILE_KIND, PROFILE_SUBDIR, RUNS_DIR, atomic_output, write_json_atomic, write_text_atomic
 from harness.spec import CONFIGS, CapsNetConfig, get_config
 from harness.threads import set_threads, thread_facts, usable_cpu_count
@@ -127,6 +128,27 @@ class WallClockRecorder:
                 self.step.add((phase, layer), seconds, current - before, peak - before)
             else:
                 self.step.add((phase, layer), seconds)
+
+
+class CountingRecorder:
+    """Counts the ranges of a step and records nothing else (what the ranges cost when nobody records)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def range(self, layer: str, phase: str):
+        self.count += 1
+        return contextlib.nullcontext()
+
+
+def inactive_range_seconds(repeats: int = 5, calls: int = 20_000) -> float:
+    """Seconds of one ``with layer_range(...)`` when no profile records (best of ``repeats`` timings)."""
+    def run():
+        for _ in range(calls):
+            with layer_range("conv1", "forward"):
+                pass
+
+    return min(timeit.timeit(run, number=1) for _ in range(repeats)) / calls
 
 
 class TorchRecorder:
@@ -246,12 +268,13 @@ def phase_step(impl: registry.Implementation, batch, phase_range=None) -> dict[s
 
 @dataclass
 class Profiled:
-    """One implementation's profile: its step records and its unprofiled step times."""
+    """One implementation's profile: its step records, its unprofiled step times, the ranges in a step."""
 
     info: registry.ImplementationInfo
     steps: list[StepRecord]
     unprofiled: list[float]
     trace: Path | None = None
+    ranges_per_step: int = 0
 
 
 def profile_implementation(info: registry.ImplementationInfo, config: CapsNetConfig, batch_size: int, dtype: str,
@@ -261,6 +284,8 @@ def profile_implementation(info: registry.ImplementationInfo, config: CapsNetCon
     for _ in range(warmup):
         phase_step(impl, batch)
     unprofiled = [sum(phase_step(impl, batch).values()) for _ in range(steps)]
+    with recording(CountingRecorder()) as counter:
+        phase_step(impl, batch)
     records, trace = [], None
     if info.framework == "torch":
         import torch
@@ -292,7 +317,7 @@ def profile_implementation(info: registry.ImplementationInfo, config: CapsNetCon
                     tracemalloc.stop()
             recorder.step.phases = phases
             records.append(recorder.step)
-    return Profiled(info, records, unprofiled, trace)
+    return Profiled(info, records, unprofiled, trace, counter.count)
 
 
 def export_trace(prof, path: Path) -> Path:
@@ -344,10 +369,13 @@ def profile_rows(profiled: Profiled, config: CapsNetConfig, batch_size: int, dty
     return rows
 
 
-def implementation_summary(profiled: Profiled, batch_size: int, config_name: str, dtype: str) -> dict:
+def implementation_summary(profiled: Profiled, batch_size: int, config_name: str, dtype: str,
+                           range_seconds: float) -> dict:
     step = statistics.median(sum(record.phases.values()) for record in profiled.steps)
     unprofiled = statistics.median(profiled.unprofiled)
     return {**profiled.info.describe(), "step_s": step, "unprofiled_step_s": unprofiled,
+            "ranges_per_step": profiled.ranges_per_step, "inactive_range_s": range_seconds,
+            "inactive_ranges_share": profiled.ranges_per_step * range_seconds / unprofiled,
             "overhead": step / unprofiled - 1, "steps": len(profiled.steps), "batch_size": batch_size,
             "config_name": config_name, "dtype": dtype,
             "phases_s": {phase: statistics.median(record.phases[phase] for record in profiled.steps)
@@ -371,7 +399,10 @@ def markdown(frame: pd.DataFrame, summaries: dict[str, dict]) -> str:
                   f"unprofiled {fmt(summary['unprofiled_step_s'], 'ms')} ms: profiling overhead "
                   f"{fmt(summary['overhead'], 'pct')}.  The layers add up to "
                   f"{fmt(layers_total / summary['step_s'], 'pct')} of the profiled step (the rest is between the "
-                  "ranges)." + (
+                  f"ranges).  Unprofiled, the step's {summary['ranges_per_step']} ranges cost "
+                  f"{summary['ranges_per_step'] * summary['inactive_range_s'] * 1e6:.1f} µs "
+                  f"({summary['inactive_ranges_share']:.4%} of it: {summary['inactive_range_s'] * 1e9:.0f} ns "
+                  "each)." + (
                       f"  Trace: `{TRACES}/{summary['trace']}`." if summary.get("trace") else ""), ""]
         cells = pd.DataFrame({
             "phase": rows["phase"], "layer": rows["layer"],
@@ -459,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or usable_cpu_count()
     set_threads(threads)
     peaks, rows, summaries = {}, [], {}
+    range_seconds = inactive_range_seconds()
     for info in infos:
         backend = backend_of(info.framework, info.device)
         if backend not in peaks:
@@ -472,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: profiling {info.name} failed: {type(error).__name__}: {error}", file=sys.stderr)
             continue
         rows += profile_rows(profiled, config, args.batch_size, args.dtype, args.config, peaks[backend])
-        summaries[info.name] = implementation_summary(profiled, args.batch_size, args.config, args.dtype)
+        summaries[info.name] = implementation_summary(profiled, args.batch_size, args.config, args.dtype,
+                                                      range_seconds)
     if not rows:
         print("error: no implementation could be profiled", file=sys.stderr)
         return 1

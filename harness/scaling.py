@@ -65,6 +65,11 @@ def scaling_efficiency(run: dict, base: dict, device: str) -> float:
     return speedup / (compute_units(run, device) / compute_units(base, device))
 
 
+def exposed_allreduce(synced: list[float], local: list[float]) -> float:
+    """The median over adjacent pairs of (DDP step - the same step under no_sync()), floored at 0."""
+    return max(0.0, statistics.median(with_sync - without for with_sync, without in zip(synced, local)))
+
+
 def _timed_step(ctx, impl, ddp, batch, sync: bool) -> float:
     """One DDP step (or one under no_sync(): no all-reduce), timed after a barrier that lines the ranks up."""
     from harness.distributed import ddp_train_step, dist
@@ -111,7 +116,7 @@ def measure_scaling(ctx, impl, ddp, config, per_rank: int, steps: int, warmup: i
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the slowest rank, step by step
     synced, local = times.cpu().tolist()
     step_seconds = statistics.median(synced)
-    allreduce_seconds = max(0.0, statistics.median(a - b for a, b in zip(synced, local))) if paired else None
+    allreduce_seconds = exposed_allreduce(synced, local) if paired else None
     global_batch = per_rank * ctx.world_size
     return {
         "world_size": ctx.world_size,

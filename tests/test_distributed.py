@@ -173,3 +173,23 @@ def test_outside_torchrun_and_for_a_non_torch_implementation_one_line(tmp_path, 
     error = capsys.readouterr().err.strip()
     assert "'numpy-vectorised' is a numpy implementation" in error and "torch-vectorised" in error
     assert "\n" not in error
+
+
+@pytest.mark.parametrize("synced, local, expected", [
+    ([10.0, 12.0, 11.0], [7.0, 9.0, 10.0], 3.0),  # differences 3, 3, 1: median 3
+    ([5.0, 5.0, 5.0], [6.0, 5.5, 4.0], 0.0),  # differences -1, -0.5, 1: median -0.5, floored at 0
+])
+def test_the_exposed_all_reduce_is_the_median_paired_difference(synced, local, expected):
+    from harness.scaling import exposed_allreduce
+
+    assert exposed_allreduce(synced, local) == expected
+
+
+def test_scaling_efficiency_by_hand():
+    """CPU: 2 ranks x 1 thread against 1 rank x 2 threads is the same compute; GPU: ranks."""
+    from harness.scaling import scaling_efficiency
+
+    base = {"world_size": 1, "threads_per_rank": 2, "images_per_second": 100.0}
+    two = {"world_size": 2, "threads_per_rank": 1, "images_per_second": 90.0}
+    assert scaling_efficiency(two, base, "cpu") == pytest.approx(0.9)
+    assert scaling_efficiency(two, base, "cuda") == pytest.approx(0.45)

@@ -88,6 +88,15 @@ def test_paper_network_totals():
     assert forward["primary_caps"] / sum(forward.values()) > 0.93
 
 
+def test_gemm_peak_is_2n_cubed_over_the_best_time(monkeypatch):
+    """A GEMM of n^3 multiply-adds is 2 n^3 FLOPs; with the best of the timed products at 0.5 s, 256^3 gives
+    2 x 256^3 / 0.5 / 1e9 GFLOP/s."""
+    from harness import peak
+
+    monkeypatch.setattr(peak, "_best_seconds", lambda run, synchronize, repeats: 0.5)
+    assert peak.gemm_peak_gflops("numpy", size=256) == 2 * 256**3 / 0.5 / 1e9
+
+
 def test_gemm_peak_is_measured_and_backends_are_named():
     assert gemm_peak_gflops("numpy", size=256, repeats=1) > 0
     assert backend_of("torch", "cuda") == "torch-cuda" and backend_of("numpy", "cpu") == "numpy"

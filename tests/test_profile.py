@@ -61,6 +61,9 @@ def test_the_markdown_and_the_summary_say_the_overhead(profiled_run):
         assert summary["overhead"] == pytest.approx(summary["step_s"] / summary["unprofiled_step_s"] - 1)
         assert summary["framework"] == registry.get(name).framework
     assert meta["kind"] == "capsbench-profile" and meta["machine"]["cpu_count"]
+    # torch's autograd backward has no Python ranges: one per forward layer and the optimizer's
+    assert meta["implementations"]["torch-vectorised"]["ranges_per_step"] == len(flops.layers(SMALL)) + 1
+    assert "ranges cost" in text
 
 
 def test_torch_writes_a_trace_with_the_layer_names(profiled_run):

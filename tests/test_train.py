@@ -9,7 +9,7 @@ import pytest
 
 from harness import epochs, registry, train
 from harness.results import read_training_result
-from harness.threads import usable_cpu_count
+from harness.threads import set_threads, usable_cpu_count
 from implementations.torch_capsnet import TorchCapsNet
 
 SHORT_RUN = ["--config", "small", "--limit", "384", "--test-limit", "200", "--batch-size", "32"]
@@ -174,3 +174,14 @@ def test_resuming_without_a_checkpoint_is_one_line(tmp_path, mnist_path, capsys)
     assert train.main(["--data-dir", str(mnist_path), "--resume", str(out), "--epochs", "2"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "no checkpoint beside" in error and "\n" not in error
+
+
+def test_every_thread_pool_is_pinned_to_the_count_asked_for(tmp_path, mnist_path):
+    try:
+        code, out = run_train(tmp_path, mnist_path, "--impl", "numpy-vectorised", "--config", "small", "--limit",
+                              "64", "--test-limit", "32", "--batch-size", "32", "--threads", "1")
+    finally:
+        set_threads(usable_cpu_count())  # the rest of the tests run with every CPU again
+    assert code == 0
+    threads = read_training_result(out)["threads"]
+    assert threads["torch"] == 1 and set(threads.values()) == {1} and len(threads) > 1

@@ -1,0 +1,248 @@
+"""The planted-bug check: small plausible bugs, one per derived figure and per layer, each applied alone to a
+scratch copy of the repository and run against the tests that should catch it.
+
+    python tests/planted_bugs.py            # every bug; prints which were caught, exits 1 if one was not
+    python tests/planted_bugs.py --list     # the bugs, without running anything
+    python tests/planted_bugs.py squash     # only bugs whose name contains "squash"
+
+Run it before committing a change to the code a bug names or to its tests (it takes minutes, so CI runs only
+``tests/test_planted_bugs.py``, which checks that every bug still applies to the code).  A bug that is no
+longer caught is a test to mend; a bug whose text no longer matches is a line of this list to update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Bug:
+    """Replace ``old`` (which occurs exactly once in ``path``) by ``new``; ``tests`` must then fail."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+BUGS = (
+    # layers: forward and hand-written backward
+    Bug("squash backward keeps only the diagonal", "implementations/numpy_capsnet.py",
+        "    return scale * grad_v + (2.0 * slope * along) * s", "    return scale * grad_v",
+        ("tests/test_numpy_capsnet.py::test_squash_backward_is_the_full_vector_jacobian",)),
+    Bug("numpy routing normalises the couplings over the input capsules", "implementations/numpy_capsnet.py",
+        "coupling = softmax(xp, logits, axis=1)  # over the output",
+        "coupling = softmax(xp, logits, axis=2)  # over the output",
+        ("tests/test_contract.py::test_parity_with_the_float64_reference",)),
+    Bug("torch routing normalises the couplings over the input capsules", "implementations/torch_capsnet.py",
+        "coupling = torch.softmax(logits, dim=1)", "coupling = torch.softmax(logits, dim=2)",
+        ("tests/test_torch_capsnet.py::test_coupling_is_a_softmax_over_output_capsules",)),
+    Bug("PrimaryCaps capsules as a plain view of the channels", "implementations/torch_capsnet.py",
+        "capsules = conv_output.reshape(batch, types, dim, height, width).permute(0, 1, 3, 4, 2)",
+        "capsules = conv_output.reshape(batch, types, height, width, dim)",
+        ("tests/test_torch_capsnet.py::test_primary_capsules_take_the_channels_of_one_type_at_one_pixel",)),
+    Bug("convolution bias gradient averaged", "implementations/numpy_capsnet.py",
+        "    grad_bias = grad_rows.sum(axis=0)", "    grad_bias = grad_rows.mean(axis=0)",
+        ("tests/test_numpy_capsnet.py::test_convolution_matches_torch_and_its_backward_finite_differences",)),
+    Bug("capsule length gradient without the division by the length", "implementations/numpy_capsnet.py",
+        "v * (grad_lengths / safe)[..., None]", "v * grad_lengths[..., None]",
+        ("tests/test_numpy_capsnet.py::test_lengths_backward_is_zero_at_a_zero_capsule",)),
+    Bug("decoder ReLU mask lets negative pre-activations through", "implementations/numpy_capsnet.py",
+        "            grad = grad * (outputs[index] > 0)", "            grad = grad * (outputs[index] >= 0)",
+        ("tests/test_numpy_capsnet.py::test_decoder_backward",)),
+    Bug("margin loss gradient halved", "implementations/numpy_capsnet.py",
+        "(-2.0 * target * present", "(-1.0 * target * present",
+        ("tests/test_numpy_capsnet.py::test_losses_backward",)),
+    Bug("reconstruction loss gradient not averaged over the batch", "implementations/numpy_capsnet.py",
+        "(2.0 * config.reconstruction_weight / pixels.shape[0])", "(2.0 * config.reconstruction_weight)",
+        ("tests/test_numpy_capsnet.py::test_losses_backward",)),
+    Bug("Adam without bias correction of the first moment", "implementations/numpy_capsnet.py",
+        "return rate / (1.0 - ADAM.beta1**step), math.sqrt", "return rate, math.sqrt",
+        ("tests/test_contract.py::test_parity_with_the_float64_reference",)),
+    Bug("the NumPy optimizer ignores the learning-rate schedule", "implementations/numpy_capsnet.py",
+        "rate = self.schedule.rate(self._adam_steps)", "rate = self.schedule.initial",
+        ("tests/test_contract.py::test_parity_with_the_float64_reference",)),
+    Bug("backward builds new gradients while the old are held", "implementations/numpy_capsnet.py",
+        "        self.grads = {}  # the previous gradients go", "        pass  # the previous gradients go",
+        ("tests/test_numpy_capsnet.py::test_backward_releases_the_previous_gradients_before_building_new_ones",)),
+    Bug("routing alone copies u_hat inside the timed call", "implementations/numpy_capsnet.py",
+        "v, _ = self.routing_functions.forward(self.xp, u_hat,",
+        "v, _ = self.routing_functions.forward(self.xp, u_hat.copy(),",
+        ("tests/test_contract.py::test_u_hat_comes_in_the_layout_its_routing_consumes",)),
+    Bug("a resumed NumPy run restarts Adam's step count", "implementations/numpy_capsnet.py",
+        '        self._adam_steps = int(state["step"])', "        self._adam_steps = 0",
+        ("tests/test_contract.py::test_adam_state_resumes_a_run_exactly",)),
+    # derived figures
+    Bug("FLOPs: the first routing iteration's softmax counted", "harness/flops.py",
+        "softmax = softmax_flops(n_in, n_out) if r > 1 else 0", "softmax = softmax_flops(n_in, n_out)",
+        ("tests/test_flops.py",)),
+    Bug("FLOPs: the agreement's addition to the logits left out", "harness/flops.py",
+        "agreement = product + n_in * n_out if r < last else 0", "agreement = product if r < last else 0",
+        ("tests/test_flops.py",)),
+    Bug("FLOPs: Adam at 10 per parameter", "harness/flops.py", "ADAM_FLOPS_PER_PARAMETER = 12",
+        "ADAM_FLOPS_PER_PARAMETER = 10", ("tests/test_flops.py",)),
+    Bug("memory: u_hat counted without its capsule dimension", "harness/activations.py",
+        '"u_hat": c.num_primary_caps * c.num_classes * c.digit_caps_dim,',
+        '"u_hat": c.num_primary_caps * c.num_classes,',
+        ("tests/test_flops.py::test_activation_memory_hand_count",)),
+    Bug("memory: im2col of PrimaryCaps with the kernel not squared", "harness/activations.py",
+        "primary = c.primary_size**2 * c.primary_kernel**2 * c.conv1_channels",
+        "primary = c.primary_size**2 * c.primary_kernel * c.conv1_channels",
+        ("tests/test_flops.py::test_activation_memory_hand_count",)),
+    Bug("GEMM peak counts a multiply-add as one FLOP", "harness/peak.py", "return 2 * n**3 / seconds / 1e9",
+        "return n**3 / seconds / 1e9", ("tests/test_flops.py::test_gemm_peak_is_2n_cubed_over_the_best_time",)),
+    Bug("scaling efficiency against the ranks, not the compute used", "harness/scaling.py",
+        'return run["world_size"] * (run["threads_per_rank"] if device == "cpu" else 1)', 'return run["world_size"]',
+        ("tests/test_distributed.py::test_scaling_efficiency_by_hand",)),
+    Bug("exposed all-reduce with the paired difference's sign flipped", "harness/scaling.py",
+        "statistics.median(with_sync - without for", "statistics.median(without - with_sync for",
+        ("tests/test_distributed.py::test_the_exposed_all_reduce_is_the_median_paired_difference",)),
+    Bug("asv quartiles swapped", "harness/asv_results.py",
+        "q25s, q75s = fields.get(\"stats_q_25\") or [], fields.get(\"stats_q_75\") or []",
+        "q75s, q25s = fields.get(\"stats_q_25\") or [], fields.get(\"stats_q_75\") or []",
+        ("tests/test_report.py::test_tidy_rows_equal_the_numbers_in_the_file",)),
+    Bug("comparison without the noise filter", "harness/tables.py",
+        "        if ranges[0] <= ranges[3] and ranges[2] <= ranges[1]:\n            return \"\"",
+        "        if False:\n            return \"\"", ("tests/test_tables.py",)),
+    Bug("comparison flags every change", "harness/tables.py",
+        "    if not (ratio > CHANGE_FACTOR or ratio < 1 / CHANGE_FACTOR):\n        return \"\"",
+        "    if ratio == 1:\n        return \"\"", ("tests/test_tables.py",)),
+    Bug("comparison judges single samples", "harness/tables.py",
+        "    if single_sample(old_n) or single_sample(new_n):", "    if False:", ("tests/test_tables.py",)),
+    Bug("images per second from the wrong batch", "harness/tables.py",
+        'frame["images_per_second"] = frame.index.get_level_values("batch_size").astype(float) / frame["train_step"]',
+        'frame["images_per_second"] = 32 / frame["train_step"]',
+        ("tests/test_report.py::test_every_derived_figure_of_the_summary_is_the_one_computed_by_hand",)),
+    Bug("profile: autograd nodes not charged to their forward layer", "harness/profile.py",
+        "layer = by_sequence.get(node.sequence_nr) if node.sequence_nr >= 0 else None", "layer = None",
+        ("tests/test_profile.py::test_backward_nodes_are_charged_to_the_layer_of_their_forward_operation",)),
+    Bug("profile: the update's FLOPs left out", "harness/flops.py",
+        "    table[(\"update\", OPTIMIZER)] = adam_flops(config)\n", "",
+        ("tests/test_profile.py::test_per_layer_flops_add_up_to_the_phase_totals",)),
+    # data and training
+    Bug("shifts of at most 1 pixel on one side", "harness/data.py",
+        "offsets = rng.integers(0, 2 * max_shift + 1, size=(2, count))",
+        "offsets = rng.integers(0, 2 * max_shift, size=(2, count))",
+        ("tests/test_data.py::test_shift_moves_each_image_by_at_most_two_pixels_and_covers_every_offset",)),
+    Bug("augmentation applied when switched off", "harness/data.py",
+        "yield (shift_images(images, rng) if augment else images)", "yield shift_images(images, rng)",
+        ("tests/test_data.py::test_augmentation_shifts_real_images_and_is_absent_when_off",)),
+    Bug("images out of step with their labels", "harness/data.py",
+        "yield (shift_images(images, rng) if augment else images), dataset.labels[index]",
+        "yield (shift_images(images, rng) if augment else images), dataset.labels[np.sort(index)]",
+        ("tests/test_data.py::test_batches_cover_the_epoch_once_with_each_image_beside_its_label",)),
+    Bug("label range check off by one", "harness/data.py", "    if labels.max(initial=0) > 9:",
+        "    if labels.max(initial=0) > 10:", ("tests/test_data.py::test_a_split_that_is_not_mnist_is_named",)),
+    Bug("image and label counts not compared", "harness/data.py", "    if len(images) != len(labels):",
+        "    if len(images) < len(labels):", ("tests/test_data.py::test_a_split_that_is_not_mnist_is_named",)),
+    Bug("images per split not checked", "harness/data.py", "    if len(images) != MNIST_COUNTS[split]:",
+        "    if not len(images):", ("tests/test_data.py::test_a_split_that_is_not_mnist_is_named",)),
+    Bug("an epoch's data drawn from the seed alone", "harness/epochs.py",
+        "    return np.random.default_rng([seed, epoch, rank])", "    return np.random.default_rng([seed, rank])",
+        ("tests/test_data.py::test_the_training_epochs_draw_their_batches_from_seed_and_epoch",)),
+    Bug("threads asked for are not pinned", "harness/epochs.py", "    set_threads(count)\n    return count",
+        "    return count", ("tests/test_train.py::test_every_thread_pool_is_pinned_to_the_count_asked_for",)),
+    Bug("the distributed sampler never reshuffles", "harness/distributed.py", "        sampler.set_epoch(epoch - 1)",
+        "        sampler.set_epoch(0)",
+        ("tests/test_distributed.py::test_two_ranks_learn_what_one_process_learns_on_the_global_batch",)),
+    # measurement machinery
+    Bug("NVML reads the free memory", "harness/memory.py", "used = int(nvml.nvmlDeviceGetMemoryInfo(handle).used)",
+        "used = int(nvml.nvmlDeviceGetMemoryInfo(handle).free)",
+        ("tests/test_memory.py::test_nvml_opens_the_gpu_the_framework_uses_by_its_pci_bus_id",)),
+    Bug("NVML takes any process's figure", "harness/memory.py",
+        "if entry.pid == pid and entry.usedGpuMemory is not None:", "if entry.usedGpuMemory is not None:",
+        ("tests/test_memory.py",)),
+    Bug("the allocator's cache is not emptied before the measured step", "harness/step_memory.py",
+        "    impl.release_cached_memory()\n    impl.reset_peak_memory()", "    impl.reset_peak_memory()",
+        ("tests/test_step_memory.py",)),
+    Bug("the pool's live bytes never go down", "implementations/cupy_capsnet.py",
+        "    def freed(self, size: int) -> None:\n        self.live -= size",
+        "    def freed(self, size: int) -> None:\n        pass",
+        ("tests/test_cupy_capsnet.py::test_peak_counter_follows_live_and_reserved_bytes",)),
+    Bug("cgroup quota rounded down", "harness/threads.py", "return max(1, math.ceil(int(quota) / int(period)))",
+        "return max(1, int(quota) // int(period))", ("tests/test_threads.py",)),
+    Bug("the timed train step does not wait for the device", "benchmarks/bench_phases.py",
+        '        """Forward, backward and one Adam update."""\n        self.impl.train_step(self.batch)\n'
+        "        self.impl.synchronize()",
+        '        """Forward, backward and one Adam update."""\n        self.impl.train_step(self.batch)',
+        ("tests/test_suite_regions.py",)),
+    Bug("the timed backward includes a forward pass", "benchmarks/bench_phases.py",
+        "    def time_backward(self, *params):\n        self.impl.backward()",
+        "    def time_backward(self, *params):\n        self.impl.forward_loss(self.batch)\n"
+        "        self.impl.backward()",
+        ("tests/test_suite_regions.py",)),
+    Bug("the parity gate exits 0 on a disagreement", "harness/check.py", "    if failures or crashed:",
+        "    if crashed:", ("tests/test_check.py::test_the_command_exits_1_on_a_planted_disagreement",)),
+    Bug("the registry's temporary entry outlives its block", "harness/registry.py",
+        "        _REGISTRY.entries.pop(name, None)", "        pass",
+        ("tests/test_registry.py::test_registered_refuses_a_taken_name_and_restores_the_registry",)),
+)
+
+
+def scratch_copy(target: Path) -> Path:
+    """The repository's tracked and untracked-but-not-ignored files, copied into ``target``."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO_ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
+
+
+def apply(bug: Bug, root: Path) -> None:
+    path = root / bug.path
+    text = path.read_text(encoding="utf-8")
+    count = text.count(bug.old)
+    if count != 1:
+        raise ValueError(f"{bug.name}: the text to replace occurs {count} times in {bug.path}, not once")
+    path.write_text(text.replace(bug.old, bug.new), encoding="utf-8")
+
+
+def caught(bug: Bug) -> tuple[bool, float]:
+    """(whether the tests failed with the bug in place, seconds)."""
+    with tempfile.TemporaryDirectory(prefix="capsbench-planted-") as folder:
+        root = scratch_copy(Path(folder))
+        apply(bug, root)
+        start = time.perf_counter()
+        completed = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *bug.tests],
+                                   cwd=root, capture_output=True, text=True,
+                                   env={**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"})
+        return completed.returncode == 1, time.perf_counter() - start  # 1: tests failed (not a collection error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python tests/planted_bugs.py", description=__doc__.split("\n")[0])
+    parser.add_argument("pattern", nargs="?", default="", help="only bugs whose name contains this (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the bugs without running them (default: run)")
+    args = parser.parse_args(argv)
+    bugs = [bug for bug in BUGS if args.pattern in bug.name]
+    if args.list:
+        for bug in bugs:
+            print(f"{bug.name}  [{bug.path}; {', '.join(bug.tests)}]")
+        return 0
+    missed = []
+    for number, bug in enumerate(bugs, start=1):
+        found, seconds = caught(bug)
+        print(f"{number:2d}/{len(bugs)} {'caught' if found else 'MISSED'}  {bug.name} ({seconds:.0f} s)", flush=True)
+        if not found:
+            missed.append(bug.name)
+    print(f"{len(bugs) - len(missed)} of {len(bugs)} planted bugs caught" + (f"; missed: {'; '.join(missed)}" if missed
+                                                                             else ""))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
