@@ -112,6 +112,10 @@ def torch_implementation(name: str) -> registry.ImplementationInfo:
         raise registry.UnavailableImplementationError(
             f"data-parallel training wraps a torch module in DistributedDataParallel; {name!r} is a "
             f"{info.framework} implementation (use one of {', '.join(torch_names)})")
+    if info.cls.first_call_compiles:
+        raise registry.UnavailableImplementationError(
+            f"data-parallel training wraps the eager module in DistributedDataParallel; {name!r} compiles or "
+            "captures its own step, which DDP would bypass")
     status = info.availability()
     if not status:
         raise registry.UnavailableImplementationError(f"implementation {name!r} is unavailable here: {status.reason}")

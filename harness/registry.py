@@ -60,6 +60,9 @@ Devices and memory
   device-memory baseline means the same for every framework.
 * ``pci_bus_id()``: the PCI bus id of the GPU the implementation computes on (None on the CPU), so that
   NVML reads that device and no other.
+* ``first_call_compiles`` (class attribute, default False): True where the first call of a shape compiles
+  or captures (torch.compile, CUDA graphs); the suite's ``CompileTime`` measures that set-up apart, and
+  data-parallel training, which wraps the eager module, refuses such an implementation.
 
 Hooks a plugin may override (everything else it inherits):
 
@@ -144,6 +147,7 @@ class Implementation(abc.ABC):
 
     framework: str = "unknown"
     u_hat_layout: str = CANONICAL_U_HAT_LAYOUT
+    first_call_compiles: bool = False
 
     def __init__(
         self,

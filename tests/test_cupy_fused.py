@@ -1,0 +1,230 @@
+"""cupy-fused: on the CPU, the driver of the fused routing run on NumPy versions of its kernels against the
+NumPy routing, the launch geometry, the kernel source (compiled by NVRTC where the library is found) and
+the availability message; on a GPU, each CUDA kernel against its NumPy version and the whole fused routing
+against routing_vectorised_forward/backward on random inputs, in float32 and float64."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from harness import registry
+from harness.check import TOLERANCES, check_implementation
+from harness.params import init_parameters
+from harness.spec import SMALL
+from implementations import cupy_fused as cf
+from implementations import numpy_capsnet as nc
+
+FUSED = registry.get("cupy-fused").availability()
+needs_gpu = pytest.mark.skipif(not FUSED, reason=f"cupy-fused unavailable here: {FUSED.reason}")
+EPS = SMALL.squash_eps
+SHAPES = [(2, 3, 7, 4), (3, 10, 37, 8), (2, 10, 1152, 16)]  # (B, J, N, D): odd sizes, and the paper's J, N, D
+
+
+class NumpyKernels:
+    """What each CUDA kernel computes, in NumPy: the same arguments, outputs written in place."""
+
+    def sum_squash(self, coupling, u_hat, s_out, v_out, eps):
+        s_out[...] = np.einsum("bji,bjid->bjd", coupling, u_hat)
+        v_out[...] = nc.squash_forward(np, s_out, eps)
+
+    def agree_softmax(self, u_hat, v, logits, coupling_out, accumulate):
+        agreement = np.einsum("bjid,bjd->bji", u_hat, v)
+        logits[...] = logits + agreement if accumulate else agreement
+        coupling_out[...] = nc.softmax(np, logits, axis=1)
+
+    def sum_squash_backward(self, weights, u_hat, grad_v, s, grad_s_out, eps):
+        g = grad_v if weights is None else np.einsum("bji,bjid->bjd", weights, u_hat)
+        grad_s_out[...] = nc.squash_backward(np, s, g, eps)
+
+    def softmax_backward(self, u_hat, grad_s, coupling, grad_logits_next, grad_logits_out):
+        grad_coupling = np.einsum("bjid,bjd->bji", u_hat, grad_s)
+        grad_logits_out[...] = nc.softmax_backward(coupling, grad_coupling, axis=1)
+        if grad_logits_next is not None:
+            grad_logits_out += grad_logits_next
+
+    def grad_u_hat(self, coupling, grad_s, grad_logits, v, out):
+        out[...] = np.einsum("rbji,rbjd->bjid", coupling, grad_s)
+        if len(coupling) > 1:
+            out += np.einsum("rbji,rbjd->bjid", grad_logits[1:], v[:-1])
+
+
+def random_routing_inputs(xp, shape, dtype, seed=0):
+    """u_hat scaled so that the couplings move away from uniform, and a gradient with respect to v."""
+    rng = np.random.default_rng(seed)
+    batch, n_out, _, dim = shape
+    u_hat = rng.normal(scale=0.5, size=shape).astype(dtype)
+    grad_v = rng.normal(size=(batch, n_out, dim)).astype(dtype)
+    return xp.asarray(u_hat), xp.asarray(grad_v)
+
+
+def assert_close(value, reference, dtype, kind="output", what=""):
+    """Normwise relative error within harness.check's tolerance for the dtype and kind of quantity."""
+    value, reference = np.asarray(value, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    error = np.max(np.abs(value - reference))
+    assert error <= TOLERANCES[dtype][kind] * np.max(np.abs(reference)), f"{what}: error {error:.3e}"
+
+
+# On the CPU ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("iterations", [1, 2, 3, 5])
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_driver_on_numpy_kernels_is_the_vectorised_routing(shape, iterations, dtype):
+    """The launch sequence (iteration order, which iteration's arrays each kernel gets, the first
+    iteration's 1/J, the last one's grad_v) gives routing_vectorised_forward/backward's v and gradient."""
+    u_hat, grad_v = random_routing_inputs(np, shape, dtype)
+    routing = cf.FusedRouting(NumpyKernels())
+    v, cache = routing.forward(np, u_hat, iterations, EPS)
+    expected_v, expected_cache = nc.routing_vectorised_forward(np, u_hat, iterations, EPS)
+    assert_close(v, expected_v, dtype)
+    for r, (coupling, s, v_r) in enumerate(expected_cache):
+        assert_close(cache.coupling[r], coupling, dtype)
+        assert_close(cache.s[r], s, dtype)
+        assert_close(cache.v[r], v_r, dtype)
+    assert np.all(cache.coupling[0] == np.asarray(1.0 / shape[1], dtype=dtype))
+    grad = routing.backward(np, u_hat, cache, grad_v, EPS)
+    assert grad.shape == u_hat.shape and grad.dtype == u_hat.dtype
+    assert_close(grad, nc.routing_vectorised_backward(np, u_hat, expected_cache, grad_v, EPS), dtype, "gradient")
+
+
+def test_launch_geometry():
+    assert [cf.sum_block_threads(dim) for dim in (1, 8, 10, 16, 300, 1024)] == [256, 256, 250, 256, 300, 1024]
+    for dim in (0, 1025):
+        with pytest.raises(ValueError, match="capsule dimension"):
+            cf.sum_block_threads(dim)
+    assert [cf.blocks(count) for count in (0, 1, 256, 257, 512 * 1152)] == [1, 1, 1, 2, 2304]
+    assert cf.blocks(2**45) == cf.MAX_BLOCKS
+
+
+def test_source_per_dtype_names_every_kernel():
+    for dtype, real in (("float32", "float"), (np.float64, "double")):
+        source = cf.routing_source(dtype)
+        assert source.startswith(f"typedef {real} T;")
+        declared = re.findall(r'extern "C" __global__ void (\w+)\(', source)
+        assert sorted(declared) == sorted(cf.KERNEL_NAMES)
+    with pytest.raises(TypeError, match="float16"):
+        cf.routing_source("float16")
+
+
+def nvrtc_found() -> bool:
+    try:
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not nvrtc_found(), reason="NVRTC (libnvrtc) not found: pip install nvidia-cuda-nvrtc-cu12")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_kernels_compile_with_nvrtc(dtype):
+    """NVRTC compiles without a GPU: the source compiles, warning-free, with every kernel in the PTX (and no
+    double-precision instruction in the float kernels)."""
+    from cupy.cuda import nvrtc
+
+    program = nvrtc.createProgram(cf.routing_source(dtype), "capsbench_routing.cu", [], [])
+    nvrtc.compileProgram(program, ["-arch=compute_80"])
+    assert nvrtc.getProgramLog(program).strip("\x00 \n") == ""
+    ptx = nvrtc.getPTX(program)
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    assert all(name in ptx for name in cf.KERNEL_NAMES)
+    assert dtype == "float64" or ".f64" not in ptx
+
+
+def test_layout_is_checked_not_copied():
+    u_hat, _ = random_routing_inputs(np, SHAPES[0], "float64")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cf.FusedRouting(NumpyKernels()).forward(np, u_hat.transpose(0, 2, 1, 3), 3, EPS)
+
+
+def test_on_numpy_the_numpy_routing_stays():
+    on_numpy = type("OnNumpy", (cf.CupyFusedCapsNet,), {"array_module": classmethod(lambda cls: np)})
+    impl = on_numpy(SMALL, init_parameters(SMALL), "float64", "cpu")
+    assert impl.routing_functions is nc.ROUTING["vectorised"]
+    with pytest.raises(ValueError, match="vectorised"):
+        on_numpy(SMALL, init_parameters(SMALL), "float64", "cpu", routing_variant="looped")
+
+
+def test_registered_with_the_reason_it_cannot_run():
+    info = registry.get("cupy-fused")
+    assert (info.device, info.routing_variant, info.framework) == ("cuda", "vectorised", "cupy")
+    if FUSED:
+        pytest.skip("CuPy and a CUDA device are present")
+    assert FUSED.reason.startswith(("cupy not installed", "no CUDA device", "cupy cannot be imported"))
+    assert "cupy-fused" not in registry.available()
+
+
+# On a GPU --------------------------------------------------------------------------------------------------
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gpu_each_kernel_against_its_numpy_version(shape, dtype):
+    import cupy
+
+    u_hat, grad_v = random_routing_inputs(np, shape, dtype)
+    batch, n_out, n_in, dim = shape
+    rng = np.random.default_rng(1)
+    arrays = {"coupling": nc.softmax(np, rng.normal(size=(batch, n_out, n_in)), axis=1).astype(dtype),
+              "weights": rng.normal(size=(batch, n_out, n_in)).astype(dtype),
+              "v": rng.normal(size=(batch, n_out, dim)).astype(dtype),
+              "s": rng.normal(size=(batch, n_out, dim)).astype(dtype),
+              "logits": rng.normal(size=(batch, n_out, n_in)).astype(dtype),
+              "next": rng.normal(size=(batch, n_out, n_in)).astype(dtype)}
+    on_gpu = {key: cupy.asarray(value) for key, value in arrays.items()}
+    gpu_u_hat, gpu_grad_v = cupy.asarray(u_hat), cupy.asarray(grad_v)
+    calls = {
+        "sum_squash": lambda k, a, u, g, out: k.sum_squash(a["coupling"], u, out[0], out[1], EPS),
+        "agree_softmax (first)": lambda k, a, u, g, out: k.agree_softmax(u, a["v"], out[2], out[3], False),
+        "agree_softmax": lambda k, a, u, g, out: k.agree_softmax(u, a["v"], out[2], out[3], True),
+        "sum_squash_backward (last)": lambda k, a, u, g, out: k.sum_squash_backward(None, u, g, a["s"], out[0], EPS),
+        "sum_squash_backward": lambda k, a, u, g, out: k.sum_squash_backward(a["weights"], u, None, a["s"], out[0],
+                                                                             EPS),
+        "softmax_backward (last)": lambda k, a, u, g, out: k.softmax_backward(u, a["s"], a["coupling"], None, out[2]),
+        "softmax_backward": lambda k, a, u, g, out: k.softmax_backward(u, a["s"], a["coupling"], a["next"], out[2]),
+    }
+    for what, call in calls.items():
+        expected = [np.zeros((batch, n_out, dim), dtype), np.zeros((batch, n_out, dim), dtype),
+                    arrays["logits"].copy(), np.zeros((batch, n_out, n_in), dtype)]
+        got = [cupy.asarray(array) for array in expected]
+        call(NumpyKernels(), arrays, u_hat, grad_v, expected)
+        call(cf.CupyKernels(), on_gpu, gpu_u_hat, gpu_grad_v, got)
+        for index, (value, reference) in enumerate(zip(got, expected)):
+            assert_close(cupy.asnumpy(value), reference, dtype, what=f"{what}, output {index}")
+    stacked = {key: np.stack([arrays[key]] * 3) for key in ("coupling", "s", "next", "v")}
+    expected = np.empty_like(u_hat)
+    got = cupy.empty_like(gpu_u_hat)
+    NumpyKernels().grad_u_hat(stacked["coupling"], stacked["s"], stacked["next"], stacked["v"], expected)
+    cf.CupyKernels().grad_u_hat(*(cupy.asarray(stacked[key]) for key in ("coupling", "s", "next", "v")), got)
+    assert_close(cupy.asnumpy(got), expected, dtype, what="grad_u_hat")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("iterations", [1, 3, 5])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gpu_fused_routing_is_the_vectorised_routing(shape, iterations, dtype):
+    import cupy
+
+    u_hat, grad_v = random_routing_inputs(cupy, shape, dtype)
+    v, cache = cf.FusedRouting(cf.CupyKernels()).forward(cupy, u_hat, iterations, EPS)
+    expected_v, expected_cache = nc.routing_vectorised_forward(cupy, u_hat, iterations, EPS)
+    assert_close(cupy.asnumpy(v), cupy.asnumpy(expected_v), dtype)
+    grad = cf.FusedRouting(cf.CupyKernels()).backward(cupy, u_hat, cache, grad_v, EPS)
+    expected = nc.routing_vectorised_backward(cupy, u_hat, expected_cache, grad_v, EPS)
+    assert_close(cupy.asnumpy(grad), cupy.asnumpy(expected), dtype, "gradient")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gpu_parity(dtype):
+    impl = registry.create("cupy-fused", SMALL, init_parameters(SMALL, dtype=dtype), dtype)
+    assert isinstance(impl.routing_functions.forward.__self__.kernels, cf.CupyKernels)
+    rows = check_implementation("cupy-fused", SMALL, dtype)
+    assert all(row.passed for row in rows), [row for row in rows if not row.passed]
