@@ -17,7 +17,8 @@ canonical layout of :mod:`harness.params`):
 * convolution weights are kept as (out, kh * kw * in) matrices, W as (N, K, J * D), so no weight is
   re-laid out on any step;
 * u_hat is kept as (B, J, N, D): every sum of routing is then a batched product over contiguous (N, D)
-  blocks.
+  blocks; the routing's backward writes u_hat's gradient straight into the (N, B, J, D) order that the
+  prediction vectors' backward reads (a strided output of its last product), so it is never transposed.
 
 What the training forward pass keeps for backward: the im2col matrices of Conv1 and PrimaryCaps (the
 weight gradients are products with them; kept rather than rebuilt, which would cost a full copy every
@@ -29,6 +30,7 @@ and reused on every step.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -41,6 +43,7 @@ from harness.registry import ROUTING_VARIANTS, Availability, Batch, Implementati
 from harness.spec import ADAM, CapsNetConfig, conv_output_size
 
 CONV_LAYERS = {"conv1": ("conv1_kernel", "conv1_stride"), "primary": ("primary_kernel", "primary_stride")}
+ADAM_CHUNK = 1 << 16  # values per chunk of the NumPy Adam update: its five arrays' chunks stay in a core's cache
 
 
 # Convolution as im2col + matrix product ---------------------------------------------------------------
@@ -67,19 +70,28 @@ def im2col(xp, x, kernel: int, stride: int, out=None):
     return out
 
 
-def conv_input_gradient(xp, grad_rows, weight, input_shape: tuple, kernel: int, stride: int):
+def conv_input_gradient(xp, grad_rows, weight, input_shape: tuple, kernel: int, stride: int, out=None, product=None):
     """d loss / d input of a valid convolution (the adjoint of im2col applied to grad_out @ W), one kernel
     offset at a time: the input window of offset (i, j) receives grad_out @ W_ij.  The same products as one
     large product followed by col2im, without the patch-gradient matrix (B * Ho * Wo x kh * kw * C) ever
-    being written."""
+    being written.  ``out`` (the input's shape) and, with NumPy, ``product`` (B * Ho * Wo x C), if given,
+    are kept buffers for the gradient and for each offset's product, so that a step allocates neither (a
+    GPU array module's memory pool hands out the products' buffers cheaply)."""
     batch, _, _, channels = input_shape
     out_h, out_w = conv_output_shape(input_shape, kernel, stride)
     per_offset = weight.reshape(weight.shape[0], kernel, kernel, channels)
-    grad = xp.zeros(input_shape, dtype=grad_rows.dtype)
+    if out is None:
+        grad = xp.zeros(input_shape, dtype=grad_rows.dtype)
+    else:
+        grad = out
+        grad.fill(0)
+    into = product if xp is np else None
     for i in range(kernel):  # a loop over kernel offsets: each step is one product and one strided add
         for j in range(kernel):
             window = grad[:, i : i + stride * out_h : stride, j : j + stride * out_w : stride, :]
-            window += (grad_rows @ per_offset[:, i, j, :]).reshape(batch, out_h, out_w, channels)
+            contribution = (grad_rows @ per_offset[:, i, j, :] if into is None
+                            else np.matmul(grad_rows, per_offset[:, i, j, :], out=into))
+            window += contribution.reshape(batch, out_h, out_w, channels)
     return grad
 
 
@@ -93,12 +105,15 @@ def conv_forward(xp, x, weight, bias, kernel: int, stride: int, cols_out=None, o
     return result.reshape(batch, out_h, out_w, weight.shape[0]), cols
 
 
-def conv_backward(xp, grad_out, cols, weight, input_shape: tuple, kernel: int, stride: int, need_input: bool = True):
-    """Gradients (weight, bias, input or None) of :func:`conv_forward` given d loss / d output (NHWC)."""
+def conv_backward(xp, grad_out, cols, weight, input_shape: tuple, kernel: int, stride: int, need_input: bool = True,
+                  input_out=None, product=None):
+    """Gradients (weight, bias, input or None) of :func:`conv_forward` given d loss / d output (NHWC);
+    ``input_out`` and ``product`` are :func:`conv_input_gradient` 's buffers."""
     grad_rows = grad_out.reshape(-1, weight.shape[0])
     grad_weight = grad_rows.T @ cols
     grad_bias = grad_rows.sum(axis=0)
-    grad_input = conv_input_gradient(xp, grad_rows, weight, input_shape, kernel, stride) if need_input else None
+    grad_input = (conv_input_gradient(xp, grad_rows, weight, input_shape, kernel, stride, input_out, product)
+                  if need_input else None)
     return grad_weight, grad_bias, grad_input
 
 
@@ -152,7 +167,7 @@ def routing_vectorised_forward(xp, u_hat, iterations: int, eps: float):
     return v, cache
 
 
-def routing_vectorised_backward(xp, u_hat, cache, grad_v, eps: float):
+def routing_vectorised_backward(xp, u_hat, cache, grad_v, eps: float, out=None):
     """d loss / d u_hat through every iteration (through c and b as well as the weighted sums).
 
     u_hat enters iteration r twice, in s_r = sum_i c_r u_hat and in b_{r+1} = b_r + u_hat . v_r, so its
@@ -160,7 +175,9 @@ def routing_vectorised_backward(xp, u_hat, cache, grad_v, eps: float):
     d b_{r+1} (x) v_r.  The coefficients are gathered first and the (B, J, N, D) gradient is written
     once, by one batched product with an inner dimension of 2R - 1, instead of being accumulated term by
     term (each term a full pass over u_hat's memory).  That product is the last work of the backward pass,
-    after iteration 1's own, and its profile range is iteration 1's.
+    after iteration 1's own, and its profile range is iteration 1's.  ``out``, if given, is where it writes
+    the gradient: an array of u_hat's shape, possibly a strided view (NumPy's matmul writes into one
+    directly), which is how the training backward gets the gradient already regrouped by input capsule.
     """
     iterations = len(cache)
     batch, n_out, n_in, dim = u_hat.shape
@@ -188,7 +205,9 @@ def routing_vectorised_backward(xp, u_hat, cache, grad_v, eps: float):
                 grad_logits += grad_logits_next
             grad_logits_next = grad_logits
     with layer_range("routing_iteration_1", "backward"):
-        return xp.matmul(left.transpose(0, 1, 3, 2), right)
+        if out is None:
+            return xp.matmul(left.transpose(0, 1, 3, 2), right)
+        return matmul_into(xp, left.transpose(0, 1, 3, 2), right, out)
 
 
 def routing_looped_forward(xp, u_hat, iterations: int, eps: float):
@@ -247,9 +266,16 @@ def routing_looped_backward(xp, u_hat, cache, grad_v, eps: float):
     return grad_u_hat
 
 
+def _takes_out(function: Callable) -> bool:
+    """Whether a routing backward takes ``out=``."""
+    return "out" in inspect.signature(function).parameters
+
+
 class RoutingFunctions(NamedTuple):
     """One routing variant over u_hat (B, J, N, D): ``forward(xp, u_hat, iterations, eps) -> (v, cache)``
-    and ``backward(xp, u_hat, cache, grad_v, eps) -> grad_u_hat``."""
+    and ``backward(xp, u_hat, cache, grad_v, eps) -> grad_u_hat``; a backward that also takes ``out=`` (an
+    array of u_hat's shape to write the gradient into, see :func:`routing_vectorised_backward`) is given
+    the prediction vectors' regrouping buffer by the training backward."""
 
     forward: Callable
     backward: Callable
@@ -288,12 +314,15 @@ def prediction_vectors_forward(xp, u, weight, n_out: int, out=None):
 
 def prediction_vectors_backward(xp, u, weight, grad_u_hat, by_input=None):
     """Gradients (u, W) of :func:`prediction_vectors_forward`.  ``by_input`` (N, B, J, D), if given, is
-    the buffer for the gradient regrouped by input capsule; NumPy copies it one example at a time (a
+    the buffer for the gradient regrouped by input capsule: when ``grad_u_hat`` is already a view of it (the
+    routing's backward wrote it there) nothing is copied; otherwise NumPy copies it one example at a time (a
     blocked transposition, which keeps both sides of each copy in cache)."""
     batch, n_out, n_in, dim = grad_u_hat.shape
     if by_input is None:
         by_input = xp.empty((n_in, batch, n_out, dim), dtype=grad_u_hat.dtype)
-    if xp is np:
+    if grad_u_hat.base is by_input:
+        pass
+    elif xp is np:
         for b in range(batch):
             np.copyto(by_input[:, b], grad_u_hat[b].transpose(1, 0, 2))
     else:  # a GPU transposes in one kernel; a loop would be B launches
@@ -365,6 +394,25 @@ def decoder_backward(layers: list, outputs: list, grad_reconstruction):
         if index > 0:
             grad = grad * (outputs[index] > 0)
     return grads, grad
+
+
+def adam_update(xp, param, grad, first, second, scratch, step_size: float, root_correction: float) -> None:
+    """One Adam update of ``param`` and its moments, in place, with ``scratch`` (their shape) for temporaries:
+    m <- m + (1 - beta1) (g - m); v <- beta2 v + (1 - beta2) g^2; p <- p - step_size m / (sqrt(v) /
+    root_correction + eps)."""
+    xp.subtract(grad, first, out=scratch)
+    scratch *= 1.0 - ADAM.beta1
+    first += scratch
+    second *= ADAM.beta2
+    xp.multiply(grad, grad, out=scratch)
+    scratch *= 1.0 - ADAM.beta2
+    second += scratch
+    xp.sqrt(second, out=scratch)
+    scratch /= root_correction
+    scratch += ADAM.eps
+    xp.divide(first, scratch, out=scratch)
+    scratch *= step_size
+    param -= scratch
 
 
 # The implementation ---------------------------------------------------------------------------------
@@ -540,13 +588,14 @@ class NumpyCapsNet(Implementation):
             v = cache["v"]
             grad_v = grad_masked.reshape(v.shape) * cache["mask"][:, :, None]
             grad_v += lengths_backward(xp, v, cache["lengths"], grad_lengths)
-        grad_u_hat = self.routing_functions.backward(xp, cache["u_hat"], cache["routing"], grad_v, config.squash_eps)
+        batch, n_out, n_in, dim = cache["u_hat"].shape
+        by_input = self._buffer("grad_u_hat_by_input", (n_in, batch, n_out, dim))
+        into = {"out": by_input.transpose(1, 2, 0, 3)} if _takes_out(self.routing_functions.backward) else {}
+        grad_u_hat = self.routing_functions.backward(xp, cache["u_hat"], cache["routing"], grad_v, config.squash_eps,
+                                                     **into)
         with layer_range("u_hat", "backward"):
-            batch, n_out, n_in, dim = grad_u_hat.shape
-            grad_u, grads[DIGIT_WEIGHT] = prediction_vectors_backward(
-                xp, cache["u"], p[DIGIT_WEIGHT], grad_u_hat,
-                by_input=self._buffer("grad_u_hat_by_input", (n_in, batch, n_out, dim)),
-            )
+            grad_u, grads[DIGIT_WEIGHT] = prediction_vectors_backward(xp, cache["u"], p[DIGIT_WEIGHT], grad_u_hat,
+                                                                      by_input=by_input)
         with layer_range("primary_squash", "backward"):
             grad_s = squash_backward(xp, cache["s_primary"], grad_u, config.squash_eps)
             size2 = config.primary_size  # capsules -> NHWC channels (type * dim + component)
@@ -559,7 +608,8 @@ class NumpyCapsNet(Implementation):
         with layer_range("primary_caps", "backward"):
             grads["primary.weight"], grads["primary.bias"], grad_hidden = conv_backward(
                 xp, grad_primary, cache["cols2"], p["primary.weight"], hidden_shape,
-                config.primary_kernel, config.primary_stride,
+                config.primary_kernel, config.primary_stride, input_out=self._buffer("grad_hidden", hidden_shape),
+                product=self._buffer("grad_hidden_window", (batch * config.primary_size**2, hidden_shape[3])),
             )
         with layer_range("conv1", "backward"):
             grad_hidden *= hidden.reshape(hidden_shape) > 0
@@ -590,7 +640,9 @@ class NumpyCapsNet(Implementation):
 
     def adam_step(self) -> None:
         """torch.optim.Adam's update, in place: m, v moments with bias correction, eps outside the root.
-        One scratch buffer per tensor, so a step allocates nothing."""
+        Its scratch buffer is kept, so a step allocates nothing; on NumPy the update goes through each tensor
+        a chunk of :data:`ADAM_CHUNK` values at a time, so that its dozen passes run over chunks in cache
+        rather than over whole tensors in memory."""
         with layer_range("optimizer", "update"):
             self._adam_update()
 
@@ -598,22 +650,16 @@ class NumpyCapsNet(Implementation):
         xp = self.xp
         step_size, root_correction = self._next_adam_step()
         for name, param in self.params.items():
-            grad = self.grads[name]
             first, second = self._moments[name]
-            scratch = self._buffer(f"adam:{name}", param.shape)
-            xp.subtract(grad, first, out=scratch)  # m <- m + (1 - beta1) (g - m)
-            scratch *= 1.0 - ADAM.beta1
-            first += scratch
-            second *= ADAM.beta2  # v <- beta2 v + (1 - beta2) g^2
-            xp.multiply(grad, grad, out=scratch)
-            scratch *= 1.0 - ADAM.beta2
-            second += scratch
-            xp.sqrt(second, out=scratch)  # p <- p - step_size m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-            scratch /= root_correction
-            scratch += ADAM.eps
-            xp.divide(first, scratch, out=scratch)
-            scratch *= step_size
-            param -= scratch
+            if xp is np:
+                scratch = self._buffer("adam:chunk", (ADAM_CHUNK,))
+                flat = [array.reshape(-1) for array in (param, self.grads[name], first, second)]
+                for start in range(0, param.size, ADAM_CHUNK):
+                    part = [array[start : start + ADAM_CHUNK] for array in flat]
+                    adam_update(xp, *part, scratch[: part[0].size], step_size, root_correction)
+            else:  # one pass per operation over the whole tensor (a chunk loop would be launches on a GPU)
+                adam_update(xp, param, self.grads[name], first, second, self._buffer(f"adam:{name}", param.shape),
+                            step_size, root_correction)
 
     def adam_state(self) -> dict[str, np.ndarray]:
         state = {"step": np.asarray(self._adam_steps)}

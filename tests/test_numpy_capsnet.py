@@ -94,6 +94,19 @@ def test_input_gradient_is_the_adjoint_of_im2col(rng):
     assert forward == pytest.approx(adjoint, rel=1e-12)
 
 
+def test_input_gradient_into_kept_buffers(rng):
+    """The buffers are reset on every call: the second call into the same ones gives the same gradient."""
+    x_shape = (2, 9, 9, 3)
+    weight = rng.normal(size=(4, 3 * 3 * 3))
+    grad_rows = rng.normal(size=(2 * 4 * 4, 4))
+    expected = ac.conv_input_gradient(np, grad_rows, weight, x_shape, 3, 2)
+    out, product = np.full(x_shape, np.nan), np.full((2 * 4 * 4, 3), np.nan)
+    for _ in range(2):
+        got = ac.conv_input_gradient(np, grad_rows, weight, x_shape, 3, 2, out=out, product=product)
+        assert got is out
+        np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13)
+
+
 def test_prediction_vectors_forward_and_backward(rng):
     u = rng.normal(size=(2, 5, 4))
     weight = rng.normal(size=(5, 4, 3 * 6))  # (N, K, J*D)
@@ -116,6 +129,23 @@ def test_routing_backward_through_every_iteration(rng, variant, iterations):
     v, cache = forward(np, u_hat, iterations, EPS)
     numeric = numeric_gradient(lambda x: np.sum(g * forward(np, x, iterations, EPS)[0]), u_hat.copy())
     assert_gradient(backward(np, u_hat, cache, g, EPS), numeric)
+
+
+def test_routing_backward_writes_the_gradient_regrouped_by_input_capsule(rng):
+    """With ``out`` a (B, J, N, D) view of an (N, B, J, D) buffer, the routing's backward writes the gradient
+    there, and the prediction vectors' backward reads it without copying: same gradients as without."""
+    u_hat = rng.normal(scale=0.7, size=(2, 3, 6, 4))  # (B, J, N, D)
+    grad_v = rng.normal(size=(2, 3, 4))
+    u, weight = rng.normal(size=(2, 6, 5)), rng.normal(size=(6, 5, 3 * 4))  # (B, N, K), (N, K, J*D)
+    _, cache = ac.routing_vectorised_forward(np, u_hat, 3, EPS)
+    expected = ac.routing_vectorised_backward(np, u_hat, cache, grad_v, EPS)
+    by_input = np.full((6, 2, 3, 4), np.nan)
+    got = ac.routing_vectorised_backward(np, u_hat, cache, grad_v, EPS, out=by_input.transpose(1, 2, 0, 3))
+    assert got.base is by_input
+    np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-15)
+    for mine, theirs in zip(ac.prediction_vectors_backward(np, u, weight, got, by_input=by_input),
+                            ac.prediction_vectors_backward(np, u, weight, expected)):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-13, atol=1e-15)
 
 
 def test_routing_variants_agree_with_torch(rng):
@@ -192,6 +222,20 @@ def test_input_gradient_against_finite_differences():
     reference.forward_loss(batch)
     reference.backward()
     np.testing.assert_allclose(analytic, batch.images.grad.numpy(), rtol=0, atol=1e-12 * np.max(np.abs(analytic)))
+
+
+def test_adam_update_chunk_by_chunk_is_the_whole_tensor_update(monkeypatch):
+    params = livelier_parameters(SMALL)
+    batches = [synthetic_batch(SMALL, 2, seed=seed) for seed in range(2)]
+    results = []
+    for chunk in (max(value.size for value in params.values()), 1000):  # every tensor whole; most in pieces
+        monkeypatch.setattr(ac, "ADAM_CHUNK", chunk)
+        impl = registry.create("numpy-vectorised", SMALL, params, "float64")
+        for images, labels in batches:
+            impl.train_step(impl.to_device(images, labels))
+        results.append(impl.parameters())
+    for name, value in results[0].items():
+        np.testing.assert_array_equal(results[1][name], value, err_msg=name)
 
 
 def test_backward_releases_the_previous_gradients_before_building_new_ones():

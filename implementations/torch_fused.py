@@ -1,0 +1,640 @@
+"""``torch-fused`` and ``torch-fused-cuda``: CapsNet in PyTorch with the backward written by hand, to show how
+close a torch training step comes to the GEMM peak.
+
+The autograd reference (:mod:`implementations.torch_capsnet`) stays as it is; this one subclasses it for
+everything the contract asks besides the network (data, optimizer state, allocator peaks, the PCI bus id)
+and replaces the network's forward with ``torch.autograd.Function`` s whose backward is written by hand.
+Why: autograd keeps every intermediate of every routing iteration and builds the gradient of u_hat one
+rank-one term at a time, with layout copies of u_hat between them; and the PrimaryCaps convolution, which
+is almost all the FLOPs of a step, goes through the framework's convolution whether or not its kernels suit
+this shape.  What is written by hand, each with the profiler's ranges (:mod:`harness.ranges`) in its forward
+and in its backward:
+
+* the convolutions (:class:`Convolution`: Conv1 with its ReLU, and PrimaryCaps): NHWC activations and
+  channels-last weights, so that a weight is a (out, kh * kw * in) matrix without a copy.  Each of the three
+  products (forward, weight gradient, input gradient) is done the way that measured fastest for its phase
+  on the device (:data:`PLANS`, which says how it was decided; the choices are in :data:`FORWARD`,
+  :data:`WEIGHT_GRADIENT` and :data:`INPUT_GRADIENT`, and ``python -m implementations.torch_fused``
+  measures them again on any machine): an im2col copy and one GEMM, the framework's own convolution
+  (oneDNN, cuDNN), one product per kernel offset accumulated in place, one per kernel row, or one large
+  product and col2im;
+* PrimaryCaps' squash together with the regrouping of the convolution's channels into capsules
+  (:class:`PrimarySquash`);
+* the prediction vectors (:class:`PredictionVectors`), written once in the (B, J, N, D) layout that the
+  routing consumes (``u_hat_layout`` "BJND"), with no autograd layout copies around them;
+* the routing (:class:`Routing`), exactly the mathematics of
+  :func:`implementations.numpy_capsnet.routing_vectorised_forward` and ``..._backward``: c = 1/J in the
+  first iteration, gradients through c and b of every iteration, the gradient of u_hat written once by one
+  batched product of inner dimension 2R - 1 from gathered coefficients.
+
+Lengths, mask, decoder and losses stay with autograd: a small part of the work, with no layout to fix.
+
+Workspaces: every large activation, im2col matrix and gradient buffer is allocated once per batch shape
+and reused (:class:`Workspace`): on the CPU a fresh large tensor is fresh pages, and their faults cost a
+measurable part of a step.  So a forward pass reuses the buffers that a pending backward needs; an
+inference ``forward`` therefore ends any pending ``forward_loss`` (``backward`` then asks for a new one),
+as in the NumPy implementation, and autograd's version counters catch any other reuse.  The routing-alone
+calls of the contract (``prediction_vectors``, ``routing_forward``, ``routing_backward``) allocate afresh,
+like NumPy's.
+
+The optimizer is ``torch.optim.Adam(fused=True)`` (one kernel for all parameters; ``foreach`` where the
+build has no fused kernel for the device).
+
+CUDA: the same code with device tensors (nothing in the hot path leaves the device or assumes the CPU); on
+a GPU the plan uses the framework's convolution (cuDNN) for all three products until measured otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+from harness.params import DIGIT_WEIGHT
+from harness.ranges import layer_range
+from harness.registry import register
+from harness.spec import ADAM, PAPER, CapsNetConfig, conv_output_size
+from implementations.torch_capsnet import F, TorchCapsNet, capsule_lengths, decoder, mask_capsules, torch
+
+_Function = torch.autograd.Function if torch is not None else object
+_Module = torch.nn.Module if torch is not None else object
+CONV_WEIGHTS = ("conv1.weight", "primary.weight")
+
+
+# Workspaces ------------------------------------------------------------------------------------------------
+
+
+class Workspace:
+    """Buffers reused across steps, each reallocated only when its shape changes (a new batch size).
+
+    ``get`` hands out a new view of the kept buffer on every call, so no graph is attached to the buffer
+    itself; the view shares the buffer's version counter, so autograd notices a saved buffer that a later
+    forward pass overwrote.  With ``keep=False`` every call allocates (the routing-alone calls).
+    """
+
+    def __init__(self, dtype, device, keep: bool = True) -> None:
+        self.dtype, self.device, self.keep = dtype, device, keep
+        self.buffers: dict = {}
+
+    def get(self, key: str, shape: tuple):
+        shape = tuple(shape)
+        buffer = self.buffers.get(key) if self.keep else None
+        if buffer is None or tuple(buffer.shape) != shape:
+            buffer = torch.empty(shape, dtype=self.dtype, device=self.device)
+            if self.keep:
+                self.buffers[key] = buffer
+        return buffer.view(shape)
+
+    def zeros(self, key: str, shape: tuple):
+        return self.get(key, shape).zero_()
+
+
+# Convolutions on NHWC activations --------------------------------------------------------------------------
+
+
+def im2col(x, kernel: int, stride: int, out):
+    """NHWC ``x`` (B, H, W, C) -> ``out`` (B * Ho * Wo, kh * kw * C), columns in (kh, kw, C) order: one copy
+    from a strided window view (each row of a window, kw * C values, is contiguous in NHWC)."""
+    batch, height, width, channels = x.shape
+    out_h, out_w = conv_output_size(height, kernel, stride), conv_output_size(width, kernel, stride)
+    s_b, s_h, s_w, s_c = x.stride()
+    windows = x.as_strided((batch, out_h, out_w, kernel, kernel, channels),
+                           (s_b, s_h * stride, s_w * stride, s_h, s_w, s_c))
+    out.view(windows.shape).copy_(windows)
+    return out
+
+
+def weight_matrix(weight):
+    """(O, C, kh, kw) -> (O, kh * kw * C): a view of a channels-last weight."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def window(x, i: int, j: int, stride: int, out_h: int, out_w: int):
+    """The strided (B, Ho, Wo, C) view of NHWC ``x`` that kernel offset (i, j) reads."""
+    return x[:, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride, :]
+
+
+def _nchw(x):
+    """An NHWC tensor as the NCHW-shaped, channels-last tensor the framework's convolution takes (a view)."""
+    return x.permute(0, 3, 1, 2)
+
+
+def _library_backward(grad_rows, x, weight, stride: int, out_h: int, out_w: int, mask: list):
+    grad_out = _nchw(grad_rows.view(x.shape[0], out_h, out_w, weight.shape[0]))
+    return torch.ops.aten.convolution_backward(grad_out, _nchw(x), weight, None, [stride, stride], [0, 0], [1, 1],
+                                               False, [0, 0], 1, mask)
+
+
+def forward_im2col_gemm(x, weight, bias, kernel, stride, workspace, name):
+    """im2col into the workspace, then one GEMM with the bias; the patch matrix is kept for the weight
+    gradient."""
+    batch, height, width, channels = x.shape
+    rows = batch * conv_output_size(height, kernel, stride) * conv_output_size(width, kernel, stride)
+    cols = im2col(x, kernel, stride, workspace.get(f"{name}:cols", (rows, kernel * kernel * channels)))
+    out = workspace.get(f"{name}:out", (rows, weight.shape[0]))
+    torch.addmm(bias, cols, weight_matrix(weight).t(), out=out)
+    return out, cols
+
+
+def forward_library(x, weight, bias, kernel, stride, workspace, name):
+    """The framework's convolution on the channels-last view (oneDNN on the CPU, cuDNN on CUDA)."""
+    out = F.conv2d(_nchw(x), weight, bias, stride=stride).permute(0, 2, 3, 1)
+    return out.reshape(-1, weight.shape[0]), None
+
+
+def forward_offsets(x, weight, bias, kernel, stride, workspace, name):
+    """One GEMM per kernel offset (its window copied into a small buffer) accumulated into the output."""
+    batch, height, width, channels = x.shape
+    out_h, out_w = conv_output_size(height, kernel, stride), conv_output_size(width, kernel, stride)
+    out = workspace.get(f"{name}:out", (batch * out_h * out_w, weight.shape[0]))
+    out.copy_(bias.expand_as(out))
+    patch = workspace.get(f"{name}:window", (batch, out_h, out_w, channels))
+    for i in range(kernel):
+        for j in range(kernel):
+            patch.copy_(window(x, i, j, stride, out_h, out_w))
+            out.addmm_(patch.view(-1, channels), weight[:, :, i, j].t())
+    return out, None
+
+
+def weight_gradient_im2col_gemm(grad_rows, x, cols, weight, kernel, stride, workspace, name):
+    """One GEMM with the patch matrix (the one the forward kept, or built here)."""
+    if cols is None:
+        batch, height, width, channels = x.shape
+        cols = im2col(x, kernel, stride, workspace.get(f"{name}:cols", (grad_rows.shape[0], kernel**2 * channels)))
+    out, channels = weight.shape[0], weight.shape[1]
+    return torch.mm(grad_rows.t(), cols).view(out, kernel, kernel, channels).permute(0, 3, 1, 2)
+
+
+def weight_gradient_library(grad_rows, x, cols, weight, kernel, stride, workspace, name):
+    out_h, out_w = conv_output_size(x.shape[1], kernel, stride), conv_output_size(x.shape[2], kernel, stride)
+    return _library_backward(grad_rows, x, weight, stride, out_h, out_w, [False, True, False])[1]
+
+
+def weight_gradient_offsets(grad_rows, x, cols, weight, kernel, stride, workspace, name):
+    """One GEMM per kernel offset with its window, written into that offset's columns."""
+    batch, height, width, channels = x.shape
+    out_h, out_w = conv_output_size(height, kernel, stride), conv_output_size(width, kernel, stride)
+    grad = torch.empty((weight.shape[0], kernel, kernel, channels), dtype=grad_rows.dtype, device=grad_rows.device)
+    patch = workspace.get(f"{name}:window", (batch, out_h, out_w, channels))
+    for i in range(kernel):
+        for j in range(kernel):
+            patch.copy_(window(x, i, j, stride, out_h, out_w))
+            torch.mm(grad_rows.t(), patch.view(-1, channels), out=grad[:, i, j, :])
+    return grad.permute(0, 3, 1, 2)
+
+
+def input_gradient_offsets(grad_rows, x, weight, kernel, stride, workspace, name):
+    """One GEMM per kernel offset (grad_out @ W_ij) added into that offset's strided input window."""
+    batch, height, width, channels = x.shape
+    out_h, out_w = conv_output_size(height, kernel, stride), conv_output_size(width, kernel, stride)
+    grad = workspace.zeros(f"{name}:grad_input", x.shape)
+    product = workspace.get(f"{name}:grad_window", (grad_rows.shape[0], channels))
+    for i in range(kernel):
+        for j in range(kernel):
+            torch.mm(grad_rows, weight[:, :, i, j], out=product)
+            window(grad, i, j, stride, out_h, out_w).add_(product.view(batch, out_h, out_w, channels))
+    return grad
+
+
+def input_gradient_rows(grad_rows, x, weight, kernel, stride, workspace, name):
+    """One GEMM per kernel row (grad_out @ W_i, kw * C wide), then a strided add per offset of the row."""
+    batch, height, width, channels = x.shape
+    out_h, out_w = conv_output_size(height, kernel, stride), conv_output_size(width, kernel, stride)
+    grad = workspace.zeros(f"{name}:grad_input", x.shape)
+    product = workspace.get(f"{name}:grad_row", (grad_rows.shape[0], kernel * channels))
+    by_offset = product.view(batch, out_h, out_w, kernel, channels)
+    per_row = weight.permute(2, 0, 3, 1)  # (kh, O, kw, C), a view of a channels-last weight
+    for i in range(kernel):
+        torch.mm(grad_rows, per_row[i].reshape(weight.shape[0], kernel * channels), out=product)
+        for j in range(kernel):
+            window(grad, i, j, stride, out_h, out_w).add_(by_offset[:, :, :, j])
+    return grad
+
+
+def input_gradient_col2im(grad_rows, x, weight, kernel, stride, workspace, name):
+    """One large GEMM (the patch-gradient matrix, as large as the im2col matrix), then col2im by strided adds."""
+    batch, height, width, channels = x.shape
+    out_h, out_w = conv_output_size(height, kernel, stride), conv_output_size(width, kernel, stride)
+    grad = workspace.zeros(f"{name}:grad_input", x.shape)
+    patches = workspace.get(f"{name}:grad_cols", (grad_rows.shape[0], kernel * kernel * channels))
+    torch.mm(grad_rows, weight_matrix(weight), out=patches)
+    by_offset = patches.view(batch, out_h, out_w, kernel, kernel, channels)
+    for i in range(kernel):
+        for j in range(kernel):
+            window(grad, i, j, stride, out_h, out_w).add_(by_offset[:, :, :, i, j])
+    return grad
+
+
+def input_gradient_library(grad_rows, x, weight, kernel, stride, workspace, name):
+    out_h, out_w = conv_output_size(x.shape[1], kernel, stride), conv_output_size(x.shape[2], kernel, stride)
+    grad = _library_backward(grad_rows, x, weight, stride, out_h, out_w, [True, False, False])[0]
+    return grad.permute(0, 2, 3, 1).contiguous()
+
+
+FORWARD = {"im2col-gemm": forward_im2col_gemm, "library": forward_library, "offsets": forward_offsets}
+WEIGHT_GRADIENT = {"im2col-gemm": weight_gradient_im2col_gemm, "library": weight_gradient_library,
+                   "offsets": weight_gradient_offsets}
+INPUT_GRADIENT = {"offsets": input_gradient_offsets, "rows": input_gradient_rows, "col2im": input_gradient_col2im,
+                  "library": input_gradient_library}
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """How each product of one convolution is done: keys of FORWARD, WEIGHT_GRADIENT and INPUT_GRADIENT."""
+
+    forward: str
+    weight: str
+    input: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    conv1: ConvPlan
+    primary: ConvPlan
+
+
+# Per device, how each product is done.  On the CPU the strategies of a phase measured close to one another
+# in isolation (``python -m implementations.torch_fused --layer ...``), so whole training steps decided, run
+# back to back: im2col + GEMM for the forward products, which keeps the patch matrix for a weight gradient
+# that is then one GEMM (oneDNN's weight gradient and the per-offset products lost in the step at the larger
+# batch), and the input gradient one kernel offset at a time (no patch-gradient matrix).  CUDA's is the
+# framework's convolution (cuDNN) throughout until measured on a GPU.
+PLANS = {
+    "cpu": Plan(conv1=ConvPlan("im2col-gemm", "im2col-gemm", "offsets"),
+                primary=ConvPlan("im2col-gemm", "im2col-gemm", "offsets")),
+    "cuda": Plan(conv1=ConvPlan("library", "library", "library"),
+                 primary=ConvPlan("library", "library", "library")),
+}
+
+
+class Convolution(_Function):
+    """A valid convolution of an NHWC input (B, H, W, C) with a (O, C, kh, kw) weight (channels-last memory)
+    and a bias, optionally followed by a ReLU; returns the NHWC output as rows (B * Ho * Wo, O).  The ranges
+    are the caller's (forward) and ``layer`` 's (backward)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kernel: int, stride: int, relu: bool, plan: ConvPlan, workspace, layer: str):
+        out, cols = FORWARD[plan.forward](x, weight, bias, kernel, stride, workspace, layer)
+        if relu:
+            out.clamp_min_(0.0)
+        ctx.setup = (kernel, stride, relu, plan, workspace, layer)
+        ctx.save_for_backward(x, weight, cols, out if relu else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kernel, stride, relu, plan, workspace, layer = ctx.setup
+        x, weight, cols, out = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        with layer_range(layer, "backward"):
+            grad_rows = grad_out.contiguous()
+            if relu:
+                masked = workspace.get(f"{layer}:grad_out", grad_rows.shape)
+                grad_rows = torch.ops.aten.threshold_backward.grad_input(grad_rows, out, 0.0, grad_input=masked)
+            if ctx.needs_input_grad[2]:
+                grad_bias = grad_rows.sum(dim=0)
+            if ctx.needs_input_grad[1]:
+                grad_weight = WEIGHT_GRADIENT[plan.weight](grad_rows, x, cols, weight, kernel, stride, workspace, layer)
+            if ctx.needs_input_grad[0]:
+                grad_x = INPUT_GRADIENT[plan.input](grad_rows, x, weight, kernel, stride, workspace, layer)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+# Capsules ----------------------------------------------------------------------------------------------------
+
+
+def squash(s, eps: float, out=None):
+    """|s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) along the last axis."""
+    squared = (s * s).sum(dim=-1, keepdim=True)
+    return torch.mul(s, squared / ((1.0 + squared) * torch.sqrt(squared + eps)), out=out)
+
+
+def squash_backward(s, grad_v, eps: float):
+    """d loss / d s of the vector squash: the full Jacobian f I + 2 f' s s^T applied to grad_v."""
+    squared = (s * s).sum(dim=-1, keepdim=True)
+    one_plus = 1.0 + squared
+    root = torch.sqrt(squared + eps)
+    scale = squared / (one_plus * root)  # f(|s|^2)
+    slope = (1.0 / one_plus - squared / (2.0 * (squared + eps))) / (one_plus * root)  # f'
+    along = (s * grad_v).sum(dim=-1, keepdim=True)
+    return torch.addcmul(scale * grad_v, s, 2.0 * slope * along)
+
+
+class PrimarySquash(_Function):
+    """The PrimaryCaps output rows (B * H * W, T * D), NHWC, -> squashed capsules u (B, T * H * W, D) in the
+    capsule order of :mod:`harness.spec` (type-major, then pixel); the regrouping and the squash in one."""
+
+    @staticmethod
+    def forward(ctx, rows, batch: int, types: int, dim: int, eps: float, workspace):
+        pixels = rows.shape[0] // batch
+        s = workspace.get("primary_squash:s", (batch, types, pixels, dim))
+        s.copy_(rows.view(batch, pixels, types, dim).permute(0, 2, 1, 3))
+        s = s.view(batch, types * pixels, dim)
+        u = squash(s, eps, out=workspace.get("primary_squash:u", s.shape))
+        ctx.setup = (batch, types, pixels, dim, eps, workspace)
+        ctx.save_for_backward(s)
+        return u
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        batch, types, pixels, dim, eps, workspace = ctx.setup
+        (s,) = ctx.saved_tensors
+        with layer_range("primary_squash", "backward"):
+            grad_s = squash_backward(s, grad_u, eps)
+            grad_rows = workspace.get("primary_squash:grad_rows", (batch, pixels, types, dim))
+            grad_rows.copy_(grad_s.view(batch, types, pixels, dim).permute(0, 2, 1, 3))
+        return grad_rows.view(batch * pixels, types * dim), None, None, None, None, None
+
+
+class PredictionVectors(_Function):
+    """u_hat[b, j, i] = W_ij u[b, i]: u (B, N, K) and W (N, J, D, K) -> u_hat (B, J, N, D), the layout the
+    routing consumes.  Forward: one batched product per output capsule j (over the input capsules), each
+    written into u_hat[:, j] through a small buffer.  Backward: the gradient regrouped by input capsule
+    (one copy into a kept buffer), then two batched products over the input capsules, each with the capsule
+    dimension K as its rows (d W_i^T = u_i^T G_i, d u_i^T = W_i^T G_i^T), which measured faster than
+    the same products with K as the output's columns (the BLAS's small-matrix kernels do poorly there)."""
+
+    @staticmethod
+    def forward(ctx, u, weight, workspace):
+        batch, n_in, dim_in = u.shape
+        _, n_out, dim, _ = weight.shape
+        u_hat = workspace.get("u_hat", (batch, n_out, n_in, dim))
+        by_input = u.transpose(0, 1)  # (N, B, K)
+        product = workspace.get("u_hat:product", (n_in, batch, dim))
+        for j in range(n_out):
+            torch.bmm(by_input, weight[:, j].transpose(1, 2), out=product)
+            u_hat[:, j].copy_(product.transpose(0, 1))
+        ctx.workspace = workspace
+        ctx.save_for_backward(u, weight)
+        return u_hat
+
+    @staticmethod
+    def backward(ctx, grad_u_hat):
+        u, weight = ctx.saved_tensors
+        batch, n_out, n_in, dim = grad_u_hat.shape
+        dim_in = u.shape[2]
+        with layer_range("u_hat", "backward"):
+            by_input = ctx.workspace.get("u_hat:grad_by_input", (n_in, batch, n_out, dim))
+            by_input.copy_(grad_u_hat.permute(2, 0, 1, 3))
+            rows = by_input.view(n_in, batch, n_out * dim)  # per input capsule, (B, J * D)
+            # both products with the capsule dimension K (small) as their rows, not their columns
+            grad_weight = torch.bmm(u.permute(1, 2, 0), rows)  # (N, K, J * D)
+            grad_u = torch.bmm(weight.view(n_in, n_out * dim, dim_in).transpose(1, 2), rows.transpose(1, 2))
+        return grad_u.permute(2, 0, 1), grad_weight.transpose(1, 2).reshape(weight.shape), None
+
+
+def weighted_sum(coefficients, u_hat):
+    """sum_i coefficients[b, j, i] u_hat[b, j, i]: (B, J, N) and (B, J, N, D) -> (B, J, D)."""
+    return torch.matmul(coefficients.unsqueeze(2), u_hat).squeeze(2)
+
+
+def agreement(u_hat, vectors):
+    """u_hat[b, j, i] . vectors[b, j]: (B, J, N, D) and (B, J, D) -> (B, J, N), as the product
+    (1 x D) @ (D x N) per (b, j): with u_hat as the left operand, (N x D) @ (D x 1), the BLAS's kernel for a
+    tall matrix of short rows measured far slower than one pass over u_hat's memory."""
+    batch, n_out, n_in, dim = u_hat.shape
+    rows = u_hat.reshape(batch * n_out, n_in, dim).transpose(1, 2)
+    return torch.bmm(vectors.reshape(batch * n_out, 1, dim), rows).view(batch, n_out, n_in)
+
+
+class Routing(_Function):
+    """Procedure 1 on u_hat (B, J, N, D) -> v (B, J, D), with the backward of
+    :func:`implementations.numpy_capsnet.routing_vectorised_backward`: through c and b of every iteration,
+    the gradient of u_hat (2R - 1 rank-one terms per example and output capsule) written once by a batched
+    product of the gathered coefficients; that product's range is iteration 1's."""
+
+    @staticmethod
+    def forward(ctx, u_hat, iterations: int, eps: float, workspace):
+        batch, n_out, n_in, _ = u_hat.shape
+        logits, cache = None, []
+        for iteration in range(iterations):
+            with layer_range(f"routing_iteration_{iteration + 1}", "forward"):
+                if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
+                    coupling = u_hat.new_full((batch, n_out, n_in), 1.0 / n_out)
+                else:
+                    coupling = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
+                s = weighted_sum(coupling, u_hat)  # s_j = sum_i c_ij u_hat_j|i
+                v = squash(s, eps)
+                cache += [coupling, s, v]
+                if iteration < iterations - 1:
+                    agreed = agreement(u_hat, v)  # u_hat_j|i . v_j
+                    logits = agreed if logits is None else logits.add_(agreed)
+        ctx.setup = (iterations, eps, workspace)
+        ctx.save_for_backward(u_hat, *cache)
+        return v
+
+    @staticmethod
+    def backward(ctx, grad_v):
+        iterations, eps, workspace = ctx.setup
+        u_hat, *cache = ctx.saved_tensors
+        batch, n_out, n_in, dim = u_hat.shape
+        terms = 2 * iterations - 1
+        left = workspace.get("routing:left", (batch, n_out, terms, n_in))  # coefficients over the input capsules
+        right = workspace.get("routing:right", (batch, n_out, terms, dim))  # vectors over the capsule axis
+        grad_logits_next = None  # d loss / d b_{r+1}
+        for iteration in reversed(range(iterations)):
+            with layer_range(f"routing_iteration_{iteration + 1}", "backward"):
+                coupling, s, v = cache[3 * iteration : 3 * iteration + 3]
+                if grad_logits_next is None:
+                    grad_v_r = grad_v
+                else:  # b_{r+1} = b_r + u_hat . v_r
+                    grad_v_r = weighted_sum(grad_logits_next, u_hat)
+                    left[:, :, iterations + iteration].copy_(grad_logits_next)
+                    right[:, :, iterations + iteration].copy_(v)
+                grad_s = squash_backward(s, grad_v_r, eps)
+                left[:, :, iteration].copy_(coupling)
+                right[:, :, iteration].copy_(grad_s)
+                if iteration == 0:
+                    break  # b_0 = 0 is a constant
+                grad_coupling = agreement(u_hat, grad_s)
+                grad_logits = coupling * (grad_coupling - (coupling * grad_coupling).sum(dim=1, keepdim=True))
+                if grad_logits_next is not None:
+                    grad_logits += grad_logits_next
+                grad_logits_next = grad_logits
+        with layer_range("routing_iteration_1", "backward"):
+            grad_u_hat = workspace.get("routing:grad_u_hat", u_hat.shape)
+            torch.bmm(left.view(batch * n_out, terms, n_in).transpose(1, 2), right.view(batch * n_out, terms, dim),
+                      out=grad_u_hat.view(batch * n_out, n_in, dim))
+        return grad_u_hat, None, None, None
+
+
+# The network ------------------------------------------------------------------------------------------------
+
+
+class FusedCapsNetModule(_Module):
+    """The network as a ``torch.nn.Module`` over the same Parameter objects as the reference module (so the
+    optimizer built over those stays valid, and DistributedDataParallel can wrap it); ``forward(images,
+    labels)`` returns (lengths, reconstructions) as :class:`implementations.torch_capsnet.CapsNetModule`'s."""
+
+    def __init__(self, config: CapsNetConfig, params: dict, plan: Plan, workspace: Workspace):
+        super().__init__()
+        self.config, self.params, self.plan, self.workspace = config, params, plan, workspace
+        for name, parameter in params.items():
+            self.register_parameter(name.replace(".", "_"), parameter)
+
+    def predictions(self, images, workspace):
+        """Conv1 -> PrimaryCaps -> squash -> u_hat (B, J, N, D)."""
+        config, p, plan = self.config, self.params, self.plan
+        batch = images.shape[0]
+        x = images.permute(0, 2, 3, 1).contiguous()  # NHWC; for one channel, the images' own memory
+        size1 = config.conv1_size
+        with layer_range("conv1"):
+            hidden = Convolution.apply(x, p["conv1.weight"], p["conv1.bias"], config.conv1_kernel, config.conv1_stride,
+                                       True, plan.conv1, workspace, "conv1")
+        hidden = hidden.view(batch, size1, size1, config.conv1_channels)
+        with layer_range("primary_caps"):
+            primary = Convolution.apply(hidden, p["primary.weight"], p["primary.bias"], config.primary_kernel,
+                                        config.primary_stride, False, plan.primary, workspace, "primary_caps")
+        with layer_range("primary_squash"):
+            u = PrimarySquash.apply(primary, batch, config.primary_caps_channels, config.primary_caps_dim,
+                                    config.squash_eps, workspace)
+        with layer_range("u_hat"):
+            return PredictionVectors.apply(u, p[DIGIT_WEIGHT], workspace)
+
+    def forward(self, images, labels=None):
+        config = self.config
+        v = Routing.apply(self.predictions(images, self.workspace), config.routing_iterations, config.squash_eps,
+                          self.workspace)
+        with layer_range("lengths_mask"):
+            lengths = capsule_lengths(v)
+            masked = mask_capsules(v, labels if labels is not None else lengths.argmax(dim=1), config)
+        with layer_range("decoder"):
+            return lengths, decoder(self.params, masked, config)
+
+
+class TorchFusedCapsNet(TorchCapsNet):
+    """CapsNet in torch with hand-written backward (see the module docstring).  u_hat is (B, J, N, D), so
+    ``route`` here takes u_hat in that layout (the reference's takes (B, N, J, D)); it serves the
+    routing-alone calls, while the network's forward applies :class:`Routing` with the kept workspace."""
+
+    u_hat_layout = "BJND"
+
+    def __init__(self, config, params, dtype="float32", device="cpu", routing_variant="vectorised"):
+        if routing_variant != "vectorised":
+            raise ValueError(f"torch-fused has the vectorised routing only, not {routing_variant!r}")
+        super().__init__(config, params, dtype, device, routing_variant)
+        for name in CONV_WEIGHTS:  # (O, kh * kw * C) weight matrices as views; the gradients come in this layout
+            self.params[name].data = self.params[name].data.contiguous(memory_format=torch.channels_last)
+        self.plan = PLANS[self._device.type]
+        self.workspace = Workspace(self._dtype, self._device)
+        self.module = FusedCapsNetModule(config, self.params, self.plan, self.workspace)
+
+    def make_optimizer(self):
+        """torch.optim.Adam with one fused kernel for every parameter, ``foreach`` where there is none."""
+        options = {"lr": ADAM.lr, "betas": (ADAM.beta1, ADAM.beta2), "eps": ADAM.eps}
+        try:
+            return torch.optim.Adam(self.module.parameters(), fused=True, **options)
+        except (RuntimeError, ValueError):
+            return torch.optim.Adam(self.module.parameters(), foreach=True, **options)
+
+    def load_adam_state(self, state) -> None:
+        """As the reference's, with each moment in its parameter's memory layout (the fused kernel walks all
+        four tensors of a parameter in memory order)."""
+        super().load_adam_state(state)
+        for parameter in self.params.values():
+            moments = self.optimizer.state[parameter]
+            for key in ("exp_avg", "exp_avg_sq"):
+                moments[key] = torch.empty_like(parameter).copy_(moments[key])
+
+    def forward(self, batch, train: bool = True):
+        self._loss = None  # this pass reuses the buffers a pending backward would read
+        return super().forward(batch, train)
+
+    def _fresh(self) -> Workspace:
+        return Workspace(self._dtype, self._device, keep=False)
+
+    def route(self, u_hat):
+        """The routing of the forward pass on u_hat (B, J, N, D) -> v (B, J, D)."""
+        return Routing.apply(u_hat, self.config.routing_iterations, self.config.squash_eps, self._fresh())
+
+    def prediction_vectors(self, batch):
+        with torch.no_grad():
+            return self.module.predictions(batch.images, self._fresh())
+
+
+register("torch-fused", TorchFusedCapsNet, device="cpu", routing_variant="vectorised")
+register("torch-fused-cuda", TorchFusedCapsNet, device="cuda", routing_variant="vectorised")
+
+
+# Measuring the convolution strategies -----------------------------------------------------------------------
+
+
+def conv_shape(config: CapsNetConfig, layer: str) -> tuple[int, int, int, int, int]:
+    """(input size, input channels, output channels, kernel, stride) of the convolution ``layer``."""
+    if layer == "conv1":
+        return (config.image_size, config.image_channels, config.conv1_channels, config.conv1_kernel,
+                config.conv1_stride)
+    return (config.conv1_size, config.conv1_channels, config.primary_conv_channels, config.primary_kernel,
+            config.primary_stride)
+
+
+def measure_strategies(config: CapsNetConfig, layer: str, batch_size: int, dtype: str, device: str,
+                       repeats: int) -> list[dict]:
+    """Seconds (median and minimum of ``repeats``) of every strategy of each product of the convolution
+    ``layer`` ("conv1" or "primary_caps") on random data, after one untimed call each; the alternatives run
+    back to back in every repeat.  Conv1's input gradient is never needed, so not timed."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    kind = getattr(torch, dtype)
+    size, channels, out_channels, kernel, stride = conv_shape(config, layer)
+    out_size = conv_output_size(size, kernel, stride)
+    x = torch.rand((batch_size, size, size, channels), generator=generator, dtype=kind).to(device)
+    weight = (torch.randn((out_channels, channels, kernel, kernel), generator=generator, dtype=kind) * 0.01).to(device)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    bias = torch.zeros(out_channels, dtype=kind, device=device)
+    grad_rows = torch.randn((batch_size * out_size**2, out_channels), generator=generator, dtype=kind).to(device)
+    workspace = Workspace(kind, device)
+    _, cols = forward_im2col_gemm(x, weight, bias, kernel, stride, workspace, "kept")
+    calls = {("forward", name): (lambda f=f: f(x, weight, bias, kernel, stride, workspace, "m"))
+             for name, f in FORWARD.items()}
+    calls.update({("weight gradient", name): (lambda f=f, c=(cols if name == "im2col-gemm" else None):
+                                              f(grad_rows, x, c, weight, kernel, stride, workspace, "m"))
+                  for name, f in WEIGHT_GRADIENT.items()})
+    if layer != "conv1":
+        calls.update({("input gradient", name): (lambda f=f: f(grad_rows, x, weight, kernel, stride, workspace, "m"))
+                      for name, f in INPUT_GRADIENT.items()})
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times: dict = {key: [] for key in calls}
+    for call in calls.values():
+        call()
+    for _ in range(repeats):
+        for key, call in calls.items():
+            synchronize()
+            start = time.perf_counter()
+            call()
+            synchronize()
+            times[key].append(time.perf_counter() - start)
+    flops = 2 * batch_size * out_size**2 * out_channels * kernel**2 * channels
+    return [{"phase": phase, "strategy": name, "median_s": statistics.median(times[(phase, name)]),
+             "min_s": min(times[(phase, name)]), "gflops_per_s": flops / min(times[(phase, name)]) / 1e9}
+            for phase, name in calls]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.threads import set_threads, usable_cpu_count
+
+    parser = argparse.ArgumentParser(prog="python -m implementations.torch_fused",
+                                     description="Time every strategy of each product of a convolution.")
+    parser.add_argument("--layer", choices=("conv1", "primary_caps"), default="primary_caps")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    set_threads(args.threads or usable_cpu_count())
+    if args.device == "cuda":  # as the implementation computes: float32 means float32
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    rows = measure_strategies(PAPER, args.layer, args.batch_size, args.dtype, args.device, args.repeats)
+    plan = getattr(PLANS[args.device], "conv1" if args.layer == "conv1" else "primary")
+    print(f"{args.layer} at batch {args.batch_size}, {args.dtype} on {args.device}; plan: {plan}")
+    for row in rows:
+        print(f"{row['phase']:16s} {row['strategy']:12s} median {row['median_s'] * 1e3:8.2f} ms  min "
+              f"{row['min_s'] * 1e3:8.2f} ms  {row['gflops_per_s']:7.1f} GFLOP/s at the minimum")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

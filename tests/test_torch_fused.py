@@ -1,0 +1,171 @@
+"""The hand-written backward of torch-fused, Function by Function: each against finite differences in float64
+(torch.autograd.gradcheck), the convolution's every strategy against torch.nn.functional.conv2d, the routing
+against the NumPy implementation's.  The whole model is held to the contract in test_contract.py."""
+
+import contextlib
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from harness import flops
+from harness.data import synthetic_batch
+from harness.ranges import recording
+from harness.spec import SMALL
+from implementations import numpy_capsnet as ac
+from implementations import torch_fused as tf
+
+from gradcheck_util import livelier_parameters
+
+EPS = 1e-8
+
+
+def fresh():
+    return tf.Workspace(torch.float64, "cpu", keep=False)
+
+
+def conv_case(rng, kernel, stride, channels=3, out_channels=4, size=7):
+    x = torch.tensor(rng.normal(size=(2, size, size, channels)), requires_grad=True)  # NHWC
+    weight = torch.tensor(rng.normal(size=(out_channels, channels, kernel, kernel)))
+    weight = weight.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    bias = torch.tensor(rng.normal(size=out_channels), requires_grad=True)
+    return x, weight, bias
+
+
+def one_phase_at_a_time() -> list:
+    """Every strategy of each phase once, the other phases at the first strategy of their table."""
+    first = tf.ConvPlan(*(next(iter(table)) for table in (tf.FORWARD, tf.WEIGHT_GRADIENT, tf.INPUT_GRADIENT)))
+    plans = [first]
+    for field, table in (("forward", tf.FORWARD), ("weight", tf.WEIGHT_GRADIENT), ("input", tf.INPUT_GRADIENT)):
+        plans += [dataclasses.replace(first, **{field: name}) for name in table if name != getattr(first, field)]
+    return plans
+
+
+@pytest.mark.parametrize("plan", one_phase_at_a_time(), ids=lambda plan: f"{plan.forward}/{plan.weight}/{plan.input}")
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (3, 1)])
+def test_convolution_matches_conv2d_and_its_backward_finite_differences(rng, plan, kernel, stride):
+    x, weight, bias = conv_case(rng, kernel, stride)
+    rows = tf.Convolution.apply(x, weight, bias, kernel, stride, False, plan, fresh(), "conv")
+    expected = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2), weight, bias, stride=stride)
+    np.testing.assert_allclose(rows.detach().numpy(), expected.permute(0, 2, 3, 1).reshape(rows.shape).detach().numpy(),
+                               rtol=1e-12, atol=1e-12)
+    x, weight, bias = conv_case(rng, kernel, stride, channels=2, out_channels=3, size=5)  # few entries to perturb
+    assert torch.autograd.gradcheck(
+        lambda xx, ww, bb: tf.Convolution.apply(xx, ww, bb, kernel, stride, False, plan, fresh(), "conv"),
+        (x, weight, bias))
+
+
+@pytest.mark.parametrize("name", list(tf.PLANS))
+def test_the_plans_convolutions_with_relu_against_finite_differences(rng, name):
+    x, weight, bias = conv_case(rng, 3, 2, channels=2, out_channels=3, size=5)
+    for plan in (tf.PLANS[name].conv1, tf.PLANS[name].primary):
+        assert torch.autograd.gradcheck(
+            lambda xx, ww, bb, plan=plan: tf.Convolution.apply(xx, ww, bb, 3, 2, True, plan, fresh(), "conv"),
+            (x, weight, bias))
+
+
+def test_weight_gradient_comes_in_the_weights_memory_layout(rng):
+    """A channels-last weight gets a channels-last gradient, so autograd takes it without a copy."""
+    x, weight, bias = conv_case(rng, 3, 2)
+    plan = tf.PLANS["cpu"].primary
+    tf.Convolution.apply(x, weight, bias, 3, 2, False, plan, fresh(), "conv").sum().backward()
+    assert weight.grad.stride() == weight.stride()
+
+
+def test_primary_squash_takes_the_capsule_order_of_the_spec_and_finite_differences(rng):
+    batch, size, types, dim = 2, 3, 4, 5
+    conv_output = rng.normal(size=(batch, types * dim, size, size))  # NCHW, as the reference's convolution
+    rows = torch.tensor(conv_output.transpose(0, 2, 3, 1).reshape(-1, types * dim), requires_grad=True)
+    config = SMALL.replace(primary_caps_channels=types, primary_caps_dim=dim)
+    from implementations.torch_capsnet import primary_capsules, squash
+
+    expected = squash(primary_capsules(torch.tensor(conv_output), config), EPS)
+    u = tf.PrimarySquash.apply(rows, batch, types, dim, EPS, fresh())
+    np.testing.assert_allclose(u.detach().numpy(), expected.numpy(), rtol=1e-12, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda r: tf.PrimarySquash.apply(r, batch, types, dim, EPS, fresh()), (rows,))
+
+
+def test_squash_backward_is_the_full_vector_jacobian(rng):
+    s = torch.tensor(rng.normal(size=(5, 8)))
+    s[0] *= 1e-3
+    s[1] *= 30
+    grad_v = torch.tensor(rng.normal(size=s.shape))
+    np.testing.assert_allclose(tf.squash_backward(s, grad_v, EPS).numpy(),
+                               ac.squash_backward(np, s.numpy(), grad_v.numpy(), EPS), rtol=1e-12, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda x: tf.squash(x, EPS), (s.clone().requires_grad_(True),))
+
+
+def test_prediction_vectors_forward_and_finite_differences(rng):
+    u = torch.tensor(rng.normal(size=(3, 5, 4)), requires_grad=True)  # (B, N, K)
+    weight = torch.tensor(rng.normal(size=(5, 2, 6, 4)), requires_grad=True)  # (N, J, D, K), canonical
+    u_hat = tf.PredictionVectors.apply(u, weight, fresh())
+    assert u_hat.shape == (3, 2, 5, 6) and u_hat.is_contiguous()  # (B, J, N, D)
+    np.testing.assert_allclose(u_hat.detach().numpy(), torch.einsum("bnk,njdk->bjnd", u, weight).detach().numpy(),
+                               rtol=1e-12)
+    assert torch.autograd.gradcheck(lambda uu, ww: tf.PredictionVectors.apply(uu, ww, fresh()), (u, weight))
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+def test_routing_backward_through_every_iteration(rng, iterations):
+    u_hat = torch.tensor(rng.normal(scale=0.7, size=(2, 3, 6, 4)), requires_grad=True)  # (B, J, N, D)
+    assert torch.autograd.gradcheck(lambda x: tf.Routing.apply(x, iterations, EPS, fresh()), (u_hat,))
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_routing_is_the_numpy_routing(rng, iterations):
+    u_hat = rng.normal(scale=0.7, size=(2, 3, 6, 4))
+    grad_v = rng.normal(size=(2, 3, 4))
+    v, cache = ac.routing_vectorised_forward(np, u_hat, iterations, EPS)
+    expected = ac.routing_vectorised_backward(np, u_hat, cache, grad_v, EPS)
+    x = torch.tensor(u_hat, requires_grad=True)
+    out = tf.Routing.apply(x, iterations, EPS, fresh())
+    (grad,) = torch.autograd.grad(out, x, torch.tensor(grad_v))
+    np.testing.assert_allclose(out.detach().numpy(), v, rtol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_workspace_keeps_a_buffer_per_shape():
+    workspace = tf.Workspace(torch.float32, "cpu")
+    first = workspace.get("a", (2, 3))
+    assert workspace.get("a", (2, 3)).data_ptr() == first.data_ptr()
+    assert workspace.get("a", (4, 3)).shape == (4, 3)
+    once = tf.Workspace(torch.float32, "cpu", keep=False)
+    once.get("a", (2, 3))
+    assert not once.buffers
+
+
+def test_an_inference_forward_ends_a_pending_backward():
+    impl = tf.TorchFusedCapsNet(SMALL, livelier_parameters(SMALL), "float64")
+    batch = impl.to_device(*synthetic_batch(SMALL, 2))
+    impl.forward_loss(batch)
+    impl.forward(batch, train=False)
+    with pytest.raises(RuntimeError, match="forward_loss"):
+        impl.backward()
+
+
+class NameRecorder:
+    def __init__(self):
+        self.seen = set()
+
+    def range(self, layer, phase):
+        self.seen.add((phase, layer))
+        return contextlib.nullcontext()
+
+
+def test_every_layer_has_its_range_in_forward_and_in_the_hand_written_backward():
+    impl = tf.TorchFusedCapsNet(SMALL, livelier_parameters(SMALL), "float64")
+    batch = impl.to_device(*synthetic_batch(SMALL, 2))
+    with recording(NameRecorder()) as recorder:
+        impl.forward_loss(batch)
+        impl.backward()
+        impl.adam_step()
+    hand_written = ["conv1", "primary_caps", "primary_squash", "u_hat", *flops.routing_layers(SMALL)]
+    assert {("forward", layer) for layer in flops.layers(SMALL)} <= recorder.seen
+    assert {("backward", layer) for layer in hand_written} <= recorder.seen
+    assert ("update", flops.OPTIMIZER) in recorder.seen
+
+
+def test_adam_is_fused():
+    impl = tf.TorchFusedCapsNet(SMALL, livelier_parameters(SMALL), "float32")
+    assert impl.optimizer.defaults["fused"] or impl.optimizer.defaults["foreach"]
