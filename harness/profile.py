@@ -298,10 +298,11 @@ def profile_implementation(info: registry.ImplementationInfo, config: CapsNetCon
         def phase_range(phase: str):
             return torch.profiler.record_function(range_name(phase, "phase"))
 
-        for index in range(steps):
+        for index in range(-1, steps):  # step -1: a warm-up under the profiler (a compiled step recompiles)
             with recording(recorder), torch.profiler.profile(activities=activities, profile_memory=memory) as prof:
                 phases = phase_step(impl, batch, phase_range)
-            records.append(torch_step_record(prof.events(), info.device, phases))
+            if index >= 0:
+                records.append(torch_step_record(prof.events(), info.device, phases))
             if trace_dir is not None and index == steps - 1:
                 trace = export_trace(prof, trace_dir / f"{info.name}.trace.json.gz")
     else:
@@ -376,6 +377,7 @@ def implementation_summary(profiled: Profiled, batch_size: int, config_name: str
     return {**profiled.info.describe(), "step_s": step, "unprofiled_step_s": unprofiled,
             "ranges_per_step": profiled.ranges_per_step, "inactive_range_s": range_seconds,
             "inactive_ranges_share": profiled.ranges_per_step * range_seconds / unprofiled,
+            "compiled": profiled.info.cls.first_call_compiles,
             "overhead": step / unprofiled - 1, "steps": len(profiled.steps), "batch_size": batch_size,
             "config_name": config_name, "dtype": dtype,
             "phases_s": {phase: statistics.median(record.phases[phase] for record in profiled.steps)
@@ -403,6 +405,8 @@ def markdown(frame: pd.DataFrame, summaries: dict[str, dict]) -> str:
                   f"{summary['ranges_per_step'] * summary['inactive_range_s'] * 1e6:.1f} µs "
                   f"({summary['inactive_ranges_share']:.4%} of it: {summary['inactive_range_s'] * 1e9:.0f} ns "
                   "each)." + (
+                      "  Its layers run inside compiled graphs or captured ones, where no range can time them: "
+                      "only the phases are timed." if summary.get("compiled") else "") + (
                       f"  Trace: `{TRACES}/{summary['trace']}`." if summary.get("trace") else ""), ""]
         cells = pd.DataFrame({
             "phase": rows["phase"], "layer": rows["layer"],
