@@ -75,13 +75,16 @@ THREADS = int(os.environ.get(THREADS_ENV) or usable_cpu_count())
 
 def require_available(name: str) -> registry.ImplementationInfo:
     """The registry entry, or NotImplementedError (asv: skipped) saying why it does not run: not selected,
-    or unavailable here."""
+    compiling in a profile that leaves compiling implementations out, or unavailable here."""
     record_facts()
     if isinstance(SELECTED, str):
         raise NotImplementedError(SELECTED)
     if name not in SELECTED:
         raise NotImplementedError(f"{name} is left out by {IMPLEMENTATIONS_ENV}")
     info = registry.get(name)
+    if info.cls.first_call_compiles and not PROFILE["compiled"] and not os.environ.get(IMPLEMENTATIONS_ENV):
+        raise NotImplementedError(f"{name} compiles again in every benchmark process: the {PROFILE_NAME} profile "
+                                  f"leaves it out (CAPSBENCH_PROFILE=regular, or name it in {IMPLEMENTATIONS_ENV})")
     status = info.availability()
     if not status:
         raise NotImplementedError(f"{name} is unavailable here: {status.reason}")

@@ -108,7 +108,8 @@ def torch_implementation(name: str) -> registry.ImplementationInfo:
 
     info = registry.get(name)
     if not issubclass(info.cls, TorchCapsNet):
-        torch_names = [entry.name for entry in registry.entries() if issubclass(entry.cls, TorchCapsNet)]
+        torch_names = [entry.name for entry in registry.entries()
+                       if issubclass(entry.cls, TorchCapsNet) and not entry.cls.first_call_compiles]
         raise registry.UnavailableImplementationError(
             f"data-parallel training wraps a torch module in DistributedDataParallel; {name!r} is a "
             f"{info.framework} implementation (use one of {', '.join(torch_names)})")

@@ -4,7 +4,10 @@ Shared by the suite (``benchmarks/``) and the report, so neither writes these tw
 scikit-learn's asv suite, a profile is chosen with an environment variable, ``CAPSBENCH_PROFILE``.
 Only ever append a profile: results of an existing one stay comparable with earlier runs.
 ``routing_iterations`` is the grid of the routing-alone benchmarks, ``step_routing_iterations`` that of
-every whole-network benchmark (whose cost barely depends on it).
+every whole-network benchmark (whose cost barely depends on it).  ``compiled`` says whether the
+implementations whose first step compiles or captures (torch.compile, CUDA graphs) run: asv measures every
+grid point in a fresh process, so they compile again in each, which on a CPU costs more than the whole
+quick pass; the quick profiles leave them to the others (or to a name in ``CAPSBENCH_IMPLEMENTATIONS``).
 """
 
 from __future__ import annotations
@@ -15,19 +18,19 @@ PROFILE_ENV = "CAPSBENCH_PROFILE"
 DEFAULT_PROFILE = "fast"
 PROFILES: dict[str, dict] = {
     "smoke": {"config": "small", "batch_sizes": [4], "routing_iterations": [3], "step_routing_iterations": [3],
-              "check_batch_size": 4},
+              "check_batch_size": 4, "compiled": False},
     "fast": {"config": "paper", "batch_sizes": [32, 128], "routing_iterations": [1, 3, 5],
-             "step_routing_iterations": [3], "check_batch_size": 8},
+             "step_routing_iterations": [3], "check_batch_size": 8, "compiled": False},
     "regular": {"config": "paper", "batch_sizes": [16, 32, 64, 128], "routing_iterations": [1, 2, 3, 5],
-                "step_routing_iterations": [1, 3], "check_batch_size": 8},
+                "step_routing_iterations": [1, 3], "check_batch_size": 8, "compiled": True},
     "large": {"config": "paper", "batch_sizes": [32, 64, 128, 256, 512], "routing_iterations": [1, 3, 5, 10],
-              "step_routing_iterations": [1, 3, 5], "check_batch_size": 8},
+              "step_routing_iterations": [1, 3, 5], "check_batch_size": 8, "compiled": True},
     # one GPU machine in a few minutes (harness.gpu_benchmark): the batch sweep, routing at the paper's count
     "gpu": {"config": "paper", "batch_sizes": [32, 128, 512], "routing_iterations": [3],
-            "step_routing_iterations": [3], "check_batch_size": 8},
+            "step_routing_iterations": [3], "check_batch_size": 8, "compiled": True},
 }
 
-# Results folders, relative to the results root (asv.conf.json's "results_dir" is "results/asv").
+# Results folders, relative to the results root (asv.conf.json's "results_dir" is "runs/asv").
 ASV_RESULTS_SUBDIR = "asv"
 FACTS_SUBDIR = "asv-facts"
 
