@@ -2,9 +2,10 @@
 the results this repository ships and README cites.
 
 Nothing is ever deleted or overwritten with less: asv run files, machine descriptions and facts, training
-results, scaling results and profiles are copied file by file (atomically); ``benchmarks.json`` is replaced
-by the newer one only when it describes every benchmark the kept one does.  Framework traces and
-checkpoints stay behind (large, and not what README cites).
+results, scaling results and profiles are copied file by file (atomically); ``benchmarks.json`` becomes the
+union of the kept one and the newer one (the newer description of a benchmark wins, and a benchmark only
+older runs measured keeps its description, so their results keep their parameter names).  Framework traces
+and checkpoints stay behind (large, and not what README cites).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from harness.results import (
     ResultsFileError,
     atomic_output,
     read_json,
+    write_json_atomic,
 )
 
 KINDS = {"asv": (ASV_RESULTS_SUBDIR, FACTS_SUBDIR), "training": (TRAINING_SUBDIR,),
@@ -36,12 +38,14 @@ def copy_file(source: Path, target: Path) -> None:
         shutil.copyfile(source, temporary)
 
 
-def keeps_every_benchmark(new: Path, old: Path) -> bool:
-    """Whether the newer benchmarks.json describes every benchmark the kept one does."""
+def merged_benchmarks(new: Path, old: Path) -> dict:
+    """The kept benchmarks.json updated by the newer one; the newer alone where the kept one is unreadable."""
     try:
-        return set(read_json(old)) <= set(read_json(new))
-    except ResultsFileError:
-        return not old.exists()
+        kept = read_json(old)
+    except ResultsFileError as error:
+        print(f"warning: {error}; replaced by {new}", file=sys.stderr)
+        kept = {}
+    return {**kept, **read_json(new)}
 
 
 def keep(source: Path, target: Path, kinds: list[str], machine: str | None = None) -> list[Path]:
@@ -61,12 +65,10 @@ def keep(source: Path, target: Path, kinds: list[str], machine: str | None = Non
                 if path.name.endswith((".checkpoint.npz", ".trace.json")):
                     continue
                 destination = target / folder / relative
-                if relative.name == "benchmarks.json" and destination.exists() and \
-                        not keeps_every_benchmark(path, destination):
-                    print(f"warning: {path} describes fewer benchmarks than {destination}; not replaced",
-                          file=sys.stderr)
-                    continue
-                copy_file(path, destination)
+                if relative.name == "benchmarks.json" and destination.exists():
+                    write_json_atomic(destination, merged_benchmarks(path, destination))
+                else:
+                    copy_file(path, destination)
                 written.append(destination)
     return written
 

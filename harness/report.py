@@ -492,11 +492,16 @@ def benchmark_plots(table: pd.DataFrame, runs: list[Run], out: Path, entries: li
         draw("peak_share", suffix, out, lambda: plots.peak_share(rows, iterations, where), entries)
 
 
-def remove_stale_plots(out: Path) -> None:
-    """Plots an older report wrote under a name this one no longer uses (roofline.png is now peak_share.png)."""
-    for name in STALE_PLOTS:
+def remove_plots_not_drawn(out: Path, entries: list[tuple[str, str, str]]) -> None:
+    """Remove every plot an older report left in ``out`` that this one did not draw: one under a name no
+    longer used (roofline.png is now peak_share.png), or for a set of machines the results no longer have
+    (phase_times.png of a single machine beside phase_times_<machine>.png of several), so the folder never
+    shows a figure of results it was not built from."""
+    drawn = {file for file, _, problem in entries if not problem}
+    for name in [*PLOT_DESCRIPTIONS, *STALE_PLOTS]:
         for path in [out / f"{name}.png", *out.glob(f"{name}_*.png")]:
-            path.unlink(missing_ok=True)
+            if path.name not in drawn:
+                path.unlink(missing_ok=True)
 
 
 def plots_section(entries: list[tuple[str, str, str]]) -> str:
@@ -519,7 +524,6 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
                  warnings: list[str], profile: Profile | None = None) -> list[Path]:
     """Write every output into ``out``; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale_plots(out)
     written = []
     table = asv.table
     generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -560,10 +564,9 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
     draw("training_curves", "", out, lambda: plots.training_curves([(p.stem, r) for p, r in training]), entries)
     if profile is not None:
         draw("profile", "", out, lambda: plots.profile_breakdown(profile), entries)
-    else:
-        (out / "profile.png").unlink(missing_ok=True)
     if distributed:
         draw("distributed_scaling", "", out, lambda: plots.distributed_scaling(distributed_frame), entries)
+    remove_plots_not_drawn(out, entries)
     written += [out / file for file, _, problem in entries if not problem]
     md += ["## Plots", "", plots_section(entries), ""]
     if warnings:

@@ -31,13 +31,19 @@ def test_runs_are_copied_file_by_file_and_traces_and_checkpoints_stay(tmp_path):
     assert json.loads((results / "training" / "older.json").read_text()) == {"kind": "kept"}  # nothing removed
 
 
-def test_a_benchmarks_json_describing_fewer_benchmarks_is_not_kept(tmp_path, capsys):
+def test_benchmarks_json_becomes_the_union_and_the_newer_description_wins(tmp_path, capsys):
+    """A benchmark only older runs measured keeps its description (their results keep their labels)."""
     runs, results = tmp_path / "runs", tmp_path / "results"
-    write(runs / "asv" / "benchmarks.json", {"a": {}})
-    write(results / "asv" / "benchmarks.json", {"a": {}, "b": {}})
-    assert keep.keep(runs, results, ["asv"]) == []
-    assert json.loads((results / "asv" / "benchmarks.json").read_text()) == {"a": {}, "b": {}}
-    assert "describes fewer benchmarks" in capsys.readouterr().err
+    write(runs / "asv" / "benchmarks.json", {"a": {"params": ["new"]}, "c": {}, "version": 2})
+    write(results / "asv" / "benchmarks.json", {"a": {"params": ["old"]}, "b": {}, "version": 2})
+    assert keep.keep(runs, results, ["asv"]) == [results / "asv" / "benchmarks.json"]
+    assert json.loads((results / "asv" / "benchmarks.json").read_text()) == {
+        "a": {"params": ["new"]}, "b": {}, "c": {}, "version": 2}
+
+    (results / "asv" / "benchmarks.json").write_text("{not json")
+    assert keep.keep(runs, results, ["asv"]) == [results / "asv" / "benchmarks.json"]
+    assert json.loads((results / "asv" / "benchmarks.json").read_text())["c"] == {}
+    assert "replaced by" in capsys.readouterr().err
 
 
 def test_only_one_machine(tmp_path):

@@ -248,7 +248,8 @@ def test_report_and_plots_from_the_fixture_and_a_training_run(tmp_path, capsys, 
     (root / "training").mkdir()
     shutil.copy(training_file, root / "training")
     (root / "report").mkdir()
-    (root / "report" / "roofline.png").write_bytes(b"an older report's plot")
+    for stale in ("roofline.png", "phase_times_another-machine.png", "profile.png", "notes.png"):
+        (root / "report" / stale).write_bytes(b"an older report's plot")
     code, out, err = run_report(root, capsys)
     assert code == 0 and err == ""
     folder = root / "report"
@@ -257,6 +258,8 @@ def test_report_and_plots_from_the_fixture_and_a_training_run(tmp_path, capsys, 
                  "peak_share", "training_curves"):
         assert_png_with_content(folder / f"{name}.png")
     assert not (folder / "roofline.png").exists()  # renamed peak_share.png: the stale file is gone
+    # plots of results this report was not built from are gone too; a file that is not a plot stays
+    assert not (folder / "phase_times_another-machine.png").exists() and (folder / "notes.png").exists()
     text = (folder / "report.md").read_text()
     assert "roofline" not in text
     assert "Intel(R) Xeon(R) Processor" in text and fixture_json()["commit_hash"] in text
