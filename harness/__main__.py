@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distributed": ("harness.distributed", "data-parallel training under torchrun (DDP)"),
     "scaling": ("harness.scaling", "how data-parallel training scales with the ranks on this machine"),
     "gpu-benchmark": ("harness.gpu_benchmark", "everything capsbench measures on a GPU machine, in one command"),
+    "readme": ("harness.readme", "rewrite README's tables of measured figures from results/ (--check: compare)"),
     "keep": ("harness.keep", "copy runs from runs/ into results/, the folder this repository ships"),
 }
 

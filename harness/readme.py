@@ -1,0 +1,233 @@
+"""python -m harness.readme: README's measured figures, regenerated from the results this repository ships.
+
+A figure typed by hand drifts from the run it came from; so every table of measured figures in README.md
+sits between two markers and is written by this command from ``results/``::
+
+    <!-- generated: profile -->
+    ... (whatever this command last wrote) ...
+    <!-- end generated: profile -->
+
+An opening marker may name the run it wants, ``<!-- generated: headline commit=fb4b147f machine=vm -->``.
+The blocks (:data:`BLOCKS`): ``headline`` (one asv run: step times with their spread, images/s, % of the
+GEMM peak, forward, backward, routing share), ``profile`` (the largest layers of each implementation's
+training step), ``training`` (every training run) and ``scaling`` (data-parallel scaling).  ``--check``
+rewrites nothing and exits 1 naming the blocks that differ from what the results say; the tests run it, so
+README and ``results/`` cannot disagree unnoticed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from harness.asv_results import GEMM_PEAK_METRIC, load_asv
+from harness.formatting import NA, fmt, fmt_spread, markdown_table
+from harness.report import distributed_section
+from harness.results import (
+    PROFILE_SUBDIR,
+    RESULTS_DIR,
+    SCALING_SUBDIR,
+    TRAINING_SUBDIR,
+    load_scaling_results,
+    load_training_results,
+    write_text_atomic,
+)
+from harness.tables import (
+    distributed_table,
+    load_profile,
+    profile_rows,
+    run_rows,
+    step_iterations,
+    summary_table,
+    training_table,
+)
+
+OPEN = re.compile(r"<!-- generated: (?P<name>[\w-]+)(?P<args>(?: [\w-]+=[^ ]+)*) -->")
+CLOSE = "<!-- end generated: {name} -->"
+LARGEST_LAYERS = 3
+
+
+class ReadmeError(ValueError):
+    """README's markers or the results a block needs are not what this command expects (one line)."""
+
+
+def headline_block(root: Path, commit: str | None = None, machine: str | None = None) -> str:
+    """The asv run at ``commit`` (prefix; default the newest) on ``machine``: per implementation and batch
+    size, the training step (median, interquartile range, samples), images/s, % of the GEMM peak, forward,
+    backward, routing share, host memory sampled in a step and the parity check's largest error;
+    implementations without a result are left out."""
+    asv = load_asv(root, machine)
+    runs = [run for run in asv.runs if commit is None or run.commit.startswith(commit)]
+    if not runs:
+        raise ReadmeError(f"headline: no asv run {'at commit ' + commit if commit else ''} under {root}/asv"
+                          + (f" for machine {machine}" if machine else "") + "; run asv and `capsbench keep` first")
+    run = max(runs, key=lambda run: run.date)
+    rows = run_rows(asv.table, run)
+    iterations, _ = step_iterations(rows, run.config_name)
+    frame = summary_table(rows, iterations)
+    frame = frame[frame["train_step"].notna()].sort_values(["batch_size", "train_step"])
+
+    def timing(row, metric):
+        return fmt_spread(row[metric], row[f"{metric}_q25"], row[f"{metric}_q75"], row[f"{metric}_samples"], "ms")
+
+    cells = pd.DataFrame({
+        "implementation": frame["implementation"], "batch": [fmt(v, "int") for v in frame["batch_size"]],
+        "train step ms (q25–q75, samples)": [timing(row, "train_step") for _, row in frame.iterrows()],
+        "images/s": [fmt(v, "rate") for v in frame["images_per_second"]],
+        "% of GEMM peak": [fmt(v, "pct100") for v in frame["train_pct_of_peak"]],
+        "forward ms": [fmt(v, "ms") for v in frame["forward"]],
+        "backward ms": [fmt(v, "ms") for v in frame["backward"]],
+        "routing fwd+bwd share": [fmt(v, "pct") for v in frame["routing_share"]],
+        "host memory MiB": [fmt(v, "mib") for v in frame["host_memory"]],
+        "max rel error": [fmt(v, "sci") for v in frame["max_rel_error"]],
+    })
+    peaks = rows[rows["metric"] == GEMM_PEAK_METRIC].dropna(subset=["value"]).drop_duplicates("backend")
+    peak_line = ", ".join(f"{fmt(value, 'rate')} GFLOP/s through {backend}"
+                          for backend, value in zip(peaks["backend"], peaks["value"]))
+    intro = (f"asv run `{run.label}` ({run.profile} profile, {run.config_name} network, float32, "
+             f"{iterations} routing iterations)." + (f" GEMM peak measured in the same run: {peak_line}." if peak_line
+                                                     else ""))
+    return intro + "\n\n" + markdown_table(cells, text_columns=1)
+
+
+def profile_block(root: Path) -> str:
+    """Per profiled implementation: the profiled step and its largest layers (layer, phase, time, share of
+    the step, % of the GEMM peak)."""
+    warnings: list[str] = []
+    profile = load_profile(root / PROFILE_SUBDIR, warnings)
+    if profile is None:
+        raise ReadmeError(f"profile: no readable profile under {root / PROFILE_SUBDIR} "
+                          f"({'; '.join(warnings) or 'run capsbench profile --out ' + str(root / PROFILE_SUBDIR)})")
+    lines = []
+    for name in profile.implementations():
+        rows = profile_rows(profile, name)
+        about = profile.about(name)
+        largest = rows.dropna(subset=["time_s"]).nlargest(LARGEST_LAYERS, "time_s")
+        step = about.get("unprofiled_step_s")
+        for rank, (_, row) in enumerate(largest.iterrows()):
+            lines.append({
+                "implementation": name if rank == 0 else "",
+                "batch": fmt(row["batch_size"], "int") if rank == 0 else "",
+                "step ms (unprofiled)": fmt(step, "ms") if rank == 0 and isinstance(step, (int, float)) else "",
+                "layer, phase": f"{row['layer']}, {row['phase']}",
+                "ms per step (q25–q75)": fmt_spread(row["time_s"], row["time_q25_s"], row["time_q75_s"],
+                                                    row["steps"], "ms", count=False),
+                "share of step": fmt(row["share"], "pct"),
+                "% of GEMM peak": fmt(row["pct_of_peak"], "pct100"),
+            })
+    steps = sorted({int(n) for n in profile.frame["steps"].dropna()})
+    intro = (f"`capsbench profile` ({', '.join(map(str, steps))} profiled steps after a warm-up; "
+             f"`{root / PROFILE_SUBDIR}`), the {LARGEST_LAYERS} largest layers of each implementation's step:")
+    return intro + "\n\n" + markdown_table(pd.DataFrame(lines), text_columns=4)
+
+
+def accuracy(value) -> str:
+    """Test accuracy to two decimals, as the paper's 99.75 % and its peers' 99.66 % are written."""
+    return NA if pd.isna(value) else f"{100 * value:.2f} %"
+
+
+def training_block(root: Path) -> str:
+    """Every training run: implementation, the machine's CPU, device, images, epochs, time, images/s, best and
+    final accuracy."""
+    warnings: list[str] = []
+    records = load_training_results(root / TRAINING_SUBDIR, warnings)
+    if not records:
+        raise ReadmeError(f"training: no readable training results under {root / TRAINING_SUBDIR}"
+                          + (f" ({'; '.join(warnings)})" if warnings else ""))
+    frame = training_table(records).sort_values(["train_images", "best_test_accuracy"], ascending=False)
+    machines = {path.name: (record.get("machine") or {}).get("cpu") or "?" for path, record in records}
+    cells = pd.DataFrame({
+        "run": [f"`{name}`" for name in frame["file"]], "implementation": frame["implementation"],
+        "machine": [machines[name] for name in frame["file"]],
+        "device": frame["device"], "ranks": [fmt(v, "int") for v in frame["ranks"]],
+        "training / test images": [f"{int(a):,} / {int(b):,}" for a, b in zip(frame["train_images"],
+                                                                             frame["test_images"])],
+        "schedule": frame["schedule"],
+        "epochs": [f"{done}/{asked}" for done, asked in zip(frame["epochs"], frame["epochs_requested"])],
+        "training s": [fmt(v, "num") for v in frame["train_seconds"]],
+        "images/s": [fmt(v, "rate") for v in frame["images_per_second"]],
+        "best test accuracy": [accuracy(v) for v in frame["best_test_accuracy"]],
+        "final test accuracy": [accuracy(v) for v in frame["final_test_accuracy"]],
+    })
+    return markdown_table(cells, text_columns=7)
+
+
+def scaling_block(root: Path) -> str:
+    """The data-parallel scaling results, as the report shows them."""
+    warnings: list[str] = []
+    records = load_scaling_results(root / SCALING_SUBDIR, warnings)
+    if not records:
+        raise ReadmeError(f"scaling: no readable scaling results under {root / SCALING_SUBDIR}")
+    return distributed_section(distributed_table(records))
+
+
+BLOCKS = {"headline": headline_block, "profile": profile_block, "training": training_block,
+          "scaling": scaling_block}
+
+
+def regenerate(text: str, root: Path) -> tuple[str, list[str]]:
+    """README's text with every generated block rewritten from ``root``, and the names of those that changed."""
+    out, changed, position = [], [], 0
+    for match in OPEN.finditer(text):
+        if match.start() < position:
+            continue
+        name = match["name"]
+        if name not in BLOCKS:
+            raise ReadmeError(f"README names an unknown generated block {name!r}: known are {', '.join(BLOCKS)}")
+        close = CLOSE.format(name=name)
+        end = text.find(close, match.end())
+        if end < 0:
+            raise ReadmeError(f"README's generated block {name!r} has no closing marker: add {close!r}")
+        args = dict(pair.split("=", 1) for pair in match["args"].split())
+        try:
+            body = BLOCKS[name](root, **args)
+        except TypeError:
+            raise ReadmeError(f"README's generated block {name!r} takes no argument(s) {', '.join(args)}") from None
+        new = f"\n{body}\n"
+        if text[match.end():end] != new:
+            changed.append(name)
+        out += [text[position:match.end()], new]
+        position = end
+    out.append(text[position:])
+    return "".join(out), changed
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m harness.readme", description=__doc__.split("\n")[0])
+    parser.add_argument("--readme", type=Path, default=Path("README.md"), help="the file (default: README.md)")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR,
+                        help="the results the figures come from (default: results, what this repository ships)")
+    parser.add_argument("--check", action="store_true",
+                        help="rewrite nothing; exit 1 naming the blocks that differ from the results "
+                             "(default: rewrite them)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        text = args.readme.read_text(encoding="utf-8")
+        new, changed = regenerate(text, args.results)
+    except (OSError, ReadmeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if args.check:
+        if changed:
+            print(f"error: {args.readme}: generated block(s) {', '.join(changed)} differ from {args.results}: "
+                  "run `capsbench readme`", file=sys.stderr)
+            return 1
+        print(f"{args.readme}: every generated block agrees with {args.results}")
+        return 0
+    if changed:
+        write_text_atomic(args.readme, new)
+    print(f"{args.readme}: {len(changed)} generated block(s) rewritten" + (f" ({', '.join(changed)})" if changed
+                                                                          else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
