@@ -121,7 +121,7 @@ def profile_block(root: Path) -> str:
             })
     steps = sorted({int(n) for n in profile.frame["steps"].dropna()})
     intro = (f"`capsbench profile` ({', '.join(map(str, steps))} profiled steps after a warm-up; "
-             f"`{root / PROFILE_SUBDIR}`), the {LARGEST_LAYERS} largest layers of each implementation's step:")
+             f"`{root.name}/{PROFILE_SUBDIR}`), the {LARGEST_LAYERS} largest layers of each implementation's step:")
     return intro + "\n\n" + markdown_table(pd.DataFrame(lines), text_columns=4)
 
 

@@ -52,6 +52,10 @@ def test_a_stale_block_is_found_then_rewritten_from_the_results(tmp_path, capsys
                        for _, row in smaller.iterrows() for line in lines)
     assert readme.main(["--readme", str(page), "--results", str(root), "--check"]) == 0
 
+    elsewhere = tmp_path / "another-clone" / "results"  # the same results in another checkout: no path in README
+    shutil.copytree(root, elsewhere)
+    assert readme.main(["--readme", str(page), "--results", str(elsewhere), "--check"]) == 0
+
 
 def test_marker_errors_are_one_line(tmp_path, capsys):
     root = results_with_profile(tmp_path)
