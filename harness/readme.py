@@ -120,7 +120,7 @@ def profile_block(root: Path) -> str:
                 "% of GEMM peak": fmt(row["pct_of_peak"], "pct100"),
             })
     steps = sorted({int(n) for n in profile.frame["steps"].dropna()})
-    intro = (f"`capsbench profile` ({', '.join(map(str, steps))} profiled steps after a warm-up; "
+    intro = (f"`capsbench profile` ({', '.join(map(str, steps))} profiled steps after the warm-up; "
              f"`{root.name}/{PROFILE_SUBDIR}`), the {LARGEST_LAYERS} largest layers of each implementation's step:")
     return intro + "\n\n" + markdown_table(pd.DataFrame(lines), text_columns=4)
 
