@@ -582,8 +582,14 @@ def training_curves(records: list[tuple[str, dict]]) -> Figure:
     right.set_ylabel("test accuracy (%)")
     right.set_title("Test accuracy after each epoch", fontsize=10)
     accuracy = [epoch.get("test_accuracy", 0) for _, record in records for epoch in record.get("epochs") or []]
-    if not accuracy or min(accuracy) < ACCURACY_ZOOM:
-        right.set_ylim(0, 101)  # a short run: the whole scale, so a few points of noise look like noise
+    high = [value for value in accuracy if value >= ACCURACY_ZOOM]
+    if not high:
+        right.set_ylim(0, 101)  # short runs only: the whole scale, so a few points of noise look like noise
+    else:  # the scale of the runs that learned; short runs beside them are named off the axis, not squashed
+        right.set_ylim(100 * min(high) - 0.25, 100.05)
+        if len(high) < len(accuracy):
+            right.set_title(f"Test accuracy after each epoch\n(epochs below {ACCURACY_ZOOM:.0%} are below the "
+                            "axis: see the table)", fontsize=10)
     positive = [start for start in starts if start > 0]
     log = bool(positive) and max(ends) / max(min(ends), 1e-12) > LOG_TIME_RANGE
     for ax in (left, right):

@@ -159,6 +159,23 @@ def test_training_curves_are_readable_when_one_run_is_a_hundred_times_longer():
     assert fraction > 0.3, f"the 5 s run ends at {fraction:.0%} of the time axis"
 
 
+def test_the_accuracy_axis_shows_the_tenths_of_a_run_that_learned_beside_a_short_one():
+    """99.3 % and 99.5 % must be told apart even when a 53 % run of a few hundred images is in the same plot."""
+    learned = training_record("torch-fused", 500.0)
+    learned["epochs"] = [{"epoch": e, "test_accuracy": a, "elapsed_seconds": 100.0 * e}
+                         for e, a in ((1, 0.9881), (2, 0.9934), (3, 0.9949))]
+    fig = plots.training_curves([("short", training_record("torch-looped", 5.0)), ("long", learned)])
+    accuracy = fig.axes[1]
+    low, high = accuracy.get_ylim()
+    title = accuracy.get_title()
+    plots.plt.close(fig)
+    assert 98.0 < low < 98.81 and 99.49 < high <= 100.1
+    assert "below 80%" in title
+    alone = plots.training_curves([("short", training_record("torch-looped", 5.0))])
+    assert alone.axes[1].get_ylim() == (0.0, 101.0)  # short runs alone: the whole scale
+    plots.plt.close(alone)
+
+
 def test_a_figure_of_single_samples_says_so_and_one_of_several_draws_the_spread():
     single = plots.phase_times(timings(samples=1), 3, "box")
     assert "1 sample" in single.axes[0].get_ylabel() and "median" not in single.axes[0].get_ylabel()
