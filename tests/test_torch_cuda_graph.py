@@ -208,14 +208,6 @@ def test_routing_is_captured_again_only_for_other_tensors():
 
 
 @needs_gpu
-@pytest.mark.parametrize("name", ["torch-vectorised-cuda-graph", "torch-looped-cuda-graph"])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_gpu_parity(name, dtype):
-    rows = check_implementation(name, SMALL, dtype)
-    assert all(row.passed for row in rows), [row for row in rows if not row.passed]
-
-
-@needs_gpu
 def test_gpu_graphs_replay_what_eager_cuda_computes():
     """Five scheduled training steps on alternating batch shapes, then a forward and backward: the same
     parameters, Adam state and gradients as torch-vectorised-cuda, within rounding."""
