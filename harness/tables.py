@@ -105,9 +105,21 @@ def not_run_line(reasons: dict[str, str], what: str = "Not run here") -> str:
                                    for reason, names in sorted(groups.items())) + "."
 
 
+def looped_partners(fast: str, vectorised: list[str], looped: list[str]) -> list[str]:
+    """The looped implementations a vectorised one is compared with: its twin by name (torch-vectorised-compiled
+    with torch-looped-compiled, not with the eager torch-looped), else the looped ones that are no other's
+    twin, else every looped one (torch-fused, which has no looped variant of its own)."""
+    twin = fast.replace("vectorised", "looped")
+    if twin != fast and twin in looped:
+        return [twin]
+    unclaimed = [slow for slow in looped if slow.replace("looped", "vectorised") not in vectorised]
+    return unclaimed or looped
+
+
 def speedup_table(rows: pd.DataFrame, iterations: int) -> pd.DataFrame:
     """Vectorised over looped routing: for every framework and device with both variants, per batch size
-    and phase, the looped time divided by the vectorised time (NaN where either is missing)."""
+    and phase, the looped time divided by the vectorised time (NaN where either is missing); each vectorised
+    implementation against its looped partners (:func:`looped_partners`)."""
     timed = rows[rows["metric"].isin(SPEEDUP_PHASES) & (rows["routing_iterations"] == iterations)]
     timed = timed[timed["routing_variant"].isin(["vectorised", "looped"])]
     out = []
@@ -116,7 +128,7 @@ def speedup_table(rows: pd.DataFrame, iterations: int) -> pd.DataFrame:
         looped = sorted(group.loc[group["routing_variant"] == "looped", "implementation"].unique())
         times = group.set_index(["implementation", "metric", "batch_size"])["value"]
         for fast in vectorised:
-            for slow in looped:
+            for slow in looped_partners(fast, vectorised, looped):
                 pair = f"{framework} ({device})" if len(vectorised) == len(looped) == 1 else f"{fast} / {slow}"
                 for (metric, batch), _ in group.groupby(["metric", "batch_size"], sort=True):
                     fast_s = times.get((fast, metric, batch), math.nan)

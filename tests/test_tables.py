@@ -158,6 +158,20 @@ def test_speedup_is_looped_over_vectorised_time():
     assert (step["pair"], step["speedup"]) == ("torch (cpu)", 3.0)
 
 
+def test_variants_are_compared_with_their_own_looped_twin():
+    """Compiled with compiled, eager with eager; an implementation with no looped twin (torch-fused) with
+    every looped one."""
+    names = {"torch-vectorised": ("vectorised", 1.0), "torch-looped": ("looped", 2.0),
+             "torch-vectorised-compiled": ("vectorised", 1.5), "torch-looped-compiled": ("looped", 6.0),
+             "torch-fused": ("vectorised", 0.5)}
+    rows = [{**row("a", "train_step", seconds), "implementation": name, "routing_variant": variant}
+            for name, (variant, seconds) in names.items()]
+    table = speedup_table(tidy_frame(rows), 3)
+    pairs = dict(zip(table["pair"], table["speedup"]))
+    assert pairs == {"torch-vectorised / torch-looped": 2.0, "torch-vectorised-compiled / torch-looped-compiled": 4.0,
+                     "torch-fused / torch-looped": 4.0, "torch-fused / torch-looped-compiled": 12.0}
+
+
 # ---------------------------------------------------------------------------------------------- formatting
 def test_a_single_sample_is_never_written_as_a_median():
     assert fmt_spread(0.2846, 0.2846, 0.2846, 1, "ms") == "284.6 (1 sample)"
