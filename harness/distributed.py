@@ -147,6 +147,13 @@ def init_distributed(info: registry.ImplementationInfo, timeout_s: float) -> Con
     return Context(rank, world_size, local_rank, backend, device)
 
 
+def leave_together(ctx: Context) -> None:
+    """On success, wait for every rank before any leaves: a rank that tears gloo down while another is still
+    writing results can die in its exit (SIGABRT, "terminate called without an active exception"), seen once
+    on two CPU ranks, which turns a completed run into a failed one."""
+    dist.barrier(device_ids=[ctx.local_rank] if ctx.backend == "nccl" else None)
+
+
 def shutdown(ctx: Context | None) -> None:
     """Leave the process group (for NCCL this shuts the communicators down, aborting pending work)."""
     if ctx is None or not dist.is_initialized():
@@ -370,6 +377,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 np.savez(temporary, **impl.parameters())
                 os.replace(temporary, args.save_parameters)
             print(f"results written to {out}", flush=True)
+        leave_together(ctx)
         return 0
     except DataError as error:
         print(f"error: rank {ctx.rank if ctx else '?'}: {error}", file=sys.stderr, flush=True)

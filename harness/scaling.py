@@ -153,7 +153,15 @@ def worker_main(argv: list[str]) -> int:
     """One rank: join the group, time the steps, rank 0 writes its part of the results."""
     import signal
 
-    from harness.distributed import build, describe, init_distributed, raise_terminated, shutdown, torch_implementation
+    from harness.distributed import (
+        build,
+        describe,
+        init_distributed,
+        leave_together,
+        raise_terminated,
+        shutdown,
+        torch_implementation,
+    )
     from harness.threads import set_threads
 
     args = _worker_parser().parse_args(argv)
@@ -172,6 +180,7 @@ def worker_main(argv: list[str]) -> int:
                 f"all-reduce {run['allreduce_share']:.1%} of the step"
             print(f"world size {run['world_size']}: {run['step_seconds'] * 1e3:.1f} ms/step, "
                   f"{run['images_per_second']:.1f} images/s, {share}", flush=True)
+        leave_together(ctx)
         return 0
     except Exception as error:
         rank = ctx.rank if ctx else os.environ.get("RANK", "?")
