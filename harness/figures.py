@@ -7,8 +7,8 @@ default) on the MNIST test set, written into ``--out`` (default ``runs/figures/`
 * ``reconstructions.png``: the paper's Figure 3: for a seeded choice of test images (``--per-class`` of
   each class) and a seeded choice of misclassified ones, the input beside its reconstruction from the
   predicted class's capsule (the inference mask), true -> predicted label above, mistakes in red;
-* ``perturbations.png``: the paper's Figure 4: for one test image per class (the first of its seeded
-  choice), each dimension of the predicted capsule set to its value plus each step of
+* ``perturbations.png``: the paper's Figure 4: for one test image per class (the first correctly classified
+  one of its seeded choice, else the first), each dimension of the predicted capsule set to its value plus each step of
   :func:`perturbation_grid` (-0.25 to 0.25 by 0.05, the paper's range) and decoded; one row a dimension;
 * ``confusion.png``: the confusion matrix of the test images used;
 * ``figures.md``: accuracy, the per-class table (accuracy, most frequent confusion) and the three images;
@@ -210,7 +210,8 @@ def compute(impl: registry.Implementation, images: np.ndarray, labels: np.ndarra
     for indices in by_class:
         if not indices:
             continue
-        index = indices[0]
+        correct = [index for index in indices if predictions[index] == labels[index]]
+        index = (correct or indices)[0]  # a correctly classified one where the choice has one
         predicted = int(predictions[index])
         decoded = impl.decode(perturbed_capsules(capsules[index], predicted, grid))
         tiles = decoded.reshape(config.digit_caps_dim, len(grid), config.image_size, config.image_size)
@@ -273,6 +274,10 @@ def draw_perturbations(labels: np.ndarray, drawn: dict, config: CapsNetConfig):
                                       squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("capsule dimension", fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("added to the dimension", fontsize=7)
     for ax, panel in zip(axes.flat, panels):
         tiles = panel["tiles"]  # (D, G, H, W)
         mosaic = tiles.transpose(0, 2, 1, 3).reshape(dim * size, len(grid) * size)
@@ -282,7 +287,7 @@ def draw_perturbations(labels: np.ndarray, drawn: dict, config: CapsNetConfig):
         ax.set_yticks((np.arange(dim) + 0.5) * size, [str(d + 1) for d in range(dim)], fontsize=5)
         index = panel["index"]
         predicted = int(drawn["predictions"][index])
-        ax.set_title(f"test image {index}: {labels[index]}" + (f" (predicted {predicted})"
+        ax.set_title(f"test image {index}: digit {labels[index]}" + (f" (predicted {predicted})"
                                                               if predicted != labels[index] else ""), fontsize=8)
     figure.suptitle(f"Each row: one of the {dim} dimensions of the predicted capsule plus "
                     f"{grid[0]:+.2f} … {grid[-1]:+.2f} in steps of {PERTURBATION_STEP} (columns), decoded",
@@ -355,7 +360,7 @@ def figures_record(checkpoint: Checkpoint, info: registry.ImplementationInfo, ar
         "reconstructions": [shown(index, "per_class") for indices in drawn["by_class"] for index in indices]
                            + [shown(index, "misclassified") for index in drawn["mistakes"]],
         "perturbation_grid": drawn["grid"].tolist(),
-        "perturbations": [{**shown(panel["index"], "first_of_class"),
+        "perturbations": [{**shown(panel["index"], "one_of_class"),
                            "capsule": drawn["capsules"][panel["index"]][predictions[panel["index"]]].tolist(),
                            "zero_perturbation_max_difference": panel["zero_perturbation_max_difference"]}
                           for panel in drawn["perturbations"]],

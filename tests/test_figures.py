@@ -104,6 +104,10 @@ def test_what_was_drawn_is_recorded(drawn, mnist_path):
     assert 0 < len(mistakes) <= figures.MISCLASSIFIED_SHOWN and not any(entry["correct"] for entry in mistakes)
     assert record["perturbation_grid"] == figures.perturbation_grid().tolist()
     assert [entry["label"] for entry in record["perturbations"]] == list(range(SMALL.num_classes))
+    for entry in record["perturbations"]:  # one of its class's choice, a correctly classified one where there is one
+        choice = [other for other in per_class if other["label"] == entry["label"]]
+        assert entry["index"] in [other["index"] for other in choice]
+        assert entry["correct"] == any(other["correct"] for other in choice)
     assert all(len(entry["capsule"]) == SMALL.digit_caps_dim for entry in record["perturbations"])
     assert all(entry["zero_perturbation_max_difference"] < 1e-5 for entry in record["perturbations"])
     for name in FIGURES_FILES.values():
