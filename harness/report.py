@@ -51,6 +51,7 @@ from harness.formatting import (
     samples_heading,
 )
 from harness.results import (
+    FIGURES_JSON,
     FIGURES_SUBDIR,
     PROFILE_SUBDIR,
     RUNS_DIR,
@@ -470,7 +471,7 @@ def per_class_section(record: dict, figures_dir: Path) -> str:
     lines = [f"From `{record.get('checkpoint', '?')}` (after epoch {record.get('checkpoint_epoch', '?')}, "
              f"{record.get('config_name', '?')} network{trained}), computed by {record.get('implementation', '?')} "
              f"({record.get('dtype', '?')}) on {total:,} test images: accuracy {accuracy} ({correct:,} / {total:,}). "
-             "Details in `figures.json`.", "",
+             f"What was drawn, image by image: [`{FIGURES_JSON}`]({(figures_dir / FIGURES_JSON).as_posix()}).", "",
              markdown_table(cells, text_columns=1, left={"most frequent confusion"}), ""]
     files = record["files"]
     shown = [("reconstructions", "Reconstructions", "test images and their reconstructions from the predicted "
@@ -483,7 +484,7 @@ def per_class_section(record: dict, figures_dir: Path) -> str:
         if key in files:
             link = (figures_dir / files[key]).as_posix()
             lines += [f"**{title}** ([`{files[key]}`]({link})): {description}.", "", f"![{title}]({link})", ""]
-    return "\n".join(lines).rstrip() + "\n"
+    return "\n".join(lines).rstrip()
 
 
 # ------------------------------------------------------------------------------------------------ plots
