@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("harness.check", "parity of implementations with the float64 reference, number by number"),
     "train": ("harness.train", "train one implementation on MNIST; loss, accuracy and images/s per epoch"),
     "profile": ("harness.profile", "where the time and memory of a training step go, layer by layer"),
+    "figures": ("harness.figures", "reconstructions, the paper's capsule-dimension perturbations and per-class "
+                                   "errors from a training checkpoint"),
     "report": ("harness.report", "tables and plots from benchmark, training, profile and scaling results"),
     "distributed": ("harness.distributed", "data-parallel training under torchrun (DDP)"),
     "scaling": ("harness.scaling", "how data-parallel training scales with the ranks on this machine"),

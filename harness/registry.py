@@ -34,6 +34,11 @@ The network
   learning rate the schedule (:meth:`set_schedule`, default :data:`harness.spec.CONSTANT_RATE`) gives
   for this step.
 * ``train_step(batch)``: forward, backward and one Adam update; returns the loss as a Python float.
+* ``decode(capsules)``: reconstructions (B, pixels) as NumPy of class capsules (B, J, D) given as NumPy,
+  already masked (only the chosen class's capsule non-zero): the decoder alone, on capsules no forward pass
+  made (the figures' perturbed dimensions).  The default runs the canonical decoder in NumPy
+  (:mod:`harness.decoder`) over :meth:`parameters`; at the forward pass's own masked capsules it gives the
+  forward pass's reconstruction (the contract test holds every implementation to that).
 * ``adam_state()`` / ``load_adam_state(state)``: Adam's state as NumPy arrays in the canonical layout
   (``step``: the number of updates made; ``first/<name>`` and ``second/<name>``: the moment estimates of
   each parameter), so that a run saved by one implementation resumes in another.
@@ -88,6 +93,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from harness.decoder import decode_capsules
 from harness.params import validate_parameters
 from harness.spec import CONSTANT_RATE, CapsNetConfig, LearningRateSchedule
 
@@ -240,6 +246,11 @@ class Implementation(abc.ABC):
     def pci_bus_id(self) -> str | None:
         """PCI bus id of the GPU in use, e.g. '0000:3B:00.0' (None on the CPU)."""
         return None
+
+    def decode(self, capsules: np.ndarray) -> np.ndarray:
+        """Reconstructions (B, pixels) of masked class capsules (B, J, D), through the decoder of this
+        implementation's current parameters (the canonical decoder in NumPy)."""
+        return decode_capsules(self.parameters(), self.config, capsules)
 
     def train_step(self, batch: Batch) -> float:
         """Forward, backward and one Adam update; returns the loss before the update."""

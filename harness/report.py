@@ -2,7 +2,8 @@
 
 Reads ``<results>/asv`` (asv's own layout, with the suite's machine facts in ``<results>/asv-facts``),
 ``<results>/training/*.json`` (``python -m harness.train``), ``<results>/profile/profile.csv`` with
-``profile.json`` (``python -m harness.profile``) and ``<results>/distributed/*.json``, and writes into
+``profile.json`` (``python -m harness.profile``), ``<results>/distributed/*.json`` and
+``<results>/figures/figures.json`` with the figures beside it (``python -m harness.figures``), and writes into
 ``<out>``:
 
 * ``results_tidy.csv``: the tidy table, one row per benchmark x parameters x run (columns in
@@ -11,7 +12,8 @@ Reads ``<results>/asv`` (asv's own layout, with the suite's machine facts in ``<
   per implementation and batch size (every time with the samples behind it: one sample as itself, several
   as the median and interquartile range); the vectorised / looped speed-ups; training runs, grouped by the
   images they trained and tested on; where the time of a training step goes (the profile); distributed
-  scaling; the comparison of runs; the plots (or why one was not drawn); every warning.  Implementations
+  scaling; what the capsules learned (a checkpoint's figures and per-class table, linked from the figures'
+  folder); the comparison of runs; the plots (or why one was not drawn); every warning.  Implementations
   with no result at all in a run are one line per table, not rows of n/a;
 * ``comparison.md`` / ``comparison.csv`` when there is more than one run: each run against the one before
   it (by commit date), ratio new / old per benchmark and parameters, flagged when beyond the factor and the
@@ -29,6 +31,7 @@ import argparse
 import datetime as dt
 import itertools
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -48,11 +51,14 @@ from harness.formatting import (
     samples_heading,
 )
 from harness.results import (
+    FIGURES_JSON,
+    FIGURES_SUBDIR,
     PROFILE_SUBDIR,
     RUNS_DIR,
     SCALING_SUBDIR,
     TRAINING_SUBDIR,
     atomic_output,
+    load_figures_result,
     load_scaling_results,
     load_training_results,
     write_text_atomic,
@@ -70,6 +76,7 @@ from harness.tables import (
     memory_table,
     not_run,
     not_run_line,
+    per_class_table,
     profile_phase_totals,
     profile_rows,
     run_rows,
@@ -441,6 +448,45 @@ def profile_section(profile: Profile) -> str:
     return "\n".join(text)
 
 
+def per_class_section(record: dict, figures_dir: Path) -> str:
+    """What a trained network's figures show (:mod:`harness.figures`): where they come from, the accuracy,
+    the per-class table (accuracy, most frequent confusion) and the three images, linked from
+    ``figures_dir`` (the figures' folder relative to the Markdown file)."""
+    confusion = record["confusion"]
+    total = sum(map(sum, confusion))
+    correct = sum(confusion[i][i] for i in range(len(confusion)))
+    run = record.get("training_run") or {}
+    trained = f", trained by {run['implementation']}" if run.get("implementation") else ""
+    grid = record.get("perturbation_grid") or []
+    table = per_class_table(confusion)
+    cells = pd.DataFrame({
+        "class": [str(value) for value in table["class"]],
+        "test images": [fmt(value, "int") for value in table["images"]],
+        "correct": [fmt(value, "int") for value in table["correct"]],
+        "accuracy": [NA if math.isnan(value) else f"{value:.2%}" for value in table["accuracy"]],
+        "most frequent confusion": ["none" if pd.isna(other) else f"{int(other)} ({count} image"
+                                    + ("s)" if count != 1 else ")")
+                                    for other, count in zip(table["confused_with"], table["confusions"])]})
+    accuracy = f"{correct / total:.2%}" if total else NA
+    lines = [f"From `{record.get('checkpoint', '?')}` (after epoch {record.get('checkpoint_epoch', '?')}, "
+             f"{record.get('config_name', '?')} network{trained}), computed by {record.get('implementation', '?')} "
+             f"({record.get('dtype', '?')}) on {total:,} test images: accuracy {accuracy} ({correct:,} / {total:,}). "
+             f"What was drawn, image by image: [`{FIGURES_JSON}`]({(figures_dir / FIGURES_JSON).as_posix()}).", "",
+             markdown_table(cells, text_columns=1, left={"most frequent confusion"}), ""]
+    files = record["files"]
+    shown = [("reconstructions", "Reconstructions", "test images and their reconstructions from the predicted "
+              f"class's capsule ({record.get('per_class', '?')} per class, seeded; misclassified ones in red)"),
+             ("perturbations", "Perturbations", "each dimension of the predicted capsule plus "
+              + (f"{grid[0]:+.2f} … {grid[-1]:+.2f} ({len(grid)} steps)" if grid else "a step")
+              + ", decoded: one test image per class, one row a dimension (the paper's Figure 4)"),
+             ("confusion", "Confusion", "rows the true class, columns the predicted one")]
+    for key, title, description in shown:
+        if key in files:
+            link = (figures_dir / files[key]).as_posix()
+            lines += [f"**{title}** ([`{files[key]}`]({link})): {description}.", "", f"![{title}]({link})", ""]
+    return "\n".join(lines).rstrip()
+
+
 # ------------------------------------------------------------------------------------------------ plots
 PLOT_DESCRIPTIONS = {
     "phase_times": "time of each phase per implementation at the largest batch size",
@@ -521,7 +567,7 @@ def no_results_message(root: Path) -> str:
 
 
 def build_report(root: Path, out: Path, asv: AsvResults, training: list, distributed: list,
-                 warnings: list[str], profile: Profile | None = None) -> list[Path]:
+                 warnings: list[str], profile: Profile | None = None, figures: dict | None = None) -> list[Path]:
     """Write every output into ``out``; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -558,6 +604,9 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
     distributed_frame = distributed_table(distributed)
     if distributed:
         md += ["## Distributed scaling", "", distributed_section(distributed_frame), ""]
+    if figures is not None:
+        relative = Path(os.path.relpath(root / FIGURES_SUBDIR, out))
+        md += ["## What the capsules learned", "", per_class_section(figures, relative), ""]
     entries: list[tuple[str, str, str]] = []
     if asv.runs:
         benchmark_plots(table, asv.runs, out, entries, speedups)
@@ -608,8 +657,9 @@ def compare_runs(table: pd.DataFrame, runs: list[Run], out: Path, written: list[
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.split("\n")[0])
     parser.add_argument("--results", type=Path, default=RUNS_DIR,
-                        help="folder holding asv/, asv-facts/, training/, profile/ and distributed/ (default: runs, "
-                             "where every command writes; the results this repository ships are in results)")
+                        help="folder holding asv/, asv-facts/, training/, profile/, distributed/ and figures/ "
+                             "(default: runs, where every command writes; the results this repository ships are "
+                             "in results)")
     parser.add_argument("--out", type=Path, help="output folder (default: <results>/report)")
     parser.add_argument("--machine", metavar="NAME",
                         help="only the asv results of this machine (default: every machine's)")
@@ -629,13 +679,14 @@ def main(argv: list[str] | None = None) -> int:
     training = load_training_results(root / TRAINING_SUBDIR, warnings)
     distributed = load_scaling_results(root / SCALING_SUBDIR, warnings)
     profile = load_profile(root / PROFILE_SUBDIR, warnings)
+    figures = load_figures_result(root / FIGURES_SUBDIR, warnings)
     for warning in warnings:
         print(warning, file=sys.stderr)
-    if asv.table.empty and not training and not distributed and profile is None:
+    if asv.table.empty and not training and not distributed and profile is None and figures is None:
         print(f"error: no readable results under {root} (every results file was skipped, see the warnings above)"
               if warnings else no_results_message(root), file=sys.stderr)
         return 1
-    written = build_report(root, out, asv, training, distributed, warnings, profile)
+    written = build_report(root, out, asv, training, distributed, warnings, profile, figures)
     plots_written = sum(path.suffix == ".png" for path in written)
     print(f"report written to {out / REPORT_MD} ({plots_written} plots, {len(written)} files in {out})")
     return 0

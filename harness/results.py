@@ -20,8 +20,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "results"  # shipped with the repository
 RUNS_DIR = REPO_ROOT / "runs"  # a user's own runs (git-ignored): every command's default
-TRAINING_SUBDIR, SCALING_SUBDIR, PROFILE_SUBDIR = "training", "distributed", "profile"
+TRAINING_SUBDIR, SCALING_SUBDIR, PROFILE_SUBDIR, FIGURES_SUBDIR = "training", "distributed", "profile", "figures"
 TRAINING_KIND = "capsbench-training"
+FIGURES_KIND = "capsbench-figures"
+FIGURES_JSON, FIGURES_MD = "figures.json", "figures.md"
+FIGURES_FILES = {"reconstructions": "reconstructions.png", "perturbations": "perturbations.png",
+                 "confusion": "confusion.png"}
 SCALING_KIND = "capsbench-distributed-scaling"
 PROFILE_KIND = "capsbench-profile"
 EPOCH_FIELDS = ("epoch", "mean_loss", "test_accuracy", "train_seconds", "images", "elapsed_seconds")
@@ -121,6 +125,34 @@ def read_scaling_result(path: str | os.PathLike) -> dict:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ResultsFileError(f"{path}: runs[{index}].{key} is missing or not a positive number")
     return payload
+
+
+def read_figures_result(path: str | os.PathLike) -> dict:
+    """A ``figures.json`` written by ``python -m harness.figures``, checked for what the report shows: a
+    square confusion matrix of counts and the file names of the figures."""
+    payload = read_json(path)
+    if payload.get("kind") != FIGURES_KIND:
+        raise ResultsFileError(f"{path}: not a capsbench figures file (kind {payload.get('kind')!r})")
+    confusion = payload.get("confusion")
+    if (not isinstance(confusion, list) or not confusion
+            or any(not isinstance(row, list) or len(row) != len(confusion) for row in confusion)
+            or any(not isinstance(count, int) or count < 0 for row in confusion for count in row)):
+        raise ResultsFileError(f"{path}: 'confusion' must be a square matrix of counts")
+    if not isinstance(payload.get("files"), dict):
+        raise ResultsFileError(f"{path}: missing field 'files'")
+    return payload
+
+
+def load_figures_result(folder: Path, warnings: list[str]) -> dict | None:
+    """``<folder>/figures.json``, or None where there is none (no section) or it is malformed (a warning)."""
+    path = folder / FIGURES_JSON
+    if not path.is_file():
+        return None
+    try:
+        return read_figures_result(path)
+    except ResultsFileError as error:
+        warnings.append(f"warning: {error}; file skipped")
+        return None
 
 
 def json_files(folder: Path) -> list[Path]:

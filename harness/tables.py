@@ -462,3 +462,20 @@ def profile_phase_totals(rows: pd.DataFrame) -> pd.DataFrame:
     """Per phase of one implementation's rows: the summed time per step and share of the step."""
     totals = rows.groupby("phase", sort=False)[["time_s", "share"]].sum(min_count=1)
     return totals.reindex([phase for phase in PROFILE_PHASES if phase in totals.index]).reset_index()
+
+
+def per_class_table(confusion) -> pd.DataFrame:
+    """Per true class of a confusion matrix (rows: true class, columns: predicted): the test images, those
+    classified correctly, the accuracy, and the most frequent wrong prediction with its count (the lowest
+    class among ties; None and 0 where the class has no error)."""
+    rows = []
+    for true_class, counts in enumerate(confusion):
+        counts = [int(count) for count in counts]
+        images, correct = sum(counts), counts[true_class]
+        errors = [(count, -predicted) for predicted, count in enumerate(counts) if predicted != true_class and count]
+        count, predicted = max(errors) if errors else (0, None)
+        rows.append({"class": true_class, "images": images, "correct": correct,
+                     "accuracy": correct / images if images else math.nan,
+                     "confused_with": None if predicted is None else -predicted, "confusions": count})
+    frame = pd.DataFrame(rows, columns=["class", "images", "correct", "accuracy", "confused_with", "confusions"])
+    return frame.astype({"confused_with": "Int64"})

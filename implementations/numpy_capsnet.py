@@ -37,7 +37,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from harness.params import DECODER_PREFIX, DIGIT_WEIGHT, decoder_layer_count
+from harness.decoder import decoder_forward, decoder_layers
+from harness.params import DECODER_PREFIX, DIGIT_WEIGHT
 from harness.ranges import layer_range
 from harness.registry import ROUTING_VARIANTS, Availability, Batch, Implementation, register
 from harness.spec import ADAM, CapsNetConfig, conv_output_size
@@ -369,19 +370,6 @@ def reconstruction_loss_backward(reconstructions, pixels, config: CapsNetConfig)
     return (2.0 * config.reconstruction_weight / pixels.shape[0]) * (reconstructions - pixels)
 
 
-def decoder_forward(xp, layers: list, x):
-    """Linear layers, ReLU between them and a sigmoid at the end; returns every layer's output."""
-    outputs = [x]
-    for index, (weight, bias) in enumerate(layers):
-        z = outputs[-1] @ weight.T
-        z += bias
-        if index < len(layers) - 1:
-            outputs.append(xp.maximum(z, 0.0, out=z))
-        else:
-            outputs.append(1.0 / (1.0 + xp.exp(-z)))
-    return outputs
-
-
 def decoder_backward(layers: list, outputs: list, grad_reconstruction):
     """Gradients of every layer's (weight, bias), and d loss / d decoder input."""
     reconstruction = outputs[-1]
@@ -530,8 +518,7 @@ class NumpyCapsNet(Implementation):
         return u_hat
 
     def _decoder_layers(self) -> list:
-        return [(self.params[f"{DECODER_PREFIX}{i}.weight"], self.params[f"{DECODER_PREFIX}{i}.bias"])
-                for i in range(decoder_layer_count(self.config))]
+        return decoder_layers(self.params, self.config)  # the decoder's weights are kept in the canonical layout
 
     def _forward(self, batch: Batch, train: bool, keep: bool):
         xp, config = self.xp, self.config

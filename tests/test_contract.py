@@ -17,6 +17,7 @@ import pytest
 from harness import registry
 from harness.check import check_implementation, quantities
 from harness.data import synthetic_batch
+from harness.decoder import mask_to_classes
 from harness.params import init_parameters, parameter_shapes
 from harness.spec import SMALL, LearningRateSchedule
 from implementations.numpy_capsnet import NumpyCapsNet
@@ -108,6 +109,22 @@ def test_routing_alone_agrees_with_the_routing_inside_the_forward_pass(name):
     v = impl.to_numpy(impl.routing_forward(impl.prediction_vectors(batch)))
     assert v.shape == (3, SMALL.num_classes, SMALL.digit_caps_dim)
     np.testing.assert_allclose(np.linalg.norm(v, axis=-1), impl.to_numpy(lengths), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_decoding_the_forward_pass_own_masked_capsules_gives_its_reconstruction(name):
+    """decode(capsules) at the inference mask (the longest capsule) is the forward pass's reconstruction, and
+    decodes what it is given: another class's capsule gives another image."""
+    impl = build(name, params=livelier_parameters(SMALL))
+    batch = impl.to_device(*synthetic_batch(SMALL, 3))
+    lengths, reconstructions = impl.forward(batch, train=False)
+    v = impl.to_numpy(impl.routing_forward(impl.prediction_vectors(batch)))
+    longest = impl.to_numpy(lengths).argmax(axis=1)
+    decoded = impl.decode(mask_to_classes(v, longest))
+    assert isinstance(decoded, np.ndarray) and decoded.shape == (3, SMALL.image_pixels)
+    np.testing.assert_allclose(decoded, impl.to_numpy(reconstructions), rtol=1e-9, atol=1e-12)
+    another = impl.decode(mask_to_classes(v, (longest + 1) % SMALL.num_classes))
+    assert np.abs(another - decoded).max() > 1e-6  # far above the 1e-12 the equality above allows
 
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)

@@ -18,6 +18,7 @@ from harness.tables import (
     load_profile,
     not_run,
     not_run_line,
+    per_class_table,
     profile_phase_totals,
     profile_rows,
     read_profile_csv,
@@ -270,3 +271,14 @@ def test_a_layer_without_a_time_is_kept_as_not_timed(tmp_path):
 def test_no_profile_folder_is_no_profile_and_no_warning(tmp_path):
     warnings: list[str] = []
     assert load_profile(tmp_path / "profile", warnings) is None and warnings == []
+
+
+def test_per_class_table_by_hand():
+    """Rows the true class: class 0 has 7 images, 5 right, its errors 1 x class 1 and 1 x class 2 (a tie:
+    the lower class); class 1 has no error; class 2 none right, both taken for 0; an empty class is n/a."""
+    table = per_class_table([[5, 1, 1, 0], [0, 3, 0, 0], [2, 0, 0, 0], [0, 0, 0, 0]])
+    assert table["images"].tolist() == [7, 3, 2, 0]
+    assert table["correct"].tolist() == [5, 3, 0, 0]
+    assert table["accuracy"].tolist()[:3] == [5 / 7, 1.0, 0.0] and math.isnan(table["accuracy"][3])
+    assert table["confused_with"].tolist() == [1, pd.NA, 0, pd.NA]
+    assert table["confusions"].tolist() == [1, 0, 2, 0]
