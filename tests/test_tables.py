@@ -270,3 +270,16 @@ def test_a_layer_without_a_time_is_kept_as_not_timed(tmp_path):
 def test_no_profile_folder_is_no_profile_and_no_warning(tmp_path):
     warnings: list[str] = []
     assert load_profile(tmp_path / "profile", warnings) is None and warnings == []
+
+
+def test_a_profile_divides_every_implementation_by_the_hardware_peak_where_it_has_one():
+    import pandas as pd
+
+    from harness.tables import with_one_peak
+
+    frame = pd.DataFrame({"device": ["cpu", "cpu", "cuda"], "gflops_per_s": [50.0, 30.0, 1000.0],
+                          "peak_gflops": [200.0, 100.0, 4000.0], "pct_of_peak": [25.0, 30.0, 25.0]})
+    hardware = with_one_peak(frame, {"hardware_peak": {"gflops": 300.0}, "gemm_peak_gflops": {"torch-cuda": 5000.0}})
+    assert list(hardware["pct_of_peak"]) == [50 / 3, 10.0, 20.0]
+    older = with_one_peak(frame, {})  # no facts: the best GEMM per device of the CSV
+    assert list(older["pct_of_peak"]) == [25.0, 15.0, 25.0]
