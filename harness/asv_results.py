@@ -77,6 +77,7 @@ METRICS = {
     "track_max_rel_error": "max_rel_error",
     "track_threads": "threads",
     "track_gemm_peak_gflops": "gemm_peak",
+    "track_hardware_peak_gflops": "hardware_peak",
 }
 PREFIX_UNITS = {"time_": "seconds", "peakmem_": "bytes", "mem_": "bytes", "track_": UNKNOWN}
 GEMM_PEAK_METRIC = METRICS["track_gemm_peak_gflops"]

@@ -17,6 +17,7 @@ BENCHMARK_NAMES = [
     "time_forward", "time_inference", "time_train_step", "time_backward", "time_routing", "time_routing_backward",
     "peakmem_train_step", "track_host_memory_train_step", "track_host_memory_before_model", "track_max_rel_error",
     "track_threads", "track_gemm_peak_gflops", "track_compile_seconds", "track_plan_seconds",
+    "track_hardware_peak_gflops",
 ]
 
 
