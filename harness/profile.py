@@ -276,6 +276,7 @@ class Profiled:
     unprofiled: list[float]
     trace: Path | None = None
     ranges_per_step: int = 0
+    plan: dict | None = None  # the plan the implementation chose for its batch shape (torch-fused's convolutions)
 
 
 def profile_implementation(info: registry.ImplementationInfo, config: CapsNetConfig, batch_size: int, dtype: str,
@@ -319,7 +320,8 @@ def profile_implementation(info: registry.ImplementationInfo, config: CapsNetCon
                     tracemalloc.stop()
             recorder.step.phases = phases
             records.append(recorder.step)
-    return Profiled(info, records, unprofiled, trace, counter.count)
+    plan_facts = getattr(impl, "plan_facts", None)
+    return Profiled(info, records, unprofiled, trace, counter.count, plan_facts() if plan_facts else None)
 
 
 def export_trace(prof, path: Path) -> Path:
@@ -383,7 +385,7 @@ def implementation_summary(profiled: Profiled, batch_size: int, config_name: str
             "config_name": config_name, "dtype": dtype,
             "phases_s": {phase: statistics.median(record.phases[phase] for record in profiled.steps)
                          for phase, _ in PHASE_CALLS},
-            "trace": profiled.trace.name if profiled.trace else None}
+            "trace": profiled.trace.name if profiled.trace else None, "plan": profiled.plan}
 
 
 def markdown(frame: pd.DataFrame, summaries: dict[str, dict]) -> str:

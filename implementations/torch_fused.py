@@ -659,7 +659,7 @@ def time_candidates(config: CapsNetConfig, layer: str, batch_size: int, dtype: s
 
 # Choosing the plan where it runs ----------------------------------------------------------------------------
 
-PLAN_REPEATS, PLAN_PRUNE = 3, 1.5
+PLAN_REPEATS, PLAN_PRUNE = 3, 1.25
 PLAN_ENV = "CAPSBENCH_CONV_PLAN"
 
 

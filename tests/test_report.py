@@ -671,3 +671,16 @@ def test_with_the_hardware_peak_in_the_facts_every_implementation_divides_by_it(
     np.testing.assert_allclose(steps["pct_of_peak"], steps["gflops_per_s"])
     best = max(fixture_value(GEMM_PEAK, "'numpy'"), fixture_value(GEMM_PEAK, "'torch'"))
     np.testing.assert_allclose(steps["best_gemm_gflops"], best)
+
+
+def test_the_plan_each_batch_size_ran_with_is_in_the_summary():
+    plans = {"torch-fused": {"128": {"conv1": {"forward": "im2col-gemm", "weight": "im2col-gemm", "input": "offsets"},
+                                     "primary_caps": {"forward": "library", "weight": "library", "input": "rows"},
+                                     "source": "measured", "measure_seconds": 4.25},
+                             "32": {"conv1": {"forward": "offsets", "weight": "offsets", "input": "offsets"},
+                                    "primary_caps": {"forward": "library", "weight": "offsets", "input": "col2im"},
+                                    "source": "cache"}}}
+    assert report.plan_lines(plans) == [
+        "- torch-fused, batch 32: conv1: offsets/offsets/offsets; primary_caps: library/offsets/col2im (cache)",
+        "- torch-fused, batch 128: conv1: im2col-gemm/im2col-gemm/offsets; primary_caps: library/library/rows "
+        "(measured, measuring took 4.2 s)"]
