@@ -115,7 +115,7 @@ def test_a_fresh_process_is_another_process():
 def test_a_worker_that_dies_is_a_failure_within_seconds(function, args, expected):
     start = time.perf_counter()
     with pytest.raises(step_memory.WorkerDied, match=expected.replace("(", r"\(").replace(")", r"\)")):
-        step_memory.in_fresh_process(function, *args)
+        step_memory.in_fresh_process(function, *args, timeout_s=60)
     assert time.perf_counter() - start < 30
 
 
