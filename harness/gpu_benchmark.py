@@ -464,8 +464,9 @@ def stage_report(plan: Plan, runner: Runner) -> str:
 
 
 def archive(plan: Plan) -> Path:
-    """``OUT_DIR`` as one .tar.gz (without the asv environment and compile caches); without the framework
-    traces if the whole would pass the 16 MiB a results transfer allows; StageFailed if even that is."""
+    """``OUT_DIR`` as one .tar.gz (without the asv environment, compile caches and training checkpoints);
+    without the framework traces if the whole would pass the 16 MiB a results transfer allows; StageFailed
+    if even that is."""
     path = plan.archive_path
 
     def pack(skip_traces: bool) -> int:
@@ -473,7 +474,9 @@ def archive(plan: Plan) -> Path:
         with tarfile.open(temporary, "w:gz") as tar:
             for item in sorted(plan.out.rglob("*")):
                 relative = item.relative_to(plan.out)
-                if not item.is_file() or relative.parts[0] in ("asv-env", "asv-html", "compile-cache"):
+                if not item.is_file() or relative.parts[0] in ("asv-env", "asv-html", "compile-cache", "first-run"):
+                    continue
+                if item.name.endswith(".checkpoint.npz"):  # the paper network's is ~100 MB: it stays here
                     continue
                 if skip_traces and "traces" in relative.parts:
                     continue
@@ -650,6 +653,9 @@ def parser() -> argparse.ArgumentParser:
                         help="--stage accuracy: the first command's OUT_DIR or archive (default: OUT_DIR itself)")
     parser.add_argument("--max-epochs", type=int, default=ACCURACY_EPOCHS,
                         help=f"--stage accuracy: epochs in all, at most (default: {ACCURACY_EPOCHS})")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the stages and their estimates for every implementation registered on the "
+                             "device (available here or not), run nothing (default: off)")
     parser.add_argument("--archive", type=Path, help="the archive (default: OUT_DIR.tar.gz, beside OUT_DIR)")
     parser.add_argument("--device", choices=registry.DEVICES, default="cuda",
                         help="cuda (default); cpu runs the same stages on the CPU implementations, to test it")
@@ -682,11 +688,27 @@ def unpacked(first_run: Path, out: Path) -> Path:
     return folders[0] if len(folders) == 1 else target
 
 
+def dry_run(device: str, names: list[str] | None, smoke: bool, budget: float) -> str:
+    """The first command's stages with their estimates, one line each, and their sum against the budget."""
+    names = names or [info.name for info in registry.entries() if info.device == device]
+    plan = Plan(Path("OUT_DIR"), device, names, smoke, None, "dry-run", budget)
+    stages = benchmark_stages(plan)
+    lines = [f"{len(names)} implementation(s) on {device}: {len(plan.eager)} eager, {len(plan.compiling)} compiling"]
+    lines += [f"  {stage.name:<15} {stage.estimate_s:6.1f} s" for stage in stages]
+    total = sum(stage.estimate_s for stage in stages) + plan.costs.archive_s
+    lines += [f"  {'archive':<15} {plan.costs.archive_s:6.1f} s",
+              f"  {'total':<15} {total:6.1f} s of a {budget:.0f} s budget"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.budget <= 0:
         print(f"error: --budget {args.budget:g}: give the seconds the run may take, e.g. --budget 540", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print(dry_run(args.device, args.impl, args.smoke, args.budget))
+        return 0
     if args.device == "cuda" and (problem := gpu_problem()):
         print(f"error: {problem}; nothing was run", file=sys.stderr)
         return 2

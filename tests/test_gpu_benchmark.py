@@ -56,6 +56,8 @@ def test_without_a_gpu_it_ends_within_seconds_with_one_line(tmp_path):
 
 def test_a_failing_stage_is_recorded_with_its_last_line_and_the_run_goes_on(tmp_path):
     plan = make_plan(tmp_path)
+    (plan.out / "training").mkdir(parents=True)
+    (plan.out / "training" / "accuracy.checkpoint.npz").write_bytes(b"a checkpoint stays on the machine")
     stages = [command_stage("facts", "print('facts ok')"),
               command_stage("parity", "import sys; print('checking'); print('ValueError: parity broke'); sys.exit(3)"),
               command_stage("report", "print('report ok')")]
@@ -70,6 +72,17 @@ def test_a_failing_stage_is_recorded_with_its_last_line_and_the_run_goes_on(tmp_
     assert lines[-1].startswith("stage 4/4 archive: ")
     beside = json.loads((tmp_path / "out" / "run.steps.json").read_text())
     assert beside["stages"] == recorded
+    with tarfile.open(plan.archive_path) as tar:
+        assert not any(name.endswith(".checkpoint.npz") for name in tar.getnames())
+
+
+def test_the_dry_run_prints_the_estimates_and_runs_nothing(tmp_path, capsys):
+    assert gpu_benchmark.main([str(tmp_path / "run"), "--dry-run", "--budget", "480"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "10 implementation(s) on cuda: 6 eager, 4 compiling"
+    assert [line.split()[0] for line in lines[1:]] == ["facts", "parity", "gpu-tests", "suite", "suite-compiled",
+                                                       "profile", "report", "archive", "total"]
+    assert lines[-1].endswith("s of a 480 s budget") and not (tmp_path / "run").exists()
 
 
 def test_a_hanging_stage_is_killed_at_its_cap_and_the_run_goes_on(tmp_path, monkeypatch):
