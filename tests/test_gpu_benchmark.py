@@ -69,6 +69,8 @@ def test_a_failing_stage_is_recorded_with_its_last_line_and_the_run_goes_on(tmp_
     lines = stream.getvalue().splitlines()
     assert lines[0] == "stage 1/4 facts: estimate 1 s, budget left 300 s"
     assert lines[3].startswith("stage 2/4 parity: failed in ") and lines[3].endswith("(log: parity.log)")
+    assert gpu_benchmark.last_line("ValueError: real\nasv: skipped: NotImplementedError('x')\ndone") == \
+        "ValueError: real"
     assert lines[-1].startswith("stage 4/4 archive: ")
     beside = json.loads((tmp_path / "out" / "run.steps.json").read_text())
     assert beside["stages"] == recorded
