@@ -175,6 +175,13 @@ BUGS = (
     Bug("a dead memory worker is waited for", "harness/step_memory.py",
         "    sender.close()  # the child's copy", "    keep = sender  # the child's copy",
         ("tests/test_step_memory.py::test_a_worker_that_dies_is_a_failure_within_seconds",)),
+    Bug("the GPU run packs its archive only at the end", "harness/gpu_benchmark.py",
+        "        pack(plan, steps, stream)\n    print(", "    pack(plan, steps, stream)\n    print(",
+        ("tests/test_gpu_benchmark.py::test_a_run_killed_mid_stage_leaves_the_archive_and_says_what_was_running",)),
+    Bug("a failing GPU-run stage ends the run", "harness/gpu_benchmark.py",
+        "            steps[stage.name] = outcome\n", "            steps[stage.name] = outcome\n"
+        "            if outcome['status'] != 'ok':\n                break\n",
+        ("tests/test_gpu_benchmark.py::test_a_failing_stage_is_recorded_with_its_last_line_and_the_run_goes_on",)),
     Bug("the CUDA-graph backward is captured lazily", "implementations/torch_cuda_graph.py",
         "        if region.backward is None:\n            self._capture_backward(region)\n        region.captured",
         "        region.captured",
