@@ -312,3 +312,14 @@ def test_every_other_table_sees_the_full_gradient_and_old_results_are_full():
     old = tidy_frame([row("a", "train_step", 0.5)])  # no routing_gradient parameter at all
     assert old["routing_gradient"].tolist() == ["full"]
     assert routing_gradient_table(run_rows(old, run("a"), None), 3).empty
+
+
+def test_a_training_record_names_its_routing_gradient_and_an_old_one_is_full():
+    from harness.plots import training_label
+
+    frame = training_table([(Path("old.json"), record()),
+                            (Path("final.json"), record(routing_gradient="final"))]).set_index("file")
+    assert frame.loc["old.json", "routing_gradient"] == "full"
+    assert frame.loc["final.json", "routing_gradient"] == "final"
+    assert "final routing gradient" in training_label(record(routing_gradient="final"), "final", False)
+    assert "routing gradient" not in training_label(record(), "old", False)  # full, the default, goes unsaid
