@@ -52,7 +52,7 @@ from harness.params import init_parameters
 from harness.peak import backend_of, gemm_peak_gflops, machine_hardware_peak, one_peak, peak_sentence
 from harness.ranges import RANGE_PREFIX, layer_range, range_name, recording
 from harness.results import PROFILE_KIND, PROFILE_SUBDIR, RUNS_DIR, atomic_output, write_json_atomic, write_text_atomic
-from harness.spec import CONFIGS, CapsNetConfig, get_config
+from harness.spec import CONFIGS, ROUTING_GRADIENTS, CapsNetConfig, get_config
 from harness.threads import set_threads, thread_facts, usable_cpu_count
 
 PHASE_CALLS = (("forward", "forward_loss"), ("backward", "backward"), ("update", "adam_step"))
@@ -429,8 +429,10 @@ def markdown(frame: pd.DataFrame, summaries: dict[str, dict]) -> str:
 # The command ------------------------------------------------------------------------------------------------
 
 
-def choose(names: list[str] | None, device: str | None) -> list[registry.ImplementationInfo]:
-    """The implementations to profile; ProfileError with one line when a name is unknown or none can run."""
+def choose(names: list[str] | None, device: str | None, routing_gradient: str = "full"
+           ) -> list[registry.ImplementationInfo]:
+    """The implementations to profile; ProfileError with one line when a name is unknown or none can run
+    (unavailable here, or without the routing gradient asked for)."""
     try:
         infos = [registry.get(name) for name in names] if names else registry.entries()
     except registry.UnknownImplementationError as error:
@@ -440,6 +442,8 @@ def choose(names: list[str] | None, device: str | None) -> list[registry.Impleme
     runnable, reasons = [], []
     for info in infos:
         status = info.availability()
+        if status:
+            status = info.supports(routing_gradient)
         if status:
             runnable.append(info)
         elif names:
@@ -472,6 +476,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="paper", help="network (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
     parser.add_argument("--dtype", choices=registry.DTYPES, default="float32", help="(default: %(default)s)")
+    parser.add_argument("--routing-gradient", choices=ROUTING_GRADIENTS, default="full",
+                        help="how the gradient flows through routing (harness.spec): every iteration (full) or the "
+                             "last one's weighted sum alone (final); implementations without it are left out "
+                             "(default: %(default)s)")
     parser.add_argument("--device", choices=registry.DEVICES, help="only implementations on this device (default: any)")
     parser.add_argument("--steps", type=positive_int, default=5,
                         help="profiled steps, and as many unprofiled ones for the overhead (default: %(default)s)")
@@ -489,12 +497,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        infos = choose(args.impl, args.device)
+        infos = choose(args.impl, args.device, args.routing_gradient)
         out = writable_folder(args.out)
     except ProfileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    config = get_config(args.config)
+    config = get_config(args.config).replace(routing_gradient=args.routing_gradient)
     threads = args.threads or usable_cpu_count()
     set_threads(threads)
     peaks, rows, summaries = {}, [], {}
@@ -517,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                              one_peak(info.device, hardware, peaks))
         summaries[info.name] = implementation_summary(profiled, args.batch_size, args.config, args.dtype,
                                                       range_seconds)
+        summaries[info.name]["routing_gradient"] = config.routing_gradient
     if not rows:
         print("error: no implementation could be profiled", file=sys.stderr)
         return 1

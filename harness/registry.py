@@ -65,6 +65,12 @@ Devices and memory
   device-memory baseline means the same for every framework.
 * ``pci_bus_id()``: the PCI bus id of the GPU the implementation computes on (None on the CPU), so that
   NVML reads that device and no other.
+* ``routing_gradients`` (class attribute, default ``("full",)``): the routing gradients
+  (:data:`harness.spec.ROUTING_GRADIENTS`, defined in :mod:`harness.spec`) the implementation computes.
+  Building it with a config whose ``routing_gradient`` is not among them raises
+  :class:`UnsupportedRoutingGradientError`, which the harness's commands report as a skip with the
+  reason; none computes ``full`` in place of ``final``.  ``harness.check`` compares the ``final`` gradient
+  with the reference's, so a claim the code does not keep fails there.
 * ``first_call_compiles`` (class attribute, default False): True where the first call of a shape compiles
   or captures (torch.compile, CUDA graphs); the suite's ``CompileTime`` measures that set-up apart, and
   data-parallel training, which wraps the eager module, refuses such an implementation.
@@ -112,6 +118,19 @@ class UnavailableImplementationError(RuntimeError):
     """A registered implementation that cannot run here (missing package, no device, ...)."""
 
 
+class UnsupportedRoutingGradientError(UnavailableImplementationError):
+    """An implementation built with a routing gradient (``config.routing_gradient``) it does not compute."""
+
+
+def routing_gradient_support(cls: type, routing_gradient: str) -> Availability:
+    """Whether implementation class ``cls`` computes ``routing_gradient``; when not, the reason."""
+    supported = getattr(cls, "routing_gradients", ("full",))
+    if routing_gradient in supported:
+        return Availability.ok()
+    return Availability.missing(f"computes the routing gradient {' and '.join(supported)} only, not "
+                                f"{routing_gradient!r}")
+
+
 @dataclass(frozen=True)
 class Availability:
     """Whether an implementation can run here; when not, a reason a person can act on."""
@@ -154,6 +173,7 @@ class Implementation(abc.ABC):
     framework: str = "unknown"
     u_hat_layout: str = CANONICAL_U_HAT_LAYOUT
     first_call_compiles: bool = False
+    routing_gradients: tuple[str, ...] = ("full",)
 
     def __init__(
         self,
@@ -167,6 +187,10 @@ class Implementation(abc.ABC):
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if routing_variant not in ROUTING_VARIANTS:
             raise ValueError(f"routing_variant must be one of {ROUTING_VARIANTS}, got {routing_variant!r}")
+        gradient = getattr(config, "routing_gradient", "full")
+        support = routing_gradient_support(type(self), gradient)
+        if not support:
+            raise UnsupportedRoutingGradientError(f"{type(self).__name__} {support.reason}")
         validate_parameters(params, config)
         self.config = config
         self.dtype = dtype
@@ -279,6 +303,10 @@ class ImplementationInfo:
         return {"framework": self.framework, "device": self.device, "routing_variant": self.routing_variant,
                 "source": self.source}
 
+    def supports(self, routing_gradient: str) -> Availability:
+        """Whether it computes ``routing_gradient`` (see :data:`harness.spec.ROUTING_GRADIENTS`)."""
+        return routing_gradient_support(self.cls, routing_gradient)
+
     def availability(self) -> Availability:
         try:
             return self.cls.availability(self.device)
@@ -292,6 +320,9 @@ class ImplementationInfo:
         status = self.availability()
         if not status:
             raise UnavailableImplementationError(f"implementation {self.name!r} is unavailable here: {status.reason}")
+        support = self.supports(config.routing_gradient)
+        if not support:
+            raise UnsupportedRoutingGradientError(f"implementation {self.name!r} {support.reason}")
         return self.cls(config, params, dtype=dtype, device=self.device, routing_variant=self.routing_variant)
 
 
