@@ -283,3 +283,32 @@ def test_the_scaling_options_reach_every_world_size_s_ranks(tmp_path, monkeypatc
                          "--config", "small", "--out", str(out)]) == 0
     assert [(w, a.per_rank_batch_size, a.threads) for w, a, _, _ in launched] == [(1, 4, 2), (2, 4, 1)]
     assert json.loads(out.read_text())["scaling"] == "weak"
+
+
+def test_the_profile_options_reach_what_it_runs(tmp_path, monkeypatch, capsys):
+    """--impl, --config, --batch-size, --dtype, --steps, --warmup, --no-memory, --threads, --gemm-size and
+    --out, spied on in the calls the profiler makes (the profiling itself is stubbed: it fails, so the
+    command ends with exit 1 and writes nothing)."""
+    from harness import profile
+
+    calls = {"profiled": [], "peak": [], "threads": []}
+
+    def profiled(info, config, batch_size, dtype, steps, warmup, traces, memory):
+        calls["profiled"].append((info.name, config, batch_size, dtype, steps, warmup, traces, memory))
+        raise RuntimeError("stub")
+
+    monkeypatch.setattr(profile, "profile_implementation", profiled)
+    monkeypatch.setattr(profile, "gemm_peak_gflops", lambda backend, size: calls["peak"].append(size) or 1.0)
+    monkeypatch.setattr(profile, "set_threads", calls["threads"].append)
+    assert profile.main(["--impl", "numpy-vectorised", "torch-looped", "--config", "small", "--batch-size", "3",
+                         "--dtype", "float64", "--steps", "4", "--warmup", "0", "--no-memory", "--threads", "1",
+                         "--gemm-size", "64", "--out", str(tmp_path / "p")]) == 1
+    traces = tmp_path / "p" / profile.TRACES
+    small = CONFIGS["small"]
+    assert calls["profiled"] == [("numpy-vectorised", small, 3, "float64", 4, 0, traces, False),
+                                 ("torch-looped", small, 3, "float64", 4, 0, traces, False)]
+    assert calls["threads"] == [1] and set(calls["peak"]) == {64}
+    calls["profiled"].clear()
+    assert profile.main(["--impl", "numpy-vectorised", "--out", str(tmp_path / "p")]) == 1
+    assert calls["profiled"][0][1:] == (CONFIGS["paper"], 32, "float32", 5, 2, traces, True)  # the defaults
+    assert "profiling numpy-vectorised failed: RuntimeError: stub" in capsys.readouterr().err
