@@ -115,3 +115,10 @@ def test_activation_memory_hand_count():
     assert parameter_state_bytes(TINY, itemsize=4) == 4 * 1193 * 4
     assert expected_step_bytes(TINY, 2) == 4 * 1193 * 4 + sum(kept.values())
     assert im2col_bytes(TINY, 1, itemsize=1) == 8 * 8 * 9 * 1 + 3 * 3 * 9 * 2
+
+
+def test_conv1_counts_every_input_channel():
+    """A 3-channel image triples Conv1's multiply-adds (MNIST's single channel hides a division by it)."""
+    colour = forward_flops(TINY.replace(image_channels=3))
+    assert colour["conv1"] == 2 * (8 * 8 * 2) * 9 * 3 + 128  # 6912 + 128
+    assert backward_flops(TINY.replace(image_channels=3))["conv1"] == 6912 + 128
