@@ -23,6 +23,8 @@ from harness.tables import (
     read_profile_csv,
     speedup_table,
     summary_table,
+    training_images,
+    training_ranks,
     training_table,
 )
 
@@ -270,3 +272,31 @@ def test_a_layer_without_a_time_is_kept_as_not_timed(tmp_path):
 def test_no_profile_folder_is_no_profile_and_no_warning(tmp_path):
     warnings: list[str] = []
     assert load_profile(tmp_path / "profile", warnings) is None and warnings == []
+
+
+def test_the_reason_an_implementation_did_not_run_follows_its_statuses():
+    """Failed everywhere, failed somewhere and skipped elsewhere, skipped everywhere on a machine with a GPU:
+    three reasons in words; an implementation with one value ran."""
+    rows = pd.DataFrame([
+        {"implementation": "a", "device": "cpu", "value": math.nan, "status": "failed"},
+        {"implementation": "a", "device": "cpu", "value": math.nan, "status": "failed"},
+        {"implementation": "b", "device": "cpu", "value": math.nan, "status": "failed"},
+        {"implementation": "b", "device": "cpu", "value": math.nan, "status": "skipped"},
+        {"implementation": "c", "device": "cuda", "value": math.nan, "status": "skipped"},
+        {"implementation": "d", "device": "cpu", "value": math.nan, "status": "failed"},
+        {"implementation": "d", "device": "cpu", "value": 1.0, "status": "ok"},
+        {"implementation": None, "device": "cpu", "value": math.nan, "status": "failed"},
+    ])
+    assert not_run(rows, {"gpu": {"available": True}}) == {
+        "a": "failed in every benchmark", "b": "skipped or failed in every benchmark",
+        "c": "skipped in every benchmark: unavailable here or left out"}
+    assert not_run(rows, {"gpu": {"available": False}})["c"] == "unavailable: no CUDA GPU on this machine"
+    assert not_run_line({}) == ""
+
+
+def test_recorded_counts_win_over_limits_and_impossible_counts_fall_back():
+    assert training_images({"train_images": 384, "test_images": 200, "limit": 512, "test_limit": 100}) == (384, 200)
+    assert training_images({"limit": 70000, "test_limit": 20000}) == (60000, 10000)  # clamped to MNIST
+    assert training_ranks({"ranks": 1, "distributed": {"world_size": 2}}) == 1
+    assert training_ranks({"ranks": 0, "distributed": {"world_size": 0}}) == 1
+    assert training_ranks({"ranks": 0, "distributed": {"world_size": 3}}) == 3
