@@ -300,3 +300,26 @@ def test_recorded_counts_win_over_limits_and_impossible_counts_fall_back():
     assert training_ranks({"ranks": 1, "distributed": {"world_size": 2}}) == 1
     assert training_ranks({"ranks": 0, "distributed": {"world_size": 0}}) == 1
     assert training_ranks({"ranks": 0, "distributed": {"world_size": 3}}) == 3
+
+
+def test_every_column_of_a_training_row():
+    """Each column from its own field, and what stands in for a field an old or partial record lacks."""
+    epochs = [{"epoch": 1, "mean_loss": 0.7, "test_accuracy": 0.5, "train_seconds": 4.0, "images": 100},
+              {"epoch": 2, "mean_loss": 0.3, "test_accuracy": 0.25, "train_seconds": 6.0}]  # no image count
+    frame = training_table([
+        (Path("full.json"), record(device="cuda", config_name="small", batch_size=64, epochs_requested=5,
+                                   status="interrupted", schedule="constant", epochs=epochs)),
+        (Path("bare.json"), {"implementation": "x"}),
+    ]).set_index("file")
+    full = frame.loc["full.json"]
+    assert (full["implementation"], full["device"], full["config"], full["batch_size"], full["status"]) == (
+        "torch-vectorised", "cuda", "small", 64, "interrupted")
+    assert (full["epochs"], full["epochs_requested"], full["schedule"]) == (2, 5, "constant")
+    assert (full["best_test_accuracy"], full["final_test_accuracy"], full["final_mean_loss"]) == (0.5, 0.25, 0.3)
+    assert full["train_seconds"] == 10.0 and full["images_per_second"] == 10.0  # 100 images / 10 s
+    bare = frame.loc["bare.json"]
+    assert (bare["device"], bare["config"], bare["status"], bare["epochs"], bare["epochs_requested"]) == (
+        "?", "?", "?", 0, 0)
+    assert bare["train_seconds"] == 0 and math.isnan(bare["images_per_second"])
+    assert math.isnan(bare["best_test_accuracy"]) and math.isnan(bare["final_test_accuracy"])
+    assert math.isnan(bare["final_mean_loss"]) and pd.isna(bare["batch_size"])
