@@ -5,6 +5,7 @@ did not run, the training table's images and ranks, and the profile reader."""
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -323,3 +324,14 @@ def test_every_column_of_a_training_row():
     assert bare["train_seconds"] == 0 and math.isnan(bare["images_per_second"])
     assert math.isnan(bare["best_test_accuracy"]) and math.isnan(bare["final_test_accuracy"])
     assert math.isnan(bare["final_mean_loss"]) and pd.isna(bare["batch_size"])
+
+
+def test_a_profile_without_its_json_describes_each_implementation_from_its_own_csv_rows(tmp_path):
+    shutil.copy(PROFILE / "profile.csv", tmp_path)
+    warnings: list[str] = []
+    profile = load_profile(tmp_path, warnings)
+    assert warnings == []
+    assert profile.about("numpy-looped") == {"framework": "numpy", "device": "cpu", "config_name": "small",
+                                             "batch_size": 16, "dtype": "float32", "steps": 1}
+    assert profile.about("torch-vectorised")["framework"] == "torch"
+    assert profile.about("torch-vectorised")["steps"] == 5
