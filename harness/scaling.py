@@ -25,8 +25,6 @@ report: the speed-up over the smallest world size divided by the growth of the c
 ranks x threads per rank on the CPU (so splitting two cores over two ranks is judged against the two
 cores, not against twice the cores) and ranks on GPUs.  A single rank has no all-reduce: its share is
 None, not 0.
-
-``python -m harness.distributed scaling ...`` is the same command.
 """
 
 from __future__ import annotations
@@ -40,10 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import registry
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
-from harness.epochs import non_negative_int, positive_float, positive_int
 from harness.results import RUNS_DIR, SCALING_KIND, SCALING_SUBDIR, read_json, write_json_atomic
 from harness.spec import CONFIGS, get_config
 from harness.threads import usable_cpu_count
@@ -134,6 +130,8 @@ def measure_scaling(ctx, impl, ddp, config, per_rank: int, steps: int, warmup: i
 
 
 def _worker_parser() -> argparse.ArgumentParser:
+    from harness.epochs import non_negative_int, positive_float, positive_int  # see parser()
+
     parser = argparse.ArgumentParser(prog="python -m harness.scaling worker",
                                      description="one rank of the scaling measurement (started by the command)")
     parser.add_argument("--impl", required=True)
@@ -192,6 +190,10 @@ def worker_main(argv: list[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    # imported here, not at the top: the report imports this module for its figures, and harness.epochs
+    # imports the registry, which the report must not
+    from harness.epochs import non_negative_int, positive_float, positive_int
+
     parser = argparse.ArgumentParser(
         prog="python -m harness.scaling",
         description="time data-parallel (DDP) steps for several world sizes on this machine (torchrun "
@@ -224,6 +226,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def scaling_main(argv: list[str]) -> int:
+    from harness import registry  # here, not at the top: the report imports this module's figures alone
     from harness.distributed import torch_implementation
 
     args = parser().parse_args(argv)
@@ -308,9 +311,7 @@ def format_scaling_table(payload: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["scaling"]:  # `python -m harness.distributed scaling ...` forwards here
-        argv = argv[1:]
-    if argv[:1] in (["worker"], ["scaling-worker"]):
+    if argv[:1] == ["worker"]:
         return worker_main(argv[1:])
     return scaling_main(argv)
 
