@@ -331,14 +331,16 @@ def distributed_block(ctx: Context, args: argparse.Namespace) -> dict:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = parser()
+    args = command.parse_args(argv)
     try:
-        record, resumed_from, params, adam = epochs.prepare_resume(args)
+        record, resumed_from, params, adam = epochs.prepare_resume(args, epochs.given_options(command, argv))
         info = torch_implementation(args.impl)
         config = get_config(args.config)
         launch_environment()
     except (registry.UnknownImplementationError, registry.UnavailableImplementationError, LaunchError,
-            ResultsFileError, FileNotFoundError) as error:
+            ResultsFileError, epochs.TrainingOptionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -359,7 +361,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 record = epochs.new_record(info, args, SCHEDULES[args.schedule], len(train_set), len(test_set),
                                            ranks=ctx.world_size)
                 record["distributed"] = distributed_block(ctx, args)
-            record["status"] = "running"
+            epochs.mark_running(record)
             write_json_atomic(out, record)
             print(epochs.start_line(info.name, args, len(train_set), len(test_set), out, ranks=ctx.world_size,
                                     resumed_from=resumed_from), flush=True)

@@ -6,6 +6,8 @@ into figures.
 from __future__ import annotations
 
 import math
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -284,7 +286,7 @@ def training_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
                     "train_images": train_images, "test_images": test_images,
                     "schedule": schedule.get("name", "?") if isinstance(schedule, dict) else schedule or NA,
                     "epochs": len(epochs), "epochs_requested": record.get("epochs_requested", len(epochs)),
-                    "status": record.get("status", "?"),
+                    "status": training_status(record),
                     "best_test_accuracy": best if isinstance(best, (int, float)) else
                     max(accuracies) if accuracies else math.nan,
                     "final_test_accuracy": final if isinstance(final, (int, float)) else
@@ -294,6 +296,32 @@ def training_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
                     "wall_seconds": epoch_total(epochs, "wall_seconds"),
                     "images_per_second": images / seconds if seconds else math.nan})
     return pd.DataFrame(out)
+
+
+def training_status(record: dict) -> str:
+    """A training record's status as the report shows it: 'running' only while the process that writes it
+    (pid and host recorded, :func:`harness.epochs.process_facts`) still exists; one left 'running' by a
+    process that is gone (SIGKILL, out of memory, a crashed machine) ended without a status."""
+    status = record.get("status", "?")
+    if status != "running":
+        return status
+    pid, host = record.get("pid"), record.get("host")
+    if not isinstance(pid, int) or host is None:
+        return "running? (no process recorded)"
+    if host != socket.gethostname():
+        return f"running? (on {host})"
+    return "running" if process_exists(pid) else "ended without a status (killed?)"
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def distributed_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:

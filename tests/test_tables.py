@@ -270,3 +270,21 @@ def test_a_layer_without_a_time_is_kept_as_not_timed(tmp_path):
 def test_no_profile_folder_is_no_profile_and_no_warning(tmp_path):
     warnings: list[str] = []
     assert load_profile(tmp_path / "profile", warnings) is None and warnings == []
+
+
+def test_a_run_left_running_by_a_process_that_is_gone_ended_without_a_status():
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from harness.tables import training_status
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    here = socket.gethostname()
+    assert training_status({"status": "running", "pid": gone.pid, "host": here}) == "ended without a status (killed?)"
+    assert training_status({"status": "running", "pid": os.getpid(), "host": here}) == "running"
+    assert training_status({"status": "running", "pid": 1, "host": "elsewhere"}) == "running? (on elsewhere)"
+    assert training_status({"status": "running"}) == "running? (no process recorded)"
+    assert training_status({"status": "interrupted", "pid": gone.pid, "host": here}) == "interrupted"
