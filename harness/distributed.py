@@ -305,7 +305,8 @@ def train_distributed(ctx: Context, impl, ddp, train_set: Dataset, test_set: Dat
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchrun --nproc-per-node N -m harness.distributed train",
-        description="data-parallel training (DistributedDataParallel); run one process per rank with torchrun")
+        description="Data-parallel training (DistributedDataParallel): torchrun starts one process per rank, each "
+                    "running this command (the scaling measurement is `capsbench scaling`).")
     epochs.add_training_arguments(parser, batch_help="images per step on each rank (global batch = world size "
                                                      "x this)", default_impl="torch-vectorised")
     parser.add_argument("--threads", type=epochs.positive_int,
@@ -409,12 +410,13 @@ def main(argv: list[str] | None = None) -> int:
         from harness import scaling
 
         return scaling.main(argv)
+    if argv[:1] in (["-h"], ["--help"]):  # the options of the one command, train
+        parser().print_help()
+        return 0
     if argv[:1] != ["train"]:
-        asked = argv[:1] in (["-h"], ["--help"])
         print("usage: python -m harness.distributed train ...  (under torchrun: "
-              f"{TORCHRUN_EXAMPLE}; the scaling measurement is python -m harness.scaling)",
-              file=sys.stdout if asked else sys.stderr)
-        return 0 if asked else 2
+              f"{TORCHRUN_EXAMPLE}; the scaling measurement is python -m harness.scaling)", file=sys.stderr)
+        return 2
     return train_main(argv[1:])
 
 

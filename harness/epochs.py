@@ -101,7 +101,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, batch_help: str, 
                         help="seed of the data order and augmentation (default: %(default)s)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="paper",
                         help="network size (default: %(default)s)")
-    parser.add_argument("--dtype", choices=registry.DTYPES, default="float32", help="(default: %(default)s)")
+    parser.add_argument("--dtype", choices=registry.DTYPES, default="float32",
+                        help="floating-point type of parameters and data (default: %(default)s)")
     parser.add_argument("--no-augment", action="store_true",
                         help=f"no random shifts of up to {MAX_SHIFT_PIXELS} pixels (default: shift, as the paper)")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default=DEFAULT_SCHEDULE,

@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness import cli, registry
 from harness import flops as flops_module
-from harness import registry
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
 from harness.formatting import fmt, markdown_table
@@ -463,11 +463,12 @@ def writable_folder(path: Path) -> Path:
 def parser() -> argparse.ArgumentParser:
     from harness.epochs import non_negative_int, positive_int
 
-    parser = argparse.ArgumentParser(prog="python -m harness.profile", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=cli.prog("profile"), description=cli.description(__doc__))
     parser.add_argument("--impl", nargs="+", metavar="NAME", help="implementations (default: every available one)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="paper", help="network (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
-    parser.add_argument("--dtype", choices=registry.DTYPES, default="float32", help="(default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per step (default: %(default)s)")
+    parser.add_argument("--dtype", choices=registry.DTYPES, default="float32",
+                        help="floating-point type of parameters and data (default: %(default)s)")
     parser.add_argument("--device", choices=registry.DEVICES, help="only implementations on this device (default: any)")
     parser.add_argument("--steps", type=positive_int, default=5,
                         help="profiled steps, and as many unprofiled ones for the overhead (default: %(default)s)")

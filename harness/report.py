@@ -1,4 +1,4 @@
-"""python -m harness.report: tables and plots from the benchmark, training and distributed-scaling results.
+"""python -m harness.report: tables and plots from the benchmark, training, profile and scaling results.
 
 Reads ``<results>/asv`` (asv's own layout, with the suite's machine facts in ``<results>/asv-facts``),
 ``<results>/training/*.json`` (``python -m harness.train``), ``<results>/profile/profile.csv`` with
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness import plots
+from harness import cli, plots
 from harness.asv_results import ASV_RESULTS_SUBDIR, AsvResults, Run, load_asv, machine_names
 from harness.formatting import (
     NA,
@@ -606,7 +606,7 @@ def compare_runs(table: pd.DataFrame, runs: list[Run], out: Path, written: list[
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=cli.prog("report"), description=cli.description(__doc__))
     parser.add_argument("--results", type=Path, default=RUNS_DIR,
                         help="folder holding asv/, asv-facts/, training/, profile/ and distributed/ (default: runs, "
                              "where every command writes; the results this repository ships are in results)")

@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import registry
+from harness import cli, registry
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
 from harness.epochs import non_negative_int, positive_float, positive_int
@@ -134,18 +134,21 @@ def measure_scaling(ctx, impl, ddp, config, per_rank: int, steps: int, warmup: i
 
 
 def _worker_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness.scaling worker",
-                                     description="one rank of the scaling measurement (started by the command)")
-    parser.add_argument("--impl", required=True)
-    parser.add_argument("--config", choices=sorted(CONFIGS), required=True)
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--per-rank-batch-size", type=positive_int, required=True)
-    parser.add_argument("--steps", type=positive_int, required=True)
-    parser.add_argument("--warmup", type=non_negative_int, required=True)
-    parser.add_argument("--threads", type=positive_int, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout-s", type=positive_float, default=DEFAULT_TIMEOUT_S)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = argparse.ArgumentParser(prog=cli.prog("scaling", "worker"),
+                                     description="One rank of the scaling measurement (started by `scaling` under "
+                                                 "torchrun, not by hand).")
+    parser.add_argument("--impl", required=True, help="the torch implementation measured")
+    parser.add_argument("--config", choices=sorted(CONFIGS), required=True, help="network size")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="floating-point type (default: %(default)s)")
+    parser.add_argument("--per-rank-batch-size", type=positive_int, required=True, help="images per step on each rank")
+    parser.add_argument("--steps", type=positive_int, required=True, help="timed steps of each kind")
+    parser.add_argument("--warmup", type=non_negative_int, required=True, help="untimed steps of each kind first")
+    parser.add_argument("--threads", type=positive_int, required=True, help="CPU threads of this rank")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic batches (default: %(default)s)")
+    parser.add_argument("--timeout-s", type=positive_float, default=DEFAULT_TIMEOUT_S,
+                        help="process-group timeout (default: %(default)s)")
+    parser.add_argument("--out", type=Path, required=True, help="where rank 0 writes the measurement")
     return parser
 
 
@@ -193,13 +196,13 @@ def worker_main(argv: list[str]) -> int:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m harness.scaling",
-        description="time data-parallel (DDP) steps for several world sizes on this machine (torchrun "
-                    "--standalone for each) and write one results file")
+        prog=cli.prog("scaling"),
+        description="Time data-parallel (DDP) steps for several world sizes on this machine (torchrun "
+                    "--standalone for each) and write one results file.")
     parser.add_argument("--impl", default="torch-vectorised", metavar="NAME", help="a torch implementation "
                         "(default: %(default)s)")
     parser.add_argument("--world-sizes", type=positive_int, nargs="+", default=[1, 2], metavar="W",
-                        help="(default: 1 2)")
+                        help="the numbers of ranks to measure (default: 1 2)")
     parser.add_argument("--threads", type=positive_int,
                         help="CPU threads in total, split evenly over the ranks (default: the CPUs this process "
                              f"may use, {usable_cpu_count()} here)")
@@ -213,9 +216,12 @@ def parser() -> argparse.ArgumentParser:
                         help="timed steps of each kind, with and without all-reduce (default: %(default)s)")
     parser.add_argument("--warmup", type=non_negative_int, default=2,
                         help="untimed steps of each kind first (default: %(default)s)")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="paper", help="(default: %(default)s)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="paper",
+                        help="network size (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="floating-point type of parameters and data (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the synthetic batches (default: %(default)s)")
     parser.add_argument("--timeout-s", type=positive_float, default=DEFAULT_TIMEOUT_S,
                         help="process-group timeout of the ranks (default: %(default)s)")
     parser.add_argument("--out", type=Path, help=f"results file (default: runs/{SCALING_SUBDIR}/<impl>_<config>_"

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from harness import epochs, registry
+from harness import cli, epochs, registry
 from harness.data import DataError, load_mnist
 from harness.params import init_parameters
 from harness.results import ResultsFileError, write_json_atomic
@@ -60,7 +60,7 @@ def train_epochs(impl: registry.Implementation, train_set, test_set, record: dic
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness.train", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog=cli.prog("train"), description=cli.description(__doc__),
                                      epilog="--distributed: data-parallel under torchrun, the same as "
                                             "`torchrun ... -m harness.distributed train`, whose options it takes")
     epochs.add_training_arguments(parser, batch_help="images per step", default_impl=None)
