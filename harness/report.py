@@ -516,8 +516,15 @@ def plots_section(entries: list[tuple[str, str, str]]) -> str:
 
 # ------------------------------------------------------------------------------------------------ main
 def no_results_message(root: Path) -> str:
-    return (f"error: no results under {root / ASV_RESULTS_SUBDIR} or {root / TRAINING_SUBDIR}: run `asv run --quick` "
-            "(benchmarks) or `python -m harness.train --impl NAME --data-dir DIR` first (see README)")
+    return (f"error: no results under {root} (none in {ASV_RESULTS_SUBDIR}/, {TRAINING_SUBDIR}/, {PROFILE_SUBDIR}/ "
+            f"or {SCALING_SUBDIR}/): any one of `asv run --quick` (benchmarks), `python -m harness.train --impl NAME "
+            "--data-dir DIR`, `python -m harness.profile` or `python -m harness.scaling` makes a report (see README)")
+
+
+def start_line(root: Path, out: Path) -> str:
+    """The first line of a report: what it reads and where it writes."""
+    return (f"report from the results under {root} ({ASV_RESULTS_SUBDIR}/, {TRAINING_SUBDIR}/, {PROFILE_SUBDIR}/, "
+            f"{SCALING_SUBDIR}/) -> {out / REPORT_MD} and its tables and plots in {out}")
 
 
 def build_report(root: Path, out: Path, asv: AsvResults, training: list, distributed: list,
@@ -528,10 +535,13 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
     table = asv.table
     generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md = ["# capsbench report", "",
-          f"Generated {generated} by `python -m harness.report` from `{root}`. "
-          f"The tidy table of every benchmark result is [`{TIDY_CSV}`]({TIDY_CSV}).", ""]
+          f"Generated {generated} by `python -m harness.report` from `{root}`. " +
+          (f"The tidy table of every benchmark result is [`{TIDY_CSV}`]({TIDY_CSV})." if not table.empty else
+           "No benchmark (asv) results, so no tidy table of them."), ""]
     if not table.empty:
         written.append(write_csv(table, out / TIDY_CSV))
+    else:
+        (out / TIDY_CSV).unlink(missing_ok=True)  # an older report's table would contradict this one
     md += ["## Runs", "", "Each run is named by machine, commit and asv environment (shortened: the tool and "
            "the unpinned build requirements left out).", ""]
     md += [run_header(run, asv.machines.get(run.machine, {})) + "\n" for run in asv.runs] or ["No asv results.", ""]
@@ -619,6 +629,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     root, out = args.results, args.out or args.results / REPORT_SUBDIR
+    print(start_line(root, out), flush=True)
     if args.machine and args.machine not in machine_names(root / ASV_RESULTS_SUBDIR):
         known = ", ".join(machine_names(root / ASV_RESULTS_SUBDIR)) or "none"
         print(f"error: no asv results for machine {args.machine!r} under {root / ASV_RESULTS_SUBDIR} "

@@ -510,6 +510,8 @@ def test_no_results_is_one_line_with_the_command_to_run(tmp_path):
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no results under")
     assert "asv run --quick" in lines[0] and "python -m harness.train" in lines[0]
+    assert "python -m harness.profile" in lines[0] and "python -m harness.scaling" in lines[0]
+    assert "any one of" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -652,3 +654,20 @@ def test_distributed_scaling_results_give_a_table_and_a_plot(tmp_path, capsys):
     assert_png_with_content(root / "report" / "distributed_scaling.png")
     text = (root / "report" / "report.md").read_text()
     assert "| torch-vectorised (gloo, cpu) | 4 | 1 | 32 | 128 | 4 | 650.0 | 197 | 76.9% |" in text
+
+
+def test_a_profile_alone_makes_a_report_that_says_what_it_reads_first_and_links_no_tidy_table(tmp_path, capsys):
+    root = tmp_path / "results"
+    shutil.copytree(PROFILE, root / "profile")
+    (root / "report").mkdir(parents=True)
+    (root / "report" / "results_tidy.csv").write_text("an older report's table")
+    code, out, err = run_report(root, capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == (f"report from the results under {root} (asv/, training/, profile/, distributed/) -> "
+                        f"{root / 'report' / 'report.md'} and its tables and plots in {root / 'report'}")
+    assert lines[-1].startswith(f"report written to {root / 'report' / 'report.md'}")
+    text = (root / "report" / "report.md").read_text()
+    assert "results_tidy.csv" not in text and "No benchmark (asv) results, so no tidy table of them." in text
+    assert "## Where the time of a training step goes" in text
+    assert not (root / "report" / "results_tidy.csv").exists()
