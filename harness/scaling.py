@@ -65,6 +65,36 @@ def scaling_efficiency(run: dict, base: dict, device: str) -> float:
     return speedup / (compute_units(run, device) / compute_units(base, device))
 
 
+MIN_RELIABLE_STEPS = 10  # fewer timed steps per world size: the efficiency is a guess
+
+
+def relative_spread(run: dict) -> float | None:
+    """Half the interquartile range of a run's step times over their median (None in older files)."""
+    q25, q75 = run.get("step_seconds_q25"), run.get("step_seconds_q75")
+    if q25 is None or q75 is None or not run.get("step_seconds"):
+        return None
+    return (q75 - q25) / 2 / run["step_seconds"]
+
+
+def efficiency_caveat(run: dict, base: dict, device: str) -> str:
+    """Why the scaling efficiency of ``run`` against ``base`` is not reliable, or "" when it is: fewer than
+    :data:`MIN_RELIABLE_STEPS` timed steps, or step times spread more than the efficiency departs from 1
+    (linear scaling), so that the figure cannot tell better from worse than linear."""
+    if run is base:
+        return ""
+    steps = min(run.get("steps", 0), base.get("steps", 0))
+    if steps < MIN_RELIABLE_STEPS:
+        return f"from {steps} timed step(s), fewer than the {MIN_RELIABLE_STEPS} a reliable figure needs"
+    spreads = [relative_spread(run), relative_spread(base)]
+    if None in spreads:
+        return ""
+    spread, effect = sum(spreads), abs(scaling_efficiency(run, base, device) - 1)
+    if spread > effect:
+        return (f"the step times spread by ±{spread:.0%} (half their interquartile ranges, both world sizes), "
+                f"more than the {effect:.0%} the efficiency departs from linear")
+    return ""
+
+
 def exposed_allreduce(synced: list[float], local: list[float]) -> float:
     """The median over adjacent pairs of (DDP step - the same step under no_sync()), floored at 0."""
     return max(0.0, statistics.median(with_sync - without for with_sync, without in zip(synced, local)))
@@ -116,6 +146,7 @@ def measure_scaling(ctx, impl, ddp, config, per_rank: int, steps: int, warmup: i
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the slowest rank, step by step
     synced, local = times.cpu().tolist()
     step_seconds = statistics.median(synced)
+    q25, q75 = (statistics.quantiles(synced, n=4)[::2] if len(synced) > 1 else (step_seconds, step_seconds))
     allreduce_seconds = exposed_allreduce(synced, local) if paired else None
     global_batch = per_rank * ctx.world_size
     return {
@@ -125,6 +156,8 @@ def measure_scaling(ctx, impl, ddp, config, per_rank: int, steps: int, warmup: i
         "global_batch_size": global_batch,
         "steps": steps,
         "step_seconds": step_seconds,
+        "step_seconds_q25": q25,
+        "step_seconds_q75": q75,
         "images_per_second": global_batch / step_seconds,
         "allreduce_seconds": allreduce_seconds,
         "allreduce_share": allreduce_seconds / step_seconds if paired else None,
@@ -250,6 +283,13 @@ def scaling_main(argv: list[str]) -> int:
         threads = max(1, total_threads // world_size) if info.device == "cpu" else total_threads
         plans.append((world_size, global_batch // world_size if strong else args.per_rank_batch_size, threads))
     out = args.out or RUNS_DIR / SCALING_SUBDIR / f"{info.name}_{args.config}_scaling.json"
+    batch = f"global batch {global_batch}" if strong else f"{args.per_rank_batch_size} images per rank"
+    print(f"scaling of {info.name} ({args.dtype}, {args.config} network, {'strong' if strong else 'weak'} scaling, "
+          f"{batch} of seeded synthetic images) over world sizes {' '.join(map(str, args.world_sizes))}, "
+          f"{args.steps} timed steps each; results -> {out}", flush=True)
+    if args.steps < MIN_RELIABLE_STEPS:
+        print(f"warning: {args.steps} timed steps are fewer than the {MIN_RELIABLE_STEPS} a reliable efficiency "
+              "needs (--steps)", file=sys.stderr, flush=True)
     runs = []
     with tempfile.TemporaryDirectory(prefix="capsbench-scaling-") as folder:
         for world_size, per_rank, threads in plans:
@@ -309,6 +349,8 @@ def format_scaling_table(payload: dict) -> str:
         lines.append(f"| {run['world_size']} | {run['threads_per_rank']} | {run['global_batch_size']} | "
                      f"{run['step_seconds'] * 1e3:.0f} | {run['images_per_second']:.1f} | {share} | "
                      f"{scaling_efficiency(run, base, payload['device']):.0%} |")
+    caveats = [(run["world_size"], efficiency_caveat(run, base, payload["device"])) for run in runs]
+    lines += [f"Efficiency at world size {size} is not reliable: {caveat}." for size, caveat in caveats if caveat]
     return "\n".join(lines)
 
 
