@@ -57,6 +57,7 @@ from harness.results import (
     load_training_results,
     write_text_atomic,
 )
+from harness.scaling import MIN_RELIABLE_STEPS
 from harness.tables import (
     CHANGE_FACTOR,
     FLAGS,
@@ -372,9 +373,13 @@ def distributed_section(frame: pd.DataFrame) -> str:
     text = ("Scaling efficiency = speed-up over the smallest world size / growth of the compute used (CPU: ranks × "
             "threads per rank, so ranks that split a fixed set of cores are judged against those cores; GPU: "
             "ranks); the scaling command prints the same figure. Step and all-reduce times are medians over the "
-            "timed steps (the slowest rank's); the scaling results record no spread. One rank has no all-reduce "
-            "(n/a).")
-    return text + "\n\n" + markdown_table(formatted(frame, columns), text_columns=1)
+            "timed steps (the slowest rank's); the scaling command records their interquartile range (older "
+            "results record no spread), and an efficiency from fewer than "
+            f"{MIN_RELIABLE_STEPS} timed steps or within that spread is said not reliable. One rank has no "
+            "all-reduce (n/a).")
+    caveats = [f"Not reliable: {row.label}, world size {row.world_size}: {row.efficiency_caveat}."
+               for row in frame.itertuples() if getattr(row, "efficiency_caveat", "")]
+    return "\n\n".join([text, markdown_table(formatted(frame, columns), text_columns=1), *caveats])
 
 
 def profile_section(profile: Profile) -> str:

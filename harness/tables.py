@@ -16,7 +16,7 @@ import pandas as pd
 from harness.activations import im2col_bytes, kept_activations, parameter_state_bytes
 from harness.asv_results import TIDY_COLUMNS, Run
 from harness.results import PROFILE_KIND, ResultsFileError, read_json
-from harness.scaling import compute_units, scaling_efficiency
+from harness.scaling import compute_units, efficiency_caveat, scaling_efficiency
 from harness.spec import get_config
 
 CHANGE_FACTOR = 1.1  # a ratio outside [1/1.1, 1.1] (asv compare's default factor) beyond the spread is flagged
@@ -345,7 +345,7 @@ def distributed_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
                             "step_seconds", "images_per_second", "allreduce_seconds", "allreduce_share")},
                         "compute_units": compute_units(run, device),
                         "ideal_images_per_second": run["images_per_second"] / efficiency,
-                        "efficiency": efficiency})
+                        "efficiency": efficiency, "efficiency_caveat": efficiency_caveat(run, base, device)})
     frame = pd.DataFrame(out)
     for column in ("allreduce_seconds", "allreduce_share"):  # None (one rank: nothing to all-reduce) -> NaN
         if column in frame:

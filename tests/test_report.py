@@ -671,3 +671,19 @@ def test_a_profile_alone_makes_a_report_that_says_what_it_reads_first_and_links_
     assert "results_tidy.csv" not in text and "No benchmark (asv) results, so no tidy table of them." in text
     assert "## Where the time of a training step goes" in text
     assert not (root / "report" / "results_tidy.csv").exists()
+
+
+def test_an_unreliable_scaling_efficiency_is_said_so_in_the_report():
+    from harness.tables import distributed_table
+
+    def run(world_size, images_per_second):
+        return {"world_size": world_size, "threads_per_rank": 1, "per_rank_batch_size": 16 // world_size,
+                "global_batch_size": 16, "steps": 4, "step_seconds": 16 / images_per_second,
+                "images_per_second": images_per_second, "allreduce_seconds": None, "allreduce_share": None}
+
+    record = {"implementation": "torch-vectorised", "backend": "gloo", "device": "cpu", "scaling": "strong",
+              "runs": [run(1, 100.0), run(2, 280.0)]}
+    text = report.distributed_section(distributed_table([(Path("scaling.json"), record)]))
+    assert text.endswith("Not reliable: torch-vectorised (gloo, cpu, strong scaling), world size 2: from 4 timed "
+                         "step(s), fewer than the 10 a reliable figure needs.")
+    assert text.count("Not reliable:") == 1
