@@ -51,7 +51,7 @@ from harness.environment import machine_facts
 from harness.formatting import fmt, markdown_table
 from harness.params import init_parameters
 from harness.peak import backend_of, gemm_peak_gflops
-from harness.ranges import RANGE_PREFIX, layer_range, range_name, recording
+from harness.ranges import RANGE_PREFIX, ROUTING_LAYER, layer_range, range_name, recording
 from harness.results import PROFILE_KIND, PROFILE_SUBDIR, RUNS_DIR, atomic_output, write_json_atomic, write_text_atomic
 from harness.spec import CONFIGS, CapsNetConfig, get_config
 from harness.threads import set_threads, thread_facts, usable_cpu_count
@@ -296,7 +296,7 @@ def profile_implementation(info: registry.ImplementationInfo, config: CapsNetCon
     for index in range(steps):
         for profiled in ((False, True) if index % 2 == 0 else (True, False)):
             if profiled:
-                records.append(profiled_step(trace=index == steps - 1))
+                records.append(without_enclosing_routing(profiled_step(trace=index == steps - 1)))
             else:
                 unprofiled.append(sum(phase_step(impl, batch).values()))
     return Profiled(info, records, unprofiled, last_trace(), counter.count)
@@ -344,6 +344,15 @@ def step_profiler(info: registry.ImplementationInfo, impl: registry.Implementati
     return wall_clock_step, lambda: None
 
 
+def without_enclosing_routing(record: StepRecord) -> StepRecord:
+    """A step whose routing opened its iteration ranges inside the whole-routing range of the base class
+    (a plugin calling the built-in routing): the enclosing range goes, so no time is counted twice."""
+    for phase in {phase for phase, layer in record.layers if layer.startswith("routing_iteration_")}:
+        for measured in (record.layers, record.allocated, record.peak):
+            measured.pop((phase, ROUTING_LAYER), None)
+    return record
+
+
 def pair_overheads(profiled: Profiled) -> list[float]:
     """The profiling overhead of each interleaved pair: profiled step / unprofiled step - 1."""
     return [sum(record.phases.values()) / plain - 1 for record, plain in zip(profiled.steps, profiled.unprofiled)]
@@ -376,7 +385,13 @@ def profile_rows(profiled: Profiled, config: CapsNetConfig, batch_size: int, dty
     info, steps = profiled.info, profiled.steps
     step_median = statistics.median(sum(step.phases.values()) for step in steps)
     table = flops_module.step_layer_flops(config, batch_size)
+    routing_layers = flops_module.routing_layers(config)
+    for phase in ("forward", "backward"):  # a plugin's routing, timed whole (harness.ranges.ROUTING_LAYER)
+        table.setdefault((phase, ROUTING_LAYER), sum(table[(phase, layer)] for layer in routing_layers))
     order = {layer: index for index, layer in enumerate([*flops_module.layers(config), flops_module.OPTIMIZER])}
+    order[ROUTING_LAYER] = order[routing_layers[0]]
+    recorded = {key for step in steps for key in step.layers}
+    table = {key: value for key, value in table.items() if key[1] != ROUTING_LAYER or key in recorded}
     keys = list(table) + sorted({key for step in steps for key in step.layers} - set(table))
     rows = []
     for phase, layer in keys:
