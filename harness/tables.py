@@ -345,7 +345,8 @@ def distributed_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
                             "step_seconds", "images_per_second", "allreduce_seconds", "allreduce_share")},
                         "compute_units": compute_units(run, device),
                         "ideal_images_per_second": run["images_per_second"] / efficiency,
-                        "efficiency": efficiency, "efficiency_caveat": efficiency_caveat(run, base, device)})
+                        "efficiency": efficiency, "efficiency_caveat": efficiency_caveat(run, base, device),
+                        "machine": record.get("machine") or {}})
     frame = pd.DataFrame(out)
     for column in ("allreduce_seconds", "allreduce_share"):  # None (one rank: nothing to all-reduce) -> NaN
         if column in frame:
