@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from harness import registry
+from harness import cli, registry
 from harness.data import synthetic_batch
 from harness.params import init_parameters, parameter_shapes
 from harness.spec import CONFIGS, ROUTING_GRADIENTS, CapsNetConfig, LearningRateSchedule, get_config
@@ -219,7 +219,7 @@ def format_table(rows: list[Row]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m harness.check",
+        prog=cli.prog("check"),
         description=f"Compare implementations with the float64 reference ({REFERENCE}) on the canonical "
         f"parameters: outputs, loss, every gradient, every parameter after {ADAM_STEPS} Adam steps, u_hat and "
         "routing alone.",
@@ -230,7 +230,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small", help="network size (default: small)")
     parser.add_argument("--device", choices=[*registry.DEVICES, "all"], default="all",
                         help="only implementations on this device (default: all)")
-    parser.add_argument("--batch-size", type=int, default=CHECK_BATCH_SIZE, help="(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=CHECK_BATCH_SIZE,
+                        help="images in the synthetic batch compared (default: %(default)s)")
     parser.add_argument("--routing-gradient", choices=ROUTING_GRADIENTS, default="full",
                         help="how the gradient flows through routing (harness.spec): every iteration (full) or "
                         "the last one's weighted sum alone (final); the reference computes the same setting; "

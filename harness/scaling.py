@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import cli
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
 from harness.results import RUNS_DIR, SCALING_KIND, SCALING_SUBDIR, read_json, write_json_atomic
@@ -59,6 +60,36 @@ def scaling_efficiency(run: dict, base: dict, device: str) -> float:
     linear scaling in the compute."""
     speedup = run["images_per_second"] / base["images_per_second"]
     return speedup / (compute_units(run, device) / compute_units(base, device))
+
+
+MIN_RELIABLE_STEPS = 10  # fewer timed steps per world size: the efficiency is a guess
+
+
+def relative_spread(run: dict) -> float | None:
+    """Half the interquartile range of a run's step times over their median (None in older files)."""
+    q25, q75 = run.get("step_seconds_q25"), run.get("step_seconds_q75")
+    if q25 is None or q75 is None or not run.get("step_seconds"):
+        return None
+    return (q75 - q25) / 2 / run["step_seconds"]
+
+
+def efficiency_caveat(run: dict, base: dict, device: str) -> str:
+    """Why the scaling efficiency of ``run`` against ``base`` is not reliable, or "" when it is: fewer than
+    :data:`MIN_RELIABLE_STEPS` timed steps, or step times spread more than the efficiency departs from 1
+    (linear scaling), so that the figure cannot tell better from worse than linear."""
+    if run is base:
+        return ""
+    steps = min(run.get("steps", 0), base.get("steps", 0))
+    if steps < MIN_RELIABLE_STEPS:
+        return f"from {steps} timed step(s), fewer than the {MIN_RELIABLE_STEPS} a reliable figure needs"
+    spreads = [relative_spread(run), relative_spread(base)]
+    if None in spreads:
+        return ""
+    spread, effect = sum(spreads), abs(scaling_efficiency(run, base, device) - 1)
+    if spread > effect:
+        return (f"the step times spread by ±{spread:.0%} (half their interquartile ranges, both world sizes), "
+                f"more than the {effect:.0%} the efficiency departs from linear")
+    return ""
 
 
 def exposed_allreduce(synced: list[float], local: list[float]) -> float:
@@ -112,6 +143,7 @@ def measure_scaling(ctx, impl, ddp, config, per_rank: int, steps: int, warmup: i
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the slowest rank, step by step
     synced, local = times.cpu().tolist()
     step_seconds = statistics.median(synced)
+    q25, q75 = (statistics.quantiles(synced, n=4)[::2] if len(synced) > 1 else (step_seconds, step_seconds))
     allreduce_seconds = exposed_allreduce(synced, local) if paired else None
     global_batch = per_rank * ctx.world_size
     return {
@@ -121,6 +153,8 @@ def measure_scaling(ctx, impl, ddp, config, per_rank: int, steps: int, warmup: i
         "global_batch_size": global_batch,
         "steps": steps,
         "step_seconds": step_seconds,
+        "step_seconds_q25": q25,
+        "step_seconds_q75": q75,
         "images_per_second": global_batch / step_seconds,
         "allreduce_seconds": allreduce_seconds,
         "allreduce_share": allreduce_seconds / step_seconds if paired else None,
@@ -132,18 +166,21 @@ def measure_scaling(ctx, impl, ddp, config, per_rank: int, steps: int, warmup: i
 def _worker_parser() -> argparse.ArgumentParser:
     from harness.epochs import non_negative_int, positive_float, positive_int  # see parser()
 
-    parser = argparse.ArgumentParser(prog="python -m harness.scaling worker",
-                                     description="one rank of the scaling measurement (started by the command)")
-    parser.add_argument("--impl", required=True)
-    parser.add_argument("--config", choices=sorted(CONFIGS), required=True)
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--per-rank-batch-size", type=positive_int, required=True)
-    parser.add_argument("--steps", type=positive_int, required=True)
-    parser.add_argument("--warmup", type=non_negative_int, required=True)
-    parser.add_argument("--threads", type=positive_int, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout-s", type=positive_float, default=DEFAULT_TIMEOUT_S)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = argparse.ArgumentParser(prog=cli.prog("scaling", "worker"),
+                                     description="One rank of the scaling measurement (started by `scaling` under "
+                                                 "torchrun, not by hand).")
+    parser.add_argument("--impl", required=True, help="the torch implementation measured")
+    parser.add_argument("--config", choices=sorted(CONFIGS), required=True, help="network size")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="floating-point type (default: %(default)s)")
+    parser.add_argument("--per-rank-batch-size", type=positive_int, required=True, help="images per step on each rank")
+    parser.add_argument("--steps", type=positive_int, required=True, help="timed steps of each kind")
+    parser.add_argument("--warmup", type=non_negative_int, required=True, help="untimed steps of each kind first")
+    parser.add_argument("--threads", type=positive_int, required=True, help="CPU threads of this rank")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic batches (default: %(default)s)")
+    parser.add_argument("--timeout-s", type=positive_float, default=DEFAULT_TIMEOUT_S,
+                        help="process-group timeout (default: %(default)s)")
+    parser.add_argument("--out", type=Path, required=True, help="where rank 0 writes the measurement")
     return parser
 
 
@@ -195,13 +232,13 @@ def parser() -> argparse.ArgumentParser:
     from harness.epochs import non_negative_int, positive_float, positive_int
 
     parser = argparse.ArgumentParser(
-        prog="python -m harness.scaling",
-        description="time data-parallel (DDP) steps for several world sizes on this machine (torchrun "
-                    "--standalone for each) and write one results file")
+        prog=cli.prog("scaling"),
+        description="Time data-parallel (DDP) steps for several world sizes on this machine (torchrun "
+                    "--standalone for each) and write one results file.")
     parser.add_argument("--impl", default="torch-vectorised", metavar="NAME", help="a torch implementation "
                         "(default: %(default)s)")
     parser.add_argument("--world-sizes", type=positive_int, nargs="+", default=[1, 2], metavar="W",
-                        help="(default: 1 2)")
+                        help="the numbers of ranks to measure (default: 1 2)")
     parser.add_argument("--threads", type=positive_int,
                         help="CPU threads in total, split evenly over the ranks (default: the CPUs this process "
                              f"may use, {usable_cpu_count()} here)")
@@ -215,9 +252,12 @@ def parser() -> argparse.ArgumentParser:
                         help="timed steps of each kind, with and without all-reduce (default: %(default)s)")
     parser.add_argument("--warmup", type=non_negative_int, default=2,
                         help="untimed steps of each kind first (default: %(default)s)")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="paper", help="(default: %(default)s)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="paper",
+                        help="network size (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="floating-point type of parameters and data (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the synthetic batches (default: %(default)s)")
     parser.add_argument("--timeout-s", type=positive_float, default=DEFAULT_TIMEOUT_S,
                         help="process-group timeout of the ranks (default: %(default)s)")
     parser.add_argument("--out", type=Path, help=f"results file (default: runs/{SCALING_SUBDIR}/<impl>_<config>_"
@@ -247,6 +287,13 @@ def scaling_main(argv: list[str]) -> int:
         threads = max(1, total_threads // world_size) if info.device == "cpu" else total_threads
         plans.append((world_size, global_batch // world_size if strong else args.per_rank_batch_size, threads))
     out = args.out or RUNS_DIR / SCALING_SUBDIR / f"{info.name}_{args.config}_scaling.json"
+    batch = f"global batch {global_batch}" if strong else f"{args.per_rank_batch_size} images per rank"
+    print(f"scaling of {info.name} ({args.dtype}, {args.config} network, {'strong' if strong else 'weak'} scaling, "
+          f"{batch} of seeded synthetic images) over world sizes {' '.join(map(str, args.world_sizes))}, "
+          f"{args.steps} timed steps each; results -> {out}", flush=True)
+    if args.steps < MIN_RELIABLE_STEPS:
+        print(f"warning: {args.steps} timed steps are fewer than the {MIN_RELIABLE_STEPS} a reliable efficiency "
+              "needs (--steps)", file=sys.stderr, flush=True)
     runs = []
     with tempfile.TemporaryDirectory(prefix="capsbench-scaling-") as folder:
         for world_size, per_rank, threads in plans:
@@ -306,6 +353,8 @@ def format_scaling_table(payload: dict) -> str:
         lines.append(f"| {run['world_size']} | {run['threads_per_rank']} | {run['global_batch_size']} | "
                      f"{run['step_seconds'] * 1e3:.0f} | {run['images_per_second']:.1f} | {share} | "
                      f"{scaling_efficiency(run, base, payload['device']):.0%} |")
+    caveats = [(run["world_size"], efficiency_caveat(run, base, payload["device"])) for run in runs]
+    lines += [f"Efficiency at world size {size} is not reliable: {caveat}." for size, caveat in caveats if caveat]
     return "\n".join(lines)
 
 
