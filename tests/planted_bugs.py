@@ -267,8 +267,8 @@ BUGS = (
         '        frame[f"{phase}_saving"] = frame[f"{phase}_final"] / frame[f"{phase}_full"]',
         ("tests/test_tables.py::test_routing_gradient_saving_and_routing_shares_by_hand",)),
     Bug("a resumed run forgets its routing gradient", "harness/epochs.py",
-        '    args.routing_gradient = record.get("routing_gradient", "full")',
-        '    args.routing_gradient = "full"',
+        '             "routing_gradient": record.get("routing_gradient", "full")}',
+        '             "routing_gradient": "full"}',
         ("tests/test_train.py::test_a_final_routing_gradient_run_records_it_and_resumes_with_it",)),
 
 

@@ -311,7 +311,7 @@ def test_a_resume_refuses_overwrite_another_out_and_fewer_epochs_than_done(tmp_p
 
 def test_the_first_line_says_when_a_limit_is_more_than_the_images():
     args = argparse.Namespace(dtype="float32", config="small", schedule="paper", batch_size=32, epochs=1,
-                              limit=100_000, test_limit=200)
+                              limit=100_000, test_limit=200, routing_gradient="full")
     line = epochs.start_line("torch-vectorised", args, 60_000, 200, "runs/x.json")
     assert "on 60,000 training images (all there are: the limit 100,000 is more), evaluating on 200 test images," \
         in line
