@@ -56,6 +56,11 @@ def register_thread_pool(name: str, threads) -> None:
     _other_pools[name] = threads
 
 
+def recorded_pools() -> set[str]:
+    """The pools :func:`register_thread_pool` added: recorded as they are, not set by :func:`set_threads`."""
+    return set(_other_pools)
+
+
 def thread_facts() -> dict:
     """Threads of each loaded pool: torch, and every BLAS/OpenMP library threadpoolctl sees."""
     facts = {

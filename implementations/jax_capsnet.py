@@ -347,6 +347,7 @@ class JaxCapsNet(Implementation):
         enable_compilation_cache()
         self._device = jax_device(device)
         self._dtype = np.dtype(dtype)
+        self._names = list(params)  # canonical order (JAX returns dicts with their keys sorted)
         self._static = {"config": config, "routing": routing_variant, "gradient": self.gradient}
         with self._precision():
             self.params = {name: self.from_numpy(value) for name, value in params.items()}
@@ -443,14 +444,14 @@ class JaxCapsNet(Implementation):
         return float(loss)
 
     def gradients(self) -> dict[str, np.ndarray]:
-        return {name: self.to_numpy(value).copy() for name, value in self.grads.items()}
+        return {name: self.to_numpy(self.grads[name]).copy() for name in self._names}
 
     def parameters(self) -> dict[str, np.ndarray]:
-        return {name: self.to_numpy(value).copy() for name, value in self.params.items()}
+        return {name: self.to_numpy(self.params[name]).copy() for name in self._names}
 
     def adam_state(self) -> dict[str, np.ndarray]:
         state = {"step": np.asarray(self._adam_steps)}
-        for name in self.params:
+        for name in self._names:
             state[f"first/{name}"] = self.to_numpy(self._first[name]).copy()
             state[f"second/{name}"] = self.to_numpy(self._second[name]).copy()
         return state
