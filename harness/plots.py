@@ -64,6 +64,8 @@ IMPLEMENTATION_COLOURS = {  # a fixed colour per built-in implementation: vector
     "cupy-vectorised": "#ff7f0e", "cupy-looped": "#fdae6b",
     "cupy-vectorised-cuda": "#bcbd22", "cupy-looped-cuda": "#dbdb8d",
     "torch-fused": "#9467bd", "torch-fused-cuda": "#8c564b", "cupy-fused": "#e377c2",
+    "jax-vectorised": "#7f7f7f", "jax-looped": "#c7c7c7",
+    "jax-vectorised-cuda": "#393b79", "jax-looped-cuda": "#9c9ede",
 }
 HASHED_PALETTE = plt.get_cmap("tab20b").colors  # any other name: a stable hash of it into these
 PHASE_COLOURS = {phase: plt.get_cmap("Set2").colors[index] for index, phase in enumerate(

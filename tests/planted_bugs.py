@@ -335,6 +335,19 @@ BUGS = (
     Bug("the most frequent confusion counts the correct predictions", "harness/tables.py",
         "if predicted != true_class and count]", "if count]",
         ("tests/test_tables.py::test_per_class_table_by_hand",)),
+
+
+    Bug("jax float64 runs with x64 off (computed in float32)", "implementations/jax_capsnet.py",
+        "return jax.enable_x64(self._dtype == np.float64)", "return jax.enable_x64(False)",
+        ("tests/test_jax_capsnet.py::test_float64_is_computed_in_float64_and_the_process_flag_stays_off",)),
+    Bug("jax preallocation switched off only after jax is imported", "implementations/jax_capsnet.py",
+        "\nconfigure_environment()\n\ntry:\n    import jax\n", "\ntry:\n    import jax\n    configure_environment()\n",
+        ("tests/test_jax_capsnet.py::test_preallocation_is_off_when_jax_is_first_imported",)),
+    Bug("jax final routing gradient leaks through the early iterations", "implementations/jax_capsnet.py",
+        "    agreeing = lax.stop_gradient(u_hat) if gradient == \"final\" else u_hat\n"
+        "    logits = jnp.zeros((batch, n_in, n_out)",
+        "    agreeing = u_hat\n    logits = jnp.zeros((batch, n_in, n_out)",
+        ("tests/test_jax_capsnet.py::test_final_routing_gradient_reaches_u_hat_through_the_last_weighted_sum_only",)),
     Bug("the registry's temporary entry outlives its block", "harness/registry.py",
         "        _REGISTRY.entries.pop(name, None)", "        pass",
         ("tests/test_registry.py::test_registered_refuses_a_taken_name_and_restores_the_registry",)),

@@ -123,7 +123,7 @@ def test_adding_an_implementation_recolours_nothing():
 def test_builtin_names_have_distinct_fixed_colours_and_variants_a_shade_of_them():
     builtin = ["torch-vectorised", "torch-looped", "numpy-vectorised", "numpy-looped", "cupy-vectorised",
                "cupy-looped", "torch-vectorised-cuda", "torch-looped-cuda", "torch-fused", "torch-fused-cuda",
-               "cupy-fused"]
+               "cupy-fused", "jax-vectorised", "jax-looped", "jax-vectorised-cuda", "jax-looped-cuda"]
     colours = [plots.colour_of(name) for name in builtin]
     assert len(set(colours)) == len(builtin)
     compiled = plots.colour_of("torch-vectorised-compiled")
