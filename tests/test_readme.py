@@ -183,8 +183,8 @@ def test_readme_is_an_overview_that_links_every_page_of_the_manual():
     manual = sorted(DOCS.glob("*.md"))
     assert len(manual) >= 10 and not [page.name for page in manual if page.resolve() not in linked]
     for page in manual:  # each page opens with its title and one line saying what it is
-        title, blank, what, *_ = page.read_text(encoding="utf-8").splitlines()
-        assert title.startswith("# ") and blank == "" and what and not what.startswith("#"), page.name
+        title, blank, what, after, *_ = page.read_text(encoding="utf-8").splitlines()
+        assert title.startswith("# ") and blank == after == "" and what and not what.startswith("#"), page.name
 
 
 def test_every_relative_link_and_image_in_readme_and_docs_leads_to_a_file_and_heading():
