@@ -2,7 +2,7 @@
 measures on a GPU machine, within one short lease, into one folder and one archive that survive any failure.
 
 A GPU lease is short (one command at most 10 minutes), so the run is a list of stages in order of value,
-each with an estimate made from measured per-process costs (:data:`COSTS`, README "GPU machines"):
+each with an estimate made from measured per-process costs (:data:`COSTS`, docs/gpu-machines.md):
 
 1. ``facts``: the machine (GPU, driver, CUDA, libraries), ``capsbench list``, what is missing;
 2. ``parity``: ``harness.check`` of each implementation in a process of its own (one crash hides nothing),
@@ -87,7 +87,7 @@ class StageTimedOut(StageFailed):
 
 @dataclass(frozen=True)
 class Costs:
-    """Seconds one unit of work takes on a device (the README's "GPU machines" shows the arithmetic).  The
+    """Seconds one unit of work takes on a device (docs/gpu-machines.md shows the arithmetic).  The
     asv figures were measured on the CPU (a process from asv's fork server that only skips or reads the
     memory cache: 0.5 s; a timed smoke point: 1 s more; asv's discovery of the suite); the GPU figures add
     CUDA's context and kernel loading to them and are to be replaced by the seconds the first lease's
@@ -274,7 +274,7 @@ def module(name: str, *args: str) -> list[str]:
 
 def asv_problem() -> str | None:
     if importlib.util.find_spec("asv") is None:
-        return ("asv is not installed: the suite stages are skipped (carry its wheels, README \"GPU machines\", "
+        return ("asv is not installed: the suite stages are skipped (carry its wheels, docs/gpu-machines.md, "
                 "and put them on PYTHONPATH)")
     return None
 

@@ -3,7 +3,7 @@
 An implementation is one way of writing the whole CapsNet (forward, losses, backward, Adam) for one
 framework, one device and one routing variant.  Implementations in this repository register themselves
 when their module in ``implementations/`` is imported; an installed package registers through the entry
-point group ``capsbench.implementations`` (see README, "Adding an implementation").  The registry is the
+point group ``capsbench.implementations`` (see docs/plugins.md).  The registry is the
 only index: ``capsbench list``, ``harness.check``, ``harness.train``, ``harness.profile`` and the asv
 suite all ask it.
 
