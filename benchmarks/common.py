@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import registry
+from harness import contract, registry
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
 from harness.params import init_parameters
@@ -148,8 +148,8 @@ def record_facts() -> None:
 
 @dataclass
 class Prepared:
-    impl: registry.Implementation
-    batch: registry.Batch
+    impl: contract.Implementation
+    batch: contract.Batch
 
 
 _prepared: dict[tuple, Prepared] = {}

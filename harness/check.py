@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from harness import registry
+from harness import contract, registry
 from harness.data import synthetic_batch
 from harness.params import init_parameters, parameter_shapes
 from harness.spec import CONFIGS, CapsNetConfig, LearningRateSchedule, get_config
@@ -224,7 +224,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(TOLERANCES), action="append",
                         help="dtype(s) to check (default: float32 and float64)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small", help="network size (default: small)")
-    parser.add_argument("--device", choices=[*registry.DEVICES, "all"], default="all",
+    parser.add_argument("--device", choices=[*contract.DEVICES, "all"], default="all",
                         help="only implementations on this device (default: all)")
     parser.add_argument("--batch-size", type=int, default=CHECK_BATCH_SIZE, help="(default: %(default)s)")
     parser.add_argument("--time", action="store_true",

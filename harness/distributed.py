@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import epochs, registry
+from harness import contract, epochs, registry
 from harness.data import DataError, Dataset, load_mnist, shift_images
 from harness.params import init_parameters
 from harness.results import ResultsFileError, write_json_atomic
@@ -103,23 +103,23 @@ class Context:
 def torch_implementation(name: str) -> registry.ImplementationInfo:
     """The registry entry of a torch implementation (DDP wraps its module); one-line errors otherwise."""
     if torch is None:
-        raise registry.UnavailableImplementationError("torch not installed (pip install torch==2.13.0)")
+        raise contract.UnavailableImplementationError("torch not installed (pip install torch==2.13.0)")
     from implementations.torch_capsnet import TorchCapsNet
 
     info = registry.get(name)
     if not issubclass(info.cls, TorchCapsNet):
         torch_names = [entry.name for entry in registry.entries()
                        if issubclass(entry.cls, TorchCapsNet) and not entry.cls.first_call_compiles]
-        raise registry.UnavailableImplementationError(
+        raise contract.UnavailableImplementationError(
             f"data-parallel training wraps a torch module in DistributedDataParallel; {name!r} is a "
             f"{info.framework} implementation (use one of {', '.join(torch_names)})")
     if info.cls.first_call_compiles:
-        raise registry.UnavailableImplementationError(
+        raise contract.UnavailableImplementationError(
             f"data-parallel training wraps the eager module in DistributedDataParallel; {name!r} compiles or "
             "captures its own step, which DDP would bypass")
     status = info.availability()
     if not status:
-        raise registry.UnavailableImplementationError(f"implementation {name!r} is unavailable here: {status.reason}")
+        raise contract.UnavailableImplementationError(f"implementation {name!r} is unavailable here: {status.reason}")
     return info
 
 
@@ -337,7 +337,7 @@ def train_main(argv: list[str] | None = None) -> int:
         info = torch_implementation(args.impl)
         config = get_config(args.config)
         launch_environment()
-    except (registry.UnknownImplementationError, registry.UnavailableImplementationError, LaunchError,
+    except (registry.UnknownImplementationError, contract.UnavailableImplementationError, LaunchError,
             ResultsFileError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

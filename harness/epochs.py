@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import registry
+from harness import contract, registry
 from harness.data import Dataset, iterate_batches
 from harness.environment import machine_facts
 from harness.results import RUNS_DIR, TRAINING_KIND, ResultsFileError, atomic_output, read_training_result
@@ -87,7 +87,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, batch_help: str, 
                         help="seed of the data order and augmentation (default: %(default)s)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="paper",
                         help="network size (default: %(default)s)")
-    parser.add_argument("--dtype", choices=registry.DTYPES, default="float32", help="(default: %(default)s)")
+    parser.add_argument("--dtype", choices=contract.DTYPES, default="float32", help="(default: %(default)s)")
     parser.add_argument("--no-augment", action="store_true",
                         help=f"no random shifts of up to {MAX_SHIFT_PIXELS} pixels (default: shift, as the paper)")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default=DEFAULT_SCHEDULE,
@@ -280,7 +280,7 @@ class Progress:
             self.bar.close()
 
 
-def evaluate(impl: registry.Implementation, images: np.ndarray, labels: np.ndarray, batch_size: int,
+def evaluate(impl: contract.Implementation, images: np.ndarray, labels: np.ndarray, batch_size: int,
              description: str = "evaluation", enabled: bool = True, every: int | None = None) -> int:
     """The number of ``images`` classified correctly (the longest DigitCaps capsule), with progress."""
     correct = 0
@@ -315,7 +315,7 @@ def checkpoint_path(results: Path) -> Path:
     return Path(results).with_suffix(".checkpoint.npz")
 
 
-def save_checkpoint(results: Path, impl: registry.Implementation, epoch: int) -> Path:
+def save_checkpoint(results: Path, impl: contract.Implementation, epoch: int) -> Path:
     """Parameters and Adam's state after ``epoch``, written atomically beside the results file."""
     path = checkpoint_path(results)
     arrays = {f"param/{name}": value for name, value in impl.parameters().items()}

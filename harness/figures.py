@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import epochs, plots, registry
+from harness import contract, epochs, plots, registry
 from harness.data import DataError, load_mnist
 from harness.decoder import mask_to_classes
 from harness.params import validate_parameters
@@ -148,7 +148,7 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) 
     return counts
 
 
-def predict(impl: registry.Implementation, images: np.ndarray, batch_size: int) -> np.ndarray:
+def predict(impl: contract.Implementation, images: np.ndarray, batch_size: int) -> np.ndarray:
     """The predicted class of every image: the longest class capsule of an inference forward pass (as
     training's evaluation decides)."""
     chunks = []
@@ -158,7 +158,7 @@ def predict(impl: registry.Implementation, images: np.ndarray, batch_size: int) 
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
 
 
-def class_capsules(impl: registry.Implementation, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def class_capsules(impl: contract.Implementation, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(class capsules v (B, J, D), the forward pass's inference reconstructions (B, pixels)) as NumPy."""
     batch = impl.to_device(images)
     v = impl.to_numpy(impl.routing_forward(impl.prediction_vectors(batch)))
@@ -192,7 +192,7 @@ def perturbed_capsules(capsule: np.ndarray, predicted: int, grid: np.ndarray) ->
     return tweaked
 
 
-def compute(impl: registry.Implementation, images: np.ndarray, labels: np.ndarray, *, per_class: int, seed: int,
+def compute(impl: contract.Implementation, images: np.ndarray, labels: np.ndarray, *, per_class: int, seed: int,
             batch_size: int) -> dict:
     """Everything the figures show, as NumPy arrays and plain numbers (see :func:`figures_record`)."""
     config = impl.config
@@ -399,7 +399,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", choices=sorted(CONFIGS),
                         help="network of the checkpoint (default: the one its results file names, else the one "
                              "its shapes fit)")
-    parser.add_argument("--dtype", choices=registry.DTYPES, default="float32", help="(default: %(default)s)")
+    parser.add_argument("--dtype", choices=contract.DTYPES, default="float32", help="(default: %(default)s)")
     parser.add_argument("--test-limit", type=epochs.positive_int,
                         help="use the first N test images only (default: all 10,000)")
     parser.add_argument("--per-class", type=epochs.positive_int, default=2,
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         params = {name: value.astype(args.dtype) for name, value in checkpoint.params.items()}
         impl = info.create(checkpoint.config, params, args.dtype)
         test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
-    except (CheckpointError, registry.UnknownImplementationError, registry.UnavailableImplementationError,
+    except (CheckpointError, registry.UnknownImplementationError, contract.UnavailableImplementationError,
             DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import registry
+from harness import contract, registry
 from harness.data import DATA_DIR_ENV
 from harness.environment import machine_facts
 from harness.results import REPO_ROOT, write_json_atomic, write_text_atomic
@@ -228,7 +228,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness.gpu_benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, metavar="OUT_DIR", help="folder for everything the run writes")
     parser.add_argument("--archive", type=Path, help="the archive (default: OUT_DIR.tar.gz, beside OUT_DIR)")
-    parser.add_argument("--device", choices=registry.DEVICES, default="cuda",
+    parser.add_argument("--device", choices=contract.DEVICES, default="cuda",
                         help="cuda (default); cpu runs the same steps on the CPU implementations, to test it")
     parser.add_argument("--smoke", action="store_true",
                         help="small network, the smoke asv profile, a few hundred images (tests; default: off)")

@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness import contract, registry
 from harness import flops as flops_module
-from harness import registry
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
 from harness.formatting import fmt, markdown_table
@@ -86,7 +86,7 @@ class StepRecord:
 # Recorders: what a range is, per framework ------------------------------------------------------------------
 
 
-def _nvtx(impl: registry.Implementation):
+def _nvtx(impl: contract.Implementation):
     """(push, pop) of NVTX ranges for a CUDA implementation, or None."""
     if impl.device != "cuda":
         return None
@@ -103,7 +103,7 @@ class WallClockRecorder:
     """Ranges timed by the wall clock with the device synchronised at both ends (NumPy, CuPy); memory from
     tracemalloc when it is tracing (NumPy's allocations are traced, CuPy's device memory is not)."""
 
-    def __init__(self, impl: registry.Implementation, memory: bool) -> None:
+    def __init__(self, impl: contract.Implementation, memory: bool) -> None:
         self.impl, self.memory, self.nvtx = impl, memory, _nvtx(impl)
         self.step = StepRecord()
 
@@ -155,7 +155,7 @@ class TorchRecorder:
     """Ranges as torch.profiler.record_function (and NVTX on CUDA); their times are read from the profiler's
     events after the step (:func:`torch_step_record`)."""
 
-    def __init__(self, impl: registry.Implementation) -> None:
+    def __init__(self, impl: contract.Implementation) -> None:
         import torch
 
         self.record_function, self.nvtx = torch.profiler.record_function, _nvtx(impl)
@@ -253,7 +253,7 @@ def torch_step_record(events, device: str, phase_seconds: dict[str, float]) -> S
 # Profiling one implementation ---------------------------------------------------------------------------------
 
 
-def phase_step(impl: registry.Implementation, batch, phase_range=None) -> dict[str, float]:
+def phase_step(impl: contract.Implementation, batch, phase_range=None) -> dict[str, float]:
     """One training step as the contract's three calls, each timed (device synchronised) inside its phase."""
     times = {}
     for phase, call in PHASE_CALLS:
@@ -467,8 +467,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--impl", nargs="+", metavar="NAME", help="implementations (default: every available one)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="paper", help="network (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
-    parser.add_argument("--dtype", choices=registry.DTYPES, default="float32", help="(default: %(default)s)")
-    parser.add_argument("--device", choices=registry.DEVICES, help="only implementations on this device (default: any)")
+    parser.add_argument("--dtype", choices=contract.DTYPES, default="float32", help="(default: %(default)s)")
+    parser.add_argument("--device", choices=contract.DEVICES, help="only implementations on this device (default: any)")
     parser.add_argument("--steps", type=positive_int, default=5,
                         help="profiled steps, and as many unprofiled ones for the overhead (default: %(default)s)")
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default: %(default)s)")

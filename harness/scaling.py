@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import registry
+from harness import contract, registry
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
 from harness.epochs import non_negative_int, positive_float, positive_int
@@ -229,7 +229,7 @@ def scaling_main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     try:
         info = torch_implementation(args.impl)
-    except (registry.UnknownImplementationError, registry.UnavailableImplementationError) as error:
+    except (registry.UnknownImplementationError, contract.UnavailableImplementationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     strong = args.per_rank_batch_size is None

@@ -15,14 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-from harness import epochs, registry
+from harness import contract, epochs, registry
 from harness.data import DataError, load_mnist
 from harness.params import init_parameters
 from harness.results import ResultsFileError, write_json_atomic
 from harness.spec import SCHEDULES, get_config
 
 
-def train_epochs(impl: registry.Implementation, train_set, test_set, record: dict, out: Path,
+def train_epochs(impl: contract.Implementation, train_set, test_set, record: dict, out: Path,
                  args: argparse.Namespace, first_epoch: int = 1) -> dict:
     """Train epochs ``first_epoch`` .. ``args.epochs``, appending to ``record``; after each, the results
     file and the checkpoint are saved."""
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             impl.load_adam_state(adam)
         train_set = load_mnist(args.data_dir, "train").head(args.limit)
         test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
-    except (registry.UnknownImplementationError, registry.UnavailableImplementationError, DataError,
+    except (registry.UnknownImplementationError, contract.UnavailableImplementationError, DataError,
             ResultsFileError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from harness.contract import DEVICES, ROUTING_VARIANTS, AllocatorPeaks, Availability, Batch, Implementation
 from harness.params import DECODER_PREFIX, decoder_layer_count
 from harness.ranges import layer_range
-from harness.registry import DEVICES, ROUTING_VARIANTS, AllocatorPeaks, Availability, Batch, Implementation, register
+from harness.registry import register
 from harness.spec import ADAM, CapsNetConfig, LearningRateSchedule
 
 try:
