@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import contract, epochs, registry
+from harness import contract, epochs, options, registry
 from harness.data import DataError, Dataset, load_mnist, shift_images
 from harness.params import init_parameters
 from harness.results import ResultsFileError, write_json_atomic
@@ -308,11 +308,10 @@ def parser() -> argparse.ArgumentParser:
         description="data-parallel training (DistributedDataParallel); run one process per rank with torchrun")
     epochs.add_training_arguments(parser, batch_help="images per step on each rank (global batch = world size "
                                                      "x this)", default_impl="torch-vectorised")
-    parser.add_argument("--threads", type=epochs.positive_int,
-                        help="CPU threads per rank for torch, BLAS and OpenMP (default: the CPUs this process may "
-                             "use, divided by the ranks on this machine)")
-    parser.add_argument("--timeout-s", type=epochs.positive_float, default=DEFAULT_TIMEOUT_S,
-                        help="process-group timeout: a collective waiting longer fails (default: %(default)s)")
+    options.add_threads(parser, help="CPU threads per rank for torch, BLAS and OpenMP",
+                        default_help="the CPUs this process may use, divided by the ranks on this machine")
+    options.add_timeout(parser, default=DEFAULT_TIMEOUT_S,
+                        help="process-group timeout: a collective waiting longer fails")
     parser.add_argument("--save-parameters", type=Path, metavar="NPZ",
                         help="rank 0 also saves the final parameters (canonical names) to this .npz (default: not)")
     return parser

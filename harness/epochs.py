@@ -22,10 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import contract, registry
+from harness import contract, options, registry
 from harness.data import Dataset, iterate_batches
 from harness.environment import machine_facts
-from harness.results import RUNS_DIR, TRAINING_KIND, ResultsFileError, atomic_output, read_training_result
+from harness.results import (
+    RUNS_DIR,
+    TRAINING_KIND,
+    TRAINING_SUBDIR,
+    ResultsFileError,
+    atomic_output,
+    read_training_result,
+)
 from harness.spec import ADAM, CONFIGS, MAX_SHIFT_PIXELS, SCHEDULES, LearningRateSchedule
 from harness.threads import thread_facts, usable_cpu_count
 
@@ -35,7 +42,7 @@ except ImportError:  # progress bars are a nicety: plain lines instead
     tqdm = None
 
 FORMAT_VERSION = 2
-TRAINING_RUNS_DIR = RUNS_DIR / "training"
+TRAINING_RUNS_DIR = RUNS_DIR / TRAINING_SUBDIR
 DEFAULT_SCHEDULE = "paper"
 LINES_PER_EPOCH = 10  # without a terminal, about this many progress lines per epoch
 
@@ -47,57 +54,31 @@ class TrainingDiverged(RuntimeError):
 # Command line -----------------------------------------------------------------------------------------
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def add_training_arguments(parser: argparse.ArgumentParser, *, batch_help: str, default_impl: str | None) -> None:
     """The options both training commands take, each with its default in its help."""
-    parser.add_argument("--impl", default=default_impl, metavar="NAME",
-                        help="implementation (see `capsbench list`)"
-                             + (" (default: %(default)s)" if default_impl else " (no default: needed unless --resume)"))
-    parser.add_argument("--data-dir", help="folder with the four MNIST IDX files, .gz or not "
-                                           "(default: $CAPSBENCH_DATA_DIR)")
-    parser.add_argument("--epochs", type=positive_int, default=1,
+    options.add_impl(parser, several=False, help="implementation", default=default_impl,
+                     default_help="" if default_impl else "none: needed unless --resume")
+    options.add_data_dir(parser)
+    parser.add_argument("--epochs", type=options.positive_int, default=1,
                         help="epochs in all, counting those of a resumed run (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=128, help=f"{batch_help} (default: %(default)s)")
-    parser.add_argument("--limit", type=positive_int,
+    options.add_batch_size(parser, default=128, help=batch_help)
+    parser.add_argument("--limit", type=options.positive_int,
                         help="train on the first N training images only (default: all 60,000)")
-    parser.add_argument("--test-limit", type=positive_int,
+    parser.add_argument("--test-limit", type=options.positive_int,
                         help="evaluate on the first N test images only (default: all 10,000)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the data order and augmentation (default: %(default)s)")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="paper",
-                        help="network size (default: %(default)s)")
-    parser.add_argument("--dtype", choices=contract.DTYPES, default="float32", help="(default: %(default)s)")
+    options.add_seed(parser, help="seed of the data order and augmentation")
+    options.add_config(parser)
+    options.add_dtype(parser)
     parser.add_argument("--no-augment", action="store_true",
                         help=f"no random shifts of up to {MAX_SHIFT_PIXELS} pixels (default: shift, as the paper)")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default=DEFAULT_SCHEDULE,
                         help="Adam's learning rate: 'paper' decays it x0.96 every 2,000 steps as the official code "
                              "does, 'constant' keeps 1e-3 (default: %(default)s)")
-    parser.add_argument("--log-every", type=positive_int, metavar="STEPS",
+    parser.add_argument("--log-every", type=options.positive_int, metavar="STEPS",
                         help="without a terminal, a progress line every STEPS steps (default: about "
                              f"{LINES_PER_EPOCH} lines per epoch)")
-    parser.add_argument("--out", type=Path, help="results file (default: runs/training/<impl>_<config>_<time>.json, "
-                                                 "not tracked by git)")
+    options.add_out(parser, help=f"results file (default: runs/{TRAINING_SUBDIR}/<impl>_<config>_<time>.json, "
+                                 "not tracked by git)")
     parser.add_argument("--resume", type=Path, metavar="FILE",
                         help="continue the run whose results file this is, from its last completed epoch (its "
                              "options are taken from the file; --epochs may raise the total) (default: a new run)")

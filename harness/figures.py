@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import contract, epochs, plots, registry
+from harness import contract, epochs, options, plots, registry
 from harness.data import DataError, load_mnist
 from harness.decoder import mask_to_classes
 from harness.params import validate_parameters
@@ -391,22 +391,21 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, required=True, metavar="FILE",
                         help="a training run's <results>.checkpoint.npz, or its results file <results>.json "
                              "(no default: required)")
-    parser.add_argument("--data-dir", help="folder with the four MNIST IDX files (default: $CAPSBENCH_DATA_DIR)")
-    parser.add_argument("--out", type=Path, default=RUNS_DIR / FIGURES_SUBDIR,
-                        help="output folder (default: runs/figures, not tracked by git)")
-    parser.add_argument("--impl", default=DEFAULT_IMPLEMENTATION, metavar="NAME",
-                        help="implementation that computes the figures (see `capsbench list`) (default: %(default)s)")
+    options.add_data_dir(parser, help="folder with the four MNIST IDX files")
+    options.add_out(parser, default=RUNS_DIR / FIGURES_SUBDIR,
+                    help=f"output folder (default: runs/{FIGURES_SUBDIR}, not tracked by git)")
+    options.add_impl(parser, several=False, default=DEFAULT_IMPLEMENTATION,
+                     help="implementation that computes the figures")
     parser.add_argument("--config", choices=sorted(CONFIGS),
                         help="network of the checkpoint (default: the one its results file names, else the one "
                              "its shapes fit)")
-    parser.add_argument("--dtype", choices=contract.DTYPES, default="float32", help="(default: %(default)s)")
-    parser.add_argument("--test-limit", type=epochs.positive_int,
+    options.add_dtype(parser)
+    parser.add_argument("--test-limit", type=options.positive_int,
                         help="use the first N test images only (default: all 10,000)")
-    parser.add_argument("--per-class", type=epochs.positive_int, default=2,
+    parser.add_argument("--per-class", type=options.positive_int, default=2,
                         help="reconstructions shown per class (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the choice of images (default: %(default)s)")
-    parser.add_argument("--batch-size", type=epochs.positive_int, default=100,
-                        help="images per forward pass (default: %(default)s)")
+    options.add_seed(parser, help="seed of the choice of images")
+    options.add_batch_size(parser, default=100, help="images per forward pass")
     return parser
 
 

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import contract, registry
+from harness import options, registry
 from harness.data import DATA_DIR_ENV
 from harness.environment import machine_facts
 from harness.results import REPO_ROOT, write_json_atomic, write_text_atomic
@@ -228,13 +228,13 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness.gpu_benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, metavar="OUT_DIR", help="folder for everything the run writes")
     parser.add_argument("--archive", type=Path, help="the archive (default: OUT_DIR.tar.gz, beside OUT_DIR)")
-    parser.add_argument("--device", choices=contract.DEVICES, default="cuda",
-                        help="cuda (default); cpu runs the same steps on the CPU implementations, to test it")
+    options.add_device(parser, default="cuda",
+                       help="cuda (default); cpu runs the same steps on the CPU implementations, to test it")
     parser.add_argument("--smoke", action="store_true",
                         help="small network, the smoke asv profile, a few hundred images (tests; default: off)")
-    parser.add_argument("--impl", nargs="+", metavar="NAME",
-                        help="only these implementations (default: every one on the device that can run here)")
-    parser.add_argument("--data-dir", help=f"MNIST folder (default: ${DATA_DIR_ENV})")
+    options.add_impl(parser, several=True, help="only these implementations",
+                     default_help="every one on the device that can run here")
+    options.add_data_dir(parser, help="MNIST folder")
     parser.add_argument("--machine", help="asv machine name (default: gpu-<GPU name>, or the host name on a CPU)")
     return parser
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import contract, registry
+from harness import contract, options, registry
 from harness import flops as flops_module
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
@@ -51,7 +51,7 @@ from harness.params import init_parameters
 from harness.peak import backend_of, gemm_peak_gflops
 from harness.ranges import RANGE_PREFIX, layer_range, range_name, recording
 from harness.results import PROFILE_KIND, PROFILE_SUBDIR, RUNS_DIR, atomic_output, write_json_atomic, write_text_atomic
-from harness.spec import CONFIGS, CapsNetConfig, get_config
+from harness.spec import CapsNetConfig, get_config
 from harness.threads import set_threads, thread_facts, usable_cpu_count
 
 PHASE_CALLS = (("forward", "forward_loss"), ("backward", "backward"), ("update", "adam_step"))
@@ -461,24 +461,20 @@ def writable_folder(path: Path) -> Path:
 
 
 def parser() -> argparse.ArgumentParser:
-    from harness.epochs import non_negative_int, positive_int
-
     parser = argparse.ArgumentParser(prog="python -m harness.profile", description=__doc__.split("\n")[0])
-    parser.add_argument("--impl", nargs="+", metavar="NAME", help="implementations (default: every available one)")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="paper", help="network (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
-    parser.add_argument("--dtype", choices=contract.DTYPES, default="float32", help="(default: %(default)s)")
-    parser.add_argument("--device", choices=contract.DEVICES, help="only implementations on this device (default: any)")
-    parser.add_argument("--steps", type=positive_int, default=5,
-                        help="profiled steps, and as many unprofiled ones for the overhead (default: %(default)s)")
-    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default: %(default)s)")
-    parser.add_argument("--threads", type=positive_int,
-                        help="CPU threads for torch, BLAS and OpenMP (default: the CPUs this process may use)")
-    parser.add_argument("--gemm-size", type=positive_int,
+    options.add_impl(parser, several=True, help="implementations to profile", default_help="every available one")
+    options.add_config(parser)
+    options.add_batch_size(parser, default=32, help="images per step")
+    options.add_dtype(parser)
+    options.add_device(parser, help="only implementations on this device (default: any)")
+    options.add_steps(parser, default=5, help="profiled steps, and as many unprofiled ones for the overhead")
+    options.add_warmup(parser, default=2)
+    options.add_threads(parser)
+    parser.add_argument("--gemm-size", type=options.positive_int,
                         help="size of the GEMM that measures the peak (default: 4096 on the CPU, 8192 on a GPU)")
     parser.add_argument("--no-memory", action="store_true", help="time only (default: also memory, where told)")
-    parser.add_argument("--out", type=Path, default=RUNS_DIR / PROFILE_SUBDIR,
-                        help="output folder (default: runs/profile, not tracked by git)")
+    options.add_out(parser, default=RUNS_DIR / PROFILE_SUBDIR,
+                    help=f"output folder (default: runs/{PROFILE_SUBDIR}, not tracked by git)")
     return parser
 
 

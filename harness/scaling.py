@@ -40,12 +40,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import contract, registry
+from harness import contract, options, registry
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
-from harness.epochs import non_negative_int, positive_float, positive_int
+from harness.options import positive_int
 from harness.results import RUNS_DIR, SCALING_KIND, SCALING_SUBDIR, read_json, write_json_atomic
-from harness.spec import CONFIGS, get_config
+from harness.spec import get_config
 from harness.threads import usable_cpu_count
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -136,16 +136,16 @@ def measure_scaling(ctx, impl, ddp, config, per_rank: int, steps: int, warmup: i
 def _worker_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness.scaling worker",
                                      description="one rank of the scaling measurement (started by the command)")
-    parser.add_argument("--impl", required=True)
-    parser.add_argument("--config", choices=sorted(CONFIGS), required=True)
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--per-rank-batch-size", type=positive_int, required=True)
-    parser.add_argument("--steps", type=positive_int, required=True)
-    parser.add_argument("--warmup", type=non_negative_int, required=True)
-    parser.add_argument("--threads", type=positive_int, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout-s", type=positive_float, default=DEFAULT_TIMEOUT_S)
-    parser.add_argument("--out", type=Path, required=True)
+    options.add_impl(parser, several=False, required=True, help="the torch implementation measured")
+    options.add_config(parser, required=True)
+    options.add_dtype(parser)
+    parser.add_argument("--per-rank-batch-size", type=positive_int, required=True, help="images per step on each rank")
+    options.add_steps(parser, required=True, help="timed steps of each kind")
+    options.add_warmup(parser, required=True, help="untimed steps of each kind first")
+    options.add_threads(parser, required=True, help="CPU threads of this rank")
+    options.add_seed(parser, help="seed of the synthetic batches")
+    options.add_timeout(parser, default=DEFAULT_TIMEOUT_S, help="process-group timeout")
+    options.add_out(parser, required=True, help="where rank 0 writes the measurement")
     return parser
 
 
@@ -196,30 +196,24 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m harness.scaling",
         description="time data-parallel (DDP) steps for several world sizes on this machine (torchrun "
                     "--standalone for each) and write one results file")
-    parser.add_argument("--impl", default="torch-vectorised", metavar="NAME", help="a torch implementation "
-                        "(default: %(default)s)")
+    options.add_impl(parser, several=False, default="torch-vectorised", help="a torch implementation")
     parser.add_argument("--world-sizes", type=positive_int, nargs="+", default=[1, 2], metavar="W",
                         help="(default: 1 2)")
-    parser.add_argument("--threads", type=positive_int,
-                        help="CPU threads in total, split evenly over the ranks (default: the CPUs this process "
-                             f"may use, {usable_cpu_count()} here)")
+    options.add_threads(parser, help="CPU threads in total, split evenly over the ranks",
+                        default_help=f"the CPUs this process may use, {usable_cpu_count()} here")
     batch = parser.add_mutually_exclusive_group()
     batch.add_argument("--global-batch-size", type=positive_int,
                        help="strong scaling: the same global batch for every world size, split over the ranks "
                             f"(default: {DEFAULT_GLOBAL_BATCH})")
     batch.add_argument("--per-rank-batch-size", type=positive_int,
                        help="weak scaling: the same batch on every rank (default: strong scaling)")
-    parser.add_argument("--steps", type=positive_int, default=10,
-                        help="timed steps of each kind, with and without all-reduce (default: %(default)s)")
-    parser.add_argument("--warmup", type=non_negative_int, default=2,
-                        help="untimed steps of each kind first (default: %(default)s)")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="paper", help="(default: %(default)s)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    parser.add_argument("--timeout-s", type=positive_float, default=DEFAULT_TIMEOUT_S,
-                        help="process-group timeout of the ranks (default: %(default)s)")
-    parser.add_argument("--out", type=Path, help=f"results file (default: runs/{SCALING_SUBDIR}/<impl>_<config>_"
-                                                 "scaling.json)")
+    options.add_steps(parser, default=10, help="timed steps of each kind, with and without all-reduce")
+    options.add_warmup(parser, default=2, help="untimed steps of each kind first")
+    options.add_config(parser)
+    options.add_dtype(parser)
+    options.add_seed(parser, help="seed of the synthetic batches")
+    options.add_timeout(parser, default=DEFAULT_TIMEOUT_S, help="process-group timeout of the ranks")
+    options.add_out(parser, help=f"results file (default: runs/{SCALING_SUBDIR}/<impl>_<config>_scaling.json)")
     return parser
 
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import contract, epochs, registry
+from harness import contract, epochs, options, registry
 from harness.data import DataError, load_mnist
 from harness.params import init_parameters
 from harness.results import ResultsFileError, write_json_atomic
@@ -61,8 +61,7 @@ def parser() -> argparse.ArgumentParser:
                                      epilog="--distributed: data-parallel under torchrun, the same as "
                                             "`torchrun ... -m harness.distributed train`, whose options it takes")
     epochs.add_training_arguments(parser, batch_help="images per step", default_impl=None)
-    parser.add_argument("--threads", type=epochs.positive_int,
-                        help="CPU threads for torch, BLAS and OpenMP (default: the CPUs this process may use)")
+    options.add_threads(parser)
     return parser
 
 
