@@ -54,7 +54,21 @@ def shared_setup_cache(benchmark) -> dict:
     (:mod:`harness.step_memory`), a failed point recorded with its reason and the rest still measured."""
     record_facts()
     points = [(batch, iterations) for batch in BATCH_SIZES for iterations in STEP_ROUTING_ITERATIONS]
-    return measure_grid(IMPLEMENTATIONS, CONFIG, DTYPE, points)
+    return measure_grid(measured_names(), CONFIG, DTYPE, points)
+
+
+def measured_names() -> list[str]:
+    """The implementations the GPU grid measures: those selected (``--impl``, ``CAPSBENCH_IMPLEMENTATIONS``)
+    that can run here; every other point is skipped by :func:`measured_point` with its own reason before the
+    grid is read, so none spends a process."""
+    names = []
+    for name in IMPLEMENTATIONS:
+        try:
+            require_available(name)
+        except NotImplementedError:
+            continue
+        names.append(name)
+    return names
 
 
 def measured_point(measured: dict, params: tuple) -> dict:
@@ -120,8 +134,8 @@ class GpuProcessMemory:
 
     def setup(self, measured, *params):
         figures = measured_point(measured, params)
-        if figures["nvml"]["process_peak_bytes"] is None:
-            raise NotImplementedError(PROCESS_NOT_VISIBLE)
+        if figures["nvml"]["process_peak_bytes"] is None:  # why: NVML refused the process list, or no PID
+            raise NotImplementedError(figures["nvml"].get("process_note") or PROCESS_NOT_VISIBLE)
         self.process_peak = figures["nvml"]["process_peak_bytes"]
 
     def track_gpu_memory_nvml_process(self, measured, *params):

@@ -1,8 +1,9 @@
-"""The machine's attainable float32 peak, measured in the same run as the other benchmarks: a large GEMM
-through each framework's own BLAS, with the benchmarks' thread count.  The report divides every achieved
-GFLOP/s by the peak of the implementation's own backend (see harness.peak.backend_of)."""
+"""The machine's float32 peaks: the hardware's (derived from what the CPU reports, the one figure every
+"% of peak" on the CPU divides by) and, measured in the same run as the other benchmarks, a large GEMM
+through each framework's own BLAS with the benchmarks' thread count (the practical ceiling shown beside it;
+where the hardware peak is unknown, the best of these is the figure divided by)."""
 
-from benchmarks.common import IMPLEMENTATIONS, THREADS, require_available
+from benchmarks.common import IMPLEMENTATIONS, THREADS, record_facts, require_available
 from harness import registry
 from harness.peak import backend_of, gemm_peak_gflops
 from harness.threads import set_threads
@@ -36,3 +37,25 @@ class GemmPeak:
         return gemm_peak_gflops(backend)
 
     track_gemm_peak_gflops.unit = "GFLOP/s"
+
+
+class HardwarePeak:
+    """The CPU's float32 peak from what the machine reports (harness.peak.hardware_peak: cores x lanes x FMA
+    units x 2 x clock; the inputs are in the run's facts under ``hardware_peak``): the one figure every "% of
+    peak" on the CPU divides by.  Skipped, with the reason, where an input cannot be read."""
+
+    timeout = 60
+
+    def setup(self):
+        from harness.environment import hardware_peak_facts
+
+        record_facts()
+        self.peak = hardware_peak_facts()
+        if not self.peak.get("gflops"):
+            raise NotImplementedError(f"hardware peak {self.peak.get('note', 'unknown')}")
+
+    def track_hardware_peak_gflops(self):
+        """cores x float32 lanes x FMA units x 2 x GHz of this machine."""
+        return self.peak["gflops"]
+
+    track_hardware_peak_gflops.unit = "GFLOP/s"

@@ -32,7 +32,7 @@ from harness.data import synthetic_batch
 from harness.environment import machine_facts
 from harness.params import init_parameters
 from harness.profiles import FACTS_SUBDIR, load_profile
-from harness.results import write_json_atomic
+from harness.results import ResultsFileError, read_json, write_json_atomic
 from harness.spec import get_config
 from harness.step_memory import is_out_of_memory
 from harness.threads import set_threads, thread_facts, usable_cpu_count
@@ -139,8 +139,28 @@ def record_facts() -> None:
     facts.update(threads=thread_facts(), profile=PROFILE_NAME, asv_commit=commit,
                  asv_env_name=os.environ.get("ASV_ENV_NAME"),
                  implementations={info.name: info.describe() for info in registry.entries()})
+    previous = facts_path(commit)
+    if previous.is_file():  # plans recorded by earlier benchmark processes of this run stay
+        try:
+            facts["plans"] = read_json(previous).get("plans", {})
+        except ResultsFileError:
+            pass
     write_json_atomic(facts_path(commit), facts)
     _facts_written = True
+
+
+def record_plan_facts(name: str, impl: contract.Implementation) -> None:
+    """Add the plans an implementation chose for its batch shapes (``plan_facts()``, torch-fused's convolution
+    strategies) to the run's facts under ``plans[name][batch size]``, so every figure says which plan made it."""
+    plan_facts = getattr(impl, "plan_facts", None)
+    commit = measured_commit()
+    if plan_facts is None or commit is None:
+        return
+    record_facts()
+    path = facts_path(commit)
+    facts = read_json(path)
+    facts.setdefault("plans", {}).setdefault(name, {}).update(plan_facts())
+    write_json_atomic(path, facts)
 
 
 # Prepared models -------------------------------------------------------------------------------------------
@@ -175,6 +195,7 @@ def build(name: str, batch_size: int, iterations: int, warm_up: str | None) -> P
         batch = impl.to_device(*synthetic_batch(config, batch_size, seed=DATA_SEED))
         WARM_UPS[warm_up](impl, batch)
         impl.synchronize()
+        record_plan_facts(name, impl)
     except Exception as error:
         if is_out_of_memory(error):
             raise NotImplementedError(f"{name} runs out of memory at batch {batch_size}: {error}") from None

@@ -25,9 +25,10 @@ implementation, or, for older files, as this installation's registry does), ``ba
 (GemmPeak) and leave ``implementation`` empty; any other parameter gets a column of its own name.
 
 Timed phases also get their arithmetic: ``flops`` (:func:`harness.flops.phase_flops` for the run's
-network at that batch size and routing iterations), ``gflops_per_s``, ``peak_gflops`` (the GemmPeak result
-of the implementation's backend in the same run) and ``pct_of_peak``.  The network a run used follows from
-the ``profile`` in its facts file through :mod:`harness.profiles`.
+network at that batch size and routing iterations), ``gflops_per_s``, ``peak_gflops`` (one figure per run for
+every implementation: the hardware float32 peak from the run's facts, else the best GEMM measured in the
+run; ``peak_source`` says which, ``best_gemm_gflops`` is the practical ceiling) and ``pct_of_peak``.
+The network a run used follows from the ``profile`` in its facts file through :mod:`harness.profiles`.
 
 Nothing here raises on a bad file: every problem is one line in the returned ``warnings`` that names the
 file, and the file (or the one benchmark entry) is skipped.
@@ -45,7 +46,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.flops import phase_flops
-from harness.peak import backend_of
+from harness.peak import GPU_BACKENDS, backend_of, peak_sentence
 from harness.profiles import ASV_RESULTS_SUBDIR, DEFAULT_PROFILE, FACTS_SUBDIR, PROFILES
 from harness.results import ResultsFileError, read_json
 from harness.spec import get_config
@@ -76,6 +77,7 @@ METRICS = {
     "track_max_rel_error": "max_rel_error",
     "track_threads": "threads",
     "track_gemm_peak_gflops": "gemm_peak",
+    "track_hardware_peak_gflops": "hardware_peak",
 }
 PREFIX_UNITS = {"time_": "seconds", "peakmem_": "bytes", "mem_": "bytes", "track_": UNKNOWN}
 GEMM_PEAK_METRIC = METRICS["track_gemm_peak_gflops"]
@@ -84,7 +86,7 @@ PHASES_WITH_FLOPS = frozenset(phase_flops(get_config("small"), 1))  # the phases
 IMPLEMENTATION_COLUMNS = ["implementation", "framework", "device", "routing_variant", "backend"]
 PARAMETER_COLUMNS = ["batch_size", "routing_iterations"]
 VALUE_COLUMNS = ["benchmark", "metric", "value", "unit", "spread", "q25", "q75", "samples", "status"]
-FLOPS_COLUMNS = ["flops", "gflops_per_s", "peak_gflops", "pct_of_peak"]
+FLOPS_COLUMNS = ["flops", "gflops_per_s", "peak_gflops", "pct_of_peak", "peak_source", "best_gemm_gflops"]
 RUN_COLUMNS = ["machine", "commit", "env", "date", "profile", "config_name"]
 TIDY_COLUMNS = IMPLEMENTATION_COLUMNS + PARAMETER_COLUMNS + VALUE_COLUMNS + FLOPS_COLUMNS + RUN_COLUMNS
 RUN_KEY = ["machine", "commit", "env"]
@@ -315,13 +317,46 @@ def read_run(path: Path, results_root: Path, benchmarks: dict, warnings: list[st
         except ValueError as error:
             warnings.append(f"warning: {path}: benchmark {name}: {error}; benchmark skipped")
     for row in rows:
-        row.update(machine=machine, commit=commit, env=env, date=date, profile=profile, config_name=run.config_name)
+        row.update(machine=machine, commit=commit, env=env, date=date, profile=profile, config_name=run.config_name,
+                   hardware_peak_gflops=(run.facts.get("hardware_peak") or {}).get("gflops"))
     return run, rows
 
 
+HARDWARE_PEAK = "hardware float32 peak"
+BEST_GEMM = "best measured GEMM (hardware peak unknown)"
+BEST_GPU_GEMM = "best measured GPU GEMM (no GPU hardware peak derived)"
+
+
+def run_peaks(table: pd.DataFrame) -> pd.DataFrame:
+    """One peak per run and device, the same for every implementation: on the CPU the hardware's float32 peak
+    from the run's facts (:func:`harness.peak.hardware_peak`), else (older runs, whose facts lack it) the best
+    GEMM any CPU backend measured in the run; on a GPU the best GPU GEMM of the run.  ``peak_source`` says
+    which; ``best_gemm_gflops`` (the practical ceiling) stands beside it."""
+    gemm = table.loc[table["metric"] == GEMM_PEAK_METRIC].dropna(subset=["value"]).copy()
+    gemm["device"] = ["cuda" if backend in GPU_BACKENDS else "cpu" for backend in gemm["backend"]]
+    best = gemm.groupby(RUN_KEY + ["device"])["value"].max().rename("best_gemm_gflops").reset_index()
+    runs = table[RUN_KEY + ["hardware_peak_gflops"]] if "hardware_peak_gflops" in table else table[RUN_KEY].assign(
+        hardware_peak_gflops=math.nan)
+    runs = runs.drop_duplicates(RUN_KEY)
+    peaks = pd.concat([runs.assign(device="cpu"), runs.assign(device="cuda", hardware_peak_gflops=math.nan)])
+    peaks = peaks.merge(best, on=RUN_KEY + ["device"], how="left")
+    hardware = pd.to_numeric(peaks["hardware_peak_gflops"], errors="coerce")
+    peaks["peak_gflops"] = hardware.where(hardware.notna(), peaks["best_gemm_gflops"]).astype(float)
+    peaks["peak_source"] = [
+        HARDWARE_PEAK if pd.notna(h) else None if pd.isna(b) else BEST_GPU_GEMM if d == "cuda" else BEST_GEMM
+        for h, b, d in zip(hardware, peaks["best_gemm_gflops"], peaks["device"])]
+    return peaks.drop(columns=["hardware_peak_gflops"])
+
+
+def run_peak_sentence(rows: pd.DataFrame, facts: dict) -> str:
+    """:func:`harness.peak.peak_sentence` for one run's rows and facts."""
+    gemm = rows[rows["metric"] == GEMM_PEAK_METRIC].dropna(subset=["value"]).drop_duplicates("backend")
+    return peak_sentence(facts.get("hardware_peak"), dict(zip(gemm["backend"], gemm["value"])))
+
+
 def add_flops(table: pd.DataFrame) -> pd.DataFrame:
-    """FLOPs of each timed phase, the achieved GFLOP/s, and the share of the same run's GEMM peak of the
-    implementation's backend (NaN where the run has no GemmPeak result for it)."""
+    """FLOPs of each timed phase, the achieved GFLOP/s, and its share of the run's one peak
+    (:func:`run_peaks`; NaN where the run has neither the hardware peak nor a GemmPeak result)."""
     table = table.copy()
     table["flops"] = [
         phase_flops(get_config(config_name).replace(routing_iterations=int(iterations)), int(batch))[metric]
@@ -331,10 +366,8 @@ def add_flops(table: pd.DataFrame) -> pd.DataFrame:
             table["benchmark"], table["metric"], table["batch_size"], table["routing_iterations"], table["config_name"])
     ]
     table["gflops_per_s"] = table["flops"] / table["value"] / 1e9
-    peaks = table.loc[table["metric"] == GEMM_PEAK_METRIC, RUN_KEY + ["backend", "value"]]
-    peaks = peaks.dropna(subset=["value"]).drop_duplicates(RUN_KEY + ["backend"])
-    peaks = peaks.rename(columns={"value": "peak_gflops"})
-    table = table.drop(columns=["peak_gflops"]).merge(peaks, on=RUN_KEY + ["backend"], how="left")
+    table = table.drop(columns=["peak_gflops", "peak_source", "best_gemm_gflops"], errors="ignore")
+    table = table.merge(run_peaks(table), on=RUN_KEY + ["device"], how="left")
     table["pct_of_peak"] = 100 * table["gflops_per_s"] / table["peak_gflops"]
     return table[TIDY_COLUMNS + [column for column in table.columns if column not in TIDY_COLUMNS]]
 

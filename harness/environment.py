@@ -91,4 +91,15 @@ def machine_facts() -> dict:
         **torch_facts(),
         "gpu": gpu_facts(),
         "versions": library_versions(),
+        "hardware_peak": hardware_peak_facts(),
     }
+
+
+def hardware_peak_facts() -> dict:
+    """The CPU's float32 peak and its derivation (:func:`harness.peak.machine_hardware_peak`), never raising."""
+    from harness.peak import machine_hardware_peak
+
+    try:
+        return machine_hardware_peak()
+    except Exception as error:  # an unusual /proc/cpuinfo
+        return {"gflops": None, "note": f"unknown: {type(error).__name__}: {error}"}

@@ -76,9 +76,12 @@ class PeakSampler:
 
     ``read`` returns a :class:`Reading`; it is called once on entry (the baseline), every ``interval_s``
     while the region runs, and once on exit, so even a region shorter than the interval has two samples.
+    ``process_note`` (a string, or a function giving one at the end of the region) says why the
+    per-process figure is absent, where it is.
     """
 
-    def __init__(self, read: Callable[[], Reading], interval_s: float = DEFAULT_INTERVAL_S, process_note: str = ""):
+    def __init__(self, read: Callable[[], Reading], interval_s: float = DEFAULT_INTERVAL_S,
+                 process_note: str | Callable[[], str] = ""):
         if interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {interval_s}")
         self._read = read
@@ -127,7 +130,8 @@ class PeakSampler:
         if self._error is not None:
             raise RuntimeError(f"memory sampling failed: {self._error}") from self._error
         self._take()
-        note = self._process_note if self._process_peak is None else ""
+        note = self._process_note() if callable(self._process_note) else self._process_note
+        note = note if self._process_peak is None else ""
         self.result = PeakMemory(
             True,
             peak_bytes=self._peak,
@@ -249,20 +253,45 @@ def nvml_device_facts(pci_bus_id: str | None = None) -> dict:
         return {"available": False, "reason": f"NVML query failed: {type(error).__name__}: {error}"}
 
 
-def nvml_reader(nvml, pci_bus_id: str | None, pid: int) -> Callable[[], Reading]:
+class NvmlReader:
     """A reading of the device's used memory and, where NVML lists ``pid`` with a known figure, that
-    process's own (``usedGpuMemory`` is None where the driver cannot tell, e.g. under some containers)."""
-    handle = _device_handle(nvml, pci_bus_id)
+    process's own (``usedGpuMemory`` is None where the driver cannot tell, e.g. under some containers).
 
-    def read() -> Reading:
-        used = int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
+    Where NVML refuses to list the device's processes (NotSupported or NoPermission: containers, MIG,
+    vGPU), the per-process figure is unknown, :attr:`process_problem` says why, and the device-wide
+    figure still stands: the process list is not asked again."""
+
+    def __init__(self, nvml, pci_bus_id: str | None, pid: int) -> None:
+        self.nvml, self.pid = nvml, pid
+        self.handle = _device_handle(nvml, pci_bus_id)
+        self.process_problem: str | None = None
+
+    def process_bytes(self) -> int | None:
+        if self.process_problem is not None:
+            return None
+        try:
+            entries = self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+        except Exception as error:  # NVMLError_NotSupported, NVMLError_NoPermission, ...
+            self.process_problem = (f"NVML cannot list this GPU's processes ({type(error).__name__}: {error}; "
+                                    "usual in containers, MIG and vGPU): only the device-wide figure is available")
+            return None
         process = None
-        for entry in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if entry.pid == pid and entry.usedGpuMemory is not None:
+        for entry in entries:
+            if entry.pid == self.pid and entry.usedGpuMemory is not None:
                 process = int(entry.usedGpuMemory)
-        return Reading(used, process)
+        return process
 
-    return read
+    def process_note(self) -> str:
+        """Why the per-process figure is absent: NVML's refusal, else the PID not being listed."""
+        return self.process_problem or PROCESS_NOT_VISIBLE
+
+    def __call__(self) -> Reading:
+        return Reading(int(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used), self.process_bytes())
+
+
+def nvml_reader(nvml, pci_bus_id: str | None, pid: int) -> NvmlReader:
+    """The :class:`NvmlReader` of the GPU with this PCI bus id, for process ``pid``."""
+    return NvmlReader(nvml, pci_bus_id, pid)
 
 
 PROCESS_NOT_VISIBLE = (
@@ -282,7 +311,7 @@ def nvml_sampler(pci_bus_id: str | None = None,
         read = nvml_reader(nvml, pci_bus_id, os.getpid())
     except Exception as error:
         return UnavailableSampler(f"unavailable: NVML cannot find the GPU ({error})", interval_s)
-    return PeakSampler(read, interval_s, process_note=PROCESS_NOT_VISIBLE)
+    return PeakSampler(read, interval_s, process_note=read.process_note)
 
 
 def nvml_used_bytes(pci_bus_id: str | None = None) -> int | None:

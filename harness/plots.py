@@ -513,14 +513,18 @@ def memory(table: pd.DataFrame, iterations: int, where: str, palette: dict | Non
 
 
 def peak_share(table: pd.DataFrame, iterations: int, where: str) -> Figure:
-    """Achieved GFLOP/s of each implementation and phase as a share of the measured GEMM peak of its
-    backend (bars): a share of the peak, not a roofline (no arithmetic intensity is drawn)."""
+    """Achieved GFLOP/s of each implementation and phase as a share of the run's one peak, the same for every
+    implementation (``peak_source``: the hardware float32 peak, else the best GEMM measured), as bars: a share
+    of the peak, not a roofline (no arithmetic intensity is drawn)."""
     rows = table[table["pct_of_peak"].notna() & (table["routing_iterations"] == iterations)]
     if rows.empty:
-        raise NoData("no GemmPeak (track_gemm_peak_gflops) result in this run to divide by: "
-                     "run the suite again with benchmarks/bench_peak.py")
+        raise NoData("no peak to divide by in this run (neither the hardware peak in its facts nor a GemmPeak "
+                     "result): run the suite again with benchmarks/bench_peak.py")
     batch = largest_batch(rows)
     rows = rows[rows["batch_size"] == batch]
+    sources = sorted({f"{source} {value:.0f} GFLOP/s"
+                      for source, value in zip(rows.get("peak_source", []), rows["peak_gflops"])
+                      if isinstance(source, str)})
     frame = rows.pivot_table(index="implementation", columns="metric", values="pct_of_peak", aggfunc="first")
     phases = [phase for phase in (*PHASES, "routing_backward") if phase in frame.columns]
     implementations = list(frame.index)
@@ -530,16 +534,16 @@ def peak_share(table: pd.DataFrame, iterations: int, where: str) -> Figure:
     log = auto_log(ax, frame.to_numpy().ravel())
     headroom(ax, log)
     if ax.get_ylim()[1] >= 100:
-        ax.axhline(100, color="0.2", linewidth=1, linestyle=":", label="100% = measured GEMM peak")
+        ax.axhline(100, color="0.2", linewidth=1, linestyle=":", label="100% = the peak")
     ax.set_xlabel("implementation")
-    ax.set_ylabel("% of the GEMM peak" + (" (log scale)" if log else ""))
+    ax.set_ylabel("% of peak" + (" (log scale)" if log else ""))
     ax.tick_params(axis="x", labelrotation=15 if len(implementations) > 5 else 0)
     ax.grid(axis="y", **GRID)
-    note = notes("achieved GFLOP/s = the phase's analytic FLOPs / its time; 100% = the float32 GEMM peak "
-                 "measured on the same machine in the same run (track_gemm_peak_gflops)",
+    note = notes("achieved GFLOP/s = the phase's analytic FLOPs / its time; 100% = one figure for every "
+                 "implementation: " + ("; ".join(sources) or "the peak"),
                  ("times from 1 sample each" if single_samples(rows) else ""),
                  absent_note(table, implementations))
-    return finish(fig, f"Share of the measured float32 GEMM peak at batch size {batch} ({where})",
+    return finish(fig, f"Share of the float32 peak at batch size {batch} ({where})",
                   note, unique_handles([ax]), legend_cols=4)
 
 

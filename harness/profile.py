@@ -18,8 +18,9 @@ the implementation's own ranges (:mod:`harness.ranges`) name the layers.  What a
 
 Outputs in ``--out`` (default ``runs/profile/``): ``profile.csv`` (tidy: one row per implementation x phase
 x layer, with the median time per step over the profiled steps and its interquartile range, the share of the
-profiled step, the layer's analytic FLOPs from :mod:`harness.flops`, GFLOP/s and % of the GEMM peak measured
-in the same run by the implementation's own BLAS), ``profile.md`` (a table per implementation, the profiling
+profiled step, the layer's analytic FLOPs from :mod:`harness.flops`, GFLOP/s and % of peak: one figure for every
+implementation, the CPU's hardware float32 peak (:func:`harness.peak.hardware_peak`), else or on a GPU the
+best GEMM measured in the same run), ``profile.md`` (a table per implementation, the profiling
 overhead: profiled against unprofiled step), ``profile.json`` (what ran, on what machine) and, for torch,
 ``traces/<implementation>.trace.json.gz`` (the last profiled step, for chrome://tracing or Perfetto).
 """
@@ -48,7 +49,7 @@ from harness.data import synthetic_batch
 from harness.environment import machine_facts
 from harness.formatting import fmt, markdown_table
 from harness.params import init_parameters
-from harness.peak import backend_of, gemm_peak_gflops
+from harness.peak import backend_of, gemm_peak_gflops, machine_hardware_peak, one_peak, peak_sentence
 from harness.ranges import RANGE_PREFIX, layer_range, range_name, recording
 from harness.results import PROFILE_KIND, PROFILE_SUBDIR, RUNS_DIR, atomic_output, write_json_atomic, write_text_atomic
 from harness.spec import CapsNetConfig, get_config
@@ -275,6 +276,7 @@ class Profiled:
     unprofiled: list[float]
     trace: Path | None = None
     ranges_per_step: int = 0
+    plan: dict | None = None  # the plan the implementation chose for its batch shape (torch-fused's convolutions)
 
 
 def profile_implementation(info: registry.ImplementationInfo, config: CapsNetConfig, batch_size: int, dtype: str,
@@ -318,7 +320,8 @@ def profile_implementation(info: registry.ImplementationInfo, config: CapsNetCon
                     tracemalloc.stop()
             recorder.step.phases = phases
             records.append(recorder.step)
-    return Profiled(info, records, unprofiled, trace, counter.count)
+    plan_facts = getattr(impl, "plan_facts", None)
+    return Profiled(info, records, unprofiled, trace, counter.count, plan_facts() if plan_facts else None)
 
 
 def export_trace(prof, path: Path) -> Path:
@@ -382,15 +385,16 @@ def implementation_summary(profiled: Profiled, batch_size: int, config_name: str
             "config_name": config_name, "dtype": dtype,
             "phases_s": {phase: statistics.median(record.phases[phase] for record in profiled.steps)
                          for phase, _ in PHASE_CALLS},
-            "trace": profiled.trace.name if profiled.trace else None}
+            "trace": profiled.trace.name if profiled.trace else None, "plan": profiled.plan}
 
 
 def markdown(frame: pd.DataFrame, summaries: dict[str, dict]) -> str:
     """profile.md: per implementation, the layers of each phase with their share, rate and memory."""
     lines = ["# Where the time of a training step goes", "",
              "Per layer and phase: median time per step over the profiled steps (interquartile range), share of "
-             "the profiled step, analytic GFLOP/s and % of the GEMM peak measured in the same run by the "
-             "implementation's own BLAS; memory allocated during the layer (net) and the peak inside it, where "
+             "the profiled step, analytic GFLOP/s and % of peak (one figure for every implementation: the CPU's "
+             "hardware float32 peak, else the best GEMM measured in the same run); memory allocated during the "
+             "layer (net) and the peak inside it, where "
              "the framework tells.  n/a: not measured (or no FLOPs).", ""]
     for name, rows in frame.groupby("implementation", sort=False):
         summary = summaries[name]
@@ -490,11 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or usable_cpu_count()
     set_threads(threads)
     peaks, rows, summaries = {}, [], {}
+    hardware = machine_hardware_peak()
     range_seconds = inactive_range_seconds()
     for info in infos:
         backend = backend_of(info.framework, info.device)
         if backend not in peaks:
             peaks[backend] = gemm_peak_gflops(backend, size=args.gemm_size)
+    for info in infos:
         print(f"profiling {info.name}: {args.warmup} warm-up, {args.steps} unprofiled and {args.steps} profiled "
               f"steps at batch {args.batch_size} ...", file=sys.stderr, flush=True)
         try:
@@ -503,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # one failing implementation must not hide the others' profiles
             print(f"error: profiling {info.name} failed: {type(error).__name__}: {error}", file=sys.stderr)
             continue
-        rows += profile_rows(profiled, config, args.batch_size, args.dtype, args.config, peaks[backend])
+        rows += profile_rows(profiled, config, args.batch_size, args.dtype, args.config,
+                             one_peak(info.device, hardware, peaks))
         summaries[info.name] = implementation_summary(profiled, args.batch_size, args.config, args.dtype,
                                                       range_seconds)
     if not rows:
@@ -514,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         frame.to_csv(temporary, index=False)
     write_text_atomic(out / MD_NAME, markdown(frame, summaries))
     write_json_atomic(out / JSON_NAME, {"kind": PROFILE_KIND, "format_version": 1, "threads": thread_facts(),
-                                        "gemm_peak_gflops": peaks, "machine": machine_facts(),
+                                        "gemm_peak_gflops": peaks, "hardware_peak": hardware,
+                                        "peak_sentence": peak_sentence(hardware, peaks), "machine": machine_facts(),
                                         "implementations": summaries})
     for name, summary in summaries.items():
         print(f"{name}: step {summary['step_s'] * 1e3:.1f} ms profiled, {summary['unprofiled_step_s'] * 1e3:.1f} ms "

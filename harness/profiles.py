@@ -28,6 +28,9 @@ PROFILES: dict[str, dict] = {
     # one GPU machine in a few minutes (harness.gpu_benchmark): the batch sweep, routing at the paper's count
     "gpu": {"config": "paper", "batch_sizes": [32, 128, 512], "routing_iterations": [3],
             "step_routing_iterations": [3], "check_batch_size": 8, "compiled": True},
+    # the compiling implementations on a GPU lease (harness.gpu_benchmark): batch 128 only, each shape compiles
+    "gpu-compiled": {"config": "paper", "batch_sizes": [128], "routing_iterations": [3],
+                     "step_routing_iterations": [3], "check_batch_size": 8, "compiled": True},
 }
 
 # Results folders, relative to the results root (asv.conf.json's "results_dir" is "runs/asv").

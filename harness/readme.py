@@ -9,7 +9,7 @@ sits between two markers and is written by this command from ``results/``::
 
 An opening marker may name the run it wants, ``<!-- generated: headline commit=fb4b147f machine=vm -->``.
 The blocks (:data:`BLOCKS`): ``headline`` (one asv run: step times with their spread, images/s, % of the
-GEMM peak, forward, backward, routing share), ``profile`` (the largest layers of each implementation's
+machine peak, forward, backward, routing share), ``profile`` (the largest layers of each implementation's
 training step), ``training`` (every training run) and ``scaling`` (data-parallel scaling).  ``--check``
 rewrites nothing and exits 1 naming the blocks that differ from what the results say; the tests run it, so
 README and ``results/`` cannot disagree unnoticed.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.asv_results import GEMM_PEAK_METRIC, load_asv
+from harness.asv_results import load_asv, run_peak_sentence
 from harness.formatting import NA, fmt, fmt_spread, markdown_table
 from harness.report import distributed_section
 from harness.results import (
@@ -57,7 +57,7 @@ class ReadmeError(ValueError):
 
 def headline_block(root: Path, commit: str | None = None, machine: str | None = None) -> str:
     """The asv run at ``commit`` (prefix; default the newest) on ``machine``: per implementation and batch
-    size, the training step (median, interquartile range, samples), images/s, % of the GEMM peak, forward,
+    size, the training step (median, interquartile range, samples), images/s, % of the machine's peak, forward,
     backward, routing share, host memory sampled in a step and the parity check's largest error;
     implementations without a result are left out."""
     asv = load_asv(root, machine)
@@ -78,25 +78,21 @@ def headline_block(root: Path, commit: str | None = None, machine: str | None = 
         "implementation": frame["implementation"], "batch": [fmt(v, "int") for v in frame["batch_size"]],
         "train step ms (q25–q75, samples)": [timing(row, "train_step") for _, row in frame.iterrows()],
         "images/s": [fmt(v, "rate") for v in frame["images_per_second"]],
-        "% of GEMM peak": [fmt(v, "pct100") for v in frame["train_pct_of_peak"]],
+        "% of peak": [fmt(v, "pct100") for v in frame["train_pct_of_peak"]],
         "forward ms": [fmt(v, "ms") for v in frame["forward"]],
         "backward ms": [fmt(v, "ms") for v in frame["backward"]],
         "routing fwd+bwd share": [fmt(v, "pct") for v in frame["routing_share"]],
         "host memory MiB": [fmt(v, "mib") for v in frame["host_memory"]],
         "max rel error": [fmt(v, "sci") for v in frame["max_rel_error"]],
     })
-    peaks = rows[rows["metric"] == GEMM_PEAK_METRIC].dropna(subset=["value"]).drop_duplicates("backend")
-    peak_line = ", ".join(f"{fmt(value, 'rate')} GFLOP/s through {backend}"
-                          for backend, value in zip(peaks["backend"], peaks["value"]))
     intro = (f"asv run `{run.label}` ({run.profile} profile, {run.config_name} network, float32, "
-             f"{iterations} routing iterations)." + (f" GEMM peak measured in the same run: {peak_line}." if peak_line
-                                                     else ""))
+             f"{iterations} routing iterations). {run_peak_sentence(rows, run.facts)}")
     return intro + "\n\n" + markdown_table(cells, text_columns=1)
 
 
 def profile_block(root: Path) -> str:
     """Per profiled implementation: the profiled step and its largest layers (layer, phase, time, share of
-    the step, % of the GEMM peak)."""
+    the step, % of the machine's peak)."""
     warnings: list[str] = []
     profile = load_profile(root / PROFILE_SUBDIR, warnings)
     if profile is None:
@@ -117,7 +113,7 @@ def profile_block(root: Path) -> str:
                 "ms per step (q25–q75)": fmt_spread(row["time_s"], row["time_q25_s"], row["time_q75_s"],
                                                     row["steps"], "ms", count=False),
                 "share of step": fmt(row["share"], "pct"),
-                "% of GEMM peak": fmt(row["pct_of_peak"], "pct100"),
+                "% of peak": fmt(row["pct_of_peak"], "pct100"),
             })
     steps = sorted({int(n) for n in profile.frame["steps"].dropna()})
     intro = (f"`capsbench profile` ({', '.join(map(str, steps))} profiled steps after the warm-up; "

@@ -39,7 +39,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness import plots
-from harness.asv_results import ASV_RESULTS_SUBDIR, AsvResults, Run, load_asv, machine_names
+from harness.asv_results import ASV_RESULTS_SUBDIR, AsvResults, Run, load_asv, machine_names, run_peak_sentence
 from harness.formatting import (
     NA,
     fmt,
@@ -167,7 +167,7 @@ SUMMARY_TIMINGS = {"train_step": "train step ms", "forward": "forward ms", "back
                    "routing": "routing ms"}
 SUMMARY_COLUMNS = {
     "images_per_second": ("images/s", "rate"), "train_gflops_per_s": ("train GFLOP/s", "rate"),
-    "train_pct_of_peak": ("% of GEMM peak", "pct100"), "routing_share": ("routing share", "pct"),
+    "train_pct_of_peak": ("% of peak", "pct100"), "routing_share": ("routing share", "pct"),
     "host_memory_peak": ("host peak MiB (asv)", "mib"), "host_memory": ("host sampled MiB", "mib"),
     "gpu_memory_nvml": ("GPU NVML MiB", "mib"), "gpu_memory_allocator_live": ("GPU allocator live MiB", "mib"),
     "gpu_memory_allocator_reserved": ("GPU allocator reserved MiB", "mib"),
@@ -203,15 +203,31 @@ def summary_section(rows: pd.DataFrame, run: Run) -> str:
     if "gpu_memory_allocator_mixed" in columns:
         text[-1] += (" GPU allocator (old mixed figure): older runs recorded torch's live peak and CuPy's pool "
                      "after the step in one figure, superseded by live and reserved.")
-    if frame["train_pct_of_peak"].isna().all():
-        note += (" " if note else "") + ("% of GEMM peak is n/a: no GemmPeak (track_gemm_peak_gflops) result "
-                                          "for these backends in this run.")
+    note += (" " if note else "") + run_peak_sentence(rows, run.facts)
     if note:
         text += ["", note]
     text += ["", markdown_table(cells, text_columns=1)]
     if absent:
         text += ["", not_run_line(absent)]
+    plans = plan_lines(run.facts.get("plans") or {})
+    if plans:
+        text += ["", "Convolution plans the implementations chose where they ran (forward / weight gradient / "
+                 "input gradient; from the run's facts):", "", *plans]
     return "\n".join(text)
+
+
+def plan_lines(plans: dict) -> list[str]:
+    """One Markdown bullet per implementation and batch size: the strategy of each product of each
+    convolution, where the choice came from (measured or cached) and how long measuring took."""
+    lines = []
+    for name, by_batch in sorted(plans.items()):
+        for batch, facts in sorted(by_batch.items(), key=lambda item: int(item[0]) if item[0].isdigit() else 0):
+            layers = "; ".join(f"{layer}: {'/'.join(str(facts[layer].get(k)) for k in ('forward', 'weight', 'input'))}"
+                               for layer in ("conv1", "primary_caps") if isinstance(facts.get(layer), dict))
+            seconds = facts.get("measure_seconds")
+            took = f", measuring took {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
+            lines.append(f"- {name}, batch {batch}: {layers} ({facts.get('source', '?')}{took})")
+    return lines
 
 
 def memory_section(rows: pd.DataFrame, run: Run) -> str:
@@ -390,7 +406,8 @@ def profile_section(profile: Profile) -> str:
     machine = meta.get("machine") or {}
     text = ["Per implementation, each layer's time in each phase of a training step (`python -m harness.profile`): "
             "the median per step over the profiled steps with its interquartile range (q25–q75), its share of the "
-            "profiled step, the achieved GFLOP/s (analytic FLOPs / time) and its % of the measured GEMM peak, "
+            "profiled step, the achieved GFLOP/s (analytic FLOPs / time) and its % of peak (one figure for every "
+            "implementation), "
             "and the memory the profiler saw where it reports it. The profiler's own cost is the overhead: the "
             "profiled step against the same step timed without it."]
     if machine:
@@ -430,7 +447,7 @@ def profile_section(profile: Profile) -> str:
                                                                    rows["time_q75_s"], samples)],
             "share of step": [fmt(value, "pct") for value in rows["share"]],
             "GFLOP/s": [fmt(value, "rate") for value in rows["gflops_per_s"]],
-            "% of GEMM peak": [fmt(value, "pct100") for value in rows["pct_of_peak"]],
+            "% of peak": [fmt(value, "pct100") for value in rows["pct_of_peak"]],
         })
         for column, heading in (("memory_allocated_bytes", "allocated MiB"), ("memory_peak_bytes", "peak MiB")):
             if rows[column].notna().any():
@@ -494,7 +511,7 @@ PLOT_DESCRIPTIONS = {
     "routing_iterations": "routing alone (forward; forward + backward) against routing iterations",
     "vectorised_speedup": "speed-up of vectorised over looped routing per framework and phase",
     "memory": "GPU memory (NVML and allocator) against batch size, or host memory where there is no GPU result",
-    "peak_share": "achieved GFLOP/s as a share of the measured GEMM peak per implementation and phase",
+    "peak_share": "achieved GFLOP/s as a share of the machine's one peak per implementation and phase",
     "training_curves": "training loss and test accuracy against training time",
     "profile": "where the time of a training step goes, by phase and layer, per implementation",
     "distributed_scaling": "images/s against world size with the ideal line, and scaling efficiency",

@@ -11,7 +11,9 @@ cuBLAS / cuDNN handles, workspaces and modules of one framework are never in ano
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
+import signal
 
 from harness import contract, registry
 from harness.data import synthetic_batch
@@ -21,6 +23,7 @@ from harness.spec import CapsNetConfig
 
 NVML_INTERVAL_S = 0.0005
 DATA_SEED = 0
+WORKER_TIMEOUT_S = 600  # one implementation's whole grid, compiling included; past it, the worker is killed
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -61,17 +64,67 @@ def measure_points(name: str, config: CapsNetConfig, dtype: str, points: list[tu
             kind = "runs out of memory" if is_out_of_memory(error) else "failed"
             results[(batch_size, iterations)] = (f"{name} {kind} at batch {batch_size}: "
                                                  f"{type(error).__name__}: {error}")
-        if impl is not None:
-            release = impl.release_cached_memory
-            del impl, batch
-            release()  # the next point starts from an empty cache
+        # the model goes before the next is built: nothing may hold it (a bound method would), and torch
+        # models sit in a reference cycle (module.route), which only the collector frees; the next point's
+        # measure_step then empties the allocator's cache of its blocks before sampling
+        del impl, batch
+        gc.collect()
     return results
 
 
-def in_fresh_process(function, *args):
-    """``function(*args)`` in a new interpreter (multiprocessing's spawn: no CUDA state inherited)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
+class WorkerDied(RuntimeError):
+    """The measuring process ended without an answer (driver abort, the OOM killer, a signal)."""
+
+
+def _answer(sender, function, args) -> None:
+    """Run in the fresh process: send ``("ok", result)`` or ``("error", one line)`` back."""
+    try:
+        result = ("ok", function(*args))
+    except Exception as error:
+        result = ("error", f"{type(error).__name__}: {error}")
+    sender.send(result)
+    sender.close()
+
+
+def exit_description(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit status {exitcode}"
+
+
+def in_fresh_process(function, *args, timeout_s: float | None = None):
+    """``function(*args)`` in a new interpreter (multiprocessing's spawn: no CUDA state inherited).
+
+    The answer comes through a pipe whose only writer is the child, so a child that dies (driver abort,
+    OOM killer) ends the wait at once with :class:`WorkerDied`, and one that hangs past ``timeout_s`` is
+    killed with the same; an exception in the child is a RuntimeError with its one line."""
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_answer, args=(sender, function, args), daemon=True)
+    process.start()
+    sender.close()  # the child's copy is now the only writer: its death is end-of-file here
+    try:
+        if not receiver.poll(timeout_s):
+            raise WorkerDied(f"the measuring process gave no answer within {timeout_s:g} s and was killed")
+        try:
+            status, value = receiver.recv()
+        except EOFError:
+            process.join(5)
+            raise WorkerDied(f"the measuring process died ({exit_description(process.exitcode)}) "
+                             "before it answered") from None
+    finally:
+        receiver.close()
+        if process.is_alive():
+            process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    if status == "error":
+        raise RuntimeError(value)
+    return value
 
 
 def measure_grid(names: list[str], config: CapsNetConfig, dtype: str, points: list[tuple[int, int]]) -> dict:
@@ -88,8 +141,8 @@ def measure_grid(names: list[str], config: CapsNetConfig, dtype: str, points: li
                   else f"NVML unavailable: {problem}" if problem else None)
         if reason is None:
             try:
-                figures = in_fresh_process(measure_points, name, config, dtype, points)
-            except Exception as error:  # the process itself died (driver error, killed)
+                figures = in_fresh_process(measure_points, name, config, dtype, points, timeout_s=WORKER_TIMEOUT_S)
+            except Exception as error:  # the process itself died (driver error, killed), or failed
                 figures = {point: f"{name} failed: {type(error).__name__}: {error}" for point in points}
         else:
             figures = dict.fromkeys(points, reason)

@@ -13,6 +13,7 @@ import pandas as pd
 
 from harness.activations import im2col_bytes, kept_activations, parameter_state_bytes
 from harness.asv_results import TIDY_COLUMNS, Run
+from harness.peak import one_peak
 from harness.results import PROFILE_KIND, ResultsFileError, read_json
 from harness.scaling import compute_units, scaling_efficiency
 from harness.spec import get_config
@@ -446,7 +447,22 @@ def load_profile(folder: Path, warnings: list[str]) -> Profile | None:
             payload = read_profile_json(meta)
         except ResultsFileError as error:
             warnings.append(f"warning: {error}; file skipped (the profile table is shown without it)")
-    return Profile(frame, payload, csv)
+    return Profile(with_one_peak(frame, payload), payload, csv)
+
+
+def with_one_peak(frame: pd.DataFrame, meta: dict) -> pd.DataFrame:
+    """Every row's % of peak over one figure per device, the same for every implementation
+    (:func:`harness.peak.one_peak`): the hardware peak of profile.json where it has one, else the best GEMM it
+    (or, for older profiles, the CSV's per-backend ``peak_gflops``) records on that device."""
+    gemms = dict(meta.get("gemm_peak_gflops") or {})
+    if not gemms:  # an older profile.json: the CSV's per-backend peaks, the best per device
+        gemms = {("numpy" if device == "cpu" else "torch-cuda"): float(peak)
+                 for device, peak in frame.groupby("device")["peak_gflops"].max().items() if pd.notna(peak)}
+    peaks = {device: one_peak(device, meta.get("hardware_peak") or {}, gemms) for device in frame["device"].unique()}
+    frame = frame.copy()
+    frame["peak_gflops"] = frame["device"].map(peaks).astype(float)
+    frame["pct_of_peak"] = 100 * frame["gflops_per_s"] / frame["peak_gflops"]
+    return frame
 
 
 def profile_rows(profile: Profile, implementation: str) -> pd.DataFrame:

@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from harness.ranges import layer_range
 from harness.registry import register
 from implementations.cupy_capsnet import CupyCapsNet, cupy
 from implementations.numpy_capsnet import RoutingFunctions
@@ -261,9 +262,10 @@ class FusedRouting:
         logits = xp.empty((batch, n_out, n_in), dtype=u_hat.dtype)
         coupling[0].fill(1.0 / n_out)  # softmax of b = 0: exactly 1 / J everywhere
         for r in range(iterations):
-            if r > 0:  # b += u_hat . v of the previous iteration (b = 0 before), c = softmax over j
-                self.kernels.agree_softmax(u_hat, v[r - 1], logits, coupling[r], accumulate=r > 1)
-            self.kernels.sum_squash(coupling[r], u_hat, s[r], v[r], eps)
+            with layer_range(f"routing_iteration_{r + 1}", "forward"):  # the profile's routing rows
+                if r > 0:  # b += u_hat . v of the previous iteration (b = 0 before), c = softmax over j
+                    self.kernels.agree_softmax(u_hat, v[r - 1], logits, coupling[r], accumulate=r > 1)
+                self.kernels.sum_squash(coupling[r], u_hat, s[r], v[r], eps)
         return v[iterations - 1], FusedCache(coupling, s, v)
 
     def backward(self, xp, u_hat, cache: FusedCache, grad_v, eps: float):
@@ -275,13 +277,15 @@ class FusedRouting:
         grad_logits = xp.empty_like(coupling)  # [r]: d loss / d b_r for r >= 1 ([0] is never written)
         for r in reversed(range(iterations)):
             last = r == iterations - 1
-            self.kernels.sum_squash_backward(None if last else grad_logits[r + 1], u_hat, grad_v if last else None,
-                                             s[r], grad_s[r], eps)
-            if r > 0:
-                self.kernels.softmax_backward(u_hat, grad_s[r], coupling[r], None if last else grad_logits[r + 1],
-                                              grad_logits[r])
+            with layer_range(f"routing_iteration_{r + 1}", "backward"):
+                self.kernels.sum_squash_backward(None if last else grad_logits[r + 1], u_hat,
+                                                 grad_v if last else None, s[r], grad_s[r], eps)
+                if r > 0:
+                    self.kernels.softmax_backward(u_hat, grad_s[r], coupling[r],
+                                                  None if last else grad_logits[r + 1], grad_logits[r])
         grad_u_hat = xp.empty_like(u_hat)
-        self.kernels.grad_u_hat(coupling, grad_s, grad_logits, v, grad_u_hat)
+        with layer_range("routing_iteration_1", "backward"):  # the last work, as in the vectorised routing
+            self.kernels.grad_u_hat(coupling, grad_s, grad_logits, v, grad_u_hat)
         return grad_u_hat
 
     def functions(self) -> RoutingFunctions:

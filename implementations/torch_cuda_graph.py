@@ -7,10 +7,11 @@ captured once per batch shape (and dtype: one instance has one), then replayed:
 * ``train_step``: the whole step, forward, loss, backward and Adam, as one graph (PyTorch's "whole-network
   capture"), followed on the host by the learning-rate scheduler, which fills the learning-rate tensor
   the captured Adam reads;
-* ``forward_loss`` and ``backward``: two graphs sharing one memory pool, as
-  ``torch.cuda.make_graphed_callables`` captures a forward and its backward.  The backward graph is
-  captured with ``retain_graph=True``, so the activations the forward graph saved stay where they are and
-  ``backward`` replayed twice gives the same gradients, not their sum;
+* ``forward_loss`` and ``backward``: two graphs sharing one memory pool, captured together at the first
+  ``forward_loss`` of a shape, as ``torch.cuda.make_graphed_callables`` captures a forward and its backward
+  (a backward captured later would find parameters changed in place by another capture's warm-up).  The
+  backward graph is captured with ``retain_graph=True``, so the activations the forward graph saved stay
+  where they are and ``backward`` replayed twice gives the same gradients, not their sum;
 * ``adam_step``: ``torch.optim.Adam(capturable=True)`` (step counts, bias corrections and the learning
   rate live on the GPU), one graph for every batch shape;
 * ``forward``: one graph per batch shape and mode (training mask or longest capsule);
@@ -128,7 +129,7 @@ class Region:
     captured: Captured
     pool: Any = None
     key: tuple = ()
-    backward: Captured | None = None  # a forward_loss region's backward graph, captured on first use
+    backward: Captured | None = None  # a forward_loss region's backward graph, captured with its forward
     keep: tuple = field(default_factory=tuple)
 
 
@@ -276,18 +277,27 @@ class TorchCudaGraphCapsNet(TorchCapsNet):
             raise ValueError("the training loss needs labels")
         self._pending = None
         region = self._region("loss", (batch.images, batch.labels), self._loss_function, shared_pool=True)
+        if region.backward is None:
+            self._capture_backward(region)
         region.captured.replay()
         self._pending = region
         return region.captured.outputs.detach().clone()
+
+    def _capture_backward(self, region: Region) -> None:
+        """The backward graph of a forward_loss region, captured at once after its forward (as
+        ``torch.cuda.make_graphed_callables`` does): its autograd graph is the forward capture's, which saved
+        the parameters at their version then, so any later in-place change (a train_step or adam_step
+        capture's warm-up runs) would make a backward captured later raise "modified by an inplace
+        operation".  The warm-up runs write the static gradients, which hold their values after."""
+        self._claim_gradients(keep_values=False)
+        region.backward = self._capture(lambda: self._write_gradients(region.captured.outputs, keep_graph=True),
+                                        region.pool, preserve=self._gradients)
 
     def backward(self) -> None:
         region = self._pending
         if region is None:
             raise RuntimeError("backward() needs a forward_loss() first (and no Adam step since)")
         self._claim_gradients(keep_values=False)
-        if region.backward is None:
-            region.backward = self._capture(lambda: self._write_gradients(region.captured.outputs, keep_graph=True),
-                                            region.pool)
         region.backward.replay()
 
     def adam_step(self) -> None:

@@ -12,12 +12,13 @@ and in its backward:
 
 * the convolutions (:class:`Convolution`: Conv1 with its ReLU, and PrimaryCaps): NHWC activations and
   channels-last weights, so that a weight is a (out, kh * kw * in) matrix without a copy.  Each of the three
-  products (forward, weight gradient, input gradient) is done the way that measured fastest for its phase
-  on the device (:data:`PLANS`, which says how it was decided; the choices are in :data:`FORWARD`,
-  :data:`WEIGHT_GRADIENT` and :data:`INPUT_GRADIENT`, and ``python -m implementations.torch_fused``
-  measures them again on any machine): an im2col copy and one GEMM, the framework's own convolution
-  (oneDNN, cuDNN), one product per kernel offset accumulated in place, one per kernel row, or one large
-  product and col2im;
+  products (forward, weight gradient, input gradient) is done the way that measures fastest on the machine
+  it runs on: at the first step of a batch shape the model times every candidate on that shape and keeps
+  the fastest, cached per machine, torch version, device, dtype, shape and threads
+  (:func:`choose_plan`, :mod:`implementations.conv_plans`; the candidates are in :data:`FORWARD`,
+  :data:`WEIGHT_GRADIENT` and :data:`INPUT_GRADIENT`, and ``python -m implementations.torch_fused`` prints
+  the measured table): an im2col copy and one GEMM, the framework's own convolution (oneDNN, cuDNN), one
+  product per kernel offset accumulated in place, one per kernel row, or one large product and col2im;
 * PrimaryCaps' squash together with the regrouping of the convolution's channels into capsules
   (:class:`PrimarySquash`);
 * the prediction vectors (:class:`PredictionVectors`), written once in the (B, J, N, D) layout that the
@@ -41,21 +42,25 @@ The optimizer is ``torch.optim.Adam(fused=True)`` (one kernel for all parameters
 build has no fused kernel for the device).
 
 CUDA: the same code with device tensors (nothing in the hot path leaves the device or assumes the CPU); on
-a GPU the plan uses the framework's convolution (cuDNN) for all three products until measured otherwise.
+a GPU the same measurement chooses between cuDNN and the alternatives.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 from harness.params import DIGIT_WEIGHT
 from harness.ranges import layer_range
 from harness.registry import register
 from harness.spec import ADAM, PAPER, CapsNetConfig, conv_output_size
+from implementations import conv_plans
 from implementations.torch_capsnet import F, TorchCapsNet, capsule_lengths, decoder, mask_capsules, torch
 
 _Function = torch.autograd.Function if torch is not None else object
@@ -255,12 +260,10 @@ class Plan:
     primary: ConvPlan
 
 
-# Per device, how each product is done.  On the CPU the strategies of a phase measured close to one another
-# in isolation (``python -m implementations.torch_fused --layer ...``), so whole training steps decided, run
-# back to back: im2col + GEMM for the forward products, which keeps the patch matrix for a weight gradient
-# that is then one GEMM (oneDNN's weight gradient and the per-offset products lost in the step at the larger
-# batch), and the input gradient one kernel offset at a time (no patch-gradient matrix).  CUDA's is the
-# framework's convolution (cuDNN) throughout until measured on a GPU.
+# Per device, the plan used where none is measured ($CAPSBENCH_CONV_PLAN=fixed) and for the product no
+# measurement covers (Conv1's input gradient, never needed).  A model chooses its own at the first step of a
+# batch shape (:func:`choose_plan`).  The CPU's was the fastest of whole training steps on the first machine
+# measured; CUDA's is the framework's convolution (cuDNN) throughout.
 PLANS = {
     "cpu": Plan(conv1=ConvPlan("im2col-gemm", "im2col-gemm", "offsets"),
                 primary=ConvPlan("im2col-gemm", "im2col-gemm", "offsets")),
@@ -517,9 +520,32 @@ class TorchFusedCapsNet(TorchCapsNet):
         super().__init__(config, params, dtype, device, routing_variant)
         for name in CONV_WEIGHTS:  # (O, kh * kw * C) weight matrices as views; the gradients come in this layout
             self.params[name].data = self.params[name].data.contiguous(memory_format=torch.channels_last)
-        self.plan = PLANS[self._device.type]
+        self.plan = PLANS[self._device.type]  # until the first batch shape chooses its own (use_plan_for)
+        self.plans: dict[int, tuple[Plan, dict]] = {}
         self.workspace = Workspace(self._dtype, self._device)
         self.module = FusedCapsNetModule(config, self.params, self.plan, self.workspace)
+
+    def use_plan_for(self, batch_size: int) -> Plan:
+        """The convolution plan of this batch size, chosen on its first use (:func:`choose_plan`: measured on
+        this machine or read from the cache) unless $CAPSBENCH_CONV_PLAN is "fixed" (then :data:`PLANS`)."""
+        if batch_size not in self.plans:
+            if os.environ.get(PLAN_ENV, "measure") == "fixed":
+                fixed = PLANS[self._device.type]
+                self.plans[batch_size] = (fixed, {"conv1": dataclasses.asdict(fixed.conv1),
+                                                  "primary_caps": dataclasses.asdict(fixed.primary),
+                                                  "source": f"fixed (${PLAN_ENV}=fixed)"})
+            else:
+                self.plans[batch_size] = choose_plan(self.config, batch_size, self.dtype, self._device)
+        self.plan = self.module.plan = self.plans[batch_size][0]
+        return self.plan
+
+    def plan_facts(self) -> dict[str, dict]:
+        """The plan of every batch size used so far, with where it came from: {str(batch size): facts}."""
+        return {str(batch_size): facts for batch_size, (_, facts) in sorted(self.plans.items())}
+
+    def forward_loss(self, batch):
+        self.use_plan_for(batch.images.shape[0])
+        return super().forward_loss(batch)
 
     def make_optimizer(self):
         """torch.optim.Adam with one fused kernel for every parameter, ``foreach`` where there is none."""
@@ -540,6 +566,7 @@ class TorchFusedCapsNet(TorchCapsNet):
 
     def forward(self, batch, train: bool = True):
         self._loss = None  # this pass reuses the buffers a pending backward would read
+        self.use_plan_for(batch.images.shape[0])
         return super().forward(batch, train)
 
     def _fresh(self) -> Workspace:
@@ -550,6 +577,7 @@ class TorchFusedCapsNet(TorchCapsNet):
         return Routing.apply(u_hat, self.config.routing_iterations, self.config.squash_eps, self._fresh())
 
     def prediction_vectors(self, batch):
+        self.use_plan_for(batch.images.shape[0])
         with torch.no_grad():
             return self.module.predictions(batch.images, self._fresh())
 
@@ -570,11 +598,15 @@ def conv_shape(config: CapsNetConfig, layer: str) -> tuple[int, int, int, int, i
             config.primary_stride)
 
 
-def measure_strategies(config: CapsNetConfig, layer: str, batch_size: int, dtype: str, device: str,
-                       repeats: int) -> list[dict]:
-    """Seconds (median and minimum of ``repeats``) of every strategy of each product of the convolution
-    ``layer`` ("conv1" or "primary_caps") on random data, after one untimed call each; the alternatives run
-    back to back in every repeat.  Conv1's input gradient is never needed, so not timed."""
+def time_candidates(config: CapsNetConfig, layer: str, batch_size: int, dtype: str, device: str, repeats: int,
+                    prune: float | None = None) -> dict[tuple[str, str], list[float]]:
+    """Seconds of every strategy of each product of the convolution ``layer`` ("conv1" or "primary_caps")
+    in ``repeats`` rounds on random data, after one untimed call each; the alternatives run back to back in
+    every round.  The weight gradient by im2col + GEMM is timed twice: with the patch matrix an im2col
+    forward kept, and building its own (:data:`conv_plans.OWN_PATCHES`, after any other forward).
+    Conv1's input gradient is never needed, so not timed.  With ``prune``, a candidate slower than
+    ``prune`` times the fastest of its phase in the first round (twice that in the untimed call) is not timed
+    again, so the set-up stays short; only the candidates timed are returned."""
     generator = torch.Generator(device="cpu").manual_seed(0)
     kind = getattr(torch, dtype)
     size, channels, out_channels, kernel, stride = conv_shape(config, layer)
@@ -588,35 +620,120 @@ def measure_strategies(config: CapsNetConfig, layer: str, batch_size: int, dtype
     _, cols = forward_im2col_gemm(x, weight, bias, kernel, stride, workspace, "kept")
     calls = {("forward", name): (lambda f=f: f(x, weight, bias, kernel, stride, workspace, "m"))
              for name, f in FORWARD.items()}
-    calls.update({("weight gradient", name): (lambda f=f, c=(cols if name == "im2col-gemm" else None):
+    calls.update({("weight gradient", name): (lambda f=f, c=(cols if name == conv_plans.KEPT_PATCHES else None):
                                               f(grad_rows, x, c, weight, kernel, stride, workspace, "m"))
                   for name, f in WEIGHT_GRADIENT.items()})
+    calls[("weight gradient", conv_plans.OWN_PATCHES)] = (
+        lambda: weight_gradient_im2col_gemm(grad_rows, x, None, weight, kernel, stride, workspace, "m"))
     if layer != "conv1":
         calls.update({("input gradient", name): (lambda f=f: f(grad_rows, x, weight, kernel, stride, workspace, "m"))
                       for name, f in INPUT_GRADIENT.items()})
-    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    synchronize = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     times: dict = {key: [] for key in calls}
-    for call in calls.values():
+    warm: dict = {}
+    for key, call in calls.items():
+        synchronize()
+        start = time.perf_counter()
         call()
-    for _ in range(repeats):
-        for key, call in calls.items():
+        synchronize()
+        warm[key] = time.perf_counter() - start
+    live = dict(calls)
+    if prune:  # the untimed first call pays page faults, so only a candidate far behind stops here
+        fastest = {phase: min(s for (p, _), s in warm.items() if p == phase) for phase, _ in warm}
+        live = {key: call for key, call in live.items() if warm[key] <= 2 * prune * fastest[key[0]]}
+        times = {key: times[key] for key in live}
+    for round_ in range(repeats):
+        for key, call in live.items():
             synchronize()
             start = time.perf_counter()
             call()
             synchronize()
             times[key].append(time.perf_counter() - start)
-    flops = 2 * batch_size * out_size**2 * out_channels * kernel**2 * channels
-    return [{"phase": phase, "strategy": name, "median_s": statistics.median(times[(phase, name)]),
-             "min_s": min(times[(phase, name)]), "gflops_per_s": flops / min(times[(phase, name)]) / 1e9}
-            for phase, name in calls]
+        if prune and round_ == 0:
+            best = {}
+            for (phase, _), seconds in times.items():
+                best[phase] = min(best.get(phase, float("inf")), seconds[0])
+            live = {key: call for key, call in live.items() if times[key][0] <= prune * best[key[0]]}
+    return times
+
+
+# Choosing the plan where it runs ----------------------------------------------------------------------------
+
+PLAN_REPEATS, PLAN_PRUNE = 3, 1.25
+PLAN_ENV = "CAPSBENCH_CONV_PLAN"
+
+
+def machine_name(device) -> str:
+    """What the cache keys a choice by: the CPU model, or the GPU's name."""
+    from harness.environment import cpu_model
+
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def plan_shape(config: CapsNetConfig, batch_size: int) -> dict:
+    return {"batch": batch_size, "conv1": list(conv_shape(config, "conv1")),
+            "primary_caps": list(conv_shape(config, "primary_caps"))}
+
+
+def measure_plan(config: CapsNetConfig, batch_size: int, dtype: str, device: str) -> dict:
+    """Median seconds of every candidate of both convolutions: {layer: {"phase/strategy": seconds}}."""
+    measured = {}
+    for layer in ("conv1", "primary_caps"):
+        times = time_candidates(config, layer, batch_size, dtype, device, PLAN_REPEATS, PLAN_PRUNE)
+        measured[layer] = {f"{phase}/{name}": statistics.median(seconds) for (phase, name), seconds in times.items()}
+    return measured
+
+
+def plan_from_timings(measured: dict, fallback: Plan) -> Plan:
+    """The fastest :class:`Plan` from :func:`measure_plan`'s timings (see :func:`conv_plans.choose_layer`);
+    a product that was not timed (Conv1's input gradient) keeps ``fallback`` 's strategy."""
+    layers = {}
+    for layer, fallback_layer in (("conv1", fallback.conv1), ("primary_caps", fallback.primary)):
+        seconds = {tuple(key.split("/", 1)): value for key, value in measured[layer].items()}
+        chosen = conv_plans.choose_layer(seconds)
+        layers[layer] = ConvPlan(chosen["forward"], chosen["weight"], chosen["input"] or fallback_layer.input)
+    return Plan(conv1=layers["conv1"], primary=layers["primary_caps"])
+
+
+def choose_plan(config: CapsNetConfig, batch_size: int, dtype: str, device, measure=None) -> tuple[Plan, dict]:
+    """The plan for this shape: from the cache if this machine, torch version, device, dtype, shape and
+    thread count were measured before, else measured now (``measure``, default :func:`measure_plan`) and
+    cached.  Returns the plan and its facts (the strategies, where they came from, the timings behind them,
+    the seconds measuring took)."""
+    device = torch.device(device)
+    key = conv_plans.cache_key(machine_name(device), torch.__version__, device.type, dtype,
+                               plan_shape(config, batch_size), torch.get_num_threads())
+    fallback = PLANS[device.type]
+    entry = conv_plans.read_cache().get(key)
+    source = "cache"
+    if entry is not None:
+        try:
+            plan = plan_from_timings(entry["seconds"], fallback)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            warnings.warn(f"ignoring a malformed entry of the plan cache {conv_plans.cache_path()} ({error})",
+                          stacklevel=2)
+            entry = None
+    if entry is None:
+        source = "measured"
+        start = time.perf_counter()
+        seconds = (measure or measure_plan)(config, batch_size, dtype, device)
+        entry = {"seconds": seconds, "measure_seconds": time.perf_counter() - start}
+        plan = plan_from_timings(seconds, fallback)
+        conv_plans.write_cache_entry(key, entry)
+    facts = {"conv1": dataclasses.asdict(plan.conv1), "primary_caps": dataclasses.asdict(plan.primary),
+             "source": source, "measure_seconds": entry.get("measure_seconds"), "seconds": entry["seconds"],
+             "cache": str(conv_plans.cache_path())}
+    return plan, facts
 
 
 def main(argv: list[str] | None = None) -> int:
     from harness.threads import set_threads, usable_cpu_count
 
     parser = argparse.ArgumentParser(prog="python -m implementations.torch_fused",
-                                     description="Time every strategy of each product of a convolution.")
-    parser.add_argument("--layer", choices=("conv1", "primary_caps"), default="primary_caps")
+                                     description="Time every strategy of each product of the convolutions and print "
+                                                 "the fastest (what torch-fused chooses at its first step).")
+    parser.add_argument("--layer", choices=("conv1", "primary_caps", "both"), default="both")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -627,12 +744,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":  # as the implementation computes: float32 means float32
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    rows = measure_strategies(PAPER, args.layer, args.batch_size, args.dtype, args.device, args.repeats)
-    plan = getattr(PLANS[args.device], "conv1" if args.layer == "conv1" else "primary")
-    print(f"{args.layer} at batch {args.batch_size}, {args.dtype} on {args.device}; plan: {plan}")
-    for row in rows:
-        print(f"{row['phase']:16s} {row['strategy']:12s} median {row['median_s'] * 1e3:8.2f} ms  min "
-              f"{row['min_s'] * 1e3:8.2f} ms  {row['gflops_per_s']:7.1f} GFLOP/s at the minimum")
+    layers = ("conv1", "primary_caps") if args.layer == "both" else (args.layer,)
+    for layer in layers:
+        times = time_candidates(PAPER, layer, args.batch_size, args.dtype, args.device, args.repeats)
+        seconds = {key: statistics.median(values) for key, values in times.items()}
+        chosen = conv_plans.choose_layer(seconds)
+        size, channels, out_channels, kernel, stride = conv_shape(PAPER, layer)
+        flops = 2 * args.batch_size * conv_output_size(size, kernel, stride) ** 2 * out_channels * kernel**2 * channels
+        print(f"{layer} at batch {args.batch_size}, {args.dtype} on {args.device}, {torch.get_num_threads()} threads, "
+              f"median of {args.repeats}; fastest: {chosen}")
+        for (phase, name), values in times.items():
+            median = statistics.median(values)
+            print(f"  {phase:16s} {name:26s} median {median * 1e3:8.2f} ms  min {min(values) * 1e3:8.2f} ms  "
+                  f"{flops / median / 1e9:7.1f} GFLOP/s")
     return 0
 
 

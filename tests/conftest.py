@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,9 @@ import pytest
 from harness.spec import SMALL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# torch-fused caches the convolution plan it measures; tests (and the processes they start) use their own
+# folder, never the user's cache.
+os.environ.setdefault("CAPSBENCH_PLAN_CACHE", tempfile.mkdtemp(prefix="capsbench-plans-"))
 MNIST_CANDIDATES = [REPO_ROOT.parent / "shared" / "data" / "mnist", Path("/work/shared/data/mnist")]
 
 

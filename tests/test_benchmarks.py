@@ -16,7 +16,8 @@ from conftest import REPO_ROOT
 BENCHMARK_NAMES = [
     "time_forward", "time_inference", "time_train_step", "time_backward", "time_routing", "time_routing_backward",
     "peakmem_train_step", "track_host_memory_train_step", "track_host_memory_before_model", "track_max_rel_error",
-    "track_threads", "track_gemm_peak_gflops", "track_compile_seconds",
+    "track_threads", "track_gemm_peak_gflops", "track_compile_seconds", "track_plan_seconds",
+    "track_hardware_peak_gflops",
 ]
 
 
@@ -146,3 +147,25 @@ def test_out_of_memory_is_a_skip_not_a_crash(monkeypatch):
             common.prepare("oom", 512, 3, "train_step")
     assert common.is_out_of_memory(MemoryError())
     assert not common.is_out_of_memory(ValueError("shapes do not match"))
+
+
+def test_the_plan_an_implementation_chose_goes_into_the_facts_and_stays(monkeypatch, tmp_path):
+    """torch-fused's plan per batch size is added to the run's facts; a later benchmark process rewriting
+    the facts keeps it."""
+    from benchmarks import common
+
+    path = tmp_path / "facts.json"
+    monkeypatch.setattr(common, "measured_commit", lambda: "abcdef12")
+    monkeypatch.setattr(common, "facts_path", lambda commit: path)
+    monkeypatch.setattr(common, "_facts_written", False)
+
+    class Chose:
+        def plan_facts(self):
+            return {"32": {"primary_caps": {"forward": "library"}, "source": "measured"}}
+
+    common.record_plan_facts("torch-fused", Chose())
+    common.record_plan_facts("numpy-vectorised", object())  # no plan: nothing recorded
+    monkeypatch.setattr(common, "_facts_written", False)  # the next benchmark process
+    common.record_facts()
+    plans = json.loads(path.read_text())["plans"]
+    assert plans == {"torch-fused": {"32": {"primary_caps": {"forward": "library"}, "source": "measured"}}}

@@ -5,12 +5,13 @@ against routing_vectorised_forward/backward on random inputs, in float32 and flo
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import numpy as np
 import pytest
 
-from harness import registry
+from harness import ranges, registry
 from harness.check import TOLERANCES
 from harness.params import init_parameters
 from harness.spec import SMALL
@@ -89,6 +90,31 @@ def test_driver_on_numpy_kernels_is_the_vectorised_routing(shape, iterations, dt
     grad = routing.backward(np, u_hat, cache, grad_v, EPS)
     assert grad.shape == u_hat.shape and grad.dtype == u_hat.dtype
     assert_close(grad, nc.routing_vectorised_backward(np, u_hat, expected_cache, grad_v, EPS), dtype, "gradient")
+
+
+class RangeLog:
+    """A recorder that writes down each range it is asked to open, in order."""
+
+    def __init__(self):
+        self.opened = []
+
+    def range(self, layer, phase):
+        self.opened.append((phase, layer))
+        return contextlib.nullcontext()
+
+
+def test_fused_routing_opens_the_routing_ranges_of_the_vectorised_routing():
+    """cupy-fused's profile has routing rows: the same (phase, layer) ranges as the NumPy routing opens."""
+    u_hat, grad_v = random_routing_inputs(np, SHAPES[0], "float32")
+    opened = {}
+    for name, forward, backward in [("fused", *cf.FusedRouting(NumpyKernels()).functions()),
+                                    ("numpy", nc.routing_vectorised_forward, nc.routing_vectorised_backward)]:
+        with ranges.recording(RangeLog()) as log:
+            _, cache = forward(np, u_hat, 3, EPS)
+            backward(np, u_hat, cache, grad_v, EPS)
+        opened[name] = sorted(set(log.opened))
+    assert opened["fused"] == opened["numpy"]
+    assert {("forward", "routing_iteration_3"), ("backward", "routing_iteration_1")} <= set(opened["fused"])
 
 
 def test_launch_geometry():

@@ -115,3 +115,46 @@ def test_activation_memory_hand_count():
     assert parameter_state_bytes(TINY, itemsize=4) == 4 * 1193 * 4
     assert expected_step_bytes(TINY, 2) == 4 * 1193 * 4 + sum(kept.values())
     assert im2col_bytes(TINY, 1, itemsize=1) == 8 * 8 * 9 * 1 + 3 * 3 * 9 * 2
+
+
+CPUINFO = """processor\t: {n}
+vendor_id\t: {vendor}
+cpu family\t: {family}
+model name\t: {model}
+cpu MHz\t\t: 2300.000
+physical id\t: 0
+core id\t\t: {n}
+flags\t\t: fpu sse sse2 avx avx2 fma {extra}
+"""
+
+
+def cpuinfo(cores: int, vendor="GenuineIntel", family=6, model="Intel(R) Xeon(R) Platinum 8375C", extra="avx512f"):
+    return "\n".join(CPUINFO.format(n=n, vendor=vendor, family=family, model=model, extra=extra) for n in range(cores))
+
+
+def test_hardware_peak_is_cores_lanes_fma_units_two_and_the_clock():
+    from harness.peak import hardware_peak
+
+    intel = hardware_peak(cpuinfo(2))  # 2 cores x 16 lanes x 2 FMA units x 2 x 2.3 GHz
+    assert intel["gflops"] == pytest.approx(2 * 16 * 2 * 2 * 2.3) and intel["clock_source"].startswith("/proc")
+    assert hardware_peak(cpuinfo(2), max_mhz=3500)["gflops"] == pytest.approx(2 * 16 * 2 * 2 * 3.5)
+    zen4 = hardware_peak(cpuinfo(4, "AuthenticAMD", 25, "AMD EPYC 9R14", "avx512f avx512_bf16"))
+    assert zen4["fma_units"] == 1 and "2 x 256-bit" in zen4["note"]
+    assert zen4["gflops"] == pytest.approx(4 * 16 * 1 * 2 * 2.3)
+    avx2 = hardware_peak(cpuinfo(8, model="Intel(R) Core(TM) i7-4770", extra=""))
+    assert avx2["lanes"] == 8 and avx2["gflops"] == pytest.approx(8 * 8 * 2 * 2 * 2.3)
+    no_fma = hardware_peak(cpuinfo(2).replace(" fma ", " "))
+    assert no_fma["gflops"] is None and "FMA units" in no_fma["note"]
+    no_clock = hardware_peak(cpuinfo(2).replace("cpu MHz\t\t: 2300.000\n", ""))
+    assert no_clock["gflops"] is None and "clock" in no_clock["note"]
+
+
+def test_the_peak_sentence_names_the_hardware_peak_or_the_best_gemm():
+    from harness.peak import hardware_peak, peak_sentence
+
+    sentence = peak_sentence(hardware_peak(cpuinfo(2)), {"numpy": 209.0, "torch": 181.0})
+    assert "294 GFLOP/s = 2 cores x 16 lanes x 2 FMA units x 2 x 2.30 GHz" in sentence
+    assert sentence.index("209 GFLOP/s through numpy") < sentence.index("181 GFLOP/s through torch")
+    older = peak_sentence(None, {"numpy": 209.0, "torch": 181.0})
+    assert "best GEMM measured in the run (209 GFLOP/s" in older and "unknown" in older
+    assert "n/a" in peak_sentence(None, {})

@@ -1,6 +1,7 @@
 """The memory sampler: peak logic with a scripted reader, host RSS for real, NVML unavailability."""
 
 import threading
+import time
 import types
 
 import numpy as np
@@ -163,6 +164,36 @@ def test_nvml_process_figure_is_none_when_unknown_or_not_listed():
     unknown = FakeNvml(own_pid=100, own_bytes=None)
     assert memory.nvml_reader(unknown, "0000:3B:00.0", pid=100)() == Reading(8 * 2**30, None)
     assert memory.nvml_reader(FakeNvml(own_pid=100), "0000:3B:00.0", pid=7)() == Reading(8 * 2**30, None)
+
+
+class RefusingNvml(FakeNvml):
+    """A GPU whose process list NVML refuses (NotSupported in containers, MIG and vGPU)."""
+
+    def __init__(self):
+        super().__init__(own_pid=100)
+        self.process_queries = 0
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        self.process_queries += 1
+        raise type("NVMLError_NotSupported", (Exception,), {})("Not Supported")
+
+
+def test_a_refused_process_list_makes_the_process_figure_unknown_and_keeps_the_device_figure():
+    nvml = RefusingNvml()
+    read = memory.nvml_reader(nvml, "0000:3B:00.0", pid=100)
+    with PeakSampler(read, interval_s=0.001, process_note=read.process_note) as sampler:
+        time.sleep(0.01)
+    result = sampler.result
+    assert result.available and result.peak_bytes == 8 * 2**30 and result.process_peak_bytes is None
+    assert "NVMLError_NotSupported: Not Supported" in result.process_note
+    assert "device-wide figure" in result.process_note
+    assert nvml.process_queries == 1  # refused once, not asked again at every sample
+
+
+def test_an_unlisted_pid_keeps_the_container_note():
+    read = memory.nvml_reader(FakeNvml(own_pid=100), "0000:3B:00.0", pid=7)
+    read()
+    assert read.process_note() == memory.PROCESS_NOT_VISIBLE
 
 
 @pytest.mark.parametrize("visible, expected", [

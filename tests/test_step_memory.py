@@ -4,7 +4,11 @@ GPU implementation and a scripted NVML sampler."""
 
 from __future__ import annotations
 
+import gc
 import os
+import signal
+import time
+import weakref
 
 import pytest
 
@@ -15,12 +19,20 @@ from harness.spec import SMALL
 from implementations.numpy_capsnet import NumpyCapsNet
 
 CALLS: list[str] = []
+BUILT: list[weakref.ref] = []
 
 
 class GpuStandIn(NumpyCapsNet):
     """A 'GPU' implementation that runs on NumPy and logs the memory calls made to it."""
 
     framework = "stand-in"
+
+    def __init__(self, *args, **kwargs):
+        gc.collect()  # anything unreachable is gone now: what is still alive is held
+        CALLS.append(f"build ({sum(ref() is not None for ref in BUILT)} earlier alive)")
+        super().__init__(*args, **kwargs)
+        self.cycle = self  # torch models sit in a reference cycle (module.route)
+        BUILT.append(weakref.ref(self))
 
     def release_cached_memory(self):
         CALLS.append("release")
@@ -63,9 +75,10 @@ def test_every_point_follows_one_rule_and_a_failing_point_is_skipped(monkeypatch
     CALLS.clear()
     with registry.registered("gpu-stand-in", GpuStandIn, device="cuda"):
         results = step_memory.measure_points("gpu-stand-in", SMALL, "float32", [(2, 3), (16, 3), (4, 1)])
-    assert CALLS[:9] == ["step 2",  # warm-up
-                         "release", "reset", "nvml 0000:3b:00.0", "enter", "step 2", "exit", "peaks",
-                         "release"]  # emptied again before the next point
+    assert CALLS[:8] == ["build (0 earlier alive)", "step 2",  # warm-up
+                         "release", "reset", "nvml 0000:3b:00.0", "enter", "step 2", "exit"]
+    assert CALLS[8:10] == ["peaks", "build (0 earlier alive)"]  # the previous model is gone before the next
+    assert CALLS.count("build (0 earlier alive)") == 3
     assert results[(2, 3)] == {"nvml": results[(2, 3)]["nvml"], "allocator_live": 100, "allocator_reserved": 150}
     assert results[(2, 3)]["nvml"]["increase_bytes"] == 300
     assert results[(16, 3)] == "gpu-stand-in runs out of memory at batch 16: MemoryError: out of memory"
@@ -76,7 +89,7 @@ def test_each_gpu_implementation_is_measured_in_a_process_of_its_own(monkeypatch
     launched = []
     monkeypatch.setattr(step_memory, "nvml_status", lambda: None)
     monkeypatch.setattr(step_memory, "in_fresh_process",
-                        lambda function, name, *args: launched.append(name) or {(2, 3): "measured"})
+                        lambda function, name, *args, **options: launched.append(name) or {(2, 3): "measured"})
     with registry.registered("gpu-stand-in", GpuStandIn, device="cuda"), \
             registry.registered("gpu-stand-in-2", GpuStandIn, device="cuda"):
         grid = step_memory.measure_grid(["numpy-vectorised", "gpu-stand-in", "gpu-stand-in-2"], SMALL, "float32",
@@ -95,6 +108,38 @@ def test_without_nvml_every_gpu_point_says_why(monkeypatch):
 
 def test_a_fresh_process_is_another_process():
     assert step_memory.in_fresh_process(os.getpid) != os.getpid()
+
+
+@pytest.mark.parametrize("function, args, expected", [
+    (os._exit, (3,), "died (exit status 3)"), (signal.raise_signal, (signal.SIGKILL,), "died (killed by SIGKILL)")])
+def test_a_worker_that_dies_is_a_failure_within_seconds(function, args, expected):
+    start = time.perf_counter()
+    with pytest.raises(step_memory.WorkerDied, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        step_memory.in_fresh_process(function, *args, timeout_s=60)
+    assert time.perf_counter() - start < 30
+
+
+def test_a_worker_that_hangs_is_killed_at_its_timeout():
+    with pytest.raises(step_memory.WorkerDied, match="no answer within 0.5 s"):
+        step_memory.in_fresh_process(time.sleep, 60, timeout_s=0.5)
+
+
+def test_an_error_in_the_worker_comes_back_as_one_line():
+    with pytest.raises(RuntimeError, match="ValueError: invalid literal"):
+        step_memory.in_fresh_process(int, "x")
+
+
+def test_a_dead_worker_fails_every_point_of_its_implementation(monkeypatch):
+    monkeypatch.setattr(step_memory, "nvml_status", lambda: None)
+
+    def dies(*args, **kwargs):
+        raise step_memory.WorkerDied("the measuring process died (killed by SIGKILL) before it answered")
+
+    monkeypatch.setattr(step_memory, "in_fresh_process", dies)
+    with registry.registered("gpu-stand-in", GpuStandIn, device="cuda"):
+        grid = step_memory.measure_grid(["gpu-stand-in"], SMALL, "float32", [(2, 3), (4, 3)])
+    assert set(grid.values()) == {"gpu-stand-in failed: WorkerDied: the measuring process died (killed by SIGKILL) "
+                                  "before it answered"}
 
 
 @pytest.mark.parametrize("error, expected", [(MemoryError(), True), (RuntimeError("CUDA out of memory."), True),

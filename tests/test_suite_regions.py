@@ -72,3 +72,12 @@ def test_routing_times_routing_alone_on_the_u_hat_it_prepared(counting):
     assert LOG == ["routing_backward", "synchronize"]
     benchmark.setup(*params)
     assert benchmark.u_hat is u_hat  # prepared once per process, in the implementation's own layout
+
+
+def test_the_gpu_memory_grid_measures_only_the_selected_implementations(monkeypatch):
+    """--impl shrinks the memory grid: measure_grid is asked only for the selected names."""
+    asked = []
+    monkeypatch.setattr(common, "SELECTED", {"numpy-vectorised"})
+    monkeypatch.setattr(bench_memory, "measure_grid", lambda names, *rest: asked.extend(names) or {})
+    bench_memory.shared_setup_cache(None)
+    assert asked == ["numpy-vectorised"]

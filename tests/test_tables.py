@@ -282,3 +282,16 @@ def test_per_class_table_by_hand():
     assert table["accuracy"].tolist()[:3] == [5 / 7, 1.0, 0.0] and math.isnan(table["accuracy"][3])
     assert table["confused_with"].tolist() == [1, pd.NA, 0, pd.NA]
     assert table["confusions"].tolist() == [1, 0, 2, 0]
+
+
+def test_a_profile_divides_every_implementation_by_the_hardware_peak_where_it_has_one():
+    import pandas as pd
+
+    from harness.tables import with_one_peak
+
+    frame = pd.DataFrame({"device": ["cpu", "cpu", "cuda"], "gflops_per_s": [50.0, 30.0, 1000.0],
+                          "peak_gflops": [200.0, 100.0, 4000.0], "pct_of_peak": [25.0, 30.0, 25.0]})
+    hardware = with_one_peak(frame, {"hardware_peak": {"gflops": 300.0}, "gemm_peak_gflops": {"torch-cuda": 5000.0}})
+    assert list(hardware["pct_of_peak"]) == [50 / 3, 10.0, 20.0]
+    older = with_one_peak(frame, {})  # no facts: the best GEMM per device of the CSV
+    assert list(older["pct_of_peak"]) == [25.0, 15.0, 25.0]

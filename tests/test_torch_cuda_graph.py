@@ -133,6 +133,46 @@ def test_one_capture_per_region_and_batch_shape():
     assert impl._regions[("loss", (8, *SMALL.input_shape), (8,))].backward.replays == 2
 
 
+class RecordedOnce:
+    """A captured region as CUDA keeps it: recorded once, its outputs (and their autograd graph, holding the
+    parameters at their versions at capture) fixed; a replay runs nothing on the host."""
+
+    def __init__(self, outputs) -> None:
+        self.outputs = outputs
+
+    def replay(self) -> None:
+        pass
+
+
+class RecordingGraphs(EagerGraphs):
+    def capture(self, function, pool=None) -> RecordedOnce:
+        for _ in range(tg.WARM_UPS):
+            function()
+        return RecordedOnce(function())
+
+
+class RecordedOnCpu(OnCpu):
+    graph_backend = RecordingGraphs
+
+
+def test_a_train_step_capture_between_forward_loss_and_backward_breaks_nothing():
+    """forward_loss, then a train_step whose capture changes the parameters in place, then backward: the
+    backward graph was captured with its forward, so its capture never meets the changed versions (a
+    backward captured lazily here raised "modified by an inplace operation")."""
+    with registry.registered("torch-recorded-on-cpu", RecordedOnCpu, routing_variant="vectorised"):
+        impl = build("torch-recorded-on-cpu")
+    batch = impl.to_device(*synthetic_batch(SMALL, 4))
+    impl.forward_loss(batch)
+    loss_shape = ((4, *SMALL.input_shape), (4,))
+    assert ("backward", *loss_shape) in impl.captured_regions()
+    versions = [parameter._version for parameter in impl.params.values()]
+    impl.train_step(batch)
+    assert [parameter._version for parameter in impl.params.values()] != versions  # changed in place
+    impl.forward_loss(batch)
+    impl.backward()
+    impl.adam_step()
+
+
 def test_a_replay_reads_the_new_batch():
     """The second batch of a shape goes into the static buffers: its loss is its own, not the first's."""
     impl, fresh = build(), build()

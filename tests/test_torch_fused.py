@@ -169,3 +169,91 @@ def test_every_layer_has_its_range_in_forward_and_in_the_hand_written_backward()
 def test_adam_is_fused():
     impl = tf.TorchFusedCapsNet(SMALL, livelier_parameters(SMALL), "float32")
     assert impl.optimizer.defaults["fused"] or impl.optimizer.defaults["foreach"]
+
+
+# The plan chosen where it runs --------------------------------------------------------------------------------
+
+
+def fake_timings(fast_forward: str, fast_input: str) -> dict:
+    """Seconds of every candidate, the named ones fastest, as measure_plan returns them."""
+    def layer(with_input: bool) -> dict:
+        seconds = {f"forward/{name}": (1.0 if name == fast_forward else 3.0) for name in tf.FORWARD}
+        seconds.update({f"weight gradient/{name}": 2.0 for name in tf.WEIGHT_GRADIENT})
+        seconds[f"weight gradient/{tf.conv_plans.OWN_PATCHES}"] = 2.5
+        if with_input:
+            seconds.update({f"input gradient/{name}": (0.5 if name == fast_input else 4.0)
+                            for name in tf.INPUT_GRADIENT})
+        return seconds
+    return {"conv1": layer(False), "primary_caps": layer(True)}
+
+
+def test_the_plan_is_the_fastest_of_injected_timings_and_is_cached_for_a_second_model(tmp_path, monkeypatch):
+    monkeypatch.setenv(tf.conv_plans.CACHE_ENV, str(tmp_path))
+    calls = []
+
+    def measure(config, batch_size, dtype, device):
+        calls.append(batch_size)
+        return fake_timings("library", "rows")
+
+    plan, facts = tf.choose_plan(SMALL, 4, "float64", "cpu", measure=measure)
+    # a library forward keeps no patch matrix: im2col + GEMM's weight gradient would build its own (2.5 s)
+    assert plan.primary == tf.ConvPlan("library", "library", "rows")
+    assert plan.conv1.input == tf.PLANS["cpu"].conv1.input  # never timed: the fixed plan's
+    assert facts["source"] == "measured" and facts["primary_caps"]["input"] == "rows"
+    assert (tmp_path / tf.conv_plans.CACHE_FILE).is_file()
+    again, facts = tf.choose_plan(SMALL, 4, "float64", "cpu", measure=measure)
+    assert again == plan and facts["source"] == "cache" and calls == [4]
+    tf.choose_plan(SMALL, 8, "float64", "cpu", measure=measure)  # another shape is measured
+    assert calls == [4, 8]
+
+
+def test_forward_and_weight_gradient_are_chosen_together():
+    """im2col + GEMM's forward is slower alone but keeps the patches that make its weight gradient cheap."""
+    seconds = {("forward", "im2col-gemm"): 1.2, ("forward", "library"): 1.0, ("weight gradient", "im2col-gemm"): 0.5,
+               ("weight gradient", "library"): 1.0, ("weight gradient", tf.conv_plans.OWN_PATCHES): 0.9}
+    assert tf.conv_plans.choose_layer(seconds) == {"forward": "im2col-gemm", "weight": "im2col-gemm", "input": None}
+    seconds[("forward", "im2col-gemm")] = 1.6  # now library forward + a weight gradient with its own patches wins
+    assert tf.conv_plans.choose_layer(seconds) == {"forward": "library", "weight": "im2col-gemm", "input": None}
+
+
+def test_a_corrupt_cache_is_ignored_with_a_warning_and_rewritten(tmp_path, monkeypatch):
+    monkeypatch.setenv(tf.conv_plans.CACHE_ENV, str(tmp_path))
+    (tmp_path / tf.conv_plans.CACHE_FILE).write_text("{not json", encoding="utf-8")
+    with pytest.warns(UserWarning, match="ignoring the convolution plan cache"):
+        plan, facts = tf.choose_plan(SMALL, 4, "float64", "cpu", measure=lambda *a: fake_timings("offsets", "col2im"))
+    assert facts["source"] == "measured" and plan.primary.forward == "offsets"
+    assert tf.conv_plans.read_cache()  # rewritten, readable
+
+
+def test_a_model_measures_its_plan_at_the_first_step_and_reports_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(tf.conv_plans.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(tf, "measure_plan", lambda *a: fake_timings("offsets", "col2im"))
+    from harness.params import init_parameters
+
+    impl = tf.TorchFusedCapsNet(SMALL, init_parameters(SMALL), "float64")
+    impl.train_step(impl.to_device(*synthetic_batch(SMALL, 3, seed=0)))
+    assert impl.module.plan.primary == tf.ConvPlan("offsets", "library", "col2im")
+    facts = impl.plan_facts()
+    assert list(facts) == ["3"] and facts["3"]["primary_caps"]["forward"] == "offsets"
+
+
+def test_the_plan_measurement_times_every_candidate_on_the_shape():
+    times = tf.time_candidates(SMALL, "primary_caps", 2, "float64", "cpu", repeats=2)
+    expected = {("forward", n) for n in tf.FORWARD} | {("weight gradient", n) for n in tf.WEIGHT_GRADIENT} | {
+        ("input gradient", n) for n in tf.INPUT_GRADIENT} | {("weight gradient", tf.conv_plans.OWN_PATCHES)}
+    assert set(times) == expected and all(len(seconds) == 2 and min(seconds) > 0 for seconds in times.values())
+    assert ("input gradient", "library") not in tf.time_candidates(SMALL, "conv1", 2, "float64", "cpu", repeats=1)
+
+
+def test_a_weight_gradient_that_builds_its_own_patches_after_a_library_forward(rng):
+    x, weight, bias = conv_case(rng, 3, 2, channels=2, out_channels=3, size=5)
+    plan = tf.ConvPlan("library", "im2col-gemm", "library")
+    assert torch.autograd.gradcheck(
+        lambda xx, ww, bb: tf.Convolution.apply(xx, ww, bb, 3, 2, True, plan, fresh(), "conv"), (x, weight, bias))
+
+
+def test_a_pruned_measurement_still_gives_a_plan():
+    """Pruning may leave only the weight gradient that builds its own patches: it stands for im2col + GEMM."""
+    seconds = {("forward", "im2col-gemm"): 1.0, ("forward", "library"): 1.1,
+               ("weight gradient", tf.conv_plans.OWN_PATCHES): 0.9}
+    assert tf.conv_plans.choose_layer(seconds)["weight"] == "im2col-gemm"
