@@ -26,19 +26,19 @@ class PlanTime:
 
     def track_plan_seconds(self, name, batch_size):
         """Seconds to measure and choose the plan of a fresh model at this batch size (cache empty)."""
-        from implementations.conv_plans import CACHE_ENV
+        from harness.settings import PLAN_CACHE_ENV
 
-        saved = os.environ.get(CACHE_ENV)
+        saved = os.environ.get(PLAN_CACHE_ENV)
         with tempfile.TemporaryDirectory(prefix="capsbench-plan-time-") as folder:
-            os.environ[CACHE_ENV] = folder
+            os.environ[PLAN_CACHE_ENV] = folder
             try:
                 start = time.perf_counter()
                 self.prepared.impl.use_plan_for(batch_size)
                 return time.perf_counter() - start
             finally:
                 if saved is None:
-                    os.environ.pop(CACHE_ENV, None)
+                    os.environ.pop(PLAN_CACHE_ENV, None)
                 else:
-                    os.environ[CACHE_ENV] = saved
+                    os.environ[PLAN_CACHE_ENV] = saved
 
     track_plan_seconds.unit = "seconds"

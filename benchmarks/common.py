@@ -31,19 +31,20 @@ from harness import contract, registry
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
 from harness.params import init_parameters
-from harness.profiles import FACTS_SUBDIR, load_profile
+from harness.profiles import load_profile
 from harness.results import ResultsFileError, read_json, write_json_atomic
+from harness.settings import (
+    ASV_COMMIT_ENV,
+    ASV_CONFIG_ENV,
+    ASV_MACHINE_ENV,
+    FACTS_SUBDIR,
+    IMPLEMENTATIONS_ENV,
+    THREADS_ENV,
+)
 from harness.spec import get_config
 from harness.step_memory import is_out_of_memory
 from harness.threads import set_threads, thread_facts, usable_cpu_count
 
-THREADS_ENV = "CAPSBENCH_THREADS"
-IMPLEMENTATIONS_ENV = "CAPSBENCH_IMPLEMENTATIONS"
-MACHINE_ENV = "CAPSBENCH_ASV_MACHINE"  # set it when `asv run --machine NAME` is not the hostname
-# asv exports the commit being measured (ASV_COMMIT) and its configuration's folder (ASV_CONF_DIR), except
-# with --python=same; there set these to the hash given to --set-commit-hash and, with --config, that file
-COMMIT_ENV = "CAPSBENCH_ASV_COMMIT"
-CONFIG_ENV = "CAPSBENCH_ASV_CONFIG"
 DTYPE = "float32"
 DATA_SEED = 0
 
@@ -98,8 +99,8 @@ def asv_config_path() -> Path:
     """The asv configuration in use: ASV_CONF_DIR's, else $CAPSBENCH_ASV_CONFIG, else the repository's."""
     if os.environ.get("ASV_CONF_DIR"):
         return Path(os.environ["ASV_CONF_DIR"]) / "asv.conf.json"
-    if os.environ.get(CONFIG_ENV):
-        return Path(os.environ[CONFIG_ENV])
+    if os.environ.get(ASV_CONFIG_ENV):
+        return Path(os.environ[ASV_CONFIG_ENV])
     return Path(__file__).resolve().parent.parent / "asv.conf.json"
 
 
@@ -112,13 +113,13 @@ def asv_results_dir() -> Path:
 
 def measured_commit() -> str | None:
     """The commit asv is measuring: ASV_COMMIT, else $CAPSBENCH_ASV_COMMIT (--python=same runs)."""
-    return os.environ.get("ASV_COMMIT") or os.environ.get(COMMIT_ENV) or None
+    return os.environ.get("ASV_COMMIT") or os.environ.get(ASV_COMMIT_ENV) or None
 
 
 def facts_path(commit: str) -> Path:
     """``<results>/../asv-facts/<machine>/<commit8>-<environment>.json`` (``<commit8>.json`` where asv names
     no environment, as with --python=same; the report reads either)."""
-    machine = os.environ.get(MACHINE_ENV) or platform.node()
+    machine = os.environ.get(ASV_MACHINE_ENV) or platform.node()
     environment = os.environ.get("ASV_ENV_NAME")
     name = f"{commit[:8]}-{environment}.json" if environment else f"{commit[:8]}.json"
     return asv_results_dir().parent / FACTS_SUBDIR / machine / name

@@ -47,8 +47,9 @@ import pandas as pd
 
 from harness.flops import phase_flops
 from harness.peak import GPU_BACKENDS, backend_of, peak_sentence
-from harness.profiles import ASV_RESULTS_SUBDIR, DEFAULT_PROFILE, FACTS_SUBDIR, PROFILES
+from harness.profiles import DEFAULT_PROFILE, PROFILES
 from harness.results import ResultsFileError, read_json
+from harness.settings import ASV_RESULTS_SUBDIR, FACTS_SUBDIR
 from harness.spec import get_config
 
 RESULTS_API_VERSION = 2  # asv.results.Results.api_version

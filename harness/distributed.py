@@ -54,6 +54,7 @@ from harness import contract, epochs, options, registry
 from harness.data import DataError, Dataset, load_mnist, shift_images
 from harness.params import init_parameters
 from harness.results import ResultsFileError, write_json_atomic
+from harness.settings import FAIL_RANK_ENV
 from harness.spec import SCHEDULES, get_config
 
 try:
@@ -64,7 +65,6 @@ try:
 except ImportError:  # the error is reported when a command needs torch
     torch = None
 
-FAIL_ENV = "CAPSBENCH_FAIL_RANK"
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_TIMEOUT_S = 600.0
 TORCHRUN_EXAMPLE = "torchrun --standalone --nproc-per-node 2 -m harness.distributed train ..."
@@ -191,7 +191,7 @@ def ddp_train_step(ddp, impl, batch):
 
 def failure_hook(rank: int):
     """The testing aid CAPSBENCH_FAIL_RANK=R:K[:hang]: a function of the step that fails on rank R at step K."""
-    spec = os.environ.get(FAIL_ENV, "")
+    spec = os.environ.get(FAIL_RANK_ENV, "")
     if not spec:
         return lambda step: None
     parts = spec.split(":")
@@ -201,13 +201,13 @@ def failure_hook(rank: int):
         if len(parts) not in (2, 3) or (len(parts) == 3 and not hang):
             raise ValueError
     except (ValueError, IndexError):
-        raise ValueError(f"{FAIL_ENV}={spec!r}: expected RANK:STEP or RANK:STEP:hang") from None
+        raise ValueError(f"{FAIL_RANK_ENV}={spec!r}: expected RANK:STEP or RANK:STEP:hang") from None
 
     def hook(step: int) -> None:
         if rank == fail_rank and step == fail_step:
             if hang:
                 time.sleep(10**6)
-            raise InjectedFailure(f"injected failure at step {step} ({FAIL_ENV}={spec})")
+            raise InjectedFailure(f"injected failure at step {step} ({FAIL_RANK_ENV}={spec})")
 
     return hook
 

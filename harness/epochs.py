@@ -25,14 +25,8 @@ import numpy as np
 from harness import contract, options, registry
 from harness.data import Dataset, iterate_batches
 from harness.environment import machine_facts
-from harness.results import (
-    RUNS_DIR,
-    TRAINING_KIND,
-    TRAINING_SUBDIR,
-    ResultsFileError,
-    atomic_output,
-    read_training_result,
-)
+from harness.results import TRAINING_KIND, ResultsFileError, atomic_output, read_training_result
+from harness.settings import RUNS_DIR, TRAINING_SUBDIR
 from harness.spec import ADAM, CONFIGS, MAX_SHIFT_PIXELS, SCHEDULES, LearningRateSchedule
 from harness.threads import thread_facts, usable_cpu_count
 

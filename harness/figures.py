@@ -41,13 +41,12 @@ from harness.results import (
     FIGURES_JSON,
     FIGURES_KIND,
     FIGURES_MD,
-    FIGURES_SUBDIR,
-    RUNS_DIR,
     ResultsFileError,
     read_training_result,
     write_json_atomic,
     write_text_atomic,
 )
+from harness.settings import FIGURES_SUBDIR, RUNS_DIR
 from harness.spec import CONFIGS, CapsNetConfig
 
 FORMAT_VERSION = 1

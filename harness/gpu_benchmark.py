@@ -51,8 +51,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import options, registry
-from harness.data import DATA_DIR_ENV
-from harness.results import REPO_ROOT, write_json_atomic, write_text_atomic
+from harness.results import write_json_atomic, write_text_atomic
+from harness.settings import (
+    ASV_COMMIT_ENV,
+    ASV_CONFIG_ENV,
+    ASV_MACHINE_ENV,
+    DATA_DIR_ENV,
+    IMPLEMENTATIONS_ENV,
+    PROFILE_ENV,
+    REPO_ROOT,
+    THREADS_ENV,
+)
 
 ARCHIVE_LIMIT_BYTES = 16 * 2**20
 DEFAULT_BUDGET_S = 540.0  # one 10-minute device command, less a minute for start-up and transfers
@@ -346,7 +355,7 @@ def stage_parity(plan: Plan, runner: Runner) -> str:
     """Each implementation in its own processes, a few at once; parity.json says, per implementation and
     network, passed or the line that says why not."""
     threads = str(max(1, (os.cpu_count() or 1) // plan.costs.parallel))
-    env = {"CAPSBENCH_THREADS": threads, "OMP_NUM_THREADS": threads}
+    env = {THREADS_ENV: threads, "OMP_NUM_THREADS": threads}
     results: dict[str, dict] = {}
 
     def check(name: str) -> None:
@@ -434,8 +443,8 @@ def run_suite(plan: Plan, runner: Runner, names: list[str], compiling: bool) -> 
     if not names:
         return "no implementation in this stage"
     config, commit = asv_config(plan), head_commit()
-    env = {"CAPSBENCH_PROFILE": plan.profile(compiling), "CAPSBENCH_IMPLEMENTATIONS": ",".join(names),
-           "CAPSBENCH_ASV_COMMIT": commit, "CAPSBENCH_ASV_CONFIG": str(config), "CAPSBENCH_ASV_MACHINE": plan.machine}
+    env = {PROFILE_ENV: plan.profile(compiling), IMPLEMENTATIONS_ENV: ",".join(names),
+           ASV_COMMIT_ENV: commit, ASV_CONFIG_ENV: str(config), ASV_MACHINE_ENV: plan.machine}
     asv = [sys.executable, "-m", "asv"]
     runner.run([*asv, "machine", "--yes", "--machine", plan.machine, "--config", str(config)], env)
     patterns = suite_selection(names, memory="nvml" not in plan.missing)

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from harness.contract import DEVICES, DTYPES
-from harness.data import DATA_DIR_ENV
+from harness.settings import DATA_DIR_ENV
 from harness.spec import CONFIGS
 
 DEFAULT_CONFIG = "paper"  # the network of the paper; a command that defaults to another says why

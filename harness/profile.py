@@ -51,7 +51,8 @@ from harness.formatting import fmt, markdown_table
 from harness.params import init_parameters
 from harness.peak import backend_of, gemm_peak_gflops, machine_hardware_peak, one_peak, peak_sentence
 from harness.ranges import RANGE_PREFIX, layer_range, range_name, recording
-from harness.results import PROFILE_KIND, PROFILE_SUBDIR, RUNS_DIR, atomic_output, write_json_atomic, write_text_atomic
+from harness.results import PROFILE_KIND, atomic_output, write_json_atomic, write_text_atomic
+from harness.settings import PROFILE_SUBDIR, RUNS_DIR
 from harness.spec import CapsNetConfig, get_config
 from harness.threads import set_threads, thread_facts, usable_cpu_count
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 
-PROFILE_ENV = "CAPSBENCH_PROFILE"
+from harness.settings import PROFILE_ENV
+
 DEFAULT_PROFILE = "fast"
 PROFILES: dict[str, dict] = {
     "smoke": {"config": "small", "batch_sizes": [4], "routing_iterations": [3], "step_routing_iterations": [3],
@@ -32,10 +33,6 @@ PROFILES: dict[str, dict] = {
     "gpu-compiled": {"config": "paper", "batch_sizes": [128], "routing_iterations": [3],
                      "step_routing_iterations": [3], "check_batch_size": 8, "compiled": True},
 }
-
-# Results folders, relative to the results root (asv.conf.json's "results_dir" is "runs/asv").
-ASV_RESULTS_SUBDIR = "asv"
-FACTS_SUBDIR = "asv-facts"
 
 
 def load_profile(name: str | None = None) -> tuple[str, dict]:

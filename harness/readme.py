@@ -10,7 +10,8 @@ sits between two markers and is written by this command from ``results/``::
 An opening marker may name the run it wants, ``<!-- generated: headline commit=fb4b147f machine=vm -->``.
 The blocks (:data:`BLOCKS`): ``headline`` (one asv run: step times with their spread, images/s, % of the
 machine peak, forward, backward, routing share), ``profile`` (the largest layers of each implementation's
-training step), ``training`` (every training run) and ``scaling`` (data-parallel scaling).  ``--check``
+training step), ``training`` (every training run), ``scaling`` (data-parallel scaling) and ``environment``
+(the environment variables of :mod:`harness.settings`, not a measurement).  ``--check``
 rewrites nothing and exits 1 naming the blocks that differ from what the results say; the tests run it, so
 README and ``results/`` cannot disagree unnoticed.
 """
@@ -27,15 +28,8 @@ import pandas as pd
 from harness.asv_results import load_asv, run_peak_sentence
 from harness.formatting import NA, fmt, fmt_spread, markdown_table
 from harness.report import distributed_section
-from harness.results import (
-    PROFILE_SUBDIR,
-    RESULTS_DIR,
-    SCALING_SUBDIR,
-    TRAINING_SUBDIR,
-    load_scaling_results,
-    load_training_results,
-    write_text_atomic,
-)
+from harness.results import load_scaling_results, load_training_results, write_text_atomic
+from harness.settings import ENVIRONMENT, PROFILE_SUBDIR, RESULTS_DIR, SCALING_SUBDIR, TRAINING_SUBDIR
 from harness.tables import (
     distributed_table,
     load_profile,
@@ -161,8 +155,15 @@ def scaling_block(root: Path) -> str:
     return distributed_section(distributed_table(records))
 
 
+def environment_block(root: Path) -> str:
+    """The table of every environment variable capsbench reads, from :data:`harness.settings.ENVIRONMENT`
+    (``root`` unused: the table is of the code, not of results)."""
+    rows = [(f"`{name}`", meaning) for name, meaning in ENVIRONMENT.items()]
+    return markdown_table(pd.DataFrame(rows, columns=["variable", "what it sets"]), text_columns=2)
+
+
 BLOCKS = {"headline": headline_block, "profile": profile_block, "training": training_block,
-          "scaling": scaling_block}
+          "scaling": scaling_block, "environment": environment_block}
 
 
 def regenerate(text: str, root: Path) -> tuple[str, list[str]]:

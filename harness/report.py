@@ -39,7 +39,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness import plots
-from harness.asv_results import ASV_RESULTS_SUBDIR, AsvResults, Run, load_asv, machine_names, run_peak_sentence
+from harness.asv_results import AsvResults, Run, load_asv, machine_names, run_peak_sentence
 from harness.formatting import (
     NA,
     fmt,
@@ -52,16 +52,20 @@ from harness.formatting import (
 )
 from harness.results import (
     FIGURES_JSON,
-    FIGURES_SUBDIR,
-    PROFILE_SUBDIR,
-    RUNS_DIR,
-    SCALING_SUBDIR,
-    TRAINING_SUBDIR,
     atomic_output,
     load_figures_result,
     load_scaling_results,
     load_training_results,
     write_text_atomic,
+)
+from harness.settings import (
+    ASV_RESULTS_SUBDIR,
+    FIGURES_SUBDIR,
+    PROFILE_SUBDIR,
+    REPORT_SUBDIR,
+    RUNS_DIR,
+    SCALING_SUBDIR,
+    TRAINING_SUBDIR,
 )
 from harness.tables import (
     CHANGE_FACTOR,
@@ -86,7 +90,6 @@ from harness.tables import (
     training_table,
 )
 
-REPORT_SUBDIR = "report"
 TIDY_CSV, REPORT_MD, COMPARISON_MD, COMPARISON_CSV = "results_tidy.csv", "report.md", "comparison.md", "comparison.csv"
 STALE_PLOTS = ("roofline",)  # plots of older reports under another name: removed when a report is written
 

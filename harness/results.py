@@ -1,8 +1,9 @@
 """Results files: where they go, written atomically, read back with a clear error when malformed.
 
-Two folders: ``runs/`` (git-ignored) is where every command writes by default, so a user's runs never
-touch what the repository tracks; ``results/`` holds the results this repository ships, written only when
-a command is pointed at it (``--out results/...``) or a run is kept (``capsbench keep``).
+Two folders (named in :mod:`harness.settings`): ``runs/`` (git-ignored) is where every command writes by
+default, so a user's runs never touch what the repository tracks; ``results/`` holds the results this
+repository ships, written only when a command is pointed at it (``--out results/...``) or a run is kept
+(``capsbench keep``).
 
 A results file is replaced in one ``os.replace`` of a complete temporary file in the same folder, so a
 crash, Ctrl-C or full disk never leaves a half-written file, and a file a user ran before is only ever
@@ -17,10 +18,6 @@ import os
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "results"  # shipped with the repository
-RUNS_DIR = REPO_ROOT / "runs"  # a user's own runs (git-ignored): every command's default
-TRAINING_SUBDIR, SCALING_SUBDIR, PROFILE_SUBDIR, FIGURES_SUBDIR = "training", "distributed", "profile", "figures"
 TRAINING_KIND = "capsbench-training"
 FIGURES_KIND = "capsbench-figures"
 FIGURES_JSON, FIGURES_MD = "figures.json", "figures.md"

@@ -44,7 +44,8 @@ from harness import contract, options, registry
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
 from harness.options import positive_int
-from harness.results import RUNS_DIR, SCALING_KIND, SCALING_SUBDIR, read_json, write_json_atomic
+from harness.results import SCALING_KIND, read_json, write_json_atomic
+from harness.settings import RUNS_DIR, SCALING_SUBDIR
 from harness.spec import get_config
 from harness.threads import usable_cpu_count
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import registry
+from harness import registry, settings
 from implementations.torch_capsnet import TorchCapsNet
 
 from conftest import REPO_ROOT
@@ -80,9 +80,9 @@ def test_profiles_choose_the_grid(monkeypatch):
 def test_implementations_can_be_narrowed_and_unknown_names_are_one_line(monkeypatch):
     from benchmarks import common
 
-    monkeypatch.setenv(common.IMPLEMENTATIONS_ENV, "numpy-vectorised, torch-looped")
+    monkeypatch.setenv(settings.IMPLEMENTATIONS_ENV, "numpy-vectorised, torch-looped")
     assert common.selected_implementations() == {"numpy-vectorised", "torch-looped"}
-    monkeypatch.setenv(common.IMPLEMENTATIONS_ENV, "numpy-vectorized,torch-looped")
+    monkeypatch.setenv(settings.IMPLEMENTATIONS_ENV, "numpy-vectorized,torch-looped")
     problem = common.selected_implementations()
     assert isinstance(problem, str) and "\n" not in problem
     assert "'numpy-vectorized'" in problem and "known implementations: " + ", ".join(registry.names()) in problem

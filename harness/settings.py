@@ -1,0 +1,65 @@
+"""Every setting capsbench reads from the environment, and every folder its results go to, named once.
+
+Everything else imports these names from here (as scikit-learn's asv suite builds each setting and path in
+one ``get_from_config()``); README's table of environment variables is generated from
+:data:`ENVIRONMENT` (``capsbench readme``), so the two cannot drift apart.
+
+Results folders: ``runs/`` (git-ignored) is where every command writes by default, ``results/`` what the
+repository ships; below either, each kind of result has its folder (:data:`RESULTS_FOLDERS`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Environment variables ----------------------------------------------------------------------------------
+
+DATA_DIR_ENV = "CAPSBENCH_DATA_DIR"
+PROFILE_ENV = "CAPSBENCH_PROFILE"
+THREADS_ENV = "CAPSBENCH_THREADS"
+IMPLEMENTATIONS_ENV = "CAPSBENCH_IMPLEMENTATIONS"
+ASV_MACHINE_ENV = "CAPSBENCH_ASV_MACHINE"
+ASV_COMMIT_ENV = "CAPSBENCH_ASV_COMMIT"
+ASV_CONFIG_ENV = "CAPSBENCH_ASV_CONFIG"
+PLAN_CACHE_ENV = "CAPSBENCH_PLAN_CACHE"
+CONV_PLAN_ENV = "CAPSBENCH_CONV_PLAN"
+FAIL_RANK_ENV = "CAPSBENCH_FAIL_RANK"
+
+ENVIRONMENT: dict[str, str] = {
+    DATA_DIR_ENV: "the MNIST folder (the four IDX files, .gz or not) where no --data-dir is given",
+    PROFILE_ENV: "the asv suite's size profile (harness/profiles.py; default fast)",
+    THREADS_ENV: "the asv suite's thread count for torch, BLAS and OpenMP (default: the CPUs this process may use)",
+    IMPLEMENTATIONS_ENV: "the asv suite's implementations, comma separated (default: every one that can run here)",
+    ASV_MACHINE_ENV: "the asv machine name the suite's facts are filed under, where `asv run --machine NAME` is "
+                     "not the host name",
+    ASV_COMMIT_ENV: "the commit the facts are filed under with `asv run --python=same --set-commit-hash` (asv "
+                    "exports none there)",
+    ASV_CONFIG_ENV: "the asv configuration file, with `asv run --python=same --config FILE`",
+    PLAN_CACHE_ENV: "torch-fused's cache of chosen convolution plans (default ~/.cache/capsbench/conv-plans.json)",
+    CONV_PLAN_ENV: "fixed: torch-fused uses its built-in convolution plan instead of measuring one where it runs",
+    FAIL_RANK_ENV: "tests only: the data-parallel rank that fails on purpose",
+}
+
+# Results folders --------------------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "results"  # shipped with the repository
+RUNS_DIR = REPO_ROOT / "runs"  # a user's own runs (git-ignored): every command's default
+
+TRAINING_SUBDIR = "training"
+SCALING_SUBDIR = "distributed"
+PROFILE_SUBDIR = "profile"
+FIGURES_SUBDIR = "figures"
+ASV_RESULTS_SUBDIR = "asv"  # asv.conf.json's "results_dir" is runs/asv
+FACTS_SUBDIR = "asv-facts"
+REPORT_SUBDIR = "report"
+
+RESULTS_FOLDERS: dict[str, str] = {
+    TRAINING_SUBDIR: "capsbench train (and under torchrun): one results file per run, its checkpoint beside it",
+    SCALING_SUBDIR: "capsbench scaling: data-parallel step times per world size",
+    PROFILE_SUBDIR: "capsbench profile: per-layer time, FLOPs and memory; torch traces",
+    FIGURES_SUBDIR: "capsbench figures: reconstructions, perturbations, confusion",
+    ASV_RESULTS_SUBDIR: "the asv suite's results",
+    FACTS_SUBDIR: "the machine and implementation facts of each asv run",
+    REPORT_SUBDIR: "capsbench report: Markdown tables and plots",
+}
