@@ -10,7 +10,7 @@ import os
 import tempfile
 import time
 
-from benchmarks.common import BATCH_SIZES, CONFIG, IMPLEMENTATIONS, build, require_available
+from benchmarks.common import BATCH_SIZES, CONFIG, IMPLEMENTATIONS, build, setup_benchmark
 
 
 class PlanTime:
@@ -19,7 +19,7 @@ class PlanTime:
     timeout = 1800
 
     def setup(self, name, batch_size):
-        info = require_available(name)
+        info = setup_benchmark(name)
         if not hasattr(info.cls, "use_plan_for"):
             raise NotImplementedError(f"{name} does not choose a plan where it runs")
         self.prepared = build(name, batch_size, CONFIG.routing_iterations, warm_up=None)

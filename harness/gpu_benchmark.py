@@ -185,9 +185,9 @@ class Plan:
         return "smoke" if self.smoke else "gpu-compiled" if compiling else "gpu"
 
     def batch_sizes(self, compiling: bool = False) -> list[int]:
-        from harness.profiles import load_profile
+        from harness.suite_profiles import load_suite_profile
 
-        return load_profile(self.profile(compiling))[1]["batch_sizes"]
+        return load_suite_profile(self.profile(compiling))[1]["batch_sizes"]
 
 
 @dataclass

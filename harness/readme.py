@@ -32,7 +32,7 @@ from harness.results import load_scaling_results, load_training_results, write_t
 from harness.settings import ENVIRONMENT, PROFILE_SUBDIR, RESULTS_DIR, SCALING_SUBDIR, TRAINING_SUBDIR
 from harness.tables import (
     distributed_table,
-    load_profile,
+    load_profile_result,
     profile_rows,
     run_rows,
     step_iterations,
@@ -88,7 +88,7 @@ def profile_block(root: Path) -> str:
     """Per profiled implementation: the profiled step and its largest layers (layer, phase, time, share of
     the step, % of the machine's peak)."""
     warnings: list[str] = []
-    profile = load_profile(root / PROFILE_SUBDIR, warnings)
+    profile = load_profile_result(root / PROFILE_SUBDIR, warnings)
     if profile is None:
         raise ReadmeError(f"profile: no readable profile under {root / PROFILE_SUBDIR} "
                           f"({'; '.join(warnings) or 'run capsbench profile --out ' + str(root / PROFILE_SUBDIR)})")

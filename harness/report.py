@@ -76,7 +76,7 @@ from harness.tables import (
     Profile,
     comparison_table,
     distributed_table,
-    load_profile,
+    load_profile_result,
     memory_table,
     not_run,
     not_run_line,
@@ -698,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings = list(asv.warnings)
     training = load_training_results(root / TRAINING_SUBDIR, warnings)
     distributed = load_scaling_results(root / SCALING_SUBDIR, warnings)
-    profile = load_profile(root / PROFILE_SUBDIR, warnings)
+    profile = load_profile_result(root / PROFILE_SUBDIR, warnings)
     figures = load_figures_result(root / FIGURES_SUBDIR, warnings)
     for warning in warnings:
         print(warning, file=sys.stderr)

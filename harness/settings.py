@@ -27,7 +27,7 @@ FAIL_RANK_ENV = "CAPSBENCH_FAIL_RANK"
 
 ENVIRONMENT: dict[str, str] = {
     DATA_DIR_ENV: "the MNIST folder (the four IDX files, .gz or not) where no --data-dir is given",
-    PROFILE_ENV: "the asv suite's size profile (harness/profiles.py; default fast)",
+    PROFILE_ENV: "the asv suite's size profile (harness/suite_profiles.py; default fast)",
     THREADS_ENV: "the asv suite's thread count for torch, BLAS and OpenMP (default: the CPUs this process may use)",
     IMPLEMENTATIONS_ENV: "the asv suite's implementations, comma separated (default: every one that can run here)",
     ASV_MACHINE_ENV: "the asv machine name the suite's facts are filed under, where `asv run --machine NAME` is "

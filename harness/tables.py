@@ -429,7 +429,7 @@ def read_profile_json(path: Path) -> dict:
     return payload
 
 
-def load_profile(folder: Path, warnings: list[str]) -> Profile | None:
+def load_profile_result(folder: Path, warnings: list[str]) -> Profile | None:
     """``<folder>/profile.csv`` with ``profile.json`` beside it; None where there is no CSV (no section) or it
     is malformed (one warning naming it).  A malformed profile.json is a warning too, and the table is
     shown without it."""

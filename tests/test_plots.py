@@ -17,7 +17,7 @@ from matplotlib.colors import to_rgb
 
 from harness import plots
 from harness.asv_results import tidy_frame
-from harness.tables import load_profile, speedup_table
+from harness.tables import load_profile_result, speedup_table
 
 PROFILE = Path(__file__).parent / "fixtures" / "report" / "profile"
 
@@ -210,7 +210,7 @@ def test_the_old_mixed_allocator_figure_is_a_panel_of_its_own_only_for_old_runs(
 
 
 def test_the_profile_plot_stacks_each_phase_to_the_fixture_numbers():
-    profile = load_profile(PROFILE, [])
+    profile = load_profile_result(PROFILE, [])
     fig = plots.profile_breakdown(profile)
     panels = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title().split(",")[0] for ax in panels] == ["torch-vectorised", "numpy-looped"]

@@ -15,7 +15,7 @@ from harness.formatting import fmt_spread, fmt_unit_spread, samples_heading
 from harness.results import ResultsFileError
 from harness.tables import (
     comparison_table,
-    load_profile,
+    load_profile_result,
     not_run,
     not_run_line,
     per_class_table,
@@ -225,7 +225,7 @@ def test_training_images_and_ranks_of_old_and_new_records():
 # ---------------------------------------------------------------------------------------------- profile
 def test_profile_rows_in_step_order_with_phase_totals_by_hand():
     warnings: list[str] = []
-    profile = load_profile(PROFILE, warnings)
+    profile = load_profile_result(PROFILE, warnings)
     assert warnings == [] and profile.implementations() == ["torch-vectorised", "numpy-looped"]
     rows = profile_rows(profile, "torch-vectorised")
     assert list(zip(rows["phase"], rows["layer"])) == [
@@ -249,7 +249,7 @@ def test_a_malformed_profile_is_one_warning_naming_the_file(tmp_path, change, pr
     folder.mkdir()
     (folder / "profile.csv").write_text(change((PROFILE / "profile.csv").read_text()))
     warnings: list[str] = []
-    assert load_profile(folder, warnings) is None
+    assert load_profile_result(folder, warnings) is None
     assert len(warnings) == 1 and str(folder / "profile.csv") in warnings[0] and problem in warnings[0]
     with pytest.raises(ResultsFileError):
         read_profile_csv(folder / "profile.csv")
@@ -261,7 +261,7 @@ def test_a_layer_without_a_time_is_kept_as_not_timed(tmp_path):
     folder.mkdir()
     text = (PROFILE / "profile.csv").read_text()
     (folder / "profile.csv").write_text(text.replace("0.002,0.0019,0.0022,0.05,", ",,,,"))
-    profile = load_profile(folder, [])
+    profile = load_profile_result(folder, [])
     rows = profile_rows(profile, "torch-vectorised").set_index(["phase", "layer"])
     assert math.isnan(rows.loc[("forward", "routing_iteration_1"), "time_s"])
     totals = profile_phase_totals(profile_rows(profile, "torch-vectorised")).set_index("phase")
@@ -270,7 +270,7 @@ def test_a_layer_without_a_time_is_kept_as_not_timed(tmp_path):
 
 def test_no_profile_folder_is_no_profile_and_no_warning(tmp_path):
     warnings: list[str] = []
-    assert load_profile(tmp_path / "profile", warnings) is None and warnings == []
+    assert load_profile_result(tmp_path / "profile", warnings) is None and warnings == []
 
 
 def test_per_class_table_by_hand():

@@ -1,4 +1,5 @@
-"""Benchmark profiles (the asv suite's grid at each size) and where the suite's results live.
+"""The asv suite's size profiles (its grid at each size), not to be confused with :mod:`harness.profile`,
+the per-layer profiler.
 
 Shared by the suite (``benchmarks/``) and the report, so neither writes these twice.  As in
 scikit-learn's asv suite, a profile is chosen with an environment variable, ``CAPSBENCH_PROFILE``.
@@ -35,8 +36,9 @@ PROFILES: dict[str, dict] = {
 }
 
 
-def load_profile(name: str | None = None) -> tuple[str, dict]:
-    """The named profile (default: $CAPSBENCH_PROFILE, else 'fast'); an unknown name lists the known."""
+def load_suite_profile(name: str | None = None) -> tuple[str, dict]:
+    """The named suite profile and its grid (default: $CAPSBENCH_PROFILE, else 'fast'); an unknown name
+    lists the known."""
     name = name or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
     try:
         return name, PROFILES[name]
