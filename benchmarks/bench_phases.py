@@ -1,15 +1,25 @@
 """Time of each phase of CapsNet training and inference, for every implementation on the grid.
 
-One class per timed operation, so that each is warmed up by exactly the call it times.
+One class per timed operation, so that each is warmed up by exactly the call it times.  The operations
+the routing gradient changes (train step, backward, routing forward + backward) are measured at each
+routing gradient of the profile (``routing_gradient``, the grid's last parameter).
 """
 
 import numpy as np
 
-from benchmarks.common import BATCH_SIZES, CONFIG, IMPLEMENTATIONS, ROUTING_ITERATIONS, ModelBenchmark
+from benchmarks.common import (
+    BATCH_SIZES,
+    CONFIG,
+    IMPLEMENTATIONS,
+    ROUTING_GRADIENTS,
+    ROUTING_ITERATIONS,
+    GradientBenchmark,
+    ModelBenchmark,
+)
 from harness.step_memory import is_out_of_memory
 
 
-class TrainStep(ModelBenchmark):
+class TrainStep(GradientBenchmark):
     warm_up = "train_step"
 
     def time_train_step(self, *params):
@@ -36,7 +46,7 @@ class Inference(ModelBenchmark):
         self.impl.synchronize()
 
 
-class Backward(ModelBenchmark):
+class Backward(GradientBenchmark):
     """Backward alone: each sample's setup runs a fresh training forward pass outside the timed region."""
 
     warm_up = "backward"
@@ -54,6 +64,26 @@ class Backward(ModelBenchmark):
 _routing_inputs: dict[tuple, tuple] = {}
 
 
+def routing_inputs(benchmark: ModelBenchmark, params: tuple) -> tuple:
+    """Fixed u_hat of the prepared batch and a seeded gradient for v, once per process (not before every
+    sample), after one warm-up of routing forward and of routing forward + backward."""
+    if params not in _routing_inputs:
+        impl = benchmark.impl
+        try:
+            u_hat = impl.prediction_vectors(benchmark.batch)
+            shape = (params[1], CONFIG.num_classes, CONFIG.digit_caps_dim)  # v: (B, J, D)
+            grad_v = impl.from_numpy(np.random.default_rng(0).standard_normal(shape))
+            impl.routing_forward(u_hat)  # warm-ups
+            impl.routing_backward(u_hat, grad_v)
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise NotImplementedError(f"{params[0]} runs out of memory at batch {params[1]}: {error}") from None
+            raise
+        _routing_inputs[params] = (u_hat, grad_v)
+    benchmark.impl.synchronize()
+    return _routing_inputs[params]
+
+
 class Routing(ModelBenchmark):
     """The routing iterations alone, on fixed prediction vectors u_hat of the prepared batch, in the layout
     the implementation's routing consumes (no timed region converts it)."""
@@ -63,27 +93,26 @@ class Routing(ModelBenchmark):
 
     def setup(self, *params):
         super().setup(*params)
-        if params not in _routing_inputs:  # once per process, not before every sample
-            try:
-                u_hat = self.impl.prediction_vectors(self.batch)
-                shape = (params[1], CONFIG.num_classes, CONFIG.digit_caps_dim)  # v: (B, J, D)
-                grad_v = self.impl.from_numpy(np.random.default_rng(0).standard_normal(shape))
-                self.impl.routing_forward(u_hat)  # warm-ups
-                self.impl.routing_backward(u_hat, grad_v)
-            except Exception as error:
-                if is_out_of_memory(error):
-                    raise NotImplementedError(f"{params[0]} runs out of memory at batch {params[1]}: {error}") from None
-                raise
-            _routing_inputs[params] = (u_hat, grad_v)
-        self.u_hat, self.grad_v = _routing_inputs[params]
-        self.impl.synchronize()
+        self.u_hat, self.grad_v = routing_inputs(self, params)
 
     def time_routing(self, *params):
         """Forward routing: c, s, v for every iteration."""
         self.impl.routing_forward(self.u_hat)
         self.impl.synchronize()
 
+
+class RoutingBackward(GradientBenchmark):
+    """Routing forward and backward alone, as :class:`Routing`, at each routing gradient of the profile."""
+
+    params = [IMPLEMENTATIONS, BATCH_SIZES, ROUTING_ITERATIONS, ROUTING_GRADIENTS]
+    warm_up = None
+
+    def setup(self, *params):
+        super().setup(*params)
+        self.u_hat, self.grad_v = routing_inputs(self, params)
+
     def time_routing_backward(self, *params):
-        """Routing forward and backward: d loss / d u_hat through every iteration."""
+        """Routing forward and backward: d loss / d u_hat through every iteration (full) or through the last
+        one's weighted sum alone (final)."""
         self.impl.routing_backward(self.u_hat, self.grad_v)
         self.impl.synchronize()

@@ -1,7 +1,9 @@
 """What every capsbench benchmark shares: the parameter grid, availability, prepared models, machine facts.
 
 The grid is implementation x batch size x routing iterations (the routing-alone benchmarks sweep more
-iteration counts than the whole-network ones, whose cost barely depends on them).  Implementations are every
+iteration counts than the whole-network ones, whose cost barely depends on them), and, for the work the
+routing gradient changes (:class:`GradientBenchmark`: train step, backward, routing forward + backward),
+the profile's routing gradients.  Implementations are every
 name the registry knows (built-in, added later, or installed through the entry point), always, so that
 every run describes the same grid and no earlier result loses its labels.  One that cannot run here, one
 left out by ``CAPSBENCH_IMPLEMENTATIONS``, or a combination that runs out of memory is skipped through
@@ -29,7 +31,7 @@ from harness.params import init_parameters
 from harness.settings import IMPLEMENTATIONS_ENV, PROFILE_ENV, THREADS_ENV
 from harness.spec import get_config
 from harness.step_memory import is_out_of_memory
-from harness.suite_profiles import load_suite_profile
+from harness.suite_profiles import load_suite_profile, routing_gradients
 from harness.threads import set_threads, usable_cpu_count
 
 DTYPE = "float32"
@@ -57,13 +59,15 @@ SELECTED = selected_implementations()
 BATCH_SIZES = PROFILE["batch_sizes"]
 ROUTING_ITERATIONS = PROFILE["routing_iterations"]
 STEP_ROUTING_ITERATIONS = PROFILE["step_routing_iterations"]
+ROUTING_GRADIENTS = routing_gradients(PROFILE)
 CHECK_BATCH_SIZE = PROFILE["check_batch_size"]
 THREADS = int(os.environ.get(THREADS_ENV) or usable_cpu_count())
 
 
-def require_available(name: str) -> registry.ImplementationInfo:
+def require_available(name: str, routing_gradient: str = "full") -> registry.ImplementationInfo:
     """The registry entry, or NotImplementedError (asv: skipped) saying why it does not run: not selected,
-    compiling in a profile that leaves compiling implementations out, or unavailable here."""
+    compiling in a profile that leaves compiling implementations out, unavailable here, or without the
+    routing gradient asked for."""
     if isinstance(SELECTED, str):
         raise NotImplementedError(SELECTED)
     if name not in SELECTED:
@@ -75,6 +79,9 @@ def require_available(name: str) -> registry.ImplementationInfo:
     status = info.availability()
     if not status:
         raise NotImplementedError(f"{name} is unavailable here: {status.reason}")
+    support = info.supports(routing_gradient)
+    if not support:
+        raise NotImplementedError(f"{name} {support.reason}")
     return info
 
 
@@ -94,11 +101,11 @@ def record_plan_facts(name: str, impl: contract.Implementation) -> None:
     asv_facts.add_plan_facts(name, impl)
 
 
-def setup_benchmark(name: str) -> registry.ImplementationInfo:
+def setup_benchmark(name: str, routing_gradient: str = "full") -> registry.ImplementationInfo:
     """What every benchmark's ``setup`` does first: write the run's facts (:func:`record_facts`), then the
     registry entry of ``name``, or asv's skip with the reason (:func:`require_available`)."""
     record_facts()
-    return require_available(name)
+    return require_available(name, routing_gradient)
 
 
 # Prepared models -------------------------------------------------------------------------------------------
@@ -122,12 +129,12 @@ WARM_UPS = {
 }
 
 
-def build(name: str, batch_size: int, iterations: int, warm_up: str | None) -> Prepared:
+def build(name: str, batch_size: int, iterations: int, warm_up: str | None, routing_gradient: str = "full") -> Prepared:
     """A built implementation and a batch on its device, warmed up by one ``warm_up`` call (see
     :data:`WARM_UPS`); a combination that runs out of memory raises NotImplementedError (asv: skipped)."""
-    info = setup_benchmark(name)
+    info = setup_benchmark(name, routing_gradient)
     set_threads(THREADS)
-    config = CONFIG.replace(routing_iterations=iterations)
+    config = CONFIG.replace(routing_iterations=iterations, routing_gradient=routing_gradient)
     try:
         impl = info.create(config, init_parameters(config), DTYPE)
         batch = impl.to_device(*synthetic_batch(config, batch_size, seed=DATA_SEED))
@@ -141,11 +148,12 @@ def build(name: str, batch_size: int, iterations: int, warm_up: str | None) -> P
     return Prepared(impl, batch)
 
 
-def prepare(name: str, batch_size: int, iterations: int, warm_up: str | None) -> Prepared:
+def prepare(name: str, batch_size: int, iterations: int, warm_up: str | None, routing_gradient: str = "full"
+            ) -> Prepared:
     """:func:`build`, once per process: asv runs ``setup`` again before every sample."""
-    key = (name, batch_size, iterations, warm_up)
+    key = (name, batch_size, iterations, warm_up, routing_gradient)
     if key not in _prepared:
-        _prepared[key] = build(name, batch_size, iterations, warm_up)
+        _prepared[key] = build(name, batch_size, iterations, warm_up, routing_gradient)
     return _prepared[key]
 
 
@@ -159,4 +167,16 @@ class ModelBenchmark:
 
     def setup(self, name: str, batch_size: int, iterations: int) -> None:
         prepared = prepare(name, batch_size, iterations, self.warm_up)
+        self.impl, self.batch = prepared.impl, prepared.batch
+
+
+class GradientBenchmark(ModelBenchmark):
+    """A benchmark of work the routing gradient changes: the grid gains the profile's routing gradients
+    (:data:`ROUTING_GRADIENTS`); an implementation without one is skipped with the reason."""
+
+    params = [*ModelBenchmark.params, ROUTING_GRADIENTS]
+    param_names = [*ModelBenchmark.param_names, "routing_gradient"]
+
+    def setup(self, name: str, batch_size: int, iterations: int, routing_gradient: str = "full") -> None:
+        prepared = prepare(name, batch_size, iterations, self.warm_up, routing_gradient)
         self.impl, self.batch = prepared.impl, prepared.batch

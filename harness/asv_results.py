@@ -21,7 +21,8 @@ Benchmarks are matched by their function name (the last dotted part, e.g. ``time
 suite's class names can change.  Parameters become columns: ``implementation`` (with ``framework``,
 ``device``, ``routing_variant`` and the GEMM ``backend`` as the run's facts file describes the
 implementation, or, for older files, as this installation's registry does), ``batch_size``,
-``routing_iterations``; the non-implementation benchmarks fill ``framework`` (CudaContext) or ``backend``
+``routing_iterations``, ``routing_gradient`` (``full`` where a benchmark has no such parameter; FLOPs are
+counted for ``full`` only); the non-implementation benchmarks fill ``framework`` (CudaContext) or ``backend``
 (GemmPeak) and leave ``implementation`` empty; any other parameter gets a column of its own name.
 
 Timed phases also get their arithmetic: ``flops`` (:func:`harness.flops.phase_flops` for the run's
@@ -91,6 +92,8 @@ FLOPS_COLUMNS = ["flops", "gflops_per_s", "peak_gflops", "pct_of_peak", "peak_so
 RUN_COLUMNS = ["machine", "commit", "env", "date", "profile", "config_name"]
 TIDY_COLUMNS = IMPLEMENTATION_COLUMNS + PARAMETER_COLUMNS + VALUE_COLUMNS + FLOPS_COLUMNS + RUN_COLUMNS
 RUN_KEY = ["machine", "commit", "env"]
+ROUTING_GRADIENT_COLUMN = "routing_gradient"  # a parameter of the benchmarks whose work it changes
+DEFAULT_ROUTING_GRADIENT = "full"
 
 
 @dataclass
@@ -362,9 +365,11 @@ def add_flops(table: pd.DataFrame) -> pd.DataFrame:
     table["flops"] = [
         phase_flops(get_config(config_name).replace(routing_iterations=int(iterations)), int(batch))[metric]
         if benchmark.startswith("time_") and metric in PHASES_WITH_FLOPS and pd.notna(batch) and pd.notna(iterations)
+        and gradient == DEFAULT_ROUTING_GRADIENT  # harness.flops counts the full routing backward only
         else math.nan
-        for benchmark, metric, batch, iterations, config_name in zip(
-            table["benchmark"], table["metric"], table["batch_size"], table["routing_iterations"], table["config_name"])
+        for benchmark, metric, batch, iterations, config_name, gradient in zip(
+            table["benchmark"], table["metric"], table["batch_size"], table["routing_iterations"], table["config_name"],
+            table[ROUTING_GRADIENT_COLUMN])
     ]
     table["gflops_per_s"] = table["flops"] / table["value"] / 1e9
     table = table.drop(columns=["peak_gflops", "peak_source", "best_gemm_gflops"], errors="ignore")
@@ -374,11 +379,15 @@ def add_flops(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def tidy_frame(rows: list[dict]) -> pd.DataFrame:
-    """The rows as the tidy table: the documented columns first, any other parameter after them."""
+    """The rows as the tidy table: the documented columns first, any other parameter after them.  Every row
+    has a ``routing_gradient``: the benchmark's parameter, else ``full`` (results and benchmarks without the
+    parameter computed the only behaviour there was)."""
     table = pd.DataFrame(rows)
     for column in TIDY_COLUMNS:
         if column not in table:
             table[column] = math.nan
+    table[ROUTING_GRADIENT_COLUMN] = (table[ROUTING_GRADIENT_COLUMN].fillna(DEFAULT_ROUTING_GRADIENT)
+                                      if ROUTING_GRADIENT_COLUMN in table else DEFAULT_ROUTING_GRADIENT)
     extra = [column for column in table.columns if column not in TIDY_COLUMNS]
     table = table[TIDY_COLUMNS + extra]
     for column in PARAMETER_COLUMNS:

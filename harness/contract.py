@@ -40,6 +40,19 @@ class UnavailableImplementationError(RuntimeError):
     """A registered implementation that cannot run here (missing package, no device, ...)."""
 
 
+class UnsupportedRoutingGradientError(UnavailableImplementationError):
+    """An implementation built with a routing gradient (``config.routing_gradient``) it does not compute."""
+
+
+def routing_gradient_support(cls: type, routing_gradient: str) -> Availability:
+    """Whether implementation class ``cls`` computes ``routing_gradient``; when not, the reason."""
+    supported = getattr(cls, "routing_gradients", ("full",))
+    if routing_gradient in supported:
+        return Availability.ok()
+    return Availability.missing(f"computes the routing gradient {' and '.join(supported)} only, not "
+                                f"{routing_gradient!r}")
+
+
 @dataclass(frozen=True)
 class Availability:
     """Whether an implementation can run here; when not, a reason a person can act on."""
@@ -85,11 +98,17 @@ class Implementation(abc.ABC):
     dimension) and ``first_call_compiles`` (default False): True where the first call of a shape compiles or
     captures (torch.compile, CUDA graphs); the suite's ``CompileTime`` measures that set-up apart, and
     data-parallel training, which wraps the eager module, refuses such an implementation.
+    ``routing_gradients`` (default ``("full",)``): the routing gradients (:data:`harness.spec.ROUTING_GRADIENTS`)
+    the implementation computes; building it with a config whose ``routing_gradient`` is not among them
+    raises :class:`UnsupportedRoutingGradientError`, which the harness's commands report as a skip with the
+    reason; none computes ``full`` in place of ``final``.  ``harness.check`` compares the ``final`` gradient
+    with the reference's, so a claim the code does not keep fails there.
     """
 
     framework: str = "unknown"
     u_hat_layout: str = CANONICAL_U_HAT_LAYOUT
     first_call_compiles: bool = False
+    routing_gradients: tuple[str, ...] = ("full",)
 
     def __init__(
         self,
@@ -103,6 +122,10 @@ class Implementation(abc.ABC):
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if routing_variant not in ROUTING_VARIANTS:
             raise ValueError(f"routing_variant must be one of {ROUTING_VARIANTS}, got {routing_variant!r}")
+        gradient = getattr(config, "routing_gradient", "full")
+        support = routing_gradient_support(type(self), gradient)
+        if not support:
+            raise UnsupportedRoutingGradientError(f"{type(self).__name__} {support.reason}")
         validate_parameters(params, config)
         self.config = config
         self.dtype = dtype

@@ -55,7 +55,7 @@ from harness.data import DataError, Dataset, load_mnist, shift_images
 from harness.params import init_parameters
 from harness.results import ResultsFileError, write_json_atomic
 from harness.settings import FAIL_RANK_ENV
-from harness.spec import SCHEDULES, get_config
+from harness.spec import SCHEDULES
 
 try:
     import torch
@@ -334,7 +334,10 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         record, resumed_from, params, adam = epochs.prepare_resume(args)
         info = torch_implementation(args.impl)
-        config = get_config(args.config)
+        config = epochs.run_config(args)
+        support = info.supports(config.routing_gradient)
+        if not support:
+            raise contract.UnsupportedRoutingGradientError(f"implementation {info.name!r} {support.reason}")
         launch_environment()
     except (registry.UnknownImplementationError, contract.UnavailableImplementationError, LaunchError,
             ResultsFileError, FileNotFoundError) as error:
@@ -353,7 +356,8 @@ def train_main(argv: list[str] | None = None) -> int:
         train_set = load_mnist(args.data_dir, "train").head(args.limit)
         test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
         if ctx.is_root:
-            out = args.out or epochs.default_output(info.name, args.config, suffix=f"-ddp{ctx.world_size}")
+            suffix = f"-ddp{ctx.world_size}{epochs.routing_gradient_suffix(args)}"
+            out = args.out or epochs.default_output(info.name, args.config, suffix=suffix)
             if record is None:
                 record = epochs.new_record(info, args, SCHEDULES[args.schedule], len(train_set), len(test_set),
                                            ranks=ctx.world_size)

@@ -27,7 +27,7 @@ from harness.data import Dataset, iterate_batches
 from harness.environment import machine_facts
 from harness.results import TRAINING_KIND, ResultsFileError, atomic_output, read_training_result
 from harness.settings import RUNS_DIR, TRAINING_SUBDIR
-from harness.spec import ADAM, CONFIGS, MAX_SHIFT_PIXELS, SCHEDULES, LearningRateSchedule
+from harness.spec import ADAM, MAX_SHIFT_PIXELS, SCHEDULES, CapsNetConfig, LearningRateSchedule, get_config
 from harness.threads import thread_facts, usable_cpu_count
 
 try:
@@ -63,6 +63,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, batch_help: str, 
     options.add_seed(parser, help="seed of the data order and augmentation")
     options.add_config(parser)
     options.add_dtype(parser)
+    options.add_routing_gradient(parser)
     parser.add_argument("--no-augment", action="store_true",
                         help=f"no random shifts of up to {MAX_SHIFT_PIXELS} pixels (default: shift, as the paper)")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default=DEFAULT_SCHEDULE,
@@ -93,7 +94,8 @@ def new_record(info: registry.ImplementationInfo, args: argparse.Namespace, sche
         **info.describe(),
         "dtype": args.dtype,
         "config_name": args.config,
-        "config": CONFIGS[args.config].as_dict(),
+        "routing_gradient": args.routing_gradient,
+        "config": run_config(args).as_dict(),
         "optimizer": {"name": "adam", **ADAM.__dict__},
         "schedule": schedule.as_dict(),
         "batch_size": args.batch_size * ranks,
@@ -115,6 +117,16 @@ def new_record(info: registry.ImplementationInfo, args: argparse.Namespace, sche
     }
 
 
+def run_config(args: argparse.Namespace) -> CapsNetConfig:
+    """The network a run trains: the named configuration with the run's routing gradient."""
+    return get_config(args.config).replace(routing_gradient=args.routing_gradient)
+
+
+def routing_gradient_suffix(args: argparse.Namespace) -> str:
+    """What a default results file name adds for a run that is not the default's routing gradient."""
+    return "" if args.routing_gradient == "full" else f"-{args.routing_gradient}-gradient"
+
+
 def default_output(name: str, config_name: str, suffix: str = "") -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return TRAINING_RUNS_DIR / f"{name}{suffix}_{config_name}_{stamp}.json"
@@ -129,6 +141,7 @@ def resume_options(path: Path, args: argparse.Namespace) -> dict:
     args.batch_size = record["batch_size"] // record.get("ranks", 1)
     args.no_augment = not record["augment"]
     args.schedule = record["schedule"]["name"]
+    args.routing_gradient = record.get("routing_gradient", "full")  # older files: the only behaviour then
     args.epochs = max(args.epochs, record["epochs_requested"])
     record["epochs_requested"] = args.epochs
     args.out = path
@@ -214,7 +227,8 @@ def start_line(name: str, args: argparse.Namespace, train_images: int, test_imag
     batch = f"batch {args.batch_size}" + (f" per rank = {args.batch_size * ranks} global" if ranks > 1 else "")
     where = f"data-parallel on {ranks} ranks, " if ranks > 1 else ""
     resumed = f", resuming after epoch {resumed_from}" if resumed_from else ""
-    return (f"training {name} ({args.dtype}, {args.config} network, schedule {args.schedule}) {where}on "
+    return (f"training {name} ({args.dtype}, {args.config} network, schedule {args.schedule}, routing gradient "
+            f"{args.routing_gradient}) {where}on "
             f"{train_images:,} training images, evaluating on {test_images:,} test images, {batch}, "
             f"{args.epochs} epoch(s){resumed}; results -> {out}")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from harness.contract import DEVICES, DTYPES
 from harness.settings import DATA_DIR_ENV
-from harness.spec import CONFIGS
+from harness.spec import CONFIGS, ROUTING_GRADIENTS
 
 DEFAULT_CONFIG = "paper"  # the network of the paper; a command that defaults to another says why
 DEFAULT_DTYPE = "float32"
@@ -140,3 +140,12 @@ def add_warmup(parser, *, help: str = "untimed steps first", default: int | None
 def add_timeout(parser, *, help: str, default: float) -> None:
     """``--timeout-s SECONDS``, a positive number."""
     parser.add_argument("--timeout-s", type=positive_float, default=default, help=f"{help} (default: %(default)s)")
+
+
+def add_routing_gradient(parser, *, consequence: str = "") -> None:
+    """``--routing-gradient full|final`` (:data:`harness.spec.ROUTING_GRADIENTS`, default full);
+    ``consequence`` says what the command does with an implementation that lacks the one asked for."""
+    text = ("how the gradient flows through routing (harness.spec): every iteration, as the paper (full), or the "
+            "last one's weighted sum alone, as XifengGuo's implementations (final)")
+    parser.add_argument("--routing-gradient", choices=ROUTING_GRADIENTS, default="full",
+                        help=text + (f"; {consequence}" if consequence else "") + " (default: %(default)s)")

@@ -461,6 +461,38 @@ def vectorised_speedup(speedups: pd.DataFrame, where: str, basis: str = "") -> F
                   unique_handles([ax]))
 
 
+ROUTING_GRADIENT_PANELS = (("backward", "backward"), ("train_step", "train step"),
+                           ("routing_backward", "routing forward + backward alone"))
+
+
+def routing_gradient_saving(frame: pd.DataFrame, where: str, iterations: int) -> Figure:
+    """The time the routing gradient ``final`` saves over ``full`` (1 - final / full, %), one panel per phase
+    it changes, bars per implementation grouped by batch size, each in its implementation's colour; from
+    :func:`harness.tables.routing_gradient_table`."""
+    if frame.empty:
+        raise NoData("no implementation measured at both routing gradients in this run")
+    implementations = sorted(frame["implementation"].unique())
+    batches = sorted(int(batch) for batch in frame["batch_size"].unique())
+    fig, axes = new_figure(ncols=len(ROUTING_GRADIENT_PANELS), width=max(11.0, 1.1 * len(batches) * 3 + 4))
+    for ax, (phase, title) in zip(axes, ROUTING_GRADIENT_PANELS):
+        saving = 100 * frame.pivot_table(index="batch_size", columns="implementation", values=f"{phase}_saving",
+                                         aggfunc="first", dropna=False).reindex(index=batches,
+                                                                                columns=implementations)
+        grouped_bars(ax, saving, batches, implementations, colour_of, str, lambda v: f"{v:.0f}%")
+        headroom(ax, False)
+        ax.axhline(0.0, color="0.2", linewidth=1)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("batch size")
+        ax.grid(axis="y", **GRID)
+    axes[0].set_ylabel("time saved by final over full (%)")
+    single = frame[[column for column in frame.columns if column.endswith("_samples")]].le(1).any().any()
+    note = notes("saving = 1 - time(final) / time(full) of the same implementation, batch and run; below 0: "
+                 "final took longer", f"{iterations} routing iterations",
+                 "times from 1 sample each: no spread to judge the difference by" if single else "")
+    return finish(fig, f"What stopping the routing gradient before the last iteration saves ({where})", note,
+                  unique_handles(axes))
+
+
 GPU_MEMORY_PANELS = (
     ("gpu_memory_nvml", "NVML: device memory in use (all processes, CUDA context included)"),
     ("gpu_memory_allocator_live", "allocator: peak of bytes in live arrays"),
@@ -550,8 +582,10 @@ def peak_share(table: pd.DataFrame, iterations: int, where: str) -> Figure:
 def training_label(record: dict, stem: str, duplicates: bool) -> str:
     train, _ = training_images(record)
     ranks = training_ranks(record)
+    gradient = record.get("routing_gradient", "full")  # records from before the setting: full, the only one
     label = (f"{record['implementation']} ({record.get('config_name', '?')} net, batch {record.get('batch_size', '?')}"
-             f", {train:,} images" + (f", {ranks} ranks" if ranks > 1 else "") + ")")
+             f", {train:,} images" + (f", {ranks} ranks" if ranks > 1 else "")
+             + (f", {gradient} routing gradient" if gradient != "full" else "") + ")")
     return f"{label} [{stem}]" if duplicates else label
 
 

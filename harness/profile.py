@@ -430,8 +430,10 @@ def markdown(frame: pd.DataFrame, summaries: dict[str, dict]) -> str:
 # The command ------------------------------------------------------------------------------------------------
 
 
-def choose(names: list[str] | None, device: str | None) -> list[registry.ImplementationInfo]:
-    """The implementations to profile; ProfileError with one line when a name is unknown or none can run."""
+def choose(names: list[str] | None, device: str | None, routing_gradient: str = "full"
+           ) -> list[registry.ImplementationInfo]:
+    """The implementations to profile; ProfileError with one line when a name is unknown or none can run
+    (unavailable here, or without the routing gradient asked for)."""
     try:
         infos = [registry.get(name) for name in names] if names else registry.entries()
     except registry.UnknownImplementationError as error:
@@ -441,6 +443,8 @@ def choose(names: list[str] | None, device: str | None) -> list[registry.Impleme
     runnable, reasons = [], []
     for info in infos:
         status = info.availability()
+        if status:
+            status = info.supports(routing_gradient)
         if status:
             runnable.append(info)
         elif names:
@@ -471,6 +475,7 @@ def parser() -> argparse.ArgumentParser:
     options.add_config(parser)
     options.add_batch_size(parser, default=32, help="images per step")
     options.add_dtype(parser)
+    options.add_routing_gradient(parser, consequence="implementations without it are left out")
     options.add_device(parser, help="only implementations on this device (default: any)")
     options.add_steps(parser, default=5, help="profiled steps, and as many unprofiled ones for the overhead")
     options.add_warmup(parser, default=2)
@@ -486,12 +491,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        infos = choose(args.impl, args.device)
+        infos = choose(args.impl, args.device, args.routing_gradient)
         out = writable_folder(args.out)
     except ProfileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    config = get_config(args.config)
+    config = get_config(args.config).replace(routing_gradient=args.routing_gradient)
     threads = args.threads or usable_cpu_count()
     set_threads(threads)
     peaks, rows, summaries = {}, [], {}
@@ -514,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                              one_peak(info.device, hardware, peaks))
         summaries[info.name] = implementation_summary(profiled, args.batch_size, args.config, args.dtype,
                                                       range_seconds)
+        summaries[info.name]["routing_gradient"] = config.routing_gradient
     if not rows:
         print("error: no implementation could be profiled", file=sys.stderr)
         return 1

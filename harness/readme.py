@@ -121,8 +121,8 @@ def accuracy(value) -> str:
 
 
 def training_block(root: Path) -> str:
-    """Every training run: implementation, the machine's CPU, device, images, epochs, time, images/s, best and
-    final accuracy."""
+    """Every training run: implementation, the machine's CPU, device, images, schedule, routing gradient,
+    epochs, time, images/s, best and final accuracy."""
     warnings: list[str] = []
     records = load_training_results(root / TRAINING_SUBDIR, warnings)
     if not records:
@@ -136,14 +136,14 @@ def training_block(root: Path) -> str:
         "device": frame["device"], "ranks": [fmt(v, "int") for v in frame["ranks"]],
         "training / test images": [f"{int(a):,} / {int(b):,}" for a, b in zip(frame["train_images"],
                                                                              frame["test_images"])],
-        "schedule": frame["schedule"],
+        "schedule": frame["schedule"], "routing gradient": frame["routing_gradient"],
         "epochs": [f"{done}/{asked}" for done, asked in zip(frame["epochs"], frame["epochs_requested"])],
         "training s": [fmt(v, "num") for v in frame["train_seconds"]],
         "images/s": [fmt(v, "rate") for v in frame["images_per_second"]],
         "best test accuracy": [accuracy(v) for v in frame["best_test_accuracy"]],
         "final test accuracy": [accuracy(v) for v in frame["final_test_accuracy"]],
     })
-    return markdown_table(cells, text_columns=7)
+    return markdown_table(cells, text_columns=8)
 
 
 def scaling_block(root: Path) -> str:

@@ -31,6 +31,8 @@ from harness.contract import (  # noqa: F401 (re-exported: plugins import the co
     Batch,
     Implementation,
     UnavailableImplementationError,
+    UnsupportedRoutingGradientError,
+    routing_gradient_support,
 )
 from harness.spec import CapsNetConfig
 
@@ -60,6 +62,10 @@ class ImplementationInfo:
         return {"framework": self.framework, "device": self.device, "routing_variant": self.routing_variant,
                 "source": self.source}
 
+    def supports(self, routing_gradient: str) -> Availability:
+        """Whether it computes ``routing_gradient`` (see :data:`harness.spec.ROUTING_GRADIENTS`)."""
+        return routing_gradient_support(self.cls, routing_gradient)
+
     def availability(self) -> Availability:
         try:
             return self.cls.availability(self.device)
@@ -73,6 +79,9 @@ class ImplementationInfo:
         status = self.availability()
         if not status:
             raise UnavailableImplementationError(f"implementation {self.name!r} is unavailable here: {status.reason}")
+        support = self.supports(config.routing_gradient)
+        if not support:
+            raise UnsupportedRoutingGradientError(f"implementation {self.name!r} {support.reason}")
         return self.cls(config, params, dtype=dtype, device=self.device, routing_variant=self.routing_variant)
 
 

@@ -83,6 +83,7 @@ from harness.tables import (
     per_class_table,
     profile_phase_totals,
     profile_rows,
+    routing_gradient_table,
     run_rows,
     speedup_table,
     step_iterations,
@@ -233,6 +234,37 @@ def plan_lines(plans: dict) -> list[str]:
     return lines
 
 
+ROUTING_GRADIENT_TIMINGS = {"backward": "backward", "train_step": "train step",
+                            "routing_backward": "routing fwd+bwd"}
+
+
+def routing_gradient_section(rows: pd.DataFrame, run: Run) -> str:
+    """The saving of the routing gradient ``final`` over ``full`` in one run (``rows`` at both gradients);
+    empty when the run did not measure ``final``."""
+    iterations, _ = step_iterations(rows[rows["routing_gradient"] == "full"], run.config_name)
+    frame = routing_gradient_table(rows, iterations)
+    if frame.empty:
+        return ""
+    cells = formatted(frame, {"implementation": ("implementation", "str"), "batch_size": ("batch", "int")})
+    for phase, heading in ROUTING_GRADIENT_TIMINGS.items():
+        for gradient in ("full", "final"):
+            columns = {f"{phase}_{gradient}{suffix}": f"{phase}{suffix}" for suffix in ("", "_q25", "_q75", "_samples")}
+            title, column = timing_cells(frame.rename(columns=columns), phase, f"{heading} {gradient} ms")
+            cells[title] = column
+        cells[f"{heading} saving"] = [fmt(value, "pct") for value in frame[f"{phase}_saving"]]
+    cells["routing share full"] = [fmt(value, "pct") for value in frame["routing_share_full"]]
+    cells["routing share final"] = [fmt(value, "pct") for value in frame["routing_share_final"]]
+    timed = [samples for phase in ROUTING_GRADIENT_TIMINGS for gradient in ("full", "final")
+             for samples in frame.loc[frame[f"{phase}_{gradient}"].notna(), f"{phase}_{gradient}_samples"]]
+    text = [f"### {run.label}", "", f"Times per call at {iterations} routing iterations, each implementation and "
+            f"batch at both routing gradients of harness.spec: full (the gradient through every iteration) and "
+            f"final (through the last iteration's weighted sum alone). {samples_sentence(timed)} saving = 1 - "
+            "final / full (negative: final was slower); routing share = routing forward + backward alone / train "
+            "step, at each gradient. A saving within the spreads of the two times is not a measured difference.",
+            "", markdown_table(cells, text_columns=1)]
+    return "\n".join(text)
+
+
 def memory_section(rows: pd.DataFrame, run: Run) -> str:
     iterations, _ = step_iterations(rows, run.config_name)
     frame = memory_table(rows, iterations, run.config_name)
@@ -352,7 +384,8 @@ TRAINING_COLUMNS = {
     "file": ("file", "str"), "implementation": ("implementation", "str"), "device": ("device", "str"),
     "config": ("network", "str"), "batch_size": ("batch", "int"), "ranks": ("ranks", "int"),
     "train_images": ("training images", "count"), "test_images": ("test images", "count"),
-    "schedule": ("schedule", "str"), "epochs": ("epochs", "int"), "status": ("status", "str"),
+    "schedule": ("schedule", "str"), "routing_gradient": ("routing gradient", "str"), "epochs": ("epochs", "int"),
+    "status": ("status", "str"),
     "best_test_accuracy": ("best test accuracy", "pct"), "final_test_accuracy": ("final test accuracy", "pct"),
     "final_mean_loss": ("final mean loss", "num"), "train_seconds": ("training s", "num"),
     "eval_seconds": ("evaluation s", "num"), "wall_seconds": ("wall s", "num"),
@@ -380,7 +413,8 @@ def training_section(frame: pd.DataFrame) -> str:
                               for name, (heading, kind) in columns.items()})
         cells["epochs"] = [f"{done}/{asked}" for done, asked in zip(group["epochs"], group["epochs_requested"])]
         text += ["", f"#### {int(train_images):,} training images, {int(test_images):,} test images ({config} "
-                 "network)", "", markdown_table(cells, text_columns=6, left={"schedule", "epochs", "status"})]
+                 "network)", "", markdown_table(cells, text_columns=6,
+                                                  left={"schedule", "routing gradient", "epochs", "status"})]
     return "\n".join(text)
 
 
@@ -515,6 +549,8 @@ PLOT_DESCRIPTIONS = {
     "vectorised_speedup": "speed-up of vectorised over looped routing per framework and phase",
     "memory": "GPU memory (NVML and allocator) against batch size, or host memory where there is no GPU result",
     "peak_share": "achieved GFLOP/s as a share of the machine's one peak per implementation and phase",
+    "routing_gradient_saving": "time the routing gradient final saves over full per implementation and batch size "
+                               "(backward, train step, routing forward + backward)",
     "training_curves": "training loss and test accuracy against training time",
     "profile": "where the time of a training step goes, by phase and layer, per implementation",
     "distributed_scaling": "images/s against world size with the ideal line, and scaling efficiency",
@@ -556,6 +592,10 @@ def benchmark_plots(table: pd.DataFrame, runs: list[Run], out: Path, entries: li
              lambda: plots.vectorised_speedup(speedups[run.key], where, speedup_basis(rows)), entries)
         draw("memory", suffix, out, lambda: plots.memory(rows, iterations, where), entries)
         draw("peak_share", suffix, out, lambda: plots.peak_share(rows, iterations, where), entries)
+        both = run_rows(table, run, None)
+        if (both["routing_gradient"] != "full").any():  # only a run that measured final has this figure
+            draw("routing_gradient_saving", suffix, out, lambda: plots.routing_gradient_saving(
+                routing_gradient_table(both, iterations), where, iterations), entries)
 
 
 def remove_plots_not_drawn(out: Path, entries: list[tuple[str, str, str]]) -> None:
@@ -601,17 +641,21 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
     md += ["## Runs", "", "Each run is named by machine, commit and asv environment (shortened: the tool and "
            "the unpinned build requirements left out).", ""]
     md += [run_header(run, asv.machines.get(run.machine, {})) + "\n" for run in asv.runs] or ["No asv results.", ""]
-    speedups, sections = {}, {"summary": [], "speedup": [], "memory": []}
+    speedups, sections = {}, {"summary": [], "speedup": [], "memory": [], "gradient": []}
     for run in asv.runs:
         rows = run_rows(table, run)
         sections["summary"].append(summary_section(rows, run))
         text, speedups[run.key] = speedup_section(rows, run)
         sections["speedup"].append(text)
         sections["memory"].append(memory_section(rows, run))
+        sections["gradient"].append(routing_gradient_section(run_rows(table, run, None), run))
     if asv.runs:
         md += ["## Summary per implementation", "", "\n\n".join(sections["summary"]), "",
                "## Vectorised vs looped routing", "", "\n\n".join(sections["speedup"]), "",
                "## Host memory of a training step: measured and expected", "", "\n\n".join(sections["memory"]), ""]
+    if any(sections["gradient"]):
+        md += ["## Routing gradient: what final saves over full", "",
+               "\n\n".join(text for text in sections["gradient"] if text), ""]
     comparisons = compare_runs(table, asv.runs, out, written)
     if comparisons:
         md += ["## Comparison of runs", "", f"Also in [`{COMPARISON_MD}`]({COMPARISON_MD}) and "

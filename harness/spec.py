@@ -19,7 +19,29 @@ Choices the paper leaves open, fixed here once for every implementation:
   ``c = softmax(b)`` over the *output* capsules for each input capsule; ``routing_iterations`` counts the
   computations of ``v`` (the paper's r = 3).  The logit update after the last iteration cannot change the
   output and is skipped.  Gradients flow through every iteration, through ``c`` and ``b`` as well as
-  through the weighted sum, exactly as Procedure 1 reads (no stop-gradient anywhere).
+  through the weighted sum, exactly as Procedure 1 reads (no stop-gradient anywhere): the routing
+  gradient ``full``, the default.
+* **Routing gradient** (``routing_gradient``, one of :data:`ROUTING_GRADIENTS`).  The forward values are
+  the same under both settings; only the gradient differs.  ``full``: as above.  ``final``: the gradient
+  of u_hat is stopped in every iteration but the last.  With ``sg(x)`` the value of x with zero
+  derivative, R iterations and b_1 = 0:
+
+  - iteration r < R:  c_r = softmax_j(b_r),  s_r,j = sum_i c_r,ij sg(u_hat_j|i),  v_r,j = squash(s_r,j),
+    b_r+1,ij = b_r,ij + sg(u_hat_j|i) . v_r,j; so b_r, c_r and v_r are constants and no gradient
+    reaches u_hat through the agreements or the logits;
+  - iteration R:  c_R = softmax_j(b_R) (a constant: b_R is made of stopped values),
+    s_R,j = sum_i c_R,ij u_hat_j|i,  v_j = squash(s_R,j);
+
+  hence d loss / d u_hat_j|i = c_R,ij * J_squash(s_R,j)^T d loss / d v_j: one rank-one term per example
+  and output capsule, against 2R - 1 under ``full``.  For R = 1 the two settings are one function.
+  This is what ``x_hat_detached`` does in XifengGuo's CapsNet-Pytorch (``capsulelayers.py``,
+  ``DenseCapsule.forward``), and the two agree on: the logits start at 0 per example; the softmax runs
+  over the output capsules (their ``dim=1`` of b laid out [batch, out, in]); the iterations before the
+  last compute s, v and the logit update from the detached predictions, so their b (and hence c of the
+  last iteration) carries no gradient; the last iteration alone uses the attached predictions in its
+  weighted sum; the logit update after the last iteration is skipped.  They differ only where capsbench's
+  squash differs (``squash_eps`` inside the root; theirs adds 1e-8 to the norm), not in where the gradient
+  is stopped.
 * **Capsule length.**  ``|v| = sqrt(sum v^2)`` with gradient ``v / |v|``, taken as 0 where ``|v| = 0``
   (the convention of ``torch.linalg.vector_norm``).
 * **Decoder mask.**  The DigitCaps output is masked to the true class in training and to the longest
@@ -55,14 +77,18 @@ text, and what capsbench follows:
 * The training set is written once at all 25 shifts in [-2, 2]^2 (zero fill) and shuffled; capsbench
   draws one random shift per image per epoch from the same 25.
 * Agreed with the paper and followed: routing logits start at 0 per example, the softmax runs over the
-  output capsules, 3 iterations, no stop-gradient anywhere in routing, m+ 0.9, m- 0.1, lambda 0.5,
-  decoder 512-1024-784 with a sigmoid output, pixels in [0, 1], batch 128.
+  output capsules, 3 iterations, no stop-gradient anywhere in routing (``full``, the default), m+ 0.9,
+  m- 0.1, lambda 0.5, decoder 512-1024-784 with a sigmoid output, pixels in [0, 1], batch 128.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+# How the gradient flows through routing (see the module docstring): through every iteration, or through
+# the last iteration's weighted sum alone.
+ROUTING_GRADIENTS = ("full", "final")
 
 
 def conv_output_size(size: int, kernel: int, stride: int) -> int:
@@ -93,8 +119,12 @@ class CapsNetConfig:
     margin_down_weight: float = 0.5  # lambda
     reconstruction_weight: float = 0.0005
     digit_weight_std: float = 0.01  # W ~ N(0, std^2); the correct softmax axis needs a small W
+    routing_gradient: str = "full"  # one of ROUTING_GRADIENTS; see the module docstring
 
     def __post_init__(self) -> None:
+        if self.routing_gradient not in ROUTING_GRADIENTS:
+            raise ValueError(f"routing_gradient must be one of {', '.join(ROUTING_GRADIENTS)}, "
+                             f"got {self.routing_gradient!r}")
         if self.routing_iterations < 1:
             raise ValueError(f"routing_iterations must be >= 1, got {self.routing_iterations}")
         if self.primary_size < 1:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.activations import im2col_bytes, kept_activations, parameter_state_bytes
-from harness.asv_results import TIDY_COLUMNS, Run
+from harness.asv_results import DEFAULT_ROUTING_GRADIENT, ROUTING_GRADIENT_COLUMN, TIDY_COLUMNS, Run
 from harness.peak import one_peak
 from harness.results import PROFILE_KIND, ResultsFileError, read_json
 from harness.scaling import compute_units, scaling_efficiency
@@ -31,9 +31,48 @@ SPEEDUP_PHASES = ["train_step", "forward", "backward", "inference", "routing", "
 MNIST_TRAIN_IMAGES, MNIST_TEST_IMAGES = 60_000, 10_000  # what a training record's limit None means
 
 
-def run_rows(table: pd.DataFrame, run: Run) -> pd.DataFrame:
-    """The tidy rows of one run."""
-    return table[(table["machine"] == run.machine) & (table["commit"] == run.commit) & (table["env"] == run.env)]
+def run_rows(table: pd.DataFrame, run: Run, routing_gradient: str | None = DEFAULT_ROUTING_GRADIENT) -> pd.DataFrame:
+    """The tidy rows of one run, at one routing gradient (default ``full``, what every table but the
+    routing-gradient one shows; None: all)."""
+    rows = table[(table["machine"] == run.machine) & (table["commit"] == run.commit) & (table["env"] == run.env)]
+    if routing_gradient is None or ROUTING_GRADIENT_COLUMN not in rows:
+        return rows
+    return rows[rows[ROUTING_GRADIENT_COLUMN] == routing_gradient]
+
+
+GRADIENT_PHASES = ["backward", "train_step", "routing_backward"]  # the timed work the routing gradient changes
+
+
+def routing_gradient_table(rows: pd.DataFrame, iterations: int) -> pd.DataFrame:
+    """What the routing gradient ``final`` saves over ``full``, per implementation x batch size measured at
+    both: for each of :data:`GRADIENT_PHASES` the two times (s) with their q25, q75 and samples
+    (``backward_full``, ``backward_full_q25``, ..., ``backward_final_samples``) and the saving
+    ``backward_saving`` = 1 - final / full (0.25: final takes a quarter less time); and the routing share
+    of the train step (routing forward + backward over the train step) under each, ``routing_share_full``
+    and ``routing_share_final``.  ``rows`` are one run's, at every routing gradient; ``iterations`` the
+    routing iterations of the whole-network phases (routing alone is taken at the same count)."""
+    keys = ["implementation", "batch_size"]
+    timed = rows[rows["implementation"].notna() & rows["batch_size"].notna() & rows["metric"].isin(GRADIENT_PHASES)
+                 & (rows["routing_iterations"] == iterations)]
+    columns = [f"{phase}_{gradient}{suffix}" for phase in GRADIENT_PHASES for gradient in ("full", "final")
+               for suffix in ("", "_q25", "_q75", "_samples")]
+    columns += [f"{phase}_saving" for phase in GRADIENT_PHASES] + ["routing_share_full", "routing_share_final"]
+    if timed.empty:
+        return pd.DataFrame(columns=keys + columns)
+    frame = None
+    for gradient in ("full", "final"):
+        chosen = timed[timed[ROUTING_GRADIENT_COLUMN] == gradient]
+        for value, suffix in (("value", ""), ("q25", "_q25"), ("q75", "_q75"), ("samples", "_samples")):
+            wide = chosen.pivot_table(index=keys, columns="metric", values=value, aggfunc="first", dropna=False)
+            wide = wide.reindex(columns=GRADIENT_PHASES).rename(columns=lambda phase: f"{phase}_{gradient}{suffix}")
+            frame = wide if frame is None else frame.join(wide, how="outer")
+    measured = frame[[f"{phase}_final" for phase in GRADIENT_PHASES]].notna().any(axis=1)
+    frame = frame[measured & frame[[f"{phase}_full" for phase in GRADIENT_PHASES]].notna().any(axis=1)]
+    for phase in GRADIENT_PHASES:
+        frame[f"{phase}_saving"] = 1.0 - frame[f"{phase}_final"] / frame[f"{phase}_full"]
+    for gradient in ("full", "final"):
+        frame[f"routing_share_{gradient}"] = frame[f"routing_backward_{gradient}"] / frame[f"train_step_{gradient}"]
+    return frame.reset_index().sort_values(keys, kind="stable").reset_index(drop=True)
 
 
 def step_iterations(rows: pd.DataFrame, config_name: str) -> tuple[int, str]:
@@ -154,7 +193,10 @@ def parameter_label(row: pd.Series, extra_columns: list[str]) -> str:
         parts.append(f"batch {int(row['batch_size'])}")
     if pd.notna(row.get("routing_iterations")):
         parts.append(f"{int(row['routing_iterations'])} it.")
-    parts += [f"{column}={row[column]}" for column in extra_columns if pd.notna(row.get(column))]
+    if row.get(ROUTING_GRADIENT_COLUMN, DEFAULT_ROUTING_GRADIENT) not in (DEFAULT_ROUTING_GRADIENT, None):
+        parts.append(f"{row[ROUTING_GRADIENT_COLUMN]} gradient")  # full, the default, goes unsaid
+    parts += [f"{column}={row[column]}" for column in extra_columns
+              if column != ROUTING_GRADIENT_COLUMN and pd.notna(row.get(column))]
     return ", ".join(parts)
 
 
@@ -216,7 +258,7 @@ def comparison_table(table: pd.DataFrame, old: Run, new: Run) -> pd.DataFrame:
     """Every benchmark x parameters of two runs side by side with ratio new / old and the change flag;
     a combination absent from one run is 'missing' on that side, one with no result is 'n/a'."""
     extra = [column for column in table.columns if column not in TIDY_COLUMNS]
-    left, right = keyed(run_rows(table, old), extra), keyed(run_rows(table, new), extra)
+    left, right = keyed(run_rows(table, old, None), extra), keyed(run_rows(table, new, None), extra)
     index = left.index.union(right.index, sort=False)
     frame = pd.DataFrame(index=index)
     for side, rows in (("old", left), ("new", right)):
@@ -266,7 +308,8 @@ def epoch_total(epochs: list[dict], key: str) -> float:
 
 
 def training_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
-    """One row per training results file: what was trained, on how many images and ranks, how far, how
+    """One row per training results file: what was trained (with its routing gradient: ``full`` for a
+    record from before the setting, the only behaviour then), on how many images and ranks, how far, how
     well (best and final test accuracy), how fast (training, evaluation and wall time over all epochs)."""
     out = []
     for path, record in records:
@@ -280,6 +323,7 @@ def training_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
         schedule = record.get("schedule")
         train_images, test_images = training_images(record)
         out.append({"file": path.name, "implementation": record["implementation"],
+                    "routing_gradient": record.get("routing_gradient", DEFAULT_ROUTING_GRADIENT),
                     "device": record.get("device", "?"), "config": record.get("config_name", "?"),
                     "batch_size": record.get("batch_size"), "ranks": training_ranks(record),
                     "train_images": train_images, "test_images": test_images,

@@ -19,7 +19,7 @@ from harness import contract, epochs, options, registry
 from harness.data import DataError, load_mnist
 from harness.params import init_parameters
 from harness.results import ResultsFileError, write_json_atomic
-from harness.spec import SCHEDULES, get_config
+from harness.spec import SCHEDULES
 
 
 def train_epochs(impl: contract.Implementation, train_set, test_set, record: dict, out: Path,
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record, resumed_from, params, adam = epochs.prepare_resume(args)
         info = registry.get(args.impl)
-        config = get_config(args.config)
+        config = epochs.run_config(args)
         epochs.pin_threads(args.threads)
         schedule = SCHEDULES[args.schedule]
         impl = info.create(config, init_parameters(config, dtype=args.dtype) if params is None else params, args.dtype)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             ResultsFileError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = args.out or epochs.default_output(info.name, args.config)
+    out = args.out or epochs.default_output(info.name, args.config, suffix=epochs.routing_gradient_suffix(args))
     if record is None:
         record = epochs.new_record(info, args, schedule, len(train_set), len(test_set))
     record["status"] = "running"

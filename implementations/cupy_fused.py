@@ -19,6 +19,9 @@ forward and two backward, plus one kernel that writes the gradient of u_hat, on 
 * ``capsbench_route_grad_u_hat`` (one thread per element of u_hat): the 2R - 1 rank-one terms of
   d loss / d u_hat (c_r x d loss / d s_r, and d loss / d b_{r+1} x v_r) summed and written once.
 
+Under the routing gradient ``final`` (harness.spec) the backward is the last iteration's
+``sum_squash_backward`` and ``grad_u_hat`` over that iteration alone (:meth:`FusedRouting.backward_final`).
+
 :class:`FusedRouting` drives them, through a kernel set (:class:`CupyKernels` here; the tests run the same
 driver on NumPy versions of each kernel, on the CPU); its cache for backward is the couplings, the sums s
 and the outputs v of every iteration, stacked.  The five kernels are one ``cupy.RawModule`` per dtype
@@ -38,6 +41,7 @@ import numpy as np
 
 from harness.ranges import layer_range
 from harness.registry import register
+from harness.spec import ROUTING_GRADIENTS
 from implementations.cupy_capsnet import CupyCapsNet, cupy
 from implementations.numpy_capsnet import RoutingFunctions
 
@@ -288,8 +292,22 @@ class FusedRouting:
             self.kernels.grad_u_hat(coupling, grad_s, grad_logits, v, grad_u_hat)
         return grad_u_hat
 
-    def functions(self) -> RoutingFunctions:
-        return RoutingFunctions(self.forward, self.backward)
+    def backward_final(self, xp, u_hat, cache: FusedCache, grad_v, eps: float):
+        """The backward of the routing gradient ``final`` (harness.spec): the last iteration's sum-squash
+        backward and the gradient kernel over that iteration alone (one term, c_R x d loss / d s_R; with one
+        iteration the kernel reads no logits), two launches against the full backward's 2R."""
+        check_layout(u_hat)
+        coupling, s, v = cache
+        last = s.shape[0] - 1
+        grad_v = xp.ascontiguousarray(grad_v)
+        grad_s = xp.empty_like(s[last:])
+        self.kernels.sum_squash_backward(None, u_hat, grad_v, s[last], grad_s[0], eps)
+        grad_u_hat = xp.empty_like(u_hat)
+        self.kernels.grad_u_hat(coupling[last:], grad_s, coupling[last:], v[last:], grad_u_hat)
+        return grad_u_hat
+
+    def functions(self, routing_gradient: str = "full") -> RoutingFunctions:
+        return RoutingFunctions(self.forward, self.backward_final if routing_gradient == "final" else self.backward)
 
 
 @functools.cache
@@ -355,14 +373,16 @@ class CupyKernels:
 
 class CupyFusedCapsNet(CupyCapsNet):
     """:class:`~implementations.cupy_capsnet.CupyCapsNet` with the routing of :class:`FusedRouting` on the GPU
-    (vectorised variant only: the kernels are the vectorised mathematics)."""
+    (vectorised variant only: the kernels are the vectorised mathematics), under both routing gradients."""
+
+    routing_gradients = ROUTING_GRADIENTS
 
     def __init__(self, config, params, dtype="float32", device="cuda", routing_variant="vectorised"):
         if routing_variant != "vectorised":
             raise ValueError(f"cupy-fused fuses the vectorised routing only, not {routing_variant!r}")
         super().__init__(config, params, dtype, device, routing_variant)
         if self._on_gpu:
-            self.routing_functions = FusedRouting(CupyKernels()).functions()
+            self.routing_functions = FusedRouting(CupyKernels()).functions(config.routing_gradient)
 
 
 register("cupy-fused", CupyFusedCapsNet, device="cuda", routing_variant="vectorised")

@@ -42,7 +42,7 @@ from harness.decoder import decoder_forward, decoder_layers
 from harness.params import DECODER_PREFIX, DIGIT_WEIGHT
 from harness.ranges import layer_range
 from harness.registry import register
-from harness.spec import ADAM, CapsNetConfig, conv_output_size
+from harness.spec import ADAM, ROUTING_GRADIENTS, CapsNetConfig, conv_output_size
 
 CONV_LAYERS = {"conv1": ("conv1_kernel", "conv1_stride"), "primary": ("primary_kernel", "primary_stride")}
 ADAM_CHUNK = 1 << 16  # values per chunk of the NumPy Adam update: its five arrays' chunks stay in a core's cache
@@ -268,6 +268,28 @@ def routing_looped_backward(xp, u_hat, cache, grad_v, eps: float):
     return grad_u_hat
 
 
+def routing_vectorised_final_backward(xp, u_hat, cache, grad_v, eps: float, out=None):
+    """d loss / d u_hat under the routing gradient ``final`` (harness.spec): through the last iteration's
+    weighted sum and squash alone, c_R being a constant: one rank-one term c_R (x) d s_R per (example,
+    output capsule), against :func:`routing_vectorised_backward`'s 2R - 1; no earlier iteration is visited."""
+    coupling, s, _ = cache[-1]
+    with layer_range(f"routing_iteration_{len(cache)}", "backward"):
+        grad_s = squash_backward(xp, s, grad_v, eps)
+        return xp.multiply(coupling[..., None], grad_s[:, :, None, :], out=out)  # (B, J, N, D)
+
+
+def routing_looped_final_backward(xp, u_hat, cache, grad_v, eps: float):
+    """The backward of :func:`routing_looped_forward` under the routing gradient ``final``, with its loop
+    over j: the last iteration's weighted sums alone (see :func:`routing_vectorised_final_backward`)."""
+    coupling, s, _ = cache[-1]
+    grad_u_hat = xp.empty_like(u_hat)
+    with layer_range(f"routing_iteration_{len(cache)}", "backward"):
+        for j in range(u_hat.shape[1]):
+            grad_s_j = squash_backward(xp, s[j], grad_v[:, j], eps)
+            grad_u_hat[:, j] = coupling[j][:, :, None] * grad_s_j[:, None, :]
+    return grad_u_hat
+
+
 def _takes_out(function: Callable) -> bool:
     """Whether a routing backward takes ``out=``."""
     return "out" in inspect.signature(function).parameters
@@ -287,6 +309,12 @@ ROUTING = {
     "vectorised": RoutingFunctions(routing_vectorised_forward, routing_vectorised_backward),
     "looped": RoutingFunctions(routing_looped_forward, routing_looped_backward),
 }
+# The same forward passes with the backward of the routing gradient ``final`` (harness.spec).
+ROUTING_FINAL = {
+    "vectorised": RoutingFunctions(routing_vectorised_forward, routing_vectorised_final_backward),
+    "looped": RoutingFunctions(routing_looped_forward, routing_looped_final_backward),
+}
+ROUTING_BY_GRADIENT = {"full": ROUTING, "final": ROUTING_FINAL}
 
 
 # Prediction vectors, lengths, decoder, losses --------------------------------------------------------------
@@ -409,10 +437,12 @@ def adam_update(xp, param, grad, first, second, scratch, step_size: float, root_
 
 class NumpyCapsNet(Implementation):
     """The whole CapsNet over an array module (NumPy here; a subclass overrides :meth:`array_module`), with
-    the routing of its variant from :data:`ROUTING` (a subclass may set ``routing_functions`` instead)."""
+    the routing of its variant and routing gradient from :data:`ROUTING_BY_GRADIENT` (a subclass may set
+    ``routing_functions`` instead, and then declares the ``routing_gradients`` they compute)."""
 
     framework = "numpy"
     u_hat_layout = "BJND"
+    routing_gradients = ROUTING_GRADIENTS
 
     @classmethod
     def array_module(cls):
@@ -422,7 +452,7 @@ class NumpyCapsNet(Implementation):
         super().__init__(config, params, dtype, device, routing_variant)
         self.xp = self.array_module()
         self._dtype = getattr(self.xp, dtype)
-        self.routing_functions: RoutingFunctions = ROUTING[routing_variant]
+        self.routing_functions: RoutingFunctions = ROUTING_BY_GRADIENT[config.routing_gradient][routing_variant]
         self.params = {name: self._to_internal(name, value) for name, value in params.items()}
         self.grads: dict = {}
         self._moments = {name: (self.xp.zeros_like(p), self.xp.zeros_like(p)) for name, p in self.params.items()}

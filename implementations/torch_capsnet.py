@@ -13,7 +13,7 @@ from harness.contract import DEVICES, ROUTING_VARIANTS, AllocatorPeaks, Availabi
 from harness.params import DECODER_PREFIX, decoder_layer_count
 from harness.ranges import layer_range
 from harness.registry import register
-from harness.spec import ADAM, CapsNetConfig, LearningRateSchedule
+from harness.spec import ADAM, ROUTING_GRADIENTS, CapsNetConfig, LearningRateSchedule
 
 try:
     import torch
@@ -55,11 +55,21 @@ def prediction_vectors(u, weight):
     return by_output.transpose(1, 2)
 
 
-def routing_vectorised(u_hat, iterations: int, eps: float):
+def routed_predictions(u_hat, iteration: int, iterations: int, gradient: str):
+    """The u_hat that iteration ``iteration`` (from 0) reads under routing gradient ``gradient`` (see
+    harness.spec): u_hat itself, or under ``final`` before the last iteration u_hat with its gradient
+    stopped (XifengGuo's ``x_hat_detached``)."""
+    if gradient == "final" and iteration < iterations - 1:
+        return u_hat.detach()
+    return u_hat
+
+
+def routing_vectorised(u_hat, iterations: int, eps: float, gradient: str = "full"):
     """Procedure 1 as batched matrix products over all input and output capsules; returns v (B, J, D)."""
-    u = u_hat.transpose(1, 2)  # (B, J, N, D), contiguous when u_hat comes from prediction_vectors
-    logits = u.new_zeros(u.shape[:3])  # b_ij stored (B, J, N)
+    attached = u_hat.transpose(1, 2)  # (B, J, N, D), contiguous when u_hat comes from prediction_vectors
+    logits = attached.new_zeros(attached.shape[:3])  # b_ij stored (B, J, N)
     for iteration in range(iterations):
+        u = routed_predictions(attached, iteration, iterations, gradient)
         with layer_range(f"routing_iteration_{iteration + 1}"):
             if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
                 coupling = torch.full_like(logits, 1.0 / logits.shape[1])
@@ -71,12 +81,13 @@ def routing_vectorised(u_hat, iterations: int, eps: float):
     return v
 
 
-def routing_looped(u_hat, iterations: int, eps: float):
+def routing_looped(u_hat, iterations: int, eps: float, gradient: str = "full"):
     """Procedure 1 transcribed line by line, with Python loops over the output capsules j."""
     batch, n_in, n_out, _ = u_hat.shape
-    predictions = u_hat.unbind(dim=2)  # u_hat_j|i for each output capsule j, (B, N, D) each
     logits = [u_hat.new_zeros(batch, n_in) for _ in range(n_out)]  # b_ij, one (B, N) tensor per j
     for iteration in range(iterations):
+        # u_hat_j|i for each output capsule j, (B, N, D) each
+        predictions = routed_predictions(u_hat, iteration, iterations, gradient).unbind(dim=2)
         with layer_range(f"routing_iteration_{iteration + 1}"):
             # c_i = softmax(b_i) over j, written out
             largest = logits[0]
@@ -193,6 +204,15 @@ class TorchCapsNet(Implementation):
     """CapsNet with PyTorch autograd and torch.optim.Adam; routing variant and device chosen at build."""
 
     framework = "torch"
+    routing_gradients = ROUTING_GRADIENTS
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass that overrides the ``route`` hook computes its own routing: it claims the routing
+        gradients it declares itself, ``full`` alone unless it does (never this class's claim by
+        inheritance)."""
+        super().__init_subclass__(**kwargs)
+        if "route" in vars(cls) and "routing_gradients" not in vars(cls):
+            cls.routing_gradients = ("full",)
 
     def __init__(self, config, params, dtype="float32", device="cpu", routing_variant="vectorised"):
         super().__init__(config, params, dtype, device, routing_variant)
@@ -246,7 +266,8 @@ class TorchCapsNet(Implementation):
     def route(self, u_hat):
         """The differentiable routing of the forward pass: u_hat (B, N, J, D) -> v (B, J, D).  The hook a
         plugin overrides to try another routing (see harness.registry)."""
-        return self._routing_function(u_hat, self.config.routing_iterations, self.config.squash_eps)
+        return self._routing_function(u_hat, self.config.routing_iterations, self.config.squash_eps,
+                                      self.config.routing_gradient)
 
     def forward(self, batch: Batch, train: bool = True):
         if train and batch.labels is None:

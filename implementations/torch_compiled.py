@@ -65,7 +65,8 @@ RECOMPILE_LIMIT = 32
 
 def inference_outputs(params: dict, images, config: CapsNetConfig, routing):
     """Class-capsule lengths and reconstructions, the decoder masked to the longest capsule."""
-    v = routing(predictions_from_images(params, images, config), config.routing_iterations, config.squash_eps)
+    v = routing(predictions_from_images(params, images, config), config.routing_iterations, config.squash_eps,
+                config.routing_gradient)
     lengths = capsule_lengths(v)
     return lengths, decode(params, v, lengths.argmax(dim=1), config)
 
@@ -74,7 +75,8 @@ def training_outputs(params: dict, images, labels, config: CapsNetConfig, routin
     """The margin loss and the reconstruction loss of a training forward pass, the latter before its weight
     (``config``'s is 1, see :func:`unit_weight`), with the lengths and the reconstructions they come from
     (the decoder masked to the true class)."""
-    v = routing(predictions_from_images(params, images, config), config.routing_iterations, config.squash_eps)
+    v = routing(predictions_from_images(params, images, config), config.routing_iterations, config.squash_eps,
+                config.routing_gradient)
     lengths = capsule_lengths(v)
     reconstructions = decode(params, v, labels, config)
     return (margin_loss(lengths, labels, config), reconstruction_loss(reconstructions, images, config), lengths,

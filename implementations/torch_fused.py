@@ -26,7 +26,8 @@ and in its backward:
 * the routing (:class:`Routing`), exactly the mathematics of
   :func:`implementations.numpy_capsnet.routing_vectorised_forward` and ``..._backward``: c = 1/J in the
   first iteration, gradients through c and b of every iteration, the gradient of u_hat written once by one
-  batched product of inner dimension 2R - 1 from gathered coefficients.
+  batched product of inner dimension 2R - 1 from gathered coefficients; under the routing gradient
+  ``final`` (:class:`FinalGradientRouting`) the last iteration's weighted sum alone, one broadcast product.
 
 Lengths, mask, decoder and losses stay with autograd: a small part of the work, with no layout to fix.
 
@@ -60,7 +61,7 @@ from harness.params import DIGIT_WEIGHT
 from harness.ranges import layer_range
 from harness.registry import register
 from harness.settings import CONV_PLAN_ENV
-from harness.spec import ADAM, PAPER, CapsNetConfig, conv_output_size
+from harness.spec import ADAM, PAPER, ROUTING_GRADIENTS, CapsNetConfig, conv_output_size
 from implementations import conv_plans
 from implementations.torch_capsnet import F, TorchCapsNet, capsule_lengths, decoder, mask_capsules, torch
 
@@ -403,6 +404,25 @@ def agreement(u_hat, vectors):
     return torch.bmm(vectors.reshape(batch * n_out, 1, dim), rows).view(batch, n_out, n_in)
 
 
+def routing_iterations(u_hat, iterations: int, eps: float) -> list:
+    """Procedure 1's forward on u_hat (B, J, N, D): [c, s, v] of every iteration in turn, v (B, J, D) last."""
+    batch, n_out, n_in, _ = u_hat.shape
+    logits, cache = None, []
+    for iteration in range(iterations):
+        with layer_range(f"routing_iteration_{iteration + 1}", "forward"):
+            if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
+                coupling = u_hat.new_full((batch, n_out, n_in), 1.0 / n_out)
+            else:
+                coupling = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
+            s = weighted_sum(coupling, u_hat)  # s_j = sum_i c_ij u_hat_j|i
+            v = squash(s, eps)
+            cache += [coupling, s, v]
+            if iteration < iterations - 1:
+                agreed = agreement(u_hat, v)  # u_hat_j|i . v_j
+                logits = agreed if logits is None else logits.add_(agreed)
+    return cache
+
+
 class Routing(_Function):
     """Procedure 1 on u_hat (B, J, N, D) -> v (B, J, D), with the backward of
     :func:`implementations.numpy_capsnet.routing_vectorised_backward`: through c and b of every iteration,
@@ -411,23 +431,10 @@ class Routing(_Function):
 
     @staticmethod
     def forward(ctx, u_hat, iterations: int, eps: float, workspace):
-        batch, n_out, n_in, _ = u_hat.shape
-        logits, cache = None, []
-        for iteration in range(iterations):
-            with layer_range(f"routing_iteration_{iteration + 1}", "forward"):
-                if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
-                    coupling = u_hat.new_full((batch, n_out, n_in), 1.0 / n_out)
-                else:
-                    coupling = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
-                s = weighted_sum(coupling, u_hat)  # s_j = sum_i c_ij u_hat_j|i
-                v = squash(s, eps)
-                cache += [coupling, s, v]
-                if iteration < iterations - 1:
-                    agreed = agreement(u_hat, v)  # u_hat_j|i . v_j
-                    logits = agreed if logits is None else logits.add_(agreed)
+        cache = routing_iterations(u_hat, iterations, eps)
         ctx.setup = (iterations, eps, workspace)
         ctx.save_for_backward(u_hat, *cache)
-        return v
+        return cache[-1]
 
     @staticmethod
     def backward(ctx, grad_v):
@@ -462,6 +469,34 @@ class Routing(_Function):
             torch.bmm(left.view(batch * n_out, terms, n_in).transpose(1, 2), right.view(batch * n_out, terms, dim),
                       out=grad_u_hat.view(batch * n_out, n_in, dim))
         return grad_u_hat, None, None, None
+
+
+class FinalGradientRouting(_Function):
+    """Procedure 1 on u_hat (B, J, N, D) -> v (B, J, D) with the backward of the routing gradient ``final``
+    (harness.spec): the last iteration's couplings are constants, so d loss / d u_hat_j|i = c_R,ij d loss /
+    d s_R,j, one rank-one term per example and output capsule written by one broadcast product, with no
+    earlier iteration visited (:func:`implementations.numpy_capsnet.routing_vectorised_final_backward`).
+    Only c_R and s_R are kept for backward, not u_hat nor the earlier iterations."""
+
+    @staticmethod
+    def forward(ctx, u_hat, iterations: int, eps: float, workspace):
+        coupling, s, v = routing_iterations(u_hat, iterations, eps)[-3:]
+        ctx.setup = (iterations, eps, workspace, u_hat.shape)
+        ctx.save_for_backward(coupling, s)
+        return v
+
+    @staticmethod
+    def backward(ctx, grad_v):
+        iterations, eps, workspace, shape = ctx.setup
+        coupling, s = ctx.saved_tensors
+        with layer_range(f"routing_iteration_{iterations}", "backward"):
+            grad_s = squash_backward(s, grad_v, eps)
+            grad_u_hat = workspace.get("routing:grad_u_hat", shape)
+            torch.mul(coupling.unsqueeze(-1), grad_s.unsqueeze(2), out=grad_u_hat)
+        return grad_u_hat, None, None, None
+
+
+ROUTING_BY_GRADIENT = {"full": Routing, "final": FinalGradientRouting}
 
 
 # The network ------------------------------------------------------------------------------------------------
@@ -499,8 +534,9 @@ class FusedCapsNetModule(_Module):
 
     def forward(self, images, labels=None):
         config = self.config
-        v = Routing.apply(self.predictions(images, self.workspace), config.routing_iterations, config.squash_eps,
-                          self.workspace)
+        v = ROUTING_BY_GRADIENT[config.routing_gradient].apply(self.predictions(images, self.workspace),
+                                                               config.routing_iterations, config.squash_eps,
+                                                               self.workspace)
         with layer_range("lengths_mask"):
             lengths = capsule_lengths(v)
             masked = mask_capsules(v, labels if labels is not None else lengths.argmax(dim=1), config)
@@ -514,6 +550,7 @@ class TorchFusedCapsNet(TorchCapsNet):
     routing-alone calls, while the network's forward applies :class:`Routing` with the kept workspace."""
 
     u_hat_layout = "BJND"
+    routing_gradients = ROUTING_GRADIENTS  # Routing and FinalGradientRouting
 
     def __init__(self, config, params, dtype="float32", device="cpu", routing_variant="vectorised"):
         if routing_variant != "vectorised":
@@ -575,7 +612,8 @@ class TorchFusedCapsNet(TorchCapsNet):
 
     def route(self, u_hat):
         """The routing of the forward pass on u_hat (B, J, N, D) -> v (B, J, D)."""
-        return Routing.apply(u_hat, self.config.routing_iterations, self.config.squash_eps, self._fresh())
+        return ROUTING_BY_GRADIENT[self.config.routing_gradient].apply(
+            u_hat, self.config.routing_iterations, self.config.squash_eps, self._fresh())
 
     def prediction_vectors(self, batch):
         self.use_plan_for(batch.images.shape[0])

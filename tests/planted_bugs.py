@@ -224,6 +224,33 @@ BUGS = (
         "    def time_backward(self, *params):\n        self.impl.forward_loss(self.batch)\n"
         "        self.impl.backward()",
         ("tests/test_suite_regions.py",)),
+    # the routing gradient final (harness.spec)
+    Bug("final lets the gradient through the early routing iterations (autograd)", "implementations/torch_capsnet.py",
+        '    if gradient == "final" and iteration < iterations - 1:\n        return u_hat.detach()',
+        '    if gradient == "final" and iteration < iterations - 1:\n        return u_hat',
+        ("tests/test_contract.py::test_final_routing_gradient_of_the_hand_worked_two_by_two_case",)),
+    Bug("final's hand-written backward takes the first iteration's couplings", "implementations/numpy_capsnet.py",
+        "    coupling, s, _ = cache[-1]\n    with layer_range(f\"routing_iteration_{len(cache)}\", \"backward\"):\n"
+        "        grad_s = squash_backward(xp, s, grad_v, eps)",
+        "    coupling, s, _ = cache[0]\n    with layer_range(f\"routing_iteration_{len(cache)}\", \"backward\"):\n"
+        "        grad_s = squash_backward(xp, s, grad_v, eps)",
+        ("tests/test_contract.py::test_final_routing_gradient_of_the_hand_worked_two_by_two_case",)),
+    Bug("torch-fused's final backward ignores the squash", "implementations/torch_fused.py",
+        "            grad_s = squash_backward(s, grad_v, eps)\n            grad_u_hat = workspace.get(",
+        "            grad_s = grad_v\n            grad_u_hat = workspace.get(",
+        ("tests/test_torch_fused.py::test_final_routing_gradient_is_the_detached_autograd_routing",)),
+    Bug("a plugin claiming final is not held to it", "harness/check.py",
+        '    config = get_config(args.config).replace(routing_gradient=args.routing_gradient)',
+        '    config = get_config(args.config)',
+        ("tests/test_check.py::test_an_implementation_without_the_routing_gradient_is_skipped_with_the_reason",)),
+    Bug("the saving of final is final / full", "harness/tables.py",
+        '        frame[f"{phase}_saving"] = 1.0 - frame[f"{phase}_final"] / frame[f"{phase}_full"]',
+        '        frame[f"{phase}_saving"] = frame[f"{phase}_final"] / frame[f"{phase}_full"]',
+        ("tests/test_tables.py::test_routing_gradient_saving_and_routing_shares_by_hand",)),
+    Bug("a resumed run forgets its routing gradient", "harness/epochs.py",
+        '    args.routing_gradient = record.get("routing_gradient", "full")',
+        '    args.routing_gradient = "full"',
+        ("tests/test_train.py::test_a_final_routing_gradient_run_records_it_and_resumes_with_it",)),
     Bug("the parity gate exits 0 on a disagreement", "harness/check.py", "    if failures or crashed:",
         "    if crashed:", ("tests/test_check.py::test_the_command_exits_1_on_a_planted_disagreement",)),
     # figures of a checkpoint

@@ -87,3 +87,47 @@ def test_an_unknown_implementation_exits_2(capsys):
                                               (np.array([np.nan, 2.0]), np.inf)])
 def test_max_relative_error_by_hand(value, expected):
     assert check.max_relative_error(value, np.array([1.0, 2.0])) == expected
+
+
+class LeaksThroughEarlyIterations(TorchCapsNet):
+    """Claims the routing gradient final, but its routing lets the gradient through every iteration."""
+
+    routing_gradients = ("full", "final")
+
+    def route(self, u_hat):
+        from implementations.torch_capsnet import routing_vectorised
+
+        return routing_vectorised(u_hat, self.config.routing_iterations, self.config.squash_eps, gradient="full")
+
+
+def test_a_plugin_that_claims_final_but_leaks_through_early_iterations_fails():
+    final = SMALL.replace(routing_gradient="final")
+    with registry.registered("leaks-early", LeaksThroughEarlyIterations):
+        bad = {row.quantity for row in check_implementation("leaks-early", final, "float64") if not row.passed}
+        assert not [row for row in check_implementation("leaks-early", SMALL, "float64") if not row.passed]
+    iterations = SMALL.routing_iterations
+    assert {f"routing grad u_hat ({iterations} it.)", "routing grad u_hat (5 it.)", "grad digit.weight"} <= bad
+    assert "routing grad u_hat (1 it.)" not in bad  # one iteration: the two settings are one function
+
+
+class OwnRoutingFullOnly(TorchCapsNet):
+    """Overrides the routing hook without declaring routing gradients: it claims full alone."""
+
+    def route(self, u_hat):
+        return super().route(u_hat)
+
+
+def test_an_implementation_without_the_routing_gradient_is_skipped_with_the_reason(capsys):
+    assert OwnRoutingFullOnly.routing_gradients == ("full",)
+    with registry.registered("own-routing", OwnRoutingFullOnly):
+        code = check.main(["--impl", "own-routing", "--routing-gradient", "final", "--dtype", "float64"])
+        with pytest.raises(registry.UnsupportedRoutingGradientError, match="'final'"):
+            registry.create("own-routing", SMALL.replace(routing_gradient="final"), {}, "float64")
+    out = capsys.readouterr()
+    assert code == 1 and "nothing was checked" in out.err
+    assert "skipped     own-routing" in out.out and "full only, not 'final'" in out.out
+
+
+def test_the_routing_gradient_is_validated():
+    with pytest.raises(ValueError, match="routing_gradient must be one of full, final"):
+        SMALL.replace(routing_gradient="last")

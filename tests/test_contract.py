@@ -66,6 +66,62 @@ def test_parity_with_the_float64_reference(name, dtype):
     assert all(row.passed for row in rows), [row for row in rows if not row.passed]
 
 
+FINAL = SMALL.replace(routing_gradient="final")
+FINAL_IMPLEMENTATIONS = [name for name in IMPLEMENTATIONS if "final" in (
+    STAND_INS[name] if name in STAND_INS else registry.get(name).cls).routing_gradients]
+# Compiling implementations compile their graphs again for the final network (minutes on a CPU): their routing
+# is torch-vectorised's own function, traced; `python -m harness.check --routing-gradient final` checks them.
+FINAL_PARITY = [name for name in FINAL_IMPLEMENTATIONS
+                if name in STAND_INS or not registry.get(name).cls.first_call_compiles]
+
+
+@pytest.mark.parametrize("name", FINAL_PARITY)
+def test_parity_with_the_float64_reference_under_the_final_routing_gradient(name):
+    """The same check with the early routing iterations' gradient stopped, against the reference computing
+    the same (in float64, where the two settings' gradients are told apart; see harness.check)."""
+    rows = check_implementation(name, FINAL, "float64")
+    assert [row.quantity for row in rows] == quantities(FINAL)
+    assert all(row.passed for row in rows), [row for row in rows if not row.passed]
+
+
+def two_by_two_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Routing with two input capsules that carry anything (the rest zero), two output capsules of
+    dimension 1 and two iterations, its final-gradient d v_1 / d u_hat worked out by hand.
+
+    u_hat_1|1 = u_hat_2|2 = 1, u_hat_2|1 = u_hat_1|2 = 0.  Iteration 1: c = 1/2, s_j = 1/2, and with
+    squash(s) = s |s| / (1 + s^2) (eps 0), v_j = 0.2.  Logits b_11 = b_22 = 0.2, b_12 = b_21 = 0, so
+    c_11 = c_22 = p = e^0.2 / (1 + e^0.2) and c_12 = c_21 = 1 - p; a zero capsule i > 2 keeps c = 1/2.
+    Iteration 2: s_1 = s_2 = p.  Under ``final`` c is a constant there and v_1 = squash(s_1) depends on
+    u_hat_j|i only through s_1 = sum_i c_i1 u_hat_1|i, with squash'(p) = 2p / (1 + p^2)^2: so
+    d v_1 / d u_hat_1|i = c_i1 * 2p / (1 + p^2)^2 and d v_1 / d u_hat_2|i = 0.
+    """
+    config = SMALL.replace(num_classes=2, digit_caps_dim=1, routing_iterations=2, squash_eps=0.0,
+                           routing_gradient="final")
+    u_hat = np.zeros((1, config.num_primary_caps, 2, 1))
+    u_hat[0, 0, 0, 0] = u_hat[0, 1, 1, 0] = 1.0
+    p = np.exp(0.2) / (1.0 + np.exp(0.2))
+    slope = 2.0 * p / (1.0 + p * p) ** 2
+    expected = np.zeros_like(u_hat)
+    expected[0, :, 0, 0] = 0.5 * slope
+    expected[0, 0, 0, 0], expected[0, 1, 0, 0] = p * slope, (1.0 - p) * slope
+    return u_hat, np.array([[[1.0], [0.0]]]), expected
+
+
+@pytest.mark.parametrize("name", FINAL_IMPLEMENTATIONS)
+def test_final_routing_gradient_of_the_hand_worked_two_by_two_case(name):
+    u_hat, grad_v, expected = two_by_two_case()
+    config = SMALL.replace(num_classes=2, digit_caps_dim=1, routing_iterations=2, squash_eps=0.0,
+                           routing_gradient="final")
+    impl = build(name, config=config)
+    own = impl.from_numpy(np.ascontiguousarray(u_hat.transpose(["BNJD".index(axis) for axis in impl.u_hat_layout])))
+    grad = impl.canonical_u_hat(impl.routing_backward(own, impl.from_numpy(grad_v)))
+    np.testing.assert_allclose(grad, expected, rtol=1e-12, atol=1e-15)
+    full = registry.create("torch-vectorised", config.replace(routing_gradient="full"),
+                           init_parameters(config, dtype="float64"), "float64")
+    assert not np.allclose(full.canonical_u_hat(full.routing_backward(full.from_numpy(u_hat), full.from_numpy(grad_v))),
+                           expected, rtol=1e-3), "the case must tell the full gradient from the final one"
+
+
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
 def test_backward_twice_gives_the_same_gradients_not_their_sum(name):
     impl = build(name, params=livelier_parameters(SMALL))

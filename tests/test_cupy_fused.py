@@ -117,6 +117,23 @@ def test_fused_routing_opens_the_routing_ranges_of_the_vectorised_routing():
     assert {("forward", "routing_iteration_3"), ("backward", "routing_iteration_1")} <= set(opened["fused"])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_driver_final_gradient_on_numpy_kernels_is_the_numpy_final_backward(iterations, dtype):
+    """The routing gradient final: the last iteration's sum-squash backward and the gradient kernel over that
+    iteration alone give routing_vectorised_final_backward's gradient, which differs from the full one."""
+    u_hat, grad_v = random_routing_inputs(np, SHAPES[0], dtype)
+    routing = cf.FusedRouting(NumpyKernels())
+    _, cache = routing.forward(np, u_hat, iterations, EPS)
+    _, expected_cache = nc.routing_vectorised_forward(np, u_hat, iterations, EPS)
+    grad = routing.functions("final").backward(np, u_hat, cache, grad_v, EPS)
+    expected = nc.routing_vectorised_final_backward(np, u_hat, expected_cache, grad_v, EPS)
+    assert grad.shape == u_hat.shape and grad.dtype == u_hat.dtype
+    assert_close(grad, expected, dtype, "gradient")
+    full = nc.routing_vectorised_backward(np, u_hat, expected_cache, grad_v, EPS)
+    assert (iterations == 1) == np.allclose(grad, full, rtol=1e-4, atol=1e-6)
+
+
 def test_launch_geometry():
     assert [cf.sum_block_threads(dim) for dim in (1, 8, 10, 16, 300, 1024)] == [256, 256, 250, 256, 300, 1024]
     for dim in (0, 1025):
@@ -244,6 +261,21 @@ def test_gpu_fused_routing_is_the_vectorised_routing(shape, iterations, dtype):
     assert_close(cupy.asnumpy(v), cupy.asnumpy(expected_v), dtype)
     grad = cf.FusedRouting(cf.CupyKernels()).backward(cupy, u_hat, cache, grad_v, EPS)
     expected = nc.routing_vectorised_backward(cupy, u_hat, expected_cache, grad_v, EPS)
+    assert_close(cupy.asnumpy(grad), cupy.asnumpy(expected), dtype, "gradient")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_gpu_fused_final_gradient_is_the_numpy_final_backward(iterations, dtype):
+    import cupy
+
+    u_hat, grad_v = random_routing_inputs(cupy, SHAPES[0], dtype)
+    routing = cf.FusedRouting(cf.CupyKernels())
+    _, cache = routing.forward(cupy, u_hat, iterations, EPS)
+    _, expected_cache = nc.routing_vectorised_forward(cupy, u_hat, iterations, EPS)
+    grad = routing.functions("final").backward(cupy, u_hat, cache, grad_v, EPS)
+    expected = nc.routing_vectorised_final_backward(cupy, u_hat, expected_cache, grad_v, EPS)
     assert_close(cupy.asnumpy(grad), cupy.asnumpy(expected), dtype, "gradient")
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from harness import flops, profile, ranges, registry
 from harness.spec import SMALL
+from implementations.numpy_capsnet import NumpyCapsNet
 
 BUILT_IN_CPU = ["numpy-looped", "numpy-vectorised", "torch-looped", "torch-vectorised"]
 BATCH = 4
@@ -154,3 +155,17 @@ def test_an_unwritable_output_folder_is_one_line(tmp_path, capsys):
     assert profile.main(["--impl", "numpy-vectorised", "--out", str(blocker / "profile")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: cannot write into ") and "--out" in error and "\n" not in error
+
+
+class FullGradientOnly(NumpyCapsNet):
+    routing_gradients = ("full",)
+
+
+def test_an_implementation_without_the_routing_gradient_is_refused_by_name_and_left_out_otherwise(tmp_path, capsys):
+    with registry.registered("full-gradient-only", FullGradientOnly):
+        assert profile.main(["--impl", "full-gradient-only", "--routing-gradient", "final",
+                             "--out", str(tmp_path)]) == 2
+        error = capsys.readouterr().err.strip()
+        assert "'full-gradient-only' cannot run here" in error and "not 'final'" in error and "\n" not in error
+        chosen = [info.name for info in profile.choose(None, "cpu", "final")]
+    assert "numpy-vectorised" in chosen and "full-gradient-only" not in chosen

@@ -103,3 +103,21 @@ def test_registered_refuses_a_taken_name_and_restores_the_registry():
         with registry.registered("short-lived", WrongSoftmaxAxis):
             raise RuntimeError("boom")
     assert "short-lived" not in registry.names()
+
+
+def test_an_implementation_built_with_a_routing_gradient_it_lacks_raises_the_unavailable_error():
+    from harness.params import init_parameters
+    from harness.spec import SMALL
+    from implementations.numpy_capsnet import NumpyCapsNet
+
+    class FullOnly(NumpyCapsNet):
+        routing_gradients = ("full",)
+
+    assert issubclass(registry.UnsupportedRoutingGradientError, registry.UnavailableImplementationError)
+    assert registry.Implementation.routing_gradients == ("full",)
+    final = SMALL.replace(routing_gradient="final")
+    with pytest.raises(registry.UnsupportedRoutingGradientError, match="full only, not 'final'"):
+        FullOnly(final, init_parameters(final))
+    assert FullOnly(SMALL, init_parameters(SMALL)).config.routing_gradient == "full"
+    with registry.registered("full-only", FullOnly) as info:
+        assert not info.supports("final") and info.supports("full")

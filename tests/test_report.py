@@ -684,3 +684,64 @@ def test_the_plan_each_batch_size_ran_with_is_in_the_summary():
         "- torch-fused, batch 32: conv1: offsets/offsets/offsets; primary_caps: library/offsets/col2im (cache)",
         "- torch-fused, batch 128: conv1: im2col-gemm/im2col-gemm/offsets; primary_caps: library/library/rows "
         "(measured, measuring took 4.2 s)"]
+
+
+BACKWARD = "bench_phases.Backward.time_backward"
+FINAL_FACTORS = {BACKWARD: 0.8, TRAIN_STEP: 0.9, ROUTING_BACKWARD: 0.5}  # final's time over full's, by hand
+
+
+def with_final_gradient(root: Path) -> None:
+    """The fixture's run as if measured at both routing gradients: the benchmarks the gradient changes get
+    the parameter (last, as the suite declares it), ``full`` keeping the fixture's results and ``final``
+    the fixture's times x :data:`FINAL_FACTORS`; benchmarks.json names the parameter."""
+    path = next((root / "asv" / MACHINE).glob("*-*.json"))
+    payload = json.loads(path.read_text())
+    columns = payload["result_columns"]
+    for name, factor in FINAL_FACTORS.items():
+        entry = payload["results"][name]
+        entry[columns.index("params")] = entry[columns.index("params")] + [["'full'", "'final'"]]
+        for column in ("result", "stats_q_25", "stats_q_75", "stats_repeat"):
+            index = columns.index(column)
+            if index < len(entry) and isinstance(entry[index], list):
+                scale = 1.0 if column == "stats_repeat" else factor
+                entry[index] = [value for v in entry[index] for value in
+                                (v, v * scale if isinstance(v, (int, float)) else v)]
+    path.write_text(json.dumps(payload))
+    benchmarks_path = root / "asv" / "benchmarks.json"
+    described = json.loads(benchmarks_path.read_text())
+    for name in FINAL_FACTORS:
+        described[name]["param_names"] = described[name]["param_names"] + ["routing_gradient"]
+        described[name]["params"] = described[name]["params"] + [["'full'", "'final'"]]
+    benchmarks_path.write_text(json.dumps(described))
+
+
+def test_the_routing_gradient_saving_is_a_section_and_a_plot(tmp_path, capsys):
+    root = results_layout(tmp_path / "results")
+    with_final_gradient(root)
+    code, _, _ = run_report(root, capsys)
+    assert code == 0
+    text = (root / "report" / "report.md").read_text()
+    (table,) = markdown_tables(text, "Routing gradient: what final saves over full")
+    shown = {(row["implementation"], row["batch"]) for row in table}
+    assert shown == {(name, batch) for name in MEASURED for batch in ("32", "128")}
+    line = next(row for row in table if row["implementation"] == "torch-vectorised" and row["batch"] == "32")
+    assert_shows(cell(line, "backward saving"), 20.0)
+    assert_shows(cell(line, "train step saving"), 10.0)
+    assert_shows(cell(line, "routing fwd+bwd saving"), 50.0)
+    step = fixture_value(TRAIN_STEP, "'torch-vectorised'", "32", "3")
+    routing = fixture_value(ROUTING_BACKWARD, "'torch-vectorised'", "32", "3")
+    assert_shows(cell(line, "routing share full"), 100 * routing / step)
+    assert_shows(cell(line, "routing share final"), 100 * 0.5 * routing / (0.9 * step))
+    assert cell(line, "backward final ms").startswith(ms(0.8 * fixture_value(BACKWARD, "'torch-vectorised'", "32",
+                                                                                 "3")))
+    summary = markdown_tables(text, "Summary per implementation")[0]  # every other table: the full gradient
+    row = next(row for row in summary if row["implementation"] == "torch-vectorised" and row["batch"] == "32")
+    assert cell(row, "train step ms").startswith(ms(step))
+    assert_png_with_content(root / "report" / "routing_gradient_saving.png")
+
+
+def test_a_run_without_the_final_gradient_has_no_such_section(fixture_root, tmp_path, capsys, tables_only):
+    code = report.main(["--results", str(fixture_root), "--out", str(tmp_path / "report")])
+    assert code == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Routing gradient" not in text

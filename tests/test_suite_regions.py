@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks import bench_memory, bench_phases, common
 from harness import registry
+from harness.spec import SMALL
 from implementations.numpy_capsnet import NumpyCapsNet
 
 LOG: list[str] = []
@@ -67,11 +68,43 @@ def test_routing_times_routing_alone_on_the_u_hat_it_prepared(counting):
     LOG.clear()
     benchmark.time_routing(*params)
     assert LOG == ["routing_forward", "synchronize"]
-    LOG.clear()
-    benchmark.time_routing_backward(*params)
-    assert LOG == ["routing_backward", "synchronize"]
     benchmark.setup(*params)
     assert benchmark.u_hat is u_hat  # prepared once per process, in the implementation's own layout
+    backward = bench_phases.RoutingBackward()
+    backward.setup(*params, "full")
+    LOG.clear()
+    backward.time_routing_backward(*params, "full")
+    assert LOG == ["routing_backward", "synchronize"]
+
+
+class FullGradientOnly(NumpyCapsNet):
+    routing_gradients = ("full",)
+
+
+@pytest.mark.parametrize("cls", [bench_phases.TrainStep, bench_phases.Backward, bench_phases.RoutingBackward])
+def test_the_routing_gradient_is_a_parameter_of_the_work_it_changes(counting, cls, monkeypatch):
+    """Each benchmark of the work the routing gradient changes builds the network at the gradient of its
+    grid point; an implementation without it is skipped (NotImplementedError) with the reason."""
+    assert cls.param_names[-1] == "routing_gradient" and cls.params[-1] == common.ROUTING_GRADIENTS
+    name, _, iterations = counting
+    batch = 2
+    for module in (common, bench_phases):  # the small network: what is built matters here, not its size
+        monkeypatch.setattr(module, "CONFIG", SMALL)
+    benchmark = cls()
+    benchmark.setup(name, batch, iterations, "final")
+    assert benchmark.impl.config.routing_gradient == "final"
+    with registry.registered("full-only", FullGradientOnly):
+        monkeypatch.setattr(common, "SELECTED", set(registry.names()))
+        with pytest.raises(NotImplementedError, match="full only, not 'final'"):
+            cls().setup("full-only", batch, iterations, "final")
+
+
+def test_the_profiles_that_sweep_routing_measure_both_gradients_and_smoke_stays_small():
+    from harness.suite_profiles import PROFILES, routing_gradients
+
+    for name in ("fast", "regular", "large"):
+        assert routing_gradients(PROFILES[name]) == ["full", "final"], name
+    assert routing_gradients(PROFILES["smoke"]) == ["full"]
 
 
 def test_the_gpu_memory_grid_measures_only_the_selected_implementations(monkeypatch):

@@ -22,6 +22,8 @@ from harness.tables import (
     profile_phase_totals,
     profile_rows,
     read_profile_csv,
+    routing_gradient_table,
+    run_rows,
     speedup_table,
     summary_table,
     training_table,
@@ -295,3 +297,54 @@ def test_a_profile_divides_every_implementation_by_the_hardware_peak_where_it_ha
     assert list(hardware["pct_of_peak"]) == [50 / 3, 10.0, 20.0]
     older = with_one_peak(frame, {})  # no facts: the best GEMM per device of the CSV
     assert list(older["pct_of_peak"]) == [25.0, 15.0, 25.0]
+
+
+# ---------------------------------------------------------------------------------------------- routing gradient
+def gradient_rows(commit="a") -> list[dict]:
+    """torch-vectorised at batch 32: backward 0.30 s full, 0.24 s final; train step 0.50 / 0.44 s; routing
+    forward + backward 0.10 / 0.04 s.  numpy-vectorised measured at full only (left out of the table)."""
+    rows = []
+    for gradient, backward, step, routing in (("full", 0.30, 0.50, 0.10), ("final", 0.24, 0.44, 0.04)):
+        rows.append(row(commit, "backward", backward, backward * 0.9, backward * 1.1, 7, routing_gradient=gradient))
+        rows.append(row(commit, "train_step", step, step, step, 7, routing_gradient=gradient))
+        rows.append(row(commit, "routing_backward", routing, routing, routing, 9, routing_gradient=gradient))
+    rows.append(row(commit, "routing_backward", 0.5, routing_gradient="final", iterations=5))  # another count
+    rows.append(row(commit, "forward", 0.2))  # a benchmark without the parameter: full
+    rows.append(row(commit, "backward", 0.9, implementation="numpy-vectorised", routing_gradient="full"))
+    return rows
+
+
+def test_routing_gradient_saving_and_routing_shares_by_hand():
+    table = tidy_frame(gradient_rows())
+    frame = routing_gradient_table(run_rows(table, run("a"), None), 3)
+    assert list(frame["implementation"]) == ["torch-vectorised"]  # numpy was not measured at final
+    line = frame.iloc[0]
+    assert line["backward_saving"] == pytest.approx(0.2)  # 1 - 0.24 / 0.30
+    assert line["train_step_saving"] == pytest.approx(0.12)  # 1 - 0.44 / 0.50
+    assert line["routing_backward_saving"] == pytest.approx(0.6)  # 1 - 0.04 / 0.10, at 3 iterations
+    assert line["routing_share_full"] == pytest.approx(0.2)  # 0.10 / 0.50
+    assert line["routing_share_final"] == pytest.approx(0.04 / 0.44)
+    assert (line["backward_final_q25"], line["backward_final_q75"], line["backward_final_samples"]) == \
+        pytest.approx((0.216, 0.264, 7))
+
+
+def test_every_other_table_sees_the_full_gradient_and_old_results_are_full():
+    table = tidy_frame(gradient_rows())
+    assert set(table["routing_gradient"]) == {"full", "final"}
+    assert table.loc[table["metric"] == "forward", "routing_gradient"].tolist() == ["full"]
+    summary = summary_table(run_rows(table, run("a")), 3).set_index(["implementation", "batch_size"])
+    assert summary.loc[("torch-vectorised", 32), "train_step"] == pytest.approx(0.50)  # not final's 0.44
+    old = tidy_frame([row("a", "train_step", 0.5)])  # no routing_gradient parameter at all
+    assert old["routing_gradient"].tolist() == ["full"]
+    assert routing_gradient_table(run_rows(old, run("a"), None), 3).empty
+
+
+def test_a_training_record_names_its_routing_gradient_and_an_old_one_is_full():
+    from harness.plots import training_label
+
+    frame = training_table([(Path("old.json"), record()),
+                            (Path("final.json"), record(routing_gradient="final"))]).set_index("file")
+    assert frame.loc["old.json", "routing_gradient"] == "full"
+    assert frame.loc["final.json", "routing_gradient"] == "final"
+    assert "final routing gradient" in training_label(record(routing_gradient="final"), "final", False)
+    assert "routing gradient" not in training_label(record(), "old", False)  # full, the default, goes unsaid

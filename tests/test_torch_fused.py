@@ -16,6 +16,7 @@ from harness.settings import PLAN_CACHE_ENV
 from harness.spec import SMALL
 from implementations import numpy_capsnet as ac
 from implementations import torch_fused as tf
+from implementations.torch_capsnet import routing_vectorised
 
 from gradcheck_util import livelier_parameters
 
@@ -124,6 +125,38 @@ def test_routing_is_the_numpy_routing(rng, iterations):
     (grad,) = torch.autograd.grad(out, x, torch.tensor(grad_v))
     np.testing.assert_allclose(out.detach().numpy(), v, rtol=1e-12)
     np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+def test_final_routing_gradient_is_the_detached_autograd_routing(rng, iterations):
+    """FinalGradientRouting's hand-written backward against autograd through torch-vectorised's routing with
+    the early iterations detached (harness.spec, routing gradient final); the forward is Routing's, and the
+    gradient differs from the full one wherever there is more than one iteration."""
+    u_hat = rng.normal(scale=0.7, size=(2, 3, 6, 4))  # (B, J, N, D)
+    grad_v = torch.tensor(rng.normal(size=(2, 3, 4)))
+    x = torch.tensor(u_hat, requires_grad=True)
+    out = tf.FinalGradientRouting.apply(x, iterations, EPS, fresh())
+    (grad,) = torch.autograd.grad(out, x, grad_v)
+    reference_input = torch.tensor(u_hat.transpose(0, 2, 1, 3), requires_grad=True)  # (B, N, J, D)
+    reference = routing_vectorised(reference_input, iterations, EPS, gradient="final")
+    (expected,) = torch.autograd.grad(reference, reference_input, grad_v)
+    np.testing.assert_allclose(out.detach().numpy(), tf.Routing.apply(x, iterations, EPS, fresh()).detach().numpy(),
+                               rtol=1e-14)
+    np.testing.assert_allclose(grad.numpy(), expected.numpy().transpose(0, 2, 1, 3), rtol=1e-12, atol=1e-15)
+    (full,) = torch.autograd.grad(tf.Routing.apply(x, iterations, EPS, fresh()), x, grad_v)
+    assert (iterations == 1) == np.allclose(grad.numpy(), full.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_a_final_routing_gradient_network_uses_the_final_backward():
+    """Built with routing_gradient final, torch-fused's training backward runs FinalGradientRouting: its
+    range profile has only the last routing iteration's backward."""
+    config = SMALL.replace(routing_gradient="final")
+    impl = tf.TorchFusedCapsNet(config, livelier_parameters(config), dtype="float64")
+    impl.forward_loss(impl.to_device(*synthetic_batch(config, 2)))
+    with recording(NameRecorder()) as recorder:
+        impl.backward()
+    backward = {layer for phase, layer in recorder.seen if phase == "backward" and layer.startswith("routing")}
+    assert backward == {f"routing_iteration_{config.routing_iterations}"}
 
 
 def test_workspace_keeps_a_buffer_per_shape():

@@ -185,3 +185,47 @@ def test_every_thread_pool_is_pinned_to_the_count_asked_for(tmp_path, mnist_path
     assert code == 0
     threads = read_training_result(out)["threads"]
     assert threads["torch"] == 1 and set(threads.values()) == {1} and len(threads) > 1
+
+
+class FullGradientOnly(TorchCapsNet):
+    """A torch implementation that computes the routing gradient ``full`` alone (its own routing)."""
+
+    def route(self, u_hat):
+        return super().route(u_hat)
+
+
+class BuiltSettings(TorchCapsNet):
+    """torch-vectorised that notes the routing gradient of every network it is built with."""
+
+    seen: list[str] = []
+
+    def __init__(self, config, *args, **kwargs):
+        BuiltSettings.seen.append(config.routing_gradient)
+        super().__init__(config, *args, **kwargs)
+
+
+def test_a_final_routing_gradient_run_records_it_and_resumes_with_it(tmp_path, mnist_path, capsys):
+    """--routing-gradient final: the network is built with it, the results file and its config say so, the
+    first line too; a resumed run takes the setting from the file (none given on its command line)."""
+    BuiltSettings.seen = []
+    with registry.registered("built-settings", BuiltSettings):
+        code, out = run_train(tmp_path, mnist_path, "--impl", "built-settings", "--routing-gradient", "final",
+                              *SHORT_RUN, "--limit", "64", "--test-limit", "32")
+        assert code == 0
+        record = read_training_result(out)
+        assert record["routing_gradient"] == record["config"]["routing_gradient"] == "final"
+        assert "routing gradient final" in capsys.readouterr().out
+        assert train.main(["--data-dir", str(mnist_path), "--resume", str(out), "--epochs", "2"]) == 0
+    record = read_training_result(out)
+    assert len(record["epochs"]) == 2 and record["routing_gradient"] == "final"
+    assert "routing gradient final" in capsys.readouterr().out
+    assert BuiltSettings.seen == ["final", "final"]
+
+
+def test_an_implementation_without_the_routing_gradient_is_refused_in_one_line(tmp_path, mnist_path, capsys):
+    with registry.registered("full-gradient-only", FullGradientOnly):
+        code, out = run_train(tmp_path, mnist_path, "--impl", "full-gradient-only", "--routing-gradient", "final",
+                              *SHORT_RUN)
+    assert code == 2 and not out.exists()
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "'final'" in error and "\n" not in error
