@@ -20,7 +20,7 @@ samples the figure rests on; 1 with ``asv run --quick``, NaN where asv records n
 Benchmarks are matched by their function name (the last dotted part, e.g. ``time_train_step``), so the
 suite's class names can change.  Parameters become columns: ``implementation`` (with ``framework``,
 ``device``, ``routing_variant`` and the GEMM ``backend`` as the run's facts file describes the
-implementation, or, for older files, as this installation's registry does), ``batch_size``,
+implementation, "unknown" where it does not), ``batch_size``,
 ``routing_iterations``, ``routing_gradient`` (``full`` where a benchmark has no such parameter; FLOPs are
 counted for ``full`` only); the non-implementation benchmarks fill ``framework`` (CudaContext) or ``backend``
 (GemmPeak) and leave ``implementation`` empty; any other parameter gets a column of its own name.
@@ -41,7 +41,6 @@ import ast
 import itertools
 import math
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
 import pandas as pd
@@ -182,27 +181,14 @@ def as_number(value) -> float:
 
 
 def implementation_facts(name: str, recorded: dict) -> dict:
-    """Framework, device, routing variant and GEMM backend of an implementation: as the run's facts file
-    recorded them (results describe themselves, so a plugin measured elsewhere keeps its labels); for an
-    older facts file without them, from this installation's registry; "unknown" otherwise."""
-    described = recorded.get(name)
-    if described is None:
-        described = registry_facts(name)
+    """Framework, device, routing variant and GEMM backend of an implementation as the run's facts file
+    recorded them (results describe themselves, so a plugin measured elsewhere keeps its labels, and the
+    report never imports an implementation); "unknown" for a name the file does not describe."""
+    described = recorded.get(name) or {}
     framework, device = described.get("framework", UNKNOWN), described.get("device", UNKNOWN)
     return {"framework": framework, "device": device,
             "routing_variant": described.get("routing_variant", described.get("routing", UNKNOWN)),
             "backend": UNKNOWN if UNKNOWN in (framework, device) else backend_of(framework, device)}
-
-
-@cache
-def registry_facts(name: str) -> dict:
-    """What this installation's registry says of a name (imports the implementations: the fallback only)."""
-    from harness import registry
-
-    try:
-        return registry.get(name).describe()
-    except registry.UnknownImplementationError:
-        return {}
 
 
 def read_benchmarks(asv_dir: Path, warnings: list[str]) -> dict[str, dict]:

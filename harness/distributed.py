@@ -406,10 +406,6 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["scaling"], ["scaling-worker"]):  # the scaling measurement moved to harness.scaling
-        from harness import scaling
-
-        return scaling.main(argv)
     if argv[:1] != ["train"]:
         asked = argv[:1] in (["-h"], ["--help"])
         print("usage: python -m harness.distributed train ...  (under torchrun: "

@@ -25,8 +25,6 @@ report: the speed-up over the smallest world size divided by the growth of the c
 ranks x threads per rank on the CPU (so splitting two cores over two ranks is judged against the two
 cores, not against twice the cores) and ranks on GPUs.  A single rank has no all-reduce: its share is
 None, not 0.
-
-``python -m harness.distributed scaling ...`` is the same command.
 """
 
 from __future__ import annotations
@@ -40,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import contract, options, registry
+from harness import contract, options
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
 from harness.options import positive_int
@@ -219,6 +217,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def scaling_main(argv: list[str]) -> int:
+    from harness import registry  # here, not at the top: the report imports this module's figures alone
     from harness.distributed import torch_implementation
 
     args = parser().parse_args(argv)
@@ -303,9 +302,7 @@ def format_scaling_table(payload: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["scaling"]:  # `python -m harness.distributed scaling ...` forwards here
-        argv = argv[1:]
-    if argv[:1] in (["worker"], ["scaling-worker"]):
+    if argv[:1] == ["worker"]:
         return worker_main(argv[1:])
     return scaling_main(argv)
 

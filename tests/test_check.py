@@ -131,3 +131,67 @@ def test_an_implementation_without_the_routing_gradient_is_skipped_with_the_reas
 def test_the_routing_gradient_is_validated():
     with pytest.raises(ValueError, match="routing_gradient must be one of full, final"):
         SMALL.replace(routing_gradient="last")
+
+
+def perturbed(reference: check.Observation, quantity: str, relative: float) -> check.Observation:
+    """The reference with one entry of ``quantity`` (its largest) moved by ``relative`` x max|reference|."""
+    values = {name: value.copy() for name, value in reference.values.items()}
+    entry = values[quantity].reshape(-1)  # a view: writes land in values[quantity]
+    largest = int(np.argmax(np.abs(entry)))
+    entry[largest] += relative * float(np.abs(entry[largest]))
+    return check.Observation(values)
+
+
+@pytest.mark.parametrize("dtype", sorted(check.TOLERANCES))
+def test_every_tolerance_is_tight_from_both_sides(dtype):
+    """Half the tolerance of its kind passes, twice fails naming that quantity alone: for outputs, gradients
+    and parameters after Adam in both dtypes (so a tolerance loosened or tightened tenfold fails here)."""
+    reference = check.reference_observation(SMALL)
+    tolerance = {"float64": {"output": 1e-10, "gradient": 1e-9, "parameter": 1e-8},
+                 "float32": {"output": 2e-5, "gradient": 1e-3, "parameter": 1e-2}}[dtype]
+    kinds = {"lengths": "output", "loss": "output", "u_hat": "output", "routing v (3 it.)": "output",
+             "routing grad u_hat (3 it.)": "gradient", "grad decoder.0.weight": "gradient",
+             "param conv1.weight": "parameter"}
+    assert {quantity: check.Observation.kind(quantity) for quantity in kinds} == kinds
+    assert set(reference.values) == set(quantities(SMALL))
+    for quantity in reference.values:
+        allowed = tolerance[check.Observation.kind(quantity)]
+        below = check.compare("x", dtype, perturbed(reference, quantity, 0.5 * allowed), reference)
+        assert all(row.passed for row in below), quantity
+        above = check.compare("x", dtype, perturbed(reference, quantity, 2 * allowed), reference)
+        assert [row.quantity for row in above if not row.passed] == [quantity]
+        assert next(row.error for row in above if row.quantity == quantity) == pytest.approx(2 * allowed)
+
+
+def test_a_quantity_missing_or_misshapen_fails():
+    reference = check.reference_observation(SMALL)
+    values = dict(reference.values)
+    del values["loss"]
+    values["lengths"] = values["lengths"][:, :-1]
+    failing = {row.quantity for row in check.compare("x", "float64", check.Observation(values), reference)
+               if not row.passed}
+    assert failing == {"loss", "lengths"}
+
+
+def test_the_options_reach_what_the_check_runs(monkeypatch, capsys):
+    """--impl, --dtype, --config, --batch-size, --device and --time, spied on in the calls they cause."""
+    calls, timed = [], []
+
+    def spy(name, config, dtype, batch_size):
+        calls.append((name, config, dtype, batch_size))
+        return [check.Row(name, dtype, "loss", 0.0, 1.0)]
+
+    monkeypatch.setattr(check, "check_implementation", spy)
+    monkeypatch.setattr(check, "time_train_step", lambda name, config, dtype, batch: timed.append((name, batch)) or 1.0)
+    assert check.main(["--impl", "numpy-vectorised", "torch-looped", "--dtype", "float64", "--config", "paper",
+                       "--batch-size", "3"]) == 0
+    paper = check.get_config("paper")
+    assert calls == [("numpy-vectorised", paper, "float64", 3), ("torch-looped", paper, "float64", 3)] and not timed
+    calls.clear()
+    assert check.main(["--impl", "numpy-vectorised", "--time"]) == 0
+    assert calls == [("numpy-vectorised", SMALL, dtype, check.CHECK_BATCH_SIZE) for dtype in ("float32", "float64")]
+    assert timed == [("numpy-vectorised", check.CHECK_BATCH_SIZE)] * 2
+    calls.clear()
+    assert check.main(["--device", "cuda", "--impl", "numpy-vectorised"]) == 1  # a CPU implementation: nothing
+    assert not calls
+    capsys.readouterr()

@@ -158,3 +158,10 @@ def test_the_peak_sentence_names_the_hardware_peak_or_the_best_gemm():
     older = peak_sentence(None, {"numpy": 209.0, "torch": 181.0})
     assert "best GEMM measured in the run (209 GFLOP/s" in older and "unknown" in older
     assert "n/a" in peak_sentence(None, {})
+
+
+def test_conv1_counts_every_input_channel():
+    """A 3-channel image triples Conv1's multiply-adds (MNIST's single channel hides a division by it)."""
+    colour = forward_flops(TINY.replace(image_channels=3))
+    assert colour["conv1"] == 2 * (8 * 8 * 2) * 9 * 3 + 128  # 6912 + 128
+    assert backward_flops(TINY.replace(image_channels=3))["conv1"] == 6912 + 128

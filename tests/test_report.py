@@ -10,7 +10,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -745,3 +748,30 @@ def test_a_run_without_the_final_gradient_has_no_such_section(fixture_root, tmp_
     assert code == 0
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Routing gradient" not in text
+
+
+def test_the_report_imports_no_implementation_nor_torch(tmp_path):
+    """The report reads what results files say of themselves: importing it and running it on the fixtures
+    (benchmarks and profile) loads no module of implementations/, no plugin and not torch."""
+    root = results_layout(tmp_path / "results")
+    shutil.copytree(PROFILE, root / "profile")
+    script = ("import sys\nfrom harness import report\n"
+              f"code = report.main(['--results', {str(root)!r}, '--out', {str(tmp_path / 'out')!r}])\n"
+              "loaded = sorted(name for name in sys.modules if name.split('.')[0] in "
+              "('implementations', 'torch', 'cupy', 'jax') or name == 'harness.registry')\n"
+              "print('LOADED', code, loaded)\n")
+    completed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+                               timeout=300)
+    line = next(line for line in completed.stdout.splitlines() if line.startswith("LOADED"))
+    assert line == "LOADED 0 []", completed.stderr[-2000:]
+    assert (tmp_path / "out" / "report.md").is_file()
+
+
+def test_an_implementation_the_facts_do_not_describe_is_unknown():
+    from harness.asv_results import implementation_facts
+
+    described = {"numpy-vectorised": {"framework": "numpy", "device": "cpu", "routing_variant": "vectorised"}}
+    assert implementation_facts("numpy-vectorised", described)["framework"] == "numpy"
+    assert implementation_facts("torch-vectorised", described) == {  # a real name, but not in this file
+        "framework": "unknown", "device": "unknown", "routing_variant": "unknown", "backend": "unknown"}

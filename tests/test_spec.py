@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from harness.params import count_parameters, init_parameters, parameter_shapes, validate_parameters
-from harness.spec import PAPER, SMALL, CapsNetConfig, get_config
+from harness.spec import PAPER, SCHEDULES, SMALL, CapsNetConfig, LearningRateSchedule, get_config
 
 
 def test_paper_derived_shapes():
@@ -77,3 +77,35 @@ def test_validate_parameters_names_the_problem():
     del params["conv1.bias"]
     with pytest.raises(ValueError, match="missing \\['conv1.bias'\\]"):
         validate_parameters(params, SMALL)
+
+
+def test_the_smallest_valid_configs_are_accepted():
+    assert CapsNetConfig(routing_iterations=1).routing_iterations == 1
+    assert CapsNetConfig(image_size=17).primary_size == 1  # Conv1 9x9 -> 9x9, PrimaryCaps 9x9 stride 2 -> 1x1
+    with pytest.raises(ValueError, match="too small"):
+        CapsNetConfig(image_size=16)
+
+
+def test_replace_and_as_dict():
+    fewer = PAPER.replace(routing_iterations=2)
+    assert fewer.routing_iterations == 2 and PAPER.routing_iterations == 3
+    assert {**fewer.as_dict(), "routing_iterations": 3} == PAPER.as_dict()
+    assert PAPER.as_dict()["conv1_channels"] == 256 and PAPER.as_dict()["image_size"] == 28
+
+
+def test_the_learning_rate_schedules_by_hand():
+    """The paper's: 1e-3 x 0.96^(step / 2000), the first update being step 0; constant: 1e-3 throughout."""
+    paper, constant = SCHEDULES["paper"], SCHEDULES["constant"]
+    assert paper.rate(0) == 1e-3 and paper.rate(2000) == pytest.approx(0.96e-3, rel=1e-15)
+    assert paper.rate(1000) == pytest.approx(1e-3 * 0.9797958971132712, rel=1e-15)  # sqrt(0.96)
+    assert paper.factor(4000) == pytest.approx(0.9216, rel=1e-15)
+    assert constant.rate(0) == constant.rate(10**6) == 1e-3
+    assert paper.as_dict() == {"name": "paper", "initial": 1e-3, "decay_rate": 0.96, "decay_steps": 2000}
+
+
+@pytest.mark.parametrize("fields", [dict(initial=0.0), dict(decay_rate=0.0), dict(decay_rate=1.5),
+                                    dict(decay_steps=0), dict(decay_rate=0.5, decay_steps=0)])
+def test_an_impossible_schedule_is_rejected(fields):
+    with pytest.raises(ValueError, match="decay_steps >= 1 are required"):
+        LearningRateSchedule("bad", **fields)
+    assert LearningRateSchedule("fine", decay_rate=1.0, decay_steps=1).rate(5) == 1e-3

@@ -5,6 +5,7 @@ did not run, the training table's images and ranks, and the profile reader."""
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +27,8 @@ from harness.tables import (
     run_rows,
     speedup_table,
     summary_table,
+    training_images,
+    training_ranks,
     training_table,
 )
 
@@ -348,3 +351,65 @@ def test_a_training_record_names_its_routing_gradient_and_an_old_one_is_full():
     assert frame.loc["final.json", "routing_gradient"] == "final"
     assert "final routing gradient" in training_label(record(routing_gradient="final"), "final", False)
     assert "routing gradient" not in training_label(record(), "old", False)  # full, the default, goes unsaid
+
+
+def test_the_reason_an_implementation_did_not_run_follows_its_statuses():
+    """Failed everywhere, failed somewhere and skipped elsewhere, skipped everywhere on a machine with a GPU:
+    three reasons in words; an implementation with one value ran."""
+    rows = pd.DataFrame([
+        {"implementation": "a", "device": "cpu", "value": math.nan, "status": "failed"},
+        {"implementation": "a", "device": "cpu", "value": math.nan, "status": "failed"},
+        {"implementation": "b", "device": "cpu", "value": math.nan, "status": "failed"},
+        {"implementation": "b", "device": "cpu", "value": math.nan, "status": "skipped"},
+        {"implementation": "c", "device": "cuda", "value": math.nan, "status": "skipped"},
+        {"implementation": "d", "device": "cpu", "value": math.nan, "status": "failed"},
+        {"implementation": "d", "device": "cpu", "value": 1.0, "status": "ok"},
+        {"implementation": None, "device": "cpu", "value": math.nan, "status": "failed"},
+    ])
+    assert not_run(rows, {"gpu": {"available": True}}) == {
+        "a": "failed in every benchmark", "b": "skipped or failed in every benchmark",
+        "c": "skipped in every benchmark: unavailable here or left out"}
+    assert not_run(rows, {"gpu": {"available": False}})["c"] == "unavailable: no CUDA GPU on this machine"
+    assert not_run_line({}) == ""
+
+
+def test_recorded_counts_win_over_limits_and_impossible_counts_fall_back():
+    assert training_images({"train_images": 384, "test_images": 200, "limit": 512, "test_limit": 100}) == (384, 200)
+    assert training_images({"limit": 70000, "test_limit": 20000}) == (60000, 10000)  # clamped to MNIST
+    assert training_ranks({"ranks": 1, "distributed": {"world_size": 2}}) == 1
+    assert training_ranks({"ranks": 0, "distributed": {"world_size": 0}}) == 1
+    assert training_ranks({"ranks": 0, "distributed": {"world_size": 3}}) == 3
+
+
+def test_every_column_of_a_training_row():
+    """Each column from its own field, and what stands in for a field an old or partial record lacks."""
+    epochs = [{"epoch": 1, "mean_loss": 0.7, "test_accuracy": 0.5, "train_seconds": 4.0, "images": 100},
+              {"epoch": 2, "mean_loss": 0.3, "test_accuracy": 0.25, "train_seconds": 6.0}]  # no image count
+    frame = training_table([
+        (Path("full.json"), record(device="cuda", config_name="small", batch_size=64, epochs_requested=5,
+                                   status="interrupted", schedule="constant", epochs=epochs)),
+        (Path("bare.json"), {"implementation": "x"}),
+    ]).set_index("file")
+    full = frame.loc["full.json"]
+    assert (full["implementation"], full["device"], full["config"], full["batch_size"], full["status"]) == (
+        "torch-vectorised", "cuda", "small", 64, "interrupted")
+    assert (full["epochs"], full["epochs_requested"], full["schedule"]) == (2, 5, "constant")
+    assert (full["best_test_accuracy"], full["final_test_accuracy"], full["final_mean_loss"]) == (0.5, 0.25, 0.3)
+    assert full["train_seconds"] == 10.0 and full["images_per_second"] == 10.0  # 100 images / 10 s
+    bare = frame.loc["bare.json"]
+    assert (bare["device"], bare["config"], bare["status"], bare["epochs"], bare["epochs_requested"]) == (
+        "?", "?", "?", 0, 0)
+    assert bare["train_seconds"] == 0 and math.isnan(bare["images_per_second"])
+    assert math.isnan(bare["best_test_accuracy"]) and math.isnan(bare["final_test_accuracy"])
+    assert math.isnan(bare["final_mean_loss"]) and pd.isna(bare["batch_size"])
+
+
+def test_a_profile_without_its_json_describes_each_implementation_from_its_own_csv_rows(tmp_path):
+    shutil.copy(PROFILE / "profile.csv", tmp_path)
+    warnings: list[str] = []
+    profile = load_profile_result(tmp_path, warnings)
+    assert warnings == []
+    assert profile.about("numpy-looped") == {"framework": "numpy", "device": "cpu", "config_name": "small",
+                                             "batch_size": 16, "dtype": "float32", "steps": 1}
+    assert profile.about("torch-vectorised")["framework"] == "torch"
+    assert profile.about("torch-vectorised")["steps"] == 5

@@ -1,0 +1,86 @@
+"""Mutation testing of the modules whose figures users read, with mutmut (a development tool, not CI).
+
+    python tests/mutation.py flops             # mutate harness/flops.py, run the tests that cover it
+    python tests/mutation.py flops --keep DIR  # the same, keeping mutmut's folder (mutmut show NAME there)
+    python tests/mutation.py --list            # the modules and their tests
+
+Each module is mutated alone in a scratch copy of the repository (tracked and untracked-but-not-ignored
+files, as tests/planted_bugs.py copies them), with mutmut's configuration (a ``[mutmut]`` section of
+``setup.cfg``) written there: the module to mutate and the tests of :data:`MODULE_TESTS` that cover it, a
+small subset so that one module takes minutes.  Prints the score (killed / all mutants) and every mutant
+that no test killed; ``mutmut show NAME`` in the kept folder prints its diff.  Needs ``pip install -e
+.[dev]`` (mutmut 3 and a system with fork).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from planted_bugs import scratch_copy  # noqa: E402
+
+MODULE_TESTS = {
+    "epochs": ["tests/test_gates.py", "tests/test_data.py"],
+    "check": ["tests/test_check.py", "-k", "tight or missing or options or max_relative or wrong_layout"],
+    "tables": ["tests/test_tables.py"],
+    "flops": ["tests/test_flops.py"],
+    "scaling": ["tests/test_distributed.py::test_scaling_efficiency_by_hand",
+                "tests/test_distributed.py::test_the_exposed_all_reduce_is_the_median_paired_difference",
+                "tests/test_report.py::test_distributed_scaling_results_give_a_table_and_a_plot"],
+    "spec": ["tests/test_spec.py"],
+}
+
+
+def mutmut_config(module: str) -> str:
+    """The [mutmut] section: mutate harness/<module>.py only, select the module's tests."""
+    selection = "\n".join(f"    {argument}" for argument in MODULE_TESTS[module])
+    return ("[mutmut]\nsource_paths=harness/\n"
+            f"only_mutate=harness/{module}.py\n"
+            "also_copy=\n    implementations/\n    benchmarks/\n    results/\n"
+            f"pytest_add_cli_args_test_selection=\n{selection}\n")
+
+
+def run_module(module: str, root: Path, children: int) -> tuple[Counter, list[str]]:
+    """(count of mutants by status, names of the survivors) of one module, mutmut run in ``root``."""
+    (root / "setup.cfg").write_text(mutmut_config(module), encoding="utf-8")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # mutmut's copy comes first
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=root, env=env,
+                   stdout=subprocess.DEVNULL, check=False)
+    listed = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=root, env=env,
+                            capture_output=True, text=True, check=True).stdout
+    statuses = dict(line.strip().rsplit(": ", 1) for line in listed.splitlines() if ": " in line)
+    return Counter(statuses.values()), sorted(name for name, status in statuses.items() if status != "killed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python tests/mutation.py", description=__doc__.split("\n")[0])
+    parser.add_argument("module", nargs="?", choices=sorted(MODULE_TESTS), help="harness module to mutate")
+    parser.add_argument("--list", action="store_true", help="the modules and their tests (default: run)")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="work in DIR and keep it (default: a temporary "
+                                                                 "folder, removed)")
+    parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default: 1)")
+    args = parser.parse_args(argv)
+    if args.list or not args.module:
+        for module, tests in MODULE_TESTS.items():
+            print(f"harness/{module}.py  [{' '.join(tests)}]")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="capsbench-mutation-") as folder:
+        root = args.keep or Path(folder)
+        root.mkdir(parents=True, exist_ok=True)
+        counts, survivors = run_module(args.module, scratch_copy(root), args.max_children)
+    total = sum(counts.values())
+    print(f"harness/{args.module}.py: {counts['killed']} of {total} mutants killed "
+          f"({counts['killed'] / max(total, 1):.0%}); " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    for name in survivors:
+        print(f"    {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
