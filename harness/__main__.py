@@ -10,22 +10,24 @@ import argparse
 import importlib
 import sys
 
-from harness import __version__, registry
+from harness import __version__, cli, registry
 
 # command -> (module whose main() runs it, one line on what it does)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "list": ("harness.__main__", "every registered implementation, what it is, and whether it can run here"),
-    "check": ("harness.check", "parity of implementations with the float64 reference, number by number"),
-    "train": ("harness.train", "train one implementation on MNIST; loss, accuracy and images/s per epoch"),
-    "profile": ("harness.profile", "where the time and memory of a training step go, layer by layer"),
-    "figures": ("harness.figures", "reconstructions, the paper's capsule-dimension perturbations and per-class "
-                                   "errors from a training checkpoint"),
-    "report": ("harness.report", "tables and plots from benchmark, training, profile and scaling results"),
-    "distributed": ("harness.distributed", "data-parallel training under torchrun (DDP)"),
-    "scaling": ("harness.scaling", "how data-parallel training scales with the ranks on this machine"),
-    "gpu-benchmark": ("harness.gpu_benchmark", "everything capsbench measures on a GPU machine, in one command"),
-    "readme": ("harness.readme", "rewrite README's tables of measured figures from results/ (--check: compare)"),
-    "keep": ("harness.keep", "copy runs from runs/ into results/, the folder this repository ships"),
+    "list": ("harness.__main__", "List every registered implementation, what it is, and whether it can run here."),
+    "check": ("harness.check", "Check every implementation against the float64 reference, number by number."),
+    "train": ("harness.train", "Train one implementation on MNIST and record loss, accuracy and images/s per "
+                               "epoch."),
+    "profile": ("harness.profile", "Profile where the time and memory of a training step go, layer by layer."),
+    "figures": ("harness.figures", "Draw reconstructions, the paper's capsule-dimension perturbations and "
+                                   "per-class errors from a training checkpoint."),
+    "report": ("harness.report", "Make tables and plots from benchmark, training, profile and scaling results."),
+    "distributed": ("harness.distributed", "Train data-parallel (DDP), one process per rank under torchrun."),
+    "scaling": ("harness.scaling", "Measure how data-parallel training scales with the ranks on this machine."),
+    "gpu-benchmark": ("harness.gpu_benchmark", "Measure everything capsbench measures on a GPU machine, in one "
+                                               "command."),
+    "readme": ("harness.readme", "Rewrite README's tables of measured figures from results/ (--check compares)."),
+    "keep": ("harness.keep", "Copy runs from runs/ into results/, the folder this repository ships."),
 }
 
 
@@ -51,7 +53,7 @@ def list_main(argv: list[str]) -> int:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="capsbench", description="capsbench: benchmarking and profiling harness for Capsule Networks",
+        prog="capsbench", description="capsbench: a benchmarking and profiling harness for Capsule Networks.",
         epilog="`capsbench COMMAND --help` shows a command's options (each is also `python -m harness.COMMAND`).")
     parser.add_argument("--version", action="version", version=f"capsbench {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if name == "list":
         return list_main(rest)
     module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest)
+    with cli.through_front_door():  # usage lines say `capsbench NAME`, as the user typed
+        return module.main(rest)
 
 
 if __name__ == "__main__":

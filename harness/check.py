@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from harness import options, registry
+from harness import cli, options, registry
 from harness.data import synthetic_batch
 from harness.params import init_parameters, parameter_shapes
 from harness.spec import CapsNetConfig, LearningRateSchedule, get_config
@@ -221,7 +221,7 @@ def format_table(rows: list[Row]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m harness.check",
+        prog=cli.prog("check"),
         description=f"Compare implementations with the float64 reference ({REFERENCE}) on the canonical "
         f"parameters: outputs, loss, every gradient, every parameter after {ADAM_STEPS} Adam steps, u_hat and "
         "routing alone.",

@@ -305,7 +305,8 @@ def train_distributed(ctx: Context, impl, ddp, train_set: Dataset, test_set: Dat
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchrun --nproc-per-node N -m harness.distributed train",
-        description="data-parallel training (DistributedDataParallel); run one process per rank with torchrun")
+        description="Data-parallel training (DistributedDataParallel): torchrun starts one process per rank, each "
+                    "running this command (the scaling measurement is `capsbench scaling`).")
     epochs.add_training_arguments(parser, batch_help="images per step on each rank (global batch = world size "
                                                      "x this)", default_impl="torch-vectorised")
     options.add_threads(parser, help="CPU threads per rank for torch, BLAS and OpenMP",
@@ -330,9 +331,11 @@ def distributed_block(ctx: Context, args: argparse.Namespace) -> dict:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = parser()
+    args = command.parse_args(argv)
     try:
-        record, resumed_from, params, adam = epochs.prepare_resume(args)
+        record, resumed_from, params, adam = epochs.prepare_resume(args, epochs.given_options(command, argv))
         info = torch_implementation(args.impl)
         config = epochs.run_config(args)
         support = info.supports(config.routing_gradient)
@@ -340,7 +343,7 @@ def train_main(argv: list[str] | None = None) -> int:
             raise contract.UnsupportedRoutingGradientError(f"implementation {info.name!r} {support.reason}")
         launch_environment()
     except (registry.UnknownImplementationError, contract.UnavailableImplementationError, LaunchError,
-            ResultsFileError, FileNotFoundError) as error:
+            ResultsFileError, epochs.TrainingOptionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -362,7 +365,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 record = epochs.new_record(info, args, SCHEDULES[args.schedule], len(train_set), len(test_set),
                                            ranks=ctx.world_size)
                 record["distributed"] = distributed_block(ctx, args)
-            record["status"] = "running"
+            epochs.mark_running(record)
             write_json_atomic(out, record)
             print(epochs.start_line(info.name, args, len(train_set), len(test_set), out, ranks=ctx.world_size,
                                     resumed_from=resumed_from), flush=True)
@@ -406,12 +409,13 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):  # the options of the one command, train
+        parser().print_help()
+        return 0
     if argv[:1] != ["train"]:
-        asked = argv[:1] in (["-h"], ["--help"])
         print("usage: python -m harness.distributed train ...  (under torchrun: "
-              f"{TORCHRUN_EXAMPLE}; the scaling measurement is python -m harness.scaling)",
-              file=sys.stdout if asked else sys.stderr)
-        return 0 if asked else 2
+              f"{TORCHRUN_EXAMPLE}; the scaling measurement is python -m harness.scaling)", file=sys.stderr)
+        return 2
     return train_main(argv[1:])
 
 

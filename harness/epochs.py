@@ -16,6 +16,7 @@ import argparse
 import datetime as dt
 import math
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,19 @@ LINES_PER_EPOCH = 10  # without a terminal, about this many progress lines per e
 
 class TrainingDiverged(RuntimeError):
     """The loss stopped being a finite number."""
+
+
+class TrainingOptionError(ValueError):
+    """Options that do not fit together or with the results file: one line naming the problem and the fix."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, a scheduler's kill, CI's time limit), raised in the main thread so that the run
+    ends as Ctrl-C ends it: results up to the last completed epoch, status 'interrupted'."""
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
 
 
 # Command line -----------------------------------------------------------------------------------------
@@ -76,7 +90,25 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, batch_help: str, 
                                  "not tracked by git)")
     parser.add_argument("--resume", type=Path, metavar="FILE",
                         help="continue the run whose results file this is, from its last completed epoch (its "
-                             "options are taken from the file; --epochs may raise the total) (default: a new run)")
+                             "options are taken from the file, and an option given that differs from it is "
+                             "refused; --epochs may change the total) (default: a new run)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results file named by --out and its checkpoint if they exist (default: "
+                             "refuse, so that a finished run is never destroyed by mistake)")
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options written on the command line, as opposed to those left at their
+    default (so that --resume can tell an option the user gave from one nobody asked for)."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        namespace, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return set(vars(namespace))
 
 
 # The results record -----------------------------------------------------------------------------------
@@ -109,6 +141,7 @@ def new_record(info: registry.ImplementationInfo, args: argparse.Namespace, sche
         "augment": not args.no_augment,
         "threads": thread_facts(),
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **process_facts(),
         "machine": machine_facts(),
         "best_test_accuracy": None,
         "final_test_accuracy": None,
@@ -127,34 +160,88 @@ def routing_gradient_suffix(args: argparse.Namespace) -> str:
     return "" if args.routing_gradient == "full" else f"-{args.routing_gradient}-gradient"
 
 
+def process_facts() -> dict:
+    """Which process writes the record ('pid', 'host'): a report reading a file left 'running' by a process
+    that no longer exists (SIGKILL, a crashed machine) can say it ended without a status."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def mark_running(record: dict) -> None:
+    """Status 'running', by this process (a resumed run is written by a new one)."""
+    record.update(status="running", message="", **process_facts())
+
+
+def refuse_existing_output(out: Path, overwrite: bool) -> None:
+    """A new run never replaces an earlier one silently: the results file or its checkpoint existing is an
+    error naming the file and the two ways on, unless ``overwrite`` (then the old checkpoint goes too)."""
+    out = Path(out)
+    existing = [path for path in (out, checkpoint_path(out)) if path.exists()]
+    if existing and not overwrite:
+        raise TrainingOptionError(f"{existing[0]} already exists: continue that run with --resume {out}, or "
+                                  "replace it with --overwrite (or choose another --out)")
+    checkpoint_path(out).unlink(missing_ok=True)
+
+
+def interrupted_line(out: Path, record: dict, why: str) -> str:
+    """What an interrupted run says: where its results are and how to continue, or that nothing was
+    completed (interrupted during epoch 1, there is no checkpoint: --resume starts from the beginning)."""
+    done = completed_epochs(record)
+    if done:
+        return (f"{why}; the results up to epoch {done} (the last completed) are in {out} "
+                f"(continue with --resume {out})")
+    return (f"{why} before epoch 1 completed: nothing was completed or saved; --resume {out} starts the run "
+            "again from the beginning, with its options")
+
+
 def default_output(name: str, config_name: str, suffix: str = "") -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return TRAINING_RUNS_DIR / f"{name}{suffix}_{config_name}_{stamp}.json"
 
 
-def resume_options(path: Path, args: argparse.Namespace) -> dict:
-    """The record of the run to resume; ``args`` takes its options (the command line may raise --epochs)."""
+def resume_options(path: Path, args: argparse.Namespace, given: set[str] = frozenset()) -> dict:
+    """The record of the run to resume; ``args`` takes its options.  An option in ``given`` (written on the
+    command line) that differs from the run's is a TrainingOptionError, never silently replaced: a resumed
+    run continues the run as it was started.  --epochs (the total) may change, not below the epochs done."""
     record = read_training_result(path)
-    for key in ("dtype", "seed", "limit", "test_limit"):
-        setattr(args, key, record[key])
-    args.impl, args.config = record["implementation"], record["config_name"]
-    args.batch_size = record["batch_size"] // record.get("ranks", 1)
-    args.no_augment = not record["augment"]
-    args.schedule = record["schedule"]["name"]
-    args.routing_gradient = record.get("routing_gradient", "full")  # older files: the only behaviour then
-    args.epochs = max(args.epochs, record["epochs_requested"])
+    taken = {"impl": record["implementation"], "config": record["config_name"], "dtype": record["dtype"],
+             "seed": record["seed"], "limit": record["limit"], "test_limit": record["test_limit"],
+             "batch_size": record["batch_size"] // record.get("ranks", 1), "no_augment": not record["augment"],
+             "schedule": record["schedule"]["name"],
+             "routing_gradient": record.get("routing_gradient", "full")}  # older files: the only behaviour then
+    for key, value in taken.items():
+        if key in given and getattr(args, key) != value:
+            flag = "--" + key.replace("_", "-")
+            asked, was = (flag, "with augmentation") if key == "no_augment" else \
+                (f"{flag} {getattr(args, key)}", f"{flag} {value}")
+            raise TrainingOptionError(f"--resume {path} continues that run as it was started ({was}); {asked} "
+                                      "differs: drop it, or start a new run with another --out")
+        setattr(args, key, value)
+    if "out" in given and args.out is not None and Path(args.out).resolve() != Path(path).resolve():
+        raise TrainingOptionError(f"--resume {path} writes to that file; --out {args.out} differs: drop --out")
+    if getattr(args, "overwrite", False):
+        raise TrainingOptionError("--overwrite replaces a run and --resume continues one: give only one")
+    done = completed_epochs(record)
+    if "epochs" in given and args.epochs < done:
+        raise TrainingOptionError(f"--epochs {args.epochs} is fewer than the {done} epoch(s) {path} has completed "
+                                  "(--epochs counts all epochs, those done included)")
+    args.epochs = args.epochs if "epochs" in given else record["epochs_requested"]
     record["epochs_requested"] = args.epochs
     args.out = path
     return record
 
 
-def prepare_resume(args: argparse.Namespace) -> tuple[dict | None, int, dict | None, dict | None]:
+def prepare_resume(args: argparse.Namespace, given: set[str] = frozenset()) -> tuple[dict | None, int, dict | None,
+                                                                                       dict | None]:
     """For ``--resume FILE``: (the record, the epochs it completed, the saved parameters, Adam's saved state),
-    ``args`` taking the run's options; (None, 0, None, None) for a new run.  ResultsFileError or
-    FileNotFoundError when the file and its checkpoint do not fit together."""
+    ``args`` taking the run's options (``given``: those written on the command line, checked against the
+    run's); (None, 0, None, None) for a new run, after checking that it replaces no results file unless
+    --overwrite.  ResultsFileError or FileNotFoundError when the file and its checkpoint do not fit
+    together, TrainingOptionError when the options do not."""
     if not args.resume:
+        if args.out is not None:
+            refuse_existing_output(args.out, getattr(args, "overwrite", False))
         return None, 0, None, None
-    record = resume_options(args.resume, args)
+    record = resume_options(args.resume, args, given)
     truncate_to_completed_epochs(record)
     done = completed_epochs(record)
     if done == 0:
@@ -229,8 +316,14 @@ def start_line(name: str, args: argparse.Namespace, train_images: int, test_imag
     resumed = f", resuming after epoch {resumed_from}" if resumed_from else ""
     return (f"training {name} ({args.dtype}, {args.config} network, schedule {args.schedule}, routing gradient "
             f"{args.routing_gradient}) {where}on "
-            f"{train_images:,} training images, evaluating on {test_images:,} test images, {batch}, "
+            f"{train_images:,} training images{clamped(args.limit, train_images)}, evaluating on "
+            f"{test_images:,} test images{clamped(args.test_limit, test_images)}, {batch}, "
             f"{args.epochs} epoch(s){resumed}; results -> {out}")
+
+
+def clamped(limit: int | None, used: int) -> str:
+    """Said in the first line when --limit / --test-limit asked for more images than there are."""
+    return f" (all there are: the limit {limit:,} is more)" if limit is not None and limit > used else ""
 
 
 # Progress ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""python -m harness.figures: what a trained network's capsules learned, in pictures, from a training checkpoint.
+"""python -m harness.figures: draw what a trained network's capsules learned, from a training checkpoint.
 
 From a checkpoint of any implementation (``<results>.checkpoint.npz``, or the results file beside it; the
 canonical layout makes them all alike), computed through a registered implementation (the NumPy one by
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import contract, epochs, options, plots, registry
+from harness import cli, contract, epochs, options, plots, registry
 from harness.data import DataError, load_mnist
 from harness.decoder import mask_to_classes
 from harness.params import validate_parameters
@@ -386,7 +386,7 @@ def write_figures(out: Path, images: np.ndarray, labels: np.ndarray, drawn: dict
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness.figures", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=cli.prog("figures"), description=cli.description(__doc__))
     parser.add_argument("--checkpoint", type=Path, required=True, metavar="FILE",
                         help="a training run's <results>.checkpoint.npz, or its results file <results>.json "
                              "(no default: required)")
@@ -398,7 +398,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", choices=sorted(CONFIGS),
                         help="network of the checkpoint (default: the one its results file names, else the one "
                              "its shapes fit)")
-    options.add_dtype(parser)
+    options.add_dtype(parser, help="floating-point type the figures are computed in")
     parser.add_argument("--test-limit", type=options.positive_int,
                         help="use the first N test images only (default: all 10,000)")
     parser.add_argument("--per-class", type=options.positive_int, default=2,

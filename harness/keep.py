@@ -15,6 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from harness import cli
 from harness.results import ResultsFileError, atomic_output, read_json, write_json_atomic
 from harness.settings import (
     ASV_RESULTS_SUBDIR,
@@ -72,9 +73,11 @@ def keep(source: Path, target: Path, kinds: list[str], machine: str | None = Non
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness.keep", description=__doc__.split("\n")[0])
-    parser.add_argument("--from", dest="source", type=Path, default=RUNS_DIR, help="(default: %(default)s)")
-    parser.add_argument("--to", dest="target", type=Path, default=RESULTS_DIR, help="(default: %(default)s)")
+    parser = argparse.ArgumentParser(prog=cli.prog("keep"), description=cli.description(__doc__))
+    parser.add_argument("--from", dest="source", type=Path, default=RUNS_DIR,
+                        help="the folder the runs are in (default: %(default)s)")
+    parser.add_argument("--to", dest="target", type=Path, default=RESULTS_DIR,
+                        help="the folder to copy them into (default: %(default)s)")
     parser.add_argument("--what", nargs="+", choices=sorted(KINDS), default=sorted(KINDS),
                         help="which results to keep (default: all)")
     parser.add_argument("--machine", help="only this machine's asv results (default: every machine's)")

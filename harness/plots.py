@@ -64,6 +64,8 @@ IMPLEMENTATION_COLOURS = {  # a fixed colour per built-in implementation: vector
     "cupy-vectorised": "#ff7f0e", "cupy-looped": "#fdae6b",
     "cupy-vectorised-cuda": "#bcbd22", "cupy-looped-cuda": "#dbdb8d",
     "torch-fused": "#9467bd", "torch-fused-cuda": "#8c564b", "cupy-fused": "#e377c2",
+    "jax-vectorised": "#7f7f7f", "jax-looped": "#c7c7c7",
+    "jax-vectorised-cuda": "#393b79", "jax-looped-cuda": "#9c9ede",
 }
 HASHED_PALETTE = plt.get_cmap("tab20b").colors  # any other name: a stable hash of it into these
 PHASE_COLOURS = {phase: plt.get_cmap("Set2").colors[index] for index, phase in enumerate(
@@ -153,6 +155,18 @@ def wrapped(text: str, width_inches: float, points: float) -> str:
     """``text`` broken into lines that fit a figure ``width_inches`` wide at ``points`` (each given line kept)."""
     characters = max(30, int(width_inches * 72 / (points * 0.62)))
     return "\n".join(textwrap.fill(line, characters) for line in text.split("\n"))
+
+
+def machines_text(machines: list) -> str:
+    """The environment of a figure, for its title: the machine(s) its results were measured on (host and
+    CPU from the results' machine facts), "?" where no file says."""
+    named = []
+    for machine in machines:
+        machine = machine if isinstance(machine, dict) else {}
+        text = ", ".join(str(machine[key]) for key in ("hostname", "cpu") if machine.get(key)) or "?"
+        if text not in named:
+            named.append(text)
+    return "; ".join(named) if len(named) <= 2 else f"{len(named)} machines"
 
 
 def finish(fig: Figure, title: str, note: str = "", legend_handles=None, legend_cols: int = 4) -> Figure:
@@ -394,10 +408,13 @@ def batch_scaling(table: pd.DataFrame, iterations: int, where: str, palette: dic
                                   lambda g: g["batch_size"].astype(float) / g["low"]))
     one = single_samples(rows)
     for ax, label, title in ((left, time_label(rows, "train-step time", True), "Time per training step"),
-                             (right, "images per second (log scale)" + (", 1 sample each" if one else ""),
+                             (right, "images per second (linear, from 0)" + (", 1 sample each" if one else ""),
                               "Training throughput")):
         integer_log_axis(ax, rows["batch_size"])
-        log_axis(ax, "y")
+        if ax is left:  # times span decades; throughput a narrow band a log axis would blow up
+            log_axis(ax, "y")
+        else:
+            ax.set_ylim(bottom=0)
         ax.set_xlabel("batch size (images, log scale)")
         ax.set_ylabel(label)
         ax.set_title(title, fontsize=10)
@@ -639,8 +656,10 @@ def training_curves(records: list[tuple[str, dict]]) -> Figure:
             ax.set_xlim(left=0)
             ax.set_xlabel("training time (s, train steps only)")
         ax.grid(**GRID)
-    return finish(fig, "Training loss and test accuracy against wall-clock training time", "",
-                  unique_handles([left, right]), legend_cols=1)
+    where = machines_text([record.get("machine") for _, record in records])
+    return finish(fig, f"Training loss and test accuracy against training time, train steps only ({where})",
+                  "training time: the sum of the training steps' own times (evaluation, data preparation and saving "
+                  "left out)", unique_handles([left, right]), legend_cols=1)
 
 
 def distributed_scaling(frame: pd.DataFrame) -> Figure:
@@ -672,7 +691,13 @@ def distributed_scaling(frame: pd.DataFrame) -> Figure:
     for ax in (left, right):
         ax.set_xlabel("world size (processes, log scale)")
         ax.grid(**GRID)
-    return finish(fig, "Data-parallel scaling: throughput and efficiency against world size", "",
+    where = machines_text(list(frame["machine"])) if "machine" in frame else "?"
+    flat = any(group["compute_units"].nunique() == 1 for _, group in frame.groupby("label"))
+    note = ("ideal (dotted): the smallest world size's images/s times the growth of the compute used (CPU: ranks × "
+            "threads per rank; GPU: ranks)." + (
+                " A flat ideal line: the ranks split a fixed set of cores, so the compute used does not grow and "
+                "linear scaling means the same throughput as one rank." if flat else ""))
+    return finish(fig, f"Data-parallel scaling: throughput and efficiency against world size ({where})", note,
                   unique_handles([left, right]), legend_cols=1)
 
 
@@ -700,6 +725,7 @@ def profile_breakdown(profile: Profile) -> Figure:
                              squeeze=False)
     axes = list(grid.ravel())
     legend: dict[str, object] = {}
+    tallest = 0.0
     for ax, name in zip(axes, names):
         rows = profile_rows(profile, name)
         phases = [phase for phase in PROFILE_PHASES if phase in set(rows["phase"])]
@@ -713,7 +739,7 @@ def profile_breakdown(profile: Profile) -> Figure:
             colour = layer_colour(layer)
             bars = ax.bar(range(len(phases)), heights, 0.62, bottom=bottoms, color=colour, label=layer,
                           edgecolor="white", linewidth=0.6)
-            legend.setdefault(layer, bars)
+            legend.setdefault(short_layer(layer), bars)  # the names the segments' labels use ("Adam")
             for position, height, bottom, share in zip(range(len(phases)), heights, bottoms, shares):
                 if np.isfinite(share) and share >= 0.04:
                     ax.text(position, bottom + height / 2, f"{short_layer(layer)} {share:.0%}", ha="center",
@@ -727,7 +753,7 @@ def profile_breakdown(profile: Profile) -> Figure:
                         xytext=(0, 2), textcoords="offset points")
         ax.set_xticks(range(len(phases)))
         ax.set_xticklabels(phases)
-        ax.set_ylim(0, max(bottoms.max(), 1e-9) * 1.12)
+        tallest = max(tallest, float(bottoms.max()))
         steps = rows["steps"].dropna()
         count = f"{int(steps.iloc[0])} steps" if len(steps) else "? steps"
         ax.set_ylabel(f"time per step (ms, median of {count})" if len(steps) and steps.iloc[0] > 1
@@ -737,10 +763,13 @@ def profile_breakdown(profile: Profile) -> Figure:
                      if isinstance(step, (int, float)) else f"layers add to {bar_value(summed)} ms")
         ax.set_title(f"{head}\n{step_text}", fontsize=9)
         ax.grid(axis="y", **GRID)
+    for ax in axes[: len(names)]:  # one y-range for every panel: bar heights compare across implementations
+        ax.set_ylim(0, max(tallest, 1e-9) * 1.12)
     for ax in axes[len(names):]:
         ax.set_visible(False)
     machine = (profile.meta.get("machine") or {}) if isinstance(profile.meta, dict) else {}
-    where = machine.get("hostname") or machine.get("cpu") or ""
-    return finish(fig, "Where the time of a training step goes, by phase and layer" + (f" ({where})" if where else ""),
-                  "labels: the layer's share of the profiled step (segments of 4 % and more)",
+    where = machines_text([machine])
+    return finish(fig, f"Where the time of a training step goes, by phase and layer ({where})",
+                  "labels: the layer's share of the profiled step (segments of 4 % and more); every panel on the "
+                  "same time scale",
                   (list(legend.values()), list(legend.keys())), legend_cols=6)

@@ -1,8 +1,9 @@
 """python -m harness.profile: where the time and memory of a training step go, layer by layer, for every
 implementation.
 
-Each implementation is built from the canonical parameters, warmed up, timed over ``--steps`` training steps
-without profiling, then profiled over as many more.  A profiled step is the contract's three calls, each
+Each implementation is built from the canonical parameters, warmed up, then runs ``--steps`` pairs of one
+unprofiled and one profiled training step, interleaved in alternating order (so that neither kind runs first
+and the overhead, taken pair by pair, is not biased by the order).  A profiled step is the contract's three calls, each
 inside a phase: ``forward_loss`` (forward), ``backward`` (backward) and ``adam_step`` (update); inside them
 the implementation's own ranges (:mod:`harness.ranges`) name the layers.  What a range measures:
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import os
 import shutil
 import statistics
 import sys
@@ -43,14 +45,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import contract, options, registry
+from harness import cli, contract, options, registry
 from harness import flops as flops_module
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
 from harness.formatting import fmt, markdown_table
 from harness.params import init_parameters
 from harness.peak import backend_of, gemm_peak_gflops, machine_hardware_peak, one_peak, peak_sentence
-from harness.ranges import RANGE_PREFIX, layer_range, range_name, recording
+from harness.ranges import RANGE_PREFIX, ROUTING_LAYER, layer_range, range_name, recording
 from harness.results import PROFILE_KIND, atomic_output, write_json_atomic, write_text_atomic
 from harness.settings import PROFILE_SUBDIR, RUNS_DIR
 from harness.spec import CapsNetConfig, get_config
@@ -282,14 +284,33 @@ class Profiled:
 
 def profile_implementation(info: registry.ImplementationInfo, config: CapsNetConfig, batch_size: int, dtype: str,
                            steps: int, warmup: int, trace_dir: Path | None, memory: bool = True) -> Profiled:
+    """Warm-up steps, then ``steps`` pairs of one unprofiled and one profiled step, interleaved and in
+    alternating order (unprofiled first in even pairs, profiled first in odd ones), so that neither kind
+    always runs first, warmer caches or a drifting clock bias the overhead (which :func:`pair_overheads`
+    takes pair by pair)."""
     impl = info.create(config, init_parameters(config, dtype=dtype), dtype)
     batch = impl.to_device(*synthetic_batch(config, batch_size, seed=DATA_SEED))
     for _ in range(warmup):
         phase_step(impl, batch)
-    unprofiled = [sum(phase_step(impl, batch).values()) for _ in range(steps)]
     with recording(CountingRecorder()) as counter:
         phase_step(impl, batch)
-    records, trace = [], None
+    profiled_step, last_trace = step_profiler(info, impl, batch, memory, trace_dir)
+    records, unprofiled = [], []
+    for index in range(steps):
+        for profiled in ((False, True) if index % 2 == 0 else (True, False)):
+            if profiled:
+                records.append(without_enclosing_routing(profiled_step(trace=index == steps - 1)))
+            else:
+                unprofiled.append(sum(phase_step(impl, batch).values()))
+    plan_facts = getattr(impl, "plan_facts", None)
+    return Profiled(info, records, unprofiled, last_trace(), counter.count, plan_facts() if plan_facts else None)
+
+
+def step_profiler(info: registry.ImplementationInfo, impl: registry.Implementation, batch, memory: bool,
+                  trace_dir: Path | None):
+    """(a function running one profiled step and returning its StepRecord, a function giving the trace
+    written); for torch, one step under the profiler first as a warm-up (a compiled step recompiles)."""
+    written: list[Path] = []
     if info.framework == "torch":
         import torch
 
@@ -301,28 +322,44 @@ def profile_implementation(info: registry.ImplementationInfo, config: CapsNetCon
         def phase_range(phase: str):
             return torch.profiler.record_function(range_name(phase, "phase"))
 
-        for index in range(-1, steps):  # step -1: a warm-up under the profiler (a compiled step recompiles)
+        def torch_step(trace: bool = False) -> StepRecord:
             with recording(recorder), torch.profiler.profile(activities=activities, profile_memory=memory) as prof:
                 phases = phase_step(impl, batch, phase_range)
-            if index >= 0:
-                records.append(torch_step_record(prof.events(), info.device, phases))
-            if trace_dir is not None and index == steps - 1:
-                trace = export_trace(prof, trace_dir / f"{info.name}.trace.json.gz")
-    else:
-        for _ in range(steps):
-            recorder = WallClockRecorder(impl, memory and info.device == "cpu")
+            if trace and trace_dir is not None:
+                written.append(export_trace(prof, trace_dir / f"{info.name}.trace.json.gz"))
+            return torch_step_record(prof.events(), info.device, phases)
+
+        torch_step()
+        return torch_step, lambda: written[-1] if written else None
+
+    def wall_clock_step(trace: bool = False) -> StepRecord:
+        recorder = WallClockRecorder(impl, memory and info.device == "cpu")
+        if recorder.memory:
+            tracemalloc.start()
+        try:
+            with recording(recorder):
+                phases = phase_step(impl, batch)
+        finally:
             if recorder.memory:
-                tracemalloc.start()
-            try:
-                with recording(recorder):
-                    phases = phase_step(impl, batch)
-            finally:
-                if recorder.memory:
-                    tracemalloc.stop()
-            recorder.step.phases = phases
-            records.append(recorder.step)
-    plan_facts = getattr(impl, "plan_facts", None)
-    return Profiled(info, records, unprofiled, trace, counter.count, plan_facts() if plan_facts else None)
+                tracemalloc.stop()
+        recorder.step.phases = phases
+        return recorder.step
+
+    return wall_clock_step, lambda: None
+
+
+def without_enclosing_routing(record: StepRecord) -> StepRecord:
+    """A step whose routing opened its iteration ranges inside the whole-routing range of the base class
+    (a plugin calling the built-in routing): the enclosing range goes, so no time is counted twice."""
+    for phase in {phase for phase, layer in record.layers if layer.startswith("routing_iteration_")}:
+        for measured in (record.layers, record.allocated, record.peak):
+            measured.pop((phase, ROUTING_LAYER), None)
+    return record
+
+
+def pair_overheads(profiled: Profiled) -> list[float]:
+    """The profiling overhead of each interleaved pair: profiled step / unprofiled step - 1."""
+    return [sum(record.phases.values()) / plain - 1 for record, plain in zip(profiled.steps, profiled.unprofiled)]
 
 
 def export_trace(prof, path: Path) -> Path:
@@ -352,7 +389,13 @@ def profile_rows(profiled: Profiled, config: CapsNetConfig, batch_size: int, dty
     info, steps = profiled.info, profiled.steps
     step_median = statistics.median(sum(step.phases.values()) for step in steps)
     table = flops_module.step_layer_flops(config, batch_size)
+    routing_layers = flops_module.routing_layers(config)
+    for phase in ("forward", "backward"):  # a plugin's routing, timed whole (harness.ranges.ROUTING_LAYER)
+        table.setdefault((phase, ROUTING_LAYER), sum(table[(phase, layer)] for layer in routing_layers))
     order = {layer: index for index, layer in enumerate([*flops_module.layers(config), flops_module.OPTIMIZER])}
+    order[ROUTING_LAYER] = order[routing_layers[0]]
+    recorded = {key for step in steps for key in step.layers}
+    table = {key: value for key, value in table.items() if key[1] != ROUTING_LAYER or key in recorded}
     keys = list(table) + sorted({key for step in steps for key in step.layers} - set(table))
     rows = []
     for phase, layer in keys:
@@ -383,10 +426,29 @@ def implementation_summary(profiled: Profiled, batch_size: int, config_name: str
             "inactive_ranges_share": profiled.ranges_per_step * range_seconds / unprofiled,
             "compiled": profiled.info.cls.first_call_compiles,
             "overhead": step / unprofiled - 1, "steps": len(profiled.steps), "batch_size": batch_size,
+            **overhead_spread(pair_overheads(profiled)),
             "config_name": config_name, "dtype": dtype,
             "phases_s": {phase: statistics.median(record.phases[phase] for record in profiled.steps)
                          for phase, _ in PHASE_CALLS},
             "trace": profiled.trace.name if profiled.trace else None, "plan": profiled.plan}
+
+
+def overhead_spread(overheads: list[float]) -> dict:
+    """The spread of the pairs' overheads: their interquartile range and how many pairs there were."""
+    if not overheads:
+        return {"overhead_pairs": 0, "overhead_q25": None, "overhead_q75": None}
+    q25, q75 = np.percentile(overheads, [25, 75])
+    return {"overhead_pairs": len(overheads), "overhead_q25": float(q25), "overhead_q75": float(q75)}
+
+
+def overhead_text(summary: dict) -> str:
+    """"profiling overhead +1.2 % (IQR −0.8 % to +3.0 % over 5 interleaved pairs)": the figure and its spread."""
+    text = f"profiling overhead {summary['overhead']:+.1%}"
+    if summary.get("overhead_q25") is None:
+        return text
+    return (f"{text} (interquartile range {summary['overhead_q25']:+.1%} to {summary['overhead_q75']:+.1%} over "
+            f"{summary['overhead_pairs']} interleaved pairs of steps; a range spanning 0 means the overhead is "
+            "within the noise)")
 
 
 def markdown(frame: pd.DataFrame, summaries: dict[str, dict]) -> str:
@@ -403,8 +465,8 @@ def markdown(frame: pd.DataFrame, summaries: dict[str, dict]) -> str:
         lines += [f"## {name} ({summary['framework']}, {summary['device']}, batch {summary['batch_size']}, "
                   f"{summary['config_name']} network, {summary['dtype']})", "",
                   f"Profiled step {fmt(summary['step_s'], 'ms')} ms (median of {summary['steps']}); the same step "
-                  f"unprofiled {fmt(summary['unprofiled_step_s'], 'ms')} ms: profiling overhead "
-                  f"{fmt(summary['overhead'], 'pct')}.  The layers add up to "
+                  f"unprofiled {fmt(summary['unprofiled_step_s'], 'ms')} ms: {overhead_text(summary)}.  "
+                  "The layers add up to "
                   f"{fmt(layers_total / summary['step_s'], 'pct')} of the profiled step (the rest is between the "
                   f"ranges).  Unprofiled, the step's {summary['ranges_per_step']} ranges cost "
                   f"{summary['ranges_per_step'] * summary['inactive_range_s'] * 1e6:.1f} µs "
@@ -470,14 +532,15 @@ def writable_folder(path: Path) -> Path:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness.profile", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=cli.prog("profile"), description=cli.description(__doc__))
     options.add_impl(parser, several=True, help="implementations to profile", default_help="every available one")
     options.add_config(parser)
     options.add_batch_size(parser, default=32, help="images per step")
     options.add_dtype(parser)
     options.add_routing_gradient(parser, consequence="implementations without it are left out")
     options.add_device(parser, help="only implementations on this device (default: any)")
-    options.add_steps(parser, default=5, help="profiled steps, and as many unprofiled ones for the overhead")
+    options.add_steps(parser, default=5,
+                      help="profiled steps, interleaved with as many unprofiled ones for the overhead")
     options.add_warmup(parser, default=2)
     options.add_threads(parser)
     parser.add_argument("--gemm-size", type=options.positive_int,
@@ -488,8 +551,25 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+# torch's profiler logs; a user's own settings win
+QUIET_PROFILER_ENV = {"KINETO_LOG_LEVEL": "6", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+
+
+def quiet_profiler_logs() -> None:
+    """Keep torch's profiler out of the user's terminal.  kineto (the profiler's engine) logs a ``USDT: ...
+    profiler_start`` and ``profiler_stop`` line around every profiled step, at a level above its errors
+    (KINETO_LOG_LEVEL 6 is above all of them; it is read when the profiler first starts).  c10 warns
+    ``CPUAllocator.cpp: Memory block of unknown size was allocated before the profiling started``: memory
+    allocated before a profiled step and freed inside it, whose free the profiler cannot count (the
+    per-layer memory, allocated net during each layer, does not need it); TORCH_CPP_LOG_LEVEL ERROR
+    silences it, read when torch is imported, so this runs before anything imports torch."""
+    for name, value in QUIET_PROFILER_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet_profiler_logs()
     try:
         infos = choose(args.impl, args.device, args.routing_gradient)
         out = writable_folder(args.out)
@@ -499,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     config = get_config(args.config).replace(routing_gradient=args.routing_gradient)
     threads = args.threads or usable_cpu_count()
     set_threads(threads)
+    print(f"profile of {', '.join(info.name for info in infos)} ({args.dtype}, {args.config} network, batch "
+          f"{args.batch_size} of seeded synthetic images); results -> {out / MD_NAME}, {CSV_NAME} and {JSON_NAME} "
+          f"beside it", flush=True)
     peaks, rows, summaries = {}, [], {}
     hardware = machine_hardware_peak()
     range_seconds = inactive_range_seconds()
@@ -506,9 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         backend = backend_of(info.framework, info.device)
         if backend not in peaks:
             peaks[backend] = gemm_peak_gflops(backend, size=args.gemm_size)
-    for info in infos:
-        print(f"profiling {info.name}: {args.warmup} warm-up, {args.steps} unprofiled and {args.steps} profiled "
-              f"steps at batch {args.batch_size} ...", file=sys.stderr, flush=True)
+        print(f"profiling {info.name}: {args.warmup} warm-up, then {args.steps} unprofiled and {args.steps} "
+              f"profiled steps interleaved, at batch {args.batch_size} ...", file=sys.stderr, flush=True)
         try:
             profiled = profile_implementation(info, config, args.batch_size, args.dtype, args.steps, args.warmup,
                                               out / TRACES, memory=not args.no_memory)
@@ -533,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "implementations": summaries})
     for name, summary in summaries.items():
         print(f"{name}: step {summary['step_s'] * 1e3:.1f} ms profiled, {summary['unprofiled_step_s'] * 1e3:.1f} ms "
-              f"unprofiled ({summary['overhead']:+.1%} overhead)")
+              f"unprofiled ({overhead_text(summary)})")
     print(f"profile written to {out / MD_NAME} ({len(summaries)} implementation(s); {out / CSV_NAME})")
     return 0 if len(summaries) == len(infos) else 1
 

@@ -18,6 +18,11 @@ from typing import Protocol
 
 _NULL = contextlib.nullcontext()
 RANGE_PREFIX = "capsbench"
+# The range around a whole routing (forward, and backward where hand-written) that the base classes open
+# around a plugin's routing hook (TorchCapsNet.route, NumpyCapsNet.routing_functions), so that a plugin's
+# routing is attributed without it opening any range; the built-in routing opens one per iteration instead
+# (harness.flops.routing_layers), and a profile drops this one where those are inside it.
+ROUTING_LAYER = "routing"
 
 
 class Recorder(Protocol):

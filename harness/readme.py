@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness import cli
 from harness.asv_results import load_asv, run_peak_sentence
 from harness.formatting import NA, fmt, fmt_spread, markdown_table
 from harness.report import distributed_section
@@ -194,7 +195,7 @@ def regenerate(text: str, root: Path) -> tuple[str, list[str]]:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness.readme", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=cli.prog("readme"), description=cli.description(__doc__))
     parser.add_argument("--readme", type=Path, default=Path("README.md"), help="the file (default: README.md)")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR,
                         help="the results the figures come from (default: results, what this repository ships)")

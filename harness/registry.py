@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import importlib
 import pkgutil
 from collections.abc import Iterator
@@ -183,14 +184,17 @@ def plugin_errors() -> dict[str, str]:
 
 
 def get(name: str) -> ImplementationInfo:
-    """The entry for ``name``; an unknown name fails with one line listing the known names."""
+    """The entry for ``name``; an unknown name fails with one line naming the closest known name (a
+    misspelling) and listing them all."""
     _ensure_loaded()
     try:
         return _REGISTRY.entries[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY.entries)) or "none"
+        closest = difflib.get_close_matches(str(name), list(_REGISTRY.entries), n=1)
+        hint = f" (did you mean {closest[0]}?)" if closest else ""
         raise UnknownImplementationError(
-            f"unknown implementation {name!r}; known implementations: {known} (see `capsbench list`)"
+            f"unknown implementation {name!r}{hint}; known implementations: {known} (see `capsbench list`)"
         ) from None
 
 

@@ -1,4 +1,4 @@
-"""python -m harness.report: tables and plots from the benchmark, training and distributed-scaling results.
+"""python -m harness.report: tables and plots from the benchmark, training, profile and scaling results.
 
 Reads ``<results>/asv`` (asv's own layout, with the suite's machine facts in ``<results>/asv-facts``),
 ``<results>/training/*.json`` (``python -m harness.train``), ``<results>/profile/profile.csv`` with
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness import plots
+from harness import cli, plots
 from harness.asv_results import AsvResults, Run, load_asv, machine_names, run_peak_sentence
 from harness.formatting import (
     NA,
@@ -58,6 +58,7 @@ from harness.results import (
     load_training_results,
     write_text_atomic,
 )
+from harness.scaling import MIN_RELIABLE_STEPS
 from harness.settings import (
     ASV_RESULTS_SUBDIR,
     FIGURES_SUBDIR,
@@ -432,9 +433,13 @@ def distributed_section(frame: pd.DataFrame) -> str:
     text = ("Scaling efficiency = speed-up over the smallest world size / growth of the compute used (CPU: ranks × "
             "threads per rank, so ranks that split a fixed set of cores are judged against those cores; GPU: "
             "ranks); the scaling command prints the same figure. Step and all-reduce times are medians over the "
-            "timed steps (the slowest rank's); the scaling results record no spread. One rank has no all-reduce "
-            "(n/a).")
-    return text + "\n\n" + markdown_table(formatted(frame, columns), text_columns=1)
+            "timed steps (the slowest rank's); the scaling command records their interquartile range (older "
+            "results record no spread), and an efficiency from fewer than "
+            f"{MIN_RELIABLE_STEPS} timed steps or within that spread is said not reliable. One rank has no "
+            "all-reduce (n/a).")
+    caveats = [f"Not reliable: {row.label}, world size {row.world_size}: {row.efficiency_caveat}."
+               for row in frame.itertuples() if getattr(row, "efficiency_caveat", "")]
+    return "\n\n".join([text, markdown_table(formatted(frame, columns), text_columns=1), *caveats])
 
 
 def profile_section(profile: Profile) -> str:
@@ -622,8 +627,15 @@ def plots_section(entries: list[tuple[str, str, str]]) -> str:
 
 # ------------------------------------------------------------------------------------------------ main
 def no_results_message(root: Path) -> str:
-    return (f"error: no results under {root / ASV_RESULTS_SUBDIR} or {root / TRAINING_SUBDIR}: run `asv run --quick` "
-            "(benchmarks) or `python -m harness.train --impl NAME --data-dir DIR` first (see README)")
+    return (f"error: no results under {root} (none in {ASV_RESULTS_SUBDIR}/, {TRAINING_SUBDIR}/, {PROFILE_SUBDIR}/ "
+            f"or {SCALING_SUBDIR}/): any one of `asv run --quick` (benchmarks), `python -m harness.train --impl NAME "
+            "--data-dir DIR`, `python -m harness.profile` or `python -m harness.scaling` makes a report (see README)")
+
+
+def start_line(root: Path, out: Path) -> str:
+    """The first line of a report: what it reads and where it writes."""
+    return (f"report from the results under {root} ({ASV_RESULTS_SUBDIR}/, {TRAINING_SUBDIR}/, {PROFILE_SUBDIR}/, "
+            f"{SCALING_SUBDIR}/) -> {out / REPORT_MD} and its tables and plots in {out}")
 
 
 def build_report(root: Path, out: Path, asv: AsvResults, training: list, distributed: list,
@@ -634,10 +646,13 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
     table = asv.table
     generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md = ["# capsbench report", "",
-          f"Generated {generated} by `python -m harness.report` from `{root}`. "
-          f"The tidy table of every benchmark result is [`{TIDY_CSV}`]({TIDY_CSV}).", ""]
+          f"Generated {generated} by `python -m harness.report` from `{root}`. " +
+          (f"The tidy table of every benchmark result is [`{TIDY_CSV}`]({TIDY_CSV})." if not table.empty else
+           "No benchmark (asv) results, so no tidy table of them."), ""]
     if not table.empty:
         written.append(write_csv(table, out / TIDY_CSV))
+    else:
+        (out / TIDY_CSV).unlink(missing_ok=True)  # an older report's table would contradict this one
     md += ["## Runs", "", "Each run is named by machine, commit and asv environment (shortened: the tool and "
            "the unpinned build requirements left out).", ""]
     md += [run_header(run, asv.machines.get(run.machine, {})) + "\n" for run in asv.runs] or ["No asv results.", ""]
@@ -719,7 +734,7 @@ def compare_runs(table: pd.DataFrame, runs: list[Run], out: Path, written: list[
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=cli.prog("report"), description=cli.description(__doc__))
     parser.add_argument("--results", type=Path, default=RUNS_DIR,
                         help="folder holding asv/, asv-facts/, training/, profile/, distributed/ and figures/ "
                              "(default: runs, where every command writes; the results this repository ships are "
@@ -733,6 +748,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     root, out = args.results, args.out or args.results / REPORT_SUBDIR
+    print(start_line(root, out), flush=True)
     if args.machine and args.machine not in machine_names(root / ASV_RESULTS_SUBDIR):
         known = ", ".join(machine_names(root / ASV_RESULTS_SUBDIR)) or "none"
         print(f"error: no asv results for machine {args.machine!r} under {root / ASV_RESULTS_SUBDIR} "

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import contract, options
+from harness import cli, contract, options
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
 from harness.options import positive_int
@@ -62,6 +62,36 @@ def scaling_efficiency(run: dict, base: dict, device: str) -> float:
     linear scaling in the compute."""
     speedup = run["images_per_second"] / base["images_per_second"]
     return speedup / (compute_units(run, device) / compute_units(base, device))
+
+
+MIN_RELIABLE_STEPS = 10  # fewer timed steps per world size: the efficiency is a guess
+
+
+def relative_spread(run: dict) -> float | None:
+    """Half the interquartile range of a run's step times over their median (None in older files)."""
+    q25, q75 = run.get("step_seconds_q25"), run.get("step_seconds_q75")
+    if q25 is None or q75 is None or not run.get("step_seconds"):
+        return None
+    return (q75 - q25) / 2 / run["step_seconds"]
+
+
+def efficiency_caveat(run: dict, base: dict, device: str) -> str:
+    """Why the scaling efficiency of ``run`` against ``base`` is not reliable, or "" when it is: fewer than
+    :data:`MIN_RELIABLE_STEPS` timed steps, or step times spread more than the efficiency departs from 1
+    (linear scaling), so that the figure cannot tell better from worse than linear."""
+    if run is base:
+        return ""
+    steps = min(run.get("steps", 0), base.get("steps", 0))
+    if steps < MIN_RELIABLE_STEPS:
+        return f"from {steps} timed step(s), fewer than the {MIN_RELIABLE_STEPS} a reliable figure needs"
+    spreads = [relative_spread(run), relative_spread(base)]
+    if None in spreads:
+        return ""
+    spread, effect = sum(spreads), abs(scaling_efficiency(run, base, device) - 1)
+    if spread > effect:
+        return (f"the step times spread by ±{spread:.0%} (half their interquartile ranges, both world sizes), "
+                f"more than the {effect:.0%} the efficiency departs from linear")
+    return ""
 
 
 def exposed_allreduce(synced: list[float], local: list[float]) -> float:
@@ -115,6 +145,7 @@ def measure_scaling(ctx, impl, ddp, config, per_rank: int, steps: int, warmup: i
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the slowest rank, step by step
     synced, local = times.cpu().tolist()
     step_seconds = statistics.median(synced)
+    q25, q75 = (statistics.quantiles(synced, n=4)[::2] if len(synced) > 1 else (step_seconds, step_seconds))
     allreduce_seconds = exposed_allreduce(synced, local) if paired else None
     global_batch = per_rank * ctx.world_size
     return {
@@ -124,6 +155,8 @@ def measure_scaling(ctx, impl, ddp, config, per_rank: int, steps: int, warmup: i
         "global_batch_size": global_batch,
         "steps": steps,
         "step_seconds": step_seconds,
+        "step_seconds_q25": q25,
+        "step_seconds_q75": q75,
         "images_per_second": global_batch / step_seconds,
         "allreduce_seconds": allreduce_seconds,
         "allreduce_share": allreduce_seconds / step_seconds if paired else None,
@@ -133,8 +166,9 @@ def measure_scaling(ctx, impl, ddp, config, per_rank: int, steps: int, warmup: i
 
 
 def _worker_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness.scaling worker",
-                                     description="one rank of the scaling measurement (started by the command)")
+    parser = argparse.ArgumentParser(prog=cli.prog("scaling", "worker"),
+                                     description="One rank of the scaling measurement (started by `scaling` under "
+                                                 "torchrun, not by hand).")
     options.add_impl(parser, several=False, required=True, help="the torch implementation measured")
     options.add_config(parser, required=True)
     options.add_dtype(parser)
@@ -192,12 +226,12 @@ def worker_main(argv: list[str]) -> int:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m harness.scaling",
-        description="time data-parallel (DDP) steps for several world sizes on this machine (torchrun "
-                    "--standalone for each) and write one results file")
+        prog=cli.prog("scaling"),
+        description="Time data-parallel (DDP) steps for several world sizes on this machine (torchrun "
+                    "--standalone for each) and write one results file.")
     options.add_impl(parser, several=False, default="torch-vectorised", help="a torch implementation")
     parser.add_argument("--world-sizes", type=positive_int, nargs="+", default=[1, 2], metavar="W",
-                        help="(default: 1 2)")
+                        help="the numbers of ranks to measure (default: 1 2)")
     options.add_threads(parser, help="CPU threads in total, split evenly over the ranks",
                         default_help=f"the CPUs this process may use, {usable_cpu_count()} here")
     batch = parser.add_mutually_exclusive_group()
@@ -238,6 +272,13 @@ def scaling_main(argv: list[str]) -> int:
         threads = max(1, total_threads // world_size) if info.device == "cpu" else total_threads
         plans.append((world_size, global_batch // world_size if strong else args.per_rank_batch_size, threads))
     out = args.out or RUNS_DIR / SCALING_SUBDIR / f"{info.name}_{args.config}_scaling.json"
+    batch = f"global batch {global_batch}" if strong else f"{args.per_rank_batch_size} images per rank"
+    print(f"scaling of {info.name} ({args.dtype}, {args.config} network, {'strong' if strong else 'weak'} scaling, "
+          f"{batch} of seeded synthetic images) over world sizes {' '.join(map(str, args.world_sizes))}, "
+          f"{args.steps} timed steps each; results -> {out}", flush=True)
+    if args.steps < MIN_RELIABLE_STEPS:
+        print(f"warning: {args.steps} timed steps are fewer than the {MIN_RELIABLE_STEPS} a reliable efficiency "
+              "needs (--steps)", file=sys.stderr, flush=True)
     runs = []
     with tempfile.TemporaryDirectory(prefix="capsbench-scaling-") as folder:
         for world_size, per_rank, threads in plans:
@@ -297,6 +338,8 @@ def format_scaling_table(payload: dict) -> str:
         lines.append(f"| {run['world_size']} | {run['threads_per_rank']} | {run['global_batch_size']} | "
                      f"{run['step_seconds'] * 1e3:.0f} | {run['images_per_second']:.1f} | {share} | "
                      f"{scaling_efficiency(run, base, payload['device']):.0%} |")
+    caveats = [(run["world_size"], efficiency_caveat(run, base, payload["device"])) for run in runs]
+    lines += [f"Efficiency at world size {size} is not reliable: {caveat}." for size, caveat in caveats if caveat]
     return "\n".join(lines)
 
 

@@ -24,6 +24,8 @@ ASV_CONFIG_ENV = "CAPSBENCH_ASV_CONFIG"
 PLAN_CACHE_ENV = "CAPSBENCH_PLAN_CACHE"
 CONV_PLAN_ENV = "CAPSBENCH_CONV_PLAN"
 FAIL_RANK_ENV = "CAPSBENCH_FAIL_RANK"
+JAX_CACHE_ENV = "CAPSBENCH_JAX_CACHE"
+JAX_CONVOLUTION_ENV = "CAPSBENCH_JAX_CONVOLUTION"
 
 ENVIRONMENT: dict[str, str] = {
     DATA_DIR_ENV: "the MNIST folder (the four IDX files, .gz or not) where no --data-dir is given",
@@ -38,6 +40,9 @@ ENVIRONMENT: dict[str, str] = {
     PLAN_CACHE_ENV: "torch-fused's cache of chosen convolution plans (default ~/.cache/capsbench/conv-plans.json)",
     CONV_PLAN_ENV: "fixed: torch-fused uses its built-in convolution plan instead of measuring one where it runs",
     FAIL_RANK_ENV: "tests only: the data-parallel rank that fails on purpose",
+    JAX_CACHE_ENV: "the JAX implementations' persistent compilation cache (default runs/jax-cache)",
+    JAX_CONVOLUTION_ENV: "xla: the JAX implementations use XLA's own convolution instead of im2col and one "
+                         "matrix product (default im2col)",
 }
 
 # Results folders --------------------------------------------------------------------------------------------
@@ -53,6 +58,7 @@ FIGURES_SUBDIR = "figures"
 ASV_RESULTS_SUBDIR = "asv"  # asv.conf.json's "results_dir" is runs/asv
 FACTS_SUBDIR = "asv-facts"
 REPORT_SUBDIR = "report"
+JAX_CACHE_DIR = RUNS_DIR / "jax-cache"  # not a result: JAX's compiled programs, kept between processes
 
 RESULTS_FOLDERS: dict[str, str] = {
     TRAINING_SUBDIR: "capsbench train (and under torchrun): one results file per run, its checkpoint beside it",

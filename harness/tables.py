@@ -6,6 +6,8 @@ into figures.
 from __future__ import annotations
 
 import math
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from harness.activations import im2col_bytes, kept_activations, parameter_state_
 from harness.asv_results import DEFAULT_ROUTING_GRADIENT, ROUTING_GRADIENT_COLUMN, TIDY_COLUMNS, Run
 from harness.peak import one_peak
 from harness.results import PROFILE_KIND, ResultsFileError, read_json
-from harness.scaling import compute_units, scaling_efficiency
+from harness.scaling import compute_units, efficiency_caveat, scaling_efficiency
 from harness.spec import get_config
 
 CHANGE_FACTOR = 1.1  # a ratio outside [1/1.1, 1.1] (asv compare's default factor) beyond the spread is flagged
@@ -329,7 +331,7 @@ def training_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
                     "train_images": train_images, "test_images": test_images,
                     "schedule": schedule.get("name", "?") if isinstance(schedule, dict) else schedule or NA,
                     "epochs": len(epochs), "epochs_requested": record.get("epochs_requested", len(epochs)),
-                    "status": record.get("status", "?"),
+                    "status": training_status(record),
                     "best_test_accuracy": best if isinstance(best, (int, float)) else
                     max(accuracies) if accuracies else math.nan,
                     "final_test_accuracy": final if isinstance(final, (int, float)) else
@@ -339,6 +341,32 @@ def training_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
                     "wall_seconds": epoch_total(epochs, "wall_seconds"),
                     "images_per_second": images / seconds if seconds else math.nan})
     return pd.DataFrame(out)
+
+
+def training_status(record: dict) -> str:
+    """A training record's status as the report shows it: 'running' only while the process that writes it
+    (pid and host recorded, :func:`harness.epochs.process_facts`) still exists; one left 'running' by a
+    process that is gone (SIGKILL, out of memory, a crashed machine) ended without a status."""
+    status = record.get("status", "?")
+    if status != "running":
+        return status
+    pid, host = record.get("pid"), record.get("host")
+    if not isinstance(pid, int) or host is None:
+        return "running? (no process recorded)"
+    if host != socket.gethostname():
+        return f"running? (on {host})"
+    return "running" if process_exists(pid) else "ended without a status (killed?)"
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def distributed_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
@@ -362,7 +390,8 @@ def distributed_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
                             "step_seconds", "images_per_second", "allreduce_seconds", "allreduce_share")},
                         "compute_units": compute_units(run, device),
                         "ideal_images_per_second": run["images_per_second"] / efficiency,
-                        "efficiency": efficiency})
+                        "efficiency": efficiency, "efficiency_caveat": efficiency_caveat(run, base, device),
+                        "machine": record.get("machine") or {}})
     frame = pd.DataFrame(out)
     for column in ("allreduce_seconds", "allreduce_share"):  # None (one rank: nothing to all-reduce) -> NaN
         if column in frame:

@@ -16,6 +16,7 @@ from pathlib import Path
 from threadpoolctl import threadpool_info, threadpool_limits
 
 _limits = []  # keeps threadpool_limits alive: the limit holds until the object is restored
+_other_pools: dict = {}  # name -> function giving a pool's thread count (None: not in use), see register_thread_pool
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
@@ -49,6 +50,17 @@ def set_threads(count: int) -> None:
     _limits.append(threadpool_limits(limits=count))
 
 
+def register_thread_pool(name: str, threads) -> None:
+    """Have :func:`thread_facts` record another library's pool, which neither torch's count nor threadpoolctl
+    reaches (XLA's CPU pool): ``threads()`` returns its thread count, or None where it is not in use."""
+    _other_pools[name] = threads
+
+
+def recorded_pools() -> set[str]:
+    """The pools :func:`register_thread_pool` added: recorded as they are, not set by :func:`set_threads`."""
+    return set(_other_pools)
+
+
 def thread_facts() -> dict:
     """Threads of each loaded pool: torch, and every BLAS/OpenMP library threadpoolctl sees."""
     facts = {
@@ -56,4 +68,8 @@ def thread_facts() -> dict:
     }
     if "torch" in sys.modules:
         facts["torch"] = sys.modules["torch"].get_num_threads()
+    for name, threads in _other_pools.items():
+        count = threads()
+        if count is not None:
+            facts[name] = count
     return facts

@@ -4,18 +4,21 @@ Adam from the canonical parameters with the paper's learning-rate schedule (``--
 fixed 1e-3), the paper's random shifts of up to 2 pixels on the training images, test accuracy after every
 epoch.  Torch, BLAS and OpenMP are pinned to one thread count (``--threads``, default: the CPUs this process
 may use), recorded with what every pool used.  The results file (under ``runs/training/`` unless ``--out``
-says otherwise) and the checkpoint beside it are rewritten atomically after every epoch, so an interrupted,
-diverged or failed run keeps everything up to its last epoch, and ``--resume FILE`` continues it.
+says otherwise) and the checkpoint beside it are rewritten atomically after every epoch, so an interrupted
+(Ctrl-C or SIGTERM), diverged or failed run keeps everything up to its last epoch, and ``--resume FILE``
+continues it.  An existing results file is never replaced unless ``--overwrite`` says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from harness import contract, epochs, options, registry
+from harness import cli, contract, epochs, options, registry
 from harness.data import DataError, load_mnist
 from harness.params import init_parameters
 from harness.results import ResultsFileError, write_json_atomic
@@ -57,7 +60,7 @@ def train_epochs(impl: contract.Implementation, train_set, test_set, record: dic
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness.train", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog=cli.prog("train"), description=cli.description(__doc__),
                                      epilog="--distributed: data-parallel under torchrun, the same as "
                                             "`torchrun ... -m harness.distributed train`, whose options it takes")
     epochs.add_training_arguments(parser, batch_help="images per step", default_impl=None)
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.impl is None and args.resume is None:
         command.error("--impl NAME is required (or --resume FILE to continue a run)")
     try:
-        record, resumed_from, params, adam = epochs.prepare_resume(args)
+        record, resumed_from, params, adam = epochs.prepare_resume(args, epochs.given_options(command, argv))
         info = registry.get(args.impl)
         config = epochs.run_config(args)
         epochs.pin_threads(args.threads)
@@ -88,16 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         train_set = load_mnist(args.data_dir, "train").head(args.limit)
         test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
     except (registry.UnknownImplementationError, contract.UnavailableImplementationError, DataError,
-            ResultsFileError, FileNotFoundError) as error:
+            ResultsFileError, epochs.TrainingOptionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = args.out or epochs.default_output(info.name, args.config, suffix=epochs.routing_gradient_suffix(args))
     if record is None:
         record = epochs.new_record(info, args, schedule, len(train_set), len(test_set))
-    record["status"] = "running"
+    epochs.mark_running(record)
     write_json_atomic(out, record)
     print(epochs.start_line(info.name, args, len(train_set), len(test_set), out, resumed_from=resumed_from),
           flush=True)
+    previous_handler = install_sigterm_handler()
     try:
         train_epochs(impl, train_set, test_set, record, out, args, first_epoch=resumed_from + 1)
     except epochs.TrainingDiverged as error:
@@ -106,22 +110,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: training diverged: {error}; the results up to the last epoch are in {out} "
               "(check the implementation with python -m harness.check)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        record.update(status="interrupted", message="interrupted by the user")
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (epochs.Terminated)
+        why = str(stop) if isinstance(stop, epochs.Terminated) else "interrupted by the user"
+        record.update(status="interrupted", message=why)
         write_json_atomic(out, record)
-        print(f"interrupted; the results up to the last epoch are in {out} (continue with --resume {out})",
-              file=sys.stderr)
-        return 130
+        print(epochs.interrupted_line(out, record, why), file=sys.stderr)
+        return 128 + stop.signum if isinstance(stop, epochs.Terminated) else 130
     except Exception as error:  # out of memory, a bug in an implementation, ...: the file must not say "running"
         record.update(status="failed", message=f"{type(error).__name__}: {error}")
         write_json_atomic(out, record)
         print(f"error: training failed: {type(error).__name__}: {error}; the results up to the last epoch are "
               f"in {out}", file=sys.stderr)
         return 1
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     record.update(status="completed", message="")
     write_json_atomic(out, record)
     print(f"results written to {out} (best test accuracy {record['best_test_accuracy']:.2%})")
     return 0
+
+
+def raise_terminated(signum, frame):
+    raise epochs.Terminated(signum)
+
+
+def install_sigterm_handler():
+    """SIGTERM ends the run as Ctrl-C does (the previous handler, to restore; None off the main thread,
+    where Python cannot install one)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, raise_terminated)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ and reused on every step.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable
@@ -40,7 +41,7 @@ import numpy as np
 from harness.contract import ROUTING_VARIANTS, Availability, Batch, Implementation
 from harness.decoder import decoder_forward, decoder_layers
 from harness.params import DECODER_PREFIX, DIGIT_WEIGHT
-from harness.ranges import layer_range
+from harness.ranges import ROUTING_LAYER, layer_range
 from harness.registry import register
 from harness.spec import ADAM, ROUTING_GRADIENTS, CapsNetConfig, conv_output_size
 
@@ -548,13 +549,23 @@ class NumpyCapsNet(Implementation):
                        "s_primary": s_primary, "u": u, "u_hat": u_hat} if keep else None
         return u_hat
 
+    def _routing_range(self, phase: str):
+        """The range of the whole routing around a plugin's ``routing_functions`` (harness.ranges.ROUTING_LAYER):
+        a profile attributes its time without the plugin opening a range.  The built-in routing opens one
+        range per iteration itself: nothing here."""
+        if any(self.routing_functions is built_in for built_in in ROUTING.values()):
+            return contextlib.nullcontext()
+        return layer_range(ROUTING_LAYER, phase)
+
     def _decoder_layers(self) -> list:
         return decoder_layers(self.params, self.config)  # the decoder's weights are kept in the canonical layout
 
     def _forward(self, batch: Batch, train: bool, keep: bool):
         xp, config = self.xp, self.config
         u_hat = self._features(batch.images, keep)
-        v, routing_cache = self.routing_functions.forward(xp, u_hat, config.routing_iterations, config.squash_eps)
+        with self._routing_range("forward"):
+            v, routing_cache = self.routing_functions.forward(xp, u_hat, config.routing_iterations,
+                                                              config.squash_eps)
         with layer_range("lengths_mask"):
             lengths = lengths_forward(xp, v)
             if train:
@@ -609,8 +620,9 @@ class NumpyCapsNet(Implementation):
         batch, n_out, n_in, dim = cache["u_hat"].shape
         by_input = self._buffer("grad_u_hat_by_input", (n_in, batch, n_out, dim))
         into = {"out": by_input.transpose(1, 2, 0, 3)} if _takes_out(self.routing_functions.backward) else {}
-        grad_u_hat = self.routing_functions.backward(xp, cache["u_hat"], cache["routing"], grad_v, config.squash_eps,
-                                                     **into)
+        with self._routing_range("backward"):
+            grad_u_hat = self.routing_functions.backward(xp, cache["u_hat"], cache["routing"], grad_v,
+                                                         config.squash_eps, **into)
         with layer_range("u_hat", "backward"):
             grad_u, grads[DIGIT_WEIGHT] = prediction_vectors_backward(xp, cache["u"], p[DIGIT_WEIGHT], grad_u_hat,
                                                                       by_input=by_input)

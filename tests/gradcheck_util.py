@@ -9,6 +9,8 @@ from harness.data import synthetic_batch
 from harness.params import init_parameters
 
 STEP = 1e-6
+FD_TOLERANCE = 1e-5  # relative to the largest gradient of the tensor
+ROUNDING_ULPS = 4
 
 
 def livelier_parameters(config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -49,6 +51,21 @@ def finite_difference_errors(name, config, per_tensor: int = 4, batch_size: int 
             up = loss_of(name, config, shifted, images, labels)
             shifted[param_name][index] -= 2 * STEP
             down = loss_of(name, config, shifted, images, labels)
-            worst = max(worst, abs((up - down) / (2 * STEP) - gradient[index]))
+            # the difference quotient of two losses rounded to float64 is itself uncertain by about
+            # ROUNDING_ULPS ulps of the loss over the step: only a difference beyond that counts
+            rounding = ROUNDING_ULPS * np.finfo(np.float64).eps * max(abs(up), abs(down)) / (2 * STEP)
+            worst = max(worst, abs((up - down) / (2 * STEP) - gradient[index]) - rounding)
         errors[param_name] = worst / np.max(np.abs(gradient))
     return errors
+
+
+def finite_difference_failures(errors: dict[str, float], tolerance: float = FD_TOLERANCE) -> str:
+    """The tensors whose gradient disagrees with finite differences, one line each as `capsbench check`
+    writes its failures (quantity, error, tolerance), worst first; "" when all agree."""
+    failing = sorted(((error, name) for name, error in errors.items() if not error < tolerance), reverse=True)
+    lines = [f"gradient of {name} against finite differences: relative error {error:.3e} > tolerance "
+             f"{tolerance:.0e}  FAIL" for error, name in failing]
+    if lines:
+        lines.insert(0, f"{len(lines)} of {len(errors)} parameter gradients disagree with central finite differences "
+                        "of the loss (float64; error relative to the tensor's largest gradient):")
+    return "\n".join(lines)

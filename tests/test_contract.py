@@ -21,8 +21,9 @@ from harness.decoder import mask_to_classes
 from harness.params import init_parameters, parameter_shapes
 from harness.spec import SMALL, LearningRateSchedule
 from implementations.numpy_capsnet import NumpyCapsNet
+from implementations.torch_capsnet import TorchCapsNet
 
-from gradcheck_util import finite_difference_errors, livelier_parameters
+from gradcheck_util import finite_difference_errors, finite_difference_failures, livelier_parameters
 
 
 def cpu_stand_ins() -> dict[str, type]:
@@ -154,7 +155,8 @@ def test_whole_model_gradients_against_finite_differences(name):
     config = SMALL.replace(reconstruction_weight=0.5)  # decoder gradients large enough for differences
     errors = finite_difference_errors(name, config, per_tensor=3)
     assert len(errors) == len(init_parameters(config))
-    assert max(errors.values()) < 1e-5, errors
+    failures = finite_difference_failures(errors)
+    assert not failures, "\n" + failures
 
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
@@ -233,3 +235,25 @@ def test_a_training_forward_pass_needs_labels(name):
     images, _ = synthetic_batch(SMALL, 2)
     with pytest.raises(ValueError, match="labels"):
         impl.forward(impl.to_device(images), train=True)
+
+
+class WrongConvGradient(TorchCapsNet):
+    """A wrong plugin: its conv1 weight gradient is twice the true one."""
+
+    def gradients(self):
+        gradients = super().gradients()
+        gradients["conv1.weight"] = 2 * gradients["conv1.weight"]
+        return gradients
+
+
+def test_a_wrong_gradient_fails_with_the_quantity_and_its_error_named():
+    with registry.registered("wrong-conv-gradient", WrongConvGradient):
+        errors = finite_difference_errors("wrong-conv-gradient", SMALL.replace(reconstruction_weight=0.5),
+                                          per_tensor=1)
+    lines = finite_difference_failures(errors).splitlines()
+    assert lines[0] == (f"1 of {len(init_parameters(SMALL))} parameter gradients disagree with central finite "
+                        "differences of the loss (float64; error relative to the tensor's largest gradient):")
+    # |g - 2g| / max |2g| = 0.5
+    assert lines[1].startswith("gradient of conv1.weight against finite differences: relative error 5.000e-01")
+    assert lines[1].endswith(" > tolerance 1e-05  FAIL") and len(lines) == 2
+    assert finite_difference_failures({"conv1.weight": 1e-9}) == ""

@@ -159,6 +159,13 @@ def test_scaling_writes_one_results_file_for_world_sizes_1_and_2(tmp_path):
     assert two["allreduce_seconds"] == pytest.approx(two["allreduce_share"] * two["step_seconds"])
     # the printed efficiency is the report's figure: speed-up / growth of the cores used (2 x 1 = 1 x 2)
     efficiency = two["images_per_second"] / one["images_per_second"]
+    assert process.stdout.splitlines()[0] == (
+        "scaling of torch-vectorised (float32, small network, strong scaling, global batch 16 of seeded synthetic "
+        f"images) over world sizes 1 2, 2 timed steps each; results -> {out}")
+    assert "Efficiency at world size 2 is not reliable: from 2 timed step(s)" in process.stdout
+    assert "warning: 2 timed steps are fewer than the 10" in process.stderr
+    one_run = payload["runs"][0]
+    assert one_run["step_seconds_q25"] <= one_run["step_seconds"] <= one_run["step_seconds_q75"]
     row = next(line for line in process.stdout.splitlines() if line.startswith("| 2 | 1 | 16 |"))
     assert row.endswith(f"| {efficiency:.0%} |") and "| — |" in next(
         line for line in process.stdout.splitlines() if line.startswith("| 1 | 2 | 16 |"))
@@ -194,3 +201,30 @@ def test_scaling_efficiency_by_hand():
     two = {"world_size": 2, "threads_per_rank": 1, "images_per_second": 90.0}
     assert scaling_efficiency(two, base, "cpu") == pytest.approx(0.9)
     assert scaling_efficiency(two, base, "cuda") == pytest.approx(0.45)
+
+
+def test_an_efficiency_from_few_steps_or_within_the_spread_is_said_unreliable():
+    """Hand-made runs: 140 % from 4 steps is a guess; from 20 steps with step times spread ±5 % + ±5 % it
+    stands (0.4 > 0.1); 103 % within that spread does not; older files without quartiles judge steps only."""
+    from harness.scaling import efficiency_caveat, format_scaling_table
+
+    def run(world_size, images_per_second, steps, spread=0.05):
+        step = 16 / images_per_second
+        return {"world_size": world_size, "threads_per_rank": 1, "per_rank_batch_size": 16 // world_size,
+                "global_batch_size": 16, "steps": steps, "step_seconds": step, "images_per_second": images_per_second,
+                "step_seconds_q25": step * (1 - spread), "step_seconds_q75": step * (1 + spread),
+                "allreduce_share": None if world_size == 1 else 0.1}
+
+    base = run(1, 100.0, 4)
+    assert efficiency_caveat(run(2, 280.0, 4), base, "cpu") == (
+        "from 4 timed step(s), fewer than the 10 a reliable figure needs")
+    base = run(1, 100.0, 20)
+    assert efficiency_caveat(run(2, 280.0, 20), base, "cpu") == ""
+    assert efficiency_caveat(run(2, 206.0, 20), base, "cpu") == (
+        "the step times spread by ±10% (half their interquartile ranges, both world sizes), more than the 3% the "
+        "efficiency departs from linear")
+    old = {key: value for key, value in run(2, 206.0, 20).items() if not key.startswith("step_seconds_q")}
+    assert efficiency_caveat(old, base, "cpu") == ""
+    table = format_scaling_table({"device": "cpu", "runs": [run(1, 100.0, 4), run(2, 280.0, 4)]})
+    assert table.splitlines()[-1] == ("Efficiency at world size 2 is not reliable: from 4 timed step(s), fewer "
+                                      "than the 10 a reliable figure needs.")

@@ -123,7 +123,7 @@ def test_adding_an_implementation_recolours_nothing():
 def test_builtin_names_have_distinct_fixed_colours_and_variants_a_shade_of_them():
     builtin = ["torch-vectorised", "torch-looped", "numpy-vectorised", "numpy-looped", "cupy-vectorised",
                "cupy-looped", "torch-vectorised-cuda", "torch-looped-cuda", "torch-fused", "torch-fused-cuda",
-               "cupy-fused"]
+               "cupy-fused", "jax-vectorised", "jax-looped", "jax-vectorised-cuda", "jax-looped-cuda"]
     colours = [plots.colour_of(name) for name in builtin]
     assert len(set(colours)) == len(builtin)
     compiled = plots.colour_of("torch-vectorised-compiled")
@@ -234,3 +234,46 @@ def test_the_profile_plot_stacks_each_phase_to_the_fixture_numbers():
     assert any("step 40 ms profiled; layers add to 38 ms" in ax.get_title() for ax in panels)
     plots.plt.close(fig)
     assert math.isclose(sum(expected["torch-vectorised"].values()) / 40.0, 0.95)
+
+
+def test_titles_name_the_environment_and_say_what_the_axes_measure():
+    record = {**training_record("torch-looped", 5.0), "machine": {"hostname": "box", "cpu": "EPYC"}}
+    fig = plots.training_curves([("short", record)])
+    title = fig._suptitle.get_text().replace("\n", " ")
+    assert "training time, train steps only (box, EPYC)" in title and "wall-clock" not in title
+    assert all("train steps only" in ax.get_xlabel() for ax in fig.axes[:2])
+    plots.plt.close(fig)
+
+
+def test_batch_scaling_puts_throughput_on_a_linear_axis_from_zero():
+    fig = plots.batch_scaling(timings(), 3, "box")
+    time_axis, throughput = fig.axes[:2]
+    assert time_axis.get_yscale() == "log" and throughput.get_yscale() == "linear"
+    assert throughput.get_ylim()[0] == 0 and "linear" in throughput.get_ylabel()
+    plots.plt.close(fig)
+
+
+def test_a_flat_ideal_line_of_distributed_scaling_is_explained_in_the_plot():
+    from harness.tables import distributed_table
+
+    def run(world_size, threads, images_per_second):
+        return {"world_size": world_size, "threads_per_rank": threads, "per_rank_batch_size": 64 // world_size,
+                "global_batch_size": 64, "steps": 10, "step_seconds": 64 / images_per_second,
+                "images_per_second": images_per_second, "allreduce_seconds": None, "allreduce_share": None}
+
+    record = {"implementation": "torch-vectorised", "backend": "gloo", "device": "cpu", "scaling": "strong",
+              "machine": {"hostname": "box", "cpu": "EPYC"}, "runs": [run(1, 2, 95.0), run(2, 1, 98.0)]}
+    fig = plots.distributed_scaling(distributed_table([(Path("s.json"), record)]))
+    texts = " ".join(text.get_text() for text in fig.texts).replace("\n", " ")
+    assert "A flat ideal line: the ranks split a fixed set of cores" in texts
+    assert "(box, EPYC)" in fig._suptitle.get_text().replace("\n", " ")
+    plots.plt.close(fig)
+
+
+def test_the_profile_panels_share_one_time_scale_and_the_legend_says_adam():
+    fig = plots.profile_breakdown(load_profile_result(PROFILE, []))
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_xticklabels()]
+    assert len(panels) > 1 and len({ax.get_ylim() for ax in panels}) == 1
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert "Adam" in legend and "optimizer" not in legend
+    plots.plt.close(fig)

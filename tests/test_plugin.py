@@ -73,3 +73,65 @@ def test_readme_shows_the_tested_example_verbatim():
     entry_point = ('[project.entry-points."capsbench.implementations"]\n'
                    'example-torch-einsum = "capsbench_plugin_example"')
     assert entry_point in (EXAMPLE / "pyproject.toml").read_text() and entry_point in readme
+
+
+def test_the_example_plugin_gets_its_routing_rows_in_a_profile_for_free(plugin_path, tmp_path):
+    """The example overrides `route` and opens no range: the base class's range around the hook times its
+    routing, forward and (through autograd) backward, with the FLOPs of all iterations."""
+    import pandas as pd
+
+    from harness import flops
+    from harness.spec import SMALL
+
+    out = tmp_path / "profile"
+    result = run_module("harness.profile", "--impl", "example-torch-einsum", "--config", "small", "--batch-size", "2",
+                        "--steps", "1", "--warmup", "0", "--gemm-size", "64", "--no-memory", "--out", str(out),
+                        env=with_plugin(plugin_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    frame = pd.read_csv(out / "profile.csv").set_index(["phase", "layer"])
+    table = flops.step_layer_flops(SMALL, 2)
+    for phase in ("forward", "backward"):
+        row = frame.loc[(phase, "routing")]
+        assert row["time_s"] > 0, phase
+        assert row["flops"] == sum(table[(phase, layer)] for layer in flops.routing_layers(SMALL))
+        assert pd.isna(frame.loc[(phase, "routing_iteration_1"), "time_s"])  # the plugin opened no such range
+    assert frame["share"].sum() <= 1.0 + 1e-9  # nothing counted twice
+
+
+def test_a_numpy_plugins_routing_functions_run_inside_the_routing_range():
+    """A NumpyCapsNet subclass with its own routing_functions: the base class opens the whole-routing range
+    around their forward and backward; around the built-in routing it opens none (its iterations have theirs)."""
+    import contextlib
+
+    from harness import ranges, registry
+    from harness.data import synthetic_batch
+    from harness.params import init_parameters
+    from harness.spec import SMALL
+    from implementations.numpy_capsnet import ROUTING, NumpyCapsNet, RoutingFunctions
+
+    class Logger:
+        def __init__(self):
+            self.opened = []
+
+        def range(self, layer, phase):
+            self.opened.append((phase, layer))
+            return contextlib.nullcontext()
+
+    class OwnRouting(NumpyCapsNet):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built_in = ROUTING["vectorised"]
+            self.routing_functions = RoutingFunctions(lambda *a, **k: built_in.forward(*a, **k),
+                                                      lambda *a, **k: built_in.backward(*a, **k))
+
+    opened = {}
+    with registry.registered("numpy-own-routing", OwnRouting):
+        for name in ("numpy-own-routing", "numpy-vectorised"):
+            impl = registry.create(name, SMALL, init_parameters(SMALL), "float32")
+            with ranges.recording(Logger()) as logger:
+                impl.forward_loss(impl.to_device(*synthetic_batch(SMALL, 2)))
+                impl.backward()
+            opened[name] = logger.opened
+    assert ("forward", "routing") in opened["numpy-own-routing"]
+    assert ("backward", "routing") in opened["numpy-own-routing"]
+    assert not {("forward", "routing"), ("backward", "routing")} & set(opened["numpy-vectorised"])

@@ -9,12 +9,15 @@ import gzip
 import json
 import types
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from harness import flops, profile, ranges, registry
 from harness.spec import SMALL
 from implementations.numpy_capsnet import NumpyCapsNet
+
+from conftest import run_module
 
 BUILT_IN_CPU = ["numpy-looped", "numpy-vectorised", "torch-looped", "torch-vectorised"]
 BATCH = 4
@@ -169,3 +172,41 @@ def test_an_implementation_without_the_routing_gradient_is_refused_by_name_and_l
         assert "'full-gradient-only' cannot run here" in error and "not 'final'" in error and "\n" not in error
         chosen = [info.name for info in profile.choose(None, "cpu", "final")]
     assert "numpy-vectorised" in chosen and "full-gradient-only" not in chosen
+
+
+def test_profiled_and_unprofiled_steps_are_interleaved_in_alternating_order(monkeypatch):
+    """Warm-up and the range-counting step first, then pairs (unprofiled, profiled), (profiled, unprofiled),
+    ...: neither kind always runs first; each pair gives one overhead and the summary their spread."""
+    kinds, original = [], profile.phase_step
+
+    def logged(impl, batch, phase_range=None):
+        recorder = ranges._recorder
+        kinds.append("plain" if recorder is None else type(recorder).__name__)
+        return original(impl, batch, phase_range)
+
+    monkeypatch.setattr(profile, "phase_step", logged)
+    profiled = profile.profile_implementation(registry.get("numpy-vectorised"), SMALL, 2, "float32", steps=4,
+                                              warmup=1, trace_dir=None, memory=False)
+    wall = "WallClockRecorder"
+    assert kinds == ["plain", "CountingRecorder", "plain", wall, wall, "plain", "plain", wall, wall, "plain"]
+    assert len(profiled.steps) == len(profiled.unprofiled) == 4
+    overheads = profile.pair_overheads(profiled)
+    expected = [sum(step.phases.values()) / plain - 1 for step, plain in zip(profiled.steps, profiled.unprofiled)]
+    assert overheads == pytest.approx(expected)
+    summary = profile.implementation_summary(profiled, 2, "small", "float32", 1e-9)
+    assert summary["overhead_pairs"] == 4
+    assert summary["overhead_q25"] == pytest.approx(float(np.percentile(expected, 25)))
+    assert summary["overhead_q75"] == pytest.approx(float(np.percentile(expected, 75)))
+    assert "interquartile range" in profile.overhead_text(summary) and "over 4 interleaved pairs" in \
+        profile.overhead_text(summary)
+
+
+def test_the_first_line_names_network_images_and_output_and_torch_logs_stay_quiet(tmp_path):
+    out = tmp_path / "profile"
+    completed = run_module("harness.profile", "--impl", "torch-vectorised", "--config", "small", "--batch-size",
+                           "2", "--steps", "1", "--warmup", "0", "--gemm-size", "64", "--out", str(out))
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.splitlines()[0] == (
+        f"profile of torch-vectorised (float32, small network, batch 2 of seeded synthetic images); results -> "
+        f"{out / 'profile.md'}, profile.csv and profile.json beside it")
+    assert "USDT" not in completed.stderr and "CPUAllocator" not in completed.stderr

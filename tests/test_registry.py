@@ -22,9 +22,19 @@ def test_unknown_name_lists_the_known_ones():
     with pytest.raises(registry.UnknownImplementationError) as error:
         registry.get("torch-vectorized")
     message = str(error.value)
-    assert "unknown implementation 'torch-vectorized'" in message
+    assert "unknown implementation 'torch-vectorized' (did you mean torch-vectorised?); known implementations: " \
+        in message
     assert "torch-vectorised" in message and "torch-looped" in message
     assert "\n" not in message
+
+
+def test_a_name_like_none_of_the_known_ones_suggests_nothing():
+    with pytest.raises(registry.UnknownImplementationError) as error:
+        registry.get("tensorflow")
+    assert str(error.value).startswith("unknown implementation 'tensorflow'; known implementations: ")
+    with pytest.raises(registry.UnknownImplementationError) as error:
+        registry.get("torch-fusd")
+    assert "(did you mean torch-fused?)" in str(error.value)
 
 
 def test_cuda_implementation_without_a_gpu_says_why():

@@ -514,6 +514,8 @@ def test_no_results_is_one_line_with_the_command_to_run(tmp_path):
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no results under")
     assert "asv run --quick" in lines[0] and "python -m harness.train" in lines[0]
+    assert "python -m harness.profile" in lines[0] and "python -m harness.scaling" in lines[0]
+    assert "any one of" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -775,3 +777,36 @@ def test_an_implementation_the_facts_do_not_describe_is_unknown():
     assert implementation_facts("numpy-vectorised", described)["framework"] == "numpy"
     assert implementation_facts("torch-vectorised", described) == {  # a real name, but not in this file
         "framework": "unknown", "device": "unknown", "routing_variant": "unknown", "backend": "unknown"}
+
+
+def test_a_profile_alone_makes_a_report_that_says_what_it_reads_first_and_links_no_tidy_table(tmp_path, capsys):
+    root = tmp_path / "results"
+    shutil.copytree(PROFILE, root / "profile")
+    (root / "report").mkdir(parents=True)
+    (root / "report" / "results_tidy.csv").write_text("an older report's table")
+    code, out, err = run_report(root, capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == (f"report from the results under {root} (asv/, training/, profile/, distributed/) -> "
+                        f"{root / 'report' / 'report.md'} and its tables and plots in {root / 'report'}")
+    assert lines[-1].startswith(f"report written to {root / 'report' / 'report.md'}")
+    text = (root / "report" / "report.md").read_text()
+    assert "results_tidy.csv" not in text and "No benchmark (asv) results, so no tidy table of them." in text
+    assert "## Where the time of a training step goes" in text
+    assert not (root / "report" / "results_tidy.csv").exists()
+
+
+def test_an_unreliable_scaling_efficiency_is_said_so_in_the_report():
+    from harness.tables import distributed_table
+
+    def run(world_size, images_per_second):
+        return {"world_size": world_size, "threads_per_rank": 1, "per_rank_batch_size": 16 // world_size,
+                "global_batch_size": 16, "steps": 4, "step_seconds": 16 / images_per_second,
+                "images_per_second": images_per_second, "allreduce_seconds": None, "allreduce_share": None}
+
+    record = {"implementation": "torch-vectorised", "backend": "gloo", "device": "cpu", "scaling": "strong",
+              "runs": [run(1, 100.0), run(2, 280.0)]}
+    text = report.distributed_section(distributed_table([(Path("scaling.json"), record)]))
+    assert text.endswith("Not reliable: torch-vectorised (gloo, cpu, strong scaling), world size 2: from 4 timed "
+                         "step(s), fewer than the 10 a reliable figure needs.")
+    assert text.count("Not reliable:") == 1

@@ -413,3 +413,21 @@ def test_a_profile_without_its_json_describes_each_implementation_from_its_own_c
                                              "batch_size": 16, "dtype": "float32", "steps": 1}
     assert profile.about("torch-vectorised")["framework"] == "torch"
     assert profile.about("torch-vectorised")["steps"] == 5
+
+
+def test_a_run_left_running_by_a_process_that_is_gone_ended_without_a_status():
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from harness.tables import training_status
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    here = socket.gethostname()
+    assert training_status({"status": "running", "pid": gone.pid, "host": here}) == "ended without a status (killed?)"
+    assert training_status({"status": "running", "pid": os.getpid(), "host": here}) == "running"
+    assert training_status({"status": "running", "pid": 1, "host": "elsewhere"}) == "running? (on elsewhere)"
+    assert training_status({"status": "running"}) == "running? (no process recorded)"
+    assert training_status({"status": "interrupted", "pid": gone.pid, "host": here}) == "interrupted"

@@ -31,5 +31,16 @@ def test_every_pool_is_pinned_to_one_count():
     threads.set_threads(1)
     facts = threads.thread_facts()
     assert facts["torch"] == 1
-    assert [count for pool, count in facts.items() if pool != "torch"] and set(facts.values()) == {1}
+    settable = {pool: count for pool, count in facts.items() if pool not in threads.recorded_pools()}
+    assert [count for pool, count in settable.items() if pool != "torch"] and set(settable.values()) == {1}
+    threads.set_threads(threads.usable_cpu_count())
+
+
+def test_a_pool_no_setting_reaches_is_recorded_as_it_is(monkeypatch):
+    monkeypatch.setattr(threads, "_other_pools", {})
+    threads.register_thread_pool("xla:cpu", lambda: 3)
+    threads.register_thread_pool("absent", lambda: None)
+    threads.set_threads(1)
+    facts = threads.thread_facts()
+    assert facts["xla:cpu"] == 3 and "absent" not in facts and threads.recorded_pools() == {"xla:cpu", "absent"}
     threads.set_threads(threads.usable_cpu_count())

@@ -1,8 +1,11 @@
 """Training from the command line: the loss goes down on real MNIST, results are written and read back,
 the NumPy and torch implementations learn the same way, and failures end with one clear line."""
 
+import argparse
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -101,7 +104,7 @@ def test_an_earlier_results_file_is_only_replaced_by_a_complete_one(tmp_path, mn
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "train_epochs", interrupted)
-    code, out = run_train(tmp_path, mnist_path, "--impl", "torch-vectorised", *SHORT_RUN)
+    code, out = run_train(tmp_path, mnist_path, "--impl", "torch-vectorised", "--overwrite", *SHORT_RUN)
     assert code == 130
     record = read_training_result(out)
     assert record["status"] == "interrupted" and record["implementation"] == "torch-vectorised"
@@ -143,13 +146,16 @@ class InterruptedInEpoch2(TorchCapsNet):
         return super().train_step(batch)
 
 
-def test_an_interrupted_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path, mnist_path):
+def test_an_interrupted_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path, mnist_path, capsys):
     run = ["--epochs", "3", *SHORT_RUN]
     code, whole = run_train(tmp_path, mnist_path, "--impl", "torch-vectorised", *run, name="whole.json")
     assert code == 0
     with registry.registered("interrupted-torch", InterruptedInEpoch2):
         code, broken = run_train(tmp_path, mnist_path, "--impl", "interrupted-torch", *run, name="broken.json")
     assert code == 130
+    hint = capsys.readouterr().err.strip().splitlines()[-1]
+    assert hint == (f"interrupted by the user; the results up to epoch 1 (the last completed) are in {broken} "
+                    f"(continue with --resume {broken})")
     record = read_training_result(broken)
     assert record["status"] == "interrupted" and len(record["epochs"]) == 1 and len(record["steps"]) == 16
     record["implementation"] = "torch-vectorised"  # the same class without the interruption
@@ -229,3 +235,85 @@ def test_an_implementation_without_the_routing_gradient_is_refused_in_one_line(t
     assert code == 2 and not out.exists()
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "'final'" in error and "\n" not in error
+
+
+def test_a_new_run_onto_an_existing_results_file_is_refused_and_the_file_kept(tmp_path, mnist_path, capsys):
+    out = tmp_path / "finished.json"
+    out.write_text('{"kind": "capsbench-training", "status": "completed"}')
+    code = train.main(["--impl", "torch-vectorised", "--data-dir", str(mnist_path), "--out", str(out), *SHORT_RUN])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"error: {out} already exists: continue that run with --resume {out}, or replace it with "
+                     "--overwrite (or choose another --out)")
+    assert out.read_text() == '{"kind": "capsbench-training", "status": "completed"}'
+    # a checkpoint left alone counts too: it belongs to a run
+    out.unlink()
+    epochs.checkpoint_path(out).write_bytes(b"x")
+    assert train.main(["--impl", "torch-vectorised", "--data-dir", str(mnist_path), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and epochs.checkpoint_path(out).read_bytes() == b"x"
+
+
+class TerminatedAtStep2(TorchCapsNet):
+    """Receives SIGTERM (as from `timeout`, a scheduler or CI) during its second step."""
+
+    def train_step(self, batch):
+        self._steps = getattr(self, "_steps", 0) + 1
+        if self._steps == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().train_step(batch)
+
+
+def test_sigterm_ends_the_run_as_ctrl_c_does_and_says_nothing_was_completed(tmp_path, mnist_path, capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    with registry.registered("terminated-torch", TerminatedAtStep2):
+        code, out = run_train(tmp_path, mnist_path, "--impl", "terminated-torch", *SHORT_RUN)
+    assert code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the run's only
+    record = read_training_result(out)
+    assert record["status"] == "interrupted" and record["message"] == "terminated by signal 15"
+    assert record["epochs"] == [] and record["pid"] == os.getpid()
+    hint = capsys.readouterr().err.strip().splitlines()[-1]
+    assert hint == (f"terminated by signal 15 before epoch 1 completed: nothing was completed or saved; "
+                    f"--resume {out} starts the run again from the beginning, with its options")
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--impl", "numpy-vectorised"], "(--impl terminated-torch); --impl numpy-vectorised differs"),
+    (["--batch-size", "16"], "(--batch-size 32); --batch-size 16 differs"),
+    (["--no-augment"], "(with augmentation); --no-augment differs"),
+    (["--dtype", "float64"], "(--dtype float32); --dtype float64 differs"),
+    (["--limit", "100"], "(--limit 384); --limit 100 differs"),
+])
+def test_a_resume_refuses_an_option_that_differs_from_the_run(tmp_path, mnist_path, capsys, option, message):
+    with registry.registered("terminated-torch", TerminatedAtStep2):
+        code, out = run_train(tmp_path, mnist_path, "--impl", "terminated-torch", *SHORT_RUN)
+        assert code == 128 + signal.SIGTERM
+        capsys.readouterr()
+        code = train.main(["--data-dir", str(mnist_path), "--resume", str(out), *option])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"error: --resume {out} continues that run as it was started {message}: drop it, or start "
+                     "a new run with another --out")
+    assert read_training_result(out)["status"] == "interrupted"  # untouched
+
+
+def test_a_resume_refuses_overwrite_another_out_and_fewer_epochs_than_done(tmp_path, mnist_path, capsys):
+    code, out = run_train(tmp_path, mnist_path, "--impl", "torch-vectorised", "--epochs", "2", *SHORT_RUN)
+    assert code == 0
+    capsys.readouterr()
+    for option, expected in ((["--overwrite"], "--overwrite replaces a run and --resume continues one"),
+                             (["--out", str(tmp_path / "other.json")], "writes to that file; --out "),
+                             (["--epochs", "1"], "--epochs 1 is fewer than the 2 epoch(s)")):
+        assert train.main(["--data-dir", str(mnist_path), "--resume", str(out), *option]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("error: ") and expected in error and "\n" not in error
+
+
+def test_the_first_line_says_when_a_limit_is_more_than_the_images():
+    args = argparse.Namespace(dtype="float32", config="small", schedule="paper", batch_size=32, epochs=1,
+                              limit=100_000, test_limit=200, routing_gradient="full")
+    line = epochs.start_line("torch-vectorised", args, 60_000, 200, "runs/x.json")
+    assert "on 60,000 training images (all there are: the limit 100,000 is more), evaluating on 200 test images," \
+        in line
+    args.limit = 60_000
+    assert "(all there are" not in epochs.start_line("torch-vectorised", args, 60_000, 200, "runs/x.json")

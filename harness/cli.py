@@ -1,0 +1,39 @@
+"""What the commands' command lines share: the program name their usage line shows and their description.
+
+A command run through the front door (``capsbench check``) shows ``usage: capsbench check ...``, the same
+command run as a module (``python -m harness.check``) shows that: the usage line is what the user typed.
+A command's description is the first paragraph of its module's docstring, whole (never cut mid-sentence).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+_front_door = [False]  # True while harness.__main__ runs a command
+
+
+@contextlib.contextmanager
+def through_front_door() -> Iterator[None]:
+    """While it lasts, :func:`prog` names commands as ``capsbench COMMAND``."""
+    _front_door[0], before = True, _front_door[0]
+    try:
+        yield
+    finally:
+        _front_door[0] = before
+
+
+def prog(command: str, suffix: str = "") -> str:
+    """The program name of ``command`` (as ``capsbench`` spells it: ``gpu-benchmark``) for its usage line."""
+    name = f"capsbench {command}" if _front_door[0] else f"python -m harness.{command.replace('-', '_')}"
+    return f"{name} {suffix}".rstrip()
+
+
+def description(doc: str | None) -> str:
+    """The first paragraph of a module docstring as one sentence for --help: without its leading
+    ``python -m harness.X:``, its reStructuredText markup, and starting with a capital."""
+    paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
+    paragraph = re.sub(r"^python -m harness\.\w+(?: \([^)]*\))?: ", "", paragraph)
+    paragraph = re.sub(r":\w+:`~?([^`]*)`", r"\1", paragraph).replace("``", "")
+    return paragraph[:1].upper() + paragraph[1:]
