@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scaling": ("harness.scaling", "Measure how data-parallel training scales with the ranks on this machine."),
     "gpu-benchmark": ("harness.gpu_benchmark", "Measure everything capsbench measures on a GPU machine, in one "
                                                "command."),
-    "readme": ("harness.readme", "Rewrite README's tables of measured figures from results/ (--check compares)."),
+    "readme": ("harness.readme", "Rewrite the measured tables of README and docs/ from results/ (--check compares)."),
     "keep": ("harness.keep", "Copy runs from runs/ into results/, the folder this repository ships."),
 }
 

@@ -19,7 +19,7 @@ away.  Tolerances (:data:`TOLERANCES`) are per dtype and kind of quantity.  The 
 float32 is wider than the others for a reason that is not a bug: Adam divides each gradient by
 ``sqrt(v) + eps`` with eps = 1e-8, so for gradient entries near or below eps, float32 rounding of the
 gradient reaches the parameter multiplied by lr / eps; a real Adam bug (moments reset between steps, bias
-correction missing) moves parameters by O(lr), errors of 0.1 to 1.  README lists the errors measured.
+correction missing) moves parameters by O(lr), errors of 0.1 to 1.  docs/correctness.md lists the errors measured.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 measures on a GPU machine, within one short lease, into one folder and one archive that survive any failure.
 
 A GPU lease is short (one command at most 10 minutes), so the run is a list of stages in order of value,
-each with an estimate made from measured per-process costs (:data:`COSTS`, README "GPU machines"):
+each with an estimate made from measured per-process costs (:data:`COSTS`, docs/gpu-machines.md):
 
 1. ``facts``: the machine (GPU, driver, CUDA, libraries), ``capsbench list``, what is missing;
 2. ``parity``: ``harness.check`` of each implementation in a process of its own (one crash hides nothing),
@@ -23,6 +23,10 @@ and the archive are rewritten after every stage, so a run killed at the lease's 
 everything done before.  Up front, one line for each thing missing (asv, MNIST, pandas/matplotlib, NVML);
 without asv the suite stages are skipped and the rest runs.  Exit status: 0 when no stage failed, 1 when one
 did (the archive is written either way), 2 when nothing could run.
+
+Without ``--impl``, the looped variants of the compiling implementations are left out (the costliest
+first, only as far as needed) until the estimate fits the budget; the run names them (``left_out`` in
+``steps.json``) for a later lease.
 
 ``--stage accuracy`` is the second command: the paper's recipe (``--schedule paper``, batch 128, shifts) on
 the fastest implementation that passed parity in the first command's run (``--from`` its folder or archive),
@@ -92,7 +96,7 @@ class StageTimedOut(StageFailed):
 
 @dataclass(frozen=True)
 class Costs:
-    """Seconds one unit of work takes on a device (the README's "GPU machines" shows the arithmetic).  The
+    """Seconds one unit of work takes on a device (docs/gpu-machines.md shows the arithmetic).  The
     asv figures were measured on the CPU (a process from asv's fork server that only skips or reads the
     memory cache: 0.5 s; a timed smoke point: 1 s more; asv's discovery of the suite); the GPU figures add
     CUDA's context and kernel loading to them and are to be replaced by the seconds the first lease's
@@ -159,6 +163,7 @@ class Plan:
     budget_s: float = DEFAULT_BUDGET_S
     archive_path: Path | None = None
     missing: dict = field(default_factory=dict)  # thing -> one line
+    left_out: list = field(default_factory=list)  # the default selection's names dropped to fit the budget
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -278,7 +283,7 @@ def module(name: str, *args: str) -> list[str]:
 
 def asv_problem() -> str | None:
     if importlib.util.find_spec("asv") is None:
-        return ("asv is not installed: the suite stages are skipped (carry its wheels, README \"GPU machines\", "
+        return ("asv is not installed: the suite stages are skipped (carry its wheels, docs/gpu-machines.md, "
                 "and put them on PYTHONPATH)")
     return None
 
@@ -332,7 +337,8 @@ def stage_facts(plan: Plan, runner: Runner) -> str:
     from harness.threads import thread_facts
 
     write_json_atomic(plan.out / "facts.json", {**machine_facts(), "threads": thread_facts(),
-                                                "missing": plan.missing, "budget_s": plan.budget_s})
+                                                "missing": plan.missing, "left_out": plan.left_out,
+                                                "budget_s": plan.budget_s})
     write_text_atomic(plan.out / "list.txt", list_implementations() + "\n")
     return f"{len(plan.implementations)} implementation(s)"
 
@@ -593,7 +599,7 @@ def accuracy_stages(plan: Plan, first_run: Path | None, max_epochs: int = ACCURA
 
 def record_steps(plan: Plan, steps: dict) -> None:
     """steps.json in OUT_DIR, and its copy beside the archive (what comes back even if the run is killed)."""
-    payload = {"budget_s": plan.budget_s, "missing": plan.missing, "stages": steps}
+    payload = {"budget_s": plan.budget_s, "missing": plan.missing, "left_out": plan.left_out, "stages": steps}
     write_json_atomic(plan.out / "steps.json", payload)
     if plan.archive_path is not None:
         write_json_atomic(plan.archive_path.with_name(plan.archive_path.name.split(".")[0] + ".steps.json"), payload)
@@ -701,16 +707,48 @@ def unpacked(first_run: Path, out: Path) -> Path:
     return folders[0] if len(folders) == 1 else target
 
 
+def plan_estimate(plan: Plan) -> float:
+    """The first command's estimated seconds: its stages and the archive."""
+    return sum(stage.estimate_s for stage in benchmark_stages(plan)) + plan.costs.archive_s
+
+
+def fit_to_budget(device: str, names: list[str], smoke: bool, budget: float) -> tuple[list[str], list[str]]:
+    """The default selection, less the looped variants of the compiling implementations (the costliest to
+    compile, their vectorised twins and the eager looped ones measured all the same), the most expensive
+    first, until the first command's estimate fits the budget: (kept, left out).  A selection given with
+    --impl is never trimmed; its stages that cannot fit are skipped with the reason."""
+    kept, left_out = list(names), []
+
+    def estimate(selection: list[str]) -> float:
+        return plan_estimate(Plan(Path("OUT_DIR"), device, selection, smoke, None, "fit", budget))
+
+    droppable = [name for name in names if registry.get(name).cls.first_call_compiles
+                 and registry.get(name).routing_variant == "looped"]
+    while droppable and estimate(kept) > budget:
+        costliest = max(droppable, key=lambda name: estimate(kept) - estimate([n for n in kept if n != name]))
+        droppable.remove(costliest)
+        kept.remove(costliest)
+        left_out.append(costliest)
+    return kept, left_out
+
+
+def left_out_line(left_out: list[str], budget: float) -> str:
+    return (f"left out to fit the {budget:.0f} s budget: {', '.join(left_out)} (measure them on a later lease: "
+            f"--impl {' '.join(left_out)})")
+
+
 def dry_run(device: str, names: list[str] | None, smoke: bool, budget: float) -> str:
     """The first command's stages with their estimates, one line each, and their sum against the budget."""
-    names = names or [info.name for info in registry.entries() if info.device == device]
+    left_out: list[str] = []
+    if not names:
+        names, left_out = fit_to_budget(device, [info.name for info in registry.entries() if info.device == device],
+                                        smoke, budget)
     plan = Plan(Path("OUT_DIR"), device, names, smoke, None, "dry-run", budget)
-    stages = benchmark_stages(plan)
     lines = [f"{len(names)} implementation(s) on {device}: {len(plan.eager)} eager, {len(plan.compiling)} compiling"]
-    lines += [f"  {stage.name:<15} {stage.estimate_s:6.1f} s" for stage in stages]
-    total = sum(stage.estimate_s for stage in stages) + plan.costs.archive_s
+    lines += [left_out_line(left_out, budget)] if left_out else []
+    lines += [f"  {stage.name:<15} {stage.estimate_s:6.1f} s" for stage in benchmark_stages(plan)]
     lines += [f"  {'archive':<15} {plan.costs.archive_s:6.1f} s",
-              f"  {'total':<15} {total:6.1f} s of a {budget:.0f} s budget"]
+              f"  {'total':<15} {plan_estimate(plan):6.1f} s of a {budget:.0f} s budget"]
     return "\n".join(lines)
 
 
@@ -731,6 +769,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {', '.join(unknown)}: not an implementation on {args.device} that can run here (those: "
               f"{', '.join(implementations) or 'none'})", file=sys.stderr)
         return 2
+    left_out: list[str] = []
+    if not args.impl and args.stage != "accuracy":
+        implementations, left_out = fit_to_budget(args.device, implementations, args.smoke, args.budget)
     implementations = args.impl or implementations
     if not implementations:
         print(f"error: no implementation on {args.device} can run here", file=sys.stderr)
@@ -739,13 +780,15 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV)
     plan = Plan(out, args.device, implementations, args.smoke, data_dir, args.machine or machine_name(args.device),
                 args.budget, (args.archive or out.with_name(out.name + ".tar.gz")).resolve(),
-                missing_things(args.device, data_dir))
+                missing_things(args.device, data_dir), left_out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"capsbench {args.stage} on {args.device}: {len(implementations)} implementation(s) "
           f"({', '.join(implementations)}); machine {plan.machine}; budget {plan.budget_s:.0f} s; output {out}",
           flush=True)
     for line in plan.missing.values():
         print(f"missing: {line}", flush=True)
+    if left_out:
+        print(left_out_line(left_out, plan.budget_s), flush=True)
     if args.stage == "accuracy":
         first = args.first_run or (out if (out / "parity.json").exists() else None)
         if first is not None and not first.exists():

@@ -1,11 +1,11 @@
 """python -m harness.keep: copy runs from ``runs/`` (every command's default, git-ignored) into ``results/``,
-the results this repository ships and README cites.
+the results this repository ships and README and docs/ cite.
 
 Nothing is ever deleted or overwritten with less: asv run files, machine descriptions and facts, training
 results, scaling results and profiles are copied file by file (atomically); ``benchmarks.json`` becomes the
 union of the kept one and the newer one (the newer description of a benchmark wins, and a benchmark only
 older runs measured keeps its description, so their results keep their parameter names).  Framework traces
-and checkpoints stay behind (large, and not what README cites).
+and checkpoints stay behind (large, and not what README and docs/ cite).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""python -m harness.readme: README's measured figures, regenerated from the results this repository ships.
+"""python -m harness.readme: the measured figures of README and docs/, regenerated from the shipped results.
 
-A figure typed by hand drifts from the run it came from; so every table of measured figures in README.md
-sits between two markers and is written by this command from ``results/``::
+A figure typed by hand drifts from the run it came from; so every table of measured figures in README.md and
+in the manual beside it (``docs/*.md``) sits between two markers and is written by this command from
+``results/``::
 
     <!-- generated: profile -->
     ... (whatever this command last wrote) ...
@@ -11,9 +12,10 @@ An opening marker may name the run it wants, ``<!-- generated: headline commit=f
 The blocks (:data:`BLOCKS`): ``headline`` (one asv run: step times with their spread, images/s, % of the
 machine peak, forward, backward, routing share), ``profile`` (the largest layers of each implementation's
 training step), ``training`` (every training run), ``scaling`` (data-parallel scaling) and ``environment``
-(the environment variables of :mod:`harness.settings`, not a measurement).  ``--check``
-rewrites nothing and exits 1 naming the blocks that differ from what the results say; the tests run it, so
-README and ``results/`` cannot disagree unnoticed.
+(the environment variables of :mod:`harness.settings`, not a measurement).  A block may sit in README or in
+any page of ``docs/``, each name in one place only (two copies of one table would be two places to look).
+``--check`` rewrites nothing and exits 1 naming the pages and blocks that differ from what the results say;
+the tests run it, so README, docs/ and ``results/`` cannot disagree unnoticed.
 """
 
 from __future__ import annotations
@@ -159,32 +161,34 @@ def scaling_block(root: Path) -> str:
 def environment_block(root: Path) -> str:
     """The table of every environment variable capsbench reads, from :data:`harness.settings.ENVIRONMENT`
     (``root`` unused: the table is of the code, not of results)."""
-    rows = [(f"`{name}`", meaning) for name, meaning in ENVIRONMENT.items()]
-    return markdown_table(pd.DataFrame(rows, columns=["variable", "what it sets"]), text_columns=2)
+    rows = [(f"`{name}`", setting.sets, setting.explained_in) for name, setting in ENVIRONMENT.items()]
+    return markdown_table(pd.DataFrame(rows, columns=["variable", "what it sets", "where it is explained"]),
+                          text_columns=3)
 
 
 BLOCKS = {"headline": headline_block, "profile": profile_block, "training": training_block,
           "scaling": scaling_block, "environment": environment_block}
 
 
-def regenerate(text: str, root: Path) -> tuple[str, list[str]]:
-    """README's text with every generated block rewritten from ``root``, and the names of those that changed."""
+def regenerate(text: str, root: Path, page: str = "README") -> tuple[str, list[str]]:
+    """``page``'s text with every generated block rewritten from ``root``, and the names of those that changed.
+    ``page`` names the file in errors."""
     out, changed, position = [], [], 0
     for match in OPEN.finditer(text):
         if match.start() < position:
             continue
         name = match["name"]
         if name not in BLOCKS:
-            raise ReadmeError(f"README names an unknown generated block {name!r}: known are {', '.join(BLOCKS)}")
+            raise ReadmeError(f"{page} names an unknown generated block {name!r}: known are {', '.join(BLOCKS)}")
         close = CLOSE.format(name=name)
         end = text.find(close, match.end())
         if end < 0:
-            raise ReadmeError(f"README's generated block {name!r} has no closing marker: add {close!r}")
+            raise ReadmeError(f"{page}'s generated block {name!r} has no closing marker: add {close!r}")
         args = dict(pair.split("=", 1) for pair in match["args"].split())
         try:
             body = BLOCKS[name](root, **args)
         except TypeError:
-            raise ReadmeError(f"README's generated block {name!r} takes no argument(s) {', '.join(args)}") from None
+            raise ReadmeError(f"{page}'s generated block {name!r} takes no argument(s) {', '.join(args)}") from None
         new = f"\n{body}\n"
         if text[match.end():end] != new:
             changed.append(name)
@@ -194,9 +198,45 @@ def regenerate(text: str, root: Path) -> tuple[str, list[str]]:
     return "".join(out), changed
 
 
+def block_names(text: str) -> list[str]:
+    """The names of the generated blocks a page opens, in order."""
+    return [match["name"] for match in OPEN.finditer(text)]
+
+
+def pages(readme: Path, docs: Path | None) -> list[Path]:
+    """README and every Markdown page of the manual (``docs/`` beside README unless ``docs`` says; a README
+    without one has no manual)."""
+    if docs is None:
+        docs = readme.parent / "docs"
+        if not docs.is_dir():
+            return [readme]
+    elif not docs.is_dir():
+        raise ReadmeError(f"--docs {docs} is not a folder: name the folder of the manual's pages")
+    return [readme, *sorted(docs.glob("*.md"))]
+
+
+def regenerate_pages(paths: list[Path], root: Path) -> dict[Path, tuple[str, list[str]]]:
+    """Per page, its text with every generated block rewritten from ``root`` and the blocks that changed; a
+    block name opened in two places (two pages, or twice in one) is an error naming both."""
+    where: dict[str, Path] = {}
+    result = {}
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        for name in block_names(text):
+            if name in where:
+                raise ReadmeError(f"generated block {name!r} is in {where[name]} and again in {path}: "
+                                  "keep one of them")
+            where[name] = path
+        result[path] = regenerate(text, root, str(path))
+    return result
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=cli.prog("readme"), description=cli.description(__doc__))
     parser.add_argument("--readme", type=Path, default=Path("README.md"), help="the file (default: README.md)")
+    parser.add_argument("--docs", type=Path, default=None,
+                        help="the folder of the manual's pages, every *.md in it checked too "
+                             "(default: docs/ beside --readme, where there is one)")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR,
                         help="the results the figures come from (default: results, what this repository ships)")
     parser.add_argument("--check", action="store_true",
@@ -208,22 +248,24 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        text = args.readme.read_text(encoding="utf-8")
-        new, changed = regenerate(text, args.results)
+        regenerated = regenerate_pages(pages(args.readme, args.docs), args.results)
     except (OSError, ReadmeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    stale = {path: changed for path, (_, changed) in regenerated.items() if changed}
+    described = "; ".join(f"{path}: {', '.join(changed)}" for path, changed in stale.items())
     if args.check:
-        if changed:
-            print(f"error: {args.readme}: generated block(s) {', '.join(changed)} differ from {args.results}: "
-                  "run `capsbench readme`", file=sys.stderr)
+        if stale:
+            print(f"error: generated block(s) differ from {args.results} ({described}): run `capsbench readme`",
+                  file=sys.stderr)
             return 1
-        print(f"{args.readme}: every generated block agrees with {args.results}")
+        print(f"{args.readme} and {len(regenerated) - 1} page(s) of the manual: every generated block agrees "
+              f"with {args.results}")
         return 0
-    if changed:
-        write_text_atomic(args.readme, new)
-    print(f"{args.readme}: {len(changed)} generated block(s) rewritten" + (f" ({', '.join(changed)})" if changed
-                                                                          else ""))
+    for path in stale:
+        write_text_atomic(path, regenerated[path][0])
+    count = sum(len(changed) for changed in stale.values())
+    print(f"{len(regenerated)} page(s): {count} generated block(s) rewritten" + (f" ({described})" if stale else ""))
     return 0
 
 

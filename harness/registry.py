@@ -2,11 +2,11 @@
 
 Implementations in this repository register themselves (:func:`register`) when their module in
 ``implementations/`` is imported; an installed package registers through the entry point group
-``capsbench.implementations`` (see README, "Adding an implementation").  The registry is the only index:
+``capsbench.implementations`` (see docs/plugins.md).  The registry is the only index:
 ``capsbench list``, ``harness.check``, ``harness.train``, ``harness.profile`` and the asv suite all ask it.
 What an implementation must provide is the contract, :mod:`harness.contract`; its names are importable
-from here too (``from harness.registry import Implementation, register``), as the README's plugin example
-does.
+from here too (``from harness.registry import Implementation, register``), as docs/plugins.md's plugin
+example does.
 """
 
 from __future__ import annotations

@@ -629,7 +629,8 @@ def plots_section(entries: list[tuple[str, str, str]]) -> str:
 def no_results_message(root: Path) -> str:
     return (f"error: no results under {root} (none in {ASV_RESULTS_SUBDIR}/, {TRAINING_SUBDIR}/, {PROFILE_SUBDIR}/ "
             f"or {SCALING_SUBDIR}/): any one of `asv run --quick` (benchmarks), `python -m harness.train --impl NAME "
-            "--data-dir DIR`, `python -m harness.profile` or `python -m harness.scaling` makes a report (see README)")
+            "--data-dir DIR`, `python -m harness.profile` or `python -m harness.scaling` makes a report "
+            "(see docs/report.md)")
 
 
 def start_line(root: Path, out: Path) -> str:

@@ -1,7 +1,7 @@
 """Every setting capsbench reads from the environment, and every folder its results go to, named once.
 
 Everything else imports these names from here (as scikit-learn's asv suite builds each setting and path in
-one ``get_from_config()``); README's table of environment variables is generated from
+one ``get_from_config()``); the table of environment variables in docs/development.md is generated from
 :data:`ENVIRONMENT` (``capsbench readme``), so the two cannot drift apart.
 
 Results folders: ``runs/`` (git-ignored) is where every command writes by default, ``results/`` what the
@@ -11,6 +11,7 @@ repository ships; below either, each kind of result has its folder (:data:`RESUL
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 # Environment variables ----------------------------------------------------------------------------------
 
@@ -27,22 +28,39 @@ FAIL_RANK_ENV = "CAPSBENCH_FAIL_RANK"
 JAX_CACHE_ENV = "CAPSBENCH_JAX_CACHE"
 JAX_CONVOLUTION_ENV = "CAPSBENCH_JAX_CONVOLUTION"
 
-ENVIRONMENT: dict[str, str] = {
-    DATA_DIR_ENV: "the MNIST folder (the four IDX files, .gz or not) where no --data-dir is given",
-    PROFILE_ENV: "the asv suite's size profile (harness/suite_profiles.py; default fast)",
-    THREADS_ENV: "the asv suite's thread count for torch, BLAS and OpenMP (default: the CPUs this process may use)",
-    IMPLEMENTATIONS_ENV: "the asv suite's implementations, comma separated (default: every one that can run here)",
-    ASV_MACHINE_ENV: "the asv machine name the suite's facts are filed under, where `asv run --machine NAME` is "
-                     "not the host name",
-    ASV_COMMIT_ENV: "the commit the facts are filed under with `asv run --python=same --set-commit-hash` (asv "
-                    "exports none there)",
-    ASV_CONFIG_ENV: "the asv configuration file, with `asv run --python=same --config FILE`",
-    PLAN_CACHE_ENV: "torch-fused's cache of chosen convolution plans (default ~/.cache/capsbench/conv-plans.json)",
-    CONV_PLAN_ENV: "fixed: torch-fused uses its built-in convolution plan instead of measuring one where it runs",
-    FAIL_RANK_ENV: "tests only: the data-parallel rank that fails on purpose",
-    JAX_CACHE_ENV: "the JAX implementations' persistent compilation cache (default runs/jax-cache)",
-    JAX_CONVOLUTION_ENV: "xla: the JAX implementations use XLA's own convolution instead of im2col and one "
-                         "matrix product (default im2col)",
+class Setting(NamedTuple):
+    """One environment variable's line in the table of docs/development.md: what it sets, and where that is
+    explained (a link relative to docs/, or the module that reads it)."""
+
+    sets: str
+    explained_in: str
+
+
+ENVIRONMENT: dict[str, Setting] = {
+    DATA_DIR_ENV: Setting("the MNIST folder (the four IDX files, `.gz` or not) where no `--data-dir` is given",
+                          "[README](../README.md#your-first-ten-minutes)"),
+    PROFILE_ENV: Setting("the asv suite's size profile (`smoke`, `fast` by default, `regular`, `large`, `gpu`; "
+                         "`harness/suite_profiles.py`)", "[benchmarks.md](benchmarks.md#profiles)"),
+    THREADS_ENV: Setting("the asv suite's thread count for torch, BLAS and OpenMP (default: the CPUs this process "
+                         "may use)", "[benchmarks.md](benchmarks.md)"),
+    IMPLEMENTATIONS_ENV: Setting("the asv suite's implementations, comma separated (default: every one that can "
+                                 "run here)", "[benchmarks.md](benchmarks.md#profiles)"),
+    ASV_MACHINE_ENV: Setting("the asv machine name the suite's facts are filed under, where `asv run --machine "
+                             "NAME` is not the host name", "[benchmarks.md](benchmarks.md)"),
+    ASV_COMMIT_ENV: Setting("the commit the facts are filed under with `asv run --python=same --set-commit-hash` "
+                            "(asv exports none there)", "[benchmarks.md](benchmarks.md)"),
+    ASV_CONFIG_ENV: Setting("the asv configuration file, with `asv run --python=same --config FILE`",
+                            "[benchmarks.md](benchmarks.md)"),
+    PLAN_CACHE_ENV: Setting("torch-fused's cache of chosen convolution plans (default "
+                            "`~/.cache/capsbench/conv-plans.json`)", "[README](../README.md#results-on-this-machine)"),
+    CONV_PLAN_ENV: Setting("`fixed`: torch-fused uses its built-in convolution plan instead of measuring one where "
+                           "it runs", "[README](../README.md#results-on-this-machine)"),
+    JAX_CACHE_ENV: Setting("JAX's persistent compilation cache (default `runs/jax-cache`)",
+                           "`implementations/jax_capsnet.py`"),
+    JAX_CONVOLUTION_ENV: Setting("`xla`: the JAX implementations use XLA's own convolution instead of im2col + "
+                                 "GEMM (default `im2col`)", "`implementations/jax_capsnet.py`"),
+    FAIL_RANK_ENV: Setting("tests only: the data-parallel rank that fails (`R:K`) or hangs (`R:K:hang`) on purpose",
+                           "`harness/distributed.py`"),
 }
 
 # Results folders --------------------------------------------------------------------------------------------

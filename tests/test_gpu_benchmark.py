@@ -81,8 +81,9 @@ def test_a_failing_stage_is_recorded_with_its_last_line_and_the_run_goes_on(tmp_
 def test_the_dry_run_prints_the_estimates_and_runs_nothing(tmp_path, capsys):
     assert gpu_benchmark.main([str(tmp_path / "run"), "--dry-run", "--budget", "480"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "10 implementation(s) on cuda: 6 eager, 4 compiling"
-    assert [line.split()[0] for line in lines[1:]] == ["facts", "parity", "gpu-tests", "suite", "suite-compiled",
+    assert lines[0] == "9 implementation(s) on cuda: 6 eager, 3 compiling"
+    assert lines[1].startswith("left out to fit the 480 s budget: ")
+    assert [line.split()[0] for line in lines[2:]] == ["facts", "parity", "gpu-tests", "suite", "suite-compiled",
                                                        "profile", "report", "archive", "total"]
     assert lines[-1].endswith("s of a 480 s budget") and not (tmp_path / "run").exists()
 
@@ -202,11 +203,19 @@ def test_the_lease_grid_selects_only_its_points():
 
 
 def test_the_default_budget_fits_the_h200_estimates():
-    """With the ten CUDA implementations, the first command's stages add up to less than its budget."""
+    """Every CUDA implementation but the compiling looped ones fits the first command's budget; those are
+    left out, the costliest first, only as far as the budget needs, and an --impl selection is never trimmed."""
     names = [info.name for info in registry.entries() if info.device == "cuda"]
-    plan = gpu_benchmark.Plan(Path("/nonexistent"), "cuda", names, False, None, "m")
-    total = sum(stage.estimate_s for stage in gpu_benchmark.benchmark_stages(plan)) + plan.costs.archive_s
-    assert len(names) == 10 and total < gpu_benchmark.DEFAULT_BUDGET_S < 600
+    kept, left_out = gpu_benchmark.fit_to_budget("cuda", names, False, gpu_benchmark.DEFAULT_BUDGET_S)
+    plan = gpu_benchmark.Plan(Path("/nonexistent"), "cuda", kept, False, None, "m")
+    assert gpu_benchmark.plan_estimate(plan) <= gpu_benchmark.DEFAULT_BUDGET_S < 600
+    assert left_out and set(kept) | set(left_out) == set(names) and not set(kept) & set(left_out)
+    for name in left_out:
+        assert registry.get(name).cls.first_call_compiles and registry.get(name).routing_variant == "looped"
+    back = kept + left_out[-1:]  # the last one dropped was needed: with it the plan does not fit
+    assert gpu_benchmark.plan_estimate(gpu_benchmark.Plan(Path("/x"), "cuda", back, False, None, "m")) > \
+        gpu_benchmark.DEFAULT_BUDGET_S
+    assert gpu_benchmark.fit_to_budget("cuda", names, False, 10_000) == (names, [])
 
 
 def test_the_accuracy_stage_trains_the_fastest_that_passed_parity(tmp_path):

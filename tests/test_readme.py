@@ -1,7 +1,9 @@
-"""capsbench readme: README's measured tables are regenerated from results/, and --check catches drift."""
+"""capsbench readme: the measured tables of README and docs/ are regenerated from results/, --check catches
+drift; and README stays an overview whose links, and the manual's, all lead somewhere."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -12,13 +14,16 @@ from harness.settings import RESULTS_DIR
 
 PROFILE = Path(__file__).parent / "fixtures" / "report" / "profile"
 README = Path(__file__).parents[1] / "README.md"
+DOCS = README.parent / "docs"
+README_MOST_LINES = 250
 
 
-def test_readme_agrees_with_the_results_it_cites(capsys):
-    """The shipped README against the shipped results: a figure typed by hand or a result changed without
-    `capsbench readme` fails here."""
-    text = README.read_text(encoding="utf-8")
-    assert {"headline", "profile", "training", "scaling"} <= {match["name"] for match in readme.OPEN.finditer(text)}
+def test_readme_and_docs_agree_with_the_results_they_cite(capsys):
+    """The shipped README and docs/ against the shipped results: a figure typed by hand or a result changed
+    without `capsbench readme` fails here; every block is somewhere, the headline in README itself."""
+    assert "headline" in readme.block_names(README.read_text(encoding="utf-8"))
+    names = [name for page in readme.pages(README, None) for name in readme.block_names(page.read_text())]
+    assert set(readme.BLOCKS) <= set(names) and len(names) == len(set(names)), names
     assert readme.main(["--readme", str(README), "--results", str(RESULTS_DIR), "--check"]) == 0, \
         capsys.readouterr().err
 
@@ -34,7 +39,7 @@ def test_a_stale_block_is_found_then_rewritten_from_the_results(tmp_path, capsys
     page = tmp_path / "README.md"
     page.write_text("before\n<!-- generated: profile -->\ntyped by hand\n<!-- end generated: profile -->\nafter\n")
     assert readme.main(["--readme", str(page), "--results", str(root), "--check"]) == 1
-    assert "generated block(s) profile differ" in capsys.readouterr().err
+    assert f"generated block(s) differ from {root} ({page}: profile)" in capsys.readouterr().err
     assert "typed by hand" in page.read_text()  # --check rewrites nothing
 
     assert readme.main(["--readme", str(page), "--results", str(root)]) == 0
@@ -81,3 +86,106 @@ def test_a_block_without_its_results_says_what_to_run(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "no asv run at commit 0123abcd" in error and "capsbench keep" in error
     assert page.read_text().count("generated") == 2  # nothing written
+
+
+def test_a_stale_block_in_a_docs_page_is_found_then_rewritten(tmp_path, capsys):
+    """A block in docs/ beside README is checked like one in README, and only its page is rewritten."""
+    root = results_with_profile(tmp_path)
+    page = tmp_path / "README.md"
+    page.write_text("# overview\n")
+    (tmp_path / "docs").mkdir()
+    manual = tmp_path / "docs" / "profile.md"
+    manual.write_text("# Profile\n<!-- generated: profile -->\ntyped by hand\n<!-- end generated: profile -->\n")
+    assert readme.main(["--readme", str(page), "--results", str(root), "--check"]) == 1
+    assert f"({manual}: profile)" in capsys.readouterr().err and "typed by hand" in manual.read_text()
+
+    assert readme.main(["--readme", str(page), "--results", str(root)]) == 0
+    assert "typed by hand" not in manual.read_text() and "| primary_caps, " in manual.read_text()
+    assert page.read_text() == "# overview\n"
+    assert readme.main(["--readme", str(page), "--results", str(root), "--check"]) == 0
+
+    elsewhere = tmp_path / "manual"  # --docs names another folder: docs/ beside README is then not read
+    elsewhere.mkdir()
+    (elsewhere / "stale.md").write_text(manual.read_text().replace("| primary_caps, ", "| typed, "))
+    assert readme.main(["--readme", str(page), "--docs", str(elsewhere), "--results", str(root), "--check"]) == 1
+    assert f"({elsewhere / 'stale.md'}: profile)" in capsys.readouterr().err
+
+
+def test_a_block_in_two_places_or_a_docs_folder_that_is_not_one_is_one_line(tmp_path, capsys):
+    root = results_with_profile(tmp_path)
+    page = tmp_path / "README.md"
+    block = "<!-- generated: profile -->\n<!-- end generated: profile -->\n"
+    page.write_text(block)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "profile.md").write_text(block)
+    assert readme.main(["--readme", str(page), "--results", str(root)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"'profile' is in {page} and again in {tmp_path / 'docs' / 'profile.md'}" in error
+    assert (tmp_path / "docs" / "profile.md").read_text() == block  # nothing written
+
+    assert readme.main(["--readme", str(page), "--docs", str(tmp_path / "nowhere"), "--results", str(root)]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+
+
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def prose(path: Path) -> str:
+    """A Markdown page without its fenced code (code is not a link)."""
+    return FENCE.sub("", path.read_text(encoding="utf-8"))
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    return {slug(heading) for heading in re.findall(r"^#+ (.+)$", prose(path), re.M)}
+
+
+def broken_links(pages: list[Path]) -> list[str]:
+    """Every relative link or image of ``pages`` whose file, or heading after ``#``, does not exist."""
+    broken = []
+    for page in pages:
+        for target in LINK.findall(prose(page)):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            path, _, anchor = target.partition("#")
+            where = (page.parent / path).resolve() if path else page
+            if not where.exists() or (anchor and anchor not in anchors(where)):
+                broken.append(f"{page.name}: {target}")
+    return broken
+
+
+def test_slugs_are_githubs():
+    assert [slug(heading) for heading in ["Stop-gradient routing: full or final", "The machine's peak",
+                                          "Data-parallel training (torch.distributed)"]] == [
+        "stop-gradient-routing-full-or-final", "the-machines-peak", "data-parallel-training-torchdistributed"]
+
+
+def test_a_broken_link_image_or_anchor_is_found(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "plot.png").write_bytes(b"png")
+    (tmp_path / "docs" / "a.md").write_text("# A\n\n## The machine's peak\n\n![plot](../plot.png) [b](b.md)\n")
+    page = tmp_path / "README.md"
+    page.write_text("[a](docs/a.md#the-machines-peak) [web](https://example.org/x)\n```\n[code](nowhere.md)\n```\n")
+    assert broken_links([page, tmp_path / "docs" / "a.md"]) == ["a.md: b.md"]
+    page.write_text("![plot](plot.png) ![moved](results/plot.png) [a](docs/a.md#peak) [me](#nowhere)\n")
+    assert broken_links([page]) == ["README.md: results/plot.png", "README.md: docs/a.md#peak", "README.md: #nowhere"]
+
+
+def test_readme_is_an_overview_that_links_every_page_of_the_manual():
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= README_MOST_LINES, f"README has {len(lines)} lines: move reference text into docs/"
+    linked = {(README.parent / target.split("#")[0]).resolve() for target in LINK.findall(prose(README))}
+    manual = sorted(DOCS.glob("*.md"))
+    assert len(manual) >= 10 and not [page.name for page in manual if page.resolve() not in linked]
+    for page in manual:  # each page opens with its title and one line saying what it is
+        title, blank, what, after, *_ = page.read_text(encoding="utf-8").splitlines()
+        assert title.startswith("# ") and blank == after == "" and what and not what.startswith("#"), page.name
+
+
+def test_every_relative_link_and_image_in_readme_and_docs_leads_to_a_file_and_heading():
+    assert not broken_links([README, *sorted(DOCS.glob("*.md"))])

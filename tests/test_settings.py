@@ -1,6 +1,7 @@
 """harness.settings names every environment variable and every results folder once: no other module spells
-a ``CAPSBENCH_*`` name or defines a results folder, every variable has its line in README's table (generated
-from :data:`harness.settings.ENVIRONMENT`, checked by tests/test_readme.py), and nothing is left out of it."""
+a ``CAPSBENCH_*`` name or defines a results folder, every variable has its line in the table of
+docs/development.md (generated from :data:`harness.settings.ENVIRONMENT`, checked by tests/test_readme.py),
+and nothing is left out of it."""
 
 from __future__ import annotations
 
@@ -40,6 +41,6 @@ def test_every_results_folder_is_named_once():
     assert elsewhere == []
 
 
-def test_readme_lists_every_environment_variable():
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    assert all(f"| `{name}` |" in readme for name in settings.ENVIRONMENT)
+def test_the_manual_lists_every_environment_variable():
+    page = (REPO_ROOT / "docs" / "development.md").read_text(encoding="utf-8")
+    assert all(f"| `{name}` |" in page for name in settings.ENVIRONMENT)

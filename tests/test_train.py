@@ -12,7 +12,7 @@ import pytest
 
 from harness import epochs, registry, train
 from harness.results import read_training_result
-from harness.threads import set_threads, usable_cpu_count
+from harness.threads import recorded_pools, set_threads, usable_cpu_count
 from implementations.torch_capsnet import TorchCapsNet
 
 SHORT_RUN = ["--config", "small", "--limit", "384", "--test-limit", "200", "--batch-size", "32"]
@@ -190,7 +190,8 @@ def test_every_thread_pool_is_pinned_to_the_count_asked_for(tmp_path, mnist_path
         set_threads(usable_cpu_count())  # the rest of the tests run with every CPU again
     assert code == 0
     threads = read_training_result(out)["threads"]
-    assert threads["torch"] == 1 and set(threads.values()) == {1} and len(threads) > 1
+    settable = {pool: count for pool, count in threads.items() if pool not in recorded_pools()}  # XLA's: as it is
+    assert settable["torch"] == 1 and set(settable.values()) == {1} and len(settable) > 1
 
 
 class FullGradientOnly(TorchCapsNet):
