@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import cli, contract, epochs, options, plots, registry
+from harness import cli, contract, options, plots, registry
+from harness.checkpoint import checkpoint_path
 from harness.data import DataError, load_mnist
 from harness.decoder import mask_to_classes
 from harness.params import validate_parameters
@@ -87,7 +88,7 @@ class Checkpoint:
 def checkpoint_and_results(path: Path) -> tuple[Path, Path]:
     """(checkpoint, results file) from either: training writes ``X.checkpoint.npz`` beside ``X.json``."""
     if path.suffix == ".json":
-        return epochs.checkpoint_path(path), path
+        return checkpoint_path(path), path
     name = path.name.removesuffix(".checkpoint.npz") if path.name.endswith(".checkpoint.npz") else path.stem
     return path, path.with_name(f"{name}.json")
 

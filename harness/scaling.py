@@ -250,6 +250,28 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+def scaling_record(info, args: argparse.Namespace, strong: bool, runs: list[dict]) -> dict:
+    """The scaling results file: what was measured, how each figure is defined, the machine, and one run
+    per world size (as its rank 0 wrote it)."""
+    return {
+        "kind": SCALING_KIND,
+        "format_version": 2,
+        "implementation": info.name,
+        **info.describe(),
+        "backend": "nccl" if info.device == "cuda" else "gloo",
+        "config_name": args.config,
+        "dtype": args.dtype,
+        "scaling": "strong" if strong else "weak",
+        "allreduce_measure": "exposed: median over adjacent pairs of (DDP step - the same step under no_sync()), "
+                             "slowest rank, floored at 0; none for one rank",
+        "efficiency": "speed-up over the smallest world size / growth of the compute used (CPU: ranks x threads "
+                      "per rank; GPU: ranks)",
+        "data": "seeded synthetic batches, already on the device (no data loading)",
+        "machine": machine_facts(),
+        "runs": runs,
+    }
+
+
 def scaling_main(argv: list[str]) -> int:
     from harness import registry  # here, not at the top: the report imports this module's figures alone
     from harness.distributed import torch_implementation
@@ -303,23 +325,7 @@ def scaling_main(argv: list[str]) -> int:
                       f"{completed.returncode}); no results file written", file=sys.stderr)
                 return 1
             runs.append(read_json(part))
-    payload = {
-        "kind": SCALING_KIND,
-        "format_version": 2,
-        "implementation": info.name,
-        **info.describe(),
-        "backend": "nccl" if info.device == "cuda" else "gloo",
-        "config_name": args.config,
-        "dtype": args.dtype,
-        "scaling": "strong" if strong else "weak",
-        "allreduce_measure": "exposed: median over adjacent pairs of (DDP step - the same step under no_sync()), "
-                             "slowest rank, floored at 0; none for one rank",
-        "efficiency": "speed-up over the smallest world size / growth of the compute used (CPU: ranks x threads "
-                      "per rank; GPU: ranks)",
-        "data": "seeded synthetic batches, already on the device (no data loading)",
-        "machine": machine_facts(),
-        "runs": runs,
-    }
+    payload = scaling_record(info, args, strong, runs)
     write_json_atomic(out, payload)
     print(format_scaling_table(payload))
     print(f"results written to {out}")
