@@ -22,7 +22,9 @@ compilation and cuDNN's algorithm choice all happen there), and every timed call
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from harness import asv_facts, contract, registry
@@ -135,17 +137,25 @@ def build(name: str, batch_size: int, iterations: int, warm_up: str | None, rout
     info = setup_benchmark(name, routing_gradient)
     set_threads(THREADS)
     config = CONFIG.replace(routing_iterations=iterations, routing_gradient=routing_gradient)
-    try:
+    with skipped_when_out_of_memory(name, batch_size):
         impl = info.create(config, init_parameters(config), DTYPE)
         batch = impl.to_device(*synthetic_batch(config, batch_size, seed=DATA_SEED))
         WARM_UPS[warm_up](impl, batch)
         impl.synchronize()
         record_plan_facts(name, impl)
+    return Prepared(impl, batch)
+
+
+@contextlib.contextmanager
+def skipped_when_out_of_memory(name: str, batch_size: int) -> Iterator[None]:
+    """Running out of memory inside the block is a NotImplementedError (asv: skipped) naming the
+    implementation and the batch; every other error passes through."""
+    try:
+        yield
     except Exception as error:
         if is_out_of_memory(error):
             raise NotImplementedError(f"{name} runs out of memory at batch {batch_size}: {error}") from None
         raise
-    return Prepared(impl, batch)
 
 
 def prepare(name: str, batch_size: int, iterations: int, warm_up: str | None, routing_gradient: str = "full"
