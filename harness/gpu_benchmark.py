@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import options, registry
-from harness.results import write_json_atomic, write_text_atomic
+from harness.results import PROFILE_CSV, write_json_atomic, write_text_atomic
 from harness.settings import (
     ASV_COMMIT_ENV,
     ASV_CONFIG_ENV,
@@ -539,7 +539,7 @@ def fastest_passing(first_run: Path) -> tuple[str, str]:
     passed = [name for name, outcome in parity.items() if all(value == "passed" for value in outcome.values())]
     if not passed:
         raise StageFailed(f"no implementation passed parity in {first_run}: nothing to train")
-    profile = first_run / "profile" / "profile.csv"
+    profile = first_run / "profile" / PROFILE_CSV
     if profile.exists():
         import csv
 

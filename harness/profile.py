@@ -53,13 +53,14 @@ from harness.formatting import fmt, markdown_table
 from harness.params import init_parameters
 from harness.peak import backend_of, gemm_peak_gflops, machine_hardware_peak, one_peak, peak_sentence
 from harness.ranges import RANGE_PREFIX, ROUTING_LAYER, layer_range, range_name, recording
-from harness.results import PROFILE_KIND, atomic_output, write_json_atomic, write_text_atomic
+from harness.results import PROFILE_CSV, PROFILE_JSON, PROFILE_KIND, atomic_output, write_json_atomic, write_text_atomic
 from harness.settings import PROFILE_SUBDIR, RUNS_DIR
 from harness.spec import CapsNetConfig, get_config
 from harness.threads import set_threads, thread_facts, usable_cpu_count
 
 PHASE_CALLS = (("forward", "forward_loss"), ("backward", "backward"), ("update", "adam_step"))
-CSV_NAME, MD_NAME, JSON_NAME, TRACES = "profile.csv", "profile.md", "profile.json", "traces"
+CSV_NAME, JSON_NAME = PROFILE_CSV, PROFILE_JSON  # the files harness.results reads back
+MD_NAME, TRACES = "profile.md", "traces"
 CSV_COLUMNS = ["implementation", "framework", "device", "config_name", "batch_size", "dtype", "phase", "layer", "order",
                "steps", "time_s", "time_q25_s", "time_q75_s", "share", "flops", "gflops_per_s", "peak_gflops",
                "pct_of_peak", "memory_allocated_bytes", "memory_peak_bytes"]

@@ -31,11 +31,10 @@ from harness import cli
 from harness.asv_results import load_asv, run_peak_sentence
 from harness.formatting import NA, fmt, fmt_spread, markdown_table
 from harness.report import distributed_section
-from harness.results import load_scaling_results, load_training_results, write_text_atomic
+from harness.results import load_profile_result, load_scaling_results, load_training_results, write_text_atomic
 from harness.settings import ENVIRONMENT, PROFILE_SUBDIR, RESULTS_DIR, SCALING_SUBDIR, TRAINING_SUBDIR
 from harness.tables import (
     distributed_table,
-    load_profile_result,
     profile_rows,
     run_rows,
     step_iterations,

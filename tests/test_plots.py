@@ -17,7 +17,8 @@ from matplotlib.colors import to_rgb
 
 from harness import plots
 from harness.asv_results import tidy_frame
-from harness.tables import load_profile_result, speedup_table
+from harness.results import load_profile_result
+from harness.tables import speedup_table
 
 PROFILE = Path(__file__).parent / "fixtures" / "report" / "profile"
 
