@@ -11,7 +11,7 @@ TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 to time a cold compile every run).
 
 import time
 
-from benchmarks.common import BATCH_SIZES, CONFIG, IMPLEMENTATIONS, build, require_available
+from benchmarks.common import BATCH_SIZES, CONFIG, IMPLEMENTATIONS, build, setup_benchmark
 
 LATER_STEPS = 3
 
@@ -25,7 +25,7 @@ class CompileTime:
     timeout = 1800
 
     def setup(self, name):
-        info = require_available(name)
+        info = setup_benchmark(name)
         if not info.cls.first_call_compiles:
             raise NotImplementedError(f"{name} neither compiles nor captures on its first step")
 

@@ -1,6 +1,6 @@
 """Correctness beside speed: each implementation's largest error against the float64 reference."""
 
-from benchmarks.common import CHECK_BATCH_SIZE, CONFIG, DTYPE, IMPLEMENTATIONS, require_available
+from benchmarks.common import CHECK_BATCH_SIZE, CONFIG, DTYPE, IMPLEMENTATIONS, setup_benchmark
 from harness.check import max_error
 
 
@@ -10,7 +10,7 @@ class Correctness:
     timeout = 900
 
     def setup(self, name):
-        require_available(name)
+        setup_benchmark(name)
 
     def track_max_rel_error(self, name):
         """max over lengths, reconstructions, loss, gradients and parameters after 3 Adam steps (float32)."""

@@ -10,7 +10,7 @@ from benchmarks.common import (
     STEP_ROUTING_ITERATIONS,
     ModelBenchmark,
     record_facts,
-    require_available,
+    setup_benchmark,
 )
 from harness import registry
 from harness.memory import PROCESS_NOT_VISIBLE, current_rss_bytes, host_sampler, nvml_status, nvml_used_bytes
@@ -64,7 +64,7 @@ def measured_names() -> list[str]:
     names = []
     for name in IMPLEMENTATIONS:
         try:
-            require_available(name)
+            setup_benchmark(name)
         except NotImplementedError:
             continue
         names.append(name)
@@ -74,7 +74,7 @@ def measured_names() -> list[str]:
 def measured_point(measured: dict, params: tuple) -> dict:
     """The figures of one grid point, or NotImplementedError (asv: skipped) with the reason it was not
     measured (not selected, on the CPU, unavailable, NVML missing, out of memory)."""
-    require_available(params[0])
+    setup_benchmark(params[0])
     figures = measured[params]
     if isinstance(figures, str):
         raise NotImplementedError(figures)
@@ -179,7 +179,7 @@ class CudaContext:
         candidates = [info.name for info in registry.entries() if info.framework == framework and info.device == "cuda"]
         if not candidates:
             raise NotImplementedError("no CUDA implementation is registered")
-        require_available(candidates[0])
+        setup_benchmark(candidates[0])
         problem = nvml_status()
         if problem:
             raise NotImplementedError(f"NVML unavailable: {problem}")

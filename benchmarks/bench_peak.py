@@ -3,7 +3,7 @@
 through each framework's own BLAS with the benchmarks' thread count (the practical ceiling shown beside it;
 where the hardware peak is unknown, the best of these is the figure divided by)."""
 
-from benchmarks.common import IMPLEMENTATIONS, THREADS, record_facts, require_available
+from benchmarks.common import IMPLEMENTATIONS, THREADS, record_facts, setup_benchmark
 from harness import registry
 from harness.peak import backend_of, gemm_peak_gflops
 from harness.threads import set_threads
@@ -24,7 +24,7 @@ class GemmPeak:
             if backend_of(registry.get(name).framework, registry.get(name).device) != backend:
                 continue
             try:
-                require_available(name)
+                setup_benchmark(name)
                 break
             except NotImplementedError as reason:
                 reasons.append(str(reason))

@@ -15,8 +15,8 @@ from benchmarks.common import (
     ROUTING_ITERATIONS,
     GradientBenchmark,
     ModelBenchmark,
+    skipped_when_out_of_memory,
 )
-from harness.step_memory import is_out_of_memory
 
 
 class TrainStep(GradientBenchmark):
@@ -69,16 +69,12 @@ def routing_inputs(benchmark: ModelBenchmark, params: tuple) -> tuple:
     sample), after one warm-up of routing forward and of routing forward + backward."""
     if params not in _routing_inputs:
         impl = benchmark.impl
-        try:
+        with skipped_when_out_of_memory(params[0], params[1]):
             u_hat = impl.prediction_vectors(benchmark.batch)
             shape = (params[1], CONFIG.num_classes, CONFIG.digit_caps_dim)  # v: (B, J, D)
             grad_v = impl.from_numpy(np.random.default_rng(0).standard_normal(shape))
             impl.routing_forward(u_hat)  # warm-ups
             impl.routing_backward(u_hat, grad_v)
-        except Exception as error:
-            if is_out_of_memory(error):
-                raise NotImplementedError(f"{params[0]} runs out of memory at batch {params[1]}: {error}") from None
-            raise
         _routing_inputs[params] = (u_hat, grad_v)
     benchmark.impl.synchronize()
     return _routing_inputs[params]

@@ -10,7 +10,7 @@ import os
 import tempfile
 import time
 
-from benchmarks.common import BATCH_SIZES, CONFIG, IMPLEMENTATIONS, build, require_available
+from benchmarks.common import BATCH_SIZES, CONFIG, IMPLEMENTATIONS, build, setup_benchmark
 
 
 class PlanTime:
@@ -19,26 +19,26 @@ class PlanTime:
     timeout = 1800
 
     def setup(self, name, batch_size):
-        info = require_available(name)
+        info = setup_benchmark(name)
         if not hasattr(info.cls, "use_plan_for"):
             raise NotImplementedError(f"{name} does not choose a plan where it runs")
         self.prepared = build(name, batch_size, CONFIG.routing_iterations, warm_up=None)
 
     def track_plan_seconds(self, name, batch_size):
         """Seconds to measure and choose the plan of a fresh model at this batch size (cache empty)."""
-        from implementations.conv_plans import CACHE_ENV
+        from harness.settings import PLAN_CACHE_ENV
 
-        saved = os.environ.get(CACHE_ENV)
+        saved = os.environ.get(PLAN_CACHE_ENV)
         with tempfile.TemporaryDirectory(prefix="capsbench-plan-time-") as folder:
-            os.environ[CACHE_ENV] = folder
+            os.environ[PLAN_CACHE_ENV] = folder
             try:
                 start = time.perf_counter()
                 self.prepared.impl.use_plan_for(batch_size)
                 return time.perf_counter() - start
             finally:
                 if saved is None:
-                    os.environ.pop(CACHE_ENV, None)
+                    os.environ.pop(PLAN_CACHE_ENV, None)
                 else:
-                    os.environ[CACHE_ENV] = saved
+                    os.environ[PLAN_CACHE_ENV] = saved
 
     track_plan_seconds.unit = "seconds"

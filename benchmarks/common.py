@@ -8,7 +8,7 @@ name the registry knows (built-in, added later, or installed through the entry p
 every run describes the same grid and no earlier result loses its labels.  One that cannot run here, one
 left out by ``CAPSBENCH_IMPLEMENTATIONS``, or a combination that runs out of memory is skipped through
 asv's own mechanism (``NotImplementedError`` in ``setup``, with the reason).  Sizes come from a profile of
-:mod:`harness.profiles`, chosen with ``CAPSBENCH_PROFILE`` (scikit-learn's asv suite does the same).
+:mod:`harness.suite_profiles`, chosen with ``CAPSBENCH_PROFILE`` (scikit-learn's asv suite does the same).
 
 Importing this module must never touch a GPU: asv imports the suite once in a fork server and forks a
 process per benchmark, and CUDA does not survive a fork.  Availability is checked in ``setup`` only.
@@ -17,35 +17,25 @@ Set-up work stays out of the timed region: the model is built, moved to its devi
 ``setup`` by one call of the operation the benchmark times (lazy initialisation, CUDA context, kernel
 compilation and cuDNN's algorithm choice all happen there), and every timed call ends with
 ``synchronize()``.  Every benchmark's ``setup`` also writes the machine facts beside the run's results
-(:func:`record_facts`), whatever subset of the suite runs.
+(:func:`setup_benchmark`, through :mod:`harness.asv_facts`), whatever subset of the suite runs.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import platform
-import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-from harness import registry
+from harness import asv_facts, contract, registry
 from harness.data import synthetic_batch
-from harness.environment import machine_facts
 from harness.params import init_parameters
-from harness.profiles import FACTS_SUBDIR, load_profile, routing_gradients
-from harness.results import ResultsFileError, read_json, write_json_atomic
+from harness.settings import IMPLEMENTATIONS_ENV, PROFILE_ENV, THREADS_ENV
 from harness.spec import get_config
 from harness.step_memory import is_out_of_memory
-from harness.threads import set_threads, thread_facts, usable_cpu_count
+from harness.suite_profiles import load_suite_profile, routing_gradients
+from harness.threads import set_threads, usable_cpu_count
 
-THREADS_ENV = "CAPSBENCH_THREADS"
-IMPLEMENTATIONS_ENV = "CAPSBENCH_IMPLEMENTATIONS"
-MACHINE_ENV = "CAPSBENCH_ASV_MACHINE"  # set it when `asv run --machine NAME` is not the hostname
-# asv exports the commit being measured (ASV_COMMIT) and its configuration's folder (ASV_CONF_DIR), except
-# with --python=same; there set these to the hash given to --set-commit-hash and, with --config, that file
-COMMIT_ENV = "CAPSBENCH_ASV_COMMIT"
-CONFIG_ENV = "CAPSBENCH_ASV_CONFIG"
 DTYPE = "float32"
 DATA_SEED = 0
 
@@ -64,7 +54,7 @@ def selected_implementations() -> set[str] | str:
     return chosen
 
 
-PROFILE_NAME, PROFILE = load_profile()
+PROFILE_NAME, PROFILE = load_suite_profile()
 CONFIG = get_config(PROFILE["config"])
 IMPLEMENTATIONS = registry.names()
 SELECTED = selected_implementations()
@@ -80,7 +70,6 @@ def require_available(name: str, routing_gradient: str = "full") -> registry.Imp
     """The registry entry, or NotImplementedError (asv: skipped) saying why it does not run: not selected,
     compiling in a profile that leaves compiling implementations out, unavailable here, or without the
     routing gradient asked for."""
-    record_facts()
     if isinstance(SELECTED, str):
         raise NotImplementedError(SELECTED)
     if name not in SELECTED:
@@ -88,7 +77,7 @@ def require_available(name: str, routing_gradient: str = "full") -> registry.Imp
     info = registry.get(name)
     if info.cls.first_call_compiles and not PROFILE["compiled"] and not os.environ.get(IMPLEMENTATIONS_ENV):
         raise NotImplementedError(f"{name} compiles again in every benchmark process: the {PROFILE_NAME} profile "
-                                  f"leaves it out (CAPSBENCH_PROFILE=regular, or name it in {IMPLEMENTATIONS_ENV})")
+                                  f"leaves it out ({PROFILE_ENV}=regular, or name it in {IMPLEMENTATIONS_ENV})")
     status = info.availability()
     if not status:
         raise NotImplementedError(f"{name} is unavailable here: {status.reason}")
@@ -98,76 +87,27 @@ def require_available(name: str, routing_gradient: str = "full") -> registry.Imp
     return info
 
 
-# Machine facts beside the results ------------------------------------------------------------------------
-
-
-def asv_config_path() -> Path:
-    """The asv configuration in use: ASV_CONF_DIR's, else $CAPSBENCH_ASV_CONFIG, else the repository's."""
-    if os.environ.get("ASV_CONF_DIR"):
-        return Path(os.environ["ASV_CONF_DIR"]) / "asv.conf.json"
-    if os.environ.get(CONFIG_ENV):
-        return Path(os.environ[CONFIG_ENV])
-    return Path(__file__).resolve().parent.parent / "asv.conf.json"
-
-
-def asv_results_dir() -> Path:
-    """The results folder of the asv configuration in use (``results_dir``, relative to the config)."""
-    path = asv_config_path()
-    conf = json.loads(re.sub(r"^\s*//.*$", "", path.read_text(encoding="utf-8"), flags=re.MULTILINE))
-    return (path.parent / conf.get("results_dir", "results")).resolve()
-
-
-def measured_commit() -> str | None:
-    """The commit asv is measuring: ASV_COMMIT, else $CAPSBENCH_ASV_COMMIT (--python=same runs)."""
-    return os.environ.get("ASV_COMMIT") or os.environ.get(COMMIT_ENV) or None
-
-
-def facts_path(commit: str) -> Path:
-    """``<results>/../asv-facts/<machine>/<commit8>-<environment>.json`` (``<commit8>.json`` where asv names
-    no environment, as with --python=same; the report reads either)."""
-    machine = os.environ.get(MACHINE_ENV) or platform.node()
-    environment = os.environ.get("ASV_ENV_NAME")
-    name = f"{commit[:8]}-{environment}.json" if environment else f"{commit[:8]}.json"
-    return asv_results_dir().parent / FACTS_SUBDIR / machine / name
-
-
-_facts_written = False
+# Machine facts beside the results (harness.asv_facts writes them) -----------------------------------------
 
 
 def record_facts() -> None:
-    """Write the facts asv does not record (GPU, libraries, BLAS, threads, profile, and what each
-    implementation is) beside the run's results, once per benchmark process."""
-    global _facts_written
-    commit = measured_commit()
-    if _facts_written or commit is None:
-        return  # a dry run or a run without a commit: asv saves no results for facts to sit beside
-    set_threads(THREADS)
-    facts = machine_facts()
-    facts.update(threads=thread_facts(), profile=PROFILE_NAME, asv_commit=commit,
-                 asv_env_name=os.environ.get("ASV_ENV_NAME"),
-                 implementations={info.name: info.describe() for info in registry.entries()})
-    previous = facts_path(commit)
-    if previous.is_file():  # plans recorded by earlier benchmark processes of this run stay
-        try:
-            facts["plans"] = read_json(previous).get("plans", {})
-        except ResultsFileError:
-            pass
-    write_json_atomic(facts_path(commit), facts)
-    _facts_written = True
+    """Write the facts asv does not record beside the run's results, once per benchmark process
+    (:func:`harness.asv_facts.write_run_facts` with this suite's threads and profile)."""
+    asv_facts.write_run_facts(THREADS, PROFILE_NAME)
 
 
-def record_plan_facts(name: str, impl: registry.Implementation) -> None:
-    """Add the plans an implementation chose for its batch shapes (``plan_facts()``, torch-fused's convolution
-    strategies) to the run's facts under ``plans[name][batch size]``, so every figure says which plan made it."""
-    plan_facts = getattr(impl, "plan_facts", None)
-    commit = measured_commit()
-    if plan_facts is None or commit is None:
-        return
+def record_plan_facts(name: str, impl: contract.Implementation) -> None:
+    """Add the plans ``impl`` chose for its batch shapes to the run's facts
+    (:func:`harness.asv_facts.add_plan_facts`), the facts written first if this process has not yet."""
     record_facts()
-    path = facts_path(commit)
-    facts = read_json(path)
-    facts.setdefault("plans", {}).setdefault(name, {}).update(plan_facts())
-    write_json_atomic(path, facts)
+    asv_facts.add_plan_facts(name, impl)
+
+
+def setup_benchmark(name: str, routing_gradient: str = "full") -> registry.ImplementationInfo:
+    """What every benchmark's ``setup`` does first: write the run's facts (:func:`record_facts`), then the
+    registry entry of ``name``, or asv's skip with the reason (:func:`require_available`)."""
+    record_facts()
+    return require_available(name, routing_gradient)
 
 
 # Prepared models -------------------------------------------------------------------------------------------
@@ -175,8 +115,8 @@ def record_plan_facts(name: str, impl: registry.Implementation) -> None:
 
 @dataclass
 class Prepared:
-    impl: registry.Implementation
-    batch: registry.Batch
+    impl: contract.Implementation
+    batch: contract.Batch
 
 
 _prepared: dict[tuple, Prepared] = {}
@@ -194,20 +134,28 @@ WARM_UPS = {
 def build(name: str, batch_size: int, iterations: int, warm_up: str | None, routing_gradient: str = "full") -> Prepared:
     """A built implementation and a batch on its device, warmed up by one ``warm_up`` call (see
     :data:`WARM_UPS`); a combination that runs out of memory raises NotImplementedError (asv: skipped)."""
-    info = require_available(name, routing_gradient)
+    info = setup_benchmark(name, routing_gradient)
     set_threads(THREADS)
     config = CONFIG.replace(routing_iterations=iterations, routing_gradient=routing_gradient)
-    try:
+    with skipped_when_out_of_memory(name, batch_size):
         impl = info.create(config, init_parameters(config), DTYPE)
         batch = impl.to_device(*synthetic_batch(config, batch_size, seed=DATA_SEED))
         WARM_UPS[warm_up](impl, batch)
         impl.synchronize()
         record_plan_facts(name, impl)
+    return Prepared(impl, batch)
+
+
+@contextlib.contextmanager
+def skipped_when_out_of_memory(name: str, batch_size: int) -> Iterator[None]:
+    """Running out of memory inside the block is a NotImplementedError (asv: skipped) naming the
+    implementation and the batch; every other error passes through."""
+    try:
+        yield
     except Exception as error:
         if is_out_of_memory(error):
             raise NotImplementedError(f"{name} runs out of memory at batch {batch_size}: {error}") from None
         raise
-    return Prepared(impl, batch)
 
 
 def prepare(name: str, batch_size: int, iterations: int, warm_up: str | None, routing_gradient: str = "full"

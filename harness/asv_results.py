@@ -29,7 +29,7 @@ Timed phases also get their arithmetic: ``flops`` (:func:`harness.flops.phase_fl
 network at that batch size and routing iterations), ``gflops_per_s``, ``peak_gflops`` (one figure per run for
 every implementation: the hardware float32 peak from the run's facts, else the best GEMM measured in the
 run; ``peak_source`` says which, ``best_gemm_gflops`` is the practical ceiling) and ``pct_of_peak``.
-The network a run used follows from the ``profile`` in its facts file through :mod:`harness.profiles`.
+The network a run used follows from the ``profile`` in its facts file through :mod:`harness.suite_profiles`.
 
 Nothing here raises on a bad file: every problem is one line in the returned ``warnings`` that names the
 file, and the file (or the one benchmark entry) is skipped.
@@ -47,9 +47,10 @@ import pandas as pd
 
 from harness.flops import phase_flops
 from harness.peak import GPU_BACKENDS, backend_of, peak_sentence
-from harness.profiles import ASV_RESULTS_SUBDIR, DEFAULT_PROFILE, FACTS_SUBDIR, PROFILES
 from harness.results import ResultsFileError, read_json
+from harness.settings import ASV_RESULTS_SUBDIR, FACTS_SUBDIR
 from harness.spec import get_config
+from harness.suite_profiles import DEFAULT_PROFILE, PROFILES
 
 RESULTS_API_VERSION = 2  # asv.results.Results.api_version
 UNKNOWN = "unknown"
@@ -289,7 +290,7 @@ def read_run(path: Path, results_root: Path, benchmarks: dict, warnings: list[st
     facts = read_facts(results_root, path.parent.name, commit, env, warnings)
     profile = (facts or {}).get("profile") or DEFAULT_PROFILE
     if profile not in PROFILES:
-        warnings.append(f"warning: {path}: profile {profile!r} is not in harness.profiles; "
+        warnings.append(f"warning: {path}: profile {profile!r} is not in harness.suite_profiles; "
                         f"assuming {DEFAULT_PROFILE!r}")
         profile = DEFAULT_PROFILE
     date = pd.to_datetime(as_number(payload["date"]), unit="ms", utc=True) if payload["date"] is not None else pd.NaT

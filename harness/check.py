@@ -31,15 +31,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from harness import cli, registry
+from harness import cli, options, registry
 from harness.data import synthetic_batch
 from harness.params import init_parameters, parameter_shapes
-from harness.spec import CONFIGS, ROUTING_GRADIENTS, CapsNetConfig, LearningRateSchedule, get_config
+from harness.spec import CapsNetConfig, LearningRateSchedule, get_config
 
 REFERENCE = "torch-vectorised"
 REFERENCE_DTYPE = "float64"
 ADAM_STEPS = 3
 CHECK_BATCH_SIZE = 8
+CHECK_CONFIG = "small"
+CHECK_CONFIG_WHY = "the same code computes every size, and the small network checks in seconds"
 FORWARD_SEED = 0  # seed of the batch for outputs and gradients; the Adam batches follow it
 ROUTING_SEED = 7  # seed of the gradient with respect to v fed to routing alone
 EXTRA_ROUTING_ITERATIONS = (1, 5)  # routing alone is also checked here, besides the network's own count
@@ -224,18 +226,13 @@ def parser() -> argparse.ArgumentParser:
         f"parameters: outputs, loss, every gradient, every parameter after {ADAM_STEPS} Adam steps, u_hat and "
         "routing alone.",
     )
-    parser.add_argument("--impl", nargs="+", metavar="NAME", help="implementations to check (default: all)")
-    parser.add_argument("--dtype", choices=sorted(TOLERANCES), action="append",
-                        help="dtype(s) to check (default: float32 and float64)")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="small", help="network size (default: small)")
-    parser.add_argument("--device", choices=[*registry.DEVICES, "all"], default="all",
-                        help="only implementations on this device (default: all)")
-    parser.add_argument("--batch-size", type=int, default=CHECK_BATCH_SIZE,
-                        help="images in the synthetic batch compared (default: %(default)s)")
-    parser.add_argument("--routing-gradient", choices=ROUTING_GRADIENTS, default="full",
-                        help="how the gradient flows through routing (harness.spec): every iteration (full) or "
-                        "the last one's weighted sum alone (final); the reference computes the same setting; "
-                        "an implementation that does not support it is skipped (default: %(default)s)")
+    options.add_impl(parser, several=True, help="implementations to check", default_help="all")
+    options.add_dtype(parser, several=True, help="dtype(s) to check (default: float32 and float64)")
+    options.add_config(parser, default=CHECK_CONFIG, why=CHECK_CONFIG_WHY)
+    options.add_device(parser, default="all", allow_all=True, help="only implementations on this device (default: all)")
+    options.add_batch_size(parser, default=CHECK_BATCH_SIZE, help="images in the synthetic batch compared")
+    options.add_routing_gradient(parser, consequence="the reference computes the same setting; an implementation "
+                                 "that does not support it is skipped")
     parser.add_argument("--time", action="store_true",
                         help="also time one training step of each (default: off; on with --device cuda)")
     return parser
@@ -243,9 +240,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.batch_size < 1:
-        print(f"error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
-        return 2
     config = get_config(args.config).replace(routing_gradient=args.routing_gradient)
     dtypes = args.dtype or sorted(TOLERANCES)
     try:
@@ -259,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.device != "all":
         infos = [info for info in infos if info.device == args.device]
-    print(f"reference: {REFERENCE} {REFERENCE_DTYPE} on the CPU; config {args.config}; batch {args.batch_size}; "
+    why = options.config_note(CHECK_CONFIG, CHECK_CONFIG_WHY)
+    note = f" (the default, {why})" if args.config == CHECK_CONFIG else ""
+    print(f"reference: {REFERENCE} {REFERENCE_DTYPE} on the CPU; config {args.config}{note}; batch {args.batch_size}; "
           f"{ADAM_STEPS} Adam steps; routing gradient {config.routing_gradient}", flush=True)
     rows, skipped, timings, crashed = [], [], [], []
     for info in infos:

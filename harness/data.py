@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.settings import DATA_DIR_ENV
 from harness.spec import MAX_SHIFT_PIXELS, CapsNetConfig
 
-DATA_DIR_ENV = "CAPSBENCH_DATA_DIR"
 IMAGE_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 LABEL_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 MNIST_FILES = {

@@ -50,10 +50,14 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import epochs, registry
+from harness import contract, epochs, options, registry
+from harness.checkpoint import save_checkpoint
 from harness.data import DataError, Dataset, load_mnist, shift_images
 from harness.params import init_parameters
-from harness.results import ResultsFileError, write_json_atomic
+from harness.progress import Progress
+from harness.results import ResultsFileError, atomic_output, write_json_atomic
+from harness.run_status import RunStatus
+from harness.settings import FAIL_RANK_ENV
 from harness.spec import SCHEDULES
 
 try:
@@ -64,7 +68,6 @@ try:
 except ImportError:  # the error is reported when a command needs torch
     torch = None
 
-FAIL_ENV = "CAPSBENCH_FAIL_RANK"
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_TIMEOUT_S = 600.0
 TORCHRUN_EXAMPLE = "torchrun --standalone --nproc-per-node 2 -m harness.distributed train ..."
@@ -103,23 +106,23 @@ class Context:
 def torch_implementation(name: str) -> registry.ImplementationInfo:
     """The registry entry of a torch implementation (DDP wraps its module); one-line errors otherwise."""
     if torch is None:
-        raise registry.UnavailableImplementationError("torch not installed (pip install torch==2.13.0)")
+        raise contract.UnavailableImplementationError("torch not installed (pip install torch==2.13.0)")
     from implementations.torch_capsnet import TorchCapsNet
 
     info = registry.get(name)
     if not issubclass(info.cls, TorchCapsNet):
         torch_names = [entry.name for entry in registry.entries()
                        if issubclass(entry.cls, TorchCapsNet) and not entry.cls.first_call_compiles]
-        raise registry.UnavailableImplementationError(
+        raise contract.UnavailableImplementationError(
             f"data-parallel training wraps a torch module in DistributedDataParallel; {name!r} is a "
             f"{info.framework} implementation (use one of {', '.join(torch_names)})")
     if info.cls.first_call_compiles:
-        raise registry.UnavailableImplementationError(
+        raise contract.UnavailableImplementationError(
             f"data-parallel training wraps the eager module in DistributedDataParallel; {name!r} compiles or "
             "captures its own step, which DDP would bypass")
     status = info.availability()
     if not status:
-        raise registry.UnavailableImplementationError(f"implementation {name!r} is unavailable here: {status.reason}")
+        raise contract.UnavailableImplementationError(f"implementation {name!r} is unavailable here: {status.reason}")
     return info
 
 
@@ -191,7 +194,7 @@ def ddp_train_step(ddp, impl, batch):
 
 def failure_hook(rank: int):
     """The testing aid CAPSBENCH_FAIL_RANK=R:K[:hang]: a function of the step that fails on rank R at step K."""
-    spec = os.environ.get(FAIL_ENV, "")
+    spec = os.environ.get(FAIL_RANK_ENV, "")
     if not spec:
         return lambda step: None
     parts = spec.split(":")
@@ -201,13 +204,13 @@ def failure_hook(rank: int):
         if len(parts) not in (2, 3) or (len(parts) == 3 and not hang):
             raise ValueError
     except (ValueError, IndexError):
-        raise ValueError(f"{FAIL_ENV}={spec!r}: expected RANK:STEP or RANK:STEP:hang") from None
+        raise ValueError(f"{FAIL_RANK_ENV}={spec!r}: expected RANK:STEP or RANK:STEP:hang") from None
 
     def hook(step: int) -> None:
         if rank == fail_rank and step == fail_step:
             if hang:
                 time.sleep(10**6)
-            raise InjectedFailure(f"injected failure at step {step} ({FAIL_ENV}={spec})")
+            raise InjectedFailure(f"injected failure at step {step} ({FAIL_RANK_ENV}={spec})")
 
     return hook
 
@@ -268,7 +271,7 @@ def train_distributed(ctx: Context, impl, ddp, train_set: Dataset, test_set: Dat
         shard = np.fromiter(iter(sampler), dtype=np.int64, count=sampler.num_samples)
         losses, images_seen, epoch_start = [], 0, time.perf_counter()
         steps = -(-len(shard) // args.batch_size)
-        progress = epochs.Progress(steps, f"epoch {epoch}/{args.epochs}", args.log_every, enabled=ctx.is_root)
+        progress = Progress(steps, f"epoch {epoch}/{args.epochs}", args.log_every, enabled=ctx.is_root)
         for step, start in enumerate(range(0, len(shard), args.batch_size), start=1):
             run_step += 1
             fail(run_step)
@@ -294,7 +297,7 @@ def train_distributed(ctx: Context, impl, ddp, train_set: Dataset, test_set: Dat
                                     args.log_every)
         eval_seconds = time.perf_counter() - eval_start
         if record is not None:
-            epochs.save_checkpoint(out, impl, epoch)
+            save_checkpoint(out, impl, epoch)
             summary = epochs.epoch_summary(epoch, losses, accuracy, train_seconds, eval_seconds,
                                            time.perf_counter() - epoch_start, images_seen, elapsed)
             epochs.add_epoch(record, summary)
@@ -309,11 +312,10 @@ def parser() -> argparse.ArgumentParser:
                     "running this command (the scaling measurement is `capsbench scaling`).")
     epochs.add_training_arguments(parser, batch_help="images per step on each rank (global batch = world size "
                                                      "x this)", default_impl="torch-vectorised")
-    parser.add_argument("--threads", type=epochs.positive_int,
-                        help="CPU threads per rank for torch, BLAS and OpenMP (default: the CPUs this process may "
-                             "use, divided by the ranks on this machine)")
-    parser.add_argument("--timeout-s", type=epochs.positive_float, default=DEFAULT_TIMEOUT_S,
-                        help="process-group timeout: a collective waiting longer fails (default: %(default)s)")
+    options.add_threads(parser, help="CPU threads per rank for torch, BLAS and OpenMP",
+                        default_help="the CPUs this process may use, divided by the ranks on this machine")
+    options.add_timeout(parser, default=DEFAULT_TIMEOUT_S,
+                        help="process-group timeout: a collective waiting longer fails")
     parser.add_argument("--save-parameters", type=Path, metavar="NPZ",
                         help="rank 0 also saves the final parameters (canonical names) to this .npz (default: not)")
     return parser
@@ -331,6 +333,23 @@ def distributed_block(ctx: Context, args: argparse.Namespace) -> dict:
     }
 
 
+def start_root_record(ctx: Context, info: registry.ImplementationInfo, args: argparse.Namespace, record: dict | None,
+                      train_set: Dataset, test_set: Dataset, resumed_from: int) -> tuple[Path, RunStatus]:
+    """Rank 0's results file: the resumed run's record or a new one (with the distributed block), marked
+    running and written, and the first line said."""
+    suffix = f"-ddp{ctx.world_size}{epochs.routing_gradient_suffix(args)}"
+    out = args.out or epochs.default_output(info.name, args.config, suffix=suffix)
+    if record is None:
+        record = epochs.new_record(info, args, SCHEDULES[args.schedule], len(train_set), len(test_set),
+                                   ranks=ctx.world_size)
+        record["distributed"] = distributed_block(ctx, args)
+    run = RunStatus(out, record)
+    run.start()
+    print(epochs.start_line(info.name, args, len(train_set), len(test_set), out, ranks=ctx.world_size,
+                            resumed_from=resumed_from), flush=True)
+    return out, run
+
+
 def train_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = parser()
@@ -341,15 +360,15 @@ def train_main(argv: list[str] | None = None) -> int:
         config = epochs.run_config(args)
         support = info.supports(config.routing_gradient)
         if not support:
-            raise registry.UnsupportedRoutingGradientError(f"implementation {info.name!r} {support.reason}")
+            raise contract.UnsupportedRoutingGradientError(f"implementation {info.name!r} {support.reason}")
         launch_environment()
-    except (registry.UnknownImplementationError, registry.UnavailableImplementationError, LaunchError,
+    except (registry.UnknownImplementationError, contract.UnavailableImplementationError, LaunchError,
             ResultsFileError, epochs.TrainingOptionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     epochs.pin_threads(args.threads or max(1, epochs.usable_cpu_count() // local_ranks))
-    ctx, out = None, None
+    ctx, out, run = None, None, None
     previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         ctx = init_distributed(info, args.timeout_s)
@@ -360,29 +379,18 @@ def train_main(argv: list[str] | None = None) -> int:
         train_set = load_mnist(args.data_dir, "train").head(args.limit)
         test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
         if ctx.is_root:
-            suffix = f"-ddp{ctx.world_size}{epochs.routing_gradient_suffix(args)}"
-            out = args.out or epochs.default_output(info.name, args.config, suffix=suffix)
-            if record is None:
-                record = epochs.new_record(info, args, SCHEDULES[args.schedule], len(train_set), len(test_set),
-                                           ranks=ctx.world_size)
-                record["distributed"] = distributed_block(ctx, args)
-            epochs.mark_running(record)
-            write_json_atomic(out, record)
-            print(epochs.start_line(info.name, args, len(train_set), len(test_set), out, ranks=ctx.world_size,
-                                    resumed_from=resumed_from), flush=True)
+            out, run = start_root_record(ctx, info, args, record, train_set, test_set, resumed_from)
+            record = run.record
         else:
             record = None
         train_distributed(ctx, impl, ddp, train_set, test_set, record, args, out, first_epoch=resumed_from + 1)
         spread = parameter_spread(ctx, impl)
         if ctx.is_root:
             record["distributed"]["max_parameter_spread"] = spread
-            record.update(status="completed", message="")
-            write_json_atomic(out, record)
+            run.completed()
             if args.save_parameters:
-                args.save_parameters.parent.mkdir(parents=True, exist_ok=True)
-                temporary = args.save_parameters.with_name(f".{args.save_parameters.name}.tmp.npz")
-                np.savez(temporary, **impl.parameters())
-                os.replace(temporary, args.save_parameters)
+                with atomic_output(args.save_parameters) as temporary, open(temporary, "wb") as stream:
+                    np.savez(stream, **impl.parameters())  # a file object: np.savez adds no .npz to it
             print(f"results written to {out}", flush=True)
         leave_together(ctx)
         return 0
@@ -391,17 +399,14 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as error:  # includes TrainingDiverged, injected failures, collective errors, Terminated
         rank = ctx.rank if ctx else os.environ.get("RANK", "?")
-        status = "stopped" if isinstance(error, epochs.TrainingDiverged) else "failed"
-        if record is not None:
-            record.update(status=status, message=f"rank {rank}: {describe(error)}")
-            write_json_atomic(out, record)
-        where = f"; the results up to the last epoch are in {out}" if record is not None else ""
+        if run is not None:
+            run.ended_by(error, message=f"rank {rank}: {describe(error)}")
+        where = f"; the results up to the last epoch are in {out}" if run is not None else ""
         print(f"error: rank {rank} failed: {describe(error)}{where}", file=sys.stderr, flush=True)
         return 143 if isinstance(error, Terminated) else 1
-    except KeyboardInterrupt:
-        if record is not None:
-            record.update(status="interrupted", message="interrupted by the user")
-            write_json_atomic(out, record)
+    except KeyboardInterrupt as stop:
+        if run is not None:
+            run.ended_by(stop)
         return 130
     finally:
         shutdown(ctx)

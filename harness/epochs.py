@@ -1,6 +1,7 @@
 """What single-process training (:mod:`harness.train`) and data-parallel training (:mod:`harness.distributed`)
-share: their common command-line options, the results record, progress, the epoch summary, divergence and
-the checkpoint a run resumes from.
+share: their common command-line options, the results record, resuming a run, the epoch summary,
+divergence and evaluation (the status sequence is :mod:`harness.run_status`'s, the checkpoint
+:mod:`harness.checkpoint`'s, progress :mod:`harness.progress`'s).
 
 One results record per run, rewritten atomically after every epoch (kind :data:`TRAINING_KIND`): what
 was trained (implementation, framework, device, routing variant, dtype, network), on what (training and
@@ -15,117 +16,59 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
-import os
-import socket
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from harness import registry
+from harness import contract, options, registry
+from harness.checkpoint import checkpoint_path, load_checkpoint
 from harness.data import Dataset, iterate_batches
 from harness.environment import machine_facts
-from harness.results import RUNS_DIR, TRAINING_KIND, ResultsFileError, atomic_output, read_training_result
-from harness.spec import (
-    ADAM,
-    CONFIGS,
-    MAX_SHIFT_PIXELS,
-    ROUTING_GRADIENTS,
-    SCHEDULES,
-    CapsNetConfig,
-    LearningRateSchedule,
-    get_config,
-)
+from harness.progress import LINES_PER_EPOCH, Progress
+from harness.results import TRAINING_KIND, ResultsFileError, read_training_result
+from harness.run_status import TrainingDiverged, process_facts
+from harness.settings import RUNS_DIR, TRAINING_SUBDIR
+from harness.spec import ADAM, MAX_SHIFT_PIXELS, SCHEDULES, CapsNetConfig, LearningRateSchedule, get_config
 from harness.threads import thread_facts, usable_cpu_count
 
-try:
-    from tqdm import tqdm
-except ImportError:  # progress bars are a nicety: plain lines instead
-    tqdm = None
-
 FORMAT_VERSION = 2
-TRAINING_RUNS_DIR = RUNS_DIR / "training"
+TRAINING_RUNS_DIR = RUNS_DIR / TRAINING_SUBDIR
 DEFAULT_SCHEDULE = "paper"
-LINES_PER_EPOCH = 10  # without a terminal, about this many progress lines per epoch
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss stopped being a finite number."""
 
 
 class TrainingOptionError(ValueError):
     """Options that do not fit together or with the results file: one line naming the problem and the fix."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``timeout``, a scheduler's kill, CI's time limit), raised in the main thread so that the run
-    ends as Ctrl-C ends it: results up to the last completed epoch, status 'interrupted'."""
-
-    def __init__(self, signum: int = 15) -> None:
-        super().__init__(f"terminated by signal {signum}")
-        self.signum = signum
-
-
 # Command line -----------------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, batch_help: str, default_impl: str | None) -> None:
     """The options both training commands take, each with its default in its help."""
-    parser.add_argument("--impl", default=default_impl, metavar="NAME",
-                        help="implementation (see `capsbench list`)"
-                             + (" (default: %(default)s)" if default_impl else " (no default: needed unless --resume)"))
-    parser.add_argument("--data-dir", help="folder with the four MNIST IDX files, .gz or not "
-                                           "(default: $CAPSBENCH_DATA_DIR)")
-    parser.add_argument("--epochs", type=positive_int, default=1,
+    options.add_impl(parser, several=False, help="implementation", default=default_impl,
+                     default_help="" if default_impl else "none: needed unless --resume")
+    options.add_data_dir(parser)
+    parser.add_argument("--epochs", type=options.positive_int, default=1,
                         help="epochs in all, counting those of a resumed run (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=128, help=f"{batch_help} (default: %(default)s)")
-    parser.add_argument("--limit", type=positive_int,
+    options.add_batch_size(parser, default=128, help=batch_help)
+    parser.add_argument("--limit", type=options.positive_int,
                         help="train on the first N training images only (default: all 60,000)")
-    parser.add_argument("--test-limit", type=positive_int,
+    parser.add_argument("--test-limit", type=options.positive_int,
                         help="evaluate on the first N test images only (default: all 10,000)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the data order and augmentation (default: %(default)s)")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="paper",
-                        help="network size (default: %(default)s)")
-    parser.add_argument("--dtype", choices=registry.DTYPES, default="float32",
-                        help="floating-point type of parameters and data (default: %(default)s)")
-    parser.add_argument("--routing-gradient", choices=ROUTING_GRADIENTS, default="full",
-                        help="how the gradient flows through routing (harness.spec): every iteration, as the paper "
-                             "(full), or the last one's weighted sum alone, as XifengGuo's implementations (final) "
-                             "(default: %(default)s)")
+    options.add_seed(parser, help="seed of the data order and augmentation")
+    options.add_config(parser)
+    options.add_dtype(parser)
+    options.add_routing_gradient(parser)
     parser.add_argument("--no-augment", action="store_true",
                         help=f"no random shifts of up to {MAX_SHIFT_PIXELS} pixels (default: shift, as the paper)")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default=DEFAULT_SCHEDULE,
                         help="Adam's learning rate: 'paper' decays it x0.96 every 2,000 steps as the official code "
                              "does, 'constant' keeps 1e-3 (default: %(default)s)")
-    parser.add_argument("--log-every", type=positive_int, metavar="STEPS",
+    parser.add_argument("--log-every", type=options.positive_int, metavar="STEPS",
                         help="without a terminal, a progress line every STEPS steps (default: about "
                              f"{LINES_PER_EPOCH} lines per epoch)")
-    parser.add_argument("--out", type=Path, help="results file (default: runs/training/<impl>_<config>_<time>.json, "
-                                                 "not tracked by git)")
+    options.add_out(parser, help=f"results file (default: runs/{TRAINING_SUBDIR}/<impl>_<config>_<time>.json, "
+                                 "not tracked by git)")
     parser.add_argument("--resume", type=Path, metavar="FILE",
                         help="continue the run whose results file this is, from its last completed epoch (its "
                              "options are taken from the file, and an option given that differs from it is "
@@ -196,17 +139,6 @@ def run_config(args: argparse.Namespace) -> CapsNetConfig:
 def routing_gradient_suffix(args: argparse.Namespace) -> str:
     """What a default results file name adds for a run that is not the default's routing gradient."""
     return "" if args.routing_gradient == "full" else f"-{args.routing_gradient}-gradient"
-
-
-def process_facts() -> dict:
-    """Which process writes the record ('pid', 'host'): a report reading a file left 'running' by a process
-    that no longer exists (SIGKILL, a crashed machine) can say it ended without a status."""
-    return {"pid": os.getpid(), "host": socket.gethostname()}
-
-
-def mark_running(record: dict) -> None:
-    """Status 'running', by this process (a resumed run is written by a new one)."""
-    record.update(status="running", message="", **process_facts())
 
 
 def refuse_existing_output(out: Path, overwrite: bool) -> None:
@@ -364,43 +296,7 @@ def clamped(limit: int | None, used: int) -> str:
     return f" (all there are: the limit {limit:,} is more)" if limit is not None and limit > used else ""
 
 
-# Progress ---------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """Progress of a loop: a tqdm bar on a terminal; otherwise (piped logs, CI) a plain line every
-    ``every`` steps and at the end.  ``enabled`` False prints nothing (the non-root ranks)."""
-
-    def __init__(self, total: int, description: str, every: int | None = None, enabled: bool = True,
-                 stream=None) -> None:
-        self.total, self.description, self.enabled = total, description, enabled
-        self.stream = stream or sys.stderr
-        self.every = every or max(1, math.ceil(total / LINES_PER_EPOCH))
-        self.count = 0
-        self.start = time.perf_counter()
-        self.bar = None
-        if enabled and tqdm is not None and self.stream.isatty():
-            self.bar = tqdm(total=total, desc=description, unit="step", leave=False, file=self.stream)
-
-    def update(self, **values) -> None:
-        self.count += 1
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(1)
-            if values:
-                self.bar.set_postfix({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in values.items()})
-        elif self.count % self.every == 0 or self.count == self.total:
-            shown = "".join(f", {k} {v:.4f}" if isinstance(v, float) else f", {k} {v}" for k, v in values.items())
-            print(f"{self.description}: {self.count}/{self.total} steps, "
-                  f"{time.perf_counter() - self.start:.1f} s{shown}", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def evaluate(impl: registry.Implementation, images: np.ndarray, labels: np.ndarray, batch_size: int,
+def evaluate(impl: contract.Implementation, images: np.ndarray, labels: np.ndarray, batch_size: int,
              description: str = "evaluation", enabled: bool = True, every: int | None = None) -> int:
     """The number of ``images`` classified correctly (the longest DigitCaps capsule), with progress."""
     correct = 0
@@ -425,36 +321,3 @@ def pin_threads(threads: int | None) -> int:
     count = threads or usable_cpu_count()
     set_threads(count)
     return count
-
-
-# Checkpoints ------------------------------------------------------------------------------------------
-
-
-def checkpoint_path(results: Path) -> Path:
-    """Where the checkpoint of a results file lives: beside it."""
-    return Path(results).with_suffix(".checkpoint.npz")
-
-
-def save_checkpoint(results: Path, impl: registry.Implementation, epoch: int) -> Path:
-    """Parameters and Adam's state after ``epoch``, written atomically beside the results file."""
-    path = checkpoint_path(results)
-    arrays = {f"param/{name}": value for name, value in impl.parameters().items()}
-    arrays.update({f"adam/{key}": value for key, value in impl.adam_state().items()})
-    with atomic_output(path) as temporary:
-        with open(temporary, "wb") as stream:
-            np.savez(stream, epoch=np.int64(epoch), **arrays)
-            stream.flush()
-            os.fsync(stream.fileno())
-    return path
-
-
-def load_checkpoint(results: Path) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(epoch, parameters, Adam state) saved beside a results file; a clear error if it is missing."""
-    path = checkpoint_path(results)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint beside {results} (a run saves one after each epoch)")
-    with np.load(path) as saved:
-        epoch = int(saved["epoch"])
-        params = {key.split("/", 1)[1]: saved[key] for key in saved.files if key.startswith("param/")}
-        adam = {key.split("/", 1)[1]: saved[key] for key in saved.files if key.startswith("adam/")}
-    return epoch, params, adam

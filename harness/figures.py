@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import cli, epochs, plots, registry
+from harness import cli, contract, options, plots, registry
+from harness.checkpoint import checkpoint_path
 from harness.data import DataError, load_mnist
 from harness.decoder import mask_to_classes
 from harness.params import validate_parameters
@@ -41,13 +42,12 @@ from harness.results import (
     FIGURES_JSON,
     FIGURES_KIND,
     FIGURES_MD,
-    FIGURES_SUBDIR,
-    RUNS_DIR,
     ResultsFileError,
     read_training_result,
     write_json_atomic,
     write_text_atomic,
 )
+from harness.settings import FIGURES_SUBDIR, RUNS_DIR
 from harness.spec import CONFIGS, CapsNetConfig
 
 FORMAT_VERSION = 1
@@ -88,7 +88,7 @@ class Checkpoint:
 def checkpoint_and_results(path: Path) -> tuple[Path, Path]:
     """(checkpoint, results file) from either: training writes ``X.checkpoint.npz`` beside ``X.json``."""
     if path.suffix == ".json":
-        return epochs.checkpoint_path(path), path
+        return checkpoint_path(path), path
     name = path.name.removesuffix(".checkpoint.npz") if path.name.endswith(".checkpoint.npz") else path.stem
     return path, path.with_name(f"{name}.json")
 
@@ -148,7 +148,7 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) 
     return counts
 
 
-def predict(impl: registry.Implementation, images: np.ndarray, batch_size: int) -> np.ndarray:
+def predict(impl: contract.Implementation, images: np.ndarray, batch_size: int) -> np.ndarray:
     """The predicted class of every image: the longest class capsule of an inference forward pass (as
     training's evaluation decides)."""
     chunks = []
@@ -158,7 +158,7 @@ def predict(impl: registry.Implementation, images: np.ndarray, batch_size: int) 
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
 
 
-def class_capsules(impl: registry.Implementation, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def class_capsules(impl: contract.Implementation, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(class capsules v (B, J, D), the forward pass's inference reconstructions (B, pixels)) as NumPy."""
     batch = impl.to_device(images)
     v = impl.to_numpy(impl.routing_forward(impl.prediction_vectors(batch)))
@@ -192,7 +192,7 @@ def perturbed_capsules(capsule: np.ndarray, predicted: int, grid: np.ndarray) ->
     return tweaked
 
 
-def compute(impl: registry.Implementation, images: np.ndarray, labels: np.ndarray, *, per_class: int, seed: int,
+def compute(impl: contract.Implementation, images: np.ndarray, labels: np.ndarray, *, per_class: int, seed: int,
             batch_size: int) -> dict:
     """Everything the figures show, as NumPy arrays and plain numbers (see :func:`figures_record`)."""
     config = impl.config
@@ -391,23 +391,21 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, required=True, metavar="FILE",
                         help="a training run's <results>.checkpoint.npz, or its results file <results>.json "
                              "(no default: required)")
-    parser.add_argument("--data-dir", help="folder with the four MNIST IDX files (default: $CAPSBENCH_DATA_DIR)")
-    parser.add_argument("--out", type=Path, default=RUNS_DIR / FIGURES_SUBDIR,
-                        help="output folder (default: runs/figures, not tracked by git)")
-    parser.add_argument("--impl", default=DEFAULT_IMPLEMENTATION, metavar="NAME",
-                        help="implementation that computes the figures (see `capsbench list`) (default: %(default)s)")
+    options.add_data_dir(parser, help="folder with the four MNIST IDX files")
+    options.add_out(parser, default=RUNS_DIR / FIGURES_SUBDIR,
+                    help=f"output folder (default: runs/{FIGURES_SUBDIR}, not tracked by git)")
+    options.add_impl(parser, several=False, default=DEFAULT_IMPLEMENTATION,
+                     help="implementation that computes the figures")
     parser.add_argument("--config", choices=sorted(CONFIGS),
                         help="network of the checkpoint (default: the one its results file names, else the one "
                              "its shapes fit)")
-    parser.add_argument("--dtype", choices=registry.DTYPES, default="float32",
-                        help="floating-point type the figures are computed in (default: %(default)s)")
-    parser.add_argument("--test-limit", type=epochs.positive_int,
+    options.add_dtype(parser, help="floating-point type the figures are computed in")
+    parser.add_argument("--test-limit", type=options.positive_int,
                         help="use the first N test images only (default: all 10,000)")
-    parser.add_argument("--per-class", type=epochs.positive_int, default=2,
+    parser.add_argument("--per-class", type=options.positive_int, default=2,
                         help="reconstructions shown per class (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the choice of images (default: %(default)s)")
-    parser.add_argument("--batch-size", type=epochs.positive_int, default=100,
-                        help="images per forward pass (default: %(default)s)")
+    options.add_seed(parser, help="seed of the choice of images")
+    options.add_batch_size(parser, default=100, help="images per forward pass")
     return parser
 
 
@@ -419,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         params = {name: value.astype(args.dtype) for name, value in checkpoint.params.items()}
         impl = info.create(checkpoint.config, params, args.dtype)
         test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
-    except (CheckpointError, registry.UnknownImplementationError, registry.UnavailableImplementationError,
+    except (CheckpointError, registry.UnknownImplementationError, contract.UnavailableImplementationError,
             DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

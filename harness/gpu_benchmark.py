@@ -54,9 +54,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import registry
-from harness.data import DATA_DIR_ENV
-from harness.results import REPO_ROOT, write_json_atomic, write_text_atomic
+from harness import options, registry
+from harness.results import PROFILE_CSV, write_json_atomic, write_text_atomic
+from harness.settings import (
+    ASV_COMMIT_ENV,
+    ASV_CONFIG_ENV,
+    ASV_MACHINE_ENV,
+    DATA_DIR_ENV,
+    IMPLEMENTATIONS_ENV,
+    PROFILE_ENV,
+    REPO_ROOT,
+    THREADS_ENV,
+)
 
 ARCHIVE_LIMIT_BYTES = 16 * 2**20
 DEFAULT_BUDGET_S = 540.0  # one 10-minute device command, less a minute for start-up and transfers
@@ -181,9 +190,9 @@ class Plan:
         return "smoke" if self.smoke else "gpu-compiled" if compiling else "gpu"
 
     def batch_sizes(self, compiling: bool = False) -> list[int]:
-        from harness.profiles import load_profile
+        from harness.suite_profiles import load_suite_profile
 
-        return load_profile(self.profile(compiling))[1]["batch_sizes"]
+        return load_suite_profile(self.profile(compiling))[1]["batch_sizes"]
 
 
 @dataclass
@@ -352,7 +361,7 @@ def stage_parity(plan: Plan, runner: Runner) -> str:
     """Each implementation in its own processes, a few at once; parity.json says, per implementation and
     network, passed or the line that says why not."""
     threads = str(max(1, (os.cpu_count() or 1) // plan.costs.parallel))
-    env = {"CAPSBENCH_THREADS": threads, "OMP_NUM_THREADS": threads}
+    env = {THREADS_ENV: threads, "OMP_NUM_THREADS": threads}
     results: dict[str, dict] = {}
 
     def check(name: str) -> None:
@@ -440,8 +449,8 @@ def run_suite(plan: Plan, runner: Runner, names: list[str], compiling: bool) -> 
     if not names:
         return "no implementation in this stage"
     config, commit = asv_config(plan), head_commit()
-    env = {"CAPSBENCH_PROFILE": plan.profile(compiling), "CAPSBENCH_IMPLEMENTATIONS": ",".join(names),
-           "CAPSBENCH_ASV_COMMIT": commit, "CAPSBENCH_ASV_CONFIG": str(config), "CAPSBENCH_ASV_MACHINE": plan.machine}
+    env = {PROFILE_ENV: plan.profile(compiling), IMPLEMENTATIONS_ENV: ",".join(names),
+           ASV_COMMIT_ENV: commit, ASV_CONFIG_ENV: str(config), ASV_MACHINE_ENV: plan.machine}
     asv = [sys.executable, "-m", "asv"]
     runner.run([*asv, "machine", "--yes", "--machine", plan.machine, "--config", str(config)], env)
     patterns = suite_selection(names, memory="nvml" not in plan.missing)
@@ -530,7 +539,7 @@ def fastest_passing(first_run: Path) -> tuple[str, str]:
     passed = [name for name, outcome in parity.items() if all(value == "passed" for value in outcome.values())]
     if not passed:
         raise StageFailed(f"no implementation passed parity in {first_run}: nothing to train")
-    profile = first_run / "profile" / "profile.csv"
+    profile = first_run / "profile" / PROFILE_CSV
     if profile.exists():
         import csv
 
@@ -667,13 +676,13 @@ def parser() -> argparse.ArgumentParser:
                         help="print the stages and their estimates for every implementation registered on the "
                              "device (available here or not), run nothing (default: off)")
     parser.add_argument("--archive", type=Path, help="the archive (default: OUT_DIR.tar.gz, beside OUT_DIR)")
-    parser.add_argument("--device", choices=registry.DEVICES, default="cuda",
-                        help="cuda (default); cpu runs the same stages on the CPU implementations, to test it")
+    options.add_device(parser, default="cuda",
+                       help="cuda (default); cpu runs the same stages on the CPU implementations, to test it")
     parser.add_argument("--smoke", action="store_true",
                         help="small network, the smoke asv profile, a few hundred images (tests; default: off)")
-    parser.add_argument("--impl", nargs="+", metavar="NAME",
-                        help="only these implementations (default: every one on the device that can run here)")
-    parser.add_argument("--data-dir", help=f"MNIST folder (default: ${DATA_DIR_ENV})")
+    options.add_impl(parser, several=True, help="only these implementations",
+                     default_help="every one on the device that can run here")
+    options.add_data_dir(parser, help="MNIST folder")
     parser.add_argument("--machine", help="asv machine name (default: gpu-<GPU name>, or the host name on a CPU)")
     return parser
 

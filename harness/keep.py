@@ -16,17 +16,15 @@ import sys
 from pathlib import Path
 
 from harness import cli
-from harness.profiles import ASV_RESULTS_SUBDIR, FACTS_SUBDIR
-from harness.results import (
+from harness.results import ResultsFileError, atomic_output, read_json, write_json_atomic
+from harness.settings import (
+    ASV_RESULTS_SUBDIR,
+    FACTS_SUBDIR,
     PROFILE_SUBDIR,
     RESULTS_DIR,
     RUNS_DIR,
     SCALING_SUBDIR,
     TRAINING_SUBDIR,
-    ResultsFileError,
-    atomic_output,
-    read_json,
-    write_json_atomic,
 )
 
 KINDS = {"asv": (ASV_RESULTS_SUBDIR, FACTS_SUBDIR), "training": (TRAINING_SUBDIR,),

@@ -6,13 +6,13 @@ GPU memory is three different numbers, reported apart and never mixed up:
   included) and, where NVML can see this process, what this process uses (``process_peak_bytes``).
   Inside containers NVML often lists processes under host PIDs that do not match ``os.getpid()``; then
   the process figure is None with a note saying so, never 0;
-* the framework **allocator's** own peaks (:class:`harness.registry.AllocatorPeaks`: bytes in live arrays,
+* the framework **allocator's** own peaks (:class:`harness.contract.AllocatorPeaks`: bytes in live arrays,
   bytes reserved from the device), which an implementation reports itself;
 * the **CUDA context** overhead, measured on its own by the asv suite.
 
 NVML numbers its GPUs by PCI bus, CUDA fastest-first and through ``CUDA_VISIBLE_DEVICES`` (indices or
 UUIDs), so an index means different GPUs to the two: the NVML handle is opened by the PCI bus id of the
-device the framework computes on (:meth:`harness.registry.Implementation.pci_bus_id`).  NVML peaks come
+device the framework computes on (:meth:`harness.contract.Implementation.pci_bus_id`).  NVML peaks come
 from a sampling thread, so they can miss a spike shorter than the interval; the interval achieved is
 recorded with every result.  Without an NVIDIA driver the sampler reports ``unavailable: <reason>`` and
 nothing else breaks.

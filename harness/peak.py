@@ -8,6 +8,10 @@ number: on a 2-core VM the datasheet says little about what BLAS actually reache
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 BACKENDS = ("numpy", "torch", "torch-cuda", "cupy")
 GPU_BACKENDS = ("torch-cuda", "cupy")
@@ -179,3 +183,18 @@ def peak_sentence(hardware: dict | None, gemms: dict[str, float]) -> str:
         return (f"% of peak divides every implementation by one figure, the best GEMM measured in the run "
                 f"({best:.0f} GFLOP/s; measured: {measured}): the hardware peak is unknown ({reason}).")
     return f"% of peak is n/a: neither the hardware peak ({reason}) nor a GemmPeak result is in this run."
+
+
+def with_one_peak(frame: pd.DataFrame, meta: dict) -> pd.DataFrame:
+    """Every row's % of peak over one figure per device, the same for every implementation
+    (:func:`harness.peak.one_peak`): the hardware peak of profile.json where it has one, else the best GEMM it
+    (or, for older profiles, the CSV's per-backend ``peak_gflops``) records on that device."""
+    gemms = dict(meta.get("gemm_peak_gflops") or {})
+    if not gemms:  # an older profile.json: the CSV's per-backend peaks, the best per device
+        gemms = {("numpy" if device == "cpu" else "torch-cuda"): float(peak)
+                 for device, peak in frame.groupby("device")["peak_gflops"].max().items() if peak == peak}  # not NaN
+    peaks = {device: one_peak(device, meta.get("hardware_peak") or {}, gemms) for device in frame["device"].unique()}
+    frame = frame.copy()
+    frame["peak_gflops"] = frame["device"].map(peaks).astype(float)
+    frame["pct_of_peak"] = 100 * frame["gflops_per_s"] / frame["peak_gflops"]
+    return frame

@@ -39,7 +39,8 @@ from matplotlib.ticker import (  # noqa: E402
 )
 
 from harness.formatting import samples_phrase  # noqa: E402
-from harness.tables import PROFILE_PHASES, Profile, profile_rows, training_images, training_ranks  # noqa: E402
+from harness.results import PROFILE_PHASES, Profile  # noqa: E402
+from harness.tables import profile_rows, training_images, training_ranks  # noqa: E402
 
 DPI = 150
 PHASES = ("forward", "backward", "train_step", "inference", "routing")

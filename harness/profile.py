@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import cli, registry
+from harness import cli, contract, options, registry
 from harness import flops as flops_module
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
@@ -53,12 +53,14 @@ from harness.formatting import fmt, markdown_table
 from harness.params import init_parameters
 from harness.peak import backend_of, gemm_peak_gflops, machine_hardware_peak, one_peak, peak_sentence
 from harness.ranges import RANGE_PREFIX, ROUTING_LAYER, layer_range, range_name, recording
-from harness.results import PROFILE_KIND, PROFILE_SUBDIR, RUNS_DIR, atomic_output, write_json_atomic, write_text_atomic
-from harness.spec import CONFIGS, ROUTING_GRADIENTS, CapsNetConfig, get_config
+from harness.results import PROFILE_CSV, PROFILE_JSON, PROFILE_KIND, atomic_output, write_json_atomic, write_text_atomic
+from harness.settings import PROFILE_SUBDIR, RUNS_DIR
+from harness.spec import CapsNetConfig, get_config
 from harness.threads import set_threads, thread_facts, usable_cpu_count
 
 PHASE_CALLS = (("forward", "forward_loss"), ("backward", "backward"), ("update", "adam_step"))
-CSV_NAME, MD_NAME, JSON_NAME, TRACES = "profile.csv", "profile.md", "profile.json", "traces"
+CSV_NAME, JSON_NAME = PROFILE_CSV, PROFILE_JSON  # the files harness.results reads back
+MD_NAME, TRACES = "profile.md", "traces"
 CSV_COLUMNS = ["implementation", "framework", "device", "config_name", "batch_size", "dtype", "phase", "layer", "order",
                "steps", "time_s", "time_q25_s", "time_q75_s", "share", "flops", "gflops_per_s", "peak_gflops",
                "pct_of_peak", "memory_allocated_bytes", "memory_peak_bytes"]
@@ -89,7 +91,7 @@ class StepRecord:
 # Recorders: what a range is, per framework ------------------------------------------------------------------
 
 
-def _nvtx(impl: registry.Implementation):
+def _nvtx(impl: contract.Implementation):
     """(push, pop) of NVTX ranges for a CUDA implementation, or None."""
     if impl.device != "cuda":
         return None
@@ -106,7 +108,7 @@ class WallClockRecorder:
     """Ranges timed by the wall clock with the device synchronised at both ends (NumPy, CuPy); memory from
     tracemalloc when it is tracing (NumPy's allocations are traced, CuPy's device memory is not)."""
 
-    def __init__(self, impl: registry.Implementation, memory: bool) -> None:
+    def __init__(self, impl: contract.Implementation, memory: bool) -> None:
         self.impl, self.memory, self.nvtx = impl, memory, _nvtx(impl)
         self.step = StepRecord()
 
@@ -158,7 +160,7 @@ class TorchRecorder:
     """Ranges as torch.profiler.record_function (and NVTX on CUDA); their times are read from the profiler's
     events after the step (:func:`torch_step_record`)."""
 
-    def __init__(self, impl: registry.Implementation) -> None:
+    def __init__(self, impl: contract.Implementation) -> None:
         import torch
 
         self.record_function, self.nvtx = torch.profiler.record_function, _nvtx(impl)
@@ -256,7 +258,7 @@ def torch_step_record(events, device: str, phase_seconds: dict[str, float]) -> S
 # Profiling one implementation ---------------------------------------------------------------------------------
 
 
-def phase_step(impl: registry.Implementation, batch, phase_range=None) -> dict[str, float]:
+def phase_step(impl: contract.Implementation, batch, phase_range=None) -> dict[str, float]:
     """One training step as the contract's three calls, each timed (device synchronised) inside its phase."""
     times = {}
     for phase, call in PHASE_CALLS:
@@ -531,30 +533,22 @@ def writable_folder(path: Path) -> Path:
 
 
 def parser() -> argparse.ArgumentParser:
-    from harness.epochs import non_negative_int, positive_int
-
     parser = argparse.ArgumentParser(prog=cli.prog("profile"), description=cli.description(__doc__))
-    parser.add_argument("--impl", nargs="+", metavar="NAME", help="implementations (default: every available one)")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="paper", help="network (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per step (default: %(default)s)")
-    parser.add_argument("--dtype", choices=registry.DTYPES, default="float32",
-                        help="floating-point type of parameters and data (default: %(default)s)")
-    parser.add_argument("--routing-gradient", choices=ROUTING_GRADIENTS, default="full",
-                        help="how the gradient flows through routing (harness.spec): every iteration (full) or the "
-                             "last one's weighted sum alone (final); implementations without it are left out "
-                             "(default: %(default)s)")
-    parser.add_argument("--device", choices=registry.DEVICES, help="only implementations on this device (default: any)")
-    parser.add_argument("--steps", type=positive_int, default=5,
-                        help="profiled steps, interleaved with as many unprofiled ones for the overhead "
-                             "(default: %(default)s)")
-    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default: %(default)s)")
-    parser.add_argument("--threads", type=positive_int,
-                        help="CPU threads for torch, BLAS and OpenMP (default: the CPUs this process may use)")
-    parser.add_argument("--gemm-size", type=positive_int,
+    options.add_impl(parser, several=True, help="implementations to profile", default_help="every available one")
+    options.add_config(parser)
+    options.add_batch_size(parser, default=32, help="images per step")
+    options.add_dtype(parser)
+    options.add_routing_gradient(parser, consequence="implementations without it are left out")
+    options.add_device(parser, help="only implementations on this device (default: any)")
+    options.add_steps(parser, default=5,
+                      help="profiled steps, interleaved with as many unprofiled ones for the overhead")
+    options.add_warmup(parser, default=2)
+    options.add_threads(parser)
+    parser.add_argument("--gemm-size", type=options.positive_int,
                         help="size of the GEMM that measures the peak (default: 4096 on the CPU, 8192 on a GPU)")
     parser.add_argument("--no-memory", action="store_true", help="time only (default: also memory, where told)")
-    parser.add_argument("--out", type=Path, default=RUNS_DIR / PROFILE_SUBDIR,
-                        help="output folder (default: runs/profile, not tracked by git)")
+    options.add_out(parser, default=RUNS_DIR / PROFILE_SUBDIR,
+                    help=f"output folder (default: runs/{PROFILE_SUBDIR}, not tracked by git)")
     return parser
 
 

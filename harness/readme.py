@@ -11,10 +11,11 @@ in the manual beside it (``docs/*.md``) sits between two markers and is written 
 An opening marker may name the run it wants, ``<!-- generated: headline commit=fb4b147f machine=vm -->``.
 The blocks (:data:`BLOCKS`): ``headline`` (one asv run: step times with their spread, images/s, % of the
 machine peak, forward, backward, routing share), ``profile`` (the largest layers of each implementation's
-training step), ``training`` (every training run) and ``scaling`` (data-parallel scaling).  A block may sit
-in README or in any page of ``docs/``, each name in one place only (two copies of one table would be two
-places to look).  ``--check`` rewrites nothing and exits 1 naming the pages and blocks that differ from what
-the results say; the tests run it, so README, docs/ and ``results/`` cannot disagree unnoticed.
+training step), ``training`` (every training run), ``scaling`` (data-parallel scaling) and ``environment``
+(the environment variables of :mod:`harness.settings`, not a measurement).  A block may sit in README or in
+any page of ``docs/``, each name in one place only (two copies of one table would be two places to look).
+``--check`` rewrites nothing and exits 1 naming the pages and blocks that differ from what the results say;
+the tests run it, so README, docs/ and ``results/`` cannot disagree unnoticed.
 """
 
 from __future__ import annotations
@@ -30,18 +31,10 @@ from harness import cli
 from harness.asv_results import load_asv, run_peak_sentence
 from harness.formatting import NA, fmt, fmt_spread, markdown_table
 from harness.report import distributed_section
-from harness.results import (
-    PROFILE_SUBDIR,
-    RESULTS_DIR,
-    SCALING_SUBDIR,
-    TRAINING_SUBDIR,
-    load_scaling_results,
-    load_training_results,
-    write_text_atomic,
-)
+from harness.results import load_profile_result, load_scaling_results, load_training_results, write_text_atomic
+from harness.settings import ENVIRONMENT, PROFILE_SUBDIR, RESULTS_DIR, SCALING_SUBDIR, TRAINING_SUBDIR
 from harness.tables import (
     distributed_table,
-    load_profile,
     profile_rows,
     run_rows,
     step_iterations,
@@ -97,7 +90,7 @@ def profile_block(root: Path) -> str:
     """Per profiled implementation: the profiled step and its largest layers (layer, phase, time, share of
     the step, % of the machine's peak)."""
     warnings: list[str] = []
-    profile = load_profile(root / PROFILE_SUBDIR, warnings)
+    profile = load_profile_result(root / PROFILE_SUBDIR, warnings)
     if profile is None:
         raise ReadmeError(f"profile: no readable profile under {root / PROFILE_SUBDIR} "
                           f"({'; '.join(warnings) or 'run capsbench profile --out ' + str(root / PROFILE_SUBDIR)})")
@@ -164,8 +157,16 @@ def scaling_block(root: Path) -> str:
     return distributed_section(distributed_table(records))
 
 
+def environment_block(root: Path) -> str:
+    """The table of every environment variable capsbench reads, from :data:`harness.settings.ENVIRONMENT`
+    (``root`` unused: the table is of the code, not of results)."""
+    rows = [(f"`{name}`", setting.sets, setting.explained_in) for name, setting in ENVIRONMENT.items()]
+    return markdown_table(pd.DataFrame(rows, columns=["variable", "what it sets", "where it is explained"]),
+                          text_columns=3)
+
+
 BLOCKS = {"headline": headline_block, "profile": profile_block, "training": training_block,
-          "scaling": scaling_block}
+          "scaling": scaling_block, "environment": environment_block}
 
 
 def regenerate(text: str, root: Path, page: str = "README") -> tuple[str, list[str]]:

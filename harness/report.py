@@ -39,7 +39,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness import cli, plots
-from harness.asv_results import ASV_RESULTS_SUBDIR, AsvResults, Run, load_asv, machine_names, run_peak_sentence
+from harness.asv_results import AsvResults, Run, load_asv, machine_names, run_peak_sentence
 from harness.formatting import (
     NA,
     fmt,
@@ -52,34 +52,39 @@ from harness.formatting import (
 )
 from harness.results import (
     FIGURES_JSON,
-    FIGURES_SUBDIR,
-    PROFILE_SUBDIR,
-    RUNS_DIR,
-    SCALING_SUBDIR,
-    TRAINING_SUBDIR,
+    Profile,
     atomic_output,
     load_figures_result,
+    load_profile_result,
     load_scaling_results,
     load_training_results,
     write_text_atomic,
 )
 from harness.scaling import MIN_RELIABLE_STEPS
+from harness.settings import (
+    ASV_RESULTS_SUBDIR,
+    FIGURES_SUBDIR,
+    PROFILE_SUBDIR,
+    REPORT_SUBDIR,
+    RUNS_DIR,
+    SCALING_SUBDIR,
+    TRAINING_SUBDIR,
+)
 from harness.tables import (
     CHANGE_FACTOR,
     FLAGS,
     SPEEDUP_PHASES,
     TIMINGS,
     TOO_FEW,
-    Profile,
     comparison_table,
     distributed_table,
-    load_profile,
     memory_table,
     not_run,
     not_run_line,
     per_class_table,
-    profile_phase_totals,
+    profile_layer_table,
     profile_rows,
+    profile_summary,
     routing_gradient_table,
     run_rows,
     speedup_table,
@@ -88,7 +93,6 @@ from harness.tables import (
     training_table,
 )
 
-REPORT_SUBDIR = "report"
 TIDY_CSV, REPORT_MD, COMPARISON_MD, COMPARISON_CSV = "results_tidy.csv", "report.md", "comparison.md", "comparison.csv"
 STALE_PLOTS = ("roofline",)  # plots of older reports under another name: removed when a report is written
 
@@ -459,49 +463,57 @@ def profile_section(profile: Profile) -> str:
         described = ", ".join(str(about[key]) for key in ("framework", "device") if about.get(key))
         if about.get("routing_variant"):
             described += f", {about['routing_variant']} routing"
-        facts = [f"batch {int(rows['batch_size'].iloc[0])}" if rows["batch_size"].notna().any() else "",
-                 f"{rows['config_name'].iloc[0]} network" if rows["config_name"].iloc[0] else "",
-                 str(rows["dtype"].iloc[0] or "")]
-        steps = rows["steps"].dropna()
-        n = int(steps.iloc[0]) if len(steps) else None
-        facts.append(f"{n} profiled step{'s' if n != 1 else ''}" if n is not None else "")
-        step, plain, overhead = about.get("step_s"), about.get("unprofiled_step_s"), about.get("overhead")
-        if isinstance(step, (int, float)):
-            facts.append(f"profiled step {fmt(step, 'ms')} ms")
-        if isinstance(plain, (int, float)):
-            facts.append(f"unprofiled step {fmt(plain, 'ms')} ms")
-        if isinstance(overhead, (int, float)):
-            facts.append(f"profiler overhead {100 * overhead:+.1f}%")
-        summed = rows["time_s"].sum()
-        facts.append(f"the layers add up to {fmt(summed, 'ms')} ms"
-                     + (f" ({summed / step:.1%} of the profiled step)" if isinstance(step, (int, float)) and step
-                        else ""))
-        samples = [n] * len(rows) if n is not None else [math.nan] * len(rows)
-        suffix, per_cell = samples_heading(samples)
-        suffix = suffix.replace("samples", "steps").replace("sample", "step")
-        cells = pd.DataFrame({
-            "phase": rows["phase"], "layer": rows["layer"],
-            f"time ms{suffix}": [fmt_spread(value, q25, q75, count, "ms", count=per_cell)
-                                 for value, q25, q75, count in zip(rows["time_s"], rows["time_q25_s"],
-                                                                   rows["time_q75_s"], samples)],
-            "share of step": [fmt(value, "pct") for value in rows["share"]],
-            "GFLOP/s": [fmt(value, "rate") for value in rows["gflops_per_s"]],
-            "% of peak": [fmt(value, "pct100") for value in rows["pct_of_peak"]],
-        })
-        for column, heading in (("memory_allocated_bytes", "allocated MiB"), ("memory_peak_bytes", "peak MiB")):
-            if rows[column].notna().any():
-                cells[heading] = [fmt(value, "mib") for value in rows[column]]
-        totals = profile_phase_totals(rows)
-        measured = about.get("phases_s") if isinstance(about.get("phases_s"), dict) else {}
-        total_line = "; ".join(
-            f"{phase} {fmt(time, 'ms')} ms of layers ({fmt(share, 'pct')} of the step"
-            + (f"; the phase measured whole: {fmt(measured[phase], 'ms')} ms" if isinstance(
-                measured.get(phase), (int, float)) else "") + ")"
-            for phase, time, share in zip(totals["phase"], totals["time_s"], totals["share"]))
+        summary = profile_summary(rows, about)
         text += ["", f"### {name}" + (f" ({described})" if described else ""), "",
-                 "; ".join(fact for fact in facts if fact) + ".", "", f"Per phase: {total_line}.", "",
-                 markdown_table(cells, text_columns=2)]
+                 profile_facts_line(summary), "", f"Per phase: {profile_phases_line(summary)}.", "",
+                 markdown_table(profile_cells(profile_layer_table(rows), summary["steps"]), text_columns=2)]
     return "\n".join(text)
+
+
+def profile_facts_line(summary: dict) -> str:
+    """The sentence above an implementation's profile table (:func:`harness.tables.profile_summary`)."""
+    n, step, plain, overhead = summary["steps"], summary["step_s"], summary["unprofiled_step_s"], summary["overhead"]
+    facts = [f"batch {summary['batch_size']}" if summary["batch_size"] is not None else "",
+             f"{summary['config_name']} network" if summary["config_name"] else "", str(summary["dtype"] or ""),
+             f"{n} profiled step{'s' if n != 1 else ''}" if n is not None else ""]
+    if step is not None:
+        facts.append(f"profiled step {fmt(step, 'ms')} ms")
+    if plain is not None:
+        facts.append(f"unprofiled step {fmt(plain, 'ms')} ms")
+    if overhead is not None:
+        facts.append(f"profiler overhead {100 * overhead:+.1f}%")
+    share = summary["layers_share_of_step"]
+    facts.append(f"the layers add up to {fmt(summary['layers_s'], 'ms')} ms"
+                 + (f" ({share:.1%} of the profiled step)" if share is not None else ""))
+    return "; ".join(fact for fact in facts if fact) + "."
+
+
+def profile_phases_line(summary: dict) -> str:
+    """Each phase's time and share of the step, and the phase measured whole where it was."""
+    return "; ".join(
+        f"{phase} {fmt(time, 'ms')} ms of layers ({fmt(share, 'pct')} of the step"
+        + (f"; the phase measured whole: {fmt(whole, 'ms')} ms" if whole is not None else "") + ")"
+        for phase, time, share, whole in summary["phases"])
+
+
+def profile_cells(table: pd.DataFrame, steps: int | None) -> pd.DataFrame:
+    """:func:`harness.tables.profile_layer_table` formatted: times with their spread over ``steps``."""
+    samples = [steps] * len(table) if steps is not None else [math.nan] * len(table)
+    suffix, per_cell = samples_heading(samples)
+    suffix = suffix.replace("samples", "steps").replace("sample", "step")
+    cells = pd.DataFrame({
+        "phase": table["phase"], "layer": table["layer"],
+        f"time ms{suffix}": [fmt_spread(value, q25, q75, count, "ms", count=per_cell)
+                             for value, q25, q75, count in zip(table["time_s"], table["time_q25_s"],
+                                                               table["time_q75_s"], samples)],
+        "share of step": [fmt(value, "pct") for value in table["share"]],
+        "GFLOP/s": [fmt(value, "rate") for value in table["gflops_per_s"]],
+        "% of peak": [fmt(value, "pct100") for value in table["pct_of_peak"]],
+    })
+    for column, heading in (("memory_allocated_bytes", "allocated MiB"), ("memory_peak_bytes", "peak MiB")):
+        if column in table:
+            cells[heading] = [fmt(value, "mib") for value in table[column]]
+    return cells
 
 
 def per_class_section(record: dict, figures_dir: Path) -> str:
@@ -756,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings = list(asv.warnings)
     training = load_training_results(root / TRAINING_SUBDIR, warnings)
     distributed = load_scaling_results(root / SCALING_SUBDIR, warnings)
-    profile = load_profile(root / PROFILE_SUBDIR, warnings)
+    profile = load_profile_result(root / PROFILE_SUBDIR, warnings)
     figures = load_figures_result(root / FIGURES_SUBDIR, warnings)
     for warning in warnings:
         print(warning, file=sys.stderr)

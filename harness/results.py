@@ -1,8 +1,9 @@
 """Results files: where they go, written atomically, read back with a clear error when malformed.
 
-Two folders: ``runs/`` (git-ignored) is where every command writes by default, so a user's runs never
-touch what the repository tracks; ``results/`` holds the results this repository ships, written only when
-a command is pointed at it (``--out results/...``) or a run is kept (``capsbench keep``).
+Two folders (named in :mod:`harness.settings`): ``runs/`` (git-ignored) is where every command writes by
+default, so a user's runs never touch what the repository tracks; ``results/`` holds the results this
+repository ships, written only when a command is pointed at it (``--out results/...``) or a run is kept
+(``capsbench keep``).
 
 A results file is replaced in one ``os.replace`` of a complete temporary file in the same folder, so a
 crash, Ctrl-C or full disk never leaves a half-written file, and a file a user ran before is only ever
@@ -15,12 +16,15 @@ import contextlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "results"  # shipped with the repository
-RUNS_DIR = REPO_ROOT / "runs"  # a user's own runs (git-ignored): every command's default
-TRAINING_SUBDIR, SCALING_SUBDIR, PROFILE_SUBDIR, FIGURES_SUBDIR = "training", "distributed", "profile", "figures"
+from harness.peak import with_one_peak
+
+if TYPE_CHECKING:
+    import pandas as pd
+
 TRAINING_KIND = "capsbench-training"
 FIGURES_KIND = "capsbench-figures"
 FIGURES_JSON, FIGURES_MD = "figures.json", "figures.md"
@@ -177,3 +181,107 @@ def load_training_results(folder: Path, warnings: list[str]) -> list[tuple[Path,
 def load_scaling_results(folder: Path, warnings: list[str]) -> list[tuple[Path, dict]]:
     """Every readable distributed-scaling file in ``folder`` (none, silently, if the folder is absent)."""
     return _load_all(folder, read_scaling_result, warnings)
+
+
+# Profile results (capsbench profile's folder) ---------------------------------------------------------------
+
+PROFILE_CSV, PROFILE_JSON = "profile.csv", "profile.json"
+PROFILE_PHASES = ("forward", "backward", "update")
+PROFILE_TEXT_COLUMNS = ["implementation", "framework", "device", "config_name", "dtype", "phase", "layer"]
+PROFILE_NUMBER_COLUMNS = ["batch_size", "order", "steps", "time_s", "time_q25_s", "time_q75_s", "share", "flops",
+                          "gflops_per_s", "peak_gflops", "pct_of_peak", "memory_allocated_bytes",
+                          "memory_peak_bytes"]
+PROFILE_REQUIRED = ["implementation", "phase", "layer", "order", "steps", "time_s", "share"]  # columns it must have
+PROFILE_NOT_EMPTY = ["order", "steps"]  # numbers every row must give (a layer a plugin does not time: empty time)
+
+
+@dataclass
+class Profile:
+    """``python -m harness.profile``'s results: the tidy per-layer table and the metadata beside it."""
+
+    frame: pd.DataFrame  # one row per implementation x phase x layer, PROFILE_TEXT/NUMBER_COLUMNS
+    meta: dict = field(default_factory=dict)  # profile.json ({} where absent or skipped)
+    path: Path | None = None
+
+    def implementations(self) -> list[str]:
+        return list(dict.fromkeys(self.frame["implementation"]))
+
+    def about(self, name: str) -> dict:
+        """profile.json's entry for an implementation, else what the CSV rows say of it."""
+        described = (self.meta.get("implementations") or {}).get(name)
+        if isinstance(described, dict):
+            return described
+        rows = self.frame[self.frame["implementation"] == name]
+        if rows.empty:
+            return {}
+        first = rows.iloc[0]
+        return {key: first[key] for key in ("framework", "device", "config_name", "batch_size", "dtype", "steps")
+                if first[key] == first[key] and first[key] != ""}  # not NaN, not empty
+
+
+def read_profile_csv(path: Path) -> pd.DataFrame:
+    """profile.csv checked for what the report needs; ResultsFileError names the file and the problem."""
+    import pandas as pd  # here: the commands that only write results never import pandas
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise ResultsFileError(f"{path}: not a readable CSV file ({str(error).strip()})") from None
+    missing = [column for column in PROFILE_REQUIRED if column not in frame.columns]
+    if missing:
+        raise ResultsFileError(f"{path}: missing column(s) {', '.join(missing)}")
+    if frame.empty:
+        raise ResultsFileError(f"{path}: no rows")
+    for column in PROFILE_TEXT_COLUMNS + PROFILE_NUMBER_COLUMNS:
+        if column not in frame:
+            frame[column] = ""
+    for column in PROFILE_NUMBER_COLUMNS:
+        text = frame[column].str.strip()
+        numbers = pd.to_numeric(text.where(text != ""), errors="coerce")
+        bad = numbers.isna() & (text != "")
+        if column in PROFILE_NOT_EMPTY:
+            bad |= text == ""
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise ResultsFileError(f"{path}: row {row + 2}: {column} is {frame[column].iloc[row]!r}, not a number")
+        frame[column] = numbers.astype(float)
+    phases = set(frame["phase"]) - set(PROFILE_PHASES)
+    if phases:
+        raise ResultsFileError(f"{path}: phase {sorted(phases)[0]!r} is not one of {', '.join(PROFILE_PHASES)}")
+    if (frame["implementation"].str.strip() == "").any() or (frame["layer"].str.strip() == "").any():
+        raise ResultsFileError(f"{path}: a row without an implementation or a layer")
+    duplicated = frame.duplicated(["implementation", "phase", "layer"])
+    if duplicated.any():
+        row = frame[duplicated].iloc[0]
+        raise ResultsFileError(f"{path}: two rows for {row['implementation']} {row['phase']} {row['layer']}")
+    return frame[PROFILE_TEXT_COLUMNS + PROFILE_NUMBER_COLUMNS]
+
+
+def read_profile_json(path: Path) -> dict:
+    payload = read_json(path)
+    if payload.get("kind") != PROFILE_KIND:
+        raise ResultsFileError(f"{path}: not a capsbench profile file (kind {payload.get('kind')!r})")
+    if not isinstance(payload.get("implementations", {}), dict):
+        raise ResultsFileError(f"{path}: 'implementations' is not an object")
+    return payload
+
+
+def load_profile_result(folder: Path, warnings: list[str]) -> Profile | None:
+    """``<folder>/profile.csv`` with ``profile.json`` beside it; None where there is no CSV (no section) or it
+    is malformed (one warning naming it).  A malformed profile.json is a warning too, and the table is
+    shown without it."""
+    csv, meta = folder / PROFILE_CSV, folder / PROFILE_JSON
+    if not csv.is_file():
+        return None
+    try:
+        frame = read_profile_csv(csv)
+    except ResultsFileError as error:
+        warnings.append(f"warning: {error}; file skipped")
+        return None
+    payload = {}
+    if meta.is_file():
+        try:
+            payload = read_profile_json(meta)
+        except ResultsFileError as error:
+            warnings.append(f"warning: {error}; file skipped (the profile table is shown without it)")
+    return Profile(with_one_peak(frame, payload), payload, csv)

@@ -38,11 +38,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import cli
+from harness import cli, contract, options
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
-from harness.results import RUNS_DIR, SCALING_KIND, SCALING_SUBDIR, read_json, write_json_atomic
-from harness.spec import CONFIGS, get_config
+from harness.options import positive_int
+from harness.results import SCALING_KIND, read_json, write_json_atomic
+from harness.settings import RUNS_DIR, SCALING_SUBDIR
+from harness.spec import get_config
 from harness.threads import usable_cpu_count
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -164,23 +166,19 @@ def measure_scaling(ctx, impl, ddp, config, per_rank: int, steps: int, warmup: i
 
 
 def _worker_parser() -> argparse.ArgumentParser:
-    from harness.epochs import non_negative_int, positive_float, positive_int  # see parser()
-
     parser = argparse.ArgumentParser(prog=cli.prog("scaling", "worker"),
                                      description="One rank of the scaling measurement (started by `scaling` under "
                                                  "torchrun, not by hand).")
-    parser.add_argument("--impl", required=True, help="the torch implementation measured")
-    parser.add_argument("--config", choices=sorted(CONFIGS), required=True, help="network size")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                        help="floating-point type (default: %(default)s)")
+    options.add_impl(parser, several=False, required=True, help="the torch implementation measured")
+    options.add_config(parser, required=True)
+    options.add_dtype(parser)
     parser.add_argument("--per-rank-batch-size", type=positive_int, required=True, help="images per step on each rank")
-    parser.add_argument("--steps", type=positive_int, required=True, help="timed steps of each kind")
-    parser.add_argument("--warmup", type=non_negative_int, required=True, help="untimed steps of each kind first")
-    parser.add_argument("--threads", type=positive_int, required=True, help="CPU threads of this rank")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic batches (default: %(default)s)")
-    parser.add_argument("--timeout-s", type=positive_float, default=DEFAULT_TIMEOUT_S,
-                        help="process-group timeout (default: %(default)s)")
-    parser.add_argument("--out", type=Path, required=True, help="where rank 0 writes the measurement")
+    options.add_steps(parser, required=True, help="timed steps of each kind")
+    options.add_warmup(parser, required=True, help="untimed steps of each kind first")
+    options.add_threads(parser, required=True, help="CPU threads of this rank")
+    options.add_seed(parser, help="seed of the synthetic batches")
+    options.add_timeout(parser, default=DEFAULT_TIMEOUT_S, help="process-group timeout")
+    options.add_out(parser, required=True, help="where rank 0 writes the measurement")
     return parser
 
 
@@ -227,42 +225,51 @@ def worker_main(argv: list[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    # imported here, not at the top: the report imports this module for its figures, and harness.epochs
-    # imports the registry, which the report must not
-    from harness.epochs import non_negative_int, positive_float, positive_int
-
     parser = argparse.ArgumentParser(
         prog=cli.prog("scaling"),
         description="Time data-parallel (DDP) steps for several world sizes on this machine (torchrun "
                     "--standalone for each) and write one results file.")
-    parser.add_argument("--impl", default="torch-vectorised", metavar="NAME", help="a torch implementation "
-                        "(default: %(default)s)")
+    options.add_impl(parser, several=False, default="torch-vectorised", help="a torch implementation")
     parser.add_argument("--world-sizes", type=positive_int, nargs="+", default=[1, 2], metavar="W",
                         help="the numbers of ranks to measure (default: 1 2)")
-    parser.add_argument("--threads", type=positive_int,
-                        help="CPU threads in total, split evenly over the ranks (default: the CPUs this process "
-                             f"may use, {usable_cpu_count()} here)")
+    options.add_threads(parser, help="CPU threads in total, split evenly over the ranks",
+                        default_help=f"the CPUs this process may use, {usable_cpu_count()} here")
     batch = parser.add_mutually_exclusive_group()
     batch.add_argument("--global-batch-size", type=positive_int,
                        help="strong scaling: the same global batch for every world size, split over the ranks "
                             f"(default: {DEFAULT_GLOBAL_BATCH})")
     batch.add_argument("--per-rank-batch-size", type=positive_int,
                        help="weak scaling: the same batch on every rank (default: strong scaling)")
-    parser.add_argument("--steps", type=positive_int, default=10,
-                        help="timed steps of each kind, with and without all-reduce (default: %(default)s)")
-    parser.add_argument("--warmup", type=non_negative_int, default=2,
-                        help="untimed steps of each kind first (default: %(default)s)")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="paper",
-                        help="network size (default: %(default)s)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                        help="floating-point type of parameters and data (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the synthetic batches (default: %(default)s)")
-    parser.add_argument("--timeout-s", type=positive_float, default=DEFAULT_TIMEOUT_S,
-                        help="process-group timeout of the ranks (default: %(default)s)")
-    parser.add_argument("--out", type=Path, help=f"results file (default: runs/{SCALING_SUBDIR}/<impl>_<config>_"
-                                                 "scaling.json)")
+    options.add_steps(parser, default=10, help="timed steps of each kind, with and without all-reduce")
+    options.add_warmup(parser, default=2, help="untimed steps of each kind first")
+    options.add_config(parser)
+    options.add_dtype(parser)
+    options.add_seed(parser, help="seed of the synthetic batches")
+    options.add_timeout(parser, default=DEFAULT_TIMEOUT_S, help="process-group timeout of the ranks")
+    options.add_out(parser, help=f"results file (default: runs/{SCALING_SUBDIR}/<impl>_<config>_scaling.json)")
     return parser
+
+
+def scaling_record(info, args: argparse.Namespace, strong: bool, runs: list[dict]) -> dict:
+    """The scaling results file: what was measured, how each figure is defined, the machine, and one run
+    per world size (as its rank 0 wrote it)."""
+    return {
+        "kind": SCALING_KIND,
+        "format_version": 2,
+        "implementation": info.name,
+        **info.describe(),
+        "backend": "nccl" if info.device == "cuda" else "gloo",
+        "config_name": args.config,
+        "dtype": args.dtype,
+        "scaling": "strong" if strong else "weak",
+        "allreduce_measure": "exposed: median over adjacent pairs of (DDP step - the same step under no_sync()), "
+                             "slowest rank, floored at 0; none for one rank",
+        "efficiency": "speed-up over the smallest world size / growth of the compute used (CPU: ranks x threads "
+                      "per rank; GPU: ranks)",
+        "data": "seeded synthetic batches, already on the device (no data loading)",
+        "machine": machine_facts(),
+        "runs": runs,
+    }
 
 
 def scaling_main(argv: list[str]) -> int:
@@ -272,7 +279,7 @@ def scaling_main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     try:
         info = torch_implementation(args.impl)
-    except (registry.UnknownImplementationError, registry.UnavailableImplementationError) as error:
+    except (registry.UnknownImplementationError, contract.UnavailableImplementationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     strong = args.per_rank_batch_size is None
@@ -318,23 +325,7 @@ def scaling_main(argv: list[str]) -> int:
                       f"{completed.returncode}); no results file written", file=sys.stderr)
                 return 1
             runs.append(read_json(part))
-    payload = {
-        "kind": SCALING_KIND,
-        "format_version": 2,
-        "implementation": info.name,
-        **info.describe(),
-        "backend": "nccl" if info.device == "cuda" else "gloo",
-        "config_name": args.config,
-        "dtype": args.dtype,
-        "scaling": "strong" if strong else "weak",
-        "allreduce_measure": "exposed: median over adjacent pairs of (DDP step - the same step under no_sync()), "
-                             "slowest rank, floored at 0; none for one rank",
-        "efficiency": "speed-up over the smallest world size / growth of the compute used (CPU: ranks x threads "
-                      "per rank; GPU: ranks)",
-        "data": "seeded synthetic batches, already on the device (no data loading)",
-        "machine": machine_facts(),
-        "runs": runs,
-    }
+    payload = scaling_record(info, args, strong, runs)
     write_json_atomic(out, payload)
     print(format_scaling_table(payload))
     print(f"results written to {out}")

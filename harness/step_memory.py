@@ -1,7 +1,7 @@
 """GPU memory of one training step, measured the same way for every implementation, each in a process of its own.
 
 The rule, the same for every framework: build the implementation, warm it up with one training step,
-return the allocator's cached blocks to the device (:meth:`~harness.registry.Implementation.release_cached_memory`),
+return the allocator's cached blocks to the device (:meth:`~harness.contract.Implementation.release_cached_memory`),
 then sample NVML (on the implementation's own GPU, by PCI bus id) and the allocator's peaks over one more
 step.  The NVML baseline is therefore the CUDA context, the loaded kernels and what the implementation
 keeps between steps (parameters, gradients, Adam's moments, workspaces), with no allocator cache in it;
@@ -15,7 +15,7 @@ import gc
 import multiprocessing
 import signal
 
-from harness import registry
+from harness import contract, registry
 from harness.data import synthetic_batch
 from harness.memory import nvml_sampler, nvml_status
 from harness.params import init_parameters
@@ -31,7 +31,7 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or "OutOfMemory" in type(error).__name__ or "out of memory" in str(error)
 
 
-def measure_step(impl: registry.Implementation, batch: registry.Batch) -> dict | str:
+def measure_step(impl: contract.Implementation, batch: contract.Batch) -> dict | str:
     """NVML's samples and the allocator's peaks over one training step of a warmed-up implementation; or
     the reason NVML could not measure it."""
     impl.synchronize()

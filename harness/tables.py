@@ -8,15 +8,14 @@ from __future__ import annotations
 import math
 import os
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from harness.activations import im2col_bytes, kept_activations, parameter_state_bytes
 from harness.asv_results import DEFAULT_ROUTING_GRADIENT, ROUTING_GRADIENT_COLUMN, TIDY_COLUMNS, Run
-from harness.peak import one_peak
-from harness.results import PROFILE_KIND, ResultsFileError, read_json
+from harness.formatting import NA
+from harness.results import PROFILE_PHASES, Profile
 from harness.scaling import compute_units, efficiency_caveat, scaling_efficiency
 from harness.spec import get_config
 
@@ -25,7 +24,6 @@ LOWER_IS_BETTER = {"seconds", "bytes", "relative error"}
 HIGHER_IS_BETTER = {"GFLOP/s", "images/s", "images per second"}  # and any other rate: a unit ending in "/s"
 TOO_FEW = "too few samples"  # the change of a ratio beyond the factor when a side rests on one sample
 FLAGS = ("worse", "better", "higher", "lower")
-NA = "n/a"
 TIMINGS = ["train_step", "forward", "backward", "routing", "routing_backward"]
 SUMMARY_METRICS = TIMINGS + ["host_memory_peak", "host_memory", "gpu_memory_nvml", "gpu_memory_allocator_live",
                              "gpu_memory_allocator_reserved", "gpu_memory_allocator_mixed"]
@@ -345,7 +343,7 @@ def training_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
 
 def training_status(record: dict) -> str:
     """A training record's status as the report shows it: 'running' only while the process that writes it
-    (pid and host recorded, :func:`harness.epochs.process_facts`) still exists; one left 'running' by a
+    (pid and host recorded, :func:`harness.run_status.process_facts`) still exists; one left 'running' by a
     process that is gone (SIGKILL, out of memory, a crashed machine) ended without a status."""
     status = record.get("status", "?")
     if status != "running":
@@ -423,121 +421,7 @@ def memory_table(rows: pd.DataFrame, iterations: int, config_name: str) -> pd.Da
 
 
 # ------------------------------------------------------------------------------------------------ profile
-PROFILE_CSV, PROFILE_JSON = "profile.csv", "profile.json"
-PROFILE_PHASES = ("forward", "backward", "update")
-PROFILE_TEXT_COLUMNS = ["implementation", "framework", "device", "config_name", "dtype", "phase", "layer"]
-PROFILE_NUMBER_COLUMNS = ["batch_size", "order", "steps", "time_s", "time_q25_s", "time_q75_s", "share", "flops",
-                          "gflops_per_s", "peak_gflops", "pct_of_peak", "memory_allocated_bytes",
-                          "memory_peak_bytes"]
-PROFILE_REQUIRED = ["implementation", "phase", "layer", "order", "steps", "time_s", "share"]  # columns it must have
-PROFILE_NOT_EMPTY = ["order", "steps"]  # numbers every row must give (a layer a plugin does not time: empty time)
-
-
-@dataclass
-class Profile:
-    """``python -m harness.profile``'s results: the tidy per-layer table and the metadata beside it."""
-
-    frame: pd.DataFrame  # one row per implementation x phase x layer, PROFILE_TEXT/NUMBER_COLUMNS
-    meta: dict = field(default_factory=dict)  # profile.json ({} where absent or skipped)
-    path: Path | None = None
-
-    def implementations(self) -> list[str]:
-        return list(dict.fromkeys(self.frame["implementation"]))
-
-    def about(self, name: str) -> dict:
-        """profile.json's entry for an implementation, else what the CSV rows say of it."""
-        described = (self.meta.get("implementations") or {}).get(name)
-        if isinstance(described, dict):
-            return described
-        rows = self.frame[self.frame["implementation"] == name]
-        if rows.empty:
-            return {}
-        first = rows.iloc[0]
-        return {key: first[key] for key in ("framework", "device", "config_name", "batch_size", "dtype", "steps")
-                if pd.notna(first[key]) and first[key] != ""}
-
-
-def read_profile_csv(path: Path) -> pd.DataFrame:
-    """profile.csv checked for what the report needs; ResultsFileError names the file and the problem."""
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise ResultsFileError(f"{path}: not a readable CSV file ({str(error).strip()})") from None
-    missing = [column for column in PROFILE_REQUIRED if column not in frame.columns]
-    if missing:
-        raise ResultsFileError(f"{path}: missing column(s) {', '.join(missing)}")
-    if frame.empty:
-        raise ResultsFileError(f"{path}: no rows")
-    for column in PROFILE_TEXT_COLUMNS + PROFILE_NUMBER_COLUMNS:
-        if column not in frame:
-            frame[column] = ""
-    for column in PROFILE_NUMBER_COLUMNS:
-        text = frame[column].str.strip()
-        numbers = pd.to_numeric(text.where(text != ""), errors="coerce")
-        bad = numbers.isna() & (text != "")
-        if column in PROFILE_NOT_EMPTY:
-            bad |= text == ""
-        if bad.any():
-            row = int(bad.to_numpy().nonzero()[0][0])
-            raise ResultsFileError(f"{path}: row {row + 2}: {column} is {frame[column].iloc[row]!r}, not a number")
-        frame[column] = numbers.astype(float)
-    phases = set(frame["phase"]) - set(PROFILE_PHASES)
-    if phases:
-        raise ResultsFileError(f"{path}: phase {sorted(phases)[0]!r} is not one of {', '.join(PROFILE_PHASES)}")
-    if (frame["implementation"].str.strip() == "").any() or (frame["layer"].str.strip() == "").any():
-        raise ResultsFileError(f"{path}: a row without an implementation or a layer")
-    duplicated = frame.duplicated(["implementation", "phase", "layer"])
-    if duplicated.any():
-        row = frame[duplicated].iloc[0]
-        raise ResultsFileError(f"{path}: two rows for {row['implementation']} {row['phase']} {row['layer']}")
-    return frame[PROFILE_TEXT_COLUMNS + PROFILE_NUMBER_COLUMNS]
-
-
-def read_profile_json(path: Path) -> dict:
-    payload = read_json(path)
-    if payload.get("kind") != PROFILE_KIND:
-        raise ResultsFileError(f"{path}: not a capsbench profile file (kind {payload.get('kind')!r})")
-    if not isinstance(payload.get("implementations", {}), dict):
-        raise ResultsFileError(f"{path}: 'implementations' is not an object")
-    return payload
-
-
-def load_profile(folder: Path, warnings: list[str]) -> Profile | None:
-    """``<folder>/profile.csv`` with ``profile.json`` beside it; None where there is no CSV (no section) or it
-    is malformed (one warning naming it).  A malformed profile.json is a warning too, and the table is
-    shown without it."""
-    csv, meta = folder / PROFILE_CSV, folder / PROFILE_JSON
-    if not csv.is_file():
-        return None
-    try:
-        frame = read_profile_csv(csv)
-    except ResultsFileError as error:
-        warnings.append(f"warning: {error}; file skipped")
-        return None
-    payload = {}
-    if meta.is_file():
-        try:
-            payload = read_profile_json(meta)
-        except ResultsFileError as error:
-            warnings.append(f"warning: {error}; file skipped (the profile table is shown without it)")
-    return Profile(with_one_peak(frame, payload), payload, csv)
-
-
-def with_one_peak(frame: pd.DataFrame, meta: dict) -> pd.DataFrame:
-    """Every row's % of peak over one figure per device, the same for every implementation
-    (:func:`harness.peak.one_peak`): the hardware peak of profile.json where it has one, else the best GEMM it
-    (or, for older profiles, the CSV's per-backend ``peak_gflops``) records on that device."""
-    gemms = dict(meta.get("gemm_peak_gflops") or {})
-    if not gemms:  # an older profile.json: the CSV's per-backend peaks, the best per device
-        gemms = {("numpy" if device == "cpu" else "torch-cuda"): float(peak)
-                 for device, peak in frame.groupby("device")["peak_gflops"].max().items() if pd.notna(peak)}
-    peaks = {device: one_peak(device, meta.get("hardware_peak") or {}, gemms) for device in frame["device"].unique()}
-    frame = frame.copy()
-    frame["peak_gflops"] = frame["device"].map(peaks).astype(float)
-    frame["pct_of_peak"] = 100 * frame["gflops_per_s"] / frame["peak_gflops"]
-    return frame
-
-
+# (the profile files are read and checked by harness.results; these are the frames of the report)
 def profile_rows(profile: Profile, implementation: str) -> pd.DataFrame:
     """One implementation's rows in the order of a training step: forward, backward, update, each by the
     layer's place in the forward pass."""
@@ -551,6 +435,45 @@ def profile_phase_totals(rows: pd.DataFrame) -> pd.DataFrame:
     """Per phase of one implementation's rows: the summed time per step and share of the step."""
     totals = rows.groupby("phase", sort=False)[["time_s", "share"]].sum(min_count=1)
     return totals.reindex([phase for phase in PROFILE_PHASES if phase in totals.index]).reset_index()
+
+
+PROFILE_MEMORY_COLUMNS = ("memory_allocated_bytes", "memory_peak_bytes")
+
+
+def profile_layer_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """One implementation's layers x phases (:func:`profile_rows`), the figures the report shows of each:
+    time per step with its quartiles, share of the step, GFLOP/s, % of peak, and the memory columns the
+    profiler filled for some row (the others left out)."""
+    columns = ["phase", "layer", "time_s", "time_q25_s", "time_q75_s", "share", "gflops_per_s", "pct_of_peak"]
+    columns += [column for column in PROFILE_MEMORY_COLUMNS if rows[column].notna().any()]
+    return rows[columns].reset_index(drop=True)
+
+
+def profile_steps(rows: pd.DataFrame) -> int | None:
+    """The profiled steps one implementation's rows rest on (None where the rows do not say)."""
+    steps = rows["steps"].dropna()
+    return int(steps.iloc[0]) if len(steps) else None
+
+
+def profile_summary(rows: pd.DataFrame, about: dict) -> dict:
+    """What the report says of one implementation's profile besides its table: batch, network, dtype,
+    profiled steps, the profiled and unprofiled step and the overhead (from profile.json, ``about``), the
+    layers' summed time and its share of the profiled step, and the time and share of each phase (with the
+    phase measured whole, where profile.json has it)."""
+    number = lambda value: value if isinstance(value, (int, float)) else None  # noqa: E731
+    step = number(about.get("step_s"))
+    summed = rows["time_s"].sum()
+    measured = about.get("phases_s") if isinstance(about.get("phases_s"), dict) else {}
+    totals = profile_phase_totals(rows)
+    return {
+        "batch_size": int(rows["batch_size"].iloc[0]) if rows["batch_size"].notna().any() else None,
+        "config_name": rows["config_name"].iloc[0] or None, "dtype": rows["dtype"].iloc[0] or None,
+        "steps": profile_steps(rows), "step_s": step, "unprofiled_step_s": number(about.get("unprofiled_step_s")),
+        "overhead": number(about.get("overhead")), "layers_s": summed,
+        "layers_share_of_step": summed / step if step else None,
+        "phases": [(phase, time, share, number(measured.get(phase)))
+                   for phase, time, share in zip(totals["phase"], totals["time_s"], totals["share"])],
+    }
 
 
 def per_class_table(confusion) -> pd.DataFrame:

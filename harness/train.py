@@ -18,14 +18,17 @@ import threading
 import time
 from pathlib import Path
 
-from harness import cli, epochs, registry
+from harness import cli, contract, epochs, options, registry
+from harness.checkpoint import save_checkpoint
 from harness.data import DataError, load_mnist
 from harness.params import init_parameters
+from harness.progress import Progress
 from harness.results import ResultsFileError, write_json_atomic
+from harness.run_status import RunStatus, Terminated, TrainingDiverged
 from harness.spec import SCHEDULES
 
 
-def train_epochs(impl: registry.Implementation, train_set, test_set, record: dict, out: Path,
+def train_epochs(impl: contract.Implementation, train_set, test_set, record: dict, out: Path,
                  args: argparse.Namespace, first_epoch: int = 1) -> dict:
     """Train epochs ``first_epoch`` .. ``args.epochs``, appending to ``record``; after each, the results
     file and the checkpoint are saved."""
@@ -33,7 +36,7 @@ def train_epochs(impl: registry.Implementation, train_set, test_set, record: dic
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     for epoch in range(first_epoch, args.epochs + 1):
         losses, images_seen, epoch_start = [], 0, time.perf_counter()
-        progress = epochs.Progress(steps_per_epoch, f"epoch {epoch}/{args.epochs}", args.log_every)
+        progress = Progress(steps_per_epoch, f"epoch {epoch}/{args.epochs}", args.log_every)
         batches = epochs.training_batches(train_set, args.batch_size, args.seed, epoch, not args.no_augment)
         for step, (images, labels) in enumerate(batches, start=1):
             step_start = time.perf_counter()
@@ -50,7 +53,7 @@ def train_epochs(impl: registry.Implementation, train_set, test_set, record: dic
         correct = epochs.evaluate(impl, test_set.images, test_set.labels, args.batch_size,
                                   f"epoch {epoch}/{args.epochs} evaluation", every=args.log_every)
         eval_seconds = time.perf_counter() - eval_start
-        epochs.save_checkpoint(out, impl, epoch)
+        save_checkpoint(out, impl, epoch)
         summary = epochs.epoch_summary(epoch, losses, correct / len(test_set), train_seconds, eval_seconds,
                                        time.perf_counter() - epoch_start, images_seen, elapsed)
         epochs.add_epoch(record, summary)
@@ -64,8 +67,7 @@ def parser() -> argparse.ArgumentParser:
                                      epilog="--distributed: data-parallel under torchrun, the same as "
                                             "`torchrun ... -m harness.distributed train`, whose options it takes")
     epochs.add_training_arguments(parser, batch_help="images per step", default_impl=None)
-    parser.add_argument("--threads", type=epochs.positive_int,
-                        help="CPU threads for torch, BLAS and OpenMP (default: the CPUs this process may use)")
+    options.add_threads(parser)
     return parser
 
 
@@ -91,49 +93,45 @@ def main(argv: list[str] | None = None) -> int:
             impl.load_adam_state(adam)
         train_set = load_mnist(args.data_dir, "train").head(args.limit)
         test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
-    except (registry.UnknownImplementationError, registry.UnavailableImplementationError, DataError,
+    except (registry.UnknownImplementationError, contract.UnavailableImplementationError, DataError,
             ResultsFileError, epochs.TrainingOptionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = args.out or epochs.default_output(info.name, args.config, suffix=epochs.routing_gradient_suffix(args))
     if record is None:
         record = epochs.new_record(info, args, schedule, len(train_set), len(test_set))
-    epochs.mark_running(record)
-    write_json_atomic(out, record)
+    run = RunStatus(out, record)
+    run.start()
     print(epochs.start_line(info.name, args, len(train_set), len(test_set), out, resumed_from=resumed_from),
           flush=True)
     previous_handler = install_sigterm_handler()
     try:
         train_epochs(impl, train_set, test_set, record, out, args, first_epoch=resumed_from + 1)
-    except epochs.TrainingDiverged as error:
-        record.update(status="stopped", message=f"training diverged: {error}")
-        write_json_atomic(out, record)
-        print(f"error: training diverged: {error}; the results up to the last epoch are in {out} "
-              "(check the implementation with python -m harness.check)", file=sys.stderr)
+    except Exception as error:  # diverged, out of memory, a bug in an implementation: the file must not say "running"
+        print(f"error: {failure_line(error, run.ended_by(error), out)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (epochs.Terminated)
-        why = str(stop) if isinstance(stop, epochs.Terminated) else "interrupted by the user"
-        record.update(status="interrupted", message=why)
-        write_json_atomic(out, record)
-        print(epochs.interrupted_line(out, record, why), file=sys.stderr)
-        return 128 + stop.signum if isinstance(stop, epochs.Terminated) else 130
-    except Exception as error:  # out of memory, a bug in an implementation, ...: the file must not say "running"
-        record.update(status="failed", message=f"{type(error).__name__}: {error}")
-        write_json_atomic(out, record)
-        print(f"error: training failed: {type(error).__name__}: {error}; the results up to the last epoch are "
-              f"in {out}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (run_status.Terminated)
+        print(epochs.interrupted_line(out, record, run.ended_by(stop)), file=sys.stderr)
+        return 128 + stop.signum if isinstance(stop, Terminated) else 130
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
-    record.update(status="completed", message="")
-    write_json_atomic(out, record)
+    run.completed()
     print(f"results written to {out} (best test accuracy {record['best_test_accuracy']:.2%})")
     return 0
 
 
+def failure_line(error: Exception, message: str, out: Path) -> str:
+    """What a run that ended by ``error`` says (after ``error:``): the results file's ``message``, where the
+    results are, and, for a divergence, what to check."""
+    if isinstance(error, TrainingDiverged):
+        return (f"{message}; the results up to the last epoch are in {out} "
+                "(check the implementation with python -m harness.check)")
+    return f"training failed: {message}; the results up to the last epoch are in {out}"
+
+
 def raise_terminated(signum, frame):
-    raise epochs.Terminated(signum)
+    raise Terminated(signum)
 
 
 def install_sigterm_handler():

@@ -22,8 +22,8 @@ import warnings
 from pathlib import Path
 
 from harness.results import write_json_atomic
+from harness.settings import PLAN_CACHE_ENV
 
-CACHE_ENV = "CAPSBENCH_PLAN_CACHE"
 CACHE_FILE = "conv-plans.json"
 CACHE_FORMAT = 1
 # The weight gradient by im2col + GEMM reuses the forward's patch matrix when the forward made one; after
@@ -34,8 +34,8 @@ KEPT_PATCHES = "im2col-gemm"
 
 def cache_path() -> Path:
     """The cache file (see the module docstring for the folder)."""
-    if os.environ.get(CACHE_ENV):
-        folder = Path(os.environ[CACHE_ENV])
+    if os.environ.get(PLAN_CACHE_ENV):
+        folder = Path(os.environ[PLAN_CACHE_ENV])
     elif os.environ.get("XDG_CACHE_HOME"):
         folder = Path(os.environ["XDG_CACHE_HOME"]) / "capsbench"
     else:

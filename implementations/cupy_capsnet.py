@@ -11,7 +11,8 @@ array module is not CuPy), and the allocator's peaks, which CuPy's memory pool d
 
 from __future__ import annotations
 
-from harness.registry import ROUTING_VARIANTS, AllocatorPeaks, Availability, register
+from harness.contract import ROUTING_VARIANTS, AllocatorPeaks, Availability
+from harness.registry import register
 from harness.spec import ADAM
 from implementations.numpy_capsnet import NumpyCapsNet
 

@@ -46,16 +46,17 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.contract import ROUTING_VARIANTS, AllocatorPeaks, Availability, Batch, Implementation
 from harness.params import DECODER_PREFIX, decoder_layer_count
-from harness.registry import ROUTING_VARIANTS, AllocatorPeaks, Availability, Batch, Implementation, register
-from harness.spec import ADAM, CapsNetConfig
+from harness.registry import register
+from harness.settings import JAX_CACHE_DIR, JAX_CACHE_ENV, JAX_CONVOLUTION_ENV
+from harness.spec import ADAM, ROUTING_GRADIENTS, CapsNetConfig
 from harness.threads import register_thread_pool, usable_cpu_count
 
-CACHE_ENV = "CAPSBENCH_JAX_CACHE"
-DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "runs" / "jax-cache"
+CACHE_ENV = JAX_CACHE_ENV
+DEFAULT_CACHE = JAX_CACHE_DIR
 PREALLOCATE_ENV = "XLA_PYTHON_CLIENT_PREALLOCATE"
 XLA_CPU_POOL = "xla:cpu"
-ROUTING_GRADIENTS = ("full", "final")
 
 
 def configure_environment(environ=os.environ) -> None:
@@ -129,7 +130,7 @@ def conv_im2col(x, weight, stride: int):
 CONVOLUTIONS = {"xla": conv_xla, "im2col": conv_im2col}
 # im2col by default: on this 2-core CPU a paper-network training step at batch 32 took 1.9 s with it and 37 s
 # with XLA:CPU's own convolution (its PrimaryCaps backward); CAPSBENCH_JAX_CONVOLUTION=xla chooses the other
-CONVOLUTION = os.environ.get("CAPSBENCH_JAX_CONVOLUTION", "im2col")
+CONVOLUTION = os.environ.get(JAX_CONVOLUTION_ENV, "im2col")
 
 
 def squash(s, eps: float):

@@ -38,10 +38,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from harness.contract import ROUTING_VARIANTS, Availability, Batch, Implementation
 from harness.decoder import decoder_forward, decoder_layers
 from harness.params import DECODER_PREFIX, DIGIT_WEIGHT
 from harness.ranges import ROUTING_LAYER, layer_range
-from harness.registry import ROUTING_VARIANTS, Availability, Batch, Implementation, register
+from harness.registry import register
 from harness.spec import ADAM, ROUTING_GRADIENTS, CapsNetConfig, conv_output_size
 
 CONV_LAYERS = {"conv1": ("conv1_kernel", "conv1_stride"), "primary": ("primary_kernel", "primary_stride")}

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from harness.contract import DEVICES, ROUTING_VARIANTS, AllocatorPeaks, Availability, Batch, Implementation
 from harness.params import DECODER_PREFIX, decoder_layer_count
 from harness.ranges import ROUTING_LAYER, layer_range
-from harness.registry import DEVICES, ROUTING_VARIANTS, AllocatorPeaks, Availability, Batch, Implementation, register
+from harness.registry import register
 from harness.spec import ADAM, ROUTING_GRADIENTS, CapsNetConfig, LearningRateSchedule
 
 try:
@@ -358,26 +359,30 @@ class TorchCapsNet(Implementation):
         (grad_u_hat,) = torch.autograd.grad(self.route(u_hat), u_hat, grad_v)
         return grad_u_hat
 
+    def _synchronized_cuda(self) -> bool:
+        """True on a CUDA device, after waiting for its queued work (what a timer, and every reading or
+        reset of the caching allocator, needs first); False on the CPU, where there is nothing to wait for."""
+        if self._device.type != "cuda":
+            return False
+        torch.cuda.synchronize(self._device)
+        return True
+
     def synchronize(self) -> None:
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
+        self._synchronized_cuda()
 
     def reset_peak_memory(self) -> None:
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
+        if self._synchronized_cuda():
             torch.cuda.reset_peak_memory_stats(self._device)
 
     def allocator_peaks(self) -> AllocatorPeaks | None:
         """The caching allocator's peaks: max_memory_allocated (live tensors), max_memory_reserved."""
-        if self._device.type != "cuda":
+        if not self._synchronized_cuda():
             return None
-        torch.cuda.synchronize(self._device)
         return AllocatorPeaks(live=int(torch.cuda.max_memory_allocated(self._device)),
                               reserved=int(torch.cuda.max_memory_reserved(self._device)))
 
     def release_cached_memory(self) -> None:
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
+        if self._synchronized_cuda():
             torch.cuda.empty_cache()
 
     def pci_bus_id(self) -> str | None:

@@ -43,7 +43,8 @@ import os
 import shutil
 import sys
 
-from harness.registry import ROUTING_VARIANTS, Availability, Batch, register
+from harness.contract import ROUTING_VARIANTS, Availability, Batch
+from harness.registry import register
 from harness.spec import ADAM, CapsNetConfig
 from implementations.torch_capsnet import (
     TorchCapsNet,

@@ -48,7 +48,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from harness.registry import ROUTING_VARIANTS, Batch, Implementation, register
+from harness.contract import ROUTING_VARIANTS, Batch, Implementation
+from harness.registry import register
 from harness.spec import ADAM, LearningRateSchedule
 from implementations.torch_capsnet import TorchCapsNet, torch, total_loss
 

@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from harness.params import DIGIT_WEIGHT
 from harness.ranges import layer_range
 from harness.registry import register
+from harness.settings import CONV_PLAN_ENV
 from harness.spec import ADAM, PAPER, ROUTING_GRADIENTS, CapsNetConfig, conv_output_size
 from implementations import conv_plans
 from implementations.torch_capsnet import F, TorchCapsNet, capsule_lengths, decoder, mask_capsules, torch
@@ -566,11 +567,11 @@ class TorchFusedCapsNet(TorchCapsNet):
         """The convolution plan of this batch size, chosen on its first use (:func:`choose_plan`: measured on
         this machine or read from the cache) unless $CAPSBENCH_CONV_PLAN is "fixed" (then :data:`PLANS`)."""
         if batch_size not in self.plans:
-            if os.environ.get(PLAN_ENV, "measure") == "fixed":
+            if os.environ.get(CONV_PLAN_ENV, "measure") == "fixed":
                 fixed = PLANS[self._device.type]
                 self.plans[batch_size] = (fixed, {"conv1": dataclasses.asdict(fixed.conv1),
                                                   "primary_caps": dataclasses.asdict(fixed.primary),
-                                                  "source": f"fixed (${PLAN_ENV}=fixed)"})
+                                                  "source": f"fixed (${CONV_PLAN_ENV}=fixed)"})
             else:
                 self.plans[batch_size] = choose_plan(self.config, batch_size, self.dtype, self._device)
         self.plan = self.module.plan = self.plans[batch_size][0]
@@ -698,7 +699,6 @@ def time_candidates(config: CapsNetConfig, layer: str, batch_size: int, dtype: s
 # Choosing the plan where it runs ----------------------------------------------------------------------------
 
 PLAN_REPEATS, PLAN_PRUNE = 3, 1.25
-PLAN_ENV = "CAPSBENCH_CONV_PLAN"
 
 
 def machine_name(device) -> str:

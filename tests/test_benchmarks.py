@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import registry
+from harness import registry, settings
 from implementations.torch_capsnet import TorchCapsNet
 
 from conftest import REPO_ROOT
@@ -65,24 +65,24 @@ def test_every_benchmark_runs_once_on_the_small_configuration(asv_env):
 
 
 def test_profiles_choose_the_grid(monkeypatch):
-    from harness.profiles import load_profile
+    from harness.suite_profiles import load_suite_profile
 
     monkeypatch.delenv("CAPSBENCH_PROFILE", raising=False)
-    name, profile = load_profile()
+    name, profile = load_suite_profile()
     assert name == "fast" and profile["config"] == "paper"
     assert 128 in profile["batch_sizes"] and 3 in profile["routing_iterations"]
     monkeypatch.setenv("CAPSBENCH_PROFILE", "smoke")
-    assert load_profile()[1]["config"] == "small"
+    assert load_suite_profile()[1]["config"] == "small"
     with pytest.raises(ValueError, match="unknown benchmark profile 'huge'.*smoke, fast, regular, large"):
-        load_profile("huge")
+        load_suite_profile("huge")
 
 
 def test_implementations_can_be_narrowed_and_unknown_names_are_one_line(monkeypatch):
     from benchmarks import common
 
-    monkeypatch.setenv(common.IMPLEMENTATIONS_ENV, "numpy-vectorised, torch-looped")
+    monkeypatch.setenv(settings.IMPLEMENTATIONS_ENV, "numpy-vectorised, torch-looped")
     assert common.selected_implementations() == {"numpy-vectorised", "torch-looped"}
-    monkeypatch.setenv(common.IMPLEMENTATIONS_ENV, "numpy-vectorized,torch-looped")
+    monkeypatch.setenv(settings.IMPLEMENTATIONS_ENV, "numpy-vectorized,torch-looped")
     problem = common.selected_implementations()
     assert isinstance(problem, str) and "\n" not in problem
     assert "'numpy-vectorized'" in problem and "known implementations: " + ", ".join(registry.names()) in problem
@@ -153,11 +153,12 @@ def test_the_plan_an_implementation_chose_goes_into_the_facts_and_stays(monkeypa
     """torch-fused's plan per batch size is added to the run's facts; a later benchmark process rewriting
     the facts keeps it."""
     from benchmarks import common
+    from harness import asv_facts
 
     path = tmp_path / "facts.json"
-    monkeypatch.setattr(common, "measured_commit", lambda: "abcdef12")
-    monkeypatch.setattr(common, "facts_path", lambda commit: path)
-    monkeypatch.setattr(common, "_facts_written", False)
+    monkeypatch.setattr(asv_facts, "measured_commit", lambda: "abcdef12")
+    monkeypatch.setattr(asv_facts, "facts_path", lambda commit: path)
+    monkeypatch.setattr(asv_facts, "_facts_written", False)
 
     class Chose:
         def plan_facts(self):
@@ -165,7 +166,7 @@ def test_the_plan_an_implementation_chose_goes_into_the_facts_and_stays(monkeypa
 
     common.record_plan_facts("torch-fused", Chose())
     common.record_plan_facts("numpy-vectorised", object())  # no plan: nothing recorded
-    monkeypatch.setattr(common, "_facts_written", False)  # the next benchmark process
+    monkeypatch.setattr(asv_facts, "_facts_written", False)  # the next benchmark process
     common.record_facts()
     plans = json.loads(path.read_text())["plans"]
     assert plans == {"torch-fused": {"32": {"primary_caps": {"forward": "library"}, "source": "measured"}}}

@@ -1,4 +1,4 @@
-"""The Implementation contract (harness.registry), held against every implementation the registry knows that
+"""The Implementation contract (harness.contract), held against every implementation the registry knows that
 can run here, built-in or plugin, as timm tests every model of ``list_models()``: a new implementation is
 covered by adding nothing.  GPU classes whose array module can be NumPy also run here, as CPU stand-ins.
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from harness import registry
+from harness.contract import AllocatorPeaks
 from harness.data import synthetic_batch
 from harness.params import init_parameters
-from harness.registry import AllocatorPeaks
 from harness.spec import SMALL
 from implementations.cupy_capsnet import PeakCounter
 

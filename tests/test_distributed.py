@@ -25,6 +25,7 @@ from harness.data import load_mnist  # noqa: E402
 from harness.epochs import DEFAULT_SCHEDULE  # noqa: E402
 from harness.params import init_parameters  # noqa: E402
 from harness.results import read_json, read_training_result  # noqa: E402
+from harness.settings import FAIL_RANK_ENV  # noqa: E402
 from harness.spec import SCHEDULES, SMALL  # noqa: E402
 from implementations.torch_capsnet import TorchCapsNet  # noqa: E402
 
@@ -109,12 +110,12 @@ def test_two_ranks_learn_what_one_process_learns_on_the_global_batch(tmp_path, m
 def test_a_failing_rank_ends_the_run_non_zero_with_one_line_and_no_hang(tmp_path, mnist_path):
     # through the harness.train entry point this time: --distributed hands over to harness.distributed
     process, seconds = torchrun(["harness.train", "--distributed", *train_args(tmp_path, mnist_path)],
-                                env={distributed.FAIL_ENV: "1:2"}, timeout=90)
+                                env={FAIL_RANK_ENV: "1:2"}, timeout=90)
     assert process.returncode != 0
     assert seconds < 60
     output = (process.stderr + process.stdout).splitlines()
     lines = [line for line in output if line.startswith("error: rank 1 failed:")]
-    assert lines == [f"error: rank 1 failed: InjectedFailure: injected failure at step 2 ({distributed.FAIL_ENV}=1:2)"]
+    assert lines == [f"error: rank 1 failed: InjectedFailure: injected failure at step 2 ({FAIL_RANK_ENV}=1:2)"]
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["status"] != "completed" and len(record["steps"]) <= 2
 
@@ -123,7 +124,7 @@ def test_a_rank_that_stops_answering_makes_the_others_time_out(tmp_path, mnist_p
     args = train_args(tmp_path, mnist_path)
     args[args.index("--timeout-s") + 1] = "4"
     process, seconds = torchrun(["harness.distributed", "train", *args],
-                                env={distributed.FAIL_ENV: "1:2:hang"}, timeout=90)
+                                env={FAIL_RANK_ENV: "1:2:hang"}, timeout=90)
     assert process.returncode != 0
     assert 4 <= seconds < 60
     output = process.stderr + process.stdout

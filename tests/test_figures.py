@@ -14,6 +14,7 @@ import pytest
 from matplotlib import image
 
 from harness import epochs, figures, registry, report, train
+from harness.checkpoint import save_checkpoint
 from harness.data import load_mnist
 from harness.params import init_parameters
 from harness.results import FIGURES_FILES, FIGURES_JSON, FIGURES_MD, read_figures_result, read_training_result
@@ -149,7 +150,7 @@ def one_error_line(capsys) -> str:
 def test_a_checkpoint_of_another_network_is_one_clear_line(tmp_path, mnist_path, capsys):
     results = tmp_path / "small.json"
     impl = registry.create("numpy-vectorised", SMALL, init_parameters(SMALL))
-    path = epochs.save_checkpoint(results, impl, 1)
+    path = save_checkpoint(results, impl, 1)
     assert figures.main(["--checkpoint", str(path), "--config", "paper", "--data-dir", str(mnist_path)]) == 2
     err = one_error_line(capsys)
     assert "not a checkpoint of the paper network" in err and "pass --config small" in err
@@ -160,7 +161,7 @@ def test_a_checkpoint_of_another_network_is_one_clear_line(tmp_path, mnist_path,
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])
 def test_a_corrupt_or_missing_checkpoint_is_one_clear_line(tmp_path, mnist_path, capsys, damage):
     impl = registry.create("numpy-vectorised", SMALL, init_parameters(SMALL))
-    path = epochs.save_checkpoint(tmp_path / "run.json", impl, 1)
+    path = save_checkpoint(tmp_path / "run.json", impl, 1)
     if damage == "garbage":
         path.write_bytes(b"not a zip file at all")
     elif damage == "truncated":

@@ -17,7 +17,8 @@ from matplotlib.colors import to_rgb
 
 from harness import plots
 from harness.asv_results import tidy_frame
-from harness.tables import load_profile, speedup_table
+from harness.results import load_profile_result
+from harness.tables import speedup_table
 
 PROFILE = Path(__file__).parent / "fixtures" / "report" / "profile"
 
@@ -210,7 +211,7 @@ def test_the_old_mixed_allocator_figure_is_a_panel_of_its_own_only_for_old_runs(
 
 
 def test_the_profile_plot_stacks_each_phase_to_the_fixture_numbers():
-    profile = load_profile(PROFILE, [])
+    profile = load_profile_result(PROFILE, [])
     fig = plots.profile_breakdown(profile)
     panels = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title().split(",")[0] for ax in panels] == ["torch-vectorised", "numpy-looped"]
@@ -271,7 +272,7 @@ def test_a_flat_ideal_line_of_distributed_scaling_is_explained_in_the_plot():
 
 
 def test_the_profile_panels_share_one_time_scale_and_the_legend_says_adam():
-    fig = plots.profile_breakdown(load_profile(PROFILE, []))
+    fig = plots.profile_breakdown(load_profile_result(PROFILE, []))
     panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_xticklabels()]
     assert len(panels) > 1 and len({ax.get_ylim() for ax in panels}) == 1
     legend = [text.get_text() for text in fig.legends[0].get_texts()]

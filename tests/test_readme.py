@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness import readme
-from harness.results import RESULTS_DIR
+from harness.settings import RESULTS_DIR
 
 PROFILE = Path(__file__).parent / "fixtures" / "report" / "profile"
 README = Path(__file__).parents[1] / "README.md"

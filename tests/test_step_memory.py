@@ -13,8 +13,8 @@ import weakref
 import pytest
 
 from harness import registry, step_memory
+from harness.contract import AllocatorPeaks
 from harness.memory import PeakMemory
-from harness.registry import AllocatorPeaks
 from harness.spec import SMALL
 from implementations.numpy_capsnet import NumpyCapsNet
 

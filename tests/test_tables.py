@@ -13,16 +13,14 @@ import pytest
 
 from harness.asv_results import Run, short_env_name, tidy_frame
 from harness.formatting import fmt_spread, fmt_unit_spread, samples_heading
-from harness.results import ResultsFileError
+from harness.results import ResultsFileError, load_profile_result, read_profile_csv
 from harness.tables import (
     comparison_table,
-    load_profile,
     not_run,
     not_run_line,
     per_class_table,
     profile_phase_totals,
     profile_rows,
-    read_profile_csv,
     routing_gradient_table,
     run_rows,
     speedup_table,
@@ -230,7 +228,7 @@ def test_training_images_and_ranks_of_old_and_new_records():
 # ---------------------------------------------------------------------------------------------- profile
 def test_profile_rows_in_step_order_with_phase_totals_by_hand():
     warnings: list[str] = []
-    profile = load_profile(PROFILE, warnings)
+    profile = load_profile_result(PROFILE, warnings)
     assert warnings == [] and profile.implementations() == ["torch-vectorised", "numpy-looped"]
     rows = profile_rows(profile, "torch-vectorised")
     assert list(zip(rows["phase"], rows["layer"])) == [
@@ -254,7 +252,7 @@ def test_a_malformed_profile_is_one_warning_naming_the_file(tmp_path, change, pr
     folder.mkdir()
     (folder / "profile.csv").write_text(change((PROFILE / "profile.csv").read_text()))
     warnings: list[str] = []
-    assert load_profile(folder, warnings) is None
+    assert load_profile_result(folder, warnings) is None
     assert len(warnings) == 1 and str(folder / "profile.csv") in warnings[0] and problem in warnings[0]
     with pytest.raises(ResultsFileError):
         read_profile_csv(folder / "profile.csv")
@@ -266,7 +264,7 @@ def test_a_layer_without_a_time_is_kept_as_not_timed(tmp_path):
     folder.mkdir()
     text = (PROFILE / "profile.csv").read_text()
     (folder / "profile.csv").write_text(text.replace("0.002,0.0019,0.0022,0.05,", ",,,,"))
-    profile = load_profile(folder, [])
+    profile = load_profile_result(folder, [])
     rows = profile_rows(profile, "torch-vectorised").set_index(["phase", "layer"])
     assert math.isnan(rows.loc[("forward", "routing_iteration_1"), "time_s"])
     totals = profile_phase_totals(profile_rows(profile, "torch-vectorised")).set_index("phase")
@@ -275,7 +273,7 @@ def test_a_layer_without_a_time_is_kept_as_not_timed(tmp_path):
 
 def test_no_profile_folder_is_no_profile_and_no_warning(tmp_path):
     warnings: list[str] = []
-    assert load_profile(tmp_path / "profile", warnings) is None and warnings == []
+    assert load_profile_result(tmp_path / "profile", warnings) is None and warnings == []
 
 
 def test_per_class_table_by_hand():
@@ -292,7 +290,7 @@ def test_per_class_table_by_hand():
 def test_a_profile_divides_every_implementation_by_the_hardware_peak_where_it_has_one():
     import pandas as pd
 
-    from harness.tables import with_one_peak
+    from harness.peak import with_one_peak
 
     frame = pd.DataFrame({"device": ["cpu", "cpu", "cuda"], "gflops_per_s": [50.0, 30.0, 1000.0],
                           "peak_gflops": [200.0, 100.0, 4000.0], "pct_of_peak": [25.0, 30.0, 25.0]})
@@ -407,7 +405,7 @@ def test_every_column_of_a_training_row():
 def test_a_profile_without_its_json_describes_each_implementation_from_its_own_csv_rows(tmp_path):
     shutil.copy(PROFILE / "profile.csv", tmp_path)
     warnings: list[str] = []
-    profile = load_profile(tmp_path, warnings)
+    profile = load_profile_result(tmp_path, warnings)
     assert warnings == []
     assert profile.about("numpy-looped") == {"framework": "numpy", "device": "cpu", "config_name": "small",
                                              "batch_size": 16, "dtype": "float32", "steps": 1}
@@ -431,3 +429,21 @@ def test_a_run_left_running_by_a_process_that_is_gone_ended_without_a_status():
     assert training_status({"status": "running", "pid": 1, "host": "elsewhere"}) == "running? (on elsewhere)"
     assert training_status({"status": "running"}) == "running? (no process recorded)"
     assert training_status({"status": "interrupted", "pid": gone.pid, "host": here}) == "interrupted"
+
+
+def test_profile_summary_and_layer_table_by_hand():
+    from harness.tables import profile_layer_table, profile_summary
+
+    nan = float("nan")
+    rows = pd.DataFrame({"phase": ["forward", "backward"], "layer": ["conv1", "conv1"], "time_s": [0.1, 0.3],
+                         "time_q25_s": [0.09, 0.28], "time_q75_s": [0.11, 0.33], "share": [0.2, 0.6],
+                         "gflops_per_s": [10.0, 20.0], "pct_of_peak": [5.0, 10.0], "batch_size": [32.0, 32.0],
+                         "config_name": ["small", "small"], "dtype": ["float32", "float32"], "steps": [5.0, 5.0],
+                         "memory_allocated_bytes": [nan, nan], "memory_peak_bytes": [1024.0, nan]})
+    summary = profile_summary(rows, {"step_s": 0.5, "overhead": 0.02, "phases_s": {"forward": 0.12}})
+    assert summary["batch_size"] == 32 and summary["steps"] == 5 and summary["unprofiled_step_s"] is None
+    assert summary["layers_s"] == pytest.approx(0.4) and summary["layers_share_of_step"] == pytest.approx(0.8)
+    assert summary["phases"] == [("forward", 0.1, 0.2, 0.12), ("backward", 0.3, 0.6, None)]
+    assert profile_summary(rows, {})["layers_share_of_step"] is None  # no profile.json: no profiled step
+    table = profile_layer_table(rows)
+    assert "memory_peak_bytes" in table and "memory_allocated_bytes" not in table  # a column nobody filled: out

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks.bench_compile import CompileTime
-from harness import registry
+from harness import registry, settings
 from harness.data import synthetic_batch
 from harness.params import init_parameters
 from harness.spec import SMALL
@@ -92,7 +92,7 @@ def test_the_compile_benchmark_runs_on_the_small_network(monkeypatch):
     monkeypatch.setattr(bench_compile, "CONFIG", SMALL)
     monkeypatch.setattr(bench_compile, "BATCH_SIZES", [4])
     monkeypatch.setitem(common.PROFILE, "compiled", True)  # the quick profiles leave compiling ones out
-    monkeypatch.delenv(common.IMPLEMENTATIONS_ENV, raising=False)
+    monkeypatch.delenv(settings.IMPLEMENTATIONS_ENV, raising=False)
     benchmark = CompileTime()
     benchmark.setup("torch-vectorised-compiled")
     assert isinstance(benchmark.track_compile_seconds("torch-vectorised-compiled"), float)

@@ -12,6 +12,7 @@ import torch
 from harness import flops
 from harness.data import synthetic_batch
 from harness.ranges import recording
+from harness.settings import PLAN_CACHE_ENV
 from harness.spec import SMALL
 from implementations import numpy_capsnet as ac
 from implementations import torch_fused as tf
@@ -221,7 +222,7 @@ def fake_timings(fast_forward: str, fast_input: str) -> dict:
 
 
 def test_the_plan_is_the_fastest_of_injected_timings_and_is_cached_for_a_second_model(tmp_path, monkeypatch):
-    monkeypatch.setenv(tf.conv_plans.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(PLAN_CACHE_ENV, str(tmp_path))
     calls = []
 
     def measure(config, batch_size, dtype, device):
@@ -250,7 +251,7 @@ def test_forward_and_weight_gradient_are_chosen_together():
 
 
 def test_a_corrupt_cache_is_ignored_with_a_warning_and_rewritten(tmp_path, monkeypatch):
-    monkeypatch.setenv(tf.conv_plans.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(PLAN_CACHE_ENV, str(tmp_path))
     (tmp_path / tf.conv_plans.CACHE_FILE).write_text("{not json", encoding="utf-8")
     with pytest.warns(UserWarning, match="ignoring the convolution plan cache"):
         plan, facts = tf.choose_plan(SMALL, 4, "float64", "cpu", measure=lambda *a: fake_timings("offsets", "col2im"))
@@ -259,7 +260,7 @@ def test_a_corrupt_cache_is_ignored_with_a_warning_and_rewritten(tmp_path, monke
 
 
 def test_a_model_measures_its_plan_at_the_first_step_and_reports_it(tmp_path, monkeypatch):
-    monkeypatch.setenv(tf.conv_plans.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(PLAN_CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(tf, "measure_plan", lambda *a: fake_timings("offsets", "col2im"))
     from harness.params import init_parameters
 

@@ -1,4 +1,5 @@
-"""Benchmark profiles (the asv suite's grid at each size) and where the suite's results live.
+"""The asv suite's size profiles (its grid at each size), not to be confused with :mod:`harness.profile`,
+the per-layer profiler.
 
 Shared by the suite (``benchmarks/``) and the report, so neither writes these twice.  As in
 scikit-learn's asv suite, a profile is chosen with an environment variable, ``CAPSBENCH_PROFILE``.
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import os
 
-PROFILE_ENV = "CAPSBENCH_PROFILE"
+from harness.settings import PROFILE_ENV
+
 DEFAULT_PROFILE = "fast"
 PROFILES: dict[str, dict] = {
     "smoke": {"config": "small", "batch_sizes": [4], "routing_iterations": [3], "step_routing_iterations": [3],
@@ -39,18 +41,16 @@ PROFILES: dict[str, dict] = {
                      "step_routing_iterations": [3], "check_batch_size": 8, "compiled": True},
 }
 
-# Results folders, relative to the results root (asv.conf.json's "results_dir" is "runs/asv").
-ASV_RESULTS_SUBDIR = "asv"
-FACTS_SUBDIR = "asv-facts"
 
 
 def routing_gradients(profile: dict) -> list[str]:
-    """The routing gradients a profile measures (``full`` alone where it names none)."""
+    """The routing gradients a suite profile measures (``full`` alone where it names none)."""
     return list(profile.get("routing_gradients", ["full"]))
 
 
-def load_profile(name: str | None = None) -> tuple[str, dict]:
-    """The named profile (default: $CAPSBENCH_PROFILE, else 'fast'); an unknown name lists the known."""
+def load_suite_profile(name: str | None = None) -> tuple[str, dict]:
+    """The named suite profile and its grid (default: $CAPSBENCH_PROFILE, else 'fast'); an unknown name
+    lists the known."""
     name = name or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
     try:
         return name, PROFILES[name]
