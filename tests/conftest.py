@@ -17,6 +17,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # torch-fused caches the convolution plan it measures; tests (and the processes they start) use their own
 # folder, never the user's cache.
 os.environ.setdefault("CAPSBENCH_PLAN_CACHE", tempfile.mkdtemp(prefix="capsbench-plans-"))
+# XLA compiles the tests' JAX programs (and those of the processes they start) at its lowest backend
+# optimisation level: the same operations, so the same tolerances hold, compiled faster (docs/development.md
+# says by how much); benchmarks and training keep XLA's default.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 MNIST_CANDIDATES = [REPO_ROOT.parent / "shared" / "data" / "mnist", Path("/work/shared/data/mnist")]
 
 
