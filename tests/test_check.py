@@ -89,6 +89,16 @@ def test_max_relative_error_by_hand(value, expected):
     assert check.max_relative_error(value, np.array([1.0, 2.0])) == expected
 
 
+def test_max_relative_error_of_an_all_zero_reference_is_the_absolute_error():
+    """A quantity whose reference is exactly zero (a gradient of an unused input, say) is judged by the
+    absolute error, never divided by zero; float32 values are compared in float64; shapes must agree."""
+    assert check.max_relative_error(np.array([0.0, -1e-3]), np.zeros(2)) == 1e-3
+    assert check.max_relative_error(np.zeros(2), np.zeros(2)) == 0.0
+    assert check.max_relative_error(np.array([1.0 + 2**-20], np.float32), np.array([1.0])) == 2**-20
+    with pytest.raises(ValueError, match=r"shape \(3,\) differs from the reference's \(2,\)"):
+        check.max_relative_error(np.zeros(3), np.zeros(2))
+
+
 class LeaksThroughEarlyIterations(TorchCapsNet):
     """Claims the routing gradient final, but its routing lets the gradient through every iteration."""
 
