@@ -722,10 +722,11 @@ def fit_to_budget(device: str, names: list[str], smoke: bool, budget: float) -> 
     def estimate(selection: list[str]) -> float:
         return plan_estimate(Plan(Path("OUT_DIR"), device, selection, smoke, None, "fit", budget))
 
-    droppable = [name for name in names if registry.get(name).cls.first_call_compiles
-                 and registry.get(name).routing_variant == "looped"]
+    droppable = [info.name for info in map(registry.get, names)
+                 if info.cls.first_call_compiles and info.routing_variant == "looped"]
     while droppable and estimate(kept) > budget:
-        costliest = max(droppable, key=lambda name: estimate(kept) - estimate([n for n in kept if n != name]))
+        # the largest saving is the smallest estimate left without it
+        costliest = min(droppable, key=lambda name: estimate([n for n in kept if n != name]))
         droppable.remove(costliest)
         kept.remove(costliest)
         left_out.append(costliest)
