@@ -1,8 +1,8 @@
-"""The attainable float32 peak of this machine, measured the way the implementations compute: a GEMM large
-enough to saturate the device, through each framework's own BLAS, with the threads the benchmarks use.
-
-Every "% of peak" in capsbench divides an achieved GFLOP/s by this measured figure, never by a datasheet
-number: on a 2-core VM the datasheet says little about what BLAS actually reaches.
+"""The float32 peaks of this machine: the hardware's, derived from what the CPU reports (cores x lanes x FMA
+units x 2 x clock) and checked against a measured FMA microbenchmark (:mod:`harness.fma_peak`), the one
+figure every "% of peak" on the CPU divides by; and a large GEMM through each framework's own BLAS with the
+threads the benchmarks use, the practical ceiling shown beside it (and divided by where the hardware peak
+is unknown, and on a GPU).
 """
 
 from __future__ import annotations
@@ -103,12 +103,18 @@ def fma_units(vendor: str, family: int | None, flags: set[str], model_name: str)
     return 2, "two 256-bit FMA units (Haswell and later)"
 
 
-def hardware_peak(cpuinfo: str, max_mhz: float | None = None, cores: int | None = None) -> dict:
+def hardware_peak(cpuinfo: str, max_mhz: float | None = None, cores: int | None = None,
+                  fma_gflops: float | None = None, fma_note: str = "",
+                  fma_core_gflops: float | None = None) -> dict:
     """The float32 peak cores x lanes x FMA units x 2 x clock from /proc/cpuinfo text, with its inputs.
 
     ``cores``: physical cores (default: distinct (physical id, core id) pairs of the text, else its
     processors); ``max_mhz``: lscpu's "CPU max MHz" where known, else cpuinfo's "cpu MHz" (a VM's nominal
-    clock; turbo not counted).  ``gflops`` is None, with the reason in ``note``, where an input is unknown."""
+    clock; turbo not counted).  ``fma_gflops``: the measured FMA microbenchmark (:mod:`harness.fma_peak`),
+    the check on the derived figure; where the FMA units are only assumed it decides their count (the
+    nearer of 1 and 2; from ``fma_core_gflops``, one core's figure, where measured: another process on a
+    core lowers it less), and where the clock is unknown it is the peak.  ``gflops`` is None, with the reason in
+    ``note``, where an input is unknown and nothing was measured."""
     processors = _cpuinfo_fields(cpuinfo)
     first = processors[0] if processors else {}
     flags = set(first.get("flags", "").split())
@@ -125,15 +131,28 @@ def hardware_peak(cpuinfo: str, max_mhz: float | None = None, cores: int | None 
         clock_ghz, clock_source = float(first["cpu MHz"]) / 1000, "/proc/cpuinfo cpu MHz (nominal, no turbo)"
     else:
         clock_ghz, clock_source = None, "clock unknown"
+    units_source = "assumed" if units is None or "assumed" in why else "reported by the CPU family"
+    if fma_gflops and None not in (cores, lanes, clock_ghz) and units_source == "assumed":
+        ratio = (fma_core_gflops * cores if fma_core_gflops else fma_gflops) / (cores * lanes * 2 * clock_ghz)
+        units, units_source = (1 if ratio < 1.5 else 2), "measured"
+        why = (f"FMA units from the FMA microbenchmark: {ratio:.2f} full-width FMAs per cycle per core (the CPU "
+               f"does not report them)")
     known = None not in (cores, lanes, units, clock_ghz)
+    gflops = cores * lanes * units * 2 * clock_ghz if known else None
     if not known:
         missing = [name for name, value in (("FMA units", units), ("clock", clock_ghz), ("vector lanes", lanes),
                                             ("cores", cores)) if value is None]
         why = f"unknown {', '.join(missing)}" + (f" ({why})" if units is None else "")
-    return {"gflops": cores * lanes * units * 2 * clock_ghz if known else None,
+        if fma_gflops:
+            gflops, units_source = fma_gflops, "measured"
+            why += f": the FMA microbenchmark's {fma_gflops:.0f} GFLOP/s is the peak"
+    elif fma_gflops:
+        why += f"; FMA microbenchmark {fma_gflops:.0f} GFLOP/s = {100 * fma_gflops / gflops:.0f} % of it"
+    return {"gflops": gflops,
             "formula": "cores x float32 lanes x FMA units x 2 x GHz", "cores": cores, "lanes": lanes,
-            "fma_units": units, "clock_ghz": clock_ghz, "clock_source": clock_source, "cpu": model_name,
-            "note": why}
+            "fma_units": units, "fma_units_source": units_source, "clock_ghz": clock_ghz,
+            "clock_source": clock_source, "cpu": model_name, "fma_measured_gflops": fma_gflops,
+            "fma_measured_core_gflops": fma_core_gflops, "fma_measured_note": fma_note, "note": why}
 
 
 def machine_hardware_peak() -> dict:
@@ -153,7 +172,26 @@ def machine_hardware_peak() -> dict:
                 max_mhz = float(line.split(":", 1)[1])
     except (OSError, ValueError, subprocess.SubprocessError):
         pass
-    return hardware_peak(cpuinfo, max_mhz)
+    derived = hardware_peak(cpuinfo, max_mhz)
+    if not (derived.get("lanes") and derived.get("cores")):
+        return derived
+    from harness.fma_peak import machine_fma_gflops
+
+    measured = machine_fma_gflops(derived["lanes"], derived["cores"], derived["cpu"])
+    return hardware_peak(cpuinfo, max_mhz, fma_gflops=measured["gflops"], fma_note=measured["note"],
+                         fma_core_gflops=measured.get("core_gflops"))
+
+
+def main() -> None:
+    """``python -m harness.peak``: this machine's hardware peak, its derivation and the FMA microbenchmark."""
+    peak = machine_hardware_peak()
+    print(f"hardware peak: {peak.get('gflops')} GFLOP/s ({peak.get('note')})")
+    print(f"FMA microbenchmark: {peak.get('fma_measured_gflops')} GFLOP/s on every core, "
+          f"{peak.get('fma_measured_core_gflops')} on one ({peak.get('fma_measured_note')})")
+
+
+if __name__ == "__main__":
+    main()
 
 
 def one_peak(device: str, hardware: dict, gemms: dict[str, float]) -> float | None:
@@ -171,6 +209,10 @@ def peak_sentence(hardware: dict | None, gemms: dict[str, float]) -> str:
     practical ceiling; or, where the hardware peak is unknown, the best GEMM measured (``gemms``)."""
     measured = ", ".join(f"{value:.0f} GFLOP/s through {backend}" for backend, value in
                          sorted(gemms.items(), key=lambda item: -item[1]))
+    if hardware and hardware.get("gflops") and not hardware.get("clock_ghz"):
+        return (f"% of peak divides every implementation by one figure, this machine's measured FMA peak: "
+                f"{hardware['gflops']:.0f} GFLOP/s ({hardware['note']})."
+                + (f" Best GEMM measured in the same run (the practical ceiling): {measured}." if measured else ""))
     if hardware and hardware.get("gflops"):
         h = hardware
         return (f"% of peak divides every implementation by one figure, this machine's float32 peak: "
