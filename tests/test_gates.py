@@ -312,3 +312,28 @@ def test_the_profile_options_reach_what_it_runs(tmp_path, monkeypatch, capsys):
     assert profile.main(["--impl", "numpy-vectorised", "--out", str(tmp_path / "p")]) == 1
     assert calls["profiled"][0][1:] == (CONFIGS["paper"], 32, "float32", 5, 2, traces, True)  # the defaults
     assert "profiling numpy-vectorised failed: RuntimeError: stub" in capsys.readouterr().err
+
+
+# Mutation survivors of harness/epochs.py that change a figure or a gate (tests/mutation.py epochs) -------------
+
+def test_a_resume_drops_the_steps_of_the_epoch_that_was_interrupted():
+    record = {"epochs": [{"epoch": 1}, {"epoch": 2}],
+              "steps": [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.4}, {"epoch": 3, "loss": 0.3}]}
+    epochs.truncate_to_completed_epochs(record)
+    assert record["steps"] == [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.4}]
+    assert set(record) == {"epochs", "steps"}
+
+
+def test_a_diverged_loss_names_the_loss_the_epoch_and_the_step():
+    from harness.run_status import TrainingDiverged
+
+    epochs.check_finite(0.25, 1, 7)  # finite: nothing raised
+    with pytest.raises(TrainingDiverged, match=r"^loss is nan at epoch 2, step 7$"):
+        epochs.check_finite(float("nan"), 2, 7)
+
+
+def test_a_single_process_run_draws_what_rank_0_of_a_data_parallel_run_draws():
+    # the shipped runs' data order: a changed default rank would silently draw another order
+    assert epochs.epoch_rng(3, 2).integers(1 << 30, size=4).tolist() == \
+        epochs.epoch_rng(3, 2, rank=0).integers(1 << 30, size=4).tolist()
+    assert epochs.epoch_rng(3, 2).integers(1 << 30) != epochs.epoch_rng(3, 2, rank=1).integers(1 << 30)
