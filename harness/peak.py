@@ -177,21 +177,9 @@ def machine_hardware_peak() -> dict:
         return derived
     from harness.fma_peak import machine_fma_gflops
 
-    measured = machine_fma_gflops(derived["lanes"], derived["cores"], derived["cpu"])
+    measured = machine_fma_gflops(derived["lanes"], derived["cores"], f"{derived['cpu']} @ {derived['clock_ghz']} GHz")
     return hardware_peak(cpuinfo, max_mhz, fma_gflops=measured["gflops"], fma_note=measured["note"],
                          fma_core_gflops=measured.get("core_gflops"))
-
-
-def main() -> None:
-    """``python -m harness.peak``: this machine's hardware peak, its derivation and the FMA microbenchmark."""
-    peak = machine_hardware_peak()
-    print(f"hardware peak: {peak.get('gflops')} GFLOP/s ({peak.get('note')})")
-    print(f"FMA microbenchmark: {peak.get('fma_measured_gflops')} GFLOP/s on every core, "
-          f"{peak.get('fma_measured_core_gflops')} on one ({peak.get('fma_measured_note')})")
-
-
-if __name__ == "__main__":
-    main()
 
 
 def one_peak(device: str, hardware: dict, gemms: dict[str, float]) -> float | None:
@@ -240,3 +228,15 @@ def with_one_peak(frame: pd.DataFrame, meta: dict) -> pd.DataFrame:
     frame["peak_gflops"] = frame["device"].map(peaks).astype(float)
     frame["pct_of_peak"] = 100 * frame["gflops_per_s"] / frame["peak_gflops"]
     return frame
+
+
+def main() -> None:
+    """``python -m harness.peak``: this machine's hardware peak, its derivation and the FMA microbenchmark."""
+    peak = machine_hardware_peak()
+    print(f"hardware peak: {peak.get('gflops')} GFLOP/s ({peak.get('note')})")
+    print(f"FMA microbenchmark: {peak.get('fma_measured_gflops')} GFLOP/s on every core, "
+          f"{peak.get('fma_measured_core_gflops')} on one ({peak.get('fma_measured_note')})")
+
+
+if __name__ == "__main__":
+    main()
