@@ -6,7 +6,7 @@ system's C compiler (``cc``, or ``$CC``) for this CPU (``-march=native``): indep
 enough of them to hide the FMA latency on two units, each updated ``x = x * a + b`` (a fused multiply-add,
 2 FLOPs per lane).  One call per physical core runs in parallel threads (ctypes releases the GIL).  The
 compiled library and the measured figure are cached per machine in capsbench's cache folder
-(``$CAPSBENCH_PLAN_CACHE``'s folder, as torch-fused's plans), so a benchmark process measures it once.
+(:func:`harness.settings.cache_dir`, as torch-fused's plans), so a benchmark process measures it once.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from harness.settings import cache_dir
 
 ACCUMULATORS = 12  # independent FMA chains: >= latency (4 cycles) x 2 units, within 16 vector registers
 REPEATS = 3
@@ -52,13 +54,6 @@ def flops(iterations: int, lanes: int, calls: int = 1) -> float:
     return 2.0 * ACCUMULATORS * lanes * iterations * calls
 
 
-def cache_folder() -> Path:
-    """capsbench's cache folder (the folder of torch-fused's plan cache)."""
-    from implementations import conv_plans
-
-    return conv_plans.cache_path().parent
-
-
 def compile_kernel(lanes: int, folder: Path | None = None) -> ctypes.CDLL:
     """The kernel for ``lanes`` float32 values per vector, compiled for this CPU (cached by source and flags)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -68,7 +63,7 @@ def compile_kernel(lanes: int, folder: Path | None = None) -> ctypes.CDLL:
     flags = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC",
              f"-DLANES={lanes}", f"-DACCUMULATORS={ACCUMULATORS}"]
     digest = hashlib.sha256((KERNEL_SOURCE + " ".join(flags) + compiler).encode()).hexdigest()[:16]
-    folder = folder or cache_folder()
+    folder = folder or cache_dir()
     library = folder / f"fma-kernel-{digest}.so"
     if not library.exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -113,7 +108,7 @@ def machine_fma_gflops(lanes: int, cores: int, cpu: str) -> dict:
     None with the reason where it cannot run."""
     key = json.dumps({"cpu": cpu, "lanes": lanes, "cores": cores, "accumulators": ACCUMULATORS},
                      sort_keys=True)
-    path = cache_folder() / CACHE_FILE
+    path = cache_dir() / CACHE_FILE
     try:
         cached = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

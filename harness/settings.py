@@ -10,6 +10,7 @@ repository ships; below either, each kind of result has its folder (:data:`RESUL
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -77,6 +78,18 @@ ASV_RESULTS_SUBDIR = "asv"  # asv.conf.json's "results_dir" is runs/asv
 FACTS_SUBDIR = "asv-facts"
 REPORT_SUBDIR = "report"
 JAX_CACHE_DIR = RUNS_DIR / "jax-cache"  # not a result: JAX's compiled programs, kept between processes
+
+
+
+def cache_dir() -> Path:
+    """capsbench's cache folder, for what is measured once per machine (torch-fused's plans, the FMA peak):
+    ``$CAPSBENCH_PLAN_CACHE``, else ``$XDG_CACHE_HOME/capsbench``, else ``~/.cache/capsbench``."""
+    if os.environ.get(PLAN_CACHE_ENV):
+        return Path(os.environ[PLAN_CACHE_ENV])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "capsbench"
+    return Path.home() / ".cache" / "capsbench"
+
 
 RESULTS_FOLDERS: dict[str, str] = {
     TRAINING_SUBDIR: "capsbench train (and under torchrun): one results file per run, its checkpoint beside it",

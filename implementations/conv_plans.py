@@ -17,12 +17,11 @@ atomically.  A file that cannot be read is ignored with a warning and rewritten 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
 from harness.results import write_json_atomic
-from harness.settings import PLAN_CACHE_ENV
+from harness.settings import cache_dir
 
 CACHE_FILE = "conv-plans.json"
 CACHE_FORMAT = 1
@@ -33,14 +32,8 @@ KEPT_PATCHES = "im2col-gemm"
 
 
 def cache_path() -> Path:
-    """The cache file (see the module docstring for the folder)."""
-    if os.environ.get(PLAN_CACHE_ENV):
-        folder = Path(os.environ[PLAN_CACHE_ENV])
-    elif os.environ.get("XDG_CACHE_HOME"):
-        folder = Path(os.environ["XDG_CACHE_HOME"]) / "capsbench"
-    else:
-        folder = Path.home() / ".cache" / "capsbench"
-    return folder / CACHE_FILE
+    """The cache file, in :func:`harness.settings.cache_dir`."""
+    return cache_dir() / CACHE_FILE
 
 
 def cache_key(machine: str, torch_version: str, device: str, dtype: str, shape: dict, threads: int) -> str:
