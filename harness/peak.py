@@ -67,6 +67,7 @@ def gemm_peak_gflops(backend: str, size: int | None = None, repeats: int = REPEA
 # The hardware's float32 peak ----------------------------------------------------------------------------------
 
 FLOAT32_LANES = (("avx512f", 16), ("avx", 8), ("sse", 4))  # float32 values per vector register
+TURBO_MARGIN = 1.10  # a measured clock this much above the reported one is the clock the cores run at
 
 
 def _cpuinfo_fields(cpuinfo: str) -> list[dict[str, str]]:
@@ -113,7 +114,9 @@ def hardware_peak(cpuinfo: str, max_mhz: float | None = None, cores: int | None 
     clock; turbo not counted).  ``fma_gflops``: the measured FMA microbenchmark (:mod:`harness.fma_peak`),
     the check on the derived figure; where the FMA units are only assumed it decides their count (the
     nearer of 1 and 2; from ``fma_core_gflops``, one core's figure, where measured: another process on a
-    core lowers it less), and where the clock is unknown it is the peak.  ``gflops`` is None, with the reason in
+    core lowers it less); where one core's figure implies a clock above the reported one by more than
+    ``TURBO_MARGIN`` (a VM's nominal clock, cores in turbo), that measured clock replaces it; and where the clock is
+    unknown the measured figure is the peak.  ``gflops`` is None, with the reason in
     ``note``, where an input is unknown and nothing was measured."""
     processors = _cpuinfo_fields(cpuinfo)
     first = processors[0] if processors else {}
@@ -147,6 +150,12 @@ def hardware_peak(cpuinfo: str, max_mhz: float | None = None, cores: int | None 
             gflops, units_source = fma_gflops, "measured"
             why += f": the FMA microbenchmark's {fma_gflops:.0f} GFLOP/s is the peak"
     elif fma_gflops:
+        core_clock = (fma_core_gflops or fma_gflops / cores) / (lanes * units * 2)
+        if core_clock > TURBO_MARGIN * clock_ghz:  # a peak the hardware beats is not its peak
+            clock_source = (f"measured: one core's FMA microbenchmark / (lanes x FMA units x 2); {clock_source} says "
+                            f"{clock_ghz:.2f} GHz, below what the cores run at (turbo)")
+            clock_ghz = core_clock
+            gflops = cores * lanes * units * 2 * clock_ghz
         why += f"; FMA microbenchmark {fma_gflops:.0f} GFLOP/s = {100 * fma_gflops / gflops:.0f} % of it"
     return {"gflops": gflops,
             "formula": "cores x float32 lanes x FMA units x 2 x GHz", "cores": cores, "lanes": lanes,

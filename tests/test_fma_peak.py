@@ -66,3 +66,15 @@ def test_without_a_c_compiler_the_reason_is_one_line(tmp_path, monkeypatch):
     entry = fma_peak.machine_fma_gflops(16, 2, "cpu")
     assert entry["gflops"] is None and entry["note"].startswith("FMA microbenchmark unavailable: no C compiler")
     assert not (tmp_path / fma_peak.CACHE_FILE).exists()  # an unavailable figure is not cached
+
+
+def test_a_core_faster_than_the_reported_clock_sets_the_clock():
+    zen4 = cpuinfo(4, "AuthenticAMD", 25, "AMD EPYC 9R14", "avx512f")  # 2.3 GHz nominal: 4 x 16 x 1 x 2 x 2.3 = 294.4
+    turbo = hardware_peak(zen4, fma_gflops=430.0, fma_core_gflops=110.0)  # one core: 110 / (16 x 1 x 2) = 3.44 GHz
+    assert turbo["clock_ghz"] == pytest.approx(110.0 / 32) and turbo["gflops"] == pytest.approx(4 * 110.0)
+    assert turbo["clock_source"].startswith("measured") and "says 2.30 GHz" in turbo["clock_source"]
+    assert "98 % of it" in turbo["note"]
+    assert "x 3.44 GHz (measured" in peak_sentence(turbo, {"numpy": 200.0})
+    near = hardware_peak(zen4, fma_gflops=310.0, fma_core_gflops=79.0)  # 2.47 GHz: within the margin, cpuinfo's stands
+    assert near["clock_ghz"] == 2.3 and near["gflops"] == pytest.approx(294.4) and "105 % of it" in near["note"]
+    assert hardware_peak(zen4, fma_gflops=400.0)["clock_ghz"] == pytest.approx(3.125)  # every core's figure / 4
