@@ -144,16 +144,24 @@ def measure_scaling(ctx, impl, ddp, config, per_rank: int, steps: int, warmup: i
     times = times.to(ctx.device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the slowest rank, step by step
     synced, local = times.cpu().tolist()
+    return run_figures(synced, local if paired else None, ctx.world_size, torch.get_num_threads(), per_rank, warmup)
+
+
+def run_figures(synced: list[float], local: list[float] | None, world_size: int, threads: int, per_rank: int,
+                warmup: int) -> dict:
+    """One world size's row of the results file from the slowest rank's step times: ``synced`` the
+    ordinary DDP steps, ``local`` the paired no_sync() steps (None for one rank, which has no all-reduce)."""
     step_seconds = statistics.median(synced)
     q25, q75 = (statistics.quantiles(synced, n=4)[::2] if len(synced) > 1 else (step_seconds, step_seconds))
+    paired = local is not None
     allreduce_seconds = exposed_allreduce(synced, local) if paired else None
-    global_batch = per_rank * ctx.world_size
+    global_batch = per_rank * world_size
     return {
-        "world_size": ctx.world_size,
-        "threads_per_rank": torch.get_num_threads(),
+        "world_size": world_size,
+        "threads_per_rank": threads,
         "per_rank_batch_size": per_rank,
         "global_batch_size": global_batch,
-        "steps": steps,
+        "steps": len(synced),
         "step_seconds": step_seconds,
         "step_seconds_q25": q25,
         "step_seconds_q75": q75,
@@ -272,6 +280,22 @@ def scaling_record(info, args: argparse.Namespace, strong: bool, runs: list[dict
     }
 
 
+def world_size_plans(world_sizes: list[int], global_batch: int | None, per_rank_batch: int | None,
+                     total_threads: int, device: str) -> list[tuple[int, int, int]]:
+    """(world size, images per rank, threads per rank) of each run: strong scaling (``global_batch`` given)
+    splits the global batch over the ranks, weak scaling gives every rank ``per_rank_batch``; on the CPU the
+    threads are split over the ranks (at least one each), on GPUs every rank keeps them.  ValueError names a
+    global batch that does not split evenly."""
+    plans = []
+    for world_size in world_sizes:
+        if global_batch is not None and global_batch % world_size:
+            raise ValueError(f"the global batch {global_batch} does not split evenly over {world_size} ranks")
+        threads = max(1, total_threads // world_size) if device == "cpu" else total_threads
+        plans.append((world_size, global_batch // world_size if global_batch is not None else per_rank_batch,
+                      threads))
+    return plans
+
+
 def scaling_main(argv: list[str]) -> int:
     from harness import registry  # here, not at the top: the report imports this module's figures alone
     from harness.distributed import torch_implementation
@@ -284,15 +308,12 @@ def scaling_main(argv: list[str]) -> int:
         return 2
     strong = args.per_rank_batch_size is None
     global_batch = args.global_batch_size or DEFAULT_GLOBAL_BATCH
-    total_threads = args.threads or usable_cpu_count()
-    plans = []
-    for world_size in args.world_sizes:
-        if strong and global_batch % world_size:
-            print(f"error: the global batch {global_batch} does not split evenly over {world_size} ranks",
-                  file=sys.stderr)
-            return 2
-        threads = max(1, total_threads // world_size) if info.device == "cpu" else total_threads
-        plans.append((world_size, global_batch // world_size if strong else args.per_rank_batch_size, threads))
+    try:
+        plans = world_size_plans(args.world_sizes, global_batch if strong else None, args.per_rank_batch_size,
+                                 args.threads or usable_cpu_count(), info.device)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     out = args.out or RUNS_DIR / SCALING_SUBDIR / f"{info.name}_{args.config}_scaling.json"
     batch = f"global batch {global_batch}" if strong else f"{args.per_rank_batch_size} images per rank"
     print(f"scaling of {info.name} ({args.dtype}, {args.config} network, {'strong' if strong else 'weak'} scaling, "

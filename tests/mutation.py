@@ -30,9 +30,9 @@ MODULE_TESTS = {
     "check": ["tests/test_check.py", "-k", "tight or missing or options or max_relative or wrong_layout"],
     "tables": ["tests/test_tables.py"],
     "flops": ["tests/test_flops.py"],
-    "scaling": ["tests/test_distributed.py::test_scaling_efficiency_by_hand",
-                "tests/test_distributed.py::test_the_exposed_all_reduce_is_the_median_paired_difference",
-                "tests/test_report.py::test_distributed_scaling_results_give_a_table_and_a_plot"],
+    "scaling": ["tests/test_distributed.py",
+                "tests/test_report.py::test_distributed_scaling_results_give_a_table_and_a_plot",
+                "-k", "by_hand or median_paired or unreliable or share_of_the_batch or distributed_scaling_results"],
     "spec": ["tests/test_spec.py"],
 }
 

@@ -228,3 +228,44 @@ def test_an_efficiency_from_few_steps_or_within_the_spread_is_said_unreliable():
     table = format_scaling_table({"device": "cpu", "runs": [run(1, 100.0, 4), run(2, 280.0, 4)]})
     assert table.splitlines()[-1] == ("Efficiency at world size 2 is not reliable: from 4 timed step(s), fewer "
                                       "than the 10 a reliable figure needs.")
+
+
+def test_each_world_size_gets_its_share_of_the_batch_and_threads():
+    """Strong scaling splits 64 images and 4 CPU threads over the ranks (at least one thread each); weak
+    scaling keeps 16 per rank; on GPUs every rank keeps the threads; an uneven split is refused by name."""
+    from harness.scaling import world_size_plans
+
+    assert world_size_plans([1, 2, 8], 64, None, 4, "cpu") == [(1, 64, 4), (2, 32, 2), (8, 8, 1)]
+    assert world_size_plans([1, 2], None, 16, 4, "cpu") == [(1, 16, 4), (2, 16, 2)]
+    assert world_size_plans([2], 64, None, 4, "cuda") == [(2, 32, 4)]
+    with pytest.raises(ValueError, match="^the global batch 64 does not split evenly over 3 ranks$"):
+        world_size_plans([1, 3], 64, None, 4, "cpu")
+
+
+def test_a_world_sizes_row_from_its_step_times_by_hand():
+    """Two ranks, 4 paired steps of 16 images each: median step 1.15 s, quartiles 1.025 / 1.35 (Python's
+    exclusive method), paired differences 0.1, 0.2, -0.1, 0.4 -> exposed all-reduce 0.15 s; one rank: no
+    all-reduce, and one step is its own quartiles."""
+    from harness.scaling import run_figures
+
+    row = run_figures([1.0, 1.2, 1.1, 1.4], [0.9, 1.0, 1.2, 1.0], 2, 1, 16, 3)
+    assert row == pytest.approx({
+        "world_size": 2, "threads_per_rank": 1, "per_rank_batch_size": 16, "global_batch_size": 32, "steps": 4,
+        "step_seconds": 1.15, "step_seconds_q25": 1.025, "step_seconds_q75": 1.35, "images_per_second": 32 / 1.15,
+        "allreduce_seconds": 0.15, "allreduce_share": 0.15 / 1.15, "no_sync_step_seconds": 1.0, "warmup_steps": 3})
+    single = run_figures([0.5], None, 1, 2, 16, 0)
+    assert (single["step_seconds_q25"], single["step_seconds_q75"], single["images_per_second"]) == (0.5, 0.5, 32.0)
+    assert single["allreduce_seconds"] is single["allreduce_share"] is single["no_sync_step_seconds"] is None
+
+
+def test_the_scaling_table_by_hand():
+    """One rank of 2 threads at 100 images/s, two ranks of 1 thread (the same compute) at 90: 90 %
+    efficiency, all-reduce 12.5 %; rows in world-size order whatever the file's order."""
+    from harness.scaling import format_scaling_table
+
+    runs = [{"world_size": 2, "threads_per_rank": 1, "global_batch_size": 64, "step_seconds": 64 / 90,
+             "images_per_second": 90.0, "allreduce_share": 0.125, "steps": 20},
+            {"world_size": 1, "threads_per_rank": 2, "global_batch_size": 64, "step_seconds": 0.64,
+             "images_per_second": 100.0, "allreduce_share": None, "steps": 20}]
+    assert format_scaling_table({"device": "cpu", "runs": runs}).splitlines()[2:] == [
+        "| 1 | 2 | 64 | 640 | 100.0 | — | 100% |", "| 2 | 1 | 64 | 711 | 90.0 | 12.5% | 90% |"]
