@@ -46,6 +46,12 @@ class CopiesUHatForRouting(NumpyCapsNet):
         return super().routing_backward(np.ascontiguousarray(u_hat.transpose(0, 2, 1, 3)), grad_v)  # no undo
 
 
+@pytest.fixture(autouse=True)
+def fresh_reference(monkeypatch):
+    """Every test computes the float64 reference itself: no test leans on one an earlier test cached."""
+    monkeypatch.setattr(check, "_reference_cache", {})
+
+
 def failed(cls, name) -> set[str]:
     with registry.registered(name, cls):
         return {row.quantity for row in check_implementation(name, SMALL, "float64") if not row.passed}
@@ -205,3 +211,151 @@ def test_the_options_reach_what_the_check_runs(monkeypatch, capsys):
     assert check.main(["--device", "cuda", "--impl", "numpy-vectorised"]) == 1  # a CPU implementation: nothing
     assert not calls
     capsys.readouterr()
+
+
+def test_the_table_prints_each_quantity_its_error_and_verdict():
+    rows = [check.Row("numpy-vectorised", "float32", "loss", 1.5e-6, 2e-5),
+            check.Row("numpy-vectorised", "float32", "grad conv1.weight", 2.5e-3, 1e-3)]
+    header = (f"{'implementation':<24} {'dtype':<8} {'quantity':<34} {'max rel error':>13} {'tolerance':>10}  "
+              "status")
+    assert check.format_table(rows).split("\n") == [
+        header, "-" * len(header),
+        f"{'numpy-vectorised':<24} {'float32':<8} {'loss':<34} {'1.500e-06':>13} {'2e-05':>10}  ok",
+        f"{'numpy-vectorised':<24} {'float32':<8} {'grad conv1.weight':<34} {'2.500e-03':>13} {'1e-03':>10}  FAIL"]
+
+
+class CountsSteps(NumpyCapsNet):
+    """A training step that only records the batch size and parameter dtype it was given."""
+
+    steps: list = []
+
+    def train_step(self, batch):
+        type(self).steps.append((len(batch.labels), self.parameters()["conv1.weight"].dtype.name))
+        return 0.0
+
+
+def test_the_timed_step_is_the_median_after_one_untimed_step(monkeypatch):
+    """A clock reading 0, 1 | 10, 12 | 20, 23: steps of 1, 2 and 3 s, median 2; four steps run (one warm-up)."""
+    import types
+
+    readings = iter([0.0, 1.0, 10.0, 12.0, 20.0, 23.0])
+    monkeypatch.setattr(CountsSteps, "steps", [])
+    monkeypatch.setattr(check, "time", types.SimpleNamespace(perf_counter=lambda: next(readings)))
+    with registry.registered("counts-steps", CountsSteps):
+        assert check.time_train_step("counts-steps", SMALL, "float32", 2, repeats=3) == 2.0
+    assert CountsSteps.steps == [(2, "float32")] * 4
+
+
+class LossOffByOnePerMille(NumpyCapsNet):
+    """Reports a loss 0.1 % too large; everything else is right."""
+
+    def forward_loss(self, batch):
+        return super().forward_loss(batch) * (1 + 1e-3)
+
+
+def test_the_tracked_error_is_the_largest_of_any_quantity():
+    with registry.registered("loss-off", LossOffByOnePerMille):
+        assert check.max_error("loss-off", SMALL, "float64") == pytest.approx(1e-3, rel=1e-6)
+        rows = check_implementation("loss-off", SMALL, "float64")
+    assert {row.quantity for row in rows if not row.passed} == {"loss"}
+
+
+def test_the_batch_size_reaches_the_implementation_and_the_reference():
+    rows = check_implementation("numpy-vectorised", SMALL, "float64", batch_size=3)
+    assert rows and all(row.passed for row in rows)
+    assert check.observe("numpy-vectorised", SMALL, "float64", batch_size=3).values["lengths"].shape[0] == 3
+    assert check.reference_observation(SMALL, batch_size=3).values["lengths"].shape[0] == 3
+
+
+def test_every_available_implementation_by_default_and_one_crash_hides_no_other(monkeypatch, capsys):
+    """No --impl: every registered implementation that can run here, in registry order, an unavailable one
+    (a CUDA implementation here) skipped without ending the loop; --device all is accepted; one that
+    raises is reported by name and error while the others' rows still print, and the exit status is 1."""
+    calls = []
+
+    def spy(name, config, dtype, batch_size):
+        calls.append(name)
+        if name == "numpy-looped":
+            raise RuntimeError("boom")
+        return [check.Row(name, dtype, "loss", 0.0, 1.0)]
+
+    monkeypatch.setattr(check, "check_implementation", spy)
+    runnable = [info.name for info in registry.entries() if info.availability() and info.supports("full")]
+    assert check.main(["--dtype", "float64", "--device", "all"]) == 1
+    assert calls == runnable and "numpy-looped" in runnable
+    out = capsys.readouterr()
+    assert "CRASHED     numpy-looped float64" in out.out and "RuntimeError: boom" in out.out
+    assert "numpy-vectorised" in out.out and "1 run(s) crashed" in out.err
+    calls.clear()
+    assert check.main(["--impl", "torch-vectorised-cuda", "numpy-vectorised", "--dtype", "float64"]) == 0
+    assert calls == ["numpy-vectorised"]
+
+
+def test_the_timed_step_is_printed_in_milliseconds(monkeypatch, capsys):
+    monkeypatch.setattr(check, "check_implementation", lambda name, config, dtype, batch: [
+        check.Row(name, dtype, "loss", 0.0, 1.0)])
+    timed = []
+    monkeypatch.setattr(check, "time_train_step", lambda *args: timed.append(args) or 0.25)
+    assert check.main(["--impl", "numpy-vectorised", "--dtype", "float64", "--time"]) == 0
+    assert timed == [("numpy-vectorised", SMALL, "float64", check.CHECK_BATCH_SIZE)]
+    assert f"train step  {'numpy-vectorised float64':<32} {250.0:10.2f} ms  (batch 8, median of 5)" in (
+        capsys.readouterr().out)
+
+
+def test_the_first_line_says_what_is_compared_and_why_the_default_network(monkeypatch, capsys):
+    monkeypatch.setattr(check, "check_implementation", lambda name, config, dtype, batch: [
+        check.Row(name, dtype, "loss", 0.0, 1.0)])
+    why = check.options.config_note(check.CHECK_CONFIG, check.CHECK_CONFIG_WHY)
+    assert why and check.main(["--impl", "numpy-vectorised", "--dtype", "float64"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"reference: torch-vectorised float64 on the CPU; config small (the default, {why}); batch 8; 3 Adam "
+        "steps; routing gradient full")
+    assert check.main(["--impl", "numpy-vectorised", "--dtype", "float64", "--config", "paper", "--batch-size", "2",
+                       "--routing-gradient", "final"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "reference: torch-vectorised float64 on the CPU; config paper; batch 2; 3 Adam steps; routing gradient final")
+
+
+def test_a_reference_that_cannot_run_here_ends_the_check_with_the_reason(monkeypatch, capsys):
+    monkeypatch.setattr(check, "REFERENCE", "torch-vectorised-cuda")  # no GPU in the test environment
+    reason = registry.get("torch-vectorised-cuda").availability().reason
+    assert reason and check.main(["--impl", "numpy-vectorised"]) == 2
+    assert capsys.readouterr().err == f"error: the reference torch-vectorised-cuda cannot run here: {reason}\n"
+
+
+def test_the_tracked_error_is_checked_at_the_batch_size_asked(monkeypatch):
+    seen = []
+    monkeypatch.setattr(check, "check_implementation", lambda *args: seen.append(args) or [
+        check.Row("x", "float64", "loss", 0.5, 1.0), check.Row("x", "float64", "lengths", 0.25, 1.0)])
+    assert check.max_error("numpy-vectorised", SMALL, "float64", batch_size=3) == 0.5
+    assert seen == [("numpy-vectorised", SMALL, "float64", 3)]
+
+
+def test_every_adam_step_of_the_check_has_a_batch_of_its_own():
+    batches = check.check_batches(SMALL, batch_size=4)
+    assert len(batches) == 1 + check.ADAM_STEPS and all(len(labels) == 4 for _, labels in batches)
+    images = [batch[0] for batch in batches]
+    assert all(not np.array_equal(images[i], images[j]) for i in range(len(images)) for j in range(i))
+
+
+def test_the_error_of_an_empty_quantity_is_zero():
+    assert check.max_relative_error(np.zeros((0, 3)), np.zeros((0, 3))) == 0.0
+
+
+class TrainsWithThePredictedMask(NumpyCapsNet):
+    """Masks the reconstruction by the predicted class in training too (the label's mask is the paper's)."""
+
+    def forward(self, batch, train=True):
+        return super().forward(batch, train=False)
+
+
+class InfersWithTheLabelsMask(NumpyCapsNet):
+    """Masks the reconstruction by the label at inference too, where no label may be used."""
+
+    def forward(self, batch, train=True):
+        return super().forward(batch, train=True)
+
+
+def test_each_reconstruction_mask_is_checked_on_its_own():
+    assert failed(TrainsWithThePredictedMask, "predicted-mask") == {"reconstructions"}
+    assert failed(InfersWithTheLabelsMask, "labels-mask") == {"reconstructions (inference)"}
