@@ -242,8 +242,8 @@ def test_the_timed_step_is_the_median_after_one_untimed_step(monkeypatch):
     monkeypatch.setattr(CountsSteps, "steps", [])
     monkeypatch.setattr(check, "time", types.SimpleNamespace(perf_counter=lambda: next(readings)))
     with registry.registered("counts-steps", CountsSteps):
-        assert check.time_train_step("counts-steps", SMALL, "float32", 2, repeats=3) == 2.0
-    assert CountsSteps.steps == [(2, "float32")] * 4
+        assert check.time_train_step("counts-steps", SMALL, "float64", 2, repeats=3) == 2.0
+    assert CountsSteps.steps == [(2, "float64")] * 4
 
 
 class LossOffByOnePerMille(NumpyCapsNet):
