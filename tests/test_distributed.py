@@ -238,6 +238,7 @@ def test_each_world_size_gets_its_share_of_the_batch_and_threads():
     assert world_size_plans([1, 2, 8], 64, None, 4, "cpu") == [(1, 64, 4), (2, 32, 2), (8, 8, 1)]
     assert world_size_plans([1, 2], None, 16, 4, "cpu") == [(1, 16, 4), (2, 16, 2)]
     assert world_size_plans([2], 64, None, 4, "cuda") == [(2, 32, 4)]
+    assert all(type(value) is int for plan in world_size_plans([1, 2, 4], 64, None, 2, "cpu") for value in plan)
     with pytest.raises(ValueError, match="^the global batch 64 does not split evenly over 3 ranks$"):
         world_size_plans([1, 3], 64, None, 4, "cpu")
 
@@ -253,6 +254,8 @@ def test_a_world_sizes_row_from_its_step_times_by_hand():
         "world_size": 2, "threads_per_rank": 1, "per_rank_batch_size": 16, "global_batch_size": 32, "steps": 4,
         "step_seconds": 1.15, "step_seconds_q25": 1.025, "step_seconds_q75": 1.35, "images_per_second": 32 / 1.15,
         "allreduce_seconds": 0.15, "allreduce_share": 0.15 / 1.15, "no_sync_step_seconds": 1.0, "warmup_steps": 3})
+    two_steps = run_figures([1.0, 2.0], None, 1, 2, 16, 0)  # quartiles of two: 0.75 and 2.25 (exclusive)
+    assert (two_steps["step_seconds_q25"], two_steps["step_seconds_q75"]) == pytest.approx((0.75, 2.25))
     single = run_figures([0.5], None, 1, 2, 16, 0)
     assert (single["step_seconds_q25"], single["step_seconds_q75"], single["images_per_second"]) == (0.5, 0.5, 32.0)
     assert single["allreduce_seconds"] is single["allreduce_share"] is single["no_sync_step_seconds"] is None
@@ -267,5 +270,30 @@ def test_the_scaling_table_by_hand():
              "images_per_second": 90.0, "allreduce_share": 0.125, "steps": 20},
             {"world_size": 1, "threads_per_rank": 2, "global_batch_size": 64, "step_seconds": 0.64,
              "images_per_second": 100.0, "allreduce_share": None, "steps": 20}]
-    assert format_scaling_table({"device": "cpu", "runs": runs}).splitlines()[2:] == [
+    header = ["| world size | threads/rank | global batch | step ms | images/s | all-reduce share | efficiency |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    assert format_scaling_table({"device": "cpu", "runs": runs}).splitlines() == header + [
         "| 1 | 2 | 64 | 640 | 100.0 | — | 100% |", "| 2 | 1 | 64 | 711 | 90.0 | 12.5% | 90% |"]
+    for run in runs:  # step times spread ±10 % each: ±20 % together, more than the 10 % from linear on the CPU
+        run.update(step_seconds_q25=run["step_seconds"] * 0.9, step_seconds_q75=run["step_seconds"] * 1.1)
+    assert format_scaling_table({"device": "cpu", "runs": runs}).splitlines()[-1] == (
+        "Efficiency at world size 2 is not reliable: the step times spread by ±20% (half their interquartile "
+        "ranges, both world sizes), more than the 10% the efficiency departs from linear.")
+
+
+def test_a_file_without_steps_or_quartiles_is_judged_by_what_it_has():
+    """No "steps": 0 timed steps, unreliable; exactly 10 steps is enough; a spread needs both quartiles and a
+    step time."""
+    from harness.scaling import efficiency_caveat, relative_spread
+
+    base = {"world_size": 1, "threads_per_rank": 1, "images_per_second": 100.0, "steps": 20}
+    run = {"world_size": 2, "threads_per_rank": 1, "images_per_second": 150.0, "steps": 20}
+    few = "from 0 timed step(s), fewer than the 10 a reliable figure needs"
+    assert efficiency_caveat({k: v for k, v in run.items() if k != "steps"}, base, "cpu") == few
+    assert efficiency_caveat(run, {k: v for k, v in base.items() if k != "steps"}, "cpu") == few
+    assert efficiency_caveat({**run, "steps": 10}, {**base, "steps": 10}, "cpu") == ""
+    assert relative_spread({"step_seconds_q25": 0.9, "step_seconds": 1.0}) is None
+    assert relative_spread({"step_seconds_q75": 1.1, "step_seconds": 1.0}) is None
+    assert relative_spread({"step_seconds_q25": 0.9, "step_seconds_q75": 1.1}) is None
+    assert relative_spread({"step_seconds_q25": 0.9, "step_seconds_q75": 1.1, "step_seconds": 1.0}) == (
+        pytest.approx(0.1))
