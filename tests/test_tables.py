@@ -447,3 +447,23 @@ def test_profile_summary_and_layer_table_by_hand():
     assert profile_summary(rows, {})["layers_share_of_step"] is None  # no profile.json: no profiled step
     table = profile_layer_table(rows)
     assert "memory_peak_bytes" in table and "memory_allocated_bytes" not in table  # a column nobody filled: out
+
+
+def test_the_direction_of_each_unit_by_hand():
+    from harness.tables import better_direction
+
+    assert [better_direction(unit) for unit in ("seconds", "bytes", "relative error")] == [-1, -1, -1]
+    assert [better_direction(unit) for unit in ("GFLOP/s", "images/s", "tokens/s", "samples/S")] == [1, 1, 1, 0]
+    assert [better_direction(unit) for unit in ("unknown", None, float("nan"))] == [0, 0, 0]
+
+
+def test_a_benchmark_of_one_run_only_is_missing_on_the_other_side():
+    from harness.tables import change_of
+
+    def flag(old_status, new_status):
+        return change_of(pd.Series({"old": 1.0, "new": 2.0, "ratio": 2.0, "unit": "seconds",
+                                    "old_status": old_status, "new_status": new_status, "old_q25": NAN,
+                                    "old_q75": NAN, "new_q25": NAN, "new_q75": NAN}))
+
+    assert (flag("missing", "ok"), flag("ok", "missing")) == ("missing in old", "missing in new")
+    assert flag("ok", "ok") == "worse"
