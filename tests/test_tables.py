@@ -467,3 +467,12 @@ def test_a_benchmark_of_one_run_only_is_missing_on_the_other_side():
 
     assert (flag("missing", "ok"), flag("ok", "missing")) == ("missing in old", "missing in new")
     assert flag("ok", "ok") == "worse"
+
+
+def test_the_summary_has_a_row_per_implementation_and_batch_and_no_row_for_a_figure_without_a_batch():
+    rows = summary_rows() + [row("a", "max_rel_error", 5e-4, batch=NAN, unit="relative error"),
+                             row("a", "compile_seconds", 2.0, batch=NAN)]
+    frame = summary_table(tidy_frame(rows), 3)
+    assert sorted(zip(frame["implementation"], frame["batch_size"])) == [
+        ("torch-vectorised", 32), ("torch-vectorised", 128), ("torch-vectorised-cuda", 32)]
+    assert frame.set_index(["implementation", "batch_size"]).loc[("torch-vectorised", 128), "max_rel_error"] == 5e-4
