@@ -476,3 +476,25 @@ def test_the_summary_has_a_row_per_implementation_and_batch_and_no_row_for_a_fig
     assert sorted(zip(frame["implementation"], frame["batch_size"])) == [
         ("torch-vectorised", 32), ("torch-vectorised", 128), ("torch-vectorised-cuda", 32)]
     assert frame.set_index(["implementation", "batch_size"]).loc[("torch-vectorised", 128), "max_rel_error"] == 5e-4
+
+
+def test_the_change_flags_word_for_word():
+    """n/a on either side or both; too few samples with the counts of both sides; "lower" for a unit that is
+    neither better nor worse; the factor's edge (1.1 exactly) and touching spreads are no change."""
+    from harness.tables import change_of
+
+    def flag(old, new, **fields):
+        base = {"old": old, "new": new, "ratio": new / old,
+                "unit": "seconds", "old_status": "ok", "new_status": "ok", "old_q25": NAN, "old_q75": NAN,
+                "new_q25": NAN, "new_q75": NAN}
+        return change_of(pd.Series({**base, **fields}))
+
+    assert (flag(NAN, 1.0), flag(1.0, NAN), flag(NAN, NAN)) == ("n/a in old", "n/a in new", "n/a in both")
+    assert flag(1.0, 2.0, old_samples=1, new_samples=7) == "too few samples (old 1, new 7)"
+    assert flag(1.0, 2.0, old_samples=7, new_samples=1) == "too few samples (old 7, new 1)"
+    assert flag(4.0, 2.0, unit="unknown") == "lower" and flag(2.0, 4.0, unit="unknown") == "higher"
+    assert flag(1.0, 1.1, ratio=1.1) == "" and flag(1.1, 1.0, ratio=1 / 1.1) == ""
+    touching = dict(old_q25=0.9, old_q75=1.0, new_q25=1.0, new_q75=2.1, old_samples=5, new_samples=5)
+    assert flag(0.95, 2.0, **touching) == ""
+    assert flag(0.95, 2.0, **{**touching, "new_q25": 1.01}) == "worse"
+    assert flag(2.0, 0.95, old_q25=1.0, old_q75=2.1, new_q25=0.9, new_q75=1.0, old_samples=5, new_samples=5) == ""
