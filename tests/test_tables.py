@@ -498,3 +498,35 @@ def test_the_change_flags_word_for_word():
     assert flag(0.95, 2.0, **touching) == ""
     assert flag(0.95, 2.0, **{**touching, "new_q25": 1.01}) == "worse"
     assert flag(2.0, 0.95, old_q25=1.0, old_q75=2.1, new_q25=0.9, new_q75=1.0, old_samples=5, new_samples=5) == ""
+
+
+def test_the_speedup_table_whole_with_a_phase_one_side_lacks():
+    """Every column of every row, in order; a phase measured for the looped variant alone gives NaN, not a
+    crash; another iteration count and a fixed-routing row stay out."""
+    rows = [row("a", "train_step", 0.5), row("a", "forward", 0.2, batch=64),
+            {**row("a", "train_step", 1.5), "implementation": "torch-looped", "routing_variant": "looped"},
+            {**row("a", "forward", 0.6, batch=64), "implementation": "torch-looped", "routing_variant": "looped"},
+            {**row("a", "routing", 0.3), "implementation": "torch-looped", "routing_variant": "looped"},
+            {**row("a", "train_step", 9.0, iterations=5), "implementation": "torch-looped",
+             "routing_variant": "looped"}]
+    table = speedup_table(tidy_frame(rows), 3)
+    assert list(table.columns) == ["framework", "device", "pair", "vectorised", "looped", "batch_size", "phase",
+                                   "vectorised_s", "looped_s", "speedup"]
+    pair = ("torch", "cpu", "torch (cpu)", "torch-vectorised", "torch-looped")
+    records = [tuple(record.values()) for record in table.to_dict("records")]
+    assert records[0] == pytest.approx((*pair, 64, "forward", 0.2, 0.6, 3.0))
+    assert records[1][:7] == (*pair, 32, "routing") and math.isnan(records[1][7])
+    assert records[1][8] == 0.3 and math.isnan(records[1][9])
+    assert records[2] == (*pair, 32, "train_step", 0.5, 1.5, 3.0) and len(records) == 3
+
+
+def test_looped_partners_by_name():
+    from harness.tables import looped_partners
+
+    vectorised, looped = ["torch-fused", "torch-vectorised"], ["torch-looped", "torch-looped-nightly"]
+    assert looped_partners("torch-vectorised", vectorised, looped) == ["torch-looped"]
+    assert looped_partners("torch-fused", vectorised, looped) == ["torch-looped-nightly"]  # no other's twin
+    assert looped_partners("torch-fused", vectorised, ["torch-looped"]) == ["torch-looped"]  # all claimed: every one
+    # a twin by name that was not measured is no partner
+    assert looped_partners("torch-vectorised-compiled", ["torch-vectorised", "torch-vectorised-compiled"],
+                           ["torch-looped"]) == ["torch-looped"]
