@@ -530,3 +530,21 @@ def test_looped_partners_by_name():
     # a twin by name that was not measured is no partner
     assert looped_partners("torch-vectorised-compiled", ["torch-vectorised", "torch-vectorised-compiled"],
                            ["torch-looped"]) == ["torch-looped"]
+
+
+def test_a_record_s_own_accuracies_win_and_what_it_lacks_is_not_invented():
+    """Recorded best and final accuracy are shown as recorded (here the epochs were evaluated on fewer
+    images, so they differ); an epoch without a training time adds none; a record without epochs has n/a
+    accuracy and loss; a schedule without a name is "?"."""
+    epochs = [{"epoch": 1, "mean_loss": 0.5, "test_accuracy": 0.9, "train_seconds": 10.0, "images": 100},
+              {"epoch": 2, "mean_loss": 0.4, "test_accuracy": 0.8, "images": 100}]
+    frame = training_table([
+        (Path("recorded.json"), record(best_test_accuracy=0.95, final_test_accuracy=0.93, epochs=epochs,
+                                       schedule={"decay_rate": 0.5})),
+        (Path("empty.json"), record(epochs=[])),
+    ]).set_index("file")
+    recorded, empty = frame.loc["recorded.json"], frame.loc["empty.json"]
+    assert (recorded["best_test_accuracy"], recorded["final_test_accuracy"]) == (0.95, 0.93)
+    assert (recorded["train_seconds"], recorded["images_per_second"], recorded["schedule"]) == (10.0, 20.0, "?")
+    assert all(math.isnan(empty[column]) for column in ("best_test_accuracy", "final_test_accuracy",
+                                                        "final_mean_loss", "images_per_second"))
