@@ -444,6 +444,11 @@ def test_profile_summary_and_layer_table_by_hand():
     assert summary["batch_size"] == 32 and summary["steps"] == 5 and summary["unprofiled_step_s"] is None
     assert summary["layers_s"] == pytest.approx(0.4) and summary["layers_share_of_step"] == pytest.approx(0.8)
     assert summary["phases"] == [("forward", 0.1, 0.2, 0.12), ("backward", 0.3, 0.6, None)]
+    assert {key: value for key, value in summary.items() if key not in ("layers_s", "layers_share_of_step")} == {
+        "batch_size": 32, "config_name": "small", "dtype": "float32", "steps": 5, "step_s": 0.5,
+        "unprofiled_step_s": None, "overhead": 0.02, "phases": summary["phases"]}
+    written = profile_summary(rows, {"step_s": "0.5", "unprofiled_step_s": 0.45, "overhead": "2 %"})
+    assert (written["step_s"], written["unprofiled_step_s"], written["overhead"]) == (None, 0.45, None)
     assert profile_summary(rows, {})["layers_share_of_step"] is None  # no profile.json: no profiled step
     table = profile_layer_table(rows)
     assert "memory_peak_bytes" in table and "memory_allocated_bytes" not in table  # a column nobody filled: out
