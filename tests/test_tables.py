@@ -553,3 +553,42 @@ def test_a_record_s_own_accuracies_win_and_what_it_lacks_is_not_invented():
     assert (recorded["train_seconds"], recorded["images_per_second"], recorded["schedule"]) == (10.0, 20.0, "?")
     assert all(math.isnan(empty[column]) for column in ("best_test_accuracy", "final_test_accuracy",
                                                         "final_mean_loss", "images_per_second"))
+
+
+def test_parameter_labels_by_hand():
+    from harness.tables import parameter_label
+
+    step = pd.Series({"implementation": "torch-vectorised", "framework": "torch", "backend": "torch",
+                      "batch_size": 32.0, "routing_iterations": 3.0, "routing_gradient": "full", "cache": "warm"})
+    assert parameter_label(step, []) == "torch-vectorised, batch 32, 3 it."
+    assert parameter_label({**step, "routing_gradient": "final"}, ["cache", "routing_gradient"]) == (
+        "torch-vectorised, batch 32, 3 it., final gradient, cache=warm")
+    machine = pd.Series({"implementation": None, "framework": "numpy", "backend": "openblas", "batch_size": NAN,
+                         "routing_iterations": NAN, "cache": NAN})
+    assert parameter_label(machine, ["cache"]) == "framework=numpy, backend=openblas"
+    assert parameter_label(pd.Series({"batch_size": 8.0}), []) == "batch 8"
+
+
+def test_a_comparison_of_runs_with_different_benchmarks_side_by_side():
+    """Old has forward and backward, new has backward and train_step: three rows, each side's figures where
+    it has them and "missing" where not; the unit and keys from whichever side has the row."""
+    old = [row("a", "forward", 0.2, 0.19, 0.21, 5), row("a", "backward", 0.4, 0.39, 0.41, 5)]
+    new = [row("b", "backward", 0.2, 0.19, 0.21, 7), row("b", "train_step", 0.9, 0.8, 1.0, 7, batch=64)]
+    frame = comparison_table(tidy_frame(old + new), run("a"), run("b")).set_index("benchmark")
+    assert sorted(frame.index) == ["time_backward", "time_forward", "time_train_step"]
+    backward, forward, step = (frame.loc[name] for name in ("time_backward", "time_forward", "time_train_step"))
+    assert [backward[c] for c in ("old", "old_q25", "old_q75", "old_samples", "new", "new_q25", "new_q75",
+                                  "new_samples", "ratio", "change")] == [0.4, 0.39, 0.41, 5, 0.2, 0.19, 0.21, 7,
+                                                                         0.5, "better"]
+    assert (forward["old_status"], forward["new_status"], forward["change"]) == ("ok", "missing", "missing in new")
+    assert (step["old_status"], step["new_status"], step["change"]) == ("missing", "ok", "missing in old")
+    assert (step["unit"], step["implementation"], step["batch_size"], step["routing_iterations"]) == (
+        "seconds", "torch-vectorised", 64, 3)
+    assert (forward["unit"], forward["batch_size"]) == ("seconds", 32)
+
+
+def test_a_comparison_keeps_the_final_gradient_rows_of_both_runs():
+    rows = [row("a", "backward", 0.4, routing_gradient="final"), row("b", "backward", 0.2, routing_gradient="final")]
+    frame = comparison_table(tidy_frame(rows), run("a"), run("b"))
+    assert frame[["params", "old", "new"]].values.tolist() == [["torch-vectorised, batch 32, 3 it., final gradient",
+                                                                0.4, 0.2]]
