@@ -592,3 +592,18 @@ def test_a_comparison_keeps_the_final_gradient_rows_of_both_runs():
     frame = comparison_table(tidy_frame(rows), run("a"), run("b"))
     assert frame[["params", "old", "new"]].values.tolist() == [["torch-vectorised, batch 32, 3 it., final gradient",
                                                                 0.4, 0.2]]
+
+
+def test_the_routing_gradient_table_s_columns_measured_or_not():
+    """The same 31 columns whether empty or not; an implementation measured at final alone is left out."""
+    expected_head = ["implementation", "batch_size", "backward_full", "backward_full_q25", "backward_full_q75",
+                     "backward_full_samples", "backward_final", "backward_final_q25", "backward_final_q75",
+                     "backward_final_samples"]
+    expected_tail = ["backward_saving", "train_step_saving", "routing_backward_saving", "routing_share_full",
+                     "routing_share_final"]
+    empty = routing_gradient_table(run_rows(tidy_frame([row("a", "forward", 0.5)]), run("a"), None), 3)
+    columns = list(empty.columns)
+    assert len(columns) == 31 and columns[:10] == expected_head and columns[-5:] == expected_tail
+    rows = gradient_rows() + [row("a", "backward", 0.7, implementation="jax-vectorised", routing_gradient="final")]
+    frame = routing_gradient_table(run_rows(tidy_frame(rows), run("a"), None), 3)
+    assert sorted(frame.columns) == sorted(columns) and list(frame["implementation"]) == ["torch-vectorised"]
