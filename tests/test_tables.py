@@ -607,3 +607,21 @@ def test_the_routing_gradient_table_s_columns_measured_or_not():
     rows = gradient_rows() + [row("a", "backward", 0.7, implementation="jax-vectorised", routing_gradient="final")]
     frame = routing_gradient_table(run_rows(tidy_frame(rows), run("a"), None), 3)
     assert sorted(frame.columns) == sorted(columns) and list(frame["implementation"]) == ["torch-vectorised"]
+
+
+def test_asking_whether_a_training_process_lives_sends_it_nothing():
+    """A live child is found and still running after the question; once it has ended and been reaped it is gone."""
+    import subprocess
+    import sys
+
+    from harness.tables import process_exists
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert process_exists(child.pid)
+        with pytest.raises(subprocess.TimeoutExpired):  # still running: a signal other than 0 (SIGHUP) ends it
+            child.wait(timeout=0.5)
+    finally:
+        child.kill()
+        child.wait()
+    assert not process_exists(child.pid)
