@@ -12,6 +12,8 @@ import platform
 import socket
 from importlib import metadata
 
+from harness.threads import THREAD_ENV_VARIABLES
+
 LIBRARIES = ("numpy", "torch", "cupy", "nvidia-ml-py", "pandas", "matplotlib", "asv")
 _CUPY_DISTRIBUTIONS = ("cupy", "cupy-cuda12x", "cupy-cuda13x", "cupy-cuda11x")
 
@@ -86,8 +88,7 @@ def machine_facts() -> dict:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "numpy_blas": numpy_blas(),
-        "thread_env": {key: os.environ[key] for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-                       if key in os.environ},
+        "thread_env": {key: os.environ[key] for key in THREAD_ENV_VARIABLES if key in os.environ},
         **torch_facts(),
         "gpu": gpu_facts(),
         "versions": library_versions(),

@@ -18,6 +18,8 @@ from threadpoolctl import threadpool_info, threadpool_limits
 _limits = []  # keeps threadpool_limits alive: the limit holds until the object is restored
 _other_pools: dict = {}  # name -> function giving a pool's thread count (None: not in use), see register_thread_pool
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+# the environment variables that size the thread pools (OpenMP, MKL, OpenBLAS) a process starts with
+THREAD_ENV_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def cgroup_cpu_limit(path: Path = CGROUP_CPU_MAX) -> int | None:

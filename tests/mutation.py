@@ -25,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from planted_bugs import scratch_copy  # noqa: E402
 
+from harness.threads import THREAD_ENV_VARIABLES  # noqa: E402
+
 MODULE_TESTS = {
     "epochs": ["tests/test_gates.py", "tests/test_data.py"],
     "check": ["tests/test_check.py"],
@@ -53,7 +55,7 @@ def run_module(module: str, root: Path, children: int) -> tuple[Counter, list[st
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # mutmut's copy comes first
     # mutmut forks a child per mutant from a process that has run the tests: a child of a process whose
     # OpenMP pool has threads can hang on its first parallel region, so the pools keep one thread
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    env.update(dict.fromkeys(THREAD_ENV_VARIABLES, "1"))
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=root, env=env,
                    stdout=subprocess.DEVNULL, check=False)
     listed = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=root, env=env,
