@@ -213,6 +213,11 @@ def test_the_options_reach_what_the_check_runs(monkeypatch, capsys):
     capsys.readouterr()
 
 
+def agreeing_rows(name, config, dtype, batch_size):
+    """What check_implementation gives for an implementation that agrees: one quantity, well within."""
+    return [check.Row(name, dtype, "loss", 0.0, 1.0)]
+
+
 def test_the_table_prints_each_quantity_its_error_and_verdict():
     rows = [check.Row("numpy-vectorised", "float32", "loss", 1.5e-6, 2e-5),
             check.Row("numpy-vectorised", "float32", "grad conv1.weight", 2.5e-3, 1e-3)]
@@ -292,8 +297,7 @@ def test_every_available_implementation_by_default_and_one_crash_hides_no_other(
 
 
 def test_the_timed_step_is_printed_in_milliseconds(monkeypatch, capsys):
-    monkeypatch.setattr(check, "check_implementation", lambda name, config, dtype, batch: [
-        check.Row(name, dtype, "loss", 0.0, 1.0)])
+    monkeypatch.setattr(check, "check_implementation", agreeing_rows)
     timed = []
     monkeypatch.setattr(check, "time_train_step", lambda *args: timed.append(args) or 0.25)
     assert check.main(["--impl", "numpy-vectorised", "--dtype", "float64", "--time"]) == 0
@@ -303,8 +307,7 @@ def test_the_timed_step_is_printed_in_milliseconds(monkeypatch, capsys):
 
 
 def test_the_first_line_says_what_is_compared_and_why_the_default_network(monkeypatch, capsys):
-    monkeypatch.setattr(check, "check_implementation", lambda name, config, dtype, batch: [
-        check.Row(name, dtype, "loss", 0.0, 1.0)])
+    monkeypatch.setattr(check, "check_implementation", agreeing_rows)
     why = check.options.config_note(check.CHECK_CONFIG, check.CHECK_CONFIG_WHY)
     assert why and check.main(["--impl", "numpy-vectorised", "--dtype", "float64"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == (
