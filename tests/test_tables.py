@@ -462,16 +462,19 @@ def test_the_direction_of_each_unit_by_hand():
     assert [better_direction(unit) for unit in ("unknown", None, float("nan"))] == [0, 0, 0]
 
 
-def test_a_benchmark_of_one_run_only_is_missing_on_the_other_side():
+def change_flag(old, new, **fields):
+    """change_of of one comparison row in seconds, both sides measured, without spreads unless given."""
     from harness.tables import change_of
 
-    def flag(old_status, new_status):
-        return change_of(pd.Series({"old": 1.0, "new": 2.0, "ratio": 2.0, "unit": "seconds",
-                                    "old_status": old_status, "new_status": new_status, "old_q25": NAN,
-                                    "old_q75": NAN, "new_q25": NAN, "new_q75": NAN}))
+    row = {"old": old, "new": new, "ratio": new / old, "unit": "seconds", "old_status": "ok", "new_status": "ok",
+           "old_q25": NAN, "old_q75": NAN, "new_q25": NAN, "new_q75": NAN}
+    return change_of(pd.Series({**row, **fields}))
 
-    assert (flag("missing", "ok"), flag("ok", "missing")) == ("missing in old", "missing in new")
-    assert flag("ok", "ok") == "worse"
+
+def test_a_benchmark_of_one_run_only_is_missing_on_the_other_side():
+    assert change_flag(1.0, 2.0, old_status="missing") == "missing in old"
+    assert change_flag(1.0, 2.0, new_status="missing") == "missing in new"
+    assert change_flag(1.0, 2.0) == "worse"
 
 
 def test_the_summary_has_a_row_per_implementation_and_batch_and_no_row_for_a_figure_without_a_batch():
@@ -486,23 +489,17 @@ def test_the_summary_has_a_row_per_implementation_and_batch_and_no_row_for_a_fig
 def test_the_change_flags_word_for_word():
     """n/a on either side or both; too few samples with the counts of both sides; "lower" for a unit that is
     neither better nor worse; the factor's edge (1.1 exactly) and touching spreads are no change."""
-    from harness.tables import change_of
-
-    def flag(old, new, **fields):
-        base = {"old": old, "new": new, "ratio": new / old,
-                "unit": "seconds", "old_status": "ok", "new_status": "ok", "old_q25": NAN, "old_q75": NAN,
-                "new_q25": NAN, "new_q75": NAN}
-        return change_of(pd.Series({**base, **fields}))
-
-    assert (flag(NAN, 1.0), flag(1.0, NAN), flag(NAN, NAN)) == ("n/a in old", "n/a in new", "n/a in both")
-    assert flag(1.0, 2.0, old_samples=1, new_samples=7) == "too few samples (old 1, new 7)"
-    assert flag(1.0, 2.0, old_samples=7, new_samples=1) == "too few samples (old 7, new 1)"
-    assert flag(4.0, 2.0, unit="unknown") == "lower" and flag(2.0, 4.0, unit="unknown") == "higher"
-    assert flag(1.0, 1.1, ratio=1.1) == "" and flag(1.1, 1.0, ratio=1 / 1.1) == ""
+    assert change_flag(NAN, 1.0) == "n/a in old" and change_flag(1.0, NAN) == "n/a in new"
+    assert change_flag(NAN, NAN) == "n/a in both"
+    assert change_flag(1.0, 2.0, old_samples=1, new_samples=7) == "too few samples (old 1, new 7)"
+    assert change_flag(1.0, 2.0, old_samples=7, new_samples=1) == "too few samples (old 7, new 1)"
+    assert change_flag(4.0, 2.0, unit="unknown") == "lower" and change_flag(2.0, 4.0, unit="unknown") == "higher"
+    assert change_flag(1.0, 1.1, ratio=1.1) == "" and change_flag(1.1, 1.0, ratio=1 / 1.1) == ""
     touching = dict(old_q25=0.9, old_q75=1.0, new_q25=1.0, new_q75=2.1, old_samples=5, new_samples=5)
-    assert flag(0.95, 2.0, **touching) == ""
-    assert flag(0.95, 2.0, **{**touching, "new_q25": 1.01}) == "worse"
-    assert flag(2.0, 0.95, old_q25=1.0, old_q75=2.1, new_q25=0.9, new_q75=1.0, old_samples=5, new_samples=5) == ""
+    assert change_flag(0.95, 2.0, **touching) == ""
+    assert change_flag(0.95, 2.0, **{**touching, "new_q25": 1.01}) == "worse"
+    assert change_flag(2.0, 0.95, old_q25=1.0, old_q75=2.1, new_q25=0.9, new_q75=1.0, old_samples=5,
+                       new_samples=5) == ""
 
 
 def test_the_speedup_table_whole_with_a_phase_one_side_lacks():
