@@ -125,7 +125,7 @@ def summary_rows(commit="a") -> list[dict]:
     rows = []
     for batch, step, routing in ((32, 0.400, 0.100), (128, 1.600, 0.200)):
         rows.append(row(commit, "train_step", step, step * 0.9, step * 1.2, 5, batch=batch, flops=4e10 * batch / 32,
-                        gflops_per_s=4e10 * batch / 32 / step / 1e9, pct_of_peak=25.0))
+                        gflops_per_s=4e10 * batch / 32 / step / 1e9, pct_of_peak=25.0 if batch == 32 else 30.0))
         rows.append(row(commit, "routing_backward", routing, batch=batch, samples=5, q25=routing, q75=routing))
     rows.append(row(commit, "train_step", NAN, implementation="torch-vectorised-cuda", batch=32,
                     device="cuda", samples=NAN))
@@ -142,6 +142,7 @@ def test_summary_images_per_second_and_routing_share_by_hand():
     assert (small["train_step_q25"], small["train_step_q75"], small["train_step_samples"]) == \
         pytest.approx((0.36, 0.48, 5))
     assert small["train_gflops_per_s"] == pytest.approx(100.0)  # 4e10 FLOPs / 0.4 s
+    assert (small["train_pct_of_peak"], large["train_pct_of_peak"]) == (25.0, 30.0)  # each row's own figure
     assert math.isnan(frame.loc[("torch-vectorised-cuda", 32), "train_step"])
 
 
@@ -285,6 +286,7 @@ def test_per_class_table_by_hand():
     assert table["accuracy"].tolist()[:3] == [5 / 7, 1.0, 0.0] and math.isnan(table["accuracy"][3])
     assert table["confused_with"].tolist() == [1, pd.NA, 0, pd.NA]
     assert table["confusions"].tolist() == [1, 0, 2, 0]
+    assert list(table.columns) == ["class", "images", "correct", "accuracy", "confused_with", "confusions"]
 
 
 def test_a_profile_divides_every_implementation_by_the_hardware_peak_where_it_has_one():
@@ -414,7 +416,6 @@ def test_a_profile_without_its_json_describes_each_implementation_from_its_own_c
 
 
 def test_a_run_left_running_by_a_process_that_is_gone_ended_without_a_status():
-    import os
     import socket
     import subprocess
     import sys
@@ -425,7 +426,14 @@ def test_a_run_left_running_by_a_process_that_is_gone_ended_without_a_status():
     gone.wait()
     here = socket.gethostname()
     assert training_status({"status": "running", "pid": gone.pid, "host": here}) == "ended without a status (killed?)"
-    assert training_status({"status": "running", "pid": os.getpid(), "host": here}) == "running"
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # not this process: a
+    try:  # mutant that signals the process it asks about must not end the test run itself
+        assert training_status({"status": "running", "pid": alive.pid, "host": here}) == "running"
+    finally:
+        alive.kill()
+        alive.wait()
+    assert training_status({"status": "running", "host": here}) == "running? (no process recorded)"
+    assert training_status({"status": "running", "pid": "12", "host": here}) == "running? (no process recorded)"
     assert training_status({"status": "running", "pid": 1, "host": "elsewhere"}) == "running? (on elsewhere)"
     assert training_status({"status": "running"}) == "running? (no process recorded)"
     assert training_status({"status": "interrupted", "pid": gone.pid, "host": here}) == "interrupted"
@@ -451,7 +459,13 @@ def test_profile_summary_and_layer_table_by_hand():
     assert (written["step_s"], written["unprofiled_step_s"], written["overhead"]) == (None, 0.45, None)
     assert profile_summary(rows, {})["layers_share_of_step"] is None  # no profile.json: no profiled step
     table = profile_layer_table(rows)
-    assert "memory_peak_bytes" in table and "memory_allocated_bytes" not in table  # a column nobody filled: out
+    assert list(table.columns) == ["phase", "layer", "time_s", "time_q25_s", "time_q75_s", "share", "gflops_per_s",
+                                   "pct_of_peak", "memory_peak_bytes"]  # a memory column nobody filled: out
+    assert table["time_s"].tolist() == [0.1, 0.3]
+    one = rows.iloc[[1]].assign(steps=nan, batch_size=nan)  # one row, an old profile without steps or batch
+    alone = profile_summary(one, {})
+    assert (alone["steps"], alone["batch_size"], alone["config_name"], alone["dtype"]) == (None, None, "small",
+                                                                                          "float32")
 
 
 def test_the_direction_of_each_unit_by_hand():
@@ -622,3 +636,46 @@ def test_asking_whether_a_training_process_lives_sends_it_nothing():
         child.kill()
         child.wait()
     assert not process_exists(child.pid)
+
+
+def test_someone_else_s_process_exists_though_it_may_not_be_signalled(monkeypatch):
+    import harness.tables
+
+    def refuse(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(harness.tables.os, "kill", refuse)
+    assert harness.tables.process_exists(1)
+
+
+def test_run_rows_keep_one_run_at_one_routing_gradient():
+    table = tidy_frame(gradient_rows() + [row("b", "train_step", 0.7)])
+    full = run_rows(table, run("a"))
+    assert set(full["routing_gradient"]) == {"full"} and set(full["commit"]) == {"a"}
+    assert len(full) == 5  # torch-vectorised's three at full, its forward, numpy's backward
+    assert len(run_rows(table, run("a"), None)) == len(gradient_rows())
+    assert sorted(run_rows(table, run("a"), "final")["value"]) == [0.04, 0.24, 0.44, 0.5]
+
+
+def test_a_run_of_the_train_step_alone_gives_a_summary_with_every_column():
+    """`asv run --bench TrainStep`: no routing, forward or memory benchmark; their columns are there, n/a."""
+    from harness.tables import SUMMARY_METRICS
+
+    rows = [row("a", "train_step", 0.4, 0.36, 0.48, 5)]
+    frame = summary_table(tidy_frame(rows), 3)
+    assert set(SUMMARY_METRICS) <= set(frame.columns)
+    line = frame.iloc[0]
+    assert line["train_step"] == 0.4 and line["images_per_second"] == pytest.approx(80.0)
+    assert math.isnan(line["routing_share"]) and math.isnan(line["forward"])
+
+
+def test_the_speedup_of_a_phase_the_looped_variant_lacks_is_nan_and_no_pair_is_an_empty_table():
+    rows = [row("a", "train_step", 0.5), row("a", "backward", 0.3),
+            {**row("a", "train_step", 1.5), "implementation": "torch-looped", "routing_variant": "looped"}]
+    table = speedup_table(tidy_frame(rows), 3).set_index("phase")
+    assert table.loc["train_step", "speedup"] == 3.0
+    assert table.loc["backward", "vectorised_s"] == 0.3 and math.isnan(table.loc["backward", "looped_s"])
+    assert math.isnan(table.loc["backward", "speedup"])
+    alone = speedup_table(tidy_frame([row("a", "train_step", 0.5)]), 3)
+    assert alone.empty and list(alone.columns) == ["framework", "device", "pair", "vectorised", "looped",
+                                                   "batch_size", "phase", "vectorised_s", "looped_s", "speedup"]
