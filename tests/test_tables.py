@@ -287,6 +287,7 @@ def test_per_class_table_by_hand():
     assert table["confused_with"].tolist() == [1, pd.NA, 0, pd.NA]
     assert table["confusions"].tolist() == [1, 0, 2, 0]
     assert list(table.columns) == ["class", "images", "correct", "accuracy", "confused_with", "confusions"]
+    assert table["class"].tolist() == [0, 1, 2, 3]
 
 
 def test_a_profile_divides_every_implementation_by_the_hardware_peak_where_it_has_one():
@@ -440,7 +441,7 @@ def test_a_run_left_running_by_a_process_that_is_gone_ended_without_a_status():
 
 
 def test_profile_summary_and_layer_table_by_hand():
-    from harness.tables import profile_layer_table, profile_summary
+    from harness.tables import profile_layer_table, profile_steps, profile_summary
 
     nan = float("nan")
     rows = pd.DataFrame({"phase": ["forward", "backward"], "layer": ["conv1", "conv1"], "time_s": [0.1, 0.3],
@@ -466,6 +467,7 @@ def test_profile_summary_and_layer_table_by_hand():
     alone = profile_summary(one, {})
     assert (alone["steps"], alone["batch_size"], alone["config_name"], alone["dtype"]) == (None, None, "small",
                                                                                           "float32")
+    assert profile_summary(rows.iloc[[1]], {})["batch_size"] == 32 and profile_steps(rows.iloc[[1]]) == 5
 
 
 def test_the_direction_of_each_unit_by_hand():
