@@ -4,8 +4,11 @@ did not run, the training table's images and ranks, and the profile reader."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +35,19 @@ from harness.tables import (
 
 PROFILE = Path(__file__).parent / "fixtures" / "report" / "profile"
 NAN = math.nan
+SPEEDUP_COLUMNS = ["framework", "device", "pair", "vectorised", "looped", "batch_size", "phase",
+                   "vectorised_s", "looped_s", "speedup"]  # every speedup table's, in order
+
+
+@contextlib.contextmanager
+def sleeping_child():
+    """A live process that is not this one (a mutant that signals it must not end the test run), reaped after."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        yield child
+    finally:
+        child.kill()
+        child.wait()
 
 
 def run(commit: str, facts: dict | None = None) -> Run:
@@ -418,8 +434,6 @@ def test_a_profile_without_its_json_describes_each_implementation_from_its_own_c
 
 def test_a_run_left_running_by_a_process_that_is_gone_ended_without_a_status():
     import socket
-    import subprocess
-    import sys
 
     from harness.tables import training_status
 
@@ -427,12 +441,8 @@ def test_a_run_left_running_by_a_process_that_is_gone_ended_without_a_status():
     gone.wait()
     here = socket.gethostname()
     assert training_status({"status": "running", "pid": gone.pid, "host": here}) == "ended without a status (killed?)"
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # not this process: a
-    try:  # mutant that signals the process it asks about must not end the test run itself
+    with sleeping_child() as alive:
         assert training_status({"status": "running", "pid": alive.pid, "host": here}) == "running"
-    finally:
-        alive.kill()
-        alive.wait()
     assert training_status({"status": "running", "host": here}) == "running? (no process recorded)"
     assert training_status({"status": "running", "pid": "12", "host": here}) == "running? (no process recorded)"
     assert training_status({"status": "running", "pid": 1, "host": "elsewhere"}) == "running? (on elsewhere)"
@@ -528,8 +538,7 @@ def test_the_speedup_table_whole_with_a_phase_one_side_lacks():
             {**row("a", "train_step", 9.0, iterations=5), "implementation": "torch-looped",
              "routing_variant": "looped"}]
     table = speedup_table(tidy_frame(rows), 3)
-    assert list(table.columns) == ["framework", "device", "pair", "vectorised", "looped", "batch_size", "phase",
-                                   "vectorised_s", "looped_s", "speedup"]
+    assert list(table.columns) == SPEEDUP_COLUMNS
     pair = ("torch", "cpu", "torch (cpu)", "torch-vectorised", "torch-looped")
     records = [tuple(record.values()) for record in table.to_dict("records")]
     assert records[0] == pytest.approx((*pair, 64, "forward", 0.2, 0.6, 3.0))
@@ -624,19 +633,13 @@ def test_the_routing_gradient_table_s_columns_measured_or_not():
 
 def test_asking_whether_a_training_process_lives_sends_it_nothing():
     """A live child is found and still running after the question; once it has ended and been reaped it is gone."""
-    import subprocess
-    import sys
 
     from harness.tables import process_exists
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
+    with sleeping_child() as child:
         assert process_exists(child.pid)
         with pytest.raises(subprocess.TimeoutExpired):  # still running: a signal other than 0 (SIGHUP) ends it
             child.wait(timeout=0.5)
-    finally:
-        child.kill()
-        child.wait()
     assert not process_exists(child.pid)
 
 
@@ -679,5 +682,4 @@ def test_the_speedup_of_a_phase_the_looped_variant_lacks_is_nan_and_no_pair_is_a
     assert table.loc["backward", "vectorised_s"] == 0.3 and math.isnan(table.loc["backward", "looped_s"])
     assert math.isnan(table.loc["backward", "speedup"])
     alone = speedup_table(tidy_frame([row("a", "train_step", 0.5)]), 3)
-    assert alone.empty and list(alone.columns) == ["framework", "device", "pair", "vectorised", "looped",
-                                                   "batch_size", "phase", "vectorised_s", "looped_s", "speedup"]
+    assert alone.empty and list(alone.columns) == SPEEDUP_COLUMNS
