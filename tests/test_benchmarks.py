@@ -3,12 +3,15 @@ suite's own helpers skip what cannot run instead of crashing."""
 
 import json
 import os
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from harness import registry, settings
+from harness import registry, report, settings
 from implementations.torch_capsnet import TorchCapsNet
 
 from conftest import REPO_ROOT
@@ -88,16 +91,23 @@ def test_implementations_can_be_narrowed_and_unknown_names_are_one_line(monkeypa
     assert "'numpy-vectorized'" in problem and "known implementations: " + ", ".join(registry.names()) in problem
 
 
+def readme_main_bench() -> str:
+    """The --bench pattern of README's first command (the main job's quick benchmark)."""
+    command = next(line for line in (REPO_ROOT / "README.md").read_text().splitlines() if "asv run" in line)
+    return re.search(r"--bench '([^']+)'", command).group(1)
+
+
 def test_a_narrowed_run_keeps_the_grid_and_writes_the_facts(asv_env, tmp_path):
     """CAPSBENCH_IMPLEMENTATIONS and --bench narrow what runs, never the grid: benchmarks.json still names
     every implementation, the others are skipped with the reason, and the machine facts are written beside
-    the saved results although the MachineFacts benchmark did not run."""
+    the saved results although the MachineFacts benchmark did not run.  The --bench is README's main job's,
+    whose run makes a report with the train step and the machine's peak and no other phase."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
     env = {**asv_env, "CAPSBENCH_IMPLEMENTATIONS": "numpy-vectorised", "CAPSBENCH_ASV_COMMIT": head,
            "CAPSBENCH_ASV_CONFIG": asv_env["ASV_CONFIG"]}
     result = subprocess.run(["asv", "run", "--config", env["ASV_CONFIG"], "--quick", "--python=same",
-                             "--set-commit-hash", head, "--bench", "TrainStep", "--show-stderr"],
+                             "--set-commit-hash", head, "--bench", readme_main_bench(), "--show-stderr"],
                             cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=900,
                             stdin=subprocess.DEVNULL)
     output = result.stdout + result.stderr
@@ -112,6 +122,20 @@ def test_a_narrowed_run_keeps_the_grid_and_writes_the_facts(asv_env, tmp_path):
     recorded = json.loads(facts[0].read_text())
     assert recorded["profile"] == "smoke" and set(recorded["implementations"]) == set(registry.names())
     assert recorded["implementations"]["numpy-looped"] == registry.get("numpy-looped").describe()
+
+    saved = [path for path in results.glob("*/*.json") if path.name != "machine.json"]
+    assert len(saved) == 1, saved
+    assert set(json.loads(saved[0].read_text())["results"]) == {
+        "bench_phases.TrainStep.time_train_step", "bench_peak.GemmPeak.track_gemm_peak_gflops",
+        "bench_peak.HardwarePeak.track_hardware_peak_gflops"}, output
+    root = tmp_path / "runs"
+    shutil.copytree(results, root / "asv")
+    shutil.copytree(results.parent / "asv-facts", root / "asv-facts")
+    assert report.main(["--results", str(root)]) == 0
+    tidy = pd.read_csv(root / "report" / report.TIDY_CSV)
+    assert set(tidy["benchmark"]) >= {"time_train_step", "track_hardware_peak_gflops"}, set(tidy["benchmark"])
+    trained = tidy[(tidy["benchmark"] == "time_train_step") & tidy["value"].notna()]
+    assert set(trained["implementation"]) == {"numpy-vectorised"} and (trained["value"] > 0).all()
 
 
 def test_a_misspelt_implementation_ends_with_the_known_names(asv_env):
