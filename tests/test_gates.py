@@ -5,17 +5,21 @@ options reaching what they configure (spied on in the batches, the evaluation an
 
 from __future__ import annotations
 
+import argparse
 import functools
+import re
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from harness import epochs, registry, train
+from harness.checkpoint import checkpoint_path
 from harness.data import load_mnist
 from harness.params import init_parameters
-from harness.results import read_training_result
-from harness.spec import CONFIGS
+from harness.results import TRAINING_KIND, read_training_result, write_json_atomic
+from harness.spec import CONFIGS, SCHEDULES
 from implementations.numpy_capsnet import NumpyCapsNet
 
 LIMIT, TEST_LIMIT, BATCH = 64, 50, 32  # 2 training steps per epoch; evaluation in batches of 32 and 18
@@ -337,3 +341,192 @@ def test_a_single_process_run_draws_what_rank_0_of_a_data_parallel_run_draws():
     assert epochs.epoch_rng(3, 2).integers(1 << 30, size=4).tolist() == \
         epochs.epoch_rng(3, 2, rank=0).integers(1 << 30, size=4).tolist()
     assert epochs.epoch_rng(3, 2).integers(1 << 30) != epochs.epoch_rng(3, 2, rank=1).integers(1 << 30)
+
+
+# The options and the record, without a training run (the mutants tests/test_train.py alone would kill) --------
+
+def parsed(*argv, default_impl=None):
+    parser = argparse.ArgumentParser(formatter_class=lambda prog: argparse.HelpFormatter(prog, width=1000))
+    epochs.add_training_arguments(parser, batch_help="images per step", default_impl=default_impl)
+    return parser, parser.parse_args(list(argv))
+
+
+def test_training_options_default_to_the_documented_values_with_their_types():
+    _, args = parsed()
+    assert (args.impl, args.epochs, args.batch_size, args.limit, args.test_limit, args.seed, args.no_augment,
+            args.schedule, args.log_every, args.resume, args.overwrite, args.out) == (
+        None, 1, 128, None, None, 0, False, epochs.DEFAULT_SCHEDULE, None, None, False, None)
+    assert parsed(default_impl="numpy-vectorised")[1].impl == "numpy-vectorised"
+    _, args = parsed("--epochs", "3", "--batch-size", "16", "--limit", "10", "--test-limit", "7", "--no-augment",
+                     "--schedule", "constant", "--log-every", "5", "--resume", "r.json", "--overwrite")
+    assert (args.epochs, args.batch_size, args.limit, args.test_limit, args.no_augment, args.schedule,
+            args.log_every, args.resume, args.overwrite) == (3, 16, 10, 7, True, "constant", 5, Path("r.json"), True)
+
+
+@pytest.mark.parametrize("argv", [["--schedule", "cosine"], ["--log-every", "0"], ["--log-every", "x"],
+                                  ["--epochs", "0"], ["--overwrite", "yes"]])
+def test_a_training_option_out_of_its_range_is_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit):
+        parsed(*argv)
+    assert "error:" in capsys.readouterr().err
+
+
+def test_every_training_option_has_a_help_that_says_its_default():
+    parser, _ = parsed()
+    for action in parser._actions:
+        assert isinstance(action.help, str) and "None" not in action.help, action.dest
+    text = " ".join(parser.format_help().split())
+    for shown in ("--impl NAME", "implementation; see `capsbench list` (default: none: needed unless --resume)",
+                  "(default: 1)", "images per step (default: 128)", "--log-every STEPS", "--resume FILE",
+                  f"(default: {epochs.DEFAULT_SCHEDULE})", "(default: a new run)", "--overwrite "):
+        assert shown in text, shown
+    text = " ".join(parsed(default_impl="numpy-vectorised")[0].format_help().split())
+    assert "--impl NAME implementation; see `capsbench list` (default: numpy-vectorised)" in text
+
+
+def written_record(tmp_path, *argv, ranks=1, done=0, routing_gradient=True):
+    """A results file as a new run writes it (``argv``: its options), with ``done`` completed epochs."""
+    _, args = parsed("--impl", "numpy-vectorised", "--seed", "5", "--limit", "64", "--test-limit", "50",
+                     "--batch-size", "16", "--epochs", "4", "--schedule", "constant", *argv)
+    record = epochs.new_record(registry.get("numpy-vectorised"), args, SCHEDULES[args.schedule], 64, 50, ranks)
+    for epoch in range(1, done + 1):
+        epochs.add_epoch(record, epochs.epoch_summary(epoch, [1.0], 0.5, 1.0, 1.0, 2.0, 64, float(epoch)))
+    if not routing_gradient:
+        del record["routing_gradient"]  # a file older than the option
+    path = tmp_path / "run.json"
+    write_json_atomic(path, record)
+    return path, record
+
+
+def test_a_new_record_holds_the_options_it_was_started_with(tmp_path):
+    _, args = parsed("--impl", "numpy-vectorised", "--seed", "5", "--limit", "640", "--test-limit", "50",
+                     "--batch-size", "16", "--epochs", "4", "--schedule", "constant", "--no-augment",
+                     "--routing-gradient", "final", "--dtype", "float64")
+    record = epochs.new_record(registry.get("numpy-vectorised"), args, SCHEDULES["constant"], 64, 50, ranks=2)
+    expected = {"kind": TRAINING_KIND, "format_version": epochs.FORMAT_VERSION, "status": "running", "message": "",
+                "implementation": "numpy-vectorised", "dtype": "float64", "config_name": "paper",
+                "routing_gradient": "final", "config": CONFIGS["paper"].replace(routing_gradient="final").as_dict(),
+                "schedule": SCHEDULES["constant"].as_dict(), "batch_size": 32, "epochs_requested": 4,
+                "train_images": 64, "test_images": 50, "ranks": 2, "limit": 640, "test_limit": 50, "seed": 5,
+                "augment": False, "best_test_accuracy": None, "final_test_accuracy": None, "epochs": [],
+                "steps": []}
+    assert {key: record[key] for key in expected} == expected
+    assert record["optimizer"]["name"] == "adam" and record["optimizer"]["lr"] == 1e-3  # the paper's
+    assert set(registry.get("numpy-vectorised").describe()) <= set(record)
+    assert {"threads", "started_at", "machine"} <= set(record)
+    assert epochs.new_record(registry.get("numpy-vectorised"), parsed("--impl", "numpy-vectorised")[1],
+                             SCHEDULES["paper"], 64, 50)["augment"] is True
+
+
+def test_a_resume_takes_every_option_from_the_file(tmp_path):
+    path, _ = written_record(tmp_path, "--no-augment", "--dtype", "float64", ranks=2, done=1)
+    _, args = parsed("--resume", str(path))
+    record = epochs.resume_options(path, args)
+    assert (args.impl, args.config, args.dtype, args.seed, args.limit, args.test_limit, args.batch_size,
+            args.no_augment, args.schedule, args.routing_gradient, args.epochs, args.out) == (
+        "numpy-vectorised", "paper", "float64", 5, 64, 50, 16, True, "constant", "full", 4, path)
+    assert record["epochs_requested"] == 4 and len(record["epochs"]) == 1
+    path, _ = written_record(tmp_path, "--routing-gradient", "final", routing_gradient=False)
+    epochs.resume_options(path, args)
+    assert args.routing_gradient == "full"  # a file without it: the only behaviour there was
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "6"], "(--seed 5); --seed 6 differs"),
+    (["--batch-size", "8"], "(--batch-size 16); --batch-size 8 differs"),
+    (["--no-augment"], "(with augmentation); --no-augment differs"),
+    (["--schedule", "paper"], "(--schedule constant); --schedule paper differs"),
+    (["--routing-gradient", "final"], "(--routing-gradient full); --routing-gradient final differs"),
+])
+def test_a_resume_refuses_a_given_option_that_differs_and_names_both(tmp_path, argv, message):
+    path, _ = written_record(tmp_path)
+    parser, args = parsed("--resume", str(path), *argv)
+    with pytest.raises(epochs.TrainingOptionError) as error:
+        epochs.resume_options(path, args, epochs.given_options(parser, ["--resume", str(path), *argv]))
+    assert str(error.value) == (f"--resume {path} continues that run as it was started {message}: drop it, or "
+                                "start a new run with another --out")
+
+
+def test_a_resume_accepts_the_same_options_its_own_out_and_a_new_total_of_epochs(tmp_path, monkeypatch):
+    path, _ = written_record(tmp_path, done=2)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--resume", str(path), "--seed", "5", "--batch-size", "16", "--out", "run.json", "--epochs", "6"]
+    parser, args = parsed(*argv)
+    record = epochs.resume_options(path, args, epochs.given_options(parser, argv))
+    assert args.epochs == record["epochs_requested"] == 6 and args.out == path
+    argv = ["--resume", str(path), "--epochs", "2"]  # as many as done: allowed
+    parser, args = parsed(*argv)
+    assert epochs.resume_options(path, args, epochs.given_options(parser, argv))["epochs_requested"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "other.json"], "--resume {path} writes to that file; --out other.json differs: drop --out"),
+    (["--overwrite"], "--overwrite replaces a run and --resume continues one: give only one"),
+    (["--epochs", "1"], "--epochs 1 is fewer than the 2 epoch(s) {path} has completed (--epochs counts all epochs, "
+                        "those done included)"),
+])
+def test_a_resume_refuses_another_out_overwrite_and_fewer_epochs(tmp_path, argv, message):
+    path, _ = written_record(tmp_path, done=2)
+    parser, args = parsed("--resume", str(path), *argv)
+    with pytest.raises(epochs.TrainingOptionError) as error:
+        epochs.prepare_resume(args, epochs.given_options(parser, ["--resume", str(path), *argv]))
+    assert str(error.value) == message.format(path=path)
+
+
+def test_prepare_resume_of_a_new_run_refuses_an_existing_file_unless_overwrite(tmp_path):
+    out = tmp_path / "run.json"
+    assert epochs.prepare_resume(parsed("--out", str(out))[1]) == (None, 0, None, None)
+    out.write_text("{}")
+    with pytest.raises(epochs.TrainingOptionError) as error:
+        epochs.prepare_resume(parsed("--out", str(out))[1])
+    assert str(error.value) == (f"{out} already exists: continue that run with --resume {out}, or replace it "
+                                "with --overwrite (or choose another --out)")
+    checkpoint = checkpoint_path(out)
+    checkpoint.write_text("old")
+    out.unlink()
+    with pytest.raises(epochs.TrainingOptionError, match="^" + re.escape(f"{checkpoint} already exists")):
+        epochs.prepare_resume(parsed("--out", str(out))[1])  # a checkpoint alone is a run too
+    assert epochs.prepare_resume(parsed("--out", str(out), "--overwrite")[1]) == (None, 0, None, None)
+    assert not checkpoint.exists()  # the old checkpoint goes with the run it belonged to
+
+
+def test_prepare_resume_of_a_run_stopped_in_its_first_epoch_starts_again(tmp_path):
+    path, _ = written_record(tmp_path, done=0)
+    record, done, params, adam = epochs.prepare_resume(parsed("--resume", str(path))[1])
+    assert (done, params, adam, record["epochs"]) == (0, None, None, [])
+
+
+def test_the_first_line_says_what_is_trained_on_what_and_where_it_goes():
+    _, args = parsed("--impl", "numpy-vectorised", "--limit", "70000", "--test-limit", "50", "--batch-size", "16",
+                     "--epochs", "3")
+    assert epochs.start_line("numpy-vectorised", args, 60000, 50, Path("out.json")) == (
+        f"training numpy-vectorised (float32, paper network, schedule {epochs.DEFAULT_SCHEDULE}, routing gradient "
+        "full) on 60,000 training images (all there are: the limit 70,000 is more), evaluating on 50 test images, "
+        "batch 16, 3 epoch(s); results -> out.json")
+    assert epochs.start_line("numpy-vectorised", args, 60000, 50, Path("out.json"), ranks=2, resumed_from=1) == (
+        f"training numpy-vectorised (float32, paper network, schedule {epochs.DEFAULT_SCHEDULE}, routing gradient "
+        "full) data-parallel on 2 ranks, on 60,000 training images (all there are: the limit 70,000 is more), "
+        "evaluating on 50 test images, batch 16 per rank = 32 global, 3 epoch(s), resuming after epoch 1; "
+        "results -> out.json")
+    assert epochs.clamped(None, 5) == epochs.clamped(5, 5) == epochs.clamped(4, 5) == ""
+    assert epochs.clamped(1000, 5) == " (all there are: the limit 1,000 is more)"
+
+
+def test_an_interrupted_run_says_where_its_results_are_and_how_to_go_on(tmp_path):
+    out = Path("run.json")
+    assert epochs.interrupted_line(out, {"epochs": [{}, {}]}, "interrupted") == (
+        "interrupted; the results up to epoch 2 (the last completed) are in run.json (continue with --resume "
+        "run.json)")
+    assert epochs.interrupted_line(out, {"epochs": []}, "interrupted") == (
+        "interrupted before epoch 1 completed: nothing was completed or saved; --resume run.json starts the run "
+        "again from the beginning, with its options")
+
+
+def test_a_default_results_file_is_named_by_implementation_gradient_network_and_time():
+    args = argparse.Namespace(routing_gradient="final")
+    assert epochs.routing_gradient_suffix(args) == "-final-gradient"
+    assert epochs.routing_gradient_suffix(argparse.Namespace(routing_gradient="full")) == ""
+    path = epochs.default_output("numpy-vectorised", "paper", epochs.routing_gradient_suffix(args))
+    assert path.parent == epochs.TRAINING_RUNS_DIR
+    assert re.fullmatch(r"numpy-vectorised-final-gradient_paper_\d{8}-\d{6}\.json", path.name), path.name
+    assert re.fullmatch(r"torch-fused_small_\d{8}-\d{6}\.json", epochs.default_output("torch-fused", "small").name)
