@@ -188,7 +188,7 @@ def resume_options(path: Path, args: argparse.Namespace, given: set[str] = froze
         setattr(args, key, value)
     if "out" in given and args.out is not None and Path(args.out).resolve() != Path(path).resolve():
         raise TrainingOptionError(f"--resume {path} writes to that file; --out {args.out} differs: drop --out")
-    if getattr(args, "overwrite", False):
+    if args.overwrite:
         raise TrainingOptionError("--overwrite replaces a run and --resume continues one: give only one")
     done = completed_epochs(record)
     if "epochs" in given and args.epochs < done:
@@ -209,7 +209,7 @@ def prepare_resume(args: argparse.Namespace, given: set[str] = frozenset()) -> t
     together, TrainingOptionError when the options do not."""
     if not args.resume:
         if args.out is not None:
-            refuse_existing_output(args.out, getattr(args, "overwrite", False))
+            refuse_existing_output(args.out, args.overwrite)
         return None, 0, None, None
     record = resume_options(args.resume, args, given)
     truncate_to_completed_epochs(record)

@@ -18,7 +18,7 @@ from harness import epochs, registry, train
 from harness.checkpoint import checkpoint_path
 from harness.data import load_mnist
 from harness.params import init_parameters
-from harness.results import TRAINING_KIND, read_training_result, write_json_atomic
+from harness.results import TRAINING_KIND, ResultsFileError, read_training_result, write_json_atomic
 from harness.spec import CONFIGS, SCHEDULES
 from implementations.numpy_capsnet import NumpyCapsNet
 
@@ -414,8 +414,10 @@ def test_a_new_record_holds_the_options_it_was_started_with(tmp_path):
     assert record["optimizer"]["name"] == "adam" and record["optimizer"]["lr"] == 1e-3  # the paper's
     assert set(registry.get("numpy-vectorised").describe()) <= set(record)
     assert {"threads", "started_at", "machine"} <= set(record)
-    assert epochs.new_record(registry.get("numpy-vectorised"), parsed("--impl", "numpy-vectorised")[1],
-                             SCHEDULES["paper"], 64, 50)["augment"] is True
+    alone = epochs.new_record(registry.get("numpy-vectorised"), parsed("--impl", "numpy-vectorised")[1],
+                              SCHEDULES["paper"], 64, 50)
+    assert (alone["augment"], alone["ranks"], alone["batch_size"]) == (True, 1, 128)
+    assert alone["started_at"].endswith("+00:00")  # UTC, whatever the machine's zone
 
 
 def test_a_resume_takes_every_option_from_the_file(tmp_path):
@@ -426,9 +428,17 @@ def test_a_resume_takes_every_option_from_the_file(tmp_path):
             args.no_augment, args.schedule, args.routing_gradient, args.epochs, args.out) == (
         "numpy-vectorised", "paper", "float64", 5, 64, 50, 16, True, "constant", "full", 4, path)
     assert record["epochs_requested"] == 4 and len(record["epochs"]) == 1
+    path, _ = written_record(tmp_path, "--routing-gradient", "final")
+    epochs.resume_options(path, args)
+    assert args.routing_gradient == "final"
     path, _ = written_record(tmp_path, "--routing-gradient", "final", routing_gradient=False)
     epochs.resume_options(path, args)
     assert args.routing_gradient == "full"  # a file without it: the only behaviour there was
+    path, record = written_record(tmp_path)
+    del record["ranks"]  # a file older than data-parallel training: one process
+    write_json_atomic(path, record)
+    epochs.resume_options(path, args)
+    assert args.batch_size == 16
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -490,10 +500,25 @@ def test_prepare_resume_of_a_new_run_refuses_an_existing_file_unless_overwrite(t
     assert not checkpoint.exists()  # the old checkpoint goes with the run it belonged to
 
 
-def test_prepare_resume_of_a_run_stopped_in_its_first_epoch_starts_again(tmp_path):
+def test_prepare_resume_continues_from_the_checkpoint_of_the_last_completed_epoch(tmp_path):
     path, _ = written_record(tmp_path, done=0)
     record, done, params, adam = epochs.prepare_resume(parsed("--resume", str(path))[1])
-    assert (done, params, adam, record["epochs"]) == (0, None, None, [])
+    assert (done, params, adam, record["epochs"]) == (0, None, None, [])  # stopped in epoch 1: start again
+
+    path, _ = written_record(tmp_path, done=2)
+    np.savez(checkpoint_path(path), epoch=np.int64(2), **{"param/w": np.arange(3.0), "adam/step": np.int64(8)})
+    record, done, params, adam = epochs.prepare_resume(parsed("--resume", str(path))[1])
+    assert done == 2 and len(record["epochs"]) == 2 and params["w"].tolist() == [0, 1, 2] and adam["step"] == 8
+    np.savez(checkpoint_path(path), epoch=np.int64(1), **{"param/w": np.arange(3.0)})
+    with pytest.raises(ResultsFileError) as error:
+        epochs.prepare_resume(parsed("--resume", str(path))[1])
+    assert str(error.value) == f"{path}: the results hold 2 epoch(s) but the checkpoint was saved after epoch 1"
+
+
+def test_asking_which_options_were_given_leaves_the_parser_defaults_as_they_were():
+    parser, _ = parsed()
+    assert epochs.given_options(parser, ["--seed", "3", "--no-augment"]) == {"seed", "no_augment"}
+    assert vars(parser.parse_args([])) == vars(parsed()[1])
 
 
 def test_the_first_line_says_what_is_trained_on_what_and_where_it_goes():
@@ -508,8 +533,18 @@ def test_the_first_line_says_what_is_trained_on_what_and_where_it_goes():
         "full) data-parallel on 2 ranks, on 60,000 training images (all there are: the limit 70,000 is more), "
         "evaluating on 50 test images, batch 16 per rank = 32 global, 3 epoch(s), resuming after epoch 1; "
         "results -> out.json")
+    _, args = parsed("--impl", "numpy-vectorised", "--test-limit", "20000")
+    assert "evaluating on 10,000 test images (all there are: the limit 20,000 is more), batch 128" in \
+        epochs.start_line("numpy-vectorised", args, 60000, 10000, Path("out.json"))
     assert epochs.clamped(None, 5) == epochs.clamped(5, 5) == epochs.clamped(4, 5) == ""
     assert epochs.clamped(1000, 5) == " (all there are: the limit 1,000 is more)"
+
+
+def test_an_epoch_line_says_loss_accuracy_and_times_and_adds_only_the_note_asked_for():
+    summary = epochs.epoch_summary(2, [1.0, 0.5], 0.987654, 20.0, 2.0, 23.0, 640, 40.0)
+    assert epochs.epoch_line(summary) == ("epoch 2: mean loss 0.7500, test accuracy 98.77%; training 20.0 s (32.0 "
+                                          "images/s), evaluation 2.0 s, epoch wall time 23.0 s")
+    assert epochs.epoch_line(summary, " (best)").endswith("epoch wall time 23.0 s (best)")
 
 
 def test_an_interrupted_run_says_where_its_results_are_and_how_to_go_on(tmp_path):
