@@ -14,11 +14,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from harness.activations import im2col_bytes, kept_activations, parameter_state_bytes
 from harness.asv_results import Run, short_env_name, tidy_frame
 from harness.formatting import fmt_spread, fmt_unit_spread, samples_heading
 from harness.results import ResultsFileError, load_profile_result, read_profile_csv
+from harness.spec import CONFIGS
 from harness.tables import (
     comparison_table,
+    distributed_table,
+    memory_table,
     not_run,
     not_run_line,
     per_class_table,
@@ -27,6 +31,7 @@ from harness.tables import (
     routing_gradient_table,
     run_rows,
     speedup_table,
+    step_iterations,
     summary_table,
     training_images,
     training_ranks,
@@ -683,3 +688,76 @@ def test_the_speedup_of_a_phase_the_looped_variant_lacks_is_nan_and_no_pair_is_a
     assert math.isnan(table.loc["backward", "speedup"])
     alone = speedup_table(tidy_frame([row("a", "train_step", 0.5)]), 3)
     assert alone.empty and list(alone.columns) == SPEEDUP_COLUMNS
+
+
+# ------------------------------------------------- the tables the report alone reached (tables-report mutants)
+
+def test_the_summary_shows_the_default_routing_iterations_or_the_nearest_measured_with_a_note():
+    def iterations(*measured, metric="train_step"):
+        return step_iterations(tidy_frame([row("a", metric, 1.0, iterations=count) for count in measured]), "paper")
+
+    assert iterations(1, 3, 5) == (3, "")
+    note = "3 routing iterations (the default) were not measured; showing {}."
+    assert iterations(2, 5) == (2, note.format(2))
+    assert iterations(5, 1) == (1, note.format(1))  # as near as 5: the smaller
+    assert iterations(4, 10) == (4, note.format(4))
+    assert iterations(1, 5, metric="routing") == (3, "")  # only the whole-network step counts
+
+
+def test_host_memory_is_the_step_minus_the_process_before_the_model_beside_the_expected_figure():
+    def memory(name, framework, before, after, iterations=3, device="cpu"):
+        return [row("a", "host_memory_before_model", before, unit="bytes", implementation=name, framework=framework,
+                    iterations=iterations, device=device),
+                row("a", "host_memory", after, unit="bytes", implementation=name, framework=framework,
+                    iterations=iterations, device=device)]
+
+    rows = tidy_frame(memory("torch-vectorised", "torch", 1e6, 9e9, iterations=1)  # another iteration count
+                      + memory("torch-vectorised-cuda", "torch", 1e6, 9e9, device="cuda")  # not host memory
+                      + memory("numpy-vectorised", "numpy", 400e6, 1000e6)
+                      + memory("torch-vectorised", "torch", 500e6, 900e6))
+    frame = memory_table(rows, 3, "paper")
+    config = CONFIGS["paper"].replace(routing_iterations=3)
+    assert frame["implementation"].tolist() == ["numpy-vectorised", "torch-vectorised"]
+    assert frame["model_and_step"].tolist() == [600e6, 400e6]
+    expected = parameter_state_bytes(config) + sum(kept_activations(config, 32).values())
+    assert frame["expected"].tolist() == [expected, expected]
+    assert frame["im2col"].tolist() == [im2col_bytes(config, 32), 0]  # only NumPy keeps its patches
+    assert frame["ratio"].tolist() == pytest.approx([600e6 / (expected + im2col_bytes(config, 32)), 400e6 / expected])
+    only_after = tidy_frame([memory("torch-vectorised", "torch", 500e6, 900e6)[1]])
+    assert memory_table(only_after, 3, "paper").empty  # without the figure before the model: no table
+
+
+def scaling_run(world_size, threads, images_per_second, **extra):
+    return {"world_size": world_size, "threads_per_rank": threads, "per_rank_batch_size": 32,
+            "global_batch_size": 32 * world_size, "steps": 20, "step_seconds": 0.5,
+            "images_per_second": images_per_second,
+            "allreduce_seconds": None if world_size == 1 else 0.05, "allreduce_share": None if world_size == 1 else 0.1,
+            **extra}
+
+
+def test_the_distributed_table_labels_each_file_and_divides_by_the_compute_of_its_device():
+    spread = {"step_seconds_q25": 0.45, "step_seconds_q75": 0.55}  # ±10 % each
+    cpu = {"implementation": "torch-vectorised", "backend": "gloo", "device": "cpu", "config_name": "small",
+           "runs": [scaling_run(2, 1, 64.0, **spread), scaling_run(1, 2, 64.0, **spread)]}  # listed out of order
+    gpu = {"implementation": "torch-vectorised-cuda", "backend": "nccl", "device": "cuda", "config_name": "paper",
+           "runs": [scaling_run(1, 2, 100.0), scaling_run(2, 2, 150.0)]}
+    bare = {"runs": [{key: value for key, value in scaling_run(1, 1, 10.0).items() if key != "steps"}]}
+    frame = distributed_table([(Path("a.json"), cpu), (Path("b.json"), cpu), (Path("g.json"), gpu),
+                               (Path("old.json"), bare)])
+    assert frame["label"].tolist() == ["torch-vectorised (gloo, cpu) [a]"] * 2 \
+        + ["torch-vectorised (gloo, cpu) [b]"] * 2 + ["torch-vectorised-cuda (nccl, cuda)"] * 2 + ["? (?, ?)"]
+    assert frame["implementation"].tolist()[:6] == ["torch-vectorised"] * 4 + ["torch-vectorised-cuda"] * 2
+    assert frame[["implementation", "backend", "config"]].iloc[6].isna().all()  # a file that does not say
+    assert frame["backend"].tolist()[:6] == ["gloo"] * 4 + ["nccl"] * 2
+    assert frame["device"].tolist() == ["cpu"] * 4 + ["cuda"] * 2 + ["cpu"]  # none said: the CPU
+    assert frame["config"].tolist()[:6] == ["small"] * 4 + ["paper"] * 2
+    assert frame["world_size"].tolist() == [1, 2, 1, 2, 1, 2, 1]
+    assert frame["steps"].tolist()[:6] == [20] * 6 and math.isnan(frame["steps"].iloc[6])
+    # the CPU: 2 ranks x 1 thread is the compute of 1 rank x 2 threads, so equal images/s is linear scaling;
+    # on GPUs the compute is the ranks: 1.5x the images/s on 2 GPUs is 75 %
+    assert frame["compute_units"].tolist() == [2, 2, 2, 2, 1, 2, 1]
+    assert frame["efficiency"].tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 1.0])
+    assert frame["ideal_images_per_second"].tolist() == pytest.approx([64.0, 64.0, 64.0, 64.0, 100.0, 200.0, 10.0])
+    assert frame["efficiency_caveat"].iloc[1].startswith("the step times spread by ±20%")  # 1.0 within ±20 %
+    assert frame["allreduce_seconds"].dtype == float and math.isnan(frame["allreduce_seconds"].iloc[0])
+    assert frame["allreduce_share"].tolist()[1] == 0.1 and math.isnan(frame["allreduce_share"].iloc[0])
