@@ -701,6 +701,7 @@ def test_the_summary_shows_the_default_routing_iterations_or_the_nearest_measure
     assert iterations(2, 5) == (2, note.format(2))
     assert iterations(5, 1) == (1, note.format(1))  # as near as 5: the smaller
     assert iterations(4, 10) == (4, note.format(4))
+    assert iterations(1, 4) == (4, note.format(4))  # the nearest, not the smallest
     assert iterations(1, 5, metric="routing") == (3, "")  # only the whole-network step counts
 
 
@@ -738,14 +739,16 @@ def scaling_run(world_size, threads, images_per_second, **extra):
 def test_the_distributed_table_labels_each_file_and_divides_by_the_compute_of_its_device():
     spread = {"step_seconds_q25": 0.45, "step_seconds_q75": 0.55}  # ±10 % each
     cpu = {"implementation": "torch-vectorised", "backend": "gloo", "device": "cpu", "config_name": "small",
+           "machine": {"cpu": "AMD EPYC"},
            "runs": [scaling_run(2, 1, 64.0, **spread), scaling_run(1, 2, 64.0, **spread)]}  # listed out of order
     gpu = {"implementation": "torch-vectorised-cuda", "backend": "nccl", "device": "cuda", "config_name": "paper",
-           "runs": [scaling_run(1, 2, 100.0), scaling_run(2, 2, 150.0)]}
+           "scaling": "weak", "runs": [scaling_run(1, 2, 100.0), scaling_run(2, 2, 150.0, step_seconds=0.25)]}
     bare = {"runs": [{key: value for key, value in scaling_run(1, 1, 10.0).items() if key != "steps"}]}
     frame = distributed_table([(Path("a.json"), cpu), (Path("b.json"), cpu), (Path("g.json"), gpu),
                                (Path("old.json"), bare)])
     assert frame["label"].tolist() == ["torch-vectorised (gloo, cpu) [a]"] * 2 \
-        + ["torch-vectorised (gloo, cpu) [b]"] * 2 + ["torch-vectorised-cuda (nccl, cuda)"] * 2 + ["? (?, ?)"]
+        + ["torch-vectorised (gloo, cpu) [b]"] * 2 + ["torch-vectorised-cuda (nccl, cuda, weak scaling)"] * 2 \
+        + ["? (?, ?)"]
     assert frame["implementation"].tolist()[:6] == ["torch-vectorised"] * 4 + ["torch-vectorised-cuda"] * 2
     assert frame[["implementation", "backend", "config"]].iloc[6].isna().all()  # a file that does not say
     assert frame["backend"].tolist()[:6] == ["gloo"] * 4 + ["nccl"] * 2
@@ -753,6 +756,12 @@ def test_the_distributed_table_labels_each_file_and_divides_by_the_compute_of_it
     assert frame["config"].tolist()[:6] == ["small"] * 4 + ["paper"] * 2
     assert frame["world_size"].tolist() == [1, 2, 1, 2, 1, 2, 1]
     assert frame["steps"].tolist()[:6] == [20] * 6 and math.isnan(frame["steps"].iloc[6])
+    assert frame["threads_per_rank"].tolist() == [2, 1, 2, 1, 2, 2, 1]
+    assert frame["per_rank_batch_size"].tolist() == [32] * 7
+    assert frame["global_batch_size"].tolist() == [32, 64, 32, 64, 32, 64, 32]
+    assert frame["step_seconds"].tolist() == [0.5] * 5 + [0.25, 0.5]
+    assert frame["images_per_second"].tolist() == [64.0] * 4 + [100.0, 150.0, 10.0]
+    assert frame["machine"].tolist() == [{"cpu": "AMD EPYC"}] * 4 + [{}] * 3
     # the CPU: 2 ranks x 1 thread is the compute of 1 rank x 2 threads, so equal images/s is linear scaling;
     # on GPUs the compute is the ranks: 1.5x the images/s on 2 GPUs is 75 %
     assert frame["compute_units"].tolist() == [2, 2, 2, 2, 1, 2, 1]
@@ -761,3 +770,5 @@ def test_the_distributed_table_labels_each_file_and_divides_by_the_compute_of_it
     assert frame["efficiency_caveat"].iloc[1].startswith("the step times spread by ±20%")  # 1.0 within ±20 %
     assert frame["allreduce_seconds"].dtype == float and math.isnan(frame["allreduce_seconds"].iloc[0])
     assert frame["allreduce_share"].tolist()[1] == 0.1 and math.isnan(frame["allreduce_share"].iloc[0])
+    alone = distributed_table([(Path("one.json"), {"runs": [scaling_run(1, 2, 64.0)]})])  # one rank: no all-reduce
+    assert alone["allreduce_seconds"].dtype == float and alone["allreduce_share"].dtype == float
