@@ -75,6 +75,8 @@ def test_the_command_exits_0_when_everything_agrees(capsys):
     assert check.main(["--impl", "numpy-vectorised", "--dtype", "float64"]) == 0
     out = capsys.readouterr().out
     assert f"all {len(quantities(SMALL))} quantities within tolerance" in out
+    checked = {line.split()[0] for line in out.splitlines() if line.split() and line.split()[0] in registry.names()}
+    assert checked == {"numpy-vectorised"}  # the one asked for, no other
 
 
 def test_the_command_exits_1_on_a_planted_disagreement(capsys):

@@ -565,3 +565,112 @@ def test_a_default_results_file_is_named_by_implementation_gradient_network_and_
     assert path.parent == epochs.TRAINING_RUNS_DIR
     assert re.fullmatch(r"numpy-vectorised-final-gradient_paper_\d{8}-\d{6}\.json", path.name), path.name
     assert re.fullmatch(r"torch-fused_small_\d{8}-\d{6}\.json", epochs.default_output("torch-fused", "small").name)
+
+
+# The scaling command's launches, record, lines and failures, torchrun stood in for (scaling mutants) ----------
+
+class StandInTorchrun:
+    """subprocess.run for harness.scaling: every torchrun command is recorded and answered as ``answer``
+    says ("ok": a results part, "fail": exit 1, "silent": exit 0 and no part, "hang": a timeout); every
+    other command (machine facts) runs for real."""
+
+    def __init__(self, answer="ok"):
+        import subprocess
+
+        self.answer, self.calls, self.real = answer, [], subprocess.run
+
+    def __call__(self, command, *args, env=None, cwd=None, timeout=None, **kwargs):
+        import json
+        import subprocess
+
+        from harness import scaling
+
+        if "torch.distributed.run" not in command:
+            return self.real(command, *args, env=env, cwd=cwd, timeout=timeout, **kwargs)
+        self.calls.append({"command": command, "env": env, "cwd": cwd, "timeout": timeout})
+        if self.answer == "hang":
+            raise subprocess.TimeoutExpired(command, timeout)
+        if self.answer == "ok":
+            world_size = int(command[command.index("--nproc-per-node") + 1])
+            worker = scaling._worker_parser().parse_args(command[command.index("worker") + 1:])
+            worker.out.write_text(json.dumps({"world_size": world_size, "threads_per_rank": worker.threads,
+                                              "per_rank_batch_size": worker.per_rank_batch_size,
+                                              "global_batch_size": worker.per_rank_batch_size * world_size,
+                                              "steps": worker.steps, "step_seconds": 0.1, "images_per_second": 80.0,
+                                              "allreduce_seconds": None, "allreduce_share": None}))
+        return subprocess.CompletedProcess(command, 1 if self.answer == "fail" else 0)
+
+
+def test_the_scaling_command_launches_torchrun_and_records_what_it_measured(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    import json
+    import sys
+
+    from harness import scaling
+    from harness.settings import SCALING_SUBDIR
+
+    torchrun = StandInTorchrun()
+    monkeypatch.setattr(scaling.subprocess, "run", torchrun)
+    monkeypatch.setattr(scaling, "RUNS_DIR", tmp_path)
+    steps = str(scaling.MIN_RELIABLE_STEPS)
+    assert scaling.main(["--impl", "torch-looped", "--world-sizes", "1", "2", "--threads", "2", "--global-batch-size",
+                         "16", "--steps", steps, "--config", "small", "--dtype", "float64"]) == 0
+    out = tmp_path / SCALING_SUBDIR / "torch-looped_small_scaling.json"
+    printed = capsys.readouterr()
+    assert printed.err == ""  # enough steps: no warning
+    lines = printed.out.splitlines()
+    assert lines[0] == (f"scaling of torch-looped (float64, small network, strong scaling, global batch 16 of seeded "
+                        f"synthetic images) over world sizes 1 2, {steps} timed steps each; results -> {out}")
+    assert lines[1] == "world size 1: 16 images per rank, 2 thread(s) per rank ..."
+    assert lines[2] == "world size 2: 8 images per rank, 1 thread(s) per rank ..."
+    assert lines[-1] == f"results written to {out}"
+    root = Path(scaling.__file__).resolve().parent.parent
+    for call, (world_size, threads) in zip(torchrun.calls, [(1, 2), (2, 1)]):
+        assert call["command"][:9] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                       "--nproc-per-node", str(world_size), "-m", "harness.scaling", "worker"]
+        assert call["env"]["OMP_NUM_THREADS"] == call["env"]["MKL_NUM_THREADS"] == str(threads)
+        assert Path(call["cwd"]) == root
+    payload = json.loads(out.read_text())
+    assert (payload["kind"], payload["format_version"], payload["backend"], payload["scaling"]) == (
+        scaling.SCALING_KIND, 2, "gloo", "strong")
+    assert payload["allreduce_measure"].startswith("exposed: median over adjacent pairs of (DDP step - ")
+    assert payload["efficiency"].startswith("speed-up over the smallest world size / growth of the compute used (CPU")
+    assert payload["data"] == "seeded synthetic batches, already on the device (no data loading)"
+    assert payload["machine"]["cpu_count"] >= 1
+    assert scaling.main(["--impl", "torch-looped", "--world-sizes", "1", "--per-rank-batch-size", "4", "--steps", "3",
+                         "--config", "small", "--out", str(tmp_path / "weak.json")]) == 0
+    printed = capsys.readouterr()
+    assert "weak scaling, 4 images per rank of seeded synthetic images" in printed.out
+    assert printed.err == (f"warning: 3 timed steps are fewer than the {scaling.MIN_RELIABLE_STEPS} a reliable "
+                           "efficiency needs (--steps)\n")
+
+
+@pytest.mark.parametrize("answer, message", [
+    ("fail", "error: the run with world size 1 failed (torchrun exit status 1); no results file written\n"),
+    ("silent", "error: the run with world size 1 failed (torchrun exit status 0); no results file written\n"),
+    ("hang", "error: the run with world size 1 did not finish in time; no results file written\n"),
+])
+def test_a_world_size_that_fails_ends_the_scaling_run_with_one_line_and_no_file(tmp_path, monkeypatch, capsys,
+                                                                                 answer, message):
+    pytest.importorskip("torch")
+    from harness import scaling
+
+    monkeypatch.setattr(scaling.subprocess, "run", StandInTorchrun(answer))
+    out = tmp_path / "scaling.json"
+    assert scaling.main(["--impl", "torch-looped", "--world-sizes", "1", "2", "--steps", "10", "--config", "small",
+                         "--out", str(out)]) == 1
+    assert capsys.readouterr().err == message and not out.exists()
+
+
+def test_scaling_refuses_an_unknown_implementation_and_an_uneven_batch_and_forwards_worker(monkeypatch, capsys):
+    pytest.importorskip("torch")
+    from harness import scaling
+
+    assert scaling.main(["--impl", "torch-lopped", "--config", "small"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and "torch-lopped" in error
+    assert scaling.main(["--impl", "torch-looped", "--world-sizes", "3", "--global-batch-size", "16"]) == 2
+    assert capsys.readouterr().err == "error: the global batch 16 does not split evenly over 3 ranks\n"
+    forwarded = []
+    monkeypatch.setattr(scaling, "worker_main", lambda argv: forwarded.append(argv) or 7)
+    assert scaling.main(["worker", "--steps", "2"]) == 7 and forwarded == [["--steps", "2"]]
