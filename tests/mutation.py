@@ -43,7 +43,7 @@ RUN_TESTS = {
                 "tests/test_gates.py",
                 "-k", "by_hand or median_paired or unreliable or share_of_the_batch or judged_by "
                       "or distributed_scaling_results or scaling_options_reach or scaling_command_launches "
-                      "or world_size_that_fails or scaling_refuses"],
+                      "or world_size_that_fails or scaling_refuses or scaling_options_default"],
     "spec": ["tests/test_spec.py"],
     "tables-report": ["tests/test_report.py::test_every_derived_figure_of_the_summary_is_the_one_computed_by_hand",
                       "tests/test_report.py::test_gemm_peak_and_gpu_memory_give_peak_share_and_gpu_memory_plots",

@@ -624,6 +624,7 @@ def test_the_scaling_command_launches_torchrun_and_records_what_it_measured(tmp_
     assert lines[1] == "world size 1: 16 images per rank, 2 thread(s) per rank ..."
     assert lines[2] == "world size 2: 8 images per rank, 1 thread(s) per rank ..."
     assert lines[-1] == f"results written to {out}"
+    assert lines[3].startswith("| world size | threads/rank | global batch |")  # the table, then where it went
     root = Path(scaling.__file__).resolve().parent.parent
     for call, (world_size, threads) in zip(torchrun.calls, [(1, 2), (2, 1)]):
         assert call["command"][:9] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -674,3 +675,38 @@ def test_scaling_refuses_an_unknown_implementation_and_an_uneven_batch_and_forwa
     forwarded = []
     monkeypatch.setattr(scaling, "worker_main", lambda argv: forwarded.append(argv) or 7)
     assert scaling.main(["worker", "--steps", "2"]) == 7 and forwarded == [["--steps", "2"]]
+
+
+def test_the_scaling_options_default_to_what_their_help_says(monkeypatch, capsys):
+    pytest.importorskip("torch")
+    import sys
+    import types
+
+    from harness import scaling
+
+    command = scaling.parser()
+    assert vars(command.parse_args([])) == {
+        "impl": "torch-vectorised", "world_sizes": [1, 2], "threads": None, "global_batch_size": None,
+        "per_rank_batch_size": None, "steps": 10, "warmup": 2, "config": "paper", "dtype": "float32", "seed": 0,
+        "timeout_s": scaling.DEFAULT_TIMEOUT_S, "out": None}
+    assert command.parse_args(["--per-rank-batch-size", "4"]).per_rank_batch_size == 4
+    for argv in (["--per-rank-batch-size", "0"], ["--world-sizes", "0"],
+                 ["--global-batch-size", "8", "--per-rank-batch-size", "4"]):  # one of the two only
+        with pytest.raises(SystemExit):
+            command.parse_args(argv)
+    capsys.readouterr()
+    for action in command._actions:
+        assert isinstance(action.help, str) and "None" not in action.help, action.dest
+    text = " ".join(command.format_help().split())
+    assert "--world-sizes W [W ...]" in text and "(default: 1 2)" in text and command.prog.endswith("scaling")
+    worker = scaling._worker_parser()
+    assert worker.prog.endswith("scaling worker")
+    cuda = types.SimpleNamespace(name="torch-vectorised-cuda", device="cuda", describe=lambda: {"device": "cuda"})
+    record = scaling.scaling_record(cuda, command.parse_args([]), True, [])
+    assert (record["backend"], record["device"]) == ("nccl", "cuda")
+    assert record["allreduce_measure"].endswith("slowest rank, floored at 0; none for one rank")
+    assert record["efficiency"].endswith("(CPU: ranks x threads per rank; GPU: ranks)")
+    monkeypatch.setattr(sys, "argv", ["harness.scaling", "worker", "--steps", "2"])
+    forwarded = []
+    monkeypatch.setattr(scaling, "worker_main", lambda argv: forwarded.append(argv) or 0)
+    assert scaling.main() == 0 and forwarded == [["--steps", "2"]]  # the command line, less the program
