@@ -10,9 +10,9 @@ files, as tests/planted_bugs.py copies them), with mutmut's configuration (a ``[
 ``setup.cfg``) written there: the module to mutate and the tests of :data:`RUN_TESTS` that cover it, a
 small subset so that one module takes minutes.  A run named ``MODULE-WHAT`` (:data:`FUNCTIONS`) mutates
 only some functions of MODULE, those whose tests are too slow to run for every mutant of the module (the
-tables the report alone reaches, through its slower tests).  Prints the score (killed / all mutants) and every mutant
-that no test killed; ``mutmut show NAME`` in the kept folder prints its diff.  Needs ``pip install -e
-.[dev]`` (mutmut 3 and a system with fork).
+tables the report alone reaches, through its slower tests).  Prints the score (killed / all mutants) and
+every mutant that no test killed; ``mutmut show NAME`` in the kept folder prints its diff.  Needs ``pip
+install -e .[dev]`` (mutmut 3 and a system with fork).
 """
 
 from __future__ import annotations
