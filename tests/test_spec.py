@@ -45,6 +45,8 @@ def test_invalid_configs_are_rejected():
         CapsNetConfig(image_size=12)
     with pytest.raises(ValueError, match="unknown config 'huge'.*paper, small"):
         get_config("huge")
+    with pytest.raises(ValueError, match=r"^routing_gradient must be one of full, final, got 'half'$"):
+        CapsNetConfig(routing_gradient="half")
 
 
 def test_canonical_parameters_are_seeded_and_laid_out():
