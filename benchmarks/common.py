@@ -66,18 +66,31 @@ CHECK_BATCH_SIZE = PROFILE["check_batch_size"]
 THREADS = int(os.environ.get(THREADS_ENV) or usable_cpu_count())
 
 
+def left_out_reason(name: str) -> str | None:
+    """Why the suite's settings leave ``name`` out of every benchmark (not selected, or compiling in a profile
+    that leaves compiling implementations out), as what follows the name ("is left out by ..."); None when
+    they do not.  Cheap: nothing is
+    imported or started, so every benchmark process can record it in the facts."""
+    if isinstance(SELECTED, str):
+        return SELECTED
+    if name not in SELECTED:
+        return f"is left out by {IMPLEMENTATIONS_ENV}"
+    if registry.get(name).cls.first_call_compiles and not PROFILE["compiled"] and not os.environ.get(
+            IMPLEMENTATIONS_ENV):
+        return (f"compiles again in every benchmark process: the {PROFILE_NAME} profile leaves it out "
+                f"({PROFILE_ENV}=regular, or name it in {IMPLEMENTATIONS_ENV})")
+    return None
+
+
 def require_available(name: str, routing_gradient: str = "full") -> registry.ImplementationInfo:
-    """The registry entry, or NotImplementedError (asv: skipped) saying why it does not run: not selected,
-    compiling in a profile that leaves compiling implementations out, unavailable here, or without the
-    routing gradient asked for."""
+    """The registry entry, or NotImplementedError (asv: skipped) saying why it does not run: left out
+    (:func:`left_out_reason`), unavailable here, or without the routing gradient asked for."""
     if isinstance(SELECTED, str):
         raise NotImplementedError(SELECTED)
-    if name not in SELECTED:
-        raise NotImplementedError(f"{name} is left out by {IMPLEMENTATIONS_ENV}")
+    reason = left_out_reason(name)
+    if reason:
+        raise NotImplementedError(f"{name} {reason}")
     info = registry.get(name)
-    if info.cls.first_call_compiles and not PROFILE["compiled"] and not os.environ.get(IMPLEMENTATIONS_ENV):
-        raise NotImplementedError(f"{name} compiles again in every benchmark process: the {PROFILE_NAME} profile "
-                                  f"leaves it out ({PROFILE_ENV}=regular, or name it in {IMPLEMENTATIONS_ENV})")
     status = info.availability()
     if not status:
         raise NotImplementedError(f"{name} is unavailable here: {status.reason}")
@@ -93,7 +106,8 @@ def require_available(name: str, routing_gradient: str = "full") -> registry.Imp
 def record_facts() -> None:
     """Write the facts asv does not record beside the run's results, once per benchmark process
     (:func:`harness.asv_facts.write_run_facts` with this suite's threads and profile)."""
-    asv_facts.write_run_facts(THREADS, PROFILE_NAME)
+    asv_facts.write_run_facts(THREADS, PROFILE_NAME, lambda: {
+        name: reason for name in registry.names() if (reason := left_out_reason(name))})
 
 
 def record_plan_facts(name: str, impl: contract.Implementation) -> None:

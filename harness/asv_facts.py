@@ -57,9 +57,10 @@ def facts_path(commit: str) -> Path:
 _facts_written = False
 
 
-def write_run_facts(threads: int, profile: str) -> None:
+def write_run_facts(threads: int, profile: str, left_out=None) -> None:
     """Write the facts asv does not record beside the run's results, once per benchmark process; the plans
-    earlier benchmark processes of the run recorded stay."""
+    earlier benchmark processes of the run recorded stay.  ``left_out`` (a callable, called only when the
+    facts are written) gives the implementations the suite's settings leave out, with why, for the report."""
     global _facts_written
     commit = measured_commit()
     if _facts_written or commit is None:
@@ -68,7 +69,8 @@ def write_run_facts(threads: int, profile: str) -> None:
     facts = machine_facts()
     facts.update(threads=thread_facts(), profile=profile, asv_commit=commit,
                  asv_env_name=os.environ.get("ASV_ENV_NAME"),
-                 implementations={info.name: info.describe() for info in registry.entries()})
+                 implementations={info.name: info.describe() for info in registry.entries()},
+                 left_out=left_out() if left_out else {})
     previous = facts_path(commit)
     if previous.is_file():
         try:

@@ -115,9 +115,11 @@ def summary_table(rows: pd.DataFrame, iterations: int) -> pd.DataFrame:
 
 def not_run(rows: pd.DataFrame, facts: dict | None = None) -> dict[str, str]:
     """The implementations of a run with no result at all (every metric n/a), each with the reason in words:
-    a CUDA implementation on a machine whose facts say it has no GPU is unavailable; otherwise it was
-    skipped (unavailable, out of memory, or left out) or failed in every benchmark."""
+    a CUDA implementation on a machine whose facts say it has no GPU is unavailable; one the facts say the
+    suite's settings left out (``left_out``), with why; otherwise it was skipped (unavailable, out of
+    memory, or left out) or failed in every benchmark."""
     gpu = (facts or {}).get("gpu") or {}
+    left_out = (facts or {}).get("left_out") or {}
     named = rows[rows["implementation"].notna()]
     out = {}
     for name, group in named.groupby("implementation", sort=True):
@@ -125,6 +127,8 @@ def not_run(rows: pd.DataFrame, facts: dict | None = None) -> dict[str, str]:
             continue
         if (group["device"] == "cuda").all() and gpu and not gpu.get("available"):
             out[name] = "unavailable: no CUDA GPU on this machine"
+        elif name in left_out and not (group["status"] == "failed").any():
+            out[name] = f"skipped in every benchmark: it {left_out[name]}"
         elif (group["status"] == "failed").all():
             out[name] = "failed in every benchmark"
         elif (group["status"] == "failed").any():

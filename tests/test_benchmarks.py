@@ -122,6 +122,8 @@ def test_a_narrowed_run_keeps_the_grid_and_writes_the_facts(asv_env, tmp_path):
     recorded = json.loads(facts[0].read_text())
     assert recorded["profile"] == "smoke" and set(recorded["implementations"]) == set(registry.names())
     assert recorded["implementations"]["numpy-looped"] == registry.get("numpy-looped").describe()
+    assert recorded["left_out"] == {name: "is left out by CAPSBENCH_IMPLEMENTATIONS" for name in registry.names()
+                                    if name != "numpy-vectorised"}
 
     saved = [path for path in results.glob("*/*.json") if path.name != "machine.json"]
     assert len(saved) == 1, saved
@@ -136,6 +138,26 @@ def test_a_narrowed_run_keeps_the_grid_and_writes_the_facts(asv_env, tmp_path):
     assert set(tidy["benchmark"]) >= {"time_train_step", "track_hardware_peak_gflops"}, set(tidy["benchmark"])
     trained = tidy[(tidy["benchmark"] == "time_train_step") & tidy["value"].notna()]
     assert set(trained["implementation"]) == {"numpy-vectorised"} and (trained["value"] > 0).all()
+    assert "(skipped in every benchmark: it is left out by CAPSBENCH_IMPLEMENTATIONS)" in \
+        (root / "report" / report.REPORT_MD).read_text()
+
+
+def test_the_suite_says_why_it_leaves_an_implementation_out(monkeypatch):
+    """What the facts record for the report: the compiling implementations left out by a quick profile,
+    those CAPSBENCH_IMPLEMENTATIONS leaves out, nothing for one that runs."""
+    from benchmarks import common
+
+    monkeypatch.delenv(settings.IMPLEMENTATIONS_ENV, raising=False)
+    monkeypatch.setattr(common, "SELECTED", set(registry.names()))
+    monkeypatch.setitem(common.PROFILE, "compiled", False)
+    assert common.left_out_reason("numpy-vectorised") is None
+    assert common.left_out_reason("jax-vectorised") == (
+        f"compiles again in every benchmark process: the {common.PROFILE_NAME} profile leaves it out "
+        f"(CAPSBENCH_PROFILE=regular, or name it in CAPSBENCH_IMPLEMENTATIONS)")
+    monkeypatch.setitem(common.PROFILE, "compiled", True)
+    assert common.left_out_reason("jax-vectorised") is None
+    monkeypatch.setattr(common, "SELECTED", {"numpy-vectorised"})
+    assert common.left_out_reason("torch-looped") == "is left out by CAPSBENCH_IMPLEMENTATIONS"
 
 
 def test_a_misspelt_implementation_ends_with_the_known_names(asv_env):

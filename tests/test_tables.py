@@ -392,6 +392,10 @@ def test_the_reason_an_implementation_did_not_run_follows_its_statuses():
         "a": "failed in every benchmark", "b": "skipped or failed in every benchmark",
         "c": "skipped in every benchmark: unavailable here or left out"}
     assert not_run(rows, {"gpu": {"available": False}})["c"] == "unavailable: no CUDA GPU on this machine"
+    left_out = {"a": "is left out by CAPSBENCH_IMPLEMENTATIONS", "c": "compiles again in every benchmark process"}
+    assert not_run(rows, {"gpu": {"available": True}, "left_out": left_out}) == {
+        "a": "failed in every benchmark", "b": "skipped or failed in every benchmark",  # a failure is no skip
+        "c": "skipped in every benchmark: it compiles again in every benchmark process"}  # the suite's reason
     assert not_run_line({}) == ""
 
 
