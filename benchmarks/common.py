@@ -69,8 +69,8 @@ THREADS = int(os.environ.get(THREADS_ENV) or usable_cpu_count())
 def left_out_reason(name: str) -> str | None:
     """Why the suite's settings leave ``name`` out of every benchmark (not selected, or compiling in a profile
     that leaves compiling implementations out), as what follows the name ("is left out by ..."); None when
-    they do not.  Cheap: nothing is
-    imported or started, so every benchmark process can record it in the facts."""
+    they do not.  Cheap: nothing is imported or started, so every benchmark process can record it in the
+    facts."""
     if isinstance(SELECTED, str):
         return SELECTED
     if name not in SELECTED:

@@ -241,40 +241,62 @@ def test_epochs_raises_the_total_of_a_resumed_run(tmp_path, mnist_path, known_an
     assert epochs.load_checkpoint(out)[0] == 3
 
 
+class StandInTorchrun:
+    """subprocess.run for harness.scaling: every torchrun command is recorded (with its world size and the
+    worker's parsed options) and answered as ``answer`` says ("ok": a results part, "fail": exit 1,
+    "silent": exit 0 and no part, "hang": a timeout); every other command (machine facts) runs for real."""
+
+    def __init__(self, answer="ok"):
+        import subprocess
+
+        self.answer, self.calls, self.real = answer, [], subprocess.run
+
+    def __call__(self, command, *args, env=None, cwd=None, timeout=None, **kwargs):
+        import json
+        import subprocess
+
+        from harness import scaling
+
+        if "torch.distributed.run" not in command:
+            return self.real(command, *args, env=env, cwd=cwd, timeout=timeout, **kwargs)
+        world_size = int(command[command.index("--nproc-per-node") + 1])
+        worker = scaling._worker_parser().parse_args(command[command.index("worker") + 1:])
+        self.calls.append({"command": command, "env": env, "cwd": cwd, "timeout": timeout,
+                           "world_size": world_size, "worker": worker})
+        if self.answer == "hang":
+            raise subprocess.TimeoutExpired(command, timeout)
+        if self.answer == "ok":
+            worker.out.write_text(json.dumps({"world_size": world_size, "threads_per_rank": worker.threads,
+                                              "per_rank_batch_size": worker.per_rank_batch_size,
+                                              "global_batch_size": worker.per_rank_batch_size * world_size,
+                                              "steps": worker.steps, "step_seconds": 0.1, "images_per_second": 80.0,
+                                              "allreduce_seconds": None, "allreduce_share": None}))
+        return subprocess.CompletedProcess(command, 1 if self.answer == "fail" else 0)
+
+
 def test_the_scaling_options_reach_every_world_size_s_ranks(tmp_path, monkeypatch):
     """--world-sizes, --threads, --global-batch-size / --per-rank-batch-size, --steps, --warmup, --config,
     --dtype, --seed, --timeout-s, --impl and --out, read back from the torchrun commands the measurement
     starts (a stand-in for torchrun answers each with a results part)."""
     pytest.importorskip("torch")
     import json
-    import subprocess
 
     from harness import scaling
 
-    launched, real_run = [], subprocess.run
+    torchrun = StandInTorchrun()
 
-    def torchrun(command, *args, env=None, cwd=None, timeout=None, **kwargs):
-        if "torch.distributed.run" not in command:  # machine facts and the like: the real thing
-            return real_run(command, *args, env=env, cwd=cwd, timeout=timeout, **kwargs)
-        world_size = int(command[command.index("--nproc-per-node") + 1])
-        worker = scaling._worker_parser().parse_args(command[command.index("worker") + 1:])
-        launched.append((world_size, worker, env["OMP_NUM_THREADS"], timeout))
-        run = {"world_size": world_size, "threads_per_rank": worker.threads,
-               "per_rank_batch_size": worker.per_rank_batch_size,
-               "global_batch_size": worker.per_rank_batch_size * world_size, "steps": worker.steps,
-               "step_seconds": 0.1 * world_size, "images_per_second": 100.0, "allreduce_seconds": None,
-               "allreduce_share": None}
-        worker.out.write_text(json.dumps(run))
-        return subprocess.CompletedProcess(command, 0)
+    def launched():
+        return [(call["world_size"], call["worker"], call["env"]["OMP_NUM_THREADS"], call["timeout"])
+                for call in torchrun.calls]
 
     monkeypatch.setattr(scaling.subprocess, "run", torchrun)
     out = tmp_path / "scaling.json"
     assert scaling.main(["--impl", "torch-looped", "--world-sizes", "1", "2", "4", "--threads", "4",
                          "--global-batch-size", "16", "--steps", "3", "--warmup", "1", "--config", "small",
                          "--dtype", "float64", "--seed", "5", "--timeout-s", "9", "--out", str(out)]) == 0
-    assert [(w, a.per_rank_batch_size, a.threads, threads) for w, a, threads, _ in launched] == [
+    assert [(w, a.per_rank_batch_size, a.threads, threads) for w, a, threads, _ in launched()] == [
         (1, 16, 4, "4"), (2, 8, 2, "2"), (4, 4, 1, "1")]  # strong scaling over 4 cores
-    for _, worker, _, timeout in launched:
+    for _, worker, _, timeout in launched():
         assert (worker.impl, worker.config, worker.dtype, worker.seed) == ("torch-looped", "small", "float64", 5)
         assert (worker.steps, worker.warmup, worker.timeout_s) == (3, 1, 9.0)
         assert timeout == 9.0 + scaling.LAUNCH_GRACE_S * 4
@@ -282,10 +304,10 @@ def test_the_scaling_options_reach_every_world_size_s_ranks(tmp_path, monkeypatc
     assert (payload["implementation"], payload["config_name"], payload["dtype"], payload["scaling"]) == (
         "torch-looped", "small", "float64", "strong")
     assert [run["world_size"] for run in payload["runs"]] == [1, 2, 4]
-    launched.clear()
+    torchrun.calls.clear()
     assert scaling.main(["--world-sizes", "1", "2", "--threads", "2", "--per-rank-batch-size", "4",
                          "--config", "small", "--out", str(out)]) == 0
-    assert [(w, a.per_rank_batch_size, a.threads) for w, a, _, _ in launched] == [(1, 4, 2), (2, 4, 1)]
+    assert [(w, a.per_rank_batch_size, a.threads) for w, a, _, _ in launched()] == [(1, 4, 2), (2, 4, 1)]
     assert json.loads(out.read_text())["scaling"] == "weak"
 
 
@@ -568,38 +590,6 @@ def test_a_default_results_file_is_named_by_implementation_gradient_network_and_
 
 
 # The scaling command's launches, record, lines and failures, torchrun stood in for (scaling mutants) ----------
-
-class StandInTorchrun:
-    """subprocess.run for harness.scaling: every torchrun command is recorded and answered as ``answer``
-    says ("ok": a results part, "fail": exit 1, "silent": exit 0 and no part, "hang": a timeout); every
-    other command (machine facts) runs for real."""
-
-    def __init__(self, answer="ok"):
-        import subprocess
-
-        self.answer, self.calls, self.real = answer, [], subprocess.run
-
-    def __call__(self, command, *args, env=None, cwd=None, timeout=None, **kwargs):
-        import json
-        import subprocess
-
-        from harness import scaling
-
-        if "torch.distributed.run" not in command:
-            return self.real(command, *args, env=env, cwd=cwd, timeout=timeout, **kwargs)
-        self.calls.append({"command": command, "env": env, "cwd": cwd, "timeout": timeout})
-        if self.answer == "hang":
-            raise subprocess.TimeoutExpired(command, timeout)
-        if self.answer == "ok":
-            world_size = int(command[command.index("--nproc-per-node") + 1])
-            worker = scaling._worker_parser().parse_args(command[command.index("worker") + 1:])
-            worker.out.write_text(json.dumps({"world_size": world_size, "threads_per_rank": worker.threads,
-                                              "per_rank_batch_size": worker.per_rank_batch_size,
-                                              "global_batch_size": worker.per_rank_batch_size * world_size,
-                                              "steps": worker.steps, "step_seconds": 0.1, "images_per_second": 80.0,
-                                              "allreduce_seconds": None, "allreduce_share": None}))
-        return subprocess.CompletedProcess(command, 1 if self.answer == "fail" else 0)
-
 
 def test_the_scaling_command_launches_torchrun_and_records_what_it_measured(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
