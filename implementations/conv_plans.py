@@ -24,11 +24,14 @@ from harness.results import write_json_atomic
 from harness.settings import cache_dir
 
 CACHE_FILE = "conv-plans.json"
-CACHE_FORMAT = 1
-# The weight gradient by im2col + GEMM reuses the forward's patch matrix when the forward made one; after
-# any other forward it builds its own, a different cost, timed under this name.
+CACHE_FORMAT = 2  # 2: the spectral strategy joined the candidates; choices measured without it are measured again
+# A strategy that reuses what its forward kept (im2col + GEMM: the patch matrix; spectral: the spectra) is
+# timed twice in the backward's phases: reusing it (under its own name), and after any other forward, building
+# its own (under the name here).
 OWN_PATCHES = "im2col-gemm (own patches)"
 KEPT_PATCHES = "im2col-gemm"
+OWN_SPECTRA = "spectral (own spectra)"
+OWN = {KEPT_PATCHES: OWN_PATCHES, "spectral": OWN_SPECTRA}
 
 
 def cache_path() -> Path:
@@ -79,25 +82,34 @@ def write_cache_entry(key: str, entry: dict, path: Path | None = None) -> None:
 def choose_layer(seconds: dict[tuple[str, str], float]) -> dict[str, str]:
     """The fastest strategies of one convolution from the seconds of each (phase, strategy).
 
-    Phases: "forward", "weight gradient" (with :data:`OWN_PATCHES` for im2col + GEMM after a forward that
-    kept no patch matrix) and, where timed, "input gradient".  Forward and weight gradient are chosen
-    together (their sum), since the weight gradient's cost depends on whether the forward kept patches.
-    Returns {"forward": ..., "weight": ..., "input": ...} ("input" is None where none was timed).
+    Phases: "forward", "weight gradient" and, where timed, "input gradient"; a strategy of :data:`OWN` has,
+    in the backward's phases, a second timing under its :data:`OWN` name for when the forward was another.
+    The three are chosen together (the least sum), since what a backward product costs depends on what the
+    forward kept.  Returns {"forward": ..., "weight": ..., "input": ...} ("input" is None where none was timed).
     """
     forwards = {name: s for (phase, name), s in seconds.items() if phase == "forward"}
     weights = {name: s for (phase, name), s in seconds.items() if phase == "weight gradient"}
     inputs = {name: s for (phase, name), s in seconds.items() if phase == "input gradient"}
     if not forwards or not weights:
         raise ValueError("a plan needs timings of the forward and of the weight gradient")
+    own_names = {own: kept for kept, own in OWN.items()}
 
-    def weight_cost(forward: str, weight: str) -> float:
-        if weight != KEPT_PATCHES:
-            return weights[weight]
-        if forward == KEPT_PATCHES:  # reuses the forward's patches; building them is an upper bound
-            return weights.get(KEPT_PATCHES, weights.get(OWN_PATCHES, float("inf")))
-        return weights.get(OWN_PATCHES, float("inf"))
+    def cost(table: dict, forward: str, name: str) -> float:
+        own = OWN.get(name)
+        if own is None:
+            return table[name]
+        if forward == name:  # reuses what the forward kept; building it anew is an upper bound
+            return table.get(name, table.get(own, float("inf")))
+        return table.get(own, float("inf"))
 
-    names = {KEPT_PATCHES if name == OWN_PATCHES else name for name in weights}  # a pruned run may lack one
-    pairs = [(forwards[f] + weight_cost(f, w), f, w) for f in forwards for w in names]
-    _, forward, weight = min(pairs)
-    return {"forward": forward, "weight": weight, "input": min(inputs, key=inputs.get) if inputs else None}
+    def strategies(table: dict) -> set:
+        return {own_names.get(name, name) for name in table}  # a pruned run may lack one of the two timings
+
+    candidates = []
+    for forward, forward_seconds in forwards.items():
+        weight = min(strategies(weights), key=lambda name: (cost(weights, forward, name), name))
+        input_ = min(strategies(inputs), key=lambda name: (cost(inputs, forward, name), name)) if inputs else None
+        total = forward_seconds + cost(weights, forward, weight) + (cost(inputs, forward, input_) if inputs else 0.0)
+        candidates.append((total, forward, weight, input_))
+    _, forward, weight, input_ = min(candidates)
+    return {"forward": forward, "weight": weight, "input": input_}

@@ -18,7 +18,10 @@ and in its backward:
   (:func:`choose_plan`, :mod:`implementations.conv_plans`; the candidates are in :data:`FORWARD`,
   :data:`WEIGHT_GRADIENT` and :data:`INPUT_GRADIENT`, and ``python -m implementations.torch_fused`` prints
   the measured table): an im2col copy and one GEMM, the framework's own convolution (oneDNN, cuDNN), one
-  product per kernel offset accumulated in place, one per kernel row, or one large product and col2im;
+  product per kernel offset accumulated in place, one per kernel row, one large product and col2im, or the
+  products in the Fourier domain (:mod:`implementations.spectral_convolution`: every transform a GEMM, and
+  fewer multiply-adds than the direct convolution that :mod:`harness.flops` counts, so a plan that uses it
+  runs at an *effective* rate, possibly above the machine's peak);
 * PrimaryCaps' squash together with the regrouping of the convolution's channels into capsules
   (:class:`PrimarySquash`);
 * the prediction vectors (:class:`PredictionVectors`), written once in the (B, J, N, D) layout that the
@@ -63,6 +66,7 @@ from harness.registry import register
 from harness.settings import CONV_PLAN_ENV
 from harness.spec import ADAM, PAPER, ROUTING_GRADIENTS, CapsNetConfig, conv_output_size
 from implementations import conv_plans
+from implementations import spectral_convolution as spectral
 from implementations.torch_capsnet import F, TorchCapsNet, capsule_lengths, decoder, mask_capsules, torch
 
 _Function = torch.autograd.Function if torch is not None else object
@@ -113,6 +117,15 @@ def im2col(x, kernel: int, stride: int, out):
     return out
 
 
+def nhwc(images):
+    """NCHW images -> an NHWC copy with the strides of a freshly made NHWC tensor.  ``permute(...).contiguous()``
+    is not that for one channel: it returns the images' own memory, whose strides (size-1 channel axis
+    aside) read as NCHW to oneDNN, which then converts the output gradient's layout in Conv1's weight
+    gradient (measured 4 to 5 times slower)."""
+    batch, channels, height, width = images.shape
+    return images.new_empty((batch, height, width, channels)).copy_(images.permute(0, 2, 3, 1))
+
+
 def weight_matrix(weight):
     """(O, C, kh, kw) -> (O, kh * kw * C): a view of a channels-last weight."""
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
@@ -142,13 +155,13 @@ def forward_im2col_gemm(x, weight, bias, kernel, stride, workspace, name):
     cols = im2col(x, kernel, stride, workspace.get(f"{name}:cols", (rows, kernel * kernel * channels)))
     out = workspace.get(f"{name}:out", (rows, weight.shape[0]))
     torch.addmm(bias, cols, weight_matrix(weight).t(), out=out)
-    return out, cols
+    return out, {"patches": cols}
 
 
 def forward_library(x, weight, bias, kernel, stride, workspace, name):
     """The framework's convolution on the channels-last view (oneDNN on the CPU, cuDNN on CUDA)."""
     out = F.conv2d(_nchw(x), weight, bias, stride=stride).permute(0, 2, 3, 1)
-    return out.reshape(-1, weight.shape[0]), None
+    return out.reshape(-1, weight.shape[0]), {}
 
 
 def forward_offsets(x, weight, bias, kernel, stride, workspace, name):
@@ -162,11 +175,12 @@ def forward_offsets(x, weight, bias, kernel, stride, workspace, name):
         for j in range(kernel):
             patch.copy_(window(x, i, j, stride, out_h, out_w))
             out.addmm_(patch.view(-1, channels), weight[:, :, i, j].t())
-    return out, None
+    return out, {}
 
 
-def weight_gradient_im2col_gemm(grad_rows, x, cols, weight, kernel, stride, workspace, name):
+def weight_gradient_im2col_gemm(grad_rows, x, kept, weight, kernel, stride, workspace, name):
     """One GEMM with the patch matrix (the one the forward kept, or built here)."""
+    cols = kept.get("patches")
     if cols is None:
         batch, height, width, channels = x.shape
         cols = im2col(x, kernel, stride, workspace.get(f"{name}:cols", (grad_rows.shape[0], kernel**2 * channels)))
@@ -174,12 +188,12 @@ def weight_gradient_im2col_gemm(grad_rows, x, cols, weight, kernel, stride, work
     return torch.mm(grad_rows.t(), cols).view(out, kernel, kernel, channels).permute(0, 3, 1, 2)
 
 
-def weight_gradient_library(grad_rows, x, cols, weight, kernel, stride, workspace, name):
+def weight_gradient_library(grad_rows, x, kept, weight, kernel, stride, workspace, name):
     out_h, out_w = conv_output_size(x.shape[1], kernel, stride), conv_output_size(x.shape[2], kernel, stride)
     return _library_backward(grad_rows, x, weight, stride, out_h, out_w, [False, True, False])[1]
 
 
-def weight_gradient_offsets(grad_rows, x, cols, weight, kernel, stride, workspace, name):
+def weight_gradient_offsets(grad_rows, x, kept, weight, kernel, stride, workspace, name):
     """One GEMM per kernel offset with its window, written into that offset's columns."""
     batch, height, width, channels = x.shape
     out_h, out_w = conv_output_size(height, kernel, stride), conv_output_size(width, kernel, stride)
@@ -192,7 +206,7 @@ def weight_gradient_offsets(grad_rows, x, cols, weight, kernel, stride, workspac
     return grad.permute(0, 3, 1, 2)
 
 
-def input_gradient_offsets(grad_rows, x, weight, kernel, stride, workspace, name):
+def input_gradient_offsets(grad_rows, x, kept, weight, kernel, stride, workspace, name):
     """One GEMM per kernel offset (grad_out @ W_ij) added into that offset's strided input window."""
     batch, height, width, channels = x.shape
     out_h, out_w = conv_output_size(height, kernel, stride), conv_output_size(width, kernel, stride)
@@ -205,7 +219,7 @@ def input_gradient_offsets(grad_rows, x, weight, kernel, stride, workspace, name
     return grad
 
 
-def input_gradient_rows(grad_rows, x, weight, kernel, stride, workspace, name):
+def input_gradient_rows(grad_rows, x, kept, weight, kernel, stride, workspace, name):
     """One GEMM per kernel row (grad_out @ W_i, kw * C wide), then a strided add per offset of the row."""
     batch, height, width, channels = x.shape
     out_h, out_w = conv_output_size(height, kernel, stride), conv_output_size(width, kernel, stride)
@@ -220,7 +234,7 @@ def input_gradient_rows(grad_rows, x, weight, kernel, stride, workspace, name):
     return grad
 
 
-def input_gradient_col2im(grad_rows, x, weight, kernel, stride, workspace, name):
+def input_gradient_col2im(grad_rows, x, kept, weight, kernel, stride, workspace, name):
     """One large GEMM (the patch-gradient matrix, as large as the im2col matrix), then col2im by strided adds."""
     batch, height, width, channels = x.shape
     out_h, out_w = conv_output_size(height, kernel, stride), conv_output_size(width, kernel, stride)
@@ -234,17 +248,21 @@ def input_gradient_col2im(grad_rows, x, weight, kernel, stride, workspace, name)
     return grad
 
 
-def input_gradient_library(grad_rows, x, weight, kernel, stride, workspace, name):
+def input_gradient_library(grad_rows, x, kept, weight, kernel, stride, workspace, name):
     out_h, out_w = conv_output_size(x.shape[1], kernel, stride), conv_output_size(x.shape[2], kernel, stride)
     grad = _library_backward(grad_rows, x, weight, stride, out_h, out_w, [True, False, False])[0]
     return grad.permute(0, 2, 3, 1).contiguous()
 
 
-FORWARD = {"im2col-gemm": forward_im2col_gemm, "library": forward_library, "offsets": forward_offsets}
+# Every strategy of a product, by name.  A forward returns its output rows and a dict of what the backward
+# may reuse ("patches": the im2col matrix; the spectral strategy's spectra); the backward's products take that
+# dict (the spectral weight gradient adds the output gradient's spectrum to it for the input gradient).
+FORWARD = {"im2col-gemm": forward_im2col_gemm, "library": forward_library, "offsets": forward_offsets,
+           "spectral": spectral.forward}
 WEIGHT_GRADIENT = {"im2col-gemm": weight_gradient_im2col_gemm, "library": weight_gradient_library,
-                   "offsets": weight_gradient_offsets}
+                   "offsets": weight_gradient_offsets, "spectral": spectral.weight_gradient}
 INPUT_GRADIENT = {"offsets": input_gradient_offsets, "rows": input_gradient_rows, "col2im": input_gradient_col2im,
-                  "library": input_gradient_library}
+                  "library": input_gradient_library, "spectral": spectral.input_gradient}
 
 
 @dataclass(frozen=True)
@@ -281,17 +299,18 @@ class Convolution(_Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, kernel: int, stride: int, relu: bool, plan: ConvPlan, workspace, layer: str):
-        out, cols = FORWARD[plan.forward](x, weight, bias, kernel, stride, workspace, layer)
+        out, kept = FORWARD[plan.forward](x, weight, bias, kernel, stride, workspace, layer)
         if relu:
             out.clamp_min_(0.0)
-        ctx.setup = (kernel, stride, relu, plan, workspace, layer)
-        ctx.save_for_backward(x, weight, cols, out if relu else None)
+        ctx.setup = (kernel, stride, relu, plan, workspace, layer, tuple(kept))
+        ctx.save_for_backward(x, weight, out if relu else None, *kept.values())
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        kernel, stride, relu, plan, workspace, layer = ctx.setup
-        x, weight, cols, out = ctx.saved_tensors
+        kernel, stride, relu, plan, workspace, layer, kept_names = ctx.setup
+        x, weight, out, *kept_tensors = ctx.saved_tensors
+        kept = dict(zip(kept_names, kept_tensors))
         grad_x = grad_weight = grad_bias = None
         with layer_range(layer, "backward"):
             grad_rows = grad_out.contiguous()
@@ -301,9 +320,9 @@ class Convolution(_Function):
             if ctx.needs_input_grad[2]:
                 grad_bias = grad_rows.sum(dim=0)
             if ctx.needs_input_grad[1]:
-                grad_weight = WEIGHT_GRADIENT[plan.weight](grad_rows, x, cols, weight, kernel, stride, workspace, layer)
+                grad_weight = WEIGHT_GRADIENT[plan.weight](grad_rows, x, kept, weight, kernel, stride, workspace, layer)
             if ctx.needs_input_grad[0]:
-                grad_x = INPUT_GRADIENT[plan.input](grad_rows, x, weight, kernel, stride, workspace, layer)
+                grad_x = INPUT_GRADIENT[plan.input](grad_rows, x, kept, weight, kernel, stride, workspace, layer)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
@@ -517,7 +536,7 @@ class FusedCapsNetModule(_Module):
         """Conv1 -> PrimaryCaps -> squash -> u_hat (B, J, N, D)."""
         config, p, plan = self.config, self.params, self.plan
         batch = images.shape[0]
-        x = images.permute(0, 2, 3, 1).contiguous()  # NHWC; for one channel, the images' own memory
+        x = nhwc(images)
         size1 = config.conv1_size
         with layer_range("conv1"):
             hidden = Convolution.apply(x, p["conv1.weight"], p["conv1.bias"], config.conv1_kernel, config.conv1_stride,
@@ -641,8 +660,9 @@ def time_candidates(config: CapsNetConfig, layer: str, batch_size: int, dtype: s
                     prune: float | None = None) -> dict[tuple[str, str], list[float]]:
     """Seconds of every strategy of each product of the convolution ``layer`` ("conv1" or "primary_caps")
     in ``repeats`` rounds on random data, after one untimed call each; the alternatives run back to back in
-    every round.  The weight gradient by im2col + GEMM is timed twice: with the patch matrix an im2col
-    forward kept, and building its own (:data:`conv_plans.OWN_PATCHES`, after any other forward).
+    every round.  A backward product that reuses what its forward kept (im2col + GEMM's patch matrix, the
+    spectral strategy's spectra) is timed twice: reusing it, and building its own (its name in
+    :data:`conv_plans.OWN`, after any other forward).
     Conv1's input gradient is never needed, so not timed.  With ``prune``, a candidate slower than
     ``prune`` times the fastest of its phase in the first round (twice that in the untimed call) is not timed
     again, so the set-up stays short; only the candidates timed are returned."""
@@ -656,17 +676,19 @@ def time_candidates(config: CapsNetConfig, layer: str, batch_size: int, dtype: s
     bias = torch.zeros(out_channels, dtype=kind, device=device)
     grad_rows = torch.randn((batch_size * out_size**2, out_channels), generator=generator, dtype=kind).to(device)
     workspace = Workspace(kind, device)
-    _, cols = forward_im2col_gemm(x, weight, bias, kernel, stride, workspace, "kept")
+    kept_by = {name: FORWARD[name](x, weight, bias, kernel, stride, workspace, f"kept {name}")[1]
+               for name in conv_plans.OWN}  # what each forward that keeps something keeps, for the backward
     calls = {("forward", name): (lambda f=f: f(x, weight, bias, kernel, stride, workspace, "m"))
              for name, f in FORWARD.items()}
-    calls.update({("weight gradient", name): (lambda f=f, c=(cols if name == conv_plans.KEPT_PATCHES else None):
-                                              f(grad_rows, x, c, weight, kernel, stride, workspace, "m"))
-                  for name, f in WEIGHT_GRADIENT.items()})
-    calls[("weight gradient", conv_plans.OWN_PATCHES)] = (
-        lambda: weight_gradient_im2col_gemm(grad_rows, x, None, weight, kernel, stride, workspace, "m"))
-    if layer != "conv1":
-        calls.update({("input gradient", name): (lambda f=f: f(grad_rows, x, weight, kernel, stride, workspace, "m"))
-                      for name, f in INPUT_GRADIENT.items()})
+    phases = [("weight gradient", WEIGHT_GRADIENT)] + ([("input gradient", INPUT_GRADIENT)] if layer != "conv1" else [])
+    for phase, table in phases:
+        for name, f in table.items():
+            kept = kept_by.get(name, {})
+            calls[(phase, name)] = (lambda f=f, kept=kept:
+                                    f(grad_rows, x, dict(kept), weight, kernel, stride, workspace, "m"))
+            if name in conv_plans.OWN:
+                calls[(phase, conv_plans.OWN[name])] = (
+                    lambda f=f: f(grad_rows, x, {}, weight, kernel, stride, workspace, "m"))
     synchronize = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     times: dict = {key: [] for key in calls}
     warm: dict = {}

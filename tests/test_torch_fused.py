@@ -274,7 +274,9 @@ def test_a_model_measures_its_plan_at_the_first_step_and_reports_it(tmp_path, mo
 def test_the_plan_measurement_times_every_candidate_on_the_shape():
     times = tf.time_candidates(SMALL, "primary_caps", 2, "float64", "cpu", repeats=2)
     expected = {("forward", n) for n in tf.FORWARD} | {("weight gradient", n) for n in tf.WEIGHT_GRADIENT} | {
-        ("input gradient", n) for n in tf.INPUT_GRADIENT} | {("weight gradient", tf.conv_plans.OWN_PATCHES)}
+        ("input gradient", n) for n in tf.INPUT_GRADIENT} | {("weight gradient", tf.conv_plans.OWN_PATCHES),
+                                                             ("weight gradient", tf.conv_plans.OWN_SPECTRA),
+                                                             ("input gradient", tf.conv_plans.OWN_SPECTRA)}
     assert set(times) == expected and all(len(seconds) == 2 and min(seconds) > 0 for seconds in times.values())
     assert ("input gradient", "library") not in tf.time_candidates(SMALL, "conv1", 2, "float64", "cpu", repeats=1)
 
@@ -291,3 +293,36 @@ def test_a_pruned_measurement_still_gives_a_plan():
     seconds = {("forward", "im2col-gemm"): 1.0, ("forward", "library"): 1.1,
                ("weight gradient", tf.conv_plans.OWN_PATCHES): 0.9}
     assert tf.conv_plans.choose_layer(seconds)["weight"] == "im2col-gemm"
+
+
+@pytest.mark.parametrize("size", [5, 6])  # an odd size pads the phases
+def test_a_spectral_plan_reuses_its_forwards_spectra_through_the_backward(rng, size):
+    """All three products spectral: the backward takes the spectra the forward kept (saved for backward, so
+    autograd checks that nothing overwrote them) and the weight gradient's output-gradient spectrum."""
+    x, weight, bias = conv_case(rng, 3, 2, channels=2, out_channels=3, size=size)
+    plan = tf.ConvPlan("spectral", "spectral", "spectral")
+    assert torch.autograd.gradcheck(
+        lambda xx, ww, bb: tf.Convolution.apply(xx, ww, bb, 3, 2, True, plan, fresh(), "conv"), (x, weight, bias))
+
+
+def test_a_spectral_forward_is_chosen_for_what_its_backward_saves():
+    """Slowest forward alone, but its spectra make both backward products cheap; after another forward they
+    would cost their own-spectra times, and then im2col + GEMM throughout wins."""
+    own = tf.conv_plans.OWN_SPECTRA
+    seconds = {("forward", "im2col-gemm"): 1.0, ("forward", "spectral"): 1.3,
+               ("weight gradient", "im2col-gemm"): 1.0, ("weight gradient", tf.conv_plans.OWN_PATCHES): 1.2,
+               ("weight gradient", "spectral"): 0.4, ("weight gradient", own): 1.1,
+               ("input gradient", "rows"): 1.0, ("input gradient", "spectral"): 0.4, ("input gradient", own): 1.05}
+    assert tf.conv_plans.choose_layer(seconds) == {"forward": "spectral", "weight": "spectral", "input": "spectral"}
+    seconds[("forward", "spectral")] = 2.5
+    assert tf.conv_plans.choose_layer(seconds) == {"forward": "im2col-gemm", "weight": "im2col-gemm", "input": "rows"}
+    seconds[("input gradient", own)] = 0.9  # cheaper than rows even when it builds its own spectra
+    assert tf.conv_plans.choose_layer(seconds)["input"] == "spectral"
+
+
+def test_the_nhwc_images_have_the_strides_of_a_fresh_nhwc_tensor():
+    """For one channel, permute + contiguous keeps the NCHW memory, which oneDNN reads as NCHW."""
+    images = torch.rand(3, 1, 5, 5)
+    x = tf.nhwc(images)
+    assert x.stride() == torch.empty(3, 5, 5, 1).stride() != images.permute(0, 2, 3, 1).contiguous().stride()
+    assert torch.equal(x, images.permute(0, 2, 3, 1))
