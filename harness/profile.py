@@ -56,6 +56,7 @@ from harness.ranges import RANGE_PREFIX, ROUTING_LAYER, layer_range, range_name,
 from harness.results import PROFILE_CSV, PROFILE_JSON, PROFILE_KIND, atomic_output, write_json_atomic, write_text_atomic
 from harness.settings import PROFILE_SUBDIR, RUNS_DIR
 from harness.spec import CapsNetConfig, get_config
+from harness.tables import plan_lines
 from harness.threads import set_threads, thread_facts, usable_cpu_count
 
 PHASE_CALLS = (("forward", "forward_loss"), ("backward", "backward"), ("update", "adam_step"))
@@ -476,6 +477,10 @@ def markdown(frame: pd.DataFrame, summaries: dict[str, dict]) -> str:
                       "  Its layers run inside compiled graphs or captured ones, where no range can time them: "
                       "only the phases are timed." if summary.get("compiled") else "") + (
                       f"  Trace: `{TRACES}/{summary['trace']}`." if summary.get("trace") else ""), ""]
+        plan = summary.get("plan") or {}
+        if plan:
+            lines += ["Convolution plan (forward / weight gradient / input gradient):", "",
+                      *plan_lines({name: plan}), ""]
         cells = pd.DataFrame({
             "phase": rows["phase"], "layer": rows["layer"],
             "time ms (IQR)": [f"{fmt(t, 'ms')} ({fmt(a, 'ms')}–{fmt(b, 'ms')})" if not np.isnan(t) else "n/a"

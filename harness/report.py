@@ -82,6 +82,7 @@ from harness.tables import (
     not_run,
     not_run_line,
     per_class_table,
+    plan_lines,
     profile_layer_table,
     profile_rows,
     profile_summary,
@@ -220,20 +221,6 @@ def summary_section(rows: pd.DataFrame, run: Run) -> str:
         text += ["", "Convolution plans the implementations chose where they ran (forward / weight gradient / "
                  "input gradient; from the run's facts):", "", *plans]
     return "\n".join(text)
-
-
-def plan_lines(plans: dict) -> list[str]:
-    """One Markdown bullet per implementation and batch size: the strategy of each product of each
-    convolution, where the choice came from (measured or cached) and how long measuring took."""
-    lines = []
-    for name, by_batch in sorted(plans.items()):
-        for batch, facts in sorted(by_batch.items(), key=lambda item: int(item[0]) if item[0].isdigit() else 0):
-            layers = "; ".join(f"{layer}: {'/'.join(str(facts[layer].get(k)) for k in ('forward', 'weight', 'input'))}"
-                               for layer in ("conv1", "primary_caps") if isinstance(facts.get(layer), dict))
-            seconds = facts.get("measure_seconds")
-            took = f", measuring took {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
-            lines.append(f"- {name}, batch {batch}: {layers} ({facts.get('source', '?')}{took})")
-    return lines
 
 
 ROUTING_GRADIENT_TIMINGS = {"backward": "backward", "train_step": "train step",

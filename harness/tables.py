@@ -495,3 +495,19 @@ def per_class_table(confusion) -> pd.DataFrame:
                      "confused_with": None if predicted is None else -predicted, "confusions": count})
     frame = pd.DataFrame(rows, columns=["class", "images", "correct", "accuracy", "confused_with", "confusions"])
     return frame.astype({"confused_with": "Int64"})
+
+
+def plan_lines(plans: dict) -> list[str]:
+    """One Markdown bullet per implementation and batch size: the strategy of each product of each
+    convolution, where the choice came from (measured or cached) and how long measuring took; then, once,
+    each note the plans carry (what a strategy does to the meaning of the rates)."""
+    lines = []
+    for name, by_batch in sorted(plans.items()):
+        for batch, facts in sorted(by_batch.items(), key=lambda item: int(item[0]) if item[0].isdigit() else 0):
+            layers = "; ".join(f"{layer}: {'/'.join(str(facts[layer].get(k)) for k in ('forward', 'weight', 'input'))}"
+                               for layer in ("conv1", "primary_caps") if isinstance(facts.get(layer), dict))
+            seconds = facts.get("measure_seconds")
+            took = f", measuring took {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
+            lines.append(f"- {name}, batch {batch}: {layers} ({facts.get('source', '?')}{took})")
+    notes = {facts["note"] for by_batch in plans.values() for facts in by_batch.values() if facts.get("note")}
+    return lines + (["", *sorted(notes)] if notes else [])

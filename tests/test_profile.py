@@ -210,3 +210,18 @@ def test_the_first_line_names_network_images_and_output_and_torch_logs_stay_quie
         f"profile of torch-vectorised (float32, small network, batch 2 of seeded synthetic images); results -> "
         f"{out / 'profile.md'}, profile.csv and profile.json beside it")
     assert "USDT" not in completed.stderr and "CPUAllocator" not in completed.stderr
+
+
+def test_an_implementation_s_convolution_plan_and_its_note_are_in_the_markdown(profiled_run):
+    _, frame, meta = profiled_run
+    summaries = {name: dict(summary) for name, summary in meta["implementations"].items()}
+    summaries["torch-looped"]["plan"] = {"4": {
+        "conv1": {"forward": "im2col-gemm", "weight": "library", "input": "offsets"},
+        "primary_caps": {"forward": "spectral", "weight": "spectral", "input": "spectral"},
+        "source": "cache", "note": "spectral: effective rates"}}
+    text = profile.markdown(frame, summaries)
+    section = text.split("## torch-looped (")[1].split("## ")[0]
+    assert ("- torch-looped, batch 4: conv1: im2col-gemm/library/offsets; primary_caps: spectral/spectral/spectral "
+            "(cache)") in section
+    assert section.count("spectral: effective rates") == 1
+    assert "Convolution plan" not in text.split("## torch-looped (")[0]  # the others have none

@@ -689,6 +689,9 @@ def test_the_plan_each_batch_size_ran_with_is_in_the_summary():
         "- torch-fused, batch 32: conv1: offsets/offsets/offsets; primary_caps: library/offsets/col2im (cache)",
         "- torch-fused, batch 128: conv1: im2col-gemm/im2col-gemm/offsets; primary_caps: library/library/rows "
         "(measured, measuring took 4.2 s)"]
+    for facts in plans["torch-fused"].values():  # a note the plans carry comes once, after them
+        facts["note"] = "spectral: effective rates"
+    assert report.plan_lines(plans)[2:] == ["", "spectral: effective rates"]
 
 
 BACKWARD = "bench_phases.Backward.time_backward"

@@ -326,3 +326,14 @@ def test_the_nhwc_images_have_the_strides_of_a_fresh_nhwc_tensor():
     x = tf.nhwc(images)
     assert x.stride() == torch.empty(3, 5, 5, 1).stride() != images.permute(0, 2, 3, 1).contiguous().stride()
     assert torch.equal(x, images.permute(0, 2, 3, 1))
+
+
+def test_a_spectral_plan_says_its_rates_are_effective(tmp_path, monkeypatch):
+    monkeypatch.setenv(PLAN_CACHE_ENV, str(tmp_path))
+    _, facts = tf.choose_plan(SMALL, 4, "float64", "cpu", measure=lambda *a: fake_timings("library", "rows"))
+    assert "note" not in facts
+    timings = fake_timings("spectral", "spectral")
+    timings["primary_caps"]["weight gradient/spectral"] = 1.0  # reusing the forward's spectra
+    plan, facts = tf.choose_plan(SMALL, 8, "float64", "cpu", measure=lambda *a: timings)
+    assert plan.primary == tf.ConvPlan("spectral", "spectral", "spectral")
+    assert facts["note"] == tf.SPECTRAL_NOTE and "effective" in facts["note"]
