@@ -62,6 +62,8 @@ from harness.results import (
 )
 from harness.scaling import MIN_RELIABLE_STEPS
 from harness.settings import (
+    ASV_COMMIT_ENV,
+    ASV_MACHINE_ENV,
     ASV_RESULTS_SUBDIR,
     FIGURES_SUBDIR,
     PROFILE_SUBDIR,
@@ -132,7 +134,10 @@ def run_header(run: Run, machine: dict) -> str:
     date = run.date.strftime("%Y-%m-%d %H:%M UTC") if not pd.isna(run.date) else "unknown date"
     profile = f"{run.profile} (network: {run.config_name})"
     if run.profile_assumed:
-        profile += " **assumed**: no machine-facts file beside this run, so the default profile's network is assumed"
+        profile += (" **assumed**: no machine-facts file beside this run, so the default profile's network is "
+                    "assumed (and its plans and hardware peak are unknown); `asv run --python=same` tells the "
+                    f"benchmarks neither commit nor machine: set {ASV_COMMIT_ENV} and, with --machine, "
+                    f"{ASV_MACHINE_ENV} (docs/benchmarks.md)")
     lines = [f"### {run.label}", "", f"- machine: `{run.machine}`: {cpu}", f"- GPU: {gpu_line(facts)}",
              f"- commit: `{run.commit}` (commit date {date})", f"- asv environment: `{run.env}`",
              f"- benchmark profile: {profile}"]

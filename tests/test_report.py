@@ -813,3 +813,14 @@ def test_an_unreliable_scaling_efficiency_is_said_so_in_the_report():
     assert text.endswith("Not reliable: torch-vectorised (gloo, cpu, strong scaling), world size 2: from 4 timed "
                          "step(s), fewer than the 10 a reliable figure needs.")
     assert text.count("Not reliable:") == 1
+
+
+def test_a_run_without_facts_says_so_and_how_to_get_them(tmp_path):
+    root = results_layout(tmp_path / "results")
+    (facts_file,) = (root / "asv-facts").rglob("*.json")
+    facts_file.unlink()
+    (run,) = load_asv(root).runs
+    header = report.run_header(run, {})
+    assert "**assumed**: no machine-facts file beside this run" in header
+    assert "CAPSBENCH_ASV_COMMIT" in header and "CAPSBENCH_ASV_MACHINE" in header
+    assert "assumed" not in report.run_header(load_asv(results_layout(tmp_path / "again")).runs[0], {})
