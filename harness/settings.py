@@ -53,9 +53,9 @@ ENVIRONMENT: dict[str, Setting] = {
     ASV_CONFIG_ENV: Setting("the asv configuration file, with `asv run --python=same --config FILE`",
                             "[benchmarks.md](benchmarks.md)"),
     PLAN_CACHE_ENV: Setting("torch-fused's cache of chosen convolution plans (default "
-                            "`~/.cache/capsbench/conv-plans.json`)", "[README](../README.md#results-on-this-machine)"),
+                            "`~/.cache/capsbench/conv-plans.json`)", "[benchmarks.md](benchmarks.md)"),
     CONV_PLAN_ENV: Setting("`fixed`: torch-fused uses its built-in convolution plan instead of measuring one where "
-                           "it runs", "[README](../README.md#results-on-this-machine)"),
+                           "it runs", "[benchmarks.md](benchmarks.md)"),
     JAX_CACHE_ENV: Setting("JAX's persistent compilation cache (default `runs/jax-cache`)",
                            "`implementations/jax_capsnet.py`"),
     JAX_CONVOLUTION_ENV: Setting("`xla`: the JAX implementations use XLA's own convolution instead of im2col + "
