@@ -52,8 +52,10 @@ ENVIRONMENT: dict[str, Setting] = {
                             "(asv exports none there)", "[benchmarks.md](benchmarks.md)"),
     ASV_CONFIG_ENV: Setting("the asv configuration file, with `asv run --python=same --config FILE`",
                             "[benchmarks.md](benchmarks.md)"),
-    PLAN_CACHE_ENV: Setting("torch-fused's cache of chosen convolution plans (default "
-                            "`~/.cache/capsbench/conv-plans.json`)", "[benchmarks.md](benchmarks.md)"),
+    PLAN_CACHE_ENV: Setting("the folder of what is measured once per machine: torch-fused's plans "
+                            "(`conv-plans.json`) and the FMA peak (`fma-peak.json`); default "
+                            "`$XDG_CACHE_HOME/capsbench`, else `~/.cache/capsbench`",
+                            "[benchmarks.md](benchmarks.md)"),
     CONV_PLAN_ENV: Setting("`fixed`: torch-fused uses its built-in convolution plan instead of measuring one where "
                            "it runs", "[benchmarks.md](benchmarks.md)"),
     JAX_CACHE_ENV: Setting("JAX's persistent compilation cache (default `runs/jax-cache`)",
