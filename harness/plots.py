@@ -292,10 +292,12 @@ def grouped_bars(ax, frame: pd.DataFrame, groups: list, series: list, colour_of_
                             fmt="none", ecolor="0.15", elinewidth=0.9, capsize=2.5)
                 tops[ok] = np.maximum(values[ok], high[ok])
         for bar, value, top in zip(bars, values, tops):
-            if np.isfinite(value) and value > 0:
-                ax.annotate(value_format(value), (bar.get_x() + bar.get_width() / 2, top),
-                            ha="center", va="bottom", fontsize=7.5 if upright else 6.5,
-                            rotation=0 if upright else 90, xytext=(0, 2), textcoords="offset points",
+            if np.isfinite(value) and value != 0:
+                below = value < 0  # a negative bar (a saving that is a loss) is labelled under its end
+                ax.annotate(value_format(value), (bar.get_x() + bar.get_width() / 2, value if below else top),
+                            ha="center", va="top" if below else "bottom", fontsize=7.5 if upright else 6.5,
+                            rotation=0 if upright else 90, xytext=(0, -2 if below else 2),
+                            textcoords="offset points",
                             bbox=dict(boxstyle="square,pad=0.05", facecolor="white", edgecolor="none",
                                       alpha=0.85))  # legible over a reference line
     ax.set_xticks(np.arange(len(groups)))
@@ -312,9 +314,11 @@ def auto_log(ax, values) -> bool:
 
 
 def headroom(ax, log: bool) -> None:
-    """Room above the tallest bar for its rotated value label."""
+    """Room above the tallest bar for its rotated value label, and below the lowest where a bar is negative
+    (its label hangs under it)."""
     low, high = ax.get_ylim()
-    ax.set_ylim(low, high * (2.5 if log else 1.12))
+    below = 0.08 * (high - low) if low < 0 and not log else 0.0
+    ax.set_ylim(low - below, high * (2.5 if log else 1.12))
 
 
 def largest_batch(rows: pd.DataFrame) -> int:
@@ -483,20 +487,30 @@ ROUTING_GRADIENT_PANELS = (("backward", "backward"), ("train_step", "train step"
                            ("routing_backward", "routing forward + backward alone"))
 
 
+def saving_text(percent: float) -> str:
+    """A bar's saving: whole percentages, one decimal under 1 % either way (-0.3%, never -0%)."""
+    return f"{percent:.0f}%" if abs(percent) >= 1 else f"{percent:.1f}%"
+
+
 def routing_gradient_saving(frame: pd.DataFrame, where: str, iterations: int) -> Figure:
     """The time the routing gradient ``final`` saves over ``full`` (1 - final / full, %), one panel per phase
-    it changes, bars per implementation grouped by batch size, each in its implementation's colour; from
-    :func:`harness.tables.routing_gradient_table`."""
+    measured at both (the others named in the note, not drawn empty), bars per implementation grouped by
+    batch size, each in its implementation's colour; from :func:`harness.tables.routing_gradient_table`."""
     if frame.empty:
         raise NoData("no implementation measured at both routing gradients in this run")
+    panels = [(phase, title) for phase, title in ROUTING_GRADIENT_PANELS if frame[f"{phase}_saving"].notna().any()]
+    if not panels:
+        raise NoData("no phase measured at both routing gradients in this run")
+    unmeasured = [title for phase, title in ROUTING_GRADIENT_PANELS if (phase, title) not in panels]
     implementations = sorted(frame["implementation"].unique())
     batches = sorted(int(batch) for batch in frame["batch_size"].unique())
-    fig, axes = new_figure(ncols=len(ROUTING_GRADIENT_PANELS), width=max(11.0, 1.1 * len(batches) * 3 + 4))
-    for ax, (phase, title) in zip(axes, ROUTING_GRADIENT_PANELS):
+    per_panel = max(11.0 / len(ROUTING_GRADIENT_PANELS), 1.1 * len(batches) + 4 / 3)
+    fig, axes = new_figure(ncols=len(panels), width=max(8.0, per_panel * len(panels)))
+    for ax, (phase, title) in zip(axes, panels):
         saving = 100 * frame.pivot_table(index="batch_size", columns="implementation", values=f"{phase}_saving",
                                          aggfunc="first", dropna=False).reindex(index=batches,
                                                                                 columns=implementations)
-        grouped_bars(ax, saving, batches, implementations, colour_of, str, lambda v: f"{v:.0f}%")
+        grouped_bars(ax, saving, batches, implementations, colour_of, str, saving_text)
         headroom(ax, False)
         ax.axhline(0.0, color="0.2", linewidth=1)
         ax.set_title(title, fontsize=10)
@@ -506,7 +520,8 @@ def routing_gradient_saving(frame: pd.DataFrame, where: str, iterations: int) ->
     single = frame[[column for column in frame.columns if column.endswith("_samples")]].le(1).any().any()
     note = notes("saving = 1 - time(final) / time(full) of the same implementation, batch and run; below 0: "
                  "final took longer", f"{iterations} routing iterations",
-                 "times from 1 sample each: no spread to judge the difference by" if single else "")
+                 "times from 1 sample each: no spread to judge the difference by" if single else "",
+                 f"not measured at both routing gradients in this run: {', '.join(unmeasured)}" if unmeasured else "")
     return finish(fig, f"What stopping the routing gradient before the last iteration saves ({where})", note,
                   unique_handles(axes))
 
@@ -562,6 +577,12 @@ def memory(table: pd.DataFrame, iterations: int, where: str, palette: dict | Non
     return finish(fig, title, absent_note(table, rows["implementation"].unique(), device), unique_handles(axes))
 
 
+def share_text(percent: float) -> str:
+    """A bar's share of the peak: two significant digits, whole numbers from 100 % up (an effective rate
+    can pass the peak): 3.4%, 38%, 111%."""
+    return f"{percent:.0f}%" if percent >= 100 else f"{percent:.2g}%"
+
+
 def peak_share(table: pd.DataFrame, iterations: int, where: str) -> Figure:
     """Achieved GFLOP/s of each implementation and phase as a share of the run's one peak, the same for every
     implementation (``peak_source``: the hardware float32 peak, else the best GEMM measured), as bars: a share
@@ -580,7 +601,7 @@ def peak_share(table: pd.DataFrame, iterations: int, where: str) -> Figure:
     implementations = list(frame.index)
     fig, (ax,) = new_figure(width=max(8.0, 1.3 * len(implementations) + 3))
     grouped_bars(ax, frame, implementations, phases, lambda phase: PHASE_COLOURS[phase],
-                 lambda phase: PHASE_LABELS[phase], lambda v: f"{v:.2g}%")
+                 lambda phase: PHASE_LABELS[phase], share_text)
     log = auto_log(ax, frame.to_numpy().ravel())
     headroom(ax, log)
     if ax.get_ylim()[1] >= 100:

@@ -278,3 +278,49 @@ def test_the_profile_panels_share_one_time_scale_and_the_legend_says_adam():
     legend = [text.get_text() for text in fig.legends[0].get_texts()]
     assert "Adam" in legend and "optimizer" not in legend
     plots.plt.close(fig)
+
+
+def bar_labels(ax) -> dict[str, float]:
+    """Each bar label of ``ax``: its text and the height it is anchored at."""
+    return {text.get_text(): text.xy[1] for text in ax.texts}
+
+
+def test_a_share_past_the_peak_is_labelled_as_a_whole_percentage():
+    """An effective rate can pass 100 % of the peak; its bar says 111%, not 1.1e+02%."""
+    table = timings()
+    table = table.assign(pct_of_peak=np.where(table["implementation"] == "torch-vectorised", 111.2,
+                                              np.where(table["metric"] == "routing", 3.44, 38.2)))
+    fig = plots.peak_share(table, 3, "box")
+    texts = set(bar_labels(fig.axes[0]))
+    plots.plt.close(fig)
+    assert {"111%", "38%", "3.4%"} <= texts and not any("e+" in text for text in texts)
+
+
+def saving_frame(train_step: list[float], other=float("nan")) -> pd.DataFrame:
+    """routing_gradient_table's shape for torch-fused and torch-vectorised at batch 128: train-step savings
+    as given, the backward and routing-alone savings ``other``."""
+    names = ["torch-fused", "torch-vectorised"]
+    return pd.DataFrame({"implementation": names, "batch_size": [128, 128], "train_step_saving": train_step,
+                         "backward_saving": [other, other], "routing_backward_saving": [other, other],
+                         "train_step_full_samples": [5, 5], "train_step_final_samples": [5, 5]})
+
+
+def test_the_routing_gradient_plot_draws_only_the_phases_measured_at_both_and_labels_a_loss_under_its_bar():
+    fig = plots.routing_gradient_saving(saving_frame([0.18, -0.02]), "box", 3)
+    (ax,) = fig.axes
+    assert ax.get_title() == "train step"
+    labels = bar_labels(ax)
+    assert labels == {"18%": pytest.approx(18.0), "-2%": pytest.approx(-2.0)}
+    small = plots.routing_gradient_saving(saving_frame([0.18, -0.003]), "box", 3)
+    assert set(bar_labels(small.axes[0])) == {"18%", "-0.3%"}  # not -0%
+    plots.plt.close(small)
+    assert ax.get_ylim()[0] < -2.0  # room under the negative bar for its label
+    note = " ".join(text.get_text() for text in fig.texts).replace("\n", " ")
+    plots.plt.close(fig)
+    assert "not measured at both routing gradients in this run: backward, routing forward + backward alone" in note
+    everything = plots.routing_gradient_saving(saving_frame([0.18, -0.02], other=0.1), "box", 3)
+    assert [ax.get_title() for ax in everything.axes] == ["backward", "train step", "routing forward + backward alone"]
+    assert "not measured" not in " ".join(text.get_text() for text in everything.texts)
+    plots.plt.close(everything)
+    with pytest.raises(plots.NoData, match="no phase measured at both"):
+        plots.routing_gradient_saving(saving_frame([float("nan")] * 2), "box", 3)
