@@ -21,7 +21,7 @@ os.environ.setdefault("CAPSBENCH_PLAN_CACHE", tempfile.mkdtemp(prefix="capsbench
 # optimisation level: the same operations, so the same tolerances hold, compiled faster (docs/development.md
 # says by how much); benchmarks and training keep XLA's default.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
-MNIST_CANDIDATES = [REPO_ROOT.parent / "shared" / "data" / "mnist", Path("/work/shared/data/mnist")]
+MNIST_CANDIDATES = [REPO_ROOT.parent / "shared" / "data" / "mnist"]
 
 
 def mnist_dir() -> Path:
