@@ -52,16 +52,16 @@ class ReadmeError(ValueError):
 
 
 def headline_block(root: Path, commit: str | None = None, machine: str | None = None) -> str:
-    """The asv run at ``commit`` (prefix; default the newest) on ``machine``: per implementation and batch
-    size, the training step (median, interquartile range, samples), images/s, % of the machine's peak, forward,
-    backward, routing share, host memory sampled in a step and the parity check's largest error;
-    implementations without a result are left out."""
+    """The asv run at ``commit`` (prefix; default the newest, :mod:`harness.run_order`) on ``machine``: per
+    implementation and batch size, the training step (median, interquartile range, samples), images/s, % of the
+    machine's peak, forward, backward, routing share, host memory sampled in a step and the parity check's
+    largest error; implementations without a result are left out."""
     asv = load_asv(root, machine)
     runs = [run for run in asv.runs if commit is None or run.commit.startswith(commit)]
     if not runs:
         raise ReadmeError(f"headline: no asv run {'at commit ' + commit if commit else ''} under {root}/asv"
                           + (f" for machine {machine}" if machine else "") + "; run asv and `capsbench keep` first")
-    run = max(runs, key=lambda run: run.date)
+    run = runs[-1]  # load_asv orders them oldest first (harness.run_order)
     rows = run_rows(asv.table, run)
     iterations, _ = step_iterations(rows, run.config_name)
     frame = summary_table(rows, iterations)

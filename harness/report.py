@@ -16,8 +16,10 @@ Reads ``<results>/asv`` (asv's own layout, with the suite's machine facts in ``<
   folder); the comparison of runs; the plots (or why one was not drawn); every warning.  Implementations
   with no result at all in a run are one line per table, not rows of n/a;
 * ``comparison.md`` / ``comparison.csv`` when there is more than one run: each run against the one before
-  it (by commit date), ratio new / old per benchmark and parameters, flagged when beyond the factor and the
-  measured spread, and "too few samples" where a side rests on one sample;
+  it (:mod:`harness.run_order`: git ancestry where the repository knows both commits, else when measured),
+  ratio new / old per benchmark and parameters, flagged when beyond the factor and the measured spread, and
+  "too few samples" where a side rests on one sample; combinations without a result on either side, and
+  benchmarks or implementations one run did not measure at all, are one line each, not rows;
 * the PNG plots of :mod:`harness.plots` (a stale plot of an older report, such as ``roofline.png``, is
   removed).
 
@@ -60,6 +62,7 @@ from harness.results import (
     load_training_results,
     write_text_atomic,
 )
+from harness.run_order import ANCESTRY, COMMIT_DATE, MEASURED, NAME, ORDER_RULE, Ancestry, newer
 from harness.scaling import MIN_RELIABLE_STEPS
 from harness.settings import (
     ASV_COMMIT_ENV,
@@ -132,6 +135,8 @@ def run_header(run: Run, machine: dict) -> str:
     cpu = (f"{machine.get('cpu') or facts.get('cpu', '?')}, {machine.get('num_cpu') or facts.get('cpu_count', '?')} "
            f"cores{ram_text}, {machine.get('os', facts.get('platform', '?'))}, {machine.get('arch', '')}").rstrip(", ")
     date = run.date.strftime("%Y-%m-%d %H:%M UTC") if not pd.isna(run.date) else "unknown date"
+    measured = (f"{run.measured_from:%Y-%m-%d %H:%M} to {run.measured:%Y-%m-%d %H:%M} UTC"
+                if not (pd.isna(run.measured_from) or pd.isna(run.measured)) else "not recorded")
     profile = f"{run.profile} (network: {run.config_name})"
     if run.profile_assumed:
         profile += (" **assumed**: no machine-facts file beside this run, so the default profile's network is "
@@ -139,7 +144,8 @@ def run_header(run: Run, machine: dict) -> str:
                     f"benchmarks neither commit nor machine: set {ASV_COMMIT_ENV} and, with --machine, "
                     f"{ASV_MACHINE_ENV} (docs/benchmarks.md)")
     lines = [f"### {run.label}", "", f"- machine: `{run.machine}`: {cpu}", f"- GPU: {gpu_line(facts)}",
-             f"- commit: `{run.commit}` (commit date {date})", f"- asv environment: `{run.env}`",
+             f"- commit: `{run.commit}` (commit date {date})", f"- measured: {measured}",
+             f"- asv environment: `{run.env}`",
              f"- benchmark profile: {profile}"]
     if facts:
         threads = ", ".join(f"{k} {v}" for k, v in (facts.get("threads") or {}).items())
@@ -319,11 +325,22 @@ def speedup_section(rows: pd.DataFrame, run: Run) -> tuple[str, pd.DataFrame]:
     return "\n".join(text), table
 
 
-def comparison_section(comparison: pd.DataFrame, old: Run, new: Run) -> str:
+WHY_NEWER = {ANCESTRY: "new is a descendant of old in git", MEASURED: "new was measured later",
+             COMMIT_DATE: "new's commit date is later (neither git nor the measuring times tell)",
+             NAME: "neither git, the measuring times nor the commit dates tell: by name"}
+
+
+def comparison_section(comparison: pd.DataFrame, old: Run, new: Run, why: str = "") -> str:
     """The comparison of two runs as Markdown: changes first, then those with too few samples to judge,
-    then missing, then the rest."""
-    both_na = comparison["change"] == f"{NA} in both"
-    shown = comparison[~both_na].copy()
+    then missing, then the rest.  Not rows but one line each: the combinations with no result on either
+    side (an implementation unavailable in both runs), and every benchmark one run did not measure at all
+    (a run of some benchmarks only); ``why`` (:mod:`harness.run_order`) says why new is the newer."""
+    present = {side: set(comparison.loc[comparison[f"{side}_status"] != "missing", "benchmark"])
+               for side in ("old", "new")}
+    benchmark_only = {"old": sorted(present["old"] - present["new"]), "new": sorted(present["new"] - present["old"])}
+    one_sided = comparison["benchmark"].isin(benchmark_only["old"] + benchmark_only["new"])
+    both_na = ~(comparison["old"].map(math.isfinite) | comparison["new"].map(math.isfinite)) & ~one_sided
+    shown = comparison[~both_na & ~one_sided].copy()
     too_few = shown["change"].str.startswith(TOO_FEW)
 
     def rank(change: str) -> int:
@@ -336,15 +353,17 @@ def comparison_section(comparison: pd.DataFrame, old: Run, new: Run) -> str:
     shown = shown.sort_values(["order", "benchmark", "implementation", "batch_size", "routing_iterations", "params"],
                               kind="stable", na_position="first")
     flagged = int(shown["change"].isin(FLAGS).sum())
-    present = {side: set(comparison.loc[comparison[f"{side}_status"] != "missing", "implementation"].dropna())
-               for side in ("old", "new")}
-    only = {"old": sorted(present["old"] - present["new"]), "new": sorted(present["new"] - present["old"])}
+    only = {side: sorted(name for name, group in shown.groupby("implementation")
+                         if (group[f"{other}_status"] == "missing").all())
+            for side, other in (("old", "new"), ("new", "old"))}
     single = {side: bool((comparison[f"{side}_samples"] == 1).any()) for side in ("old", "new")}
+    newer_because = f" ({WHY_NEWER[why]})" if why in WHY_NEWER else ""
     text = [f"### {new.label} against {old.label}", "",
             f"old: `{old.machine}` commit `{old.commit[:12]}` ({old.env}); new: `{new.machine}` commit "
-            f"`{new.commit[:12]}` ({new.env}). ratio = new / old; flagged (**worse** / **better**, or higher / "
-            f"lower where neither is better) when the ratio is outside [{1 / CHANGE_FACTOR:.3f}, {CHANGE_FACTOR}] "
-            "and the interquartile ranges [q25, q75] of the two runs do not overlap. Where either side rests on a "
+            f"`{new.commit[:12]}` ({new.env}){newer_because}. ratio = new / old; flagged (**worse** / "
+            f"**better**, or higher / lower where neither is better) when the ratio is outside "
+            f"[{1 / CHANGE_FACTOR:.3f}, {CHANGE_FACTOR}] and the interquartile ranges [q25, q75] of the two runs "
+            "do not overlap. Where either side rests on a "
             f"single sample nothing is flagged: a ratio beyond the factor reads \"{TOO_FEW}\". A figure asv "
             "records without statistics (peakmem_ and track_ benchmarks: one measurement, no sample count) is "
             "judged by the ratio alone."]
@@ -356,12 +375,16 @@ def comparison_section(comparison: pd.DataFrame, old: Run, new: Run) -> str:
                  f"{int(too_few.sum())} ratio(s) beyond the factor are listed without calling them worse or better. "
                  "Run asv without `--quick` on both commits to compare them."]
     absent_both = sorted(set(comparison.loc[both_na, "implementation"].dropna())
-                         - set(comparison.loc[~both_na, "implementation"].dropna()))
+                         - set(shown["implementation"].dropna()))
     text += ["", f"{flagged} change(s) flagged; {int(both_na.sum())} combination(s) without a result in either run "
              "not listed" + (f" (not run in either: {', '.join(absent_both)})" if absent_both else "") + "."]
     for side in ("old", "new"):
         if only[side]:
             text.append(f"\nOnly in the {side} run (shown as missing in the other): {', '.join(only[side])}.")
+        if benchmark_only[side]:
+            count = int((one_sided & comparison["benchmark"].isin(benchmark_only[side])).sum())
+            text.append(f"\nMeasured in the {side} run only, not listed ({count} combination(s)): "
+                        f"{', '.join(benchmark_only[side])}.")
     cells = pd.DataFrame({
         "benchmark": shown["benchmark"], "parameters": shown["params"],
         **{side: [fmt_unit_spread(v, q25, q75, n, u) if s != "missing" else "missing"
@@ -656,7 +679,8 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
     else:
         (out / TIDY_CSV).unlink(missing_ok=True)  # an older report's table would contradict this one
     md += ["## Runs", "", "Each run is named by machine, commit and asv environment (shortened: the tool and "
-           "the unpinned build requirements left out).", ""]
+           f"the unpinned build requirements left out). {ORDER_RULE} The per-run plots are drawn from the newest "
+           "run of each machine and environment.", ""]
     md += [run_header(run, asv.machines.get(run.machine, {})) + "\n" for run in asv.runs] or ["No asv results.", ""]
     speedups, sections = {}, {"summary": [], "speedup": [], "memory": [], "gradient": []}
     for run in asv.runs:
@@ -673,7 +697,7 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
     if any(sections["gradient"]):
         md += ["## Routing gradient: what final saves over full", "",
                "\n\n".join(text for text in sections["gradient"] if text), ""]
-    comparisons = compare_runs(table, asv.runs, out, written)
+    comparisons = compare_runs(table, asv.runs, out, written, asv.ancestry)
     if comparisons:
         md += ["## Comparison of runs", "", f"Also in [`{COMPARISON_MD}`]({COMPARISON_MD}) and "
                f"[`{COMPARISON_CSV}`]({COMPARISON_CSV}).", "", comparisons, ""]
@@ -711,10 +735,12 @@ def write_csv(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def compare_runs(table: pd.DataFrame, runs: list[Run], out: Path, written: list[Path]) -> str:
-    """Each run against the one before it on the same machine and environment (by commit date), or, with
-    one run per machine, the machines against each other: comparison.md and .csv written, the Markdown
-    returned (empty with a single run, and a stale comparison removed)."""
+def compare_runs(table: pd.DataFrame, runs: list[Run], out: Path, written: list[Path],
+                 ancestry: Ancestry | None = None) -> str:
+    """Each run against the one before it on the same machine and environment (``runs`` are oldest first,
+    :mod:`harness.run_order`), or, with one run per machine, the machines against each other in that order:
+    comparison.md and .csv written, the Markdown returned (empty with a single run, and a stale comparison
+    removed).  ``ancestry`` says why the new run is the newer, in each heading."""
     pairs = [(old, new) for _, group in itertools.groupby(sorted(runs, key=lambda run: (run.machine, run.env)),
                                                           key=lambda run: (run.machine, run.env))
              for group in [list(group)] for old, new in zip(group, group[1:])]
@@ -727,7 +753,8 @@ def compare_runs(table: pd.DataFrame, runs: list[Run], out: Path, written: list[
     sections, frames = [], []
     for old, new in pairs:
         comparison = comparison_table(table, old, new)
-        sections.append(comparison_section(comparison, old, new))
+        why = newer(new, old, ancestry or Ancestry(None))[1]
+        sections.append(comparison_section(comparison, old, new, why))
         frames.append(comparison.assign(old_run=old.label, new_run=new.label))
     text = "\n\n".join(sections)
     written.append(write_text_atomic(out / COMPARISON_MD, "# capsbench comparison\n\n" + text + "\n"))

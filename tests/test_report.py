@@ -678,6 +678,37 @@ def test_with_the_hardware_peak_in_the_facts_every_implementation_divides_by_it(
     np.testing.assert_allclose(steps["best_gemm_gflops"], best)
 
 
+def test_a_run_of_some_benchmarks_is_compared_on_them_alone_with_parameters_that_are_parameters(tmp_path, capsys,
+                                                                                                 tables_only):
+    """The new run measured the train step and the GEMM peak only, both runs with a hardware peak in their facts:
+    every other benchmark is one line (not a row of 'missing in new' per combination), the CUDA implementations
+    that ran in neither are not rows, and no parameter cell names the hardware peak (a run's fact)."""
+    root = results_layout(tmp_path / "results")
+    (facts_file,) = (root / "asv-facts").rglob("*.json")
+    facts = json.loads(facts_file.read_text())
+    facts["hardware_peak"] = {"gflops": 204.2028530153354, "note": "given", "formula": "x"}
+    facts_file.write_text(json.dumps(facts))
+    path = add_run(root, "c" * 40, scaled(1.0))
+    payload = json.loads(path.read_text())
+    payload["results"] = {name: entry for name, entry in payload["results"].items() if name in (TRAIN_STEP, GEMM_PEAK)}
+    for entry in payload["results"].values():  # measured a day after the fixture's run
+        entry[payload["result_columns"].index("started_at")] += 86_400_000
+    path.write_text(json.dumps(payload))
+    facts_file.with_name(facts_file.name.replace(RUN_FILE.name[:8], "c" * 8)).write_text(json.dumps(facts))
+    code, _, err = run_report(root, capsys)
+    assert code == 0 and err == ""
+    comparison = (root / "report" / "comparison.md").read_text()
+    assert "hardware_peak_gflops" not in comparison
+    rows = [line for line in comparison.splitlines() if line.startswith("| ") and not line.startswith("| ---")][1:]
+    assert {line.split(" | ")[0] for line in rows} == {"| time_train_step", "| track_gemm_peak_gflops"}
+    assert not [line for line in rows if "cuda" in line or "missing" in line]
+    assert len([line for line in rows if line.startswith("| time_train_step")]) == len(MEASURED) * 2
+    others = {name.rsplit(".", 1)[-1] for name in fixture_json()["results"] if name not in (TRAIN_STEP, GEMM_PEAK)}
+    line = next(line for line in comparison.splitlines() if line.startswith("Measured in the old run only"))
+    assert line.endswith(f": {', '.join(sorted(others))}.")
+    assert "(not run in either: " + ", ".join(NOT_RUN) in comparison
+
+
 def test_the_plan_each_batch_size_ran_with_is_in_the_summary():
     plans = {"torch-fused": {"128": {"conv1": {"forward": "im2col-gemm", "weight": "im2col-gemm", "input": "offsets"},
                                      "primary_caps": {"forward": "library", "weight": "library", "input": "rows"},
