@@ -52,6 +52,17 @@ from harness.formatting import (
     sample_count,
     samples_heading,
 )
+from harness.ranking import (
+    FAILED,
+    NOT_MEASURED,
+    RANKING_RULE,
+    parity_cell,
+    parity_mark,
+    parity_table,
+    parity_tolerance,
+    ranking_lines,
+    ranking_table,
+)
 from harness.results import (
     FIGURES_JSON,
     Profile,
@@ -189,8 +200,8 @@ SUMMARY_COLUMNS = {
     "host_memory_peak": ("host peak MiB (asv)", "mib"), "host_memory": ("host sampled MiB", "mib"),
     "gpu_memory_nvml": ("GPU NVML MiB", "mib"), "gpu_memory_allocator_live": ("GPU allocator live MiB", "mib"),
     "gpu_memory_allocator_reserved": ("GPU allocator reserved MiB", "mib"),
-    "gpu_memory_allocator_mixed": ("GPU allocator MiB (old mixed figure)", "mib"),
-    "max_rel_error": ("max rel error", "sci")}
+    "gpu_memory_allocator_mixed": ("GPU allocator MiB (old mixed figure)", "mib")}
+PARITY_HEADING = "parity (max rel error)"
 
 
 def summary_section(rows: pd.DataFrame, run: Run) -> str:
@@ -202,7 +213,10 @@ def summary_section(rows: pd.DataFrame, run: Run) -> str:
     frame = frame[~frame["implementation"].isin(list(absent))].reset_index(drop=True)
     if frame.empty:
         return f"### {run.label}\n\nNo implementation has a result in this run. {not_run_line(absent)}"
+    parity = parity_table(rows)
+    status = parity.set_index("implementation")["parity"]
     cells = formatted(frame, {"implementation": ("implementation", "str"), "batch_size": ("batch", "int")})
+    cells["implementation"] = [name + parity_mark(status.get(name, NOT_MEASURED)) for name in frame["implementation"]]
     for metric, heading in SUMMARY_TIMINGS.items():
         title, column = timing_cells(frame, metric, heading)
         cells[title] = column
@@ -211,6 +225,8 @@ def summary_section(rows: pd.DataFrame, run: Run) -> str:
         del columns["gpu_memory_allocator_mixed"]  # only older runs record the mixed figure
     for name, (heading, kind) in columns.items():
         cells[heading] = [fmt(value, kind) for value in frame[name]]
+    cells[PARITY_HEADING] = [parity_cell(status.get(name, NOT_MEASURED), error)
+                             for name, error in zip(frame["implementation"], frame["max_rel_error"])]
     timed = [samples for metric in TIMINGS for samples in frame.loc[frame[metric].notna(), f"{metric}_samples"]]
     text = [f"### {run.label}", "", f"Times per call at {iterations} routing iterations. {samples_sentence(timed)} "
             "images/s = batch / train-step time; routing share = routing forward + backward alone / train step; "
@@ -227,11 +243,46 @@ def summary_section(rows: pd.DataFrame, run: Run) -> str:
     text += ["", markdown_table(cells, text_columns=1)]
     if absent:
         text += ["", not_run_line(absent)]
+    said = parity_sentence(parity[parity["implementation"].isin(frame["implementation"])])
+    text += ["", said] if said else []
+    text += ["", ranking_section(frame, parity)]
     plans = plan_lines(run.facts.get("plans") or {})
     if plans:
         text += ["", "Convolution plans the implementations chose where they ran (forward / weight gradient / "
                  "input gradient; from the run's facts):", "", *plans]
     return "\n".join(text)
+
+
+def summary_rules() -> str:
+    """What every run's parity column and ranking mean (:mod:`harness.ranking`), said once above them."""
+    return (f"Parity: a run's largest error of any quantity of the parity check (`track_max_rel_error`, float32 "
+            f"against the float64 reference) passes at or below {parity_tolerance():.0e}, the widest tolerance "
+            "harness.check allows any quantity; an implementation without a passing figure in that run carries "
+            f"\"{NOT_MEASURED}\" or \"{FAILED}\" beside its name wherever it is named, and one that FAILED is "
+            f"not ranked. Each run's ranking is by the median train step per batch size, fastest first: {RANKING_RULE}")
+
+
+def parity_sentence(parity: pd.DataFrame) -> str:
+    """Which implementations of a run did not pass parity, in a sentence (empty where all passed)."""
+    failed = sorted(parity.loc[parity["parity"] == FAILED, "implementation"])
+    unmeasured = sorted(parity.loc[parity["parity"] == NOT_MEASURED, "implementation"])
+    text = []
+    if failed:
+        text.append(f"**Parity FAILED**: {', '.join(failed)} (not ranked: its times are not of the same function).")
+    if unmeasured and len(unmeasured) == len(parity):
+        text.append("No implementation's parity was measured in this run (its correctness benchmark did not run).")
+    elif unmeasured:
+        text.append(f"Parity not measured in this run: {', '.join(unmeasured)}.")
+    return " ".join(text)
+
+
+def ranking_section(frame: pd.DataFrame, parity: pd.DataFrame) -> str:
+    """Per batch size, the implementations by train step, fastest first, with the pairs the samples cannot
+    rank (:func:`harness.ranking.ranking_lines`)."""
+    lines = ranking_lines(ranking_table(frame, parity))
+    if not lines:
+        return "No train-step time to rank."
+    return "\n".join(["Ranking by train step, fastest first:", "", *lines])
 
 
 ROUTING_GRADIENT_TIMINGS = {"backward": "backward", "train_step": "train step",
@@ -691,7 +742,7 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
         sections["memory"].append(memory_section(rows, run))
         sections["gradient"].append(routing_gradient_section(run_rows(table, run, None), run))
     if asv.runs:
-        md += ["## Summary per implementation", "", "\n\n".join(sections["summary"]), "",
+        md += ["## Summary per implementation", "", summary_rules(), "", "\n\n".join(sections["summary"]), "",
                "## Vectorised vs looped routing", "", "\n\n".join(sections["speedup"]), "",
                "## Host memory of a training step: measured and expected", "", "\n\n".join(sections["memory"]), ""]
     if any(sections["gradient"]):

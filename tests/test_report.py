@@ -709,6 +709,67 @@ def test_a_run_of_some_benchmarks_is_compared_on_them_alone_with_parameters_that
     assert "(not run in either: " + ", ".join(NOT_RUN) in comparison
 
 
+CORRECTNESS = "bench_correctness.Correctness.track_max_rel_error"
+
+
+def rewrite_results(path: Path, change) -> None:
+    """Rewrite a results file: ``change(name, fields)`` edits the fields (result, params, ...) of a benchmark."""
+    payload = json.loads(path.read_text())
+    columns = payload["result_columns"]
+    for name, entry in payload["results"].items():
+        fields = dict(zip(columns, entry))
+        change(name, fields)
+        payload["results"][name] = [fields.get(column) for column in columns[:len(entry)]]
+    path.write_text(json.dumps(payload))
+
+
+def one_implementation(name: str, value_of):
+    """A change that replaces each result of implementation ``name`` by ``value_of(benchmark, result)``."""
+    def change(benchmark, fields):
+        params = fields.get("params") or []
+        if params and f"'{name}'" in params[0]:
+            fields["result"] = [value_of(benchmark, value) if combo[0] == f"'{name}'" else value
+                                for combo, value in zip(itertools.product(*params), fields["result"])]
+    return change
+
+
+def with_a_wrong_and_an_unchecked_implementation(root: Path) -> Path:
+    """The fixture's run with torch-looped computing the wrong function (max rel error 0.3, the softmax over
+    the wrong axis) at half its train-step time, so the fastest at both batches, and numpy-looped's parity
+    not measured (skipped)."""
+    path = next((root / "asv" / MACHINE).glob("*-*.json"))
+    rewrite_results(path, one_implementation(
+        "torch-looped", lambda benchmark, value: 0.3 if benchmark == CORRECTNESS else
+        value / 2 if benchmark == TRAIN_STEP else value))
+    rewrite_results(path, one_implementation(
+        "numpy-looped", lambda benchmark, value: math.nan if benchmark == CORRECTNESS else value))
+    return path
+
+
+def test_an_implementation_that_failed_or_skipped_parity_is_marked_and_a_failed_one_never_ranked(tmp_path, capsys,
+                                                                                                 tables_only):
+    root = results_layout(tmp_path / "results")
+    with_a_wrong_and_an_unchecked_implementation(root)
+    code, _, err = run_report(root, capsys)
+    assert code == 0 and err == ""
+    text = (root / "report" / "report.md").read_text()
+    (summary,) = markdown_tables(text, "Summary per implementation")
+    by_name = {(row["implementation"], row["batch"]): row for row in summary}
+    assert by_name[("torch-looped (parity FAILED)", "32")]["parity (max rel error)"] == "FAILED (3.0e-01 > 1e-02)"
+    assert by_name[("numpy-looped (parity not measured)", "128")]["parity (max rel error)"] == "not measured"
+    expected = fixture_value(CORRECTNESS, "'torch-vectorised'")
+    assert by_name[("torch-vectorised", "32")]["parity (max rel error)"] == f"passed ({expected:.1e})"
+    assert "**Parity FAILED**: torch-looped (not ranked" in text
+    rankings = [line for line in text.splitlines() if line.startswith("- batch ")]
+    assert len(rankings) == 2 and not [line for line in rankings if "torch-looped" in line]
+    # the fixture's single samples: no pair ranked, every neighbour '≈', and its reason given
+    fastest = sorted(["torch-vectorised", "numpy-vectorised", "numpy-looped"],
+                     key=lambda name: fixture_value(TRAIN_STEP, f"'{name}'", "32", "3"))
+    names = [name + (" (parity not measured)" if name == "numpy-looped" else "") for name in fastest]
+    assert rankings[0] == (f"- batch 32: {' ≈ '.join(names)}; the samples cannot rank {fastest[0]} / {fastest[1]}, "
+                           f"{fastest[1]} / {fastest[2]} (a single sample).")
+
+
 def test_the_plan_each_batch_size_ran_with_is_in_the_summary():
     plans = {"torch-fused": {"128": {"conv1": {"forward": "im2col-gemm", "weight": "im2col-gemm", "input": "offsets"},
                                      "primary_caps": {"forward": "library", "weight": "library", "input": "rows"},
