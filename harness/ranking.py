@@ -130,7 +130,7 @@ def ranking_table(summary: pd.DataFrame, parity: pd.DataFrame) -> pd.DataFrame:
 
 
 RANKING_RULE = ("`a < b`: a's train step is faster by the samples (more than one sample each, a's q75 below "
-                "b's q25); `a ≈ b`: the samples cannot rank them (a single sample, no spread recorded, or "
+                "b's q25); `a ≈ b`: the samples cannot rank them (one sample on a side, no spread recorded, or "
                 "interquartile ranges that overlap), whatever the medians' order.")
 
 
@@ -150,3 +150,8 @@ def ranking_lines(ranking: pd.DataFrame) -> list[str]:
         why = "; ".join(f"{', '.join(pairs)} ({reason})" for reason, pairs in unranked.items())
         lines.append(f"- batch {int(batch)}: {chain}" + (f"; the samples cannot rank {why}" if why else "") + ".")
     return lines
+
+
+def ranking_sentence(ranking: pd.DataFrame) -> str:
+    """:func:`ranking_lines` as one run of sentences, for a paragraph: "batch 32: a < b. batch 128: a ≈ b; ..."."""
+    return " ".join(line.removeprefix("- ") for line in ranking_lines(ranking))

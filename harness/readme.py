@@ -38,7 +38,7 @@ from harness.ranking import (
     parity_mark,
     parity_table,
     parity_tolerance,
-    ranking_lines,
+    ranking_sentence,
     ranking_table,
 )
 from harness.report import distributed_section
@@ -103,12 +103,10 @@ def headline_block(root: Path, commit: str | None = None, machine: str | None = 
     })
     intro = (f"asv run `{run.label}` ({run.profile} profile, {run.config_name} network, float32, "
              f"{iterations} routing iterations). {run_peak_sentence(rows, run.facts)}")
-    ranking = ranking_lines(ranking_table(frame, parity))
-    return "\n".join([intro, "", markdown_table(cells, text_columns=1), "",
-                      f"Ranking by train step per batch size, fastest first: {RANKING_RULE} Parity passes at or "
-                      f"below {parity_tolerance():.0e}, the widest tolerance of harness.check (docs/report.md says "
-                      "both rules).", "",
-                      *ranking])
+    ranking = (f" Ranking by train step per batch size, fastest first ({RANKING_RULE} Parity passes at or below "
+               f"{parity_tolerance():.0e}, the widest tolerance of harness.check; docs/report.md gives both rules): "
+               + ranking_sentence(ranking_table(frame, parity)))
+    return intro + ranking + "\n\n" + markdown_table(cells, text_columns=1)
 
 
 def profile_block(root: Path) -> str:
