@@ -99,9 +99,3 @@ def newer(a, b, ancestry: Ancestry) -> tuple[int, str]:
 def order_runs(runs: list, ancestry: Ancestry) -> list:
     """``runs`` oldest first by :func:`newer`."""
     return sorted(runs, key=functools.cmp_to_key(lambda a, b: newer(a, b, ancestry)[0]))
-
-
-def newest(runs: list, ancestry: Ancestry):
-    """The newest of ``runs`` by :func:`newer` (None for none)."""
-    return order_runs(runs, ancestry)[-1] if runs else None
-

@@ -16,7 +16,7 @@ from test_report import FIXTURE, MACHINE, RUN_FILE, TRAIN_STEP, fixture_json, fi
 
 from harness import plots, report
 from harness.asv_results import load_asv
-from harness.run_order import ANCESTRY, MEASURED, ORDER_RULE, Ancestry, newer, order_runs
+from harness.run_order import ANCESTRY, COMMIT_DATE, MEASURED, NAME, ORDER_RULE, Ancestry, newer, order_runs
 
 ONE_SECOND = "2026-12-06T10:00:00+00:00"
 HOUR_MS = 3_600_000
@@ -178,6 +178,21 @@ def test_the_rules_in_their_order_by_hand():
                  known) == (1, MEASURED)
     runs = [FakeRun("c3", t(1, unit="s")), FakeRun("c1", t(3, unit="s")), FakeRun("c2", t(2, unit="s"))]
     assert [run.commit for run in order_runs(runs, known)] == ["c1", "c2", "c3"]
+
+
+def test_unknown_or_equal_times_fall_through_to_the_next_rule_by_hand():
+    t = pd.Timestamp
+    nobody = FakeAncestry({})
+    # measuring time unknown on one side, or equal: the commit date decides
+    assert newer(FakeRun("x", pd.NaT, t(2, unit="s")), FakeRun("y", t(5, unit="s"), t(1, unit="s")),
+                 nobody) == (1, COMMIT_DATE)
+    assert newer(FakeRun("x", t(5, unit="s"), t(1, unit="s")), FakeRun("y", t(5, unit="s"), t(2, unit="s")),
+                 nobody) == (-1, COMMIT_DATE)
+    # nothing known but the names: environment first, then commit; one run is neither older nor newer
+    assert newer(FakeRun("x", env="b"), FakeRun("y", env="a"), nobody) == (1, NAME)
+    assert newer(FakeRun("x", env="a"), FakeRun("y", env="b"), nobody) == (-1, NAME)
+    assert newer(FakeRun("y", env="a"), FakeRun("x", env="a"), nobody) == (1, NAME)
+    assert newer(FakeRun("x"), FakeRun("x"), nobody) == (0, "")
 
 
 def test_git_is_asked_in_the_repository_and_an_unknown_commit_is_none(tmp_path):
