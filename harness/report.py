@@ -8,18 +8,20 @@ Reads ``<results>/asv`` (asv's own layout, with the suite's machine facts in ``<
 
 * ``results_tidy.csv``: the tidy table, one row per benchmark x parameters x run (columns in
   :mod:`harness.asv_results`); a skipped or failed combination is a row with an empty value;
-* ``report.md``: machine, environment, libraries, threads, commit and profile of each run; per run a summary
-  per implementation and batch size (every time with the samples behind it: one sample as itself, several
-  as the median and interquartile range); the vectorised / looped speed-ups; training runs, grouped by the
-  images they trained and tested on; where the time of a training step goes (the profile); distributed
-  scaling; what the capsules learned (a checkpoint's figures and per-class table, linked from the figures'
-  folder); the comparison of runs; the plots (or why one was not drawn); every warning.  Implementations
-  with no result at all in a run are one line per table, not rows of n/a;
+* ``report.md``: machine, environment, libraries, threads, commit, measuring times and profile of each run, in
+  the order of :mod:`harness.run_order` (printed); per run a summary per implementation and batch size (every
+  time with the samples behind it: one sample as itself, several as the median and interquartile range; parity
+  passed, FAILED or not measured, marked beside every name that did not pass) and the ranking per batch size with
+  the pairs of neighbours the samples cannot rank (:mod:`harness.ranking`); the vectorised / looped speed-ups;
+  training runs, grouped by the images they trained and tested on; where the time of a training step goes (the
+  profile); distributed scaling; what the capsules learned (a checkpoint's figures and per-class table, linked
+  from the figures' folder); the comparison of runs; the plots (or why one was not drawn); every warning.
+  Implementations with no result at all in a run are one line per table, not rows of n/a;
 * ``comparison.md`` / ``comparison.csv`` when there is more than one run: each run against the one before
   it (:mod:`harness.run_order`: git ancestry where the repository knows both commits, else when measured),
   ratio new / old per benchmark and parameters, flagged when beyond the factor and the measured spread, and
   "too few samples" where a side rests on one sample; combinations without a result on either side, and
-  benchmarks or implementations one run did not measure at all, are one line each, not rows;
+  benchmarks one run did not measure at all, are one line each, not rows;
 * the PNG plots of :mod:`harness.plots` (a stale plot of an older report, such as ``roofline.png``, is
   removed).
 
