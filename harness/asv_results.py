@@ -48,6 +48,7 @@ import pandas as pd
 from harness.flops import phase_flops
 from harness.peak import GPU_BACKENDS, backend_of, peak_sentence
 from harness.results import ResultsFileError, read_json
+from harness.run_order import Ancestry, order_runs
 from harness.settings import ASV_RESULTS_SUBDIR, FACTS_SUBDIR
 from harness.spec import get_config
 from harness.suite_profiles import DEFAULT_PROFILE, PROFILES
@@ -88,7 +89,8 @@ IMPLEMENTATION_COLUMNS = ["implementation", "framework", "device", "routing_vari
 PARAMETER_COLUMNS = ["batch_size", "routing_iterations"]
 VALUE_COLUMNS = ["benchmark", "metric", "value", "unit", "spread", "q25", "q75", "samples", "status"]
 FLOPS_COLUMNS = ["flops", "gflops_per_s", "peak_gflops", "pct_of_peak", "peak_source", "best_gemm_gflops"]
-RUN_COLUMNS = ["machine", "commit", "env", "date", "profile", "config_name"]
+# facts of the run a row belongs to (hardware_peak_gflops: the run's hardware float32 peak, a fact, not a parameter)
+RUN_COLUMNS = ["machine", "commit", "env", "date", "profile", "config_name", "hardware_peak_gflops"]
 TIDY_COLUMNS = IMPLEMENTATION_COLUMNS + PARAMETER_COLUMNS + VALUE_COLUMNS + FLOPS_COLUMNS + RUN_COLUMNS
 RUN_KEY = ["machine", "commit", "env"]
 ROUTING_GRADIENT_COLUMN = "routing_gradient"  # a parameter of the benchmarks whose work it changes
@@ -102,12 +104,14 @@ class Run:
     machine: str
     commit: str
     env: str
-    date: pd.Timestamp
+    date: pd.Timestamp  # the commit's date, as asv records it
     path: Path
     profile: str
     config_name: str
     profile_assumed: bool  # no facts file: the default profile was assumed
     facts: dict = field(default_factory=dict)
+    measured: pd.Timestamp = pd.NaT  # when the last of its benchmarks ended (NaT where asv recorded no times)
+    measured_from: pd.Timestamp = pd.NaT  # when the first of its benchmarks started
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -145,6 +149,7 @@ class AsvResults:
     runs: list[Run]
     machines: dict[str, dict]  # machine name -> machine.json
     warnings: list[str]
+    ancestry: Ancestry | None = None  # what ordered the runs (git asked in the results' repository)
 
 
 def metric_name(function: str) -> str:
@@ -277,6 +282,23 @@ def expand_benchmark(name: str, entry: list, columns: list[str], described: dict
     return rows
 
 
+def measured_span(payload: dict) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """When a run's benchmarks were measured: the earliest start and the latest end (start + duration) asv
+    recorded for any benchmark (``started_at`` in ms and ``duration`` in s, columns of each benchmark's entry
+    in asv >= 0.5); NaT where it recorded none."""
+    columns = payload.get("result_columns") or []
+    starts, ends = [], []
+    for entry in payload.get("results", {}).values():
+        fields = dict(zip(columns, entry)) if isinstance(entry, list) else {}
+        start, duration = as_number(fields.get("started_at")), as_number(fields.get("duration"))
+        if math.isfinite(start):
+            starts.append(start)
+            ends.append(start + 1e3 * duration if math.isfinite(duration) else start)
+    if not starts:
+        return pd.NaT, pd.NaT
+    return (pd.to_datetime(min(starts), unit="ms", utc=True), pd.to_datetime(max(ends), unit="ms", utc=True))
+
+
 def read_run(path: Path, results_root: Path, benchmarks: dict, warnings: list[str]) -> tuple[Run, list[dict]] | None:
     """One results file as a Run and its rows; None (with a warning naming the file) if it is malformed."""
     try:
@@ -294,8 +316,10 @@ def read_run(path: Path, results_root: Path, benchmarks: dict, warnings: list[st
                         f"assuming {DEFAULT_PROFILE!r}")
         profile = DEFAULT_PROFILE
     date = pd.to_datetime(as_number(payload["date"]), unit="ms", utc=True) if payload["date"] is not None else pd.NaT
+    measured_from, measured = measured_span(payload)
     run = Run(machine, commit, env, date, path, profile, PROFILES[profile]["config"],
-              profile_assumed=facts is None or "profile" not in facts, facts=facts or {})
+              profile_assumed=facts is None or "profile" not in facts, facts=facts or {}, measured=measured,
+              measured_from=measured_from)
     rows = []
     for name, entry in payload["results"].items():
         if benchmarks and name not in benchmarks:
@@ -395,13 +419,16 @@ def machine_names(asv_dir: Path) -> list[str]:
     return sorted(p.name for p in asv_dir.iterdir() if p.is_dir()) if asv_dir.is_dir() else []
 
 
-def load_asv(results_root: str | Path, machine: str | None = None) -> AsvResults:
-    """Read every asv results file under ``<results_root>/asv`` (of ``machine`` only, if given)."""
+def load_asv(results_root: str | Path, machine: str | None = None, repository: str | Path | None = None) -> AsvResults:
+    """Read every asv results file under ``<results_root>/asv`` (of ``machine`` only, if given); the runs
+    oldest first by :func:`harness.run_order.order_runs`, with git asked in ``repository`` (default: the
+    repository that holds ``results_root``, where there is one)."""
     results_root = Path(results_root)
     asv_dir = results_root / ASV_RESULTS_SUBDIR
     warnings: list[str] = []
+    ancestry = Ancestry(results_root if repository is None else repository)
     if not asv_dir.is_dir():
-        return AsvResults(tidy_frame([]), [], {}, warnings)
+        return AsvResults(tidy_frame([]), [], {}, warnings, ancestry)
     benchmarks = read_benchmarks(asv_dir, warnings) if run_files(asv_dir, machine) else {}
     runs, rows, machines = [], [], {}
     for path in run_files(asv_dir, machine):
@@ -416,6 +443,6 @@ def load_asv(results_root: str | Path, machine: str | None = None) -> AsvResults
                 machines[read[0].machine] = read_json(machine_file)
             except ResultsFileError as error:
                 warnings.append(f"warning: {error}; machine description skipped")
-    runs.sort(key=lambda run: (run.date, run.machine, run.commit))
+    runs = order_runs(runs, ancestry)
     table = add_flops(tidy_frame(rows)) if rows else tidy_frame([])
-    return AsvResults(table, runs, machines, warnings)
+    return AsvResults(table, runs, machines, warnings, ancestry)

@@ -30,6 +30,17 @@ import pandas as pd
 from harness import cli
 from harness.asv_results import load_asv, run_peak_sentence
 from harness.formatting import NA, fmt, fmt_spread, markdown_table
+from harness.ranking import (
+    FAILED,
+    NOT_MEASURED,
+    RANKING_RULE,
+    parity_cell,
+    parity_mark,
+    parity_table,
+    parity_tolerance,
+    ranking_sentence,
+    ranking_table,
+)
 from harness.report import distributed_section
 from harness.results import load_profile_result, load_scaling_results, load_training_results, write_text_atomic
 from harness.settings import ENVIRONMENT, PROFILE_SUBDIR, RESULTS_DIR, SCALING_SUBDIR, TRAINING_SUBDIR
@@ -52,26 +63,34 @@ class ReadmeError(ValueError):
 
 
 def headline_block(root: Path, commit: str | None = None, machine: str | None = None) -> str:
-    """The asv run at ``commit`` (prefix; default the newest) on ``machine``: per implementation and batch
-    size, the training step (median, interquartile range, samples), images/s, % of the machine's peak, forward,
-    backward, routing share, host memory sampled in a step and the parity check's largest error;
-    implementations without a result are left out."""
+    """The asv run at ``commit`` (prefix; default the newest, :mod:`harness.run_order`) on ``machine``: per
+    implementation and batch size, the training step (median, interquartile range, samples), images/s, % of the
+    machine's peak, forward, backward, routing share, host memory sampled in a step and parity (the check's
+    largest error, :mod:`harness.ranking`: an implementation without a passing figure is marked wherever it is
+    named, and one that FAILED is listed last in its batch and not ranked); then the ranking per batch size,
+    with the pairs the samples cannot rank; implementations without a result are left out."""
     asv = load_asv(root, machine)
     runs = [run for run in asv.runs if commit is None or run.commit.startswith(commit)]
     if not runs:
         raise ReadmeError(f"headline: no asv run {'at commit ' + commit if commit else ''} under {root}/asv"
                           + (f" for machine {machine}" if machine else "") + "; run asv and `capsbench keep` first")
-    run = max(runs, key=lambda run: run.date)
+    run = runs[-1]  # load_asv orders them oldest first (harness.run_order)
     rows = run_rows(asv.table, run)
     iterations, _ = step_iterations(rows, run.config_name)
     frame = summary_table(rows, iterations)
-    frame = frame[frame["train_step"].notna()].sort_values(["batch_size", "train_step"])
+    parity = parity_table(rows)
+    status = parity.set_index("implementation")["parity"]
+    frame = frame[frame["train_step"].notna()].assign(
+        parity=lambda frame: [status.get(name, NOT_MEASURED) for name in frame["implementation"]],
+        failed=lambda frame: frame["parity"] == FAILED)
+    frame = frame.sort_values(["batch_size", "failed", "train_step"])  # a FAILED one never heads its batch
 
     def timing(row, metric):
         return fmt_spread(row[metric], row[f"{metric}_q25"], row[f"{metric}_q75"], row[f"{metric}_samples"], "ms")
 
     cells = pd.DataFrame({
-        "implementation": frame["implementation"], "batch": [fmt(v, "int") for v in frame["batch_size"]],
+        "implementation": [name + parity_mark(state) for name, state in zip(frame["implementation"], frame["parity"])],
+        "batch": [fmt(v, "int") for v in frame["batch_size"]],
         "train step ms (q25–q75, samples)": [timing(row, "train_step") for _, row in frame.iterrows()],
         "images/s": [fmt(v, "rate") for v in frame["images_per_second"]],
         "% of peak": [fmt(v, "pct100") for v in frame["train_pct_of_peak"]],
@@ -79,11 +98,15 @@ def headline_block(root: Path, commit: str | None = None, machine: str | None = 
         "backward ms": [fmt(v, "ms") for v in frame["backward"]],
         "routing fwd+bwd share": [fmt(v, "pct") for v in frame["routing_share"]],
         "host memory MiB": [fmt(v, "mib") for v in frame["host_memory"]],
-        "max rel error": [fmt(v, "sci") for v in frame["max_rel_error"]],
+        "parity (max rel error)": [parity_cell(state, error) for state, error in zip(frame["parity"],
+                                                                                     frame["max_rel_error"])],
     })
     intro = (f"asv run `{run.label}` ({run.profile} profile, {run.config_name} network, float32, "
              f"{iterations} routing iterations). {run_peak_sentence(rows, run.facts)}")
-    return intro + "\n\n" + markdown_table(cells, text_columns=1)
+    ranking = (f" Ranking by train step per batch size, fastest first ({RANKING_RULE} Parity passes at or below "
+               f"{parity_tolerance():.0e}, the widest tolerance of harness.check; docs/report.md gives both rules): "
+               + ranking_sentence(ranking_table(frame, parity)))
+    return intro + ranking + "\n\n" + markdown_table(cells, text_columns=1)
 
 
 def profile_block(root: Path) -> str:

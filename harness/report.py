@@ -8,16 +8,20 @@ Reads ``<results>/asv`` (asv's own layout, with the suite's machine facts in ``<
 
 * ``results_tidy.csv``: the tidy table, one row per benchmark x parameters x run (columns in
   :mod:`harness.asv_results`); a skipped or failed combination is a row with an empty value;
-* ``report.md``: machine, environment, libraries, threads, commit and profile of each run; per run a summary
-  per implementation and batch size (every time with the samples behind it: one sample as itself, several
-  as the median and interquartile range); the vectorised / looped speed-ups; training runs, grouped by the
-  images they trained and tested on; where the time of a training step goes (the profile); distributed
-  scaling; what the capsules learned (a checkpoint's figures and per-class table, linked from the figures'
-  folder); the comparison of runs; the plots (or why one was not drawn); every warning.  Implementations
-  with no result at all in a run are one line per table, not rows of n/a;
+* ``report.md``: machine, environment, libraries, threads, commit, measuring times and profile of each run, in
+  the order of :mod:`harness.run_order` (printed); per run a summary per implementation and batch size (every
+  time with the samples behind it: one sample as itself, several as the median and interquartile range; parity
+  passed, FAILED or not measured, marked beside every name that did not pass) and the ranking per batch size with
+  the pairs of neighbours the samples cannot rank (:mod:`harness.ranking`); the vectorised / looped speed-ups;
+  training runs, grouped by the images they trained and tested on; where the time of a training step goes (the
+  profile); distributed scaling; what the capsules learned (a checkpoint's figures and per-class table, linked
+  from the figures' folder); the comparison of runs; the plots (or why one was not drawn); every warning.
+  Implementations with no result at all in a run are one line per table, not rows of n/a;
 * ``comparison.md`` / ``comparison.csv`` when there is more than one run: each run against the one before
-  it (by commit date), ratio new / old per benchmark and parameters, flagged when beyond the factor and the
-  measured spread, and "too few samples" where a side rests on one sample;
+  it (:mod:`harness.run_order`: git ancestry where the repository knows both commits, else when measured),
+  ratio new / old per benchmark and parameters, flagged when beyond the factor and the measured spread, and
+  "too few samples" where a side rests on one sample; combinations without a result on either side, and
+  benchmarks one run did not measure at all, are one line each, not rows;
 * the PNG plots of :mod:`harness.plots` (a stale plot of an older report, such as ``roofline.png``, is
   removed).
 
@@ -50,6 +54,17 @@ from harness.formatting import (
     sample_count,
     samples_heading,
 )
+from harness.ranking import (
+    FAILED,
+    NOT_MEASURED,
+    RANKING_RULE,
+    parity_cell,
+    parity_mark,
+    parity_table,
+    parity_tolerance,
+    ranking_lines,
+    ranking_table,
+)
 from harness.results import (
     FIGURES_JSON,
     Profile,
@@ -60,6 +75,7 @@ from harness.results import (
     load_training_results,
     write_text_atomic,
 )
+from harness.run_order import ANCESTRY, COMMIT_DATE, MEASURED, NAME, ORDER_RULE, Ancestry, newer
 from harness.scaling import MIN_RELIABLE_STEPS
 from harness.settings import (
     ASV_COMMIT_ENV,
@@ -132,6 +148,8 @@ def run_header(run: Run, machine: dict) -> str:
     cpu = (f"{machine.get('cpu') or facts.get('cpu', '?')}, {machine.get('num_cpu') or facts.get('cpu_count', '?')} "
            f"cores{ram_text}, {machine.get('os', facts.get('platform', '?'))}, {machine.get('arch', '')}").rstrip(", ")
     date = run.date.strftime("%Y-%m-%d %H:%M UTC") if not pd.isna(run.date) else "unknown date"
+    measured = (f"{run.measured_from:%Y-%m-%d %H:%M} to {run.measured:%Y-%m-%d %H:%M} UTC"
+                if not (pd.isna(run.measured_from) or pd.isna(run.measured)) else "not recorded")
     profile = f"{run.profile} (network: {run.config_name})"
     if run.profile_assumed:
         profile += (" **assumed**: no machine-facts file beside this run, so the default profile's network is "
@@ -139,7 +157,8 @@ def run_header(run: Run, machine: dict) -> str:
                     f"benchmarks neither commit nor machine: set {ASV_COMMIT_ENV} and, with --machine, "
                     f"{ASV_MACHINE_ENV} (docs/benchmarks.md)")
     lines = [f"### {run.label}", "", f"- machine: `{run.machine}`: {cpu}", f"- GPU: {gpu_line(facts)}",
-             f"- commit: `{run.commit}` (commit date {date})", f"- asv environment: `{run.env}`",
+             f"- commit: `{run.commit}` (commit date {date})", f"- measured: {measured}",
+             f"- asv environment: `{run.env}`",
              f"- benchmark profile: {profile}"]
     if facts:
         threads = ", ".join(f"{k} {v}" for k, v in (facts.get("threads") or {}).items())
@@ -183,8 +202,8 @@ SUMMARY_COLUMNS = {
     "host_memory_peak": ("host peak MiB (asv)", "mib"), "host_memory": ("host sampled MiB", "mib"),
     "gpu_memory_nvml": ("GPU NVML MiB", "mib"), "gpu_memory_allocator_live": ("GPU allocator live MiB", "mib"),
     "gpu_memory_allocator_reserved": ("GPU allocator reserved MiB", "mib"),
-    "gpu_memory_allocator_mixed": ("GPU allocator MiB (old mixed figure)", "mib"),
-    "max_rel_error": ("max rel error", "sci")}
+    "gpu_memory_allocator_mixed": ("GPU allocator MiB (old mixed figure)", "mib")}
+PARITY_HEADING = "parity (max rel error)"
 
 
 def summary_section(rows: pd.DataFrame, run: Run) -> str:
@@ -196,7 +215,10 @@ def summary_section(rows: pd.DataFrame, run: Run) -> str:
     frame = frame[~frame["implementation"].isin(list(absent))].reset_index(drop=True)
     if frame.empty:
         return f"### {run.label}\n\nNo implementation has a result in this run. {not_run_line(absent)}"
+    parity = parity_table(rows)
+    status = parity.set_index("implementation")["parity"]
     cells = formatted(frame, {"implementation": ("implementation", "str"), "batch_size": ("batch", "int")})
+    cells["implementation"] = [name + parity_mark(status.get(name, NOT_MEASURED)) for name in frame["implementation"]]
     for metric, heading in SUMMARY_TIMINGS.items():
         title, column = timing_cells(frame, metric, heading)
         cells[title] = column
@@ -205,6 +227,8 @@ def summary_section(rows: pd.DataFrame, run: Run) -> str:
         del columns["gpu_memory_allocator_mixed"]  # only older runs record the mixed figure
     for name, (heading, kind) in columns.items():
         cells[heading] = [fmt(value, kind) for value in frame[name]]
+    cells[PARITY_HEADING] = [parity_cell(status.get(name, NOT_MEASURED), error)
+                             for name, error in zip(frame["implementation"], frame["max_rel_error"])]
     timed = [samples for metric in TIMINGS for samples in frame.loc[frame[metric].notna(), f"{metric}_samples"]]
     text = [f"### {run.label}", "", f"Times per call at {iterations} routing iterations. {samples_sentence(timed)} "
             "images/s = batch / train-step time; routing share = routing forward + backward alone / train step; "
@@ -221,11 +245,46 @@ def summary_section(rows: pd.DataFrame, run: Run) -> str:
     text += ["", markdown_table(cells, text_columns=1)]
     if absent:
         text += ["", not_run_line(absent)]
+    said = parity_sentence(parity[parity["implementation"].isin(frame["implementation"])])
+    text += ["", said] if said else []
+    text += ["", ranking_section(frame, parity)]
     plans = plan_lines(run.facts.get("plans") or {})
     if plans:
         text += ["", "Convolution plans the implementations chose where they ran (forward / weight gradient / "
                  "input gradient; from the run's facts):", "", *plans]
     return "\n".join(text)
+
+
+def summary_rules() -> str:
+    """What every run's parity column and ranking mean (:mod:`harness.ranking`), said once above them."""
+    return (f"Parity: a run's largest error of any quantity of the parity check (`track_max_rel_error`, float32 "
+            f"against the float64 reference) passes at or below {parity_tolerance():.0e}, the widest tolerance "
+            "harness.check allows any quantity; an implementation without a passing figure in that run carries "
+            f"\"{NOT_MEASURED}\" or \"{FAILED}\" beside its name wherever it is named, and one that FAILED is "
+            f"not ranked. Each run's ranking is by the median train step per batch size, fastest first: {RANKING_RULE}")
+
+
+def parity_sentence(parity: pd.DataFrame) -> str:
+    """Which implementations of a run did not pass parity, in a sentence (empty where all passed)."""
+    failed = sorted(parity.loc[parity["parity"] == FAILED, "implementation"])
+    unmeasured = sorted(parity.loc[parity["parity"] == NOT_MEASURED, "implementation"])
+    text = []
+    if failed:
+        text.append(f"**Parity FAILED**: {', '.join(failed)} (not ranked: its times are not of the same function).")
+    if unmeasured and len(unmeasured) == len(parity):
+        text.append("No implementation's parity was measured in this run (its correctness benchmark did not run).")
+    elif unmeasured:
+        text.append(f"Parity not measured in this run: {', '.join(unmeasured)}.")
+    return " ".join(text)
+
+
+def ranking_section(frame: pd.DataFrame, parity: pd.DataFrame) -> str:
+    """Per batch size, the implementations by train step, fastest first, with the pairs the samples cannot
+    rank (:func:`harness.ranking.ranking_lines`)."""
+    lines = ranking_lines(ranking_table(frame, parity))
+    if not lines:
+        return "No train-step time to rank."
+    return "\n".join(["Ranking by train step, fastest first:", "", *lines])
 
 
 ROUTING_GRADIENT_TIMINGS = {"backward": "backward", "train_step": "train step",
@@ -319,11 +378,22 @@ def speedup_section(rows: pd.DataFrame, run: Run) -> tuple[str, pd.DataFrame]:
     return "\n".join(text), table
 
 
-def comparison_section(comparison: pd.DataFrame, old: Run, new: Run) -> str:
+WHY_NEWER = {ANCESTRY: "new is a descendant of old in git", MEASURED: "new was measured later",
+             COMMIT_DATE: "new's commit date is later (neither git nor the measuring times tell)",
+             NAME: "neither git, the measuring times nor the commit dates tell: by name"}
+
+
+def comparison_section(comparison: pd.DataFrame, old: Run, new: Run, why: str = "") -> str:
     """The comparison of two runs as Markdown: changes first, then those with too few samples to judge,
-    then missing, then the rest."""
-    both_na = comparison["change"] == f"{NA} in both"
-    shown = comparison[~both_na].copy()
+    then missing, then the rest.  Not rows but one line each: the combinations with no result on either
+    side (an implementation unavailable in both runs), and every benchmark one run did not measure at all
+    (a run of some benchmarks only); ``why`` (:mod:`harness.run_order`) says why new is the newer."""
+    present = {side: set(comparison.loc[comparison[f"{side}_status"] != "missing", "benchmark"])
+               for side in ("old", "new")}
+    benchmark_only = {"old": sorted(present["old"] - present["new"]), "new": sorted(present["new"] - present["old"])}
+    one_sided = comparison["benchmark"].isin(benchmark_only["old"] + benchmark_only["new"])
+    both_na = ~(comparison["old"].map(math.isfinite) | comparison["new"].map(math.isfinite)) & ~one_sided
+    shown = comparison[~both_na & ~one_sided].copy()
     too_few = shown["change"].str.startswith(TOO_FEW)
 
     def rank(change: str) -> int:
@@ -336,15 +406,17 @@ def comparison_section(comparison: pd.DataFrame, old: Run, new: Run) -> str:
     shown = shown.sort_values(["order", "benchmark", "implementation", "batch_size", "routing_iterations", "params"],
                               kind="stable", na_position="first")
     flagged = int(shown["change"].isin(FLAGS).sum())
-    present = {side: set(comparison.loc[comparison[f"{side}_status"] != "missing", "implementation"].dropna())
-               for side in ("old", "new")}
-    only = {"old": sorted(present["old"] - present["new"]), "new": sorted(present["new"] - present["old"])}
+    only = {side: sorted(name for name, group in shown.groupby("implementation")
+                         if (group[f"{other}_status"] == "missing").all())
+            for side, other in (("old", "new"), ("new", "old"))}
     single = {side: bool((comparison[f"{side}_samples"] == 1).any()) for side in ("old", "new")}
+    newer_because = f" ({WHY_NEWER[why]})" if why in WHY_NEWER else ""
     text = [f"### {new.label} against {old.label}", "",
             f"old: `{old.machine}` commit `{old.commit[:12]}` ({old.env}); new: `{new.machine}` commit "
-            f"`{new.commit[:12]}` ({new.env}). ratio = new / old; flagged (**worse** / **better**, or higher / "
-            f"lower where neither is better) when the ratio is outside [{1 / CHANGE_FACTOR:.3f}, {CHANGE_FACTOR}] "
-            "and the interquartile ranges [q25, q75] of the two runs do not overlap. Where either side rests on a "
+            f"`{new.commit[:12]}` ({new.env}){newer_because}. ratio = new / old; flagged (**worse** / "
+            f"**better**, or higher / lower where neither is better) when the ratio is outside "
+            f"[{1 / CHANGE_FACTOR:.3f}, {CHANGE_FACTOR}] and the interquartile ranges [q25, q75] of the two runs "
+            "do not overlap. Where either side rests on a "
             f"single sample nothing is flagged: a ratio beyond the factor reads \"{TOO_FEW}\". A figure asv "
             "records without statistics (peakmem_ and track_ benchmarks: one measurement, no sample count) is "
             "judged by the ratio alone."]
@@ -356,12 +428,16 @@ def comparison_section(comparison: pd.DataFrame, old: Run, new: Run) -> str:
                  f"{int(too_few.sum())} ratio(s) beyond the factor are listed without calling them worse or better. "
                  "Run asv without `--quick` on both commits to compare them."]
     absent_both = sorted(set(comparison.loc[both_na, "implementation"].dropna())
-                         - set(comparison.loc[~both_na, "implementation"].dropna()))
+                         - set(shown["implementation"].dropna()))
     text += ["", f"{flagged} change(s) flagged; {int(both_na.sum())} combination(s) without a result in either run "
              "not listed" + (f" (not run in either: {', '.join(absent_both)})" if absent_both else "") + "."]
     for side in ("old", "new"):
         if only[side]:
             text.append(f"\nOnly in the {side} run (shown as missing in the other): {', '.join(only[side])}.")
+        if benchmark_only[side]:
+            count = int((one_sided & comparison["benchmark"].isin(benchmark_only[side])).sum())
+            text.append(f"\nMeasured in the {side} run only, not listed ({count} combination(s)): "
+                        f"{', '.join(benchmark_only[side])}.")
     cells = pd.DataFrame({
         "benchmark": shown["benchmark"], "parameters": shown["params"],
         **{side: [fmt_unit_spread(v, q25, q75, n, u) if s != "missing" else "missing"
@@ -656,7 +732,8 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
     else:
         (out / TIDY_CSV).unlink(missing_ok=True)  # an older report's table would contradict this one
     md += ["## Runs", "", "Each run is named by machine, commit and asv environment (shortened: the tool and "
-           "the unpinned build requirements left out).", ""]
+           f"the unpinned build requirements left out). {ORDER_RULE} The per-run plots are drawn from the newest "
+           "run of each machine and environment.", ""]
     md += [run_header(run, asv.machines.get(run.machine, {})) + "\n" for run in asv.runs] or ["No asv results.", ""]
     speedups, sections = {}, {"summary": [], "speedup": [], "memory": [], "gradient": []}
     for run in asv.runs:
@@ -667,13 +744,13 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
         sections["memory"].append(memory_section(rows, run))
         sections["gradient"].append(routing_gradient_section(run_rows(table, run, None), run))
     if asv.runs:
-        md += ["## Summary per implementation", "", "\n\n".join(sections["summary"]), "",
+        md += ["## Summary per implementation", "", summary_rules(), "", "\n\n".join(sections["summary"]), "",
                "## Vectorised vs looped routing", "", "\n\n".join(sections["speedup"]), "",
                "## Host memory of a training step: measured and expected", "", "\n\n".join(sections["memory"]), ""]
     if any(sections["gradient"]):
         md += ["## Routing gradient: what final saves over full", "",
                "\n\n".join(text for text in sections["gradient"] if text), ""]
-    comparisons = compare_runs(table, asv.runs, out, written)
+    comparisons = compare_runs(table, asv.runs, out, written, asv.ancestry)
     if comparisons:
         md += ["## Comparison of runs", "", f"Also in [`{COMPARISON_MD}`]({COMPARISON_MD}) and "
                f"[`{COMPARISON_CSV}`]({COMPARISON_CSV}).", "", comparisons, ""]
@@ -711,10 +788,12 @@ def write_csv(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def compare_runs(table: pd.DataFrame, runs: list[Run], out: Path, written: list[Path]) -> str:
-    """Each run against the one before it on the same machine and environment (by commit date), or, with
-    one run per machine, the machines against each other: comparison.md and .csv written, the Markdown
-    returned (empty with a single run, and a stale comparison removed)."""
+def compare_runs(table: pd.DataFrame, runs: list[Run], out: Path, written: list[Path],
+                 ancestry: Ancestry | None = None) -> str:
+    """Each run against the one before it on the same machine and environment (``runs`` are oldest first,
+    :mod:`harness.run_order`), or, with one run per machine, the machines against each other in that order:
+    comparison.md and .csv written, the Markdown returned (empty with a single run, and a stale comparison
+    removed).  ``ancestry`` says why the new run is the newer, in each heading."""
     pairs = [(old, new) for _, group in itertools.groupby(sorted(runs, key=lambda run: (run.machine, run.env)),
                                                           key=lambda run: (run.machine, run.env))
              for group in [list(group)] for old, new in zip(group, group[1:])]
@@ -727,7 +806,8 @@ def compare_runs(table: pd.DataFrame, runs: list[Run], out: Path, written: list[
     sections, frames = [], []
     for old, new in pairs:
         comparison = comparison_table(table, old, new)
-        sections.append(comparison_section(comparison, old, new))
+        why = newer(new, old, ancestry or Ancestry(None))[1]
+        sections.append(comparison_section(comparison, old, new, why))
         frames.append(comparison.assign(old_run=old.label, new_run=new.label))
     text = "\n\n".join(sections)
     written.append(write_text_atomic(out / COMPARISON_MD, "# capsbench comparison\n\n" + text + "\n"))

@@ -45,6 +45,8 @@ RUN_TESTS = {
                       "or distributed_scaling_results or scaling_options_reach or scaling_command_launches "
                       "or world_size_that_fails or scaling_refuses or scaling_options_default"],
     "spec": ["tests/test_spec.py"],
+    "ranking": ["tests/test_ranking.py"],
+    "run_order": ["tests/test_run_order.py", "-k", "by_hand or git_is_asked"],  # not the report-drawing tests
     "tables-report": ["tests/test_report.py::test_every_derived_figure_of_the_summary_is_the_one_computed_by_hand",
                       "tests/test_report.py::test_gemm_peak_and_gpu_memory_give_peak_share_and_gpu_memory_plots",
                       "tests/test_report.py::test_distributed_scaling_results_give_a_table_and_a_plot",

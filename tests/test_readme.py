@@ -189,3 +189,23 @@ def test_readme_is_an_overview_that_links_every_page_of_the_manual():
 
 def test_every_relative_link_and_image_in_readme_and_docs_leads_to_a_file_and_heading():
     assert not broken_links([README, *sorted(DOCS.glob("*.md"))])
+
+
+def test_the_headline_never_names_an_implementation_without_passing_parity_fastest_without_its_mark(tmp_path):
+    """torch-looped computes the wrong function at half the time (fastest at both batches) and numpy-looped's
+    parity was not measured: each is marked in the headline, the wrong one is last in its batch and unranked."""
+    from test_report import results_layout, with_a_wrong_and_an_unchecked_implementation
+
+    root = results_layout(tmp_path / "results")
+    with_a_wrong_and_an_unchecked_implementation(root)
+    block = readme.headline_block(root)
+    rows = [line.split(" | ") for line in block.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    for batch in ("32", "128"):
+        names = [cells[0].lstrip("| ") for cells in rows if cells[1] == batch]
+        assert names[-1] == "torch-looped (parity FAILED)" and "numpy-looped (parity not measured)" in names
+        assert all(name.endswith(")") or name in ("torch-vectorised", "numpy-vectorised") for name in names)
+    assert [cells[-1] for cells in rows if cells[0] == "| torch-looped (parity FAILED)"] == \
+        ["FAILED (3.0e-01 > 1e-02) |"] * 2
+    rankings = re.findall(r"batch (?:32|128): [^.]*\.", block.split("\n\n")[0])  # in the paragraph above the table
+    assert len(rankings) == 2 and not [line for line in rankings if "torch-looped" in line]
+    assert all("numpy-looped (parity not measured)" in line and "(a single sample)" in line for line in rankings)

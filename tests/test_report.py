@@ -570,8 +570,9 @@ def test_gemm_peak_and_gpu_memory_give_peak_share_and_gpu_memory_plots(tmp_path,
     assert_png_with_content(root / "report" / "peak_share.png")
     assert_png_with_content(root / "report" / "memory.png")
     text = (root / "report" / "report.md").read_text()
-    assert ("| torch-vectorised-cuda | 128 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 7629.4 | "
-            "3814.7 | 5722.0 |") in text
+    # its parity was not measured (the fixture's CPU run could not): marked, with the reason in the last column
+    assert ("| torch-vectorised-cuda (parity not measured) | 128 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | "
+            "n/a | n/a | 7629.4 | 3814.7 | 5722.0 | not measured |") in text
     assert "old mixed figure" not in text  # a run with live and reserved: no column for the old figure
     # torch-vectorised-cuda has results now; the other CUDA implementations still fold into one line
     assert "Not run here: cupy-looped, cupy-vectorised, torch-looped-cuda (unavailable: no CUDA GPU" in text
@@ -589,7 +590,8 @@ def test_an_old_run_shows_the_mixed_allocator_figure_labelled_as_such(tmp_path, 
     assert code == 0 and err == ""
     text = (root / "report" / "report.md").read_text()
     (summary,) = markdown_tables(text, "Summary per implementation")
-    row = next(row for row in summary if (row["implementation"], row["batch"]) == ("torch-vectorised-cuda", "32"))
+    row = next(row for row in summary if (row["implementation"], row["batch"])
+               == ("torch-vectorised-cuda (parity not measured)", "32"))
     assert row["GPU allocator MiB (old mixed figure)"] == "3072.0"
     assert "older runs recorded torch's live peak and CuPy's pool after the step in one figure" in text
 
@@ -676,6 +678,98 @@ def test_with_the_hardware_peak_in_the_facts_every_implementation_divides_by_it(
     np.testing.assert_allclose(steps["pct_of_peak"], steps["gflops_per_s"])
     best = max(fixture_value(GEMM_PEAK, "'numpy'"), fixture_value(GEMM_PEAK, "'torch'"))
     np.testing.assert_allclose(steps["best_gemm_gflops"], best)
+
+
+def test_a_run_of_some_benchmarks_is_compared_on_them_alone_with_parameters_that_are_parameters(tmp_path, capsys,
+                                                                                                 tables_only):
+    """The new run measured the train step and the GEMM peak only, both runs with a hardware peak in their facts:
+    every other benchmark is one line (not a row of 'missing in new' per combination), the CUDA implementations
+    that ran in neither are not rows, and no parameter cell names the hardware peak (a run's fact)."""
+    root = results_layout(tmp_path / "results")
+    (facts_file,) = (root / "asv-facts").rglob("*.json")
+    facts = json.loads(facts_file.read_text())
+    facts["hardware_peak"] = {"gflops": 204.2028530153354, "note": "given", "formula": "x"}
+    facts_file.write_text(json.dumps(facts))
+    path = add_run(root, "c" * 40, scaled(1.0))
+    payload = json.loads(path.read_text())
+    payload["results"] = {name: entry for name, entry in payload["results"].items() if name in (TRAIN_STEP, GEMM_PEAK)}
+    for entry in payload["results"].values():  # measured a day after the fixture's run
+        entry[payload["result_columns"].index("started_at")] += 86_400_000
+    path.write_text(json.dumps(payload))
+    facts_file.with_name(facts_file.name.replace(RUN_FILE.name[:8], "c" * 8)).write_text(json.dumps(facts))
+    code, _, err = run_report(root, capsys)
+    assert code == 0 and err == ""
+    comparison = (root / "report" / "comparison.md").read_text()
+    assert "hardware_peak_gflops" not in comparison
+    rows = [line for line in comparison.splitlines() if line.startswith("| ") and not line.startswith("| ---")][1:]
+    assert {line.split(" | ")[0] for line in rows} == {"| time_train_step", "| track_gemm_peak_gflops"}
+    assert not [line for line in rows if "cuda" in line or "missing" in line]
+    assert len([line for line in rows if line.startswith("| time_train_step")]) == len(MEASURED) * 2
+    others = {name.rsplit(".", 1)[-1] for name in fixture_json()["results"] if name not in (TRAIN_STEP, GEMM_PEAK)}
+    line = next(line for line in comparison.splitlines() if line.startswith("Measured in the old run only"))
+    assert line.endswith(f": {', '.join(sorted(others))}.")
+    assert "(not run in either: " + ", ".join(NOT_RUN) in comparison
+
+
+CORRECTNESS = "bench_correctness.Correctness.track_max_rel_error"
+
+
+def rewrite_results(path: Path, change) -> None:
+    """Rewrite a results file: ``change(name, fields)`` edits the fields (result, params, ...) of a benchmark."""
+    payload = json.loads(path.read_text())
+    columns = payload["result_columns"]
+    for name, entry in payload["results"].items():
+        fields = dict(zip(columns, entry))
+        change(name, fields)
+        payload["results"][name] = [fields.get(column) for column in columns[:len(entry)]]
+    path.write_text(json.dumps(payload))
+
+
+def one_implementation(name: str, value_of):
+    """A change that replaces each result of implementation ``name`` by ``value_of(benchmark, result)``."""
+    def change(benchmark, fields):
+        params = fields.get("params") or []
+        if params and f"'{name}'" in params[0]:
+            fields["result"] = [value_of(benchmark, value) if combo[0] == f"'{name}'" else value
+                                for combo, value in zip(itertools.product(*params), fields["result"])]
+    return change
+
+
+def with_a_wrong_and_an_unchecked_implementation(root: Path) -> Path:
+    """The fixture's run with torch-looped computing the wrong function (max rel error 0.3, the softmax over
+    the wrong axis) at half its train-step time, so the fastest at both batches, and numpy-looped's parity
+    not measured (skipped)."""
+    path = next((root / "asv" / MACHINE).glob("*-*.json"))
+    rewrite_results(path, one_implementation(
+        "torch-looped", lambda benchmark, value: 0.3 if benchmark == CORRECTNESS else
+        value / 2 if benchmark == TRAIN_STEP else value))
+    rewrite_results(path, one_implementation(
+        "numpy-looped", lambda benchmark, value: math.nan if benchmark == CORRECTNESS else value))
+    return path
+
+
+def test_an_implementation_that_failed_or_skipped_parity_is_marked_and_a_failed_one_never_ranked(tmp_path, capsys,
+                                                                                                 tables_only):
+    root = results_layout(tmp_path / "results")
+    with_a_wrong_and_an_unchecked_implementation(root)
+    code, _, err = run_report(root, capsys)
+    assert code == 0 and err == ""
+    text = (root / "report" / "report.md").read_text()
+    (summary,) = markdown_tables(text, "Summary per implementation")
+    by_name = {(row["implementation"], row["batch"]): row for row in summary}
+    assert by_name[("torch-looped (parity FAILED)", "32")]["parity (max rel error)"] == "FAILED (3.0e-01 > 1e-02)"
+    assert by_name[("numpy-looped (parity not measured)", "128")]["parity (max rel error)"] == "not measured"
+    expected = fixture_value(CORRECTNESS, "'torch-vectorised'")
+    assert by_name[("torch-vectorised", "32")]["parity (max rel error)"] == f"passed ({expected:.1e})"
+    assert "**Parity FAILED**: torch-looped (not ranked" in text
+    rankings = [line for line in text.splitlines() if line.startswith("- batch ")]
+    assert len(rankings) == 2 and not [line for line in rankings if "torch-looped" in line]
+    # the fixture's single samples: no pair ranked, every neighbour '≈', and its reason given
+    fastest = sorted(["torch-vectorised", "numpy-vectorised", "numpy-looped"],
+                     key=lambda name: fixture_value(TRAIN_STEP, f"'{name}'", "32", "3"))
+    names = [name + (" (parity not measured)" if name == "numpy-looped" else "") for name in fastest]
+    assert rankings[0] == (f"- batch 32: {' ≈ '.join(names)}; the samples cannot rank {fastest[0]} / {fastest[1]}, "
+                           f"{fastest[1]} / {fastest[2]} (a single sample).")
 
 
 def test_the_plan_each_batch_size_ran_with_is_in_the_summary():
