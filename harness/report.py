@@ -406,7 +406,7 @@ def training_section(frame: pd.DataFrame) -> str:
         cells = pd.DataFrame({heading: [f"{int(v):,}" if kind == "count" else fmt(v, kind) for v in group[name]]
                               for name, (heading, kind) in columns.items()})
         cells["epochs"] = [f"{done}/{asked}" for done, asked in zip(group["epochs"], group["epochs_requested"])]
-        text += ["", f"#### {int(train_images):,} training images, {int(test_images):,} test images ({config} "
+        text += ["", f"### {int(train_images):,} training images, {int(test_images):,} test images ({config} "
                  "network)", "", markdown_table(cells, text_columns=6,
                                                   left={"schedule", "routing gradient", "epochs", "status"})]
     return "\n".join(text)
