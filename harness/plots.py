@@ -180,12 +180,15 @@ def machines_text(machines: list) -> str:
 def fitted_legend(fig: Figure, handles, labels, columns: int, renderer):
     """A legend below the axes in at most ``columns`` columns, fewer where that many would be wider than the
     figure (long labels: one entry a row rather than entries cut off at the figure's edges)."""
-    for ncols in range(min(columns, len(labels)), 0, -1):
-        legend = fig.legend(handles, labels, loc="lower center", ncols=ncols, fontsize=8.5, frameon=False)
-        if ncols == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
-            return legend
-        legend.remove()
-    raise AssertionError("unreachable: one column is always kept")
+    def legend(ncols: int):
+        return fig.legend(handles, labels, loc="lower center", ncols=ncols, fontsize=8.5, frameon=False)
+
+    for ncols in range(min(columns, len(labels)), 1, -1):
+        wide = legend(ncols)
+        if wide.get_window_extent(renderer).width <= fig.bbox.width:
+            return wide
+        wide.remove()
+    return legend(1)
 
 
 def broken(text: str, lines: int) -> str:

@@ -356,7 +356,7 @@ BUGS = (
         "    height += max(0.0, bottom - BOTTOM_ALLOWANCE)", "    height += 0.0",
         ("tests/test_plots.py::test_training_curves_keep_their_panels_tall_and_the_legend_clear_of_them",)),
     Bug("the legend keeps every column asked for, however wide", "harness/plots.py",
-        "if ncols == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:", "if True:",
+        "if wide.get_window_extent(renderer).width <= fig.bbox.width:", "if True:",
         ("tests/test_plots.py::test_a_legend_of_long_names_takes_fewer_columns_instead_of_running_off_the_figure",)),
     Bug("the training tables skip a heading level", "harness/report.py",
         'f"### {int(train_images):,} training images', 'f"#### {int(train_images):,} training images',
