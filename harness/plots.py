@@ -11,11 +11,14 @@ name a colour from a stable hash of it, phases and profiled layers a table of th
 implementation or a run recolours nothing.  Looped routing is drawn dashed with hollow markers, vectorised
 solid.  Every tick of a log axis is labelled (:class:`LabelledLogLocator`).  A timing drawn from several
 samples carries its interquartile range (error bars or a band); one drawn from a single sample says so.
+The legend and the footnote sit under the panels and are measured (:func:`finish`): a long one makes the
+figure taller, never the panels shorter, and a y label longer than its panel is broken into lines.
 """
 
 from __future__ import annotations
 
 import colorsys
+import itertools
 import math
 import textwrap
 import zlib
@@ -56,6 +59,10 @@ RUN_LINESTYLES = ("-", "--", ":", "-.")  # several training runs of one implemen
 GRID = dict(alpha=0.3)
 MINOR_GRID = dict(alpha=0.12)
 ACCURACY_ZOOM = 0.8  # test accuracy axis: 0-100 % unless every epoch reached this
+ACCURACY_MARGIN = 0.1  # a zoomed accuracy axis reaches this share of its span below the lowest point
+BOTTOM_ALLOWANCE = 1.1  # inches under the axes a figure's height was chosen for (legend and footnote)
+COMMA_BREAK_COST = 6  # a y label broken after a comma rather than before a parenthesis: as if 6 characters longer
+BOTTOM_PAD = 0.06  # inches between the footnote, the legend and the edge
 
 IMPLEMENTATION_COLOURS = {  # a fixed colour per built-in implementation: vectorised dark, looped light
     "torch-vectorised": "#1f77b4", "torch-looped": "#6baed6",
@@ -170,26 +177,78 @@ def machines_text(machines: list) -> str:
     return "; ".join(named) if len(named) <= 2 else f"{len(named)} machines"
 
 
+def fitted_legend(fig: Figure, handles, labels, columns: int, renderer):
+    """A legend below the axes in at most ``columns`` columns, fewer where that many would be wider than the
+    figure (long labels: one entry a row rather than entries cut off at the figure's edges)."""
+    def legend(ncols: int):
+        return fig.legend(handles, labels, loc="lower center", ncols=ncols, fontsize=8.5, frameon=False)
+
+    for ncols in range(min(columns, len(labels)), 1, -1):
+        wide = legend(ncols)
+        if wide.get_window_extent(renderer).width <= fig.bbox.width:
+            return wide
+        wide.remove()
+    return legend(1)
+
+
+def broken(text: str, lines: int) -> str:
+    """``text`` in ``lines`` lines, broken where a reader pauses (before a parenthesis, or after a comma, which
+    counts as :data:`COMMA_BREAK_COST` characters more) so that the longest line is shortest; at spaces where
+    it has too few such places."""
+    pauses = {index + 1: 0 for index in range(len(text)) if text.startswith(" (", index)}
+    pauses.update({index + 2: COMMA_BREAK_COST for index in range(len(text)) if text.startswith(", ", index)})
+    if len(pauses) < lines - 1:
+        return textwrap.fill(text, math.ceil(len(text) / lines) + 2, break_on_hyphens=False)
+    best = min(itertools.combinations(sorted(pauses), lines - 1),
+               key=lambda cuts: max(b - a for a, b in zip((0, *cuts), (*cuts, len(text))))
+               + sum(pauses[cut] for cut in cuts))
+    return "\n".join(text[a:b].strip() for a, b in zip((0, *best), (*best, len(text))))
+
+
+def fit_y_labels(fig: Figure, renderer) -> bool:
+    """Break each y label taller than its axes into as few lines as make it fit, so that no label runs past
+    its panel into a title; True if any label changed (the layout is then due again)."""
+    changed = False
+    for ax in fig.axes:
+        label = ax.yaxis.label
+        text = label.get_text()
+        if not ax.get_visible() or not text or "\n" in text:
+            continue
+        for lines in (2, 3):
+            if label.get_window_extent(renderer).height <= ax.get_window_extent(renderer).height:
+                break
+            label.set_text(broken(text, lines))
+            changed = True
+    return changed
+
+
 def finish(fig: Figure, title: str, note: str = "", legend_handles=None, legend_cols: int = 4) -> Figure:
-    """Title on top, one legend below the axes, an optional footnote under it; a layout that keeps all
-    three clear of the axes (title and footnote wrapped to the figure's width)."""
+    """Title on top, one legend below the axes, an optional footnote under it, all three clear of the axes
+    (title and footnote wrapped to the figure's width, the legend in as many columns as fit).  The legend and
+    the footnote are measured: what they need beyond :data:`BOTTOM_ALLOWANCE` inches makes the figure taller
+    rather than the panels shorter; a y label taller than its panel is broken into lines."""
     width, height = fig.get_figwidth(), fig.get_figheight()
-    title = wrapped(title, width, 12)
-    fig.suptitle(title, fontsize=12)
-    line = 0.2 / height  # one line of 8-9 pt text, as a fraction of the figure's height
-    bottom = 0.0
+    fig.suptitle(wrapped(title, width, 12), fontsize=12)
+    renderer = fig.canvas.get_renderer()
+    footnote = legend = None
+    bottom = 0.0  # inches under the axes taken by the footnote and the legend
     if note:
-        note = wrapped(note, width, 8)
-        lines = note.count("\n") + 1
-        fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=8, color="0.35")
-        bottom = 0.015 + lines * line
+        footnote = fig.text(0.5, 0, wrapped(note, width, 8), ha="center", va="bottom", fontsize=8, color="0.35")
+        bottom = BOTTOM_PAD + footnote.get_window_extent(renderer).height / fig.dpi
     if legend_handles and legend_handles[1]:
-        handles, labels = legend_handles
-        columns = min(legend_cols, len(labels))
-        fig.legend(handles, labels, loc="lower center", ncols=columns, fontsize=8.5, frameon=False,
-                   bbox_to_anchor=(0.5, bottom))
-        bottom += 1.1 * line * math.ceil(len(labels) / columns) + 0.02
-    fig.tight_layout(rect=(0, bottom, 1, 0.97))  # tight_layout leaves room for the (wrapped) title
+        legend = fitted_legend(fig, *legend_handles, legend_cols, renderer)
+        legend_at = bottom
+        bottom += legend.get_window_extent(renderer).height / fig.dpi + BOTTOM_PAD
+    height += max(0.0, bottom - BOTTOM_ALLOWANCE)
+    fig.set_figheight(height)
+    if footnote is not None:
+        footnote.set_y(BOTTOM_PAD / height)
+    if legend is not None:
+        legend.set_bbox_to_anchor((0.5, legend_at / height), transform=fig.transFigure)
+    rect = (0, bottom / height, 1, 0.97)  # tight_layout leaves room for the (wrapped) title
+    fig.tight_layout(rect=rect)
+    if fit_y_labels(fig, renderer):
+        fig.tight_layout(rect=rect)
     return fig
 
 
@@ -628,6 +687,15 @@ def training_label(record: dict, stem: str, duplicates: bool) -> str:
     return f"{label} [{stem}]" if duplicates else label
 
 
+def accuracy_view(accuracies: list[float]) -> tuple[float, float]:
+    """The test-accuracy axis (%) of runs that learned: from a margin under the lowest point (a tenth of the
+    span to 100 %, at least 0.25 points) to 100 %, or past the highest point where it is nearer than the
+    margin, so that no point (one epoch of one run, say) sits on an edge of the axis."""
+    lowest, highest = 100 * min(accuracies), 100 * max(accuracies)
+    margin = max(0.25, ACCURACY_MARGIN * (100 - lowest))
+    return lowest - margin, max(100.05, highest + margin)
+
+
 def training_curves(records: list[tuple[str, dict]]) -> Figure:
     """Training loss per step and test accuracy per epoch against training time, one line per results
     file (``records``: (file stem, record) pairs), in the colour of its implementation (several runs of one
@@ -663,7 +731,7 @@ def training_curves(records: list[tuple[str, dict]]) -> Figure:
     if not high:
         right.set_ylim(0, 101)  # short runs only: the whole scale, so a few points of noise look like noise
     else:  # the scale of the runs that learned; short runs beside them are named off the axis, not squashed
-        right.set_ylim(100 * min(high) - 0.25, 100.05)
+        right.set_ylim(*accuracy_view(high))
         if len(high) < len(accuracy):
             right.set_title(f"Test accuracy after each epoch\n(epochs below {ACCURACY_ZOOM:.0%} are below the "
                             "axis: see the table)", fontsize=10)
@@ -681,7 +749,7 @@ def training_curves(records: list[tuple[str, dict]]) -> Figure:
     where = machines_text([record.get("machine") for _, record in records])
     return finish(fig, f"Training loss and test accuracy against training time, train steps only ({where})",
                   "training time: the sum of the training steps' own times (evaluation, data preparation and saving "
-                  "left out)", unique_handles([left, right]), legend_cols=1)
+                  "left out)", unique_handles([left, right]), legend_cols=2)
 
 
 def distributed_scaling(frame: pd.DataFrame) -> Figure:

@@ -26,18 +26,22 @@ Reads ``<results>/asv`` (asv's own layout, with the suite's machine facts in ``<
   removed).
 
 A malformed results file is one warning line on stderr naming the file and the problem; the rest of the
-report is still written.  No results at all is one error line saying how to produce them, exit status 1.
+report is still written.  No results at all is one error line saying how to produce them, exit status 1;
+so is an ``<out>`` that cannot be written (the folder, why, and the fix), found before anything is drawn.
+Every file is written under a temporary name and renamed, so a write that fails leaves the earlier file.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import itertools
 import math
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -482,7 +486,7 @@ def training_section(frame: pd.DataFrame) -> str:
         cells = pd.DataFrame({heading: [f"{int(v):,}" if kind == "count" else fmt(v, kind) for v in group[name]]
                               for name, (heading, kind) in columns.items()})
         cells["epochs"] = [f"{done}/{asked}" for done, asked in zip(group["epochs"], group["epochs_requested"])]
-        text += ["", f"#### {int(train_images):,} training images, {int(test_images):,} test images ({config} "
+        text += ["", f"### {int(train_images):,} training images, {int(test_images):,} test images ({config} "
                  "network)", "", markdown_table(cells, text_columns=6,
                                                   left={"schedule", "routing gradient", "epochs", "status"})]
     return "\n".join(text)
@@ -782,6 +786,31 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
     return written
 
 
+def probe_out(out: Path) -> None:
+    """Create ``out`` and a file in it, as the report will, so that an --out that cannot be written fails with
+    the OSError it would meet before any table or plot is made."""
+    out.mkdir(parents=True, exist_ok=True)
+    descriptor, probe = tempfile.mkstemp(prefix=".capsbench-report.", suffix=".probe", dir=out)
+    os.close(descriptor)
+    os.unlink(probe)
+
+
+def writing_failed(error: OSError, out: Path) -> bool:
+    """``error`` was met writing the report into ``out`` (a file there, or a full disk), not elsewhere."""
+    if error.filename is None:
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return Path(error.filename) == out or out in Path(error.filename).parents
+
+
+def unwritable_line(out: Path, error: OSError, name_file: bool = False) -> str:
+    """One line for an --out that cannot be written: the folder, why (with the file, ``name_file``) and the
+    fix."""
+    file = f" ({Path(error.filename).name})" if name_file and error.filename and Path(error.filename) != out else ""
+    why = "it is a file, not a folder" if isinstance(error, FileExistsError) and out.is_file() else \
+        error.strerror or str(error)
+    return f"error: cannot write the report into {out}: {why}{file}; choose another --out"
+
+
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:
     with atomic_output(path) as temporary:
         frame.to_csv(temporary, index=False)
@@ -848,7 +877,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no readable results under {root} (every results file was skipped, see the warnings above)"
               if warnings else no_results_message(root), file=sys.stderr)
         return 1
-    written = build_report(root, out, asv, training, distributed, warnings, profile, figures)
+    try:
+        probe_out(out)
+    except OSError as error:
+        print(unwritable_line(out, error), file=sys.stderr)
+        return 1
+    try:
+        written = build_report(root, out, asv, training, distributed, warnings, profile, figures)
+    except OSError as error:  # every file is written to a temporary name and renamed: none is left half-written
+        if not writing_failed(error, out):
+            raise
+        print(unwritable_line(out, error, name_file=True), file=sys.stderr)
+        return 1
     plots_written = sum(path.suffix == ".png" for path in written)
     print(f"report written to {out / REPORT_MD} ({plots_written} plots, {len(written)} files in {out})")
     return 0

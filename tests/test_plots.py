@@ -324,3 +324,80 @@ def test_the_routing_gradient_plot_draws_only_the_phases_measured_at_both_and_la
     plots.plt.close(everything)
     with pytest.raises(plots.NoData, match="no phase measured at both"):
         plots.routing_gradient_saving(saving_frame([float("nan")] * 2), "box", 3)
+
+
+def with_absent(table: pd.DataFrame, count: int = 14) -> pd.DataFrame:
+    """``table`` with ``count`` more implementations that have no result (a long "no result" note)."""
+    absent = tidy([{"implementation": f"cupy-vectorised-cuda-graph-{index}", "routing_variant": "vectorised",
+                    "batch_size": 32, "routing_iterations": 3, "metric": "train_step", "value": float("nan"),
+                    "samples": 1} for index in range(count)])
+    return pd.concat([table, absent], ignore_index=True)
+
+
+def test_no_y_label_is_taller_than_its_axes_so_none_reaches_a_title():
+    """batch_scaling of single samples under a long note: "images per second (linear, from 0), 1 sample each"
+    ran past the top of its panel up to the figure's title; a label too long for its axes is broken into lines."""
+    fig = plots.batch_scaling(with_absent(timings(samples=1)), 3, "vm-xeon @ 27963257, py3.11-torch2.13.0")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    titles = [fig._suptitle.get_window_extent(renderer)] + [ax.title.get_window_extent(renderer) for ax in fig.axes]
+    for ax in fig.axes:
+        label, box = ax.yaxis.label.get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert box.y0 - 1 <= label.y0 and label.y1 <= box.y1 + 1, f"{ax.yaxis.label.get_text()!r} outruns its axes"
+        assert not any(label.overlaps(title) for title in titles)
+    assert fig.axes[0].get_ylabel() == "train-step time\n(ms, 1 sample each, log scale)"  # broken, not cut short
+    plots.plt.close(fig)
+
+
+def accuracy_points(fig) -> list[float]:
+    """Where each test-accuracy point of ``fig`` lies on its axis' height (0: bottom edge, 1: top edge)."""
+    accuracy = fig.axes[1]
+    points = np.concatenate([np.column_stack([line.get_xdata(), line.get_ydata()]) for line in accuracy.get_lines()])
+    fractions = accuracy.transAxes.inverted().transform(accuracy.transData.transform(points))[:, 1]
+    plots.plt.close(fig)
+    return list(fractions)
+
+
+@pytest.mark.parametrize("accuracy", [0.85, 0.803, 0.9999])
+def test_a_single_accuracy_point_lies_inside_its_axis_not_on_an_edge(accuracy):
+    """One epoch of one run at 85 % drew 84.75-100.05: the point 1.6 % above the bottom edge of the axis."""
+    record = training_record("torch-fused", 500.0)
+    record["epochs"] = [{"epoch": 1, "test_accuracy": accuracy, "elapsed_seconds": 500.0}]
+    fractions = accuracy_points(plots.training_curves([("one", record)]))
+    assert fractions and all(0.05 <= fraction <= 0.95 for fraction in fractions), fractions
+
+
+def long_labelled_runs() -> list[tuple[str, dict]]:
+    """Nine runs with labels as long as the shipped ones (three files of one implementation and setting)."""
+    runs = []
+    for index, name in enumerate(["jax-vectorised", "numpy-looped", "numpy-vectorised", "torch-fused", "torch-fused",
+                                  "torch-fused", "torch-looped", "torch-vectorised", "torch-vectorised"]):
+        record = training_record(name, 10.0 * (index + 1), images=60_000)
+        record.update(config_name="paper", batch_size=128, routing_gradient="final" if index == 3 else "full")
+        runs.append((f"{name}_paper_schedule_run{index}", record))
+    return runs
+
+
+def test_training_curves_keep_their_panels_tall_and_the_legend_clear_of_them():
+    """Nine long legend entries under the panels squeezed the loss panel to an inch (a fifth of the figure)."""
+    fig = plots.training_curves(long_labelled_runs())
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    legend_box = legend.get_window_extent(renderer)
+    assert len(legend.get_texts()) == 9 and legend_box.x0 >= 0 and legend_box.x1 <= fig.bbox.width
+    for ax in fig.axes[:2]:
+        assert ax.get_window_extent(renderer).height / fig.dpi >= 2.6, ax.get_title()
+        assert not ax.get_tightbbox(renderer).overlaps(legend_box), ax.get_title()
+    plots.plt.close(fig)
+
+
+def test_a_legend_of_long_names_takes_fewer_columns_instead_of_running_off_the_figure():
+    """Four columns of long pair names ran past both edges of vectorised_speedup (entries cut in half)."""
+    names = [f"plugin-{index}-{'x' * 30}-vectorised" for index in range(4)]
+    fig = plots.batch_scaling(timings(names), 3, "box")
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    box = legend.get_window_extent(fig.canvas.get_renderer())
+    assert len(legend.get_texts()) == 4 and 0 <= box.x0 and box.x1 <= fig.bbox.width
+    plots.plt.close(fig)

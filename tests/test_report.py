@@ -279,7 +279,7 @@ def test_report_and_plots_from_the_fixture_and_a_training_run(tmp_path, capsys, 
     assert "| torch (cpu) | 128 |" in text  # the speed-up table
     assert "## Training" in text
     training = markdown_tables(text, "Training")
-    assert "#### 256 training images, 100 test images (small network)" in text
+    assert "\n### 256 training images, 100 test images (small network)" in text
     (run,) = training[0]
     assert [run[key] for key in ("file", "implementation", "device", "network", "batch", "ranks", "training images",
                                  "test images", "schedule", "epochs", "status")] == [
