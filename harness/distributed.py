@@ -265,6 +265,7 @@ def train_distributed(ctx: Context, impl, ddp, train_set: Dataset, test_set: Dat
     fail = failure_hook(ctx.rank)
     elapsed = record["epochs"][-1]["elapsed_seconds"] if record and record["epochs"] else 0.0
     run_step = 0
+    epochs.plan_ahead(impl, args.batch_size, record)
     for epoch in range(first_epoch, args.epochs + 1):
         sampler.set_epoch(epoch - 1)
         rng = epochs.epoch_rng(args.seed, epoch, ctx.rank)

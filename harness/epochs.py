@@ -241,6 +241,23 @@ def truncate_to_completed_epochs(record: dict) -> None:
     record["steps"] = [step for step in record["steps"] if step["epoch"] <= done]
 
 
+def plan_ahead(impl: contract.Implementation, batch_size: int, record: dict | None) -> None:
+    """Before the first step: an implementation that chooses a plan where it runs (torch-fused's
+    convolution plan, ``use_plan_for``) chooses that of the run's batch now, so that no step, epoch or
+    images/s figure holds the set-up (12 to 36 s where it measures), and the last, partial batch of an epoch
+    or an evaluation takes that plan instead of measuring one of its own.  ``record`` (None: not rank 0)
+    keeps the set-up apart: ``plan_seconds`` (every process of the run, resumed ones included) and
+    ``plans`` (the plan of each batch size, with where it came from)."""
+    use_plan_for = getattr(impl, "use_plan_for", None)
+    if use_plan_for is None:
+        return
+    before = impl.plan_seconds
+    use_plan_for(batch_size)
+    if record is not None:
+        record["plan_seconds"] = record.get("plan_seconds", 0.0) + impl.plan_seconds - before
+        record["plans"] = impl.plan_facts()
+
+
 def check_finite(loss: float, epoch: int, step: int) -> None:
     if not math.isfinite(loss):
         raise TrainingDiverged(f"loss is {loss} at epoch {epoch}, step {step}")

@@ -34,6 +34,7 @@ def train_epochs(impl: contract.Implementation, train_set, test_set, record: dic
     file and the checkpoint are saved."""
     elapsed = record["epochs"][-1]["elapsed_seconds"] if record["epochs"] else 0.0
     steps_per_epoch = -(-len(train_set) // args.batch_size)
+    epochs.plan_ahead(impl, args.batch_size, record)
     for epoch in range(first_epoch, args.epochs + 1):
         losses, images_seen, epoch_start = [], 0, time.perf_counter()
         progress = Progress(steps_per_epoch, f"epoch {epoch}/{args.epochs}", args.log_every)
