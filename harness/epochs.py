@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -145,11 +147,27 @@ def refuse_existing_output(out: Path, overwrite: bool) -> None:
     """A new run never replaces an earlier one silently: the results file or its checkpoint existing is an
     error naming the file and the two ways on, unless ``overwrite`` (then the old checkpoint goes too)."""
     out = Path(out)
+    writable_output(out)
     existing = [path for path in (out, checkpoint_path(out)) if path.exists()]
     if existing and not overwrite:
         raise TrainingOptionError(f"{existing[0]} already exists: continue that run with --resume {out}, or "
                                   "replace it with --overwrite (or choose another --out)")
     checkpoint_path(out).unlink(missing_ok=True)
+
+
+def writable_output(out: Path) -> Path:
+    """``out``'s folder, created, if a file can be written into it (the results and the checkpoint are, after
+    every epoch); else a TrainingOptionError naming the folder, why, and the fix, before any training."""
+    folder = Path(out).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=f".{Path(out).name}.", suffix=".probe")
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as error:
+        raise TrainingOptionError(f"cannot write the results into {folder}: {error.strerror or error}; choose "
+                                  "another --out") from None
+    return folder
 
 
 def interrupted_line(out: Path, record: dict, why: str) -> str:

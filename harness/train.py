@@ -94,11 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             impl.load_adam_state(adam)
         train_set = load_mnist(args.data_dir, "train").head(args.limit)
         test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
+        out = args.out or epochs.default_output(info.name, args.config, suffix=epochs.routing_gradient_suffix(args))
+        epochs.writable_output(out)
     except (registry.UnknownImplementationError, contract.UnavailableImplementationError, DataError,
             ResultsFileError, epochs.TrainingOptionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = args.out or epochs.default_output(info.name, args.config, suffix=epochs.routing_gradient_suffix(args))
     if record is None:
         record = epochs.new_record(info, args, schedule, len(train_set), len(test_set))
     run = RunStatus(out, record)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import time
 
 import numpy as np
@@ -362,3 +363,34 @@ def test_the_convolution_plan_is_set_up_before_the_first_step_and_kept_out_of_ev
     epoch = record["epochs"][0]
     assert max(epoch["train_seconds"], epoch["eval_seconds"], epoch["wall_seconds"]) < setup
     assert capsys.readouterr().err.count("measuring its convolution plan") == 1
+
+
+@pytest.mark.parametrize("where", ["parent is a file", "folder read-only", "resumed file's folder read-only"])
+def test_an_output_that_cannot_be_written_is_one_line_before_any_training(tmp_path, mnist_path, monkeypatch, capsys,
+                                                                          where):
+    """`--out` into a folder that cannot be written ended in a traceback (at the checkpoint's unlink, or at the
+    first write of the results).  Root ignores chmod, so a read-only folder is a temporary file that cannot be
+    created, as in a read-only folder."""
+    out = tmp_path / "results" / "run.json"
+    argv = ["--impl", "numpy-vectorised", *SHORT_RUN]
+    if where == "parent is a file":
+        (tmp_path / "results").write_text("not a folder")
+    elif where.startswith("resumed"):
+        assert train.main(["--data-dir", str(mnist_path), "--out", str(out), *argv]) == 0
+        argv = ["--resume", str(out), "--epochs", "2"]
+        out = None
+    trained = []
+    monkeypatch.setattr(train, "train_epochs", lambda *a, **k: trained.append(1))
+    if where != "parent is a file":
+        def read_only(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)  # what every atomic write of a file starts with
+    capsys.readouterr()
+    code = train.main(["--data-dir", str(mnist_path), *(["--out", str(out)] if out else []), *argv])
+    assert code == 2 and trained == []
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"error: cannot write the results into {tmp_path / 'results'}: ")
+    assert ("Not a directory" in error or "File exists" in error) if where == "parent is a file" else \
+        "Permission denied" in error
+    assert error.rstrip().endswith("; choose another --out")
