@@ -56,7 +56,8 @@ def train_epochs(impl: contract.Implementation, train_set, test_set, record: dic
         eval_seconds = time.perf_counter() - eval_start
         save_checkpoint(out, impl, epoch)
         summary = epochs.epoch_summary(epoch, losses, correct / len(test_set), train_seconds, eval_seconds,
-                                       time.perf_counter() - epoch_start, images_seen, elapsed)
+                                       time.perf_counter() - epoch_start, images_seen, elapsed,
+                                       implementation=args.impl)
         epochs.add_epoch(record, summary)
         write_json_atomic(out, record)
         print(epochs.epoch_line(summary), flush=True)
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record, resumed_from, params, adam = epochs.prepare_resume(args, epochs.given_options(command, argv))
         info = registry.get(args.impl)
+        args.impl = info.name
         config = epochs.run_config(args)
         epochs.pin_threads(args.threads)
         schedule = SCHEDULES[args.schedule]
@@ -100,12 +102,13 @@ def main(argv: list[str] | None = None) -> int:
             ResultsFileError, epochs.TrainingOptionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if record is None:
+    switched_from = epochs.ran_on(record) if record is not None else None
+    if resumed_from == 0:  # a new run, or one stopped before its first epoch: nothing of it is kept
         record = epochs.new_record(info, args, schedule, len(train_set), len(test_set))
     run = RunStatus(out, record)
     run.start()
-    print(epochs.start_line(info.name, args, len(train_set), len(test_set), out, resumed_from=resumed_from),
-          flush=True)
+    print(epochs.start_line(info.name, args, len(train_set), len(test_set), out, resumed_from=resumed_from,
+                            switched_from=switched_from), flush=True)
     previous_handler = install_sigterm_handler()
     try:
         train_epochs(impl, train_set, test_set, record, out, args, first_epoch=resumed_from + 1)

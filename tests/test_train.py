@@ -160,9 +160,8 @@ def test_an_interrupted_run_resumes_to_the_parameters_of_an_uninterrupted_one(tm
                     f"(continue with --resume {broken})")
     record = read_training_result(broken)
     assert record["status"] == "interrupted" and len(record["epochs"]) == 1 and len(record["steps"]) == 16
-    record["implementation"] = "torch-vectorised"  # the same class without the interruption
-    broken.write_text(json.dumps(record))
-    assert train.main(["--data-dir", str(mnist_path), "--resume", str(broken)]) == 0
+    # on the same class without the interruption
+    assert train.main(["--data-dir", str(mnist_path), "--resume", str(broken), "--impl", "torch-vectorised"]) == 0
     resumed, reference = read_training_result(broken), read_training_result(whole)
     assert resumed["status"] == "completed" and len(resumed["epochs"]) == 3 and len(resumed["steps"]) == 36
     assert [step["loss"] for step in resumed["steps"]] == pytest.approx([step["loss"] for step in reference["steps"]],
@@ -281,7 +280,6 @@ def test_sigterm_ends_the_run_as_ctrl_c_does_and_says_nothing_was_completed(tmp_
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--impl", "numpy-vectorised"], "(--impl terminated-torch); --impl numpy-vectorised differs"),
     (["--batch-size", "16"], "(--batch-size 32); --batch-size 16 differs"),
     (["--no-augment"], "(with augmentation); --no-augment differs"),
     (["--dtype", "float64"], "(--dtype float32); --dtype float64 differs"),
@@ -394,3 +392,42 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_training(tmp_pa
     assert ("Not a directory" in error or "File exists" in error) if where == "parent is a file" else \
         "Permission denied" in error
     assert error.rstrip().endswith("; choose another --out")
+
+
+def test_an_interrupted_run_resumes_with_its_file_alone(tmp_path, mnist_path, monkeypatch, capsys):
+    """The interrupted-run message says `--resume FILE`; that command failed with "no MNIST folder given"."""
+    monkeypatch.delenv("CAPSBENCH_DATA_DIR", raising=False)
+    with registry.registered("interrupted-torch", InterruptedInEpoch2):
+        InterruptedInEpoch2.steps = 0
+        code, out = run_train(tmp_path, mnist_path, "--impl", "interrupted-torch", "--epochs", "2", *SHORT_RUN)
+    assert code == 130
+    command = capsys.readouterr().err.strip().splitlines()[-1].split("(continue with ")[1].rstrip(")")
+    assert command == f"--resume {out}"
+    assert read_training_result(out)["data_dir"] == str(mnist_path.resolve())
+    assert train.main(["--resume", str(out), "--impl", "torch-vectorised"]) == 0
+    assert read_training_result(out)["status"] == "completed"
+
+
+def test_a_run_resumed_on_another_implementation_learns_as_the_uninterrupted_one_and_says_which_ran_what(
+        tmp_path, mnist_path, capsys):
+    """README: "a run saved by one can be resumed by another".  The canonical parameters and Adam's state
+    (moments and step count) carry over: epoch 2 on NumPy follows the loss an uninterrupted torch run has
+    (float32: 1e-4, as the two agree from the same start); without them (a fresh Adam, or the initial
+    parameters) the losses part at once."""
+    code, whole = run_train(tmp_path, mnist_path, "--impl", "torch-vectorised", "--epochs", "2", *SHORT_RUN,
+                            name="whole.json")
+    assert code == 0
+    code, switched = run_train(tmp_path, mnist_path, "--impl", "torch-vectorised", "--epochs", "1", *SHORT_RUN,
+                               name="switched.json")
+    assert code == 0
+    capsys.readouterr()
+    assert train.main(["--resume", str(switched), "--impl", "numpy-vectorised", "--epochs", "2"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("training numpy-vectorised ")
+    assert "resuming after epoch 1 (which ran on torch-vectorised)" in first
+    record, reference = read_training_result(switched), read_training_result(whole)
+    assert [epoch["implementation"] for epoch in record["epochs"]] == ["torch-vectorised", "numpy-vectorised"]
+    assert [step["loss"] for step in record["steps"]] == pytest.approx([step["loss"] for step in reference["steps"]],
+                                                                       rel=1e-4)
+    assert train.main(["--resume", str(switched), "--epochs", "3"]) == 0  # goes on where it was: NumPy
+    assert [epoch["implementation"] for epoch in read_training_result(switched)["epochs"]][2] == "numpy-vectorised"
