@@ -183,8 +183,9 @@ def writable_output(out: Path) -> Path:
         os.close(descriptor)
         os.unlink(probe)
     except OSError as error:
-        raise TrainingOptionError(f"cannot write the results into {folder}: {error.strerror or error}; choose "
-                                  "another --out") from None
+        blocker = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else error.strerror or str(error)
+        raise TrainingOptionError(f"cannot write the results into {folder}: {why}; choose another --out") from None
     return folder
 
 

@@ -389,7 +389,7 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_training(tmp_pa
     assert code == 2 and trained == []
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith(f"error: cannot write the results into {tmp_path / 'results'}: ")
-    assert ("Not a directory" in error or "File exists" in error) if where == "parent is a file" else \
+    assert f"{tmp_path / 'results'} is a file, not a folder" in error if where == "parent is a file" else \
         "Permission denied" in error
     assert error.rstrip().endswith("; choose another --out")
 
