@@ -265,6 +265,7 @@ def train_distributed(ctx: Context, impl, ddp, train_set: Dataset, test_set: Dat
     fail = failure_hook(ctx.rank)
     elapsed = record["epochs"][-1]["elapsed_seconds"] if record and record["epochs"] else 0.0
     run_step = 0
+    epochs.plan_ahead(impl, args.batch_size, record)
     for epoch in range(first_epoch, args.epochs + 1):
         sampler.set_epoch(epoch - 1)
         rng = epochs.epoch_rng(args.seed, epoch, ctx.rank)
@@ -299,7 +300,8 @@ def train_distributed(ctx: Context, impl, ddp, train_set: Dataset, test_set: Dat
         if record is not None:
             save_checkpoint(out, impl, epoch)
             summary = epochs.epoch_summary(epoch, losses, accuracy, train_seconds, eval_seconds,
-                                           time.perf_counter() - epoch_start, images_seen, elapsed)
+                                           time.perf_counter() - epoch_start, images_seen, elapsed,
+                                           implementation=args.impl)
             epochs.add_epoch(record, summary)
             write_json_atomic(out, record)
             print(epochs.epoch_line(summary, note=f" ({ctx.world_size} ranks)"), flush=True)
@@ -339,14 +341,15 @@ def start_root_record(ctx: Context, info: registry.ImplementationInfo, args: arg
     running and written, and the first line said."""
     suffix = f"-ddp{ctx.world_size}{epochs.routing_gradient_suffix(args)}"
     out = args.out or epochs.default_output(info.name, args.config, suffix=suffix)
-    if record is None:
+    switched_from = epochs.ran_on(record) if record is not None else None
+    if resumed_from == 0:  # a new run, or one stopped before its first epoch: nothing of it is kept
         record = epochs.new_record(info, args, SCHEDULES[args.schedule], len(train_set), len(test_set),
                                    ranks=ctx.world_size)
         record["distributed"] = distributed_block(ctx, args)
     run = RunStatus(out, record)
     run.start()
     print(epochs.start_line(info.name, args, len(train_set), len(test_set), out, ranks=ctx.world_size,
-                            resumed_from=resumed_from), flush=True)
+                            resumed_from=resumed_from, switched_from=switched_from), flush=True)
     return out, run
 
 
@@ -357,6 +360,7 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         record, resumed_from, params, adam = epochs.prepare_resume(args, epochs.given_options(command, argv))
         info = torch_implementation(args.impl)
+        args.impl = info.name
         config = epochs.run_config(args)
         support = info.supports(config.routing_gradient)
         if not support:

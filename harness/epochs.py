@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from harness import contract, options, registry
 from harness.checkpoint import checkpoint_path, load_checkpoint
-from harness.data import Dataset, iterate_batches
+from harness.data import DataError, Dataset, iterate_batches, resolve_data_dir
 from harness.environment import machine_facts
 from harness.progress import LINES_PER_EPOCH, Progress
 from harness.results import TRAINING_KIND, ResultsFileError, read_training_result
@@ -71,8 +73,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, batch_help: str, 
                                  "not tracked by git)")
     parser.add_argument("--resume", type=Path, metavar="FILE",
                         help="continue the run whose results file this is, from its last completed epoch (its "
-                             "options are taken from the file, and an option given that differs from it is "
-                             "refused; --epochs may change the total) (default: a new run)")
+                             "options and MNIST folder are taken from the file, and an option given that differs "
+                             "from it is refused; --epochs may change the total, --impl continue it on another "
+                             "implementation) (default: a new run)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results file named by --out and its checkpoint if they exist (default: "
                              "refuse, so that a finished run is never destroyed by mistake)")
@@ -120,6 +123,7 @@ def new_record(info: registry.ImplementationInfo, args: argparse.Namespace, sche
         "test_limit": args.test_limit,
         "seed": args.seed,
         "augment": not args.no_augment,
+        "data_dir": recorded_data_dir(args.data_dir),
         "threads": thread_facts(),
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         **process_facts(),
@@ -129,6 +133,22 @@ def new_record(info: registry.ImplementationInfo, args: argparse.Namespace, sche
         "epochs": [],
         "steps": [],
     }
+
+
+def recorded_data_dir(data_dir: str | None) -> str | None:
+    """The absolute MNIST folder a run reads (``--data-dir``, else $CAPSBENCH_DATA_DIR), for its record, so
+    that ``--resume FILE`` alone finds it again; None where neither names one."""
+    try:
+        return str(resolve_data_dir(data_dir).resolve())
+    except DataError:
+        return None
+
+
+def ran_on(record: dict) -> str:
+    """The implementation the run's last completed epoch ran on (a resumed run may change it: each epoch
+    names its own), else the one it was started with."""
+    return record["epochs"][-1].get("implementation", record["implementation"]) if record["epochs"] else \
+        record["implementation"]
 
 
 def run_config(args: argparse.Namespace) -> CapsNetConfig:
@@ -145,11 +165,28 @@ def refuse_existing_output(out: Path, overwrite: bool) -> None:
     """A new run never replaces an earlier one silently: the results file or its checkpoint existing is an
     error naming the file and the two ways on, unless ``overwrite`` (then the old checkpoint goes too)."""
     out = Path(out)
+    writable_output(out)
     existing = [path for path in (out, checkpoint_path(out)) if path.exists()]
     if existing and not overwrite:
         raise TrainingOptionError(f"{existing[0]} already exists: continue that run with --resume {out}, or "
                                   "replace it with --overwrite (or choose another --out)")
     checkpoint_path(out).unlink(missing_ok=True)
+
+
+def writable_output(out: Path) -> Path:
+    """``out``'s folder, created, if a file can be written into it (the results and the checkpoint are, after
+    every epoch); else a TrainingOptionError naming the folder, why, and the fix, before any training."""
+    folder = Path(out).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=f".{Path(out).name}.", suffix=".probe")
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as error:
+        blocker = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else error.strerror or str(error)
+        raise TrainingOptionError(f"cannot write the results into {folder}: {why}; choose another --out") from None
+    return folder
 
 
 def interrupted_line(out: Path, record: dict, why: str) -> str:
@@ -171,9 +208,12 @@ def default_output(name: str, config_name: str, suffix: str = "") -> Path:
 def resume_options(path: Path, args: argparse.Namespace, given: set[str] = frozenset()) -> dict:
     """The record of the run to resume; ``args`` takes its options.  An option in ``given`` (written on the
     command line) that differs from the run's is a TrainingOptionError, never silently replaced: a resumed
-    run continues the run as it was started.  --epochs (the total) may change, not below the epochs done."""
+    run continues the run as it was started.  --epochs (the total) may change, not below the epochs done.
+    --impl may name another implementation: it continues from the canonical parameters and Adam state of
+    the checkpoint, and each epoch records which implementation ran it (without --impl: the last epoch's).
+    Without --data-dir, the MNIST folder the run recorded, where it exists."""
     record = read_training_result(path)
-    taken = {"impl": record["implementation"], "config": record["config_name"], "dtype": record["dtype"],
+    taken = {"config": record["config_name"], "dtype": record["dtype"],
              "seed": record["seed"], "limit": record["limit"], "test_limit": record["test_limit"],
              "batch_size": record["batch_size"] // record.get("ranks", 1), "no_augment": not record["augment"],
              "schedule": record["schedule"]["name"],
@@ -186,6 +226,11 @@ def resume_options(path: Path, args: argparse.Namespace, given: set[str] = froze
             raise TrainingOptionError(f"--resume {path} continues that run as it was started ({was}); {asked} "
                                       "differs: drop it, or start a new run with another --out")
         setattr(args, key, value)
+    if "impl" not in given or args.impl is None:  # another one continues from the same parameters and Adam state
+        args.impl = ran_on(record)
+    recorded = record.get("data_dir")
+    if args.data_dir is None and recorded and Path(recorded).is_dir():
+        args.data_dir = recorded
     if "out" in given and args.out is not None and Path(args.out).resolve() != Path(path).resolve():
         raise TrainingOptionError(f"--resume {path} writes to that file; --out {args.out} differs: drop --out")
     if args.overwrite:
@@ -241,6 +286,23 @@ def truncate_to_completed_epochs(record: dict) -> None:
     record["steps"] = [step for step in record["steps"] if step["epoch"] <= done]
 
 
+def plan_ahead(impl: contract.Implementation, batch_size: int, record: dict | None) -> None:
+    """Before the first step: an implementation that chooses a plan where it runs (torch-fused's
+    convolution plan, ``use_plan_for``) chooses that of the run's batch now, so that no step, epoch or
+    images/s figure holds the set-up (12 to 36 s where it measures), and the last, partial batch of an epoch
+    or an evaluation takes that plan instead of measuring one of its own.  ``record`` (None: not rank 0)
+    keeps the set-up apart: ``plan_seconds`` (every process of the run, resumed ones included) and
+    ``plans`` (the plan of each batch size, with where it came from)."""
+    use_plan_for = getattr(impl, "use_plan_for", None)
+    if use_plan_for is None:
+        return
+    before = impl.plan_seconds
+    use_plan_for(batch_size)
+    if record is not None:
+        record["plan_seconds"] = record.get("plan_seconds", 0.0) + impl.plan_seconds - before
+        record["plans"] = impl.plan_facts()
+
+
 def check_finite(loss: float, epoch: int, step: int) -> None:
     if not math.isfinite(loss):
         raise TrainingDiverged(f"loss is {loss} at epoch {epoch}, step {step}")
@@ -253,13 +315,15 @@ def epoch_rng(seed: int, epoch: int, rank: int = 0) -> np.random.Generator:
 
 
 def epoch_summary(epoch: int, losses: list[float], accuracy: float, train_seconds: float, eval_seconds: float,
-                  wall_seconds: float, images: int, elapsed: float) -> dict:
+                  wall_seconds: float, images: int, elapsed: float, *, implementation: str) -> dict:
     """One entry of a results file's ``epochs``.  ``train_seconds`` is the wall time of the epoch's training
     loop (batch preparation and augmentation included, evaluation not), so ``images_per_second`` is what a
     user gets; ``eval_seconds`` the test-set evaluation; ``wall_seconds`` the whole epoch, both and the
-    saving of results; ``elapsed_seconds`` adds up the training steps alone, the clock of the loss curves."""
+    saving of results; ``elapsed_seconds`` adds up the training steps alone, the clock of the loss curves;
+    ``implementation`` the one that ran the epoch (a resumed run may continue on another)."""
     return {
         "epoch": epoch,
+        "implementation": implementation,
         "mean_loss": float(np.mean(losses)),
         "test_accuracy": accuracy,
         "train_seconds": train_seconds,
@@ -279,11 +343,14 @@ def epoch_line(summary: dict, note: str = "") -> str:
 
 
 def start_line(name: str, args: argparse.Namespace, train_images: int, test_images: int, out: Path,
-               ranks: int = 1, resumed_from: int = 0) -> str:
-    """The first line of a run: what is trained, on how many images, where the results go."""
+               ranks: int = 1, resumed_from: int = 0, switched_from: str | None = None) -> str:
+    """The first line of a run: what is trained, on how many images, where the results go (and, for a run
+    resumed on another implementation, the one it ran on until then)."""
     batch = f"batch {args.batch_size}" + (f" per rank = {args.batch_size * ranks} global" if ranks > 1 else "")
     where = f"data-parallel on {ranks} ranks, " if ranks > 1 else ""
     resumed = f", resuming after epoch {resumed_from}" if resumed_from else ""
+    if resumed_from and switched_from and switched_from != name:
+        resumed += f" (which ran on {switched_from})"
     return (f"training {name} ({args.dtype}, {args.config} network, schedule {args.schedule}, routing gradient "
             f"{args.routing_gradient}) {where}on "
             f"{train_images:,} training images{clamped(args.limit, train_images)}, evaluating on "

@@ -36,6 +36,7 @@ from harness.checkpoint import checkpoint_path
 from harness.data import DataError, load_mnist
 from harness.decoder import mask_to_classes
 from harness.params import validate_parameters
+from harness.progress import Progress
 from harness.report import per_class_section, save_figure
 from harness.results import (
     FIGURES_FILES,
@@ -150,11 +151,14 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) 
 
 def predict(impl: contract.Implementation, images: np.ndarray, batch_size: int) -> np.ndarray:
     """The predicted class of every image: the longest class capsule of an inference forward pass (as
-    training's evaluation decides)."""
+    training's evaluation decides), with progress (the longest part: a minute on all 10,000 test images)."""
     chunks = []
+    progress = Progress(math.ceil(len(images) / batch_size), "classifying the test images")
     for start in range(0, len(images), batch_size):
         lengths, _ = impl.forward(impl.to_device(images[start : start + batch_size]), train=False)
         chunks.append(impl.to_numpy(lengths).argmax(axis=1))
+        progress.update()
+    progress.close()
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
 
 
@@ -200,16 +204,18 @@ def compute(impl: contract.Implementation, images: np.ndarray, labels: np.ndarra
     by_class, mistakes = choose_images(labels, predictions, per_class, seed, config.num_classes)
     shown = sorted({index for indices in by_class for index in indices} | set(mistakes))
     capsules, reconstructions = {}, {}
+    chosen_classes = [indices for indices in by_class if indices]
+    progress = Progress(math.ceil(len(shown) / batch_size) + len(chosen_classes),
+                        "capsules and perturbations of the images shown")
     for start in range(0, len(shown), batch_size):
         chunk = shown[start : start + batch_size]
         v, recon = class_capsules(impl, images[chunk])
         capsules.update(zip(chunk, v))
         reconstructions.update(zip(chunk, recon))
+        progress.update()
     grid = perturbation_grid()
     perturbations = []
-    for indices in by_class:
-        if not indices:
-            continue
+    for indices in chosen_classes:
         correct = [index for index in indices if predictions[index] == labels[index]]
         index = (correct or indices)[0]  # a correctly classified one where the choice has one
         predicted = int(predictions[index])
@@ -218,6 +224,8 @@ def compute(impl: contract.Implementation, images: np.ndarray, labels: np.ndarra
         zero = tiles[:, int(np.flatnonzero(grid == 0)[0])]
         difference = float(np.abs(zero - reconstructions[index].reshape(config.image_size, config.image_size)).max())
         perturbations.append({"index": index, "tiles": tiles, "zero_perturbation_max_difference": difference})
+        progress.update()
+    progress.close()
     return {"predictions": predictions, "by_class": by_class, "mistakes": mistakes, "capsules": capsules,
             "reconstructions": reconstructions, "grid": grid, "perturbations": perturbations,
             "confusion": confusion_matrix(labels, predictions, config.num_classes)}
@@ -426,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     drawn = compute(impl, test_set.images, test_set.labels, per_class=args.per_class, seed=args.seed,
                     batch_size=args.batch_size)
     record = figures_record(checkpoint, info, args, test_set.labels, drawn)
+    print(f"drawing the figures into {args.out} ...", file=sys.stderr, flush=True)
     write_figures(args.out, test_set.images, test_set.labels, drawn, record, checkpoint.config)
     print(f"figures written to {args.out} (test accuracy {record['accuracy']:.2%} on {len(test_set):,} images; "
           f"{FIGURES_MD} has the per-class table)")

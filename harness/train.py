@@ -34,6 +34,7 @@ def train_epochs(impl: contract.Implementation, train_set, test_set, record: dic
     file and the checkpoint are saved."""
     elapsed = record["epochs"][-1]["elapsed_seconds"] if record["epochs"] else 0.0
     steps_per_epoch = -(-len(train_set) // args.batch_size)
+    epochs.plan_ahead(impl, args.batch_size, record)
     for epoch in range(first_epoch, args.epochs + 1):
         losses, images_seen, epoch_start = [], 0, time.perf_counter()
         progress = Progress(steps_per_epoch, f"epoch {epoch}/{args.epochs}", args.log_every)
@@ -55,7 +56,8 @@ def train_epochs(impl: contract.Implementation, train_set, test_set, record: dic
         eval_seconds = time.perf_counter() - eval_start
         save_checkpoint(out, impl, epoch)
         summary = epochs.epoch_summary(epoch, losses, correct / len(test_set), train_seconds, eval_seconds,
-                                       time.perf_counter() - epoch_start, images_seen, elapsed)
+                                       time.perf_counter() - epoch_start, images_seen, elapsed,
+                                       implementation=args.impl)
         epochs.add_epoch(record, summary)
         write_json_atomic(out, record)
         print(epochs.epoch_line(summary), flush=True)
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record, resumed_from, params, adam = epochs.prepare_resume(args, epochs.given_options(command, argv))
         info = registry.get(args.impl)
+        args.impl = info.name
         config = epochs.run_config(args)
         epochs.pin_threads(args.threads)
         schedule = SCHEDULES[args.schedule]
@@ -93,17 +96,19 @@ def main(argv: list[str] | None = None) -> int:
             impl.load_adam_state(adam)
         train_set = load_mnist(args.data_dir, "train").head(args.limit)
         test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
+        out = args.out or epochs.default_output(info.name, args.config, suffix=epochs.routing_gradient_suffix(args))
+        epochs.writable_output(out)
     except (registry.UnknownImplementationError, contract.UnavailableImplementationError, DataError,
             ResultsFileError, epochs.TrainingOptionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = args.out or epochs.default_output(info.name, args.config, suffix=epochs.routing_gradient_suffix(args))
-    if record is None:
+    switched_from = epochs.ran_on(record) if record is not None else None
+    if resumed_from == 0:  # a new run, or one stopped before its first epoch: nothing of it is kept
         record = epochs.new_record(info, args, schedule, len(train_set), len(test_set))
     run = RunStatus(out, record)
     run.start()
-    print(epochs.start_line(info.name, args, len(train_set), len(test_set), out, resumed_from=resumed_from),
-          flush=True)
+    print(epochs.start_line(info.name, args, len(train_set), len(test_set), out, resumed_from=resumed_from,
+                            switched_from=switched_from), flush=True)
     previous_handler = install_sigterm_handler()
     try:
         train_epochs(impl, train_set, test_set, record, out, args, first_epoch=resumed_from + 1)

@@ -579,20 +579,33 @@ class TorchFusedCapsNet(TorchCapsNet):
             self.params[name].data = self.params[name].data.contiguous(memory_format=torch.channels_last)
         self.plan = PLANS[self._device.type]  # until the first batch shape chooses its own (use_plan_for)
         self.plans: dict[int, tuple[Plan, dict]] = {}
+        self.plan_seconds = 0.0  # spent choosing plans (measuring, or reading the cache): set-up, not a step
         self.workspace = Workspace(self._dtype, self._device)
         self.module = FusedCapsNetModule(config, self.params, self.plan, self.workspace)
 
     def use_plan_for(self, batch_size: int) -> Plan:
-        """The convolution plan of this batch size, chosen on its first use (:func:`choose_plan`: measured on
-        this machine or read from the cache) unless $CAPSBENCH_CONV_PLAN is "fixed" (then :data:`PLANS`)."""
+        """The convolution plan of this batch size, chosen on its first use: a batch no larger than one this
+        model has planned (the last, partial batch of an epoch or of an evaluation) takes the plan of the
+        smallest such (:func:`serving_batch_size`), since every plan computes every shape and re-planning
+        would cost more than one step could save; otherwise :func:`choose_plan` (measured on this machine or
+        read from the cache), unless $CAPSBENCH_CONV_PLAN is "fixed" (then :data:`PLANS`).  The seconds spent
+        choosing add up in :attr:`plan_seconds`, so that a caller keeps them out of its step times."""
         if batch_size not in self.plans:
-            if os.environ.get(CONV_PLAN_ENV, "measure") == "fixed":
+            start = time.perf_counter()
+            serving = serving_batch_size(batch_size, self.plans)
+            if serving is not None:
+                plan, facts = self.plans[serving]
+                self.plans[batch_size] = (plan, {**{key: facts[key] for key in STRATEGY_FACTS if key in facts},
+                                                 "source": f"batch {serving}'s plan (a smaller batch takes the "
+                                                           "plan of a larger one planned before)"})
+            elif os.environ.get(CONV_PLAN_ENV, "measure") == "fixed":
                 fixed = PLANS[self._device.type]
                 self.plans[batch_size] = (fixed, {"conv1": dataclasses.asdict(fixed.conv1),
                                                   "primary_caps": dataclasses.asdict(fixed.primary),
                                                   "source": f"fixed (${CONV_PLAN_ENV}=fixed)"})
             else:
                 self.plans[batch_size] = choose_plan(self.config, batch_size, self.dtype, self._device)
+            self.plan_seconds += time.perf_counter() - start
         self.plan = self.module.plan = self.plans[batch_size][0]
         return self.plan
 
@@ -739,6 +752,16 @@ def plan_shape(config: CapsNetConfig, batch_size: int) -> dict:
             "primary_caps": list(conv_shape(config, "primary_caps"))}
 
 
+STRATEGY_FACTS = ("conv1", "primary_caps", "note")  # what a plan's facts say of the plan itself
+
+
+def serving_batch_size(batch_size: int, planned) -> int | None:
+    """The planned batch size whose plan a batch of ``batch_size`` takes instead of a plan of its own: the
+    smallest of ``planned`` at least as large, or None (a batch larger than every planned one is planned)."""
+    larger = [planned_size for planned_size in planned if planned_size >= batch_size]
+    return min(larger) if larger else None
+
+
 def measure_plan(config: CapsNetConfig, batch_size: int, dtype: str, device: str) -> dict:
     """Median seconds of every candidate of both convolutions: {layer: {"phase/strategy": seconds}}."""
     measured = {}
@@ -779,6 +802,9 @@ def choose_plan(config: CapsNetConfig, batch_size: int, dtype: str, device, meas
             entry = None
     if entry is None:
         source = "measured"
+        print(f"torch-fused: measuring its convolution plan for batch {batch_size} ({dtype} on {device.type}, "
+              f"{torch.get_num_threads()} threads; once per machine and shape, then read from "
+              f"{conv_plans.cache_path()}) ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         seconds = (measure or measure_plan)(config, batch_size, dtype, device)
         entry = {"seconds": seconds, "measure_seconds": time.perf_counter() - start}

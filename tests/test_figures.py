@@ -171,3 +171,14 @@ def test_a_corrupt_or_missing_checkpoint_is_one_clear_line(tmp_path, mnist_path,
     assert figures.main(["--checkpoint", str(path), "--data-dir", str(mnist_path)]) == 2
     err = one_error_line(capsys)
     assert ("no such checkpoint" if damage == "missing" else "not a readable capsbench checkpoint") in err
+
+
+def test_a_long_run_in_a_pipe_says_how_far_it_is(trained_run, tmp_path, mnist_path, capsys):
+    """`capsbench figures` printed nothing for 84 s in a pipe: plain progress lines, as training's."""
+    code = figures.main(["--checkpoint", str(trained_run), "--data-dir", str(mnist_path), "--test-limit", "60",
+                         "--batch-size", "20", "--out", str(tmp_path)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "classifying the test images: 3/3 steps, " in err
+    assert re.search(r"capsules and perturbations of the images shown: (\d+)/\1 steps", err)
+    assert f"drawing the figures into {tmp_path} ..." in err

@@ -412,7 +412,8 @@ def written_record(tmp_path, *argv, ranks=1, done=0, routing_gradient=True):
                      "--batch-size", "16", "--epochs", "4", "--schedule", "constant", *argv)
     record = epochs.new_record(registry.get("numpy-vectorised"), args, SCHEDULES[args.schedule], 64, 50, ranks)
     for epoch in range(1, done + 1):
-        epochs.add_epoch(record, epochs.epoch_summary(epoch, [1.0], 0.5, 1.0, 1.0, 2.0, 64, float(epoch)))
+        epochs.add_epoch(record, epochs.epoch_summary(epoch, [1.0], 0.5, 1.0, 1.0, 2.0, 64, float(epoch),
+                                                      implementation="numpy-vectorised"))
     if not routing_gradient:
         del record["routing_gradient"]  # a file older than the option
     path = tmp_path / "run.json"
@@ -461,6 +462,37 @@ def test_a_resume_takes_every_option_from_the_file(tmp_path):
     write_json_atomic(path, record)
     epochs.resume_options(path, args)
     assert args.batch_size == 16
+
+
+def test_a_resume_continues_on_the_last_epochs_implementation_or_the_one_given(tmp_path):
+    path, record = written_record(tmp_path, done=2)
+    record["epochs"][1]["implementation"] = "torch-vectorised"  # epoch 2 ran on another
+    write_json_atomic(path, record)
+    parser, args = parsed("--resume", str(path))
+    epochs.resume_options(path, args, epochs.given_options(parser, ["--resume", str(path)]))
+    assert args.impl == "torch-vectorised"
+    argv = ["--resume", str(path), "--impl", "torch-fused"]
+    parser, args = parsed(*argv)
+    epochs.resume_options(path, args, epochs.given_options(parser, argv))  # not refused
+    assert args.impl == "torch-fused"
+
+
+def test_a_resume_reads_the_data_folder_the_run_recorded_unless_one_is_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPSBENCH_DATA_DIR", str(tmp_path))
+    path, record = written_record(tmp_path)
+    assert record["data_dir"] == str(tmp_path.resolve())
+    monkeypatch.delenv("CAPSBENCH_DATA_DIR")
+    _, args = parsed("--resume", str(path))
+    epochs.resume_options(path, args)
+    assert args.data_dir == str(tmp_path.resolve())
+    _, args = parsed("--resume", str(path), "--data-dir", "elsewhere")
+    epochs.resume_options(path, args)
+    assert args.data_dir == "elsewhere"
+    record["data_dir"] = str(tmp_path / "gone")  # moved away: $CAPSBENCH_DATA_DIR or --data-dir, as for a new run
+    write_json_atomic(path, record)
+    _, args = parsed("--resume", str(path))
+    epochs.resume_options(path, args)
+    assert args.data_dir is None
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -563,7 +595,7 @@ def test_the_first_line_says_what_is_trained_on_what_and_where_it_goes():
 
 
 def test_an_epoch_line_says_loss_accuracy_and_times_and_adds_only_the_note_asked_for():
-    summary = epochs.epoch_summary(2, [1.0, 0.5], 0.987654, 20.0, 2.0, 23.0, 640, 40.0)
+    summary = epochs.epoch_summary(2, [1.0, 0.5], 0.987654, 20.0, 2.0, 23.0, 640, 40.0, implementation="x")
     assert epochs.epoch_line(summary) == ("epoch 2: mean loss 0.7500, test accuracy 98.77%; training 20.0 s (32.0 "
                                           "images/s), evaluation 2.0 s, epoch wall time 23.0 s")
     assert epochs.epoch_line(summary, " (best)").endswith("epoch wall time 23.0 s (best)")

@@ -4,6 +4,7 @@ against the NumPy implementation's.  The whole model is held to the contract in 
 
 import contextlib
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -337,3 +338,41 @@ def test_a_spectral_plan_says_its_rates_are_effective(tmp_path, monkeypatch):
     plan, facts = tf.choose_plan(SMALL, 8, "float64", "cpu", measure=lambda *a: timings)
     assert plan.primary == tf.ConvPlan("spectral", "spectral", "spectral")
     assert facts["note"] == tf.SPECTRAL_NOTE and "effective" in facts["note"]
+
+
+def test_a_smaller_batch_takes_the_plan_of_a_larger_one_planned_before(tmp_path, monkeypatch):
+    """The last, partial batch of an epoch or an evaluation (104 of 128) must not measure a plan of its own:
+    that measuring took 12 to 36 s inside one step.  A larger batch than any planned is planned."""
+    monkeypatch.setenv(PLAN_CACHE_ENV, str(tmp_path))
+    measured = []
+
+    def measure(config, batch_size, dtype, device):
+        measured.append(batch_size)
+        return fake_timings("offsets", "col2im")
+
+    monkeypatch.setattr(tf, "measure_plan", measure)
+    from harness.params import init_parameters
+
+    impl = tf.TorchFusedCapsNet(SMALL, init_parameters(SMALL), "float64")
+    for batch_size in (4, 8, 3, 6):
+        impl.forward(impl.to_device(synthetic_batch(SMALL, batch_size, seed=0)[0]), train=False)
+    assert measured == [4, 8]  # 3 takes 4's plan (the smallest planned at least as large), 6 takes 8's
+    facts = impl.plan_facts()
+    assert facts["3"]["source"].startswith("batch 4's plan") and facts["6"]["source"].startswith("batch 8's plan")
+    assert facts["3"]["primary_caps"] == facts["4"]["primary_caps"] and "seconds" not in facts["3"]
+    assert tf.serving_batch_size(128, {32: None}) is None and tf.serving_batch_size(104, {256: 0, 128: 0}) == 128
+
+
+def test_a_measured_plan_says_so_in_one_line_and_its_seconds_add_up_apart(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(PLAN_CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(tf, "measure_plan", lambda *a: (time.sleep(0.2), fake_timings("offsets", "col2im"))[1])
+    from harness.params import init_parameters
+
+    impl = tf.TorchFusedCapsNet(SMALL, init_parameters(SMALL), "float64")
+    impl.use_plan_for(4)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("torch-fused: measuring its convolution plan for batch 4 ")
+    assert str(tmp_path) in err and impl.plan_seconds >= 0.2
+    second = tf.TorchFusedCapsNet(SMALL, init_parameters(SMALL), "float64")
+    second.use_plan_for(4)  # from the cache: nothing said
+    assert capsys.readouterr().err == "" and second.plan_seconds < 0.2
