@@ -51,6 +51,11 @@ def asv_environment(home: Path) -> dict:
 
 
 def run_asv(env: dict, command: str, *args: str) -> subprocess.CompletedProcess:
+    """``asv COMMAND --config ...`` in ``env``.  asv drops PYTHONPATH from the environment of the processes it
+    starts (discovery, benchmarks) and passes ASV_PYTHONPATH on as theirs: set to PYTHONPATH here, so the
+    benchmarks import the code and the plugins the test names, not whatever the virtualenv installed."""
+    if "PYTHONPATH" in env:
+        env = {**env, "ASV_PYTHONPATH": env["PYTHONPATH"]}
     return subprocess.run(["asv", command, "--config", env["ASV_CONFIG"], *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, env=env, timeout=900, stdin=subprocess.DEVNULL)
 
