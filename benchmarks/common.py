@@ -7,7 +7,10 @@ the profile's routing gradients.  Implementations are every
 name the registry knows (built-in, added later, or installed through the entry point), always, so that
 every run describes the same grid and no earlier result loses its labels.  One that cannot run here, one
 left out by ``CAPSBENCH_IMPLEMENTATIONS``, or a combination that runs out of memory is skipped through
-asv's own mechanism (``NotImplementedError`` in ``setup``, with the reason).  Sizes come from a profile of
+asv's own mechanism (``NotImplementedError`` in ``setup``, with the reason), and a skip never erases a
+figure an earlier run stored (asv.conf.json's plugin, :mod:`harness.asv_keep_figures`).  A name in
+``CAPSBENCH_IMPLEMENTATIONS`` that this environment does not register ends the run at import, before any
+benchmark (:func:`selected_implementations`).  Sizes come from a profile of
 :mod:`harness.suite_profiles`, chosen with ``CAPSBENCH_PROFILE`` (scikit-learn's asv suite does the same).
 
 Importing this module must never touch a GPU: asv imports the suite once in a fork server and forks a
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,26 +42,42 @@ from harness.threads import set_threads, usable_cpu_count
 
 DTYPE = "float32"
 DATA_SEED = 0
+PLUGIN_HINT = ("An installed plugin, or a module of implementations/ not on the commit asv builds, reaches the "
+               "suite only through `asv run --python=same` from the environment it is installed in "
+               "(docs/plugins.md).")
 
 
-def selected_implementations() -> set[str] | str:
-    """The names in $CAPSBENCH_IMPLEMENTATIONS (comma separated; all when unset), or, when one is not
-    registered, the one-line error that every benchmark then reports as its skip reason."""
+class UnknownImplementationsError(ValueError):
+    """$CAPSBENCH_IMPLEMENTATIONS names an implementation this environment does not register."""
+
+
+def selected_implementations() -> set[str]:
+    """The names in $CAPSBENCH_IMPLEMENTATIONS (comma separated; all when unset).
+
+    A name that no implementation registers in this environment raises :class:`UnknownImplementationsError`,
+    one line with the known names.  The suite calls this at import, so a misspelt name, or a plugin or an
+    uncommitted module that the environment asv benchmarks in cannot see, ends ``asv run`` at discovery,
+    before any benchmark runs and before any result is written, instead of skipping every cell."""
     wanted = os.environ.get(IMPLEMENTATIONS_ENV)
     if not wanted:
         return set(registry.names())
     chosen = {name.strip() for name in wanted.split(",") if name.strip()}
     unknown = sorted(chosen - set(registry.names()))
     if unknown:
-        return (f"{IMPLEMENTATIONS_ENV} names {', '.join(map(repr, unknown))}, which no implementation registers; "
-                f"known implementations: {', '.join(registry.names())}")
+        raise UnknownImplementationsError(
+            f"{IMPLEMENTATIONS_ENV} names {', '.join(map(repr, unknown))}, which no implementation registers in "
+            f"the environment asv benchmarks in ({sys.executable}); known implementations: "
+            f"{', '.join(registry.names())}. {PLUGIN_HINT}")
     return chosen
 
 
 PROFILE_NAME, PROFILE = load_suite_profile()
 CONFIG = get_config(PROFILE["config"])
 IMPLEMENTATIONS = registry.names()
-SELECTED = selected_implementations()
+try:
+    SELECTED = selected_implementations()
+except UnknownImplementationsError as error:
+    raise SystemExit(f"capsbench's asv suite: {error}") from None  # asv prints this line, not a traceback
 BATCH_SIZES = PROFILE["batch_sizes"]
 ROUTING_ITERATIONS = PROFILE["routing_iterations"]
 STEP_ROUTING_ITERATIONS = PROFILE["step_routing_iterations"]
@@ -71,8 +91,6 @@ def left_out_reason(name: str) -> str | None:
     that leaves compiling implementations out), as what follows the name ("is left out by ..."); None when
     they do not.  Cheap: nothing is imported or started, so every benchmark process can record it in the
     facts."""
-    if isinstance(SELECTED, str):
-        return SELECTED
     if name not in SELECTED:
         return f"is left out by {IMPLEMENTATIONS_ENV}"
     if registry.get(name).cls.first_call_compiles and not PROFILE["compiled"] and not os.environ.get(
@@ -85,8 +103,6 @@ def left_out_reason(name: str) -> str | None:
 def require_available(name: str, routing_gradient: str = "full") -> registry.ImplementationInfo:
     """The registry entry, or NotImplementedError (asv: skipped) saying why it does not run: left out
     (:func:`left_out_reason`), unavailable here, or without the routing gradient asked for."""
-    if isinstance(SELECTED, str):
-        raise NotImplementedError(SELECTED)
     reason = left_out_reason(name)
     if reason:
         raise NotImplementedError(f"{name} {reason}")

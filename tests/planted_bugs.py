@@ -291,6 +291,21 @@ BUGS = (
         "    def time_backward(self, *params):\n        self.impl.forward_loss(self.batch)\n"
         "        self.impl.backward()",
         ("tests/test_suite_regions.py",)),
+    # the asv suite's re-runs and plugins: a skip never erases a figure, an unknown name ends the run, a run
+    # that cannot measure an installed plugin says so (issue 42, points 1 and 6)
+    Bug("a failed cell keeps the earlier figure as a skipped one does", "harness/asv_keep_figures.py",
+        "if util.is_nan(new) and not util.is_na(old)", "if util.is_na(new) and not util.is_na(old)",
+        ("tests/test_benchmarks.py::test_a_skip_keeps_the_earlier_figure_and_a_new_figure_or_a_failure_replaces_it",)),
+    Bug("asv.conf.json does not load the plugin that keeps figures", "asv.conf.json",
+        '"plugins": [".harness.asv_keep_figures", ', '"plugins": [',
+        ("tests/test_benchmarks.py::test_a_narrowed_or_misspelt_rerun_keeps_every_earlier_figure",)),
+    Bug("the warning of unreachable plugins before a --python=same run too", "harness/asv_plugin_reach.py",
+        "    if not names or not builds_its_environments(conf, env_spec):", "    if not names:",
+        ("tests/test_plugin.py::test_a_run_in_an_environment_asv_builds_names_the_plugins_it_cannot_measure",)),
+    Bug("an unknown name in CAPSBENCH_IMPLEMENTATIONS is skipped, not the end of the run", "benchmarks/common.py",
+        "    unknown = sorted(chosen - set(registry.names()))", "    unknown = []",
+        ("tests/test_benchmarks.py::test_a_narrowed_or_misspelt_rerun_keeps_every_earlier_figure",
+         "tests/test_benchmarks.py::test_implementations_can_be_narrowed_and_unknown_names_are_one_line")),
     # the routing gradient final (harness.spec)
     Bug("final lets the gradient through the early routing iterations (autograd)", "implementations/torch_capsnet.py",
         '    if gradient == "final" and iteration < iterations - 1:\n        return u_hat.detach()',

@@ -2,14 +2,22 @@
 suite's own helpers skip what cannot run instead of crashing."""
 
 import json
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from asv_helpers import (
+    asv_environment,
+    figures,
+    implementations_with_figures,
+    measured_commit,
+    run_asv,
+    run_saved,
+    saved_results,
+    write_asv_config,
+)
 
 from harness import registry, report, settings
 from implementations.torch_capsnet import TorchCapsNet
@@ -26,24 +34,9 @@ BENCHMARK_NAMES = [
 
 @pytest.fixture(scope="module")
 def asv_env(tmp_path_factory):
-    """asv's environment with a HOME of its own, holding the machine description `asv machine --yes`
-    writes (asv refuses to run without one; the user's own ~/.asv-machine.json stays untouched), and a
-    copy of asv.conf.json whose results and environments go to a temporary folder (even a dry run
-    rewrites results/asv/benchmarks.json, which the committed results need as they are)."""
-    home = tmp_path_factory.mktemp("home")
-    lines = (REPO_ROOT / "asv.conf.json").read_text().splitlines()
-    conf = json.loads("\n".join(line for line in lines if not line.strip().startswith("//")))
-    conf.update(repo=str(REPO_ROOT), benchmark_dir=str(REPO_ROOT / "benchmarks"), results_dir=str(home / "results"),
-                env_dir=str(home / "env"), html_dir=str(home / "html"))
-    (home / "asv.conf.json").write_text(json.dumps(conf))
-    env = {**os.environ, "HOME": str(home), "CAPSBENCH_PROFILE": "smoke", "ASV_CONFIG": str(home / "asv.conf.json")}
-    subprocess.run(["asv", "machine", "--yes"], cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=120)
-    return env
-
-
-def run_asv(env, command, *args):
-    return subprocess.run(["asv", command, "--config", env["ASV_CONFIG"], *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, env=env, timeout=900, stdin=subprocess.DEVNULL)
+    """asv's environment with a HOME of its own and a configuration writing into it
+    (:func:`asv_helpers.asv_environment`)."""
+    return asv_environment(tmp_path_factory.mktemp("home"))
 
 
 def test_asv_check_accepts_the_suite(asv_env):
@@ -86,9 +79,12 @@ def test_implementations_can_be_narrowed_and_unknown_names_are_one_line(monkeypa
     monkeypatch.setenv(settings.IMPLEMENTATIONS_ENV, "numpy-vectorised, torch-looped")
     assert common.selected_implementations() == {"numpy-vectorised", "torch-looped"}
     monkeypatch.setenv(settings.IMPLEMENTATIONS_ENV, "numpy-vectorized,torch-looped")
-    problem = common.selected_implementations()
-    assert isinstance(problem, str) and "\n" not in problem
+    with pytest.raises(common.UnknownImplementationsError) as raised:
+        common.selected_implementations()
+    problem = str(raised.value)
+    assert "\n" not in problem
     assert "'numpy-vectorized'" in problem and "known implementations: " + ", ".join(registry.names()) in problem
+    assert "asv run --python=same" in problem  # where a plugin reaches the suite
 
 
 def readme_main_bench() -> str:
@@ -102,17 +98,11 @@ def test_a_narrowed_run_keeps_the_grid_and_writes_the_facts(asv_env, tmp_path):
     every implementation, the others are skipped with the reason, and the machine facts are written beside
     the saved results although the MachineFacts benchmark did not run.  The --bench is README's main job's,
     whose run makes a report with the train step and the machine's peak and no other phase."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip()
-    env = {**asv_env, "CAPSBENCH_IMPLEMENTATIONS": "numpy-vectorised", "CAPSBENCH_ASV_COMMIT": head,
-           "CAPSBENCH_ASV_CONFIG": asv_env["ASV_CONFIG"]}
-    result = subprocess.run(["asv", "run", "--config", env["ASV_CONFIG"], "--quick", "--python=same",
-                             "--set-commit-hash", head, "--bench", readme_main_bench(), "--show-stderr"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=900,
-                            stdin=subprocess.DEVNULL)
+    head = measured_commit(asv_env)
+    result = run_saved(asv_env, "numpy-vectorised", readme_main_bench())
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    results = Path(env["HOME"]) / "results"
+    results = Path(asv_env["HOME"]) / "results"
     described = json.loads((results / "benchmarks.json").read_text())
     grid = described["bench_phases.TrainStep.time_train_step"]["params"][0]
     assert sorted(json.loads(name.replace("'", '"')) for name in grid) == registry.names()
@@ -125,7 +115,7 @@ def test_a_narrowed_run_keeps_the_grid_and_writes_the_facts(asv_env, tmp_path):
     assert recorded["left_out"] == {name: "is left out by CAPSBENCH_IMPLEMENTATIONS" for name in registry.names()
                                     if name != "numpy-vectorised"}
 
-    saved = [path for path in results.glob("*/*.json") if path.name != "machine.json"]
+    saved = saved_results(results)
     assert len(saved) == 1, saved
     assert set(json.loads(saved[0].read_text())["results"]) == {
         "bench_phases.TrainStep.time_train_step", "bench_peak.GemmPeak.track_gemm_peak_gflops",
@@ -160,14 +150,44 @@ def test_the_suite_says_why_it_leaves_an_implementation_out(monkeypatch):
     assert common.left_out_reason("torch-looped") == "is left out by CAPSBENCH_IMPLEMENTATIONS"
 
 
-def test_a_misspelt_implementation_ends_with_the_known_names(asv_env):
-    env = {**asv_env, "CAPSBENCH_IMPLEMENTATIONS": "numpy-vectorized"}
-    result = subprocess.run(["asv", "run", "--config", env["ASV_CONFIG"], "--quick", "--dry-run", "--python=same",
-                             "--bench", "TrainStep", "--show-stderr"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=900,
-                            stdin=subprocess.DEVNULL)
-    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
-    assert "known implementations: " + ", ".join(registry.names()) in lines[-1], lines[-5:]
+def started_at(path: Path, benchmark: str) -> int:
+    """When the run that last measured ``benchmark`` started it (asv's results file)."""
+    saved = json.loads(path.read_text())
+    return dict(zip(saved["result_columns"], saved["results"][benchmark]))["started_at"]
+
+
+def test_a_narrowed_or_misspelt_rerun_keeps_every_earlier_figure(asv_env, tmp_path):
+    """Issue 42, point 1, with real asv runs at one commit and environment: a run of two implementations,
+    then one narrowed to one of them, which measures it again and keeps the other's figure (asv alone would
+    store the skipped cell as n/a: harness/asv_keep_figures.py keeps it), then a misspelt one, which ends
+    at discovery with the known names and a non-zero status, the results as they were."""
+    env = {**asv_env, "ASV_CONFIG": str(write_asv_config(tmp_path, tmp_path / "results"))}
+    bench, benchmark = "TrainStep", "bench_phases.TrainStep.time_train_step"
+
+    first = run_saved(env, "numpy-vectorised,torch-looped", bench)
+    assert first.returncode == 0, first.stdout + first.stderr
+    [path] = saved_results(tmp_path / "results")
+    before = figures(path, benchmark)
+    assert implementations_with_figures(path, benchmark) == {"numpy-vectorised", "torch-looped"}
+    started = started_at(path, benchmark)
+
+    narrowed = run_saved(env, "numpy-vectorised", bench)
+    assert narrowed.returncode == 0, narrowed.stdout + narrowed.stderr
+    assert "torch-looped is left out by CAPSBENCH_IMPLEMENTATIONS" in narrowed.stdout  # skipped in this run
+    after = figures(path, benchmark)
+    assert implementations_with_figures(path, benchmark) == {"numpy-vectorised", "torch-looped"}
+    [looped] = [cell for cell in before if "torch-looped" in cell[0]]
+    assert after[looped] == before[looped]  # the earlier figure, untouched
+    assert started_at(path, benchmark) > started  # and numpy-vectorised measured again
+
+    saved = {file: file.read_bytes() for file in (tmp_path / "results").rglob("*.json")}
+    misspelt = run_saved(env, "numpy-vectorized", bench)
+    output = misspelt.stdout + misspelt.stderr
+    assert misspelt.returncode != 0, output
+    assert "CAPSBENCH_IMPLEMENTATIONS names 'numpy-vectorized', which no implementation registers" in output
+    assert "known implementations: " + ", ".join(registry.names()) in output
+    assert "Running " not in output  # ended at discovery, before any benchmark
+    assert {file: file.read_bytes() for file in (tmp_path / "results").rglob("*.json")} == saved
 
 
 def test_unavailable_implementation_is_skipped_with_its_reason():
@@ -216,3 +236,38 @@ def test_the_plan_an_implementation_chose_goes_into_the_facts_and_stays(monkeypa
     common.record_facts()
     plans = json.loads(path.read_text())["plans"]
     assert plans == {"torch-fused": {"32": {"primary_caps": {"forward": "library"}, "source": "measured"}}}
+
+
+def test_a_skip_keeps_the_earlier_figure_and_a_new_figure_or_a_failure_replaces_it(monkeypatch):
+    """harness/asv_keep_figures.py on asv's own Results, cell by cell: a skipped cell (NaN) keeps the earlier
+    figure, a measured one replaces it, a failed one (None) too; a benchmark whose code changed (another
+    version) keeps nothing; setting up twice wraps once; an asv without ``selected_idx`` is refused by name."""
+    from asv import util
+    from asv.results import Results
+    from asv.runner import BenchmarkResult
+
+    from harness import asv_keep_figures
+
+    monkeypatch.setattr(Results, "add_result", Results.add_result)  # undone after the test
+    asv_keep_figures.setup()
+    wrapped = Results.add_result
+    asv_keep_figures.setup()
+    assert Results.add_result is wrapped
+
+    def run(values, version="1"):
+        benchmark = {"name": "bench_phases.TrainStep.time_train_step", "version": version,
+                     "params": [["'a'", "'b'", "'c'", "'d'"]]}
+        results.add_result(benchmark, BenchmarkResult(result=values, samples=[None] * 4, number=[None] * 4,
+                                                      errcode=0, stderr="", profile=None))
+        return results.get_result_value(benchmark["name"], benchmark["params"])
+
+    nan = float("nan")
+    results = Results.unnamed()
+    assert run([1.0, 2.0, 3.0, nan])[:3] == [1.0, 2.0, 3.0]
+    after = run([nan, 5.0, None, nan])
+    assert after[:3] == [1.0, 5.0, None] and util.is_nan(after[3])
+    assert util.is_nan(run([nan, nan, nan, nan], version="2")[0])
+
+    monkeypatch.setattr(Results, "add_result", lambda self, benchmark, result: None)
+    with pytest.raises(util.UserError, match=r"selected_idx.*install asv>=0\.6\.4,<0\.7"):
+        asv_keep_figures.setup()

@@ -1,11 +1,13 @@
 """An implementation installed as a separate package is found through the entry point group."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+from asv_helpers import asv_environment, implementations_with_figures, run_asv, run_saved, saved_results
 
 from conftest import REPO_ROOT, run_module
 
@@ -135,3 +137,50 @@ def test_a_numpy_plugins_routing_functions_run_inside_the_routing_range():
     assert ("forward", "routing") in opened["numpy-own-routing"]
     assert ("backward", "routing") in opened["numpy-own-routing"]
     assert not {("forward", "routing"), ("backward", "routing")} & set(opened["numpy-vectorised"])
+
+
+def test_the_asv_suite_benchmarks_an_installed_plugin_where_it_is_installed_and_names_it_missing_elsewhere(
+        plugin_path, tmp_path):
+    """Issue 42, point 6: docs/plugins.md's command (asv run --python=same, from the environment the plugin is
+    installed in) measures the plugin, its facts say where it comes from; the same command where the plugin
+    is not installed (as in the environment a plain asv run builds) ends before any benchmark, non-zero,
+    naming the plugin, the known implementations and the command that reaches it, and writes nothing."""
+    manual = (REPO_ROOT / "docs" / "plugins.md").read_text()
+    assert "CAPSBENCH_IMPLEMENTATIONS=example-torch-einsum" in manual
+    assert "asv run --python=same --set-commit-hash $(git rev-parse HEAD)" in manual
+    env = {**asv_environment(tmp_path), **with_plugin(plugin_path)}
+    bench, benchmark = "TrainStep", "bench_phases.TrainStep.time_train_step"
+
+    result = run_saved(env, "example-torch-einsum", bench)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [path] = saved_results(tmp_path / "results")
+    assert implementations_with_figures(path, benchmark) == {"example-torch-einsum"}
+    [facts] = (tmp_path / "asv-facts").glob("*/*.json")
+    assert json.loads(facts.read_text())["implementations"]["example-torch-einsum"]["source"] == \
+        "entry point capsbench_plugin_example"
+
+    saved = {file: file.read_bytes() for file in (tmp_path / "results").rglob("*.json")}
+    missing = run_saved({**env, "PYTHONPATH": str(REPO_ROOT)}, "example-torch-einsum", bench)
+    output = missing.stdout + missing.stderr
+    assert missing.returncode != 0, output
+    line = next(line for line in output.splitlines() if "'example-torch-einsum', which no implementation" in line)
+    known = line.split("known implementations: ")[1].split(". ")[0].split(", ")
+    assert "torch-vectorised" in known and "example-torch-einsum" not in known
+    assert "asv run --python=same" in line and "docs/plugins.md" in line
+    assert "Running " not in output  # before any benchmark
+    assert {file: file.read_bytes() for file in (tmp_path / "results").rglob("*.json")} == saved
+
+
+def test_a_run_in_an_environment_asv_builds_names_the_plugins_it_cannot_measure(plugin_path, tmp_path):
+    """Plain asv run builds its own environment, without the plugins installed where asv runs: before such a run
+    harness/asv_plugin_reach.py names them with the command that measures them; --python=same, which measures
+    them, says nothing.  (`asv run EXISTING` with no results yet ends before building anything.)"""
+    env = {**asv_environment(tmp_path), **with_plugin(plugin_path)}
+    built = run_asv(env, "run", "EXISTING")
+    assert "No commit hashes selected" in built.stdout + built.stderr  # it went no further
+    [warning] = [line for line in (built.stdout + built.stderr).splitlines() if "capsbench: the implementation" in line]
+    assert "(example-torch-einsum)" in warning and "asv run --python=same --set-commit-hash" in warning
+    same = run_asv(env, "run", "EXISTING", "--python=same")
+    assert "capsbench: the implementation" not in same.stdout + same.stderr
+    without = run_asv({**env, "PYTHONPATH": str(REPO_ROOT)}, "run", "EXISTING")
+    assert "capsbench: the implementation" not in without.stdout + without.stderr  # no plugin installed
