@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# the contract's parity test of one implementation in float32 on the small network: append "[NAME-float32]"
+FLOAT32_PARITY = "tests/test_contract.py::test_parity_with_the_float64_reference"
 
 
 @dataclass(frozen=True)
@@ -360,6 +362,41 @@ BUGS = (
         "        chunks.append(impl.to_numpy(lengths).argmax(axis=1))\n",
         ("tests/test_figures.py::test_a_long_run_in_a_pipe_says_how_far_it_is",)),
 
+
+    # routing that the check's routing case (harness.check.ROUTING_SCALE) sees in float32 on the small network
+    Bug("numpy routing never updates its logits", "implementations/numpy_capsnet.py",
+        "                logits = logits + xp.matmul(u_hat, v[:, :, :, None])[..., 0]  # b_ij +=",
+        "                logits + xp.matmul(u_hat, v[:, :, :, None])[..., 0]  # b_ij +=",
+        (f"{FLOAT32_PARITY}[numpy-vectorised-float32]",)),
+    Bug("numpy routing runs one iteration too many", "implementations/numpy_capsnet.py",
+        "    batch, n_out, n_in, _ = u_hat.shape\n    logits = xp.zeros((batch, n_out, n_in), dtype=u_hat.dtype)",
+        "    batch, n_out, n_in, _ = u_hat.shape\n    iterations += 1\n"
+        "    logits = xp.zeros((batch, n_out, n_in), dtype=u_hat.dtype)",
+        (f"{FLOAT32_PARITY}[numpy-vectorised-float32]",)),
+    Bug("numpy's network routes one iteration too few", "implementations/numpy_capsnet.py",
+        "self.routing_functions.forward(xp, u_hat, config.routing_iterations,",
+        "self.routing_functions.forward(xp, u_hat, config.routing_iterations - 1,",
+        (f"{FLOAT32_PARITY}[numpy-vectorised-float32]",)),
+    Bug("numpy looped routing updates the logits after the last iteration too", "implementations/numpy_capsnet.py",
+        "            if iteration < iterations - 1:\n                for j in range(n_out):",
+        "            if iteration < iterations:\n                for j in range(n_out):",
+        (f"{FLOAT32_PARITY}[numpy-looped-float32]",)),
+    Bug("torch-fused's routing never updates its logits", "implementations/torch_fused.py",
+        "logits = agreed if logits is None else logits.add_(agreed)", "logits = torch.zeros_like(agreed)",
+        (f"{FLOAT32_PARITY}[torch-fused-float32]",)),
+    Bug("torch-fused's routing normalises the couplings over the input capsules", "implementations/torch_fused.py",
+        "coupling = torch.softmax(logits, dim=1)", "coupling = torch.softmax(logits, dim=2)",
+        (f"{FLOAT32_PARITY}[torch-fused-float32]",)),
+    Bug("torch-fused's network routes one iteration too many", "implementations/torch_fused.py",
+        "  config.routing_iterations, config.squash_eps,", "  config.routing_iterations + 1, config.squash_eps,",
+        (f"{FLOAT32_PARITY}[torch-fused-float32]",)),
+    Bug("torch-fused's network routes one iteration too few", "implementations/torch_fused.py",
+        "  config.routing_iterations, config.squash_eps,", "  config.routing_iterations - 1, config.squash_eps,",
+        (f"{FLOAT32_PARITY}[torch-fused-float32]",)),
+    Bug("torch looped routing updates the logits after the last iteration too", "implementations/torch_capsnet.py",
+        "            if iteration < iterations - 1:\n                for j in range(n_out):",
+        "            if iteration < iterations:\n                for j in range(n_out):",
+        (f"{FLOAT32_PARITY}[torch-looped-float32]",)),
 
     # the gates: reported accuracy, bookkeeping, options, tolerances
     Bug("test accuracy over the number of training images", "harness/train.py",

@@ -58,7 +58,7 @@ def failed(cls, name) -> set[str]:
 
 
 def test_routing_alone_is_checked_at_5_iterations():
-    assert failed(RoutingAloneStopsAtThree, "stops-at-three") == {"routing v (5 it.)"}
+    assert failed(RoutingAloneStopsAtThree, "stops-at-three") == {"routing v (5 it.)", "routing v (5 it.), W x200"}
 
 
 def test_an_optimizer_that_ignores_the_learning_rate_schedule_fails():
@@ -83,7 +83,7 @@ def test_the_command_exits_1_on_a_planted_disagreement(capsys):
     with registry.registered("stops-at-three", RoutingAloneStopsAtThree):
         assert check.main(["--impl", "stops-at-three", "--dtype", "float64"]) == 1
     captured = capsys.readouterr()
-    assert "FAILED: 1 of" in captured.err and "routing v (5 it.)" in captured.out
+    assert "FAILED: 2 of" in captured.err and "routing v (5 it.)" in captured.out
 
 
 def test_an_unknown_implementation_exits_2(capsys):
@@ -126,6 +126,10 @@ def test_a_plugin_that_claims_final_but_leaks_through_early_iterations_fails():
     iterations = SMALL.routing_iterations
     assert {f"routing grad u_hat ({iterations} it.)", "routing grad u_hat (5 it.)", "grad digit.weight"} <= bad
     assert "routing grad u_hat (1 it.)" not in bad  # one iteration: the two settings are one function
+    with registry.registered("leaks-early", LeaksThroughEarlyIterations):  # float32 sees it in the routing case
+        bad32 = {row.quantity for row in check_implementation("leaks-early", final, "float32") if not row.passed}
+    assert bad32 and all(quantity.endswith(", W x200") for quantity in bad32)
+    assert {f"routing grad u_hat ({iterations} it.), W x200", "grad digit.weight, W x200"} <= bad32
 
 
 class OwnRoutingFullOnly(TorchCapsNet):
@@ -223,12 +227,13 @@ def agreeing_rows(name, config, dtype, batch_size):
 def test_the_table_prints_each_quantity_its_error_and_verdict():
     rows = [check.Row("numpy-vectorised", "float32", "loss", 1.5e-6, 2e-5),
             check.Row("numpy-vectorised", "float32", "grad conv1.weight", 2.5e-3, 1e-3)]
-    header = (f"{'implementation':<24} {'dtype':<8} {'quantity':<34} {'max rel error':>13} {'tolerance':>10}  "
+    header = (f"{'implementation':<24} {'dtype':<8} {'quantity':<36} {'max rel error':>13} {'tolerance':>10}  "
               "status")
     assert check.format_table(rows).split("\n") == [
         header, "-" * len(header),
-        f"{'numpy-vectorised':<24} {'float32':<8} {'loss':<34} {'1.500e-06':>13} {'2e-05':>10}  ok",
-        f"{'numpy-vectorised':<24} {'float32':<8} {'grad conv1.weight':<34} {'2.500e-03':>13} {'1e-03':>10}  FAIL"]
+        f"{'numpy-vectorised':<24} {'float32':<8} {'loss':<36} {'1.500e-06':>13} {'2e-05':>10}  ok",
+        f"{'numpy-vectorised':<24} {'float32':<8} {'grad conv1.weight':<36} {'2.500e-03':>13} {'1e-03':>10}  FAIL"]
+    assert max(len(quantity) for quantity in quantities(check.get_config("paper"))) <= 36  # every name fits
 
 
 class CountsSteps(NumpyCapsNet):
@@ -264,7 +269,7 @@ def test_the_tracked_error_is_the_largest_of_any_quantity():
     with registry.registered("loss-off", LossOffByOnePerMille):
         assert check.max_error("loss-off", SMALL, "float64") == pytest.approx(1e-3, rel=1e-6)
         rows = check_implementation("loss-off", SMALL, "float64")
-    assert {row.quantity for row in rows if not row.passed} == {"loss"}
+    assert {row.quantity for row in rows if not row.passed} == {"loss", "loss, W x200"}
 
 
 def test_the_batch_size_reaches_the_implementation_and_the_reference():
@@ -362,5 +367,49 @@ class InfersWithTheLabelsMask(NumpyCapsNet):
 
 
 def test_each_reconstruction_mask_is_checked_on_its_own():
-    assert failed(TrainsWithThePredictedMask, "predicted-mask") == {"reconstructions"}
-    assert failed(InfersWithTheLabelsMask, "labels-mask") == {"reconstructions (inference)"}
+    assert failed(TrainsWithThePredictedMask, "predicted-mask") == {"reconstructions", "reconstructions, W x200"}
+    assert failed(InfersWithTheLabelsMask, "labels-mask") == {"reconstructions (inference)",
+                                                              "reconstructions (inference), W x200"}
+
+
+def routing_with(u_hat, iterations: int, eps: float, bug: str = ""):
+    """Procedure 1 on u_hat (B, N, J, D), transcribed apart from the implementations' routing, with one plausible
+    bug: "no logit update", "softmax over inputs" (the couplings normalised over the input capsules i instead of
+    the output capsules j), "one too many" or "one too few" iterations (at least one)."""
+    import torch
+
+    from implementations.torch_capsnet import squash
+
+    iterations = max(1, iterations + {"one too many": 1, "one too few": -1}.get(bug, 0))
+    logits = u_hat.new_zeros(u_hat.shape[:3])  # b_ij
+    for iteration in range(iterations):
+        coupling = torch.softmax(logits, dim=1 if bug == "softmax over inputs" else 2)
+        v = squash((coupling.unsqueeze(-1) * u_hat).sum(dim=1), eps)  # v_j = squash(sum_i c_ij u_hat_j|i)
+        if iteration < iterations - 1 and bug != "no logit update":
+            logits = logits + (u_hat * v.unsqueeze(1)).sum(dim=-1)  # b_ij += u_hat_j|i . v_j
+    return v
+
+
+def routing_plugin(bug: str) -> type:
+    """A torch CapsNet whose routing, in the network and alone, is :func:`routing_with` that bug."""
+    return type(f"Routing{bug.title().replace(' ', '')}", (TorchCapsNet,), {
+        "route": lambda self, u_hat: routing_with(u_hat, self.config.routing_iterations, self.config.squash_eps, bug)})
+
+
+@pytest.mark.parametrize("bug", ["no logit update", "softmax over inputs", "one too many", "one too few"])
+def test_a_routing_bug_fails_in_float32_on_the_small_network(bug):
+    """At the canonical parameters routing hardly moves the couplings, so a routing that never updates its
+    logits, or runs one iteration more or fewer, agrees there even in float32; the routing case (digit.weight
+    x ROUTING_SCALE) fails each, in the network (lengths, gradients) and in routing alone."""
+    with registry.registered(f"routing-{bug}", routing_plugin(bug)):
+        bad = {row.quantity for row in check_implementation(f"routing-{bug}", SMALL, "float32") if not row.passed}
+    assert {"lengths, W x200", "grad digit.weight, W x200", "routing v (3 it.), W x200"} <= bad
+    if bug != "softmax over inputs":  # the canonical parameters see a wrong softmax axis, and nothing else here
+        assert all(quantity.endswith(", W x200") for quantity in bad)
+
+
+def test_the_transcription_the_routing_bugs_are_planted_in_passes_in_float32():
+    """:func:`routing_with` without a bug agrees with the reference: the failures above are the bugs'."""
+    with registry.registered("routing-as-written", routing_plugin("")):
+        rows = check_implementation("routing-as-written", SMALL, "float32")
+    assert [row.quantity for row in rows] == quantities(SMALL) and all(row.passed for row in rows)
