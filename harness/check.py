@@ -25,8 +25,8 @@ are named with :data:`ROUTING_CASE`.  docs/correctness.md gives the measurements
 
 The error of a quantity is the normwise relative error ``max|x - ref| / max|ref|``: elementwise relative
 errors are meaningless for entries that are zero up to rounding, and a max-norm never averages a bad entry
-away.  Tolerances (:data:`TOLERANCES`) are per dtype and kind of quantity.  The parameter tolerance in
-float32 is wider than the others for a reason that is not a bug: Adam divides each gradient by
+away.  Tolerances (:data:`harness.tolerances.TOLERANCES`) are per dtype and kind of quantity.  The parameter
+tolerance in float32 is wider than the others for a reason that is not a bug: Adam divides each gradient by
 ``sqrt(v) + eps`` with eps = 1e-8, so for gradient entries near or below eps, float32 rounding of the
 gradient reaches the parameter multiplied by lr / eps; a real Adam bug (moments reset between steps, bias
 correction missing) moves parameters by O(lr), errors of 0.1 to 1.  docs/correctness.md lists the errors measured.
@@ -45,6 +45,7 @@ from harness import cli, options, registry
 from harness.data import synthetic_batch
 from harness.params import DIGIT_WEIGHT, init_parameters, parameter_shapes
 from harness.spec import CapsNetConfig, LearningRateSchedule, get_config
+from harness.tolerances import TOLERANCES
 
 REFERENCE = "torch-vectorised"
 REFERENCE_DTYPE = "float64"
@@ -64,12 +65,6 @@ CHECK_SCHEDULE = LearningRateSchedule("check", decay_rate=0.5, decay_steps=1)
 ROUTING_SCALE = 200
 ROUTING_CASE = f"W x{ROUTING_SCALE}"  # what the routing case's quantities are named with
 QUANTITY_WIDTH = 36  # the table's quantity column: the longest name, "reconstructions (inference), W x200"
-
-TOLERANCES = {
-    "float64": {"output": 1e-10, "gradient": 1e-9, "parameter": 1e-8},
-    "float32": {"output": 2e-5, "gradient": 1e-3, "parameter": 1e-2},
-}
-
 
 def max_relative_error(value: np.ndarray, reference: np.ndarray) -> float:
     """max|value - reference| / max|reference| (absolute error where the reference is all zero)."""

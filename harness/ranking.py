@@ -26,13 +26,11 @@ a single sample, no spread recorded, or interquartile ranges that overlap.  docs
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import math
-from functools import cache
-from pathlib import Path
 
 import pandas as pd
+
+from harness.tolerances import widest_tolerance
 
 PASSED, FAILED, NOT_MEASURED = "passed", "parity FAILED", "parity not measured"
 FASTER = "faster"
@@ -42,19 +40,10 @@ OVERLAP = "interquartile ranges overlap"
 PARITY_METRIC = "max_rel_error"  # harness.asv_results' name of track_max_rel_error
 
 
-@cache
 def parity_tolerance() -> float:
-    """The widest tolerance harness.check allows any quantity in any dtype (its ``TOLERANCES``), read from
-    harness/check.py's source: importing it would load the implementation registry, which the report
-    never does (it reads what results files say of themselves)."""
-    source = Path(importlib.util.find_spec("harness.check").origin).read_text(encoding="utf-8")
-    for node in ast.parse(source).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) \
-            else []
-        if any(isinstance(target, ast.Name) and target.id == "TOLERANCES" for target in targets):
-            tolerances = ast.literal_eval(node.value)
-            return float(max(value for by_kind in tolerances.values() for value in by_kind.values()))
-    raise RuntimeError("harness/check.py defines no TOLERANCES literal")
+    """The widest tolerance harness.check allows any quantity in any dtype
+    (:func:`harness.tolerances.widest_tolerance`): the suite records one largest error per implementation."""
+    return widest_tolerance()
 
 
 def parity_of(value, tolerance: float) -> str:

@@ -9,6 +9,7 @@ import pytest
 from harness import check, registry
 from harness.check import check_implementation, quantities
 from harness.spec import SMALL
+from harness.tolerances import TOLERANCES
 from implementations.numpy_capsnet import NumpyCapsNet
 from implementations.torch_capsnet import TorchCapsNet
 
@@ -164,7 +165,7 @@ def perturbed(reference: check.Observation, quantity: str, relative: float) -> c
     return check.Observation(values)
 
 
-@pytest.mark.parametrize("dtype", sorted(check.TOLERANCES))
+@pytest.mark.parametrize("dtype", sorted(TOLERANCES))
 def test_every_tolerance_is_tight_from_both_sides(dtype):
     """Half the tolerance of its kind passes, twice fails naming that quantity alone: for outputs, gradients
     and parameters after Adam in both dtypes (so a tolerance loosened or tightened tenfold fails here)."""

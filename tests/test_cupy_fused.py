@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from harness import ranges, registry
-from harness.check import TOLERANCES
 from harness.params import init_parameters
 from harness.spec import SMALL
+from harness.tolerances import TOLERANCES
 from implementations import cupy_fused as cf
 from implementations import numpy_capsnet as nc
 
