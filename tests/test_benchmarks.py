@@ -151,11 +151,11 @@ def test_the_suite_says_why_it_leaves_an_implementation_out(monkeypatch):
     monkeypatch.setattr(common, "SELECTED", set(registry.names()))
     monkeypatch.setitem(common.PROFILE, "compiled", False)
     assert common.left_out_reason("numpy-vectorised") is None
-    assert common.left_out_reason("jax-vectorised") == (
+    assert common.left_out_reason("torch-vectorised-compiled") == (
         f"compiles again in every benchmark process: the {common.PROFILE_NAME} profile leaves it out "
         f"(CAPSBENCH_PROFILE=regular, or name it in CAPSBENCH_IMPLEMENTATIONS)")
     monkeypatch.setitem(common.PROFILE, "compiled", True)
-    assert common.left_out_reason("jax-vectorised") is None
+    assert common.left_out_reason("torch-vectorised-compiled") is None
     monkeypatch.setattr(common, "SELECTED", {"numpy-vectorised"})
     assert common.left_out_reason("torch-looped") == "is left out by CAPSBENCH_IMPLEMENTATIONS"
 
