@@ -25,8 +25,8 @@ import os
 from harness.settings import IMPLEMENTATIONS_ENV, PROFILE_ENV
 
 DEFAULT_PROFILE = "fast"
-# what the quick profiles leave out for its cost alone: a paper-network step of jax-looped took 17 s at batch
-# 128 on the 2-core EPYC VM (disturbed), against 1.5 s for jax-vectorised
+# what the quick profiles leave out for its cost alone: a paper-network step of jax-looped took 2.4 s at batch
+# 32 and 17 s at 128 on the 2-core Xeon VM (disturbed by other work), jax-vectorised 0.4 s and 5 s there
 QUICK_LEFT_OUT = {"jax-looped": "takes seconds a step on a CPU (its routing unrolls into one small program per "
                                 "output capsule)"}
 PROFILES: dict[str, dict] = {
