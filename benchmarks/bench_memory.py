@@ -22,10 +22,18 @@ _rss_before_model: dict[tuple, int] = {}
 class HostMemory(ModelBenchmark):
     """Host memory of a training step.  With the resident memory of the process before the model was
     built, the difference is what the model, its data and one step take; the report sets it beside
-    the analytic figure of harness.activations."""
+    the analytic figure of harness.activations.
+
+    ``setup`` reads the resident memory and skips what cannot run; the figures that need a model build it
+    (and warm it up by one step) before they measure, so the before-model figure's process, one per grid
+    point like every other, builds nothing."""
 
     def setup(self, *params):
         _rss_before_model.setdefault(params, current_rss_bytes())
+        setup_benchmark(params[0])
+
+    def build(self, params: tuple) -> None:
+        """The model and batch of ``params``, warmed up by one training step (:meth:`ModelBenchmark.setup`)."""
         super().setup(*params)
 
     def track_host_memory_before_model(self, *params):
@@ -35,11 +43,13 @@ class HostMemory(ModelBenchmark):
     def peakmem_train_step(self, *params):
         """asv's own figure: the peak resident memory of the benchmark process (model, data and set-up
         included), over a training step."""
+        self.build(params)
         self.impl.train_step(self.batch)
         self.impl.synchronize()
 
     def track_host_memory_train_step(self, *params):
         """Peak resident memory of the process during one training step, sampled every 1 ms."""
+        self.build(params)
         with host_sampler(interval_s=0.001) as sampler:
             self.impl.train_step(self.batch)
             self.impl.synchronize()

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from harness import asv_facts, contract, registry
 from harness.data import synthetic_batch
 from harness.params import init_parameters
-from harness.settings import IMPLEMENTATIONS_ENV, PROFILE_ENV, THREADS_ENV
+from harness.settings import IMPLEMENTATIONS_ENV, THREADS_ENV
 from harness.spec import get_config
 from harness.step_memory import is_out_of_memory
-from harness.suite_profiles import load_suite_profile, routing_gradients
+from harness.suite_profiles import load_suite_profile, profile_left_out_reason, routing_gradients
 from harness.threads import set_threads, usable_cpu_count
 
 DTYPE = "float32"
@@ -87,17 +87,15 @@ THREADS = int(os.environ.get(THREADS_ENV) or usable_cpu_count())
 
 
 def left_out_reason(name: str) -> str | None:
-    """Why the suite's settings leave ``name`` out of every benchmark (not selected, or compiling in a profile
-    that leaves compiling implementations out), as what follows the name ("is left out by ..."); None when
-    they do not.  Cheap: nothing is imported or started, so every benchmark process can record it in the
-    facts."""
+    """Why the suite's settings leave ``name`` out of every benchmark (not selected, or left out by the profile:
+    :func:`harness.suite_profiles.profile_left_out_reason`), as what follows the name ("is left out by ...");
+    None when they do not.  Cheap: nothing is imported or started, so every benchmark process can record it in
+    the facts."""
     if name not in SELECTED:
         return f"is left out by {IMPLEMENTATIONS_ENV}"
-    if registry.get(name).cls.first_call_compiles and not PROFILE["compiled"] and not os.environ.get(
-            IMPLEMENTATIONS_ENV):
-        return (f"compiles again in every benchmark process: the {PROFILE_NAME} profile leaves it out "
-                f"({PROFILE_ENV}=regular, or name it in {IMPLEMENTATIONS_ENV})")
-    return None
+    if os.environ.get(IMPLEMENTATIONS_ENV):
+        return None
+    return profile_left_out_reason(PROFILE_NAME, PROFILE, name, registry.get(name).cls)
 
 
 def require_available(name: str, routing_gradient: str = "full") -> registry.ImplementationInfo:

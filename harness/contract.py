@@ -96,8 +96,12 @@ class Implementation(abc.ABC):
     Class attributes: ``framework`` (its name in tables), ``u_hat_layout`` (the order of u_hat's axes in
     this implementation's own routing, a permutation of "BNJD": batch, input capsule, output capsule, capsule
     dimension) and ``first_call_compiles`` (default False): True where the first call of a shape compiles or
-    captures (torch.compile, CUDA graphs); the suite's ``CompileTime`` measures that set-up apart, and
+    captures (torch.compile, CUDA graphs, jax.jit); the suite's ``CompileTime`` measures that set-up apart, and
     data-parallel training, which wraps the eager module, refuses such an implementation.
+    ``compile_cache_persists`` (default False): True where what the first call compiles is kept on disk and
+    read back by a later process instead of compiled again (JAX's persistent compilation cache); the quick
+    suite profiles, which leave out what compiles again in every benchmark process, run such an
+    implementation.
     ``routing_gradients`` (default ``("full",)``): the routing gradients (:data:`harness.spec.ROUTING_GRADIENTS`)
     the implementation computes; building it with a config whose ``routing_gradient`` is not among them
     raises :class:`UnsupportedRoutingGradientError`, which the harness's commands report as a skip with the
@@ -108,6 +112,7 @@ class Implementation(abc.ABC):
     framework: str = "unknown"
     u_hat_layout: str = CANONICAL_U_HAT_LAYOUT
     first_call_compiles: bool = False
+    compile_cache_persists: bool = False
     routing_gradients: tuple[str, ...] = ("full",)
 
     def __init__(

@@ -602,7 +602,8 @@ def memory(table: pd.DataFrame, iterations: int, where: str, palette: dict | Non
     """Peak memory of a training step against batch size, each figure in a panel of its own and named
     apart: on GPU results NVML's device figure and the allocator's live and reserved peaks (an older run's
     one mixed allocator figure in a panel of its own, labelled as such); with no GPU result on this run,
-    the host memory instead (asv's peakmem and the resident memory sampled during the step), saying so."""
+    the host memory instead (asv's peakmem and the resident memory sampled during the step, each where the
+    run measured it), saying so."""
     old_metric = OLD_GPU_MEMORY_PANEL[0]
     gpu = measured(table, [metric for metric, _ in GPU_MEMORY_PANELS] + [old_metric])
     gpu = gpu[gpu["routing_iterations"] == iterations]
@@ -618,11 +619,11 @@ def memory(table: pd.DataFrame, iterations: int, where: str, palette: dict | Non
     else:
         rows, title = measured(table, [metric for metric, _ in HOST_MEMORY_PANELS]), \
             f"Host memory of one training step (no GPU memory results on {where})"
-        panels = list(HOST_MEMORY_PANELS)
         rows = rows[rows["routing_iterations"] == iterations]
+        panels = [panel for panel in HOST_MEMORY_PANELS if panel[0] in set(rows["metric"])]
     if rows.empty:
         raise NoData("no GPU or host memory result")
-    fig, axes = new_figure(ncols=len(panels), width=5.5 * len(panels))
+    fig, axes = new_figure(ncols=len(panels), width=max(9.0, 5.5 * len(panels)))  # one panel: room for the legend
     top = rows["value"].max() / MIB * 1.08
     for ax, (metric, subtitle) in zip(axes, panels):
         subset = rows[rows["metric"] == metric]

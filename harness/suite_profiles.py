@@ -6,9 +6,13 @@ scikit-learn's asv suite, a profile is chosen with an environment variable, ``CA
 Only ever append a profile: results of an existing one stay comparable with earlier runs.
 ``routing_iterations`` is the grid of the routing-alone benchmarks, ``step_routing_iterations`` that of
 every whole-network benchmark (whose cost barely depends on it).  ``compiled`` says whether the
-implementations whose first step compiles or captures (torch.compile, CUDA graphs) run: asv measures every
-grid point in a fresh process, so they compile again in each, which on a CPU costs more than the whole
-quick pass; the quick profiles leave them to the others (or to a name in ``CAPSBENCH_IMPLEMENTATIONS``).
+implementations whose first step compiles or captures again in every process (torch.compile, CUDA graphs)
+run: asv measures every grid point in a fresh process, so they compile again in each, which on a CPU costs
+more than the whole quick pass; the quick profiles leave them to the others (or to a name in
+``CAPSBENCH_IMPLEMENTATIONS``).  An implementation whose compiled programs persist between processes
+(``compile_cache_persists``: JAX's persistent compilation cache) compiles once per shape and machine, so it
+runs in every profile.  ``left_out`` names what a profile leaves out for its cost alone, with the reason
+(``jax-looped`` in the quick ones).  :func:`profile_left_out_reason` applies both rules.
 ``routing_gradients`` (default ``["full"]``) is the grid of the routing gradient
 (:data:`harness.spec.ROUTING_GRADIENTS`) in the benchmarks whose work it changes (train step, backward,
 routing forward + backward): the profiles that sweep routing measure both, to show what ``final`` saves.
@@ -18,15 +22,19 @@ from __future__ import annotations
 
 import os
 
-from harness.settings import PROFILE_ENV
+from harness.settings import IMPLEMENTATIONS_ENV, PROFILE_ENV
 
 DEFAULT_PROFILE = "fast"
+# what the quick profiles leave out for its cost alone: a paper-network step of jax-looped took 2.4 s at batch
+# 32 and 17 s at 128 on the 2-core Xeon VM (disturbed by other work), jax-vectorised 0.4 s and 5 s there
+QUICK_LEFT_OUT = {"jax-looped": "takes seconds a step on a CPU (its routing unrolls into one small program per "
+                                "output capsule)"}
 PROFILES: dict[str, dict] = {
     "smoke": {"config": "small", "batch_sizes": [4], "routing_iterations": [3], "step_routing_iterations": [3],
-              "check_batch_size": 4, "compiled": False},
+              "check_batch_size": 4, "compiled": False, "left_out": QUICK_LEFT_OUT},
     "fast": {"config": "paper", "batch_sizes": [32, 128], "routing_iterations": [1, 3, 5],
              "step_routing_iterations": [3], "check_batch_size": 8, "compiled": False,
-             "routing_gradients": ["full", "final"]},
+             "routing_gradients": ["full", "final"], "left_out": QUICK_LEFT_OUT},
     "regular": {"config": "paper", "batch_sizes": [16, 32, 64, 128], "routing_iterations": [1, 2, 3, 5],
                 "step_routing_iterations": [1, 3], "check_batch_size": 8, "compiled": True,
                 "routing_gradients": ["full", "final"]},
@@ -40,7 +48,6 @@ PROFILES: dict[str, dict] = {
     "gpu-compiled": {"config": "paper", "batch_sizes": [128], "routing_iterations": [3],
                      "step_routing_iterations": [3], "check_batch_size": 8, "compiled": True},
 }
-
 
 
 def routing_gradients(profile: dict) -> list[str]:
@@ -58,3 +65,16 @@ def load_suite_profile(name: str | None = None) -> tuple[str, dict]:
         raise ValueError(
             f"unknown benchmark profile {name!r} (from ${PROFILE_ENV}): choose one of {', '.join(PROFILES)}"
         ) from None
+
+
+def profile_left_out_reason(profile_name: str, profile: dict, name: str, cls: type) -> str | None:
+    """Why the named suite profile leaves the implementation ``name`` (class ``cls``) out, as what follows the
+    name ("compiles again ..."), or None where it runs: a quick profile leaves out what compiles or captures
+    again in every benchmark process (``first_call_compiles`` without ``compile_cache_persists``) and what its
+    ``left_out`` names for cost.  A larger profile, or the name in $CAPSBENCH_IMPLEMENTATIONS, runs either."""
+    instead = f"the {profile_name} profile leaves it out ({PROFILE_ENV}=regular, or name it in {IMPLEMENTATIONS_ENV})"
+    if cls.first_call_compiles and not cls.compile_cache_persists and not profile["compiled"]:
+        return f"compiles again in every benchmark process: {instead}"
+    if name in profile.get("left_out", {}):
+        return f"{profile['left_out'][name]}: {instead}"
+    return None

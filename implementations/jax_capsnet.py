@@ -341,6 +341,7 @@ class JaxCapsNet(Implementation):
 
     framework = "jax"
     first_call_compiles = True
+    compile_cache_persists = True  # enable_compilation_cache: a later process reads the programs back
     routing_gradients = ROUTING_GRADIENTS
 
     def __init__(self, config, params, dtype="float32", device="cpu", routing_variant="vectorised"):

@@ -1,8 +1,9 @@
 """The asv suite: every benchmark runs once in its quickest form (so a broken benchmark fails CI), and the
 suite's own helpers skip what cannot run instead of crashing."""
 
+import itertools
 import json
-import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -87,19 +88,64 @@ def test_implementations_can_be_narrowed_and_unknown_names_are_one_line(monkeypa
     assert "asv run --python=same" in problem  # where a plugin reaches the suite
 
 
-def readme_main_bench() -> str:
-    """The --bench pattern of README's first command (the main job's quick benchmark)."""
+def readme_main_job_options() -> list[str]:
+    """The options of the `asv run` in README's first command: the main job's benchmarks and samples."""
     command = next(line for line in (REPO_ROOT / "README.md").read_text().splitlines() if "asv run" in line)
-    return re.search(r"--bench '([^']+)'", command).group(1)
+    words = shlex.split(command)
+    start = next(index for index in range(len(words) - 1) if words[index:index + 2] == ["asv", "run"]) + 2
+    return words[start:words.index("&&", start)]
+
+
+def readme_main_job_option(name: str) -> str:
+    """The value README's main job gives an option (``--bench``, or an attribute such as ``repeat``)."""
+    options = readme_main_job_options()
+    pairs = [(options[index], options[index + 1]) for index in range(len(options) - 1)]
+    return next(value.split("=", 1)[1] if flag == "-a" else value for flag, value in pairs
+                if flag == name or (flag == "-a" and value.startswith(f"{name}=")))
+
+
+def test_the_main_job_times_the_train_step_at_the_full_routing_gradient_alone():
+    """asv matches --bench against each grid point, `name(parameters)`: on the fast profile's grid, README's
+    pattern picks every implementation and batch of the train step at the full gradient (the headline's), no
+    point at final (which would double the main job), and the peaks and host-memory figures whole."""
+    from asv.benchmarks import Benchmarks
+
+    from harness.suite_profiles import PROFILES, routing_gradients
+
+    fast = PROFILES["fast"]
+    names = [repr(name) for name in registry.names()]
+    grid = {"bench_phases.TrainStep.time_train_step": [names, [repr(b) for b in fast["batch_sizes"]],
+                                                       [repr(i) for i in fast["step_routing_iterations"]],
+                                                       [repr(g) for g in routing_gradients(fast)]],
+            "bench_phases.Backward.time_backward": [names, ["32"], ["3"], ["'full'"]],
+            "bench_memory.HostMemory.track_host_memory_train_step": [names, ["32"], ["3"]],
+            "bench_memory.HostMemory.track_host_memory_before_model": [names, ["32"], ["3"]],
+            "bench_memory.HostMemory.peakmem_train_step": [names, ["32"], ["3"]],
+            "bench_peak.GemmPeak.track_gemm_peak_gflops": [["'numpy'", "'torch'"]],
+            "bench_peak.HardwarePeak.track_hardware_peak_gflops": []}
+    described = [{"name": name, "params": params} for name, params in grid.items()]
+    chosen = Benchmarks(type("Conf", (), {"benchmark_dir": "benchmarks"})(), described,
+                        regex=readme_main_job_option("--bench"))
+    assert set(chosen) == set(grid) - {"bench_phases.Backward.time_backward",
+                                       "bench_memory.HostMemory.peakmem_train_step"}
+    points = list(itertools.product(*grid["bench_phases.TrainStep.time_train_step"]))
+    picked = [points[index] for index in chosen.benchmark_selection["bench_phases.TrainStep.time_train_step"]]
+    assert sorted(picked) == sorted(point for point in points if point[-1] == "'full'")
+    for name in ("bench_memory.HostMemory.track_host_memory_train_step", "bench_peak.GemmPeak.track_gemm_peak_gflops"):
+        assert len(chosen.benchmark_selection[name]) == len(list(itertools.product(*grid[name])))
 
 
 def test_a_narrowed_run_keeps_the_grid_and_writes_the_facts(asv_env, tmp_path):
     """CAPSBENCH_IMPLEMENTATIONS and --bench narrow what runs, never the grid: benchmarks.json still names
     every implementation, the others are skipped with the reason, and the machine facts are written beside
-    the saved results although the MachineFacts benchmark did not run.  The --bench is README's main job's,
-    whose run makes a report with the train step and the machine's peak and no other phase."""
+    the saved results although the MachineFacts benchmark did not run.  The run is README's main job's
+    (its --bench and samples): its report has the train step with README's number of samples and a spread,
+    the host memory of a step beside the memory before the model, the machine's peak, and no other phase."""
     head = measured_commit(asv_env)
-    result = run_saved(asv_env, "numpy-vectorised", readme_main_bench())
+    env = {**asv_env, "CAPSBENCH_IMPLEMENTATIONS": "numpy-vectorised", "CAPSBENCH_ASV_COMMIT": head,
+           "CAPSBENCH_ASV_CONFIG": asv_env["ASV_CONFIG"]}
+    result = run_asv(env, "run", *readme_main_job_options(), "--python=same", "--set-commit-hash", head,
+                     "--show-stderr")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     results = Path(asv_env["HOME"]) / "results"
@@ -119,7 +165,8 @@ def test_a_narrowed_run_keeps_the_grid_and_writes_the_facts(asv_env, tmp_path):
     assert len(saved) == 1, saved
     assert set(json.loads(saved[0].read_text())["results"]) == {
         "bench_phases.TrainStep.time_train_step", "bench_peak.GemmPeak.track_gemm_peak_gflops",
-        "bench_peak.HardwarePeak.track_hardware_peak_gflops"}, output
+        "bench_peak.HardwarePeak.track_hardware_peak_gflops", "bench_memory.HostMemory.track_host_memory_train_step",
+        "bench_memory.HostMemory.track_host_memory_before_model"}, output
     root = tmp_path / "runs"
     shutil.copytree(results, root / "asv")
     shutil.copytree(results.parent / "asv-facts", root / "asv-facts")
@@ -128,6 +175,13 @@ def test_a_narrowed_run_keeps_the_grid_and_writes_the_facts(asv_env, tmp_path):
     assert set(tidy["benchmark"]) >= {"time_train_step", "track_hardware_peak_gflops"}, set(tidy["benchmark"])
     trained = tidy[(tidy["benchmark"] == "time_train_step") & tidy["value"].notna()]
     assert set(trained["implementation"]) == {"numpy-vectorised"} and (trained["value"] > 0).all()
+    assert (trained["samples"] == int(readme_main_job_option("repeat"))).all() and (trained["samples"] >= 5).all()
+    assert ((trained["q25"] <= trained["value"]) & (trained["value"] <= trained["q75"])).all()
+    memory = tidy[tidy["metric"].isin(["host_memory", "host_memory_before_model"]) & tidy["value"].notna()]
+    memory = memory.pivot_table(index="implementation", columns="metric", values="value")
+    assert list(memory.index) == ["numpy-vectorised"], memory
+    assert (memory["host_memory"] > memory["host_memory_before_model"]).all() and \
+        (memory["host_memory_before_model"] > 0).all()
     assert "(skipped in every benchmark: it is left out by CAPSBENCH_IMPLEMENTATIONS)" in \
         (root / "report" / report.REPORT_MD).read_text()
 
@@ -141,11 +195,11 @@ def test_the_suite_says_why_it_leaves_an_implementation_out(monkeypatch):
     monkeypatch.setattr(common, "SELECTED", set(registry.names()))
     monkeypatch.setitem(common.PROFILE, "compiled", False)
     assert common.left_out_reason("numpy-vectorised") is None
-    assert common.left_out_reason("jax-vectorised") == (
+    assert common.left_out_reason("torch-vectorised-compiled") == (
         f"compiles again in every benchmark process: the {common.PROFILE_NAME} profile leaves it out "
         f"(CAPSBENCH_PROFILE=regular, or name it in CAPSBENCH_IMPLEMENTATIONS)")
     monkeypatch.setitem(common.PROFILE, "compiled", True)
-    assert common.left_out_reason("jax-vectorised") is None
+    assert common.left_out_reason("torch-vectorised-compiled") is None
     monkeypatch.setattr(common, "SELECTED", {"numpy-vectorised"})
     assert common.left_out_reason("torch-looped") == "is left out by CAPSBENCH_IMPLEMENTATIONS"
 

@@ -210,6 +210,22 @@ def test_the_old_mixed_allocator_figure_is_a_panel_of_its_own_only_for_old_runs(
     assert any("live arrays" in title for title in titles) and any("held from the device" in t for t in titles)
 
 
+def test_the_host_memory_plot_draws_only_the_figures_the_run_measured():
+    """README's main job measures the sampled host memory and not asv's peakmem: one panel, not an empty one
+    beside it; a run with both draws both."""
+    def host(metric):
+        return [{"implementation": "numpy-vectorised", "device": "cpu", "routing_variant": "vectorised",
+                 "batch_size": b, "routing_iterations": 3, "metric": metric, "value": 1e9 * b / 32,
+                 "unit": "bytes"} for b in (32, 128)]
+    sampled = plots.memory(tidy(host("host_memory")), 3, "box")
+    titles = [ax.get_title() for ax in sampled.axes if ax.get_visible()]
+    plots.plt.close(sampled)
+    assert titles == ["RSS sampled every 1 ms during the step"]
+    both = plots.memory(tidy(host("host_memory") + host("host_memory_peak")), 3, "box")
+    assert len([ax for ax in both.axes if ax.get_visible()]) == 2
+    plots.plt.close(both)
+
+
 def test_the_profile_plot_stacks_each_phase_to_the_fixture_numbers():
     profile = load_profile_result(PROFILE, [])
     fig = plots.profile_breakdown(profile)
