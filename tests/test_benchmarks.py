@@ -107,7 +107,7 @@ def readme_main_job_option(name: str) -> str:
 def test_the_main_job_times_the_train_step_at_the_full_routing_gradient_alone():
     """asv matches --bench against each grid point, `name(parameters)`: on the fast profile's grid, README's
     pattern picks every implementation and batch of the train step at the full gradient (the headline's), no
-    point at final (which would double the main job), and the peaks and host-memory figures whole."""
+    point at final (which would double the main job), and the peaks, host-memory and parity figures whole."""
     from asv.benchmarks import Benchmarks
 
     from harness.suite_profiles import PROFILES, routing_gradients
@@ -122,7 +122,8 @@ def test_the_main_job_times_the_train_step_at_the_full_routing_gradient_alone():
             "bench_memory.HostMemory.track_host_memory_before_model": [names, ["32"], ["3"]],
             "bench_memory.HostMemory.peakmem_train_step": [names, ["32"], ["3"]],
             "bench_peak.GemmPeak.track_gemm_peak_gflops": [["'numpy'", "'torch'"]],
-            "bench_peak.HardwarePeak.track_hardware_peak_gflops": []}
+            "bench_peak.HardwarePeak.track_hardware_peak_gflops": [],
+            "bench_correctness.Correctness.track_max_rel_error": [names]}
     described = [{"name": name, "params": params} for name, params in grid.items()]
     chosen = Benchmarks(type("Conf", (), {"benchmark_dir": "benchmarks"})(), described,
                         regex=readme_main_job_option("--bench"))
@@ -140,7 +141,8 @@ def test_a_narrowed_run_keeps_the_grid_and_writes_the_facts(asv_env, tmp_path):
     every implementation, the others are skipped with the reason, and the machine facts are written beside
     the saved results although the MachineFacts benchmark did not run.  The run is README's main job's
     (its --bench and samples): its report has the train step with README's number of samples and a spread,
-    the host memory of a step beside the memory before the model, the machine's peak, and no other phase."""
+    the host memory of a step beside the memory before the model, the parity figure (so the implementation is
+    ranked without a "parity not measured" mark), the machine's peak, and no other phase."""
     head = measured_commit(asv_env)
     env = {**asv_env, "CAPSBENCH_IMPLEMENTATIONS": "numpy-vectorised", "CAPSBENCH_ASV_COMMIT": head,
            "CAPSBENCH_ASV_CONFIG": asv_env["ASV_CONFIG"]}
@@ -166,7 +168,8 @@ def test_a_narrowed_run_keeps_the_grid_and_writes_the_facts(asv_env, tmp_path):
     assert set(json.loads(saved[0].read_text())["results"]) == {
         "bench_phases.TrainStep.time_train_step", "bench_peak.GemmPeak.track_gemm_peak_gflops",
         "bench_peak.HardwarePeak.track_hardware_peak_gflops", "bench_memory.HostMemory.track_host_memory_train_step",
-        "bench_memory.HostMemory.track_host_memory_before_model"}, output
+        "bench_memory.HostMemory.track_host_memory_before_model",
+        "bench_correctness.Correctness.track_max_rel_error"}, output
     root = tmp_path / "runs"
     shutil.copytree(results, root / "asv")
     shutil.copytree(results.parent / "asv-facts", root / "asv-facts")
@@ -182,8 +185,9 @@ def test_a_narrowed_run_keeps_the_grid_and_writes_the_facts(asv_env, tmp_path):
     assert list(memory.index) == ["numpy-vectorised"], memory
     assert (memory["host_memory"] > memory["host_memory_before_model"]).all() and \
         (memory["host_memory_before_model"] > 0).all()
-    assert "(skipped in every benchmark: it is left out by CAPSBENCH_IMPLEMENTATIONS)" in \
-        (root / "report" / report.REPORT_MD).read_text()
+    written = (root / "report" / report.REPORT_MD).read_text()
+    assert "(skipped in every benchmark: it is left out by CAPSBENCH_IMPLEMENTATIONS)" in written
+    assert "numpy-vectorised" in written and "numpy-vectorised (parity" not in written
 
 
 def test_the_suite_says_why_it_leaves_an_implementation_out(monkeypatch):
