@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from harness.checkpoint import checkpoint_path, load_checkpoint
 from harness.data import DataError, Dataset, iterate_batches, resolve_data_dir
 from harness.environment import machine_facts
 from harness.progress import LINES_PER_EPOCH, Progress
-from harness.results import TRAINING_KIND, ResultsFileError, read_training_result
+from harness.results import TRAINING_KIND, ResultsFileError, read_training_result, unwritable_line, writable_folder
 from harness.run_status import TrainingDiverged, process_facts
 from harness.settings import RUNS_DIR, TRAINING_SUBDIR
 from harness.spec import ADAM, MAX_SHIFT_PIXELS, SCHEDULES, CapsNetConfig, LearningRateSchedule, get_config
@@ -176,17 +174,10 @@ def refuse_existing_output(out: Path, overwrite: bool) -> None:
 def writable_output(out: Path) -> Path:
     """``out``'s folder, created, if a file can be written into it (the results and the checkpoint are, after
     every epoch); else a TrainingOptionError naming the folder, why, and the fix, before any training."""
-    folder = Path(out).parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=f".{Path(out).name}.", suffix=".probe")
-        os.close(descriptor)
-        os.unlink(probe)
+        return writable_folder(Path(out).parent)
     except OSError as error:
-        blocker = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
-        why = f"{blocker} is a file, not a folder" if blocker else error.strerror or str(error)
-        raise TrainingOptionError(f"cannot write the results into {folder}: {why}; choose another --out") from None
-    return folder
+        raise TrainingOptionError(unwritable_line(Path(out).parent, error)) from None
 
 
 def interrupted_line(out: Path, record: dict, why: str) -> str:

@@ -45,6 +45,8 @@ from harness.results import (
     FIGURES_MD,
     ResultsFileError,
     read_training_result,
+    unwritable_line,
+    writable_folder,
     write_json_atomic,
     write_text_atomic,
 )
@@ -419,6 +421,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    try:
+        writable_folder(args.out)
+    except OSError as error:
+        print(f"error: {unwritable_line(args.out, error, 'the figures')}", file=sys.stderr)
+        return 2
     try:
         checkpoint = load_checkpoint(args.checkpoint, args.config)
         info = registry.get(args.impl)

@@ -16,7 +16,14 @@ import sys
 from pathlib import Path
 
 from harness import cli
-from harness.results import ResultsFileError, atomic_output, read_json, write_json_atomic
+from harness.results import (
+    ResultsFileError,
+    atomic_output,
+    read_json,
+    unwritable_line,
+    writable_folder,
+    write_json_atomic,
+)
 from harness.settings import (
     ASV_RESULTS_SUBDIR,
     FACTS_SUBDIR,
@@ -89,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.source.is_dir():
         print(f"error: {args.source} does not exist: nothing to keep (commands write their runs there)",
               file=sys.stderr)
+        return 1
+    try:
+        writable_folder(args.target)
+    except OSError as error:
+        print(f"error: {unwritable_line(args.target, error, 'the kept results', '--to')}", file=sys.stderr)
         return 1
     written = keep(args.source, args.target, args.what, args.machine)
     print(f"kept {len(written)} file(s) in {args.target}")

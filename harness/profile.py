@@ -53,7 +53,16 @@ from harness.formatting import fmt, markdown_table
 from harness.params import init_parameters
 from harness.peak import backend_of, gemm_peak_gflops, machine_hardware_peak, one_peak, peak_sentence
 from harness.ranges import RANGE_PREFIX, ROUTING_LAYER, layer_range, range_name, recording
-from harness.results import PROFILE_CSV, PROFILE_JSON, PROFILE_KIND, atomic_output, write_json_atomic, write_text_atomic
+from harness.results import (
+    PROFILE_CSV,
+    PROFILE_JSON,
+    PROFILE_KIND,
+    atomic_output,
+    unwritable_line,
+    writable_folder,
+    write_json_atomic,
+    write_text_atomic,
+)
 from harness.settings import PROFILE_SUBDIR, RUNS_DIR
 from harness.spec import CapsNetConfig, get_config
 from harness.tables import plan_lines
@@ -69,7 +78,7 @@ DATA_SEED = 0
 
 
 class ProfileError(RuntimeError):
-    """A profile that cannot run as asked (unknown implementation, no device, unwritable folder)."""
+    """A profile that cannot run as asked (unknown implementation, no device)."""
 
 
 @dataclass
@@ -526,17 +535,6 @@ def choose(names: list[str] | None, device: str | None, routing_gradient: str = 
     return runnable
 
 
-def writable_folder(path: Path) -> Path:
-    """``path``, created; ProfileError with one line when it cannot be written."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise ProfileError(f"cannot write into {path}: {error.strerror or error}; choose another --out") from None
-    return path
-
-
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=cli.prog("profile"), description=cli.description(__doc__))
     options.add_impl(parser, several=True, help="implementations to profile", default_help="every available one")
@@ -581,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
         out = writable_folder(args.out)
     except ProfileError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"error: {unwritable_line(args.out, error, 'the profile')}", file=sys.stderr)
         return 2
     config = get_config(args.config).replace(routing_gradient=args.routing_gradient)
     threads = args.threads or usable_cpu_count()

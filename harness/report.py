@@ -41,7 +41,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -77,6 +76,8 @@ from harness.results import (
     load_profile_result,
     load_scaling_results,
     load_training_results,
+    unwritable_line,
+    writable_folder,
     write_text_atomic,
 )
 from harness.run_order import ANCESTRY, COMMIT_DATE, MEASURED, NAME, ORDER_RULE, Ancestry, newer
@@ -786,29 +787,11 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
     return written
 
 
-def probe_out(out: Path) -> None:
-    """Create ``out`` and a file in it, as the report will, so that an --out that cannot be written fails with
-    the OSError it would meet before any table or plot is made."""
-    out.mkdir(parents=True, exist_ok=True)
-    descriptor, probe = tempfile.mkstemp(prefix=".capsbench-report.", suffix=".probe", dir=out)
-    os.close(descriptor)
-    os.unlink(probe)
-
-
 def writing_failed(error: OSError, out: Path) -> bool:
     """``error`` was met writing the report into ``out`` (a file there, or a full disk), not elsewhere."""
     if error.filename is None:
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
     return Path(error.filename) == out or out in Path(error.filename).parents
-
-
-def unwritable_line(out: Path, error: OSError, name_file: bool = False) -> str:
-    """One line for an --out that cannot be written: the folder, why (with the file, ``name_file``) and the
-    fix."""
-    file = f" ({Path(error.filename).name})" if name_file and error.filename and Path(error.filename) != out else ""
-    why = "it is a file, not a folder" if isinstance(error, FileExistsError) and out.is_file() else \
-        error.strerror or str(error)
-    return f"error: cannot write the report into {out}: {why}{file}; choose another --out"
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:
@@ -878,16 +861,16 @@ def main(argv: list[str] | None = None) -> int:
               if warnings else no_results_message(root), file=sys.stderr)
         return 1
     try:
-        probe_out(out)
+        writable_folder(out)
     except OSError as error:
-        print(unwritable_line(out, error), file=sys.stderr)
+        print(f"error: {unwritable_line(out, error, 'the report')}", file=sys.stderr)
         return 1
     try:
         written = build_report(root, out, asv, training, distributed, warnings, profile, figures)
     except OSError as error:  # every file is written to a temporary name and renamed: none is left half-written
         if not writing_failed(error, out):
             raise
-        print(unwritable_line(out, error, name_file=True), file=sys.stderr)
+        print(f"error: {unwritable_line(out, error, 'the report')}", file=sys.stderr)
         return 1
     plots_written = sum(path.suffix == ".png" for path in written)
     print(f"report written to {out / REPORT_MD} ({plots_written} plots, {len(written)} files in {out})")

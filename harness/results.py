@@ -63,6 +63,34 @@ def atomic_output(path: str | os.PathLike):
         Path(temporary).unlink(missing_ok=True)
 
 
+def writable_folder(folder: str | os.PathLike) -> Path:
+    """``folder``, created, once a file can be made in it as every results file is (a temporary file, then a
+    rename); the OSError otherwise.  Every command that writes calls it on its output folder before its long
+    work, so that an output it cannot write ends it at once in one line (:func:`unwritable_line`), never in
+    a traceback after the work."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor, probe = tempfile.mkstemp(prefix=".capsbench-", suffix=".probe", dir=folder)
+    except OSError as error:  # the folder is what cannot be written, not the probe's name
+        raise OSError(error.errno, error.strerror, str(folder)) from error
+    os.close(descriptor)
+    os.unlink(probe)
+    return folder
+
+
+def unwritable_line(folder: str | os.PathLike, error: OSError, what: str = "the results", option: str = "--out") -> str:
+    """One line for an output ``folder`` that cannot be written (without "error: "): the folder, why (a file
+    in its way, else the system's reason, with the file that failed where it is not the folder) and the fix
+    (another ``option``)."""
+    folder = Path(folder)
+    blocker = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+    why = f"{blocker} is a file, not a folder" if blocker else error.strerror or str(error)
+    failed = Path(error.filename).name if error.filename and blocker is None and Path(error.filename) != folder \
+        and folder in Path(error.filename).parents else None
+    return f"cannot write {what} into {folder}: {why}{f' ({failed})' if failed else ''}; choose another {option}"
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_output(path) as temporary:
         temporary.write_text(text, encoding="utf-8")

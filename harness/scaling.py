@@ -42,7 +42,7 @@ from harness import cli, contract, options
 from harness.data import synthetic_batch
 from harness.environment import machine_facts
 from harness.options import positive_int
-from harness.results import SCALING_KIND, read_json, write_json_atomic
+from harness.results import SCALING_KIND, read_json, unwritable_line, writable_folder, write_json_atomic
 from harness.settings import RUNS_DIR, SCALING_SUBDIR
 from harness.spec import get_config
 from harness.threads import usable_cpu_count
@@ -315,6 +315,11 @@ def scaling_main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = args.out or RUNS_DIR / SCALING_SUBDIR / f"{info.name}_{args.config}_scaling.json"
+    try:
+        writable_folder(Path(out).parent)
+    except OSError as error:
+        print(f"error: {unwritable_line(Path(out).parent, error)}", file=sys.stderr)
+        return 2
     batch = f"global batch {global_batch}" if strong else f"{args.per_rank_batch_size} images per rank"
     print(f"scaling of {info.name} ({args.dtype}, {args.config} network, {'strong' if strong else 'weak'} scaling, "
           f"{batch} of seeded synthetic images) over world sizes {' '.join(map(str, args.world_sizes))}, "

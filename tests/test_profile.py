@@ -157,7 +157,8 @@ def test_an_unwritable_output_folder_is_one_line(tmp_path, capsys):
     blocker.write_text("not a folder")
     assert profile.main(["--impl", "numpy-vectorised", "--out", str(blocker / "profile")]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("error: cannot write into ") and "--out" in error and "\n" not in error
+    assert error == f"error: cannot write the profile into {blocker / 'profile'}: {blocker} is a file, not a folder; " \
+        "choose another --out"
 
 
 class FullGradientOnly(NumpyCapsNet):

@@ -64,7 +64,7 @@ def test_an_out_under_a_file_is_one_line_naming_the_folder_and_the_fix(tmp_path,
     blocker.write_text("a file where a folder was meant\n")
     out = blocker / "report"
     line = one_error_line(report.main(["--results", str(RESULTS), "--out", str(out)]), capsys)
-    assert line == f"error: cannot write the report into {out}: Not a directory; choose another --out"
+    assert line == f"error: cannot write the report into {out}: {blocker} is a file, not a folder; choose another --out"
     assert blocker.read_text() == "a file where a folder was meant\n"
 
 
@@ -72,7 +72,7 @@ def test_an_out_that_is_a_file_is_one_line(tmp_path, capsys, no_plots):
     out = tmp_path / "report.md"
     out.write_text("an earlier report\n")
     line = one_error_line(report.main(["--results", str(RESULTS), "--out", str(out)]), capsys)
-    assert line == f"error: cannot write the report into {out}: it is a file, not a folder; choose another --out"
+    assert line == f"error: cannot write the report into {out}: {out} is a file, not a folder; choose another --out"
     assert out.read_text() == "an earlier report\n"
 
 
