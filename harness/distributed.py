@@ -11,13 +11,13 @@ gradients are all-reduced by DDP (in buckets, overlapping the backward pass).
         --data-dir DIR --epochs 1 --batch-size 64      # per-rank batch: the global batch is 2 x 64
 
 (``python -m harness.train --distributed ...`` under torchrun is the same command; the options common to
-both training commands, the results record and the checkpoints are :mod:`harness.epochs`'s.)  The backend is gloo
+both training commands, the results record and the checkpoints are :mod:`harness.training.loop`'s.)  The backend is gloo
 for a CPU implementation and NCCL for a CUDA one (``--impl torch-vectorised-cuda``; ``LOCAL_RANK`` picks
 the GPU).  Every rank builds the same canonical seeded parameters (:func:`harness.params.init_parameters`,
 and DDP broadcasts rank 0's copy anyway); in epoch ``e`` rank ``r`` trains on the indices ``r::W`` of the
 permutation every rank draws from ``seed + e`` (``DistributedSampler``: padded by repeating the first
 indices so that every shard has the same length, hence the same number of steps and the same batch sizes);
-each rank shifts its own images with its own generator, :func:`harness.epochs.epoch_rng` of (seed, epoch,
+each rank shifts its own images with its own generator, :func:`harness.training.loop.epoch_rng` of (seed, epoch,
 rank).  DDP averages the gradients, so one step equals a single-process step on the concatenation of the ranks' batches
 (``tests/test_distributed.py`` checks the parameters).  The loss recorded for each step is the mean over the
 ranks (one all-reduce of a scalar per step, which also makes every rank stop together if it is not finite).
@@ -50,15 +50,16 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import contract, epochs, options, registry
-from harness.checkpoint import save_checkpoint
+from harness import contract, options, registry
 from harness.data import DataError, Dataset, load_mnist, shift_images
 from harness.params import init_parameters
-from harness.progress import Progress
 from harness.results import ResultsFileError, atomic_output, write_json_atomic
-from harness.run_status import RunStatus
 from harness.settings import FAIL_RANK_ENV
 from harness.spec import SCHEDULES
+from harness.training import loop
+from harness.training.checkpoint import save_checkpoint
+from harness.training.progress import Progress
+from harness.training.run_status import RunStatus
 
 try:
     import torch
@@ -239,7 +240,7 @@ def evaluate_sharded(ctx: Context, impl, test_set: Dataset, batch_size: int, des
     """Test accuracy with rank r classifying images r::W (progress on rank 0); one all-reduce sums the
     correct counts."""
     images, labels = test_set.images[ctx.rank :: ctx.world_size], test_set.labels[ctx.rank :: ctx.world_size]
-    correct = epochs.evaluate(impl, images, labels, batch_size, description, enabled=ctx.is_root, every=every)
+    correct = loop.evaluate(impl, images, labels, batch_size, description, enabled=ctx.is_root, every=every)
     total = torch.tensor([correct], dtype=torch.int64, device=ctx.device)
     dist.all_reduce(total)
     return int(total.item()) / len(test_set)
@@ -265,10 +266,10 @@ def train_distributed(ctx: Context, impl, ddp, train_set: Dataset, test_set: Dat
     fail = failure_hook(ctx.rank)
     elapsed = record["epochs"][-1]["elapsed_seconds"] if record and record["epochs"] else 0.0
     run_step = 0
-    epochs.plan_ahead(impl, args.batch_size, record)
+    loop.plan_ahead(impl, args.batch_size, record)
     for epoch in range(first_epoch, args.epochs + 1):
         sampler.set_epoch(epoch - 1)
-        rng = epochs.epoch_rng(args.seed, epoch, ctx.rank)
+        rng = loop.epoch_rng(args.seed, epoch, ctx.rank)
         shard = np.fromiter(iter(sampler), dtype=np.int64, count=sampler.num_samples)
         losses, images_seen, epoch_start = [], 0, time.perf_counter()
         steps = -(-len(shard) // args.batch_size)
@@ -288,7 +289,7 @@ def train_distributed(ctx: Context, impl, ddp, train_set: Dataset, test_set: Dat
             images_seen += len(index) * ctx.world_size
             if record is not None:
                 record["steps"].append({"epoch": epoch, "step": step, "loss": loss, "elapsed_seconds": elapsed})
-            epochs.check_finite(loss, epoch, step)  # the same value on every rank: they all stop here
+            loop.check_finite(loss, epoch, step)  # the same value on every rank: they all stop here
             losses.append(loss)
             progress.update(loss=loss)
         progress.close()
@@ -299,12 +300,12 @@ def train_distributed(ctx: Context, impl, ddp, train_set: Dataset, test_set: Dat
         eval_seconds = time.perf_counter() - eval_start
         if record is not None:
             save_checkpoint(out, impl, epoch)
-            summary = epochs.epoch_summary(epoch, losses, accuracy, train_seconds, eval_seconds,
+            summary = loop.epoch_summary(epoch, losses, accuracy, train_seconds, eval_seconds,
                                            time.perf_counter() - epoch_start, images_seen, elapsed,
                                            implementation=args.impl)
-            epochs.add_epoch(record, summary)
+            loop.add_epoch(record, summary)
             write_json_atomic(out, record)
-            print(epochs.epoch_line(summary, note=f" ({ctx.world_size} ranks)"), flush=True)
+            print(loop.epoch_line(summary, note=f" ({ctx.world_size} ranks)"), flush=True)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -312,7 +313,7 @@ def parser() -> argparse.ArgumentParser:
         prog="torchrun --nproc-per-node N -m harness.distributed train",
         description="Data-parallel training (DistributedDataParallel): torchrun starts one process per rank, each "
                     "running this command (the scaling measurement is `capsbench scaling`).")
-    epochs.add_training_arguments(parser, batch_help="images per step on each rank (global batch = world size "
+    loop.add_training_arguments(parser, batch_help="images per step on each rank (global batch = world size "
                                                      "x this)", default_impl="torch-vectorised")
     options.add_threads(parser, help="CPU threads per rank for torch, BLAS and OpenMP",
                         default_help="the CPUs this process may use, divided by the ranks on this machine")
@@ -339,16 +340,16 @@ def start_root_record(ctx: Context, info: registry.ImplementationInfo, args: arg
                       train_set: Dataset, test_set: Dataset, resumed_from: int) -> tuple[Path, RunStatus]:
     """Rank 0's results file: the resumed run's record or a new one (with the distributed block), marked
     running and written, and the first line said."""
-    suffix = f"-ddp{ctx.world_size}{epochs.routing_gradient_suffix(args)}"
-    out = args.out or epochs.default_output(info.name, args.config, suffix=suffix)
-    switched_from = epochs.ran_on(record) if record is not None else None
+    suffix = f"-ddp{ctx.world_size}{loop.routing_gradient_suffix(args)}"
+    out = args.out or loop.default_output(info.name, args.config, suffix=suffix)
+    switched_from = loop.ran_on(record) if record is not None else None
     if resumed_from == 0:  # a new run, or one stopped before its first epoch: nothing of it is kept
-        record = epochs.new_record(info, args, SCHEDULES[args.schedule], len(train_set), len(test_set),
+        record = loop.new_record(info, args, SCHEDULES[args.schedule], len(train_set), len(test_set),
                                    ranks=ctx.world_size)
         record["distributed"] = distributed_block(ctx, args)
     run = RunStatus(out, record)
     run.start()
-    print(epochs.start_line(info.name, args, len(train_set), len(test_set), out, ranks=ctx.world_size,
+    print(loop.start_line(info.name, args, len(train_set), len(test_set), out, ranks=ctx.world_size,
                             resumed_from=resumed_from, switched_from=switched_from), flush=True)
     return out, run
 
@@ -358,20 +359,20 @@ def train_main(argv: list[str] | None = None) -> int:
     command = parser()
     args = command.parse_args(argv)
     try:
-        record, resumed_from, params, adam = epochs.prepare_resume(args, epochs.given_options(command, argv))
+        record, resumed_from, params, adam = loop.prepare_resume(args, loop.given_options(command, argv))
         info = torch_implementation(args.impl)
         args.impl = info.name
-        config = epochs.run_config(args)
+        config = loop.run_config(args)
         support = info.supports(config.routing_gradient)
         if not support:
             raise contract.UnsupportedRoutingGradientError(f"implementation {info.name!r} {support.reason}")
         launch_environment()
     except (registry.UnknownImplementationError, contract.UnavailableImplementationError, LaunchError,
-            ResultsFileError, epochs.TrainingOptionError, FileNotFoundError) as error:
+            ResultsFileError, loop.TrainingOptionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    epochs.pin_threads(args.threads or max(1, epochs.usable_cpu_count() // local_ranks))
+    loop.pin_threads(args.threads or max(1, loop.usable_cpu_count() // local_ranks))
     ctx, out, run = None, None, None
     previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
     try:

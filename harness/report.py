@@ -7,22 +7,22 @@ Reads ``<results>/asv`` (asv's own layout, with the suite's machine facts in ``<
 ``<out>``:
 
 * ``results_tidy.csv``: the tidy table, one row per benchmark x parameters x run (columns in
-  :mod:`harness.asv_results`); a skipped or failed combination is a row with an empty value;
+  :mod:`harness.suite.asv_results`); a skipped or failed combination is a row with an empty value;
 * ``report.md``: machine, environment, libraries, threads, commit, measuring times and profile of each run, in
-  the order of :mod:`harness.run_order` (printed); per run a summary per implementation and batch size (every
+  the order of :mod:`harness.reporting.run_order` (printed); per run a summary per implementation and batch size (every
   time with the samples behind it: one sample as itself, several as the median and interquartile range; parity
   passed, FAILED or not measured, marked beside every name that did not pass) and the ranking per batch size with
-  the pairs of neighbours the samples cannot rank (:mod:`harness.ranking`); the vectorised / looped speed-ups;
+  the pairs of neighbours the samples cannot rank (:mod:`harness.reporting.ranking`); the vectorised / looped speed-ups;
   training runs, grouped by the images they trained and tested on; where the time of a training step goes (the
   profile); distributed scaling; what the capsules learned (a checkpoint's figures and per-class table, linked
   from the figures' folder); the comparison of runs; the plots (or why one was not drawn); every warning.
   Implementations with no result at all in a run are one line per table, not rows of n/a;
 * ``comparison.md`` / ``comparison.csv`` when there is more than one run: each run against the one before
-  it (:mod:`harness.run_order`: git ancestry where the repository knows both commits, else when measured),
+  it (:mod:`harness.reporting.run_order`: git ancestry where the repository knows both commits, else when measured),
   ratio new / old per benchmark and parameters, flagged when beyond the factor and the measured spread, and
   "too few samples" where a side rests on one sample; combinations without a result on either side, and
   benchmarks one run did not measure at all, are one line each, not rows;
-* the PNG plots of :mod:`harness.plots` (a stale plot of an older report, such as ``roofline.png``, is
+* the PNG plots of :mod:`harness.reporting.plots` (a stale plot of an older report, such as ``roofline.png``, is
   removed).
 
 A malformed results file is one warning line on stderr naming the file and the problem; the rest of the
@@ -45,9 +45,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness import cli, plots
-from harness.asv_results import AsvResults, Run, load_asv, machine_names, run_peak_sentence
-from harness.formatting import (
+from harness import cli
+from harness.reporting import plots
+from harness.reporting.formatting import (
     NA,
     fmt,
     fmt_spread,
@@ -57,7 +57,7 @@ from harness.formatting import (
     sample_count,
     samples_heading,
 )
-from harness.ranking import (
+from harness.reporting.ranking import (
     FAILED,
     NOT_MEASURED,
     RANKING_RULE,
@@ -68,32 +68,8 @@ from harness.ranking import (
     ranking_lines,
     ranking_table,
 )
-from harness.results import (
-    FIGURES_JSON,
-    Profile,
-    atomic_output,
-    load_figures_result,
-    load_profile_result,
-    load_scaling_results,
-    load_training_results,
-    unwritable_line,
-    writable_folder,
-    write_text_atomic,
-)
-from harness.run_order import ANCESTRY, COMMIT_DATE, MEASURED, NAME, ORDER_RULE, Ancestry, newer
-from harness.scaling import MIN_RELIABLE_STEPS
-from harness.settings import (
-    ASV_COMMIT_ENV,
-    ASV_MACHINE_ENV,
-    ASV_RESULTS_SUBDIR,
-    FIGURES_SUBDIR,
-    PROFILE_SUBDIR,
-    REPORT_SUBDIR,
-    RUNS_DIR,
-    SCALING_SUBDIR,
-    TRAINING_SUBDIR,
-)
-from harness.tables import (
+from harness.reporting.run_order import ANCESTRY, COMMIT_DATE, MEASURED, NAME, ORDER_RULE, Ancestry, newer
+from harness.reporting.tables import (
     CHANGE_FACTOR,
     FLAGS,
     SPEEDUP_PHASES,
@@ -116,6 +92,31 @@ from harness.tables import (
     summary_table,
     training_table,
 )
+from harness.results import (
+    FIGURES_JSON,
+    Profile,
+    atomic_output,
+    load_figures_result,
+    load_profile_result,
+    load_scaling_results,
+    load_training_results,
+    unwritable_line,
+    writable_folder,
+    write_text_atomic,
+)
+from harness.scaling import MIN_RELIABLE_STEPS
+from harness.settings import (
+    ASV_COMMIT_ENV,
+    ASV_MACHINE_ENV,
+    ASV_RESULTS_SUBDIR,
+    FIGURES_SUBDIR,
+    PROFILE_SUBDIR,
+    REPORT_SUBDIR,
+    RUNS_DIR,
+    SCALING_SUBDIR,
+    TRAINING_SUBDIR,
+)
+from harness.suite.asv_results import AsvResults, Run, load_asv, machine_names, run_peak_sentence
 
 TIDY_CSV, REPORT_MD, COMPARISON_MD, COMPARISON_CSV = "results_tidy.csv", "report.md", "comparison.md", "comparison.csv"
 STALE_PLOTS = ("roofline",)  # plots of older reports under another name: removed when a report is written
@@ -261,7 +262,7 @@ def summary_section(rows: pd.DataFrame, run: Run) -> str:
 
 
 def summary_rules() -> str:
-    """What every run's parity column and ranking mean (:mod:`harness.ranking`), said once above them."""
+    """What every run's parity column and ranking mean (:mod:`harness.reporting.ranking`), said once above them."""
     return (f"Parity: a run's largest error of any quantity of the parity check (`track_max_rel_error`, float32 "
             f"against the float64 reference) passes at or below {parity_tolerance():.0e}, the widest tolerance "
             "harness.check allows any quantity; an implementation without a passing figure in that run carries "
@@ -285,7 +286,7 @@ def parity_sentence(parity: pd.DataFrame) -> str:
 
 def ranking_section(frame: pd.DataFrame, parity: pd.DataFrame) -> str:
     """Per batch size, the implementations by train step, fastest first, with the pairs the samples cannot
-    rank (:func:`harness.ranking.ranking_lines`)."""
+    rank (:func:`harness.reporting.ranking.ranking_lines`)."""
     lines = ranking_lines(ranking_table(frame, parity))
     if not lines:
         return "No train-step time to rank."
@@ -336,7 +337,7 @@ def memory_section(rows: pd.DataFrame, run: Run) -> str:
                "ratio": ("measured / expected", "times")}
     return (f"### {run.label}\n\nmeasured = resident memory at the peak of a training step minus resident memory "
             "before the model was built; expected = parameter state (parameters, gradients, Adam's two moments) "
-            "+ the activations the backward pass needs (harness.activations), + the im2col matrices the "
+            "+ the activations the backward pass needs (harness.measure.expected_memory), + the im2col matrices the "
             "NumPy/CuPy implementation keeps.  A ratio above 1 is what an implementation keeps beyond that: "
             "autograd's saved tensors and temporaries, the allocator's free lists.\n\n"
             + markdown_table(formatted(frame, columns), text_columns=1))
@@ -392,7 +393,7 @@ def comparison_section(comparison: pd.DataFrame, old: Run, new: Run, why: str = 
     """The comparison of two runs as Markdown: changes first, then those with too few samples to judge,
     then missing, then the rest.  Not rows but one line each: the combinations with no result on either
     side (an implementation unavailable in both runs), and every benchmark one run did not measure at all
-    (a run of some benchmarks only); ``why`` (:mod:`harness.run_order`) says why new is the newer."""
+    (a run of some benchmarks only); ``why`` (:mod:`harness.reporting.run_order`) says why new is the newer."""
     present = {side: set(comparison.loc[comparison[f"{side}_status"] != "missing", "benchmark"])
                for side in ("old", "new")}
     benchmark_only = {"old": sorted(present["old"] - present["new"]), "new": sorted(present["new"] - present["old"])}
@@ -544,7 +545,7 @@ def profile_section(profile: Profile) -> str:
 
 
 def profile_facts_line(summary: dict) -> str:
-    """The sentence above an implementation's profile table (:func:`harness.tables.profile_summary`)."""
+    """The sentence above an implementation's profile table (:func:`harness.reporting.tables.profile_summary`)."""
     n, step, plain, overhead = summary["steps"], summary["step_s"], summary["unprofiled_step_s"], summary["overhead"]
     facts = [f"batch {summary['batch_size']}" if summary["batch_size"] is not None else "",
              f"{summary['config_name']} network" if summary["config_name"] else "", str(summary["dtype"] or ""),
@@ -570,7 +571,7 @@ def profile_phases_line(summary: dict) -> str:
 
 
 def profile_cells(table: pd.DataFrame, steps: int | None) -> pd.DataFrame:
-    """:func:`harness.tables.profile_layer_table` formatted: times with their spread over ``steps``."""
+    """:func:`harness.reporting.tables.profile_layer_table` formatted: times with their spread over ``steps``."""
     samples = [steps] * len(table) if steps is not None else [math.nan] * len(table)
     suffix, per_cell = samples_heading(samples)
     suffix = suffix.replace("samples", "steps").replace("sample", "step")
@@ -803,7 +804,7 @@ def write_csv(frame: pd.DataFrame, path: Path) -> Path:
 def compare_runs(table: pd.DataFrame, runs: list[Run], out: Path, written: list[Path],
                  ancestry: Ancestry | None = None) -> str:
     """Each run against the one before it on the same machine and environment (``runs`` are oldest first,
-    :mod:`harness.run_order`), or, with one run per machine, the machines against each other in that order:
+    :mod:`harness.reporting.run_order`), or, with one run per machine, the machines against each other in that order:
     comparison.md and .csv written, the Markdown returned (empty with a single run, and a stale comparison
     removed).  ``ancestry`` says why the new run is the newer, in each heading."""
     pairs = [(old, new) for _, group in itertools.groupby(sorted(runs, key=lambda run: (run.machine, run.env)),

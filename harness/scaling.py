@@ -40,7 +40,7 @@ from pathlib import Path
 
 from harness import cli, contract, options
 from harness.data import synthetic_batch
-from harness.environment import machine_facts
+from harness.measure.machine import machine_facts
 from harness.options import positive_int
 from harness.results import SCALING_KIND, read_json, unwritable_line, writable_folder, write_json_atomic
 from harness.settings import RUNS_DIR, SCALING_SUBDIR

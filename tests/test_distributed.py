@@ -22,11 +22,11 @@ from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 
 from harness import distributed, train  # noqa: E402
 from harness.data import load_mnist  # noqa: E402
-from harness.epochs import DEFAULT_SCHEDULE  # noqa: E402
 from harness.params import init_parameters  # noqa: E402
 from harness.results import read_json, read_training_result  # noqa: E402
 from harness.settings import FAIL_RANK_ENV  # noqa: E402
 from harness.spec import SCHEDULES, SMALL  # noqa: E402
+from harness.training.loop import DEFAULT_SCHEDULE  # noqa: E402
 from implementations.torch_capsnet import TorchCapsNet  # noqa: E402
 
 from conftest import REPO_ROOT  # noqa: E402

@@ -21,9 +21,9 @@ import pytest
 from matplotlib import image
 
 from harness import report, train
-from harness.asv_results import load_asv
-from harness.flops import phase_flops
+from harness.measure.flops import phase_flops
 from harness.spec import PAPER
+from harness.suite.asv_results import load_asv
 
 from conftest import run_module
 
@@ -37,7 +37,7 @@ ROUTING_BACKWARD = "bench_phases.Routing.time_routing_backward"
 GEMM_PEAK = "bench_peak.GemmPeak.track_gemm_peak_gflops"
 NOT_RUN = ["cupy-looped", "cupy-vectorised", "torch-looped-cuda", "torch-vectorised-cuda"]
 MEASURED = ["numpy-looped", "numpy-vectorised", "torch-looped", "torch-vectorised"]
-# The paper network, counted by hand (harness.activations' docstring has the same figures):
+# The paper network, counted by hand (harness.measure.expected_memory' docstring has the same figures):
 PAPER_PARAMETERS = 8_215_568
 KEPT_VALUES_PER_IMAGE = (784  # the images
                          + 20 * 20 * 256  # the Conv1 output
@@ -299,7 +299,7 @@ def test_report_and_plots_from_the_fixture_and_a_training_run(tmp_path, capsys, 
 def test_every_derived_figure_of_the_summary_is_the_one_computed_by_hand(fixture_root, tmp_path, capsys):
     """images/s, GFLOP/s, % of peak, routing share, measured / expected host memory and the
     vectorised speed-ups of every measured row, from the fixture's raw numbers and the paper network's
-    sizes; FLOPs from harness.flops (checked against a hand count in tests/test_flops.py)."""
+    sizes; FLOPs from harness.measure.flops (checked against a hand count in tests/test_flops.py)."""
     code, _, err = run_report(fixture_root, capsys, "--out", str(tmp_path / "report"))
     assert code == 0 and err == ""
     text = (tmp_path / "report" / "report.md").read_text()
@@ -868,7 +868,7 @@ def test_the_report_imports_no_implementation_nor_torch(tmp_path):
 
 
 def test_an_implementation_the_facts_do_not_describe_is_unknown():
-    from harness.asv_results import implementation_facts
+    from harness.suite.asv_results import implementation_facts
 
     described = {"numpy-vectorised": {"framework": "numpy", "device": "cpu", "routing_variant": "vectorised"}}
     assert implementation_facts("numpy-vectorised", described)["framework"] == "numpy"
@@ -894,7 +894,7 @@ def test_a_profile_alone_makes_a_report_that_says_what_it_reads_first_and_links_
 
 
 def test_an_unreliable_scaling_efficiency_is_said_so_in_the_report():
-    from harness.tables import distributed_table
+    from harness.reporting.tables import distributed_table
 
     def run(world_size, images_per_second):
         return {"world_size": world_size, "threads_per_rank": 1, "per_rank_batch_size": 16 // world_size,
