@@ -35,8 +35,8 @@ from harness import cli, contract, options, registry
 from harness.data import DataError, load_mnist
 from harness.decoder import mask_to_classes
 from harness.params import validate_parameters
-from harness.report import per_class_section, save_figure
 from harness.reporting import plots
+from harness.reporting.sections import per_class_section, save_figure
 from harness.results import (
     FIGURES_FILES,
     FIGURES_JSON,

@@ -332,8 +332,8 @@ def gpu_problem() -> str | None:
 
 
 def stage_facts(plan: Plan, runner: Runner) -> str:
-    from harness.__main__ import list_implementations
     from harness.measure.machine import machine_facts
+    from harness.registry import list_implementations
     from harness.threads import thread_facts
 
     write_json_atomic(plan.out / "facts.json", {**machine_facts(), "threads": thread_facts(),

@@ -28,7 +28,6 @@ from pathlib import Path
 import pandas as pd
 
 from harness import cli
-from harness.report import distributed_section
 from harness.reporting.formatting import NA, fmt, fmt_spread, markdown_table
 from harness.reporting.ranking import (
     FAILED,
@@ -41,6 +40,7 @@ from harness.reporting.ranking import (
     ranking_sentence,
     ranking_table,
 )
+from harness.reporting.sections import distributed_section
 from harness.reporting.tables import (
     distributed_table,
     profile_rows,

@@ -63,7 +63,7 @@ ENVIRONMENT: dict[str, Setting] = {
     JAX_CONVOLUTION_ENV: Setting("`xla`: the JAX implementations use XLA's own convolution instead of im2col + "
                                  "GEMM (default `im2col`)", "`implementations/jax_capsnet.py`"),
     FAIL_RANK_ENV: Setting("tests only: the data-parallel rank that fails (`R:K`) or hangs (`R:K:hang`) on purpose",
-                           "`harness/distributed.py`"),
+                           "`harness/training/ddp.py`"),
 }
 
 # Results folders --------------------------------------------------------------------------------------------

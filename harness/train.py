@@ -53,12 +53,12 @@ def train_epochs(impl: contract.Implementation, train_set, test_set, record: dic
         train_seconds = time.perf_counter() - epoch_start
         eval_start = time.perf_counter()
         correct = loop.evaluate(impl, test_set.images, test_set.labels, args.batch_size,
-                                  f"epoch {epoch}/{args.epochs} evaluation", every=args.log_every)
+                                f"epoch {epoch}/{args.epochs} evaluation", every=args.log_every)
         eval_seconds = time.perf_counter() - eval_start
         save_checkpoint(out, impl, epoch)
         summary = loop.epoch_summary(epoch, losses, correct / len(test_set), train_seconds, eval_seconds,
-                                       time.perf_counter() - epoch_start, images_seen, elapsed,
-                                       implementation=args.impl)
+                                     time.perf_counter() - epoch_start, images_seen, elapsed,
+                                     implementation=args.impl)
         loop.add_epoch(record, summary)
         write_json_atomic(out, record)
         print(loop.epoch_line(summary), flush=True)
@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--distributed" in argv:
-        from harness.distributed import train_main
+        from harness.training.ddp import train_main
 
         return train_main([arg for arg in argv if arg != "--distributed"])
     command = parser()
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     run = RunStatus(out, record)
     run.start()
     print(loop.start_line(info.name, args, len(train_set), len(test_set), out, resumed_from=resumed_from,
-                            switched_from=switched_from), flush=True)
+                          switched_from=switched_from), flush=True)
     previous_handler = install_sigterm_handler()
     try:
         train_epochs(impl, train_set, test_set, record, out, args, first_epoch=resumed_from + 1)

@@ -57,7 +57,8 @@ RUN_TESTS = {
 FUNCTIONS = {"tables-report": ["memory_table", "distributed_table", "step_iterations"]}
 # a run's name up to its first hyphen -> the module it mutates, its path under harness/ without ".py"
 MODULES = {"loop": "training/loop", "check": "check", "tables": "reporting/tables", "flops": "measure/flops",
-           "scaling": "scaling", "spec": "spec", "ranking": "reporting/ranking", "run_order": "reporting/run_order"}
+           "scaling": "measure/scaling", "spec": "spec",
+           "ranking": "reporting/ranking", "run_order": "reporting/run_order"}
 
 
 def module_of(run: str) -> str:

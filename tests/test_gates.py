@@ -159,18 +159,18 @@ class TwoRankSum:
 
 def test_the_data_parallel_accuracy_is_the_hand_counted_fraction_of_the_whole_test_set(known_answers, monkeypatch):
     pytest.importorskip("torch")
-    from harness import distributed
+    from harness.training import ddp
 
     fake = TwoRankSum()
-    monkeypatch.setattr(distributed, "dist", fake)
+    monkeypatch.setattr(ddp, "dist", fake)
     impls = [KnownAnswers(CONFIGS["small"], init_parameters(CONFIGS["small"])) for _ in range(2)]
     for impl in impls:
         impl._adam_steps = STEPS_PER_EPOCH  # after epoch 1: right on every third image
     answers = {}
 
     def rank(number):
-        ctx = distributed.Context(number, 2, number, "gloo", "cpu")
-        answers[number] = distributed.evaluate_sharded(ctx, impls[number], known_answers.test_set, 8, "eval", None)
+        ctx = ddp.Context(number, 2, number, "gloo", "cpu")
+        answers[number] = ddp.evaluate_sharded(ctx, impls[number], known_answers.test_set, 8, "eval", None)
 
     threads = [threading.Thread(target=rank, args=(number,)) for number in range(2)]
     for thread in threads:
@@ -414,7 +414,7 @@ def written_record(tmp_path, *argv, ranks=1, done=0, routing_gradient=True):
     record = loop.new_record(registry.get("numpy-vectorised"), args, SCHEDULES[args.schedule], 64, 50, ranks)
     for epoch in range(1, done + 1):
         loop.add_epoch(record, loop.epoch_summary(epoch, [1.0], 0.5, 1.0, 1.0, 2.0, 64, float(epoch),
-                                                      implementation="numpy-vectorised"))
+                                                  implementation="numpy-vectorised"))
     if not routing_gradient:
         del record["routing_gradient"]  # a file older than the option
     path = tmp_path / "run.json"
@@ -439,7 +439,7 @@ def test_a_new_record_holds_the_options_it_was_started_with(tmp_path):
     assert set(registry.get("numpy-vectorised").describe()) <= set(record)
     assert {"threads", "started_at", "machine"} <= set(record)
     alone = loop.new_record(registry.get("numpy-vectorised"), parsed("--impl", "numpy-vectorised")[1],
-                              SCHEDULES["paper"], 64, 50)
+                            SCHEDULES["paper"], 64, 50)
     assert (alone["augment"], alone["ranks"], alone["batch_size"]) == (True, 1, 128)
     assert alone["started_at"].endswith("+00:00")  # UTC, whatever the machine's zone
 

@@ -22,6 +22,8 @@ from matplotlib import image
 
 from harness import report, train
 from harness.measure.flops import phase_flops
+from harness.reporting import sections
+from harness.reporting.tables import plan_lines
 from harness.spec import PAPER
 from harness.suite.asv_results import load_asv
 
@@ -779,13 +781,13 @@ def test_the_plan_each_batch_size_ran_with_is_in_the_summary():
                              "32": {"conv1": {"forward": "offsets", "weight": "offsets", "input": "offsets"},
                                     "primary_caps": {"forward": "library", "weight": "offsets", "input": "col2im"},
                                     "source": "cache"}}}
-    assert report.plan_lines(plans) == [
+    assert plan_lines(plans) == [
         "- torch-fused, batch 32: conv1: offsets/offsets/offsets; primary_caps: library/offsets/col2im (cache)",
         "- torch-fused, batch 128: conv1: im2col-gemm/im2col-gemm/offsets; primary_caps: library/library/rows "
         "(measured, measuring took 4.2 s)"]
     for facts in plans["torch-fused"].values():  # a note the plans carry comes once, after them
         facts["note"] = "spectral: effective rates"
-    assert report.plan_lines(plans)[2:] == ["", "spectral: effective rates"]
+    assert plan_lines(plans)[2:] == ["", "spectral: effective rates"]
 
 
 BACKWARD = "bench_phases.Backward.time_backward"
@@ -903,7 +905,7 @@ def test_an_unreliable_scaling_efficiency_is_said_so_in_the_report():
 
     record = {"implementation": "torch-vectorised", "backend": "gloo", "device": "cpu", "scaling": "strong",
               "runs": [run(1, 100.0), run(2, 280.0)]}
-    text = report.distributed_section(distributed_table([(Path("scaling.json"), record)]))
+    text = sections.distributed_section(distributed_table([(Path("scaling.json"), record)]))
     assert text.endswith("Not reliable: torch-vectorised (gloo, cpu, strong scaling), world size 2: from 4 timed "
                          "step(s), fewer than the 10 a reliable figure needs.")
     assert text.count("Not reliable:") == 1
@@ -914,7 +916,7 @@ def test_a_run_without_facts_says_so_and_how_to_get_them(tmp_path):
     (facts_file,) = (root / "asv-facts").rglob("*.json")
     facts_file.unlink()
     (run,) = load_asv(root).runs
-    header = report.run_header(run, {})
+    header = sections.run_header(run, {})
     assert "**assumed**: no machine-facts file beside this run" in header
     assert "CAPSBENCH_ASV_COMMIT" in header and "CAPSBENCH_ASV_MACHINE" in header
-    assert "assumed" not in report.run_header(load_asv(results_layout(tmp_path / "again")).runs[0], {})
+    assert "assumed" not in sections.run_header(load_asv(results_layout(tmp_path / "again")).runs[0], {})

@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 from harness.measure.expected_memory import im2col_bytes, kept_activations, parameter_state_bytes
+from harness.measure.scaling import compute_units, efficiency_caveat, scaling_efficiency
 from harness.reporting.formatting import NA
 from harness.results import PROFILE_PHASES, Profile
-from harness.scaling import compute_units, efficiency_caveat, scaling_efficiency
 from harness.spec import get_config
 from harness.suite.asv_results import DEFAULT_ROUTING_GRADIENT, ROUTING_GRADIENT_COLUMN, TIDY_COLUMNS, Run
 
