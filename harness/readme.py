@@ -63,7 +63,7 @@ class ReadmeError(ValueError):
 
 
 def headline_block(root: Path, commit: str | None = None, machine: str | None = None) -> str:
-    """The asv run at ``commit`` (prefix; default the newest, :mod:`harness.reporting.run_order`) on ``machine``: per
+    """The asv run at ``commit`` (prefix; default the newest, :mod:`harness.suite.run_order`) on ``machine``: per
     implementation and batch size, the training step (median, interquartile range, samples), images/s, % of the
     machine's peak, forward, backward, routing share, host memory sampled in a step and parity (the check's
     largest error, :mod:`harness.reporting.ranking`: an implementation without a passing figure is marked wherever it is
@@ -74,7 +74,7 @@ def headline_block(root: Path, commit: str | None = None, machine: str | None = 
     if not runs:
         raise ReadmeError(f"headline: no asv run {'at commit ' + commit if commit else ''} under {root}/asv"
                           + (f" for machine {machine}" if machine else "") + "; run asv and `capsbench keep` first")
-    run = runs[-1]  # load_asv orders them oldest first (harness.reporting.run_order)
+    run = runs[-1]  # load_asv orders them oldest first (harness.suite.run_order)
     rows = run_rows(asv.table, run)
     iterations, _ = step_iterations(rows, run.config_name)
     frame = summary_table(rows, iterations)

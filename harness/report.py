@@ -9,7 +9,7 @@ Reads ``<results>/asv`` (asv's own layout, with the suite's machine facts in ``<
 * ``results_tidy.csv``: the tidy table, one row per benchmark x parameters x run (columns in
   :mod:`harness.suite.asv_results`); a skipped or failed combination is a row with an empty value;
 * ``report.md``: machine, environment, libraries, threads, commit, measuring times and profile of each run, in
-  the order of :mod:`harness.reporting.run_order` (printed); per run a summary per implementation and batch size (every
+  the order of :mod:`harness.suite.run_order` (printed); per run a summary per implementation and batch size (every
   time with the samples behind it: one sample as itself, several as the median and interquartile range; parity
   passed, FAILED or not measured, marked beside every name that did not pass) and the ranking per batch size with
   the pairs of neighbours the samples cannot rank (:mod:`harness.reporting.ranking`); the vectorised / looped speed-ups;
@@ -18,7 +18,7 @@ Reads ``<results>/asv`` (asv's own layout, with the suite's machine facts in ``<
   from the figures' folder); the comparison of runs; the plots (or why one was not drawn); every warning.
   Implementations with no result at all in a run are one line per table, not rows of n/a;
 * ``comparison.md`` / ``comparison.csv`` when there is more than one run: each run against the one before
-  it (:mod:`harness.reporting.run_order`: git ancestry where the repository knows both commits, else when measured),
+  it (:mod:`harness.suite.run_order`: git ancestry where the repository knows both commits, else when measured),
   ratio new / old per benchmark and parameters, flagged when beyond the factor and the measured spread, and
   "too few samples" where a side rests on one sample; combinations without a result on either side, and
   benchmarks one run did not measure at all, are one line each, not rows;
@@ -45,7 +45,6 @@ import pandas as pd
 
 from harness import cli
 from harness.reporting import plots
-from harness.reporting.run_order import ORDER_RULE, Ancestry, newer
 from harness.reporting.sections import (
     benchmark_plots,
     comparison_section,
@@ -90,6 +89,7 @@ from harness.settings import (
     TRAINING_SUBDIR,
 )
 from harness.suite.asv_results import AsvResults, Run, load_asv, machine_names
+from harness.suite.run_order import ORDER_RULE, Ancestry, newer
 
 TIDY_CSV, REPORT_MD, COMPARISON_MD, COMPARISON_CSV = "results_tidy.csv", "report.md", "comparison.md", "comparison.csv"
 
@@ -190,7 +190,7 @@ def write_csv(frame: pd.DataFrame, path: Path) -> Path:
 def compare_runs(table: pd.DataFrame, runs: list[Run], out: Path, written: list[Path],
                  ancestry: Ancestry | None = None) -> str:
     """Each run against the one before it on the same machine and environment (``runs`` are oldest first,
-    :mod:`harness.reporting.run_order`), or, with one run per machine, the machines against each other in that order:
+    :mod:`harness.suite.run_order`), or, with one run per machine, the machines against each other in that order:
     comparison.md and .csv written, the Markdown returned (empty with a single run, and a stale comparison
     removed).  ``ancestry`` says why the new run is the newer, in each heading."""
     pairs = [(old, new) for _, group in itertools.groupby(sorted(runs, key=lambda run: (run.machine, run.env)),

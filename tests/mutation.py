@@ -58,7 +58,7 @@ FUNCTIONS = {"tables-report": ["memory_table", "distributed_table", "step_iterat
 # a run's name up to its first hyphen -> the module it mutates, its path under harness/ without ".py"
 MODULES = {"loop": "training/loop", "check": "check", "tables": "reporting/tables", "flops": "measure/flops",
            "scaling": "measure/scaling", "spec": "spec",
-           "ranking": "reporting/ranking", "run_order": "reporting/run_order"}
+           "ranking": "reporting/ranking", "run_order": "suite/run_order"}
 
 
 def module_of(run: str) -> str:

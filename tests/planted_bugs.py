@@ -168,10 +168,10 @@ BUGS = (
         'frame["images_per_second"] = 32 / frame["train_step"]',
         ("tests/test_report.py::test_every_derived_figure_of_the_summary_is_the_one_computed_by_hand",)),
     # the report's order of runs, parity marks and ranking
-    Bug("runs ordered without git's ancestry (commit second, then hash)", "harness/reporting/run_order.py",
+    Bug("runs ordered without git's ancestry (commit second, then hash)", "harness/suite/run_order.py",
         "    if a.commit != b.commit:\n        if ancestry", "    if False:\n        if ancestry",
         ("tests/test_run_order.py",)),
-    Bug("runs ordered by commit date before when they were measured", "harness/reporting/run_order.py",
+    Bug("runs ordered by commit date before when they were measured", "harness/suite/run_order.py",
         "((MEASURED, a.measured, b.measured), (COMMIT_DATE, a.date, b.date))",
         "((COMMIT_DATE, a.date, b.date), (MEASURED, a.measured, b.measured))", ("tests/test_run_order.py",)),
     Bug("every parity figure passes", "harness/reporting/ranking.py",

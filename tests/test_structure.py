@@ -105,5 +105,40 @@ def test_no_module_of_the_harness_imports_itself_around_a_circle():
     assert circles(graph) == []
 
 
+def test_the_library_s_parts_import_each_other_in_one_direction():
+    """measure/, training/, suite/ and reporting/: no two import each other around a circle (the API at the top
+    is below them all, but for results.py reading a profile through measure/peak.py's one peak per device)."""
+    graph, names = harness_imports(), commands()
+
+    def part(module: str) -> str:
+        return module.split(".")[1] if module.count(".") >= 2 else "top"
+
+    parts: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        if module not in names and part(module) != "top":
+            parts.setdefault(part(module), set()).update(part(target) for target in targets if part(target) != "top")
+    assert circles({name: targets - {name} for name, targets in parts.items()}) == []
+
+
 def test_no_command_is_imported_by_the_library_or_by_another_command():
     assert crossings(harness_imports(), commands()) == []
+
+
+def test_the_map_names_every_module_in_its_part_and_no_module_that_is_gone():
+    """docs/architecture.md stays true: each module of harness/ is in its part's row (a subpackage's modules in
+    the row of that package), and every ``name.py`` the map names exists."""
+    import re
+
+    text = (REPO_ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip().strip("`"): line for line in text.splitlines() if line.startswith("| `")}
+    missing = []
+    for path in HARNESS.rglob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        part = path.parent.relative_to(HARNESS).as_posix()
+        where = rows.get(f"{part}/", "") if part != "." else text.split("## Around harness/")[0]
+        if f"`{path.name}`" not in where and f"{path.name}`" not in where:
+            missing.append(path.relative_to(REPO_ROOT).as_posix())
+    assert missing == []
+    named = set(re.findall(r"`(\w+\.py)`", text.split("## Around harness/")[0]))
+    assert {name for name in named if not list(HARNESS.rglob(name))} == set()

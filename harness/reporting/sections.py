@@ -33,7 +33,6 @@ from harness.reporting.ranking import (
     ranking_lines,
     ranking_table,
 )
-from harness.reporting.run_order import ANCESTRY, COMMIT_DATE, MEASURED, NAME
 from harness.reporting.tables import (
     CHANGE_FACTOR,
     FLAGS,
@@ -64,6 +63,7 @@ from harness.settings import (
     ASV_MACHINE_ENV,
 )
 from harness.suite.asv_results import Run, run_peak_sentence
+from harness.suite.run_order import ANCESTRY, COMMIT_DATE, MEASURED, NAME
 
 STALE_PLOTS = ("roofline",)  # plots of older reports under another name: removed when a report is written
 
@@ -339,7 +339,7 @@ def comparison_section(comparison: pd.DataFrame, old: Run, new: Run, why: str = 
     """The comparison of two runs as Markdown: changes first, then those with too few samples to judge,
     then missing, then the rest.  Not rows but one line each: the combinations with no result on either
     side (an implementation unavailable in both runs), and every benchmark one run did not measure at all
-    (a run of some benchmarks only); ``why`` (:mod:`harness.reporting.run_order`) says why new is the newer."""
+    (a run of some benchmarks only); ``why`` (:mod:`harness.suite.run_order`) says why new is the newer."""
     present = {side: set(comparison.loc[comparison[f"{side}_status"] != "missing", "benchmark"])
                for side in ("old", "new")}
     benchmark_only = {"old": sorted(present["old"] - present["new"]), "new": sorted(present["new"] - present["old"])}

@@ -47,10 +47,10 @@ import pandas as pd
 
 from harness.measure.flops import phase_flops
 from harness.measure.peak import GPU_BACKENDS, backend_of, peak_sentence
-from harness.reporting.run_order import Ancestry, order_runs
 from harness.results import ResultsFileError, read_json
 from harness.settings import ASV_RESULTS_SUBDIR, FACTS_SUBDIR
 from harness.spec import get_config
+from harness.suite.run_order import Ancestry, order_runs
 from harness.suite.sizes import DEFAULT_PROFILE, PROFILES
 
 RESULTS_API_VERSION = 2  # asv.results.Results.api_version
@@ -421,7 +421,7 @@ def machine_names(asv_dir: Path) -> list[str]:
 
 def load_asv(results_root: str | Path, machine: str | None = None, repository: str | Path | None = None) -> AsvResults:
     """Read every asv results file under ``<results_root>/asv`` (of ``machine`` only, if given); the runs
-    oldest first by :func:`harness.reporting.run_order.order_runs`, with git asked in ``repository`` (default: the
+    oldest first by :func:`harness.suite.run_order.order_runs`, with git asked in ``repository`` (default: the
     repository that holds ``results_root``, where there is one)."""
     results_root = Path(results_root)
     asv_dir = results_root / ASV_RESULTS_SUBDIR
