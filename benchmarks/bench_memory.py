@@ -13,8 +13,8 @@ from benchmarks.common import (
     setup_benchmark,
 )
 from harness import registry
-from harness.memory import PROCESS_NOT_VISIBLE, current_rss_bytes, host_sampler, nvml_status, nvml_used_bytes
-from harness.step_memory import measure_grid
+from harness.measure.memory import PROCESS_NOT_VISIBLE, current_rss_bytes, host_sampler, nvml_status, nvml_used_bytes
+from harness.measure.step_memory import measure_grid
 
 _rss_before_model: dict[tuple, int] = {}
 
@@ -22,7 +22,7 @@ _rss_before_model: dict[tuple, int] = {}
 class HostMemory(ModelBenchmark):
     """Host memory of a training step.  With the resident memory of the process before the model was
     built, the difference is what the model, its data and one step take; the report sets it beside
-    the analytic figure of harness.activations.
+    the analytic figure of harness.measure.expected_memory.
 
     ``setup`` reads the resident memory and skips what cannot run; the figures that need a model build it
     (and warm it up by one step) before they measure, so the before-model figure's process, one per grid
@@ -61,7 +61,7 @@ class HostMemory(ModelBenchmark):
 def shared_setup_cache(benchmark) -> dict:
     """One measurement of the GPU grid for every GPU-memory class (asv runs a setup_cache once per
     function, so the classes name this same function): each GPU implementation in a process of its own
-    (:mod:`harness.step_memory`), a failed point recorded with its reason and the rest still measured."""
+    (:mod:`harness.measure.step_memory`), a failed point recorded with its reason and the rest still measured."""
     record_facts()
     points = [(batch, iterations) for batch in BATCH_SIZES for iterations in STEP_ROUTING_ITERATIONS]
     return measure_grid(measured_names(), CONFIG, DTYPE, points)

@@ -5,7 +5,7 @@ where the hardware peak is unknown, the best of these is the figure divided by).
 
 from benchmarks.common import IMPLEMENTATIONS, THREADS, record_facts, setup_benchmark
 from harness import registry
-from harness.peak import backend_of, gemm_peak_gflops
+from harness.measure.peak import backend_of, gemm_peak_gflops
 from harness.threads import set_threads
 
 
@@ -40,14 +40,14 @@ class GemmPeak:
 
 
 class HardwarePeak:
-    """The CPU's float32 peak from what the machine reports (harness.peak.hardware_peak: cores x lanes x FMA
+    """The CPU's float32 peak from what the machine reports (harness.measure.peak.hardware_peak: cores x lanes x FMA
     units x 2 x clock; the inputs are in the run's facts under ``hardware_peak``): the one figure every "% of
     peak" on the CPU divides by.  Skipped, with the reason, where an input cannot be read."""
 
     timeout = 60
 
     def setup(self):
-        from harness.environment import hardware_peak_facts
+        from harness.measure.machine import hardware_peak_facts
 
         record_facts()
         self.peak = hardware_peak_facts()

@@ -8,10 +8,10 @@ name the registry knows (built-in, added later, or installed through the entry p
 every run describes the same grid and no earlier result loses its labels.  One that cannot run here, one
 left out by ``CAPSBENCH_IMPLEMENTATIONS``, or a combination that runs out of memory is skipped through
 asv's own mechanism (``NotImplementedError`` in ``setup``, with the reason), and a skip never erases a
-figure an earlier run stored (asv.conf.json's plugin, :mod:`harness.asv_keep_figures`).  A name in
+figure an earlier run stored (asv.conf.json's plugin, :mod:`harness.suite.asv_keep_figures`).  A name in
 ``CAPSBENCH_IMPLEMENTATIONS`` that this environment does not register ends the run at import, before any
 benchmark (:func:`selected_implementations`).  Sizes come from a profile of
-:mod:`harness.suite_profiles`, chosen with ``CAPSBENCH_PROFILE`` (scikit-learn's asv suite does the same).
+:mod:`harness.suite.sizes`, chosen with ``CAPSBENCH_PROFILE`` (scikit-learn's asv suite does the same).
 
 Importing this module must never touch a GPU: asv imports the suite once in a fork server and forks a
 process per benchmark, and CUDA does not survive a fork.  Availability is checked in ``setup`` only.
@@ -20,7 +20,7 @@ Set-up work stays out of the timed region: the model is built, moved to its devi
 ``setup`` by one call of the operation the benchmark times (lazy initialisation, CUDA context, kernel
 compilation and cuDNN's algorithm choice all happen there), and every timed call ends with
 ``synchronize()``.  Every benchmark's ``setup`` also writes the machine facts beside the run's results
-(:func:`setup_benchmark`, through :mod:`harness.asv_facts`), whatever subset of the suite runs.
+(:func:`setup_benchmark`, through :mod:`harness.suite.asv_facts`), whatever subset of the suite runs.
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from harness import asv_facts, contract, registry
+from harness import contract, registry
 from harness.data import synthetic_batch
+from harness.measure.step_memory import is_out_of_memory
 from harness.params import init_parameters
 from harness.settings import IMPLEMENTATIONS_ENV, THREADS_ENV
 from harness.spec import get_config
-from harness.step_memory import is_out_of_memory
-from harness.suite_profiles import load_suite_profile, profile_left_out_reason, routing_gradients
+from harness.suite import asv_facts
+from harness.suite.sizes import load_suite_profile, profile_left_out_reason, routing_gradients
 from harness.threads import set_threads, usable_cpu_count
 
 DTYPE = "float32"
@@ -88,7 +89,7 @@ THREADS = int(os.environ.get(THREADS_ENV) or usable_cpu_count())
 
 def left_out_reason(name: str) -> str | None:
     """Why the suite's settings leave ``name`` out of every benchmark (not selected, or left out by the profile:
-    :func:`harness.suite_profiles.profile_left_out_reason`), as what follows the name ("is left out by ...");
+    :func:`harness.suite.sizes.profile_left_out_reason`), as what follows the name ("is left out by ...");
     None when they do not.  Cheap: nothing is imported or started, so every benchmark process can record it in
     the facts."""
     if name not in SELECTED:
@@ -114,19 +115,19 @@ def require_available(name: str, routing_gradient: str = "full") -> registry.Imp
     return info
 
 
-# Machine facts beside the results (harness.asv_facts writes them) -----------------------------------------
+# Machine facts beside the results (harness.suite.asv_facts writes them) -----------------------------------------
 
 
 def record_facts() -> None:
     """Write the facts asv does not record beside the run's results, once per benchmark process
-    (:func:`harness.asv_facts.write_run_facts` with this suite's threads and profile)."""
+    (:func:`harness.suite.asv_facts.write_run_facts` with this suite's threads and profile)."""
     asv_facts.write_run_facts(THREADS, PROFILE_NAME, lambda: {
         name: reason for name in registry.names() if (reason := left_out_reason(name))})
 
 
 def record_plan_facts(name: str, impl: contract.Implementation) -> None:
     """Add the plans ``impl`` chose for its batch shapes to the run's facts
-    (:func:`harness.asv_facts.add_plan_facts`), the facts written first if this process has not yet."""
+    (:func:`harness.suite.asv_facts.add_plan_facts`), the facts written first if this process has not yet."""
     record_facts()
     asv_facts.add_plan_facts(name, impl)
 

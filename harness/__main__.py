@@ -31,23 +31,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def list_implementations() -> str:
-    """One line per implementation: name, framework, device, routing variant, where it comes from, status."""
-    rows = [("name", "framework", "device", "routing", "source", "status")]
-    for info in registry.entries():
-        status = info.availability()
-        rows.append((info.name, info.framework, info.device, info.routing_variant, info.source,
-                     "available" if status else f"unavailable: {status.reason}"))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    for name, error in registry.plugin_errors().items():
-        lines.append(f"entry point {name!r} of group {registry.ENTRY_POINT_GROUP!r} failed to load: {error}")
-    return "\n".join(lines)
-
-
 def list_main(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="capsbench list", description=COMMANDS["list"][1]).parse_args(argv)
-    print(list_implementations())
+    print(registry.list_implementations())
     return 0
 
 

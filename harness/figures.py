@@ -31,13 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import cli, contract, options, plots, registry
-from harness.checkpoint import checkpoint_path
+from harness import cli, contract, options, registry
 from harness.data import DataError, load_mnist
 from harness.decoder import mask_to_classes
 from harness.params import validate_parameters
-from harness.progress import Progress
-from harness.report import per_class_section, save_figure
+from harness.reporting import plots
+from harness.reporting.sections import per_class_section, save_figure
 from harness.results import (
     FIGURES_FILES,
     FIGURES_JSON,
@@ -52,6 +51,8 @@ from harness.results import (
 )
 from harness.settings import FIGURES_SUBDIR, RUNS_DIR
 from harness.spec import CONFIGS, CapsNetConfig
+from harness.training.checkpoint import checkpoint_path
+from harness.training.progress import Progress
 
 FORMAT_VERSION = 1
 DEFAULT_IMPLEMENTATION = "numpy-vectorised"

@@ -190,7 +190,7 @@ class Plan:
         return "smoke" if self.smoke else "gpu-compiled" if compiling else "gpu"
 
     def batch_sizes(self, compiling: bool = False) -> list[int]:
-        from harness.suite_profiles import load_suite_profile
+        from harness.suite.sizes import load_suite_profile
 
         return load_suite_profile(self.profile(compiling))[1]["batch_sizes"]
 
@@ -313,7 +313,7 @@ def missing_things(device: str, data_dir: str | None) -> dict:
     if absent:
         missing["report"] = f"{' and '.join(absent)} not installed: the report stage is skipped"
     if device == "cuda":
-        from harness.memory import nvml_status
+        from harness.measure.memory import nvml_status
 
         if (problem := nvml_status()) is not None:
             missing["nvml"] = f"NVML cannot be used ({problem}): the GPU memory figures are skipped"
@@ -332,8 +332,8 @@ def gpu_problem() -> str | None:
 
 
 def stage_facts(plan: Plan, runner: Runner) -> str:
-    from harness.__main__ import list_implementations
-    from harness.environment import machine_facts
+    from harness.measure.machine import machine_facts
+    from harness.registry import list_implementations
     from harness.threads import thread_facts
 
     write_json_atomic(plan.out / "facts.json", {**machine_facts(), "threads": thread_facts(),
@@ -688,7 +688,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def machine_name(device: str) -> str:
-    from harness.environment import machine_facts
+    from harness.measure.machine import machine_facts
 
     facts = machine_facts()
     gpu = facts.get("gpu") or {}

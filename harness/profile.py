@@ -19,8 +19,8 @@ the implementation's own ranges (:mod:`harness.ranges`) name the layers.  What a
 
 Outputs in ``--out`` (default ``runs/profile/``): ``profile.csv`` (tidy: one row per implementation x phase
 x layer, with the median time per step over the profiled steps and its interquartile range, the share of the
-profiled step, the layer's analytic FLOPs from :mod:`harness.flops`, GFLOP/s and % of peak: one figure for every
-implementation, the CPU's hardware float32 peak (:func:`harness.peak.hardware_peak`), else or on a GPU the
+profiled step, the layer's analytic FLOPs from :mod:`harness.measure.flops`, GFLOP/s and % of peak: one figure for every
+implementation, the CPU's hardware float32 peak (:func:`harness.measure.peak.hardware_peak`), else or on a GPU the
 best GEMM measured in the same run), ``profile.md`` (a table per implementation, the profiling
 overhead: profiled against unprofiled step), ``profile.json`` (what ran, on what machine) and, for torch,
 ``traces/<implementation>.trace.json.gz`` (the last profiled step, for chrome://tracing or Perfetto).
@@ -46,13 +46,14 @@ import numpy as np
 import pandas as pd
 
 from harness import cli, contract, options, registry
-from harness import flops as flops_module
 from harness.data import synthetic_batch
-from harness.environment import machine_facts
-from harness.formatting import fmt, markdown_table
+from harness.measure import flops as flops_module
+from harness.measure.machine import machine_facts
+from harness.measure.peak import backend_of, gemm_peak_gflops, machine_hardware_peak, one_peak, peak_sentence
 from harness.params import init_parameters
-from harness.peak import backend_of, gemm_peak_gflops, machine_hardware_peak, one_peak, peak_sentence
 from harness.ranges import RANGE_PREFIX, ROUTING_LAYER, layer_range, range_name, recording
+from harness.reporting.formatting import fmt, markdown_table
+from harness.reporting.tables import plan_lines
 from harness.results import (
     PROFILE_CSV,
     PROFILE_JSON,
@@ -65,7 +66,6 @@ from harness.results import (
 )
 from harness.settings import PROFILE_SUBDIR, RUNS_DIR
 from harness.spec import CapsNetConfig, get_config
-from harness.tables import plan_lines
 from harness.threads import set_threads, thread_facts, usable_cpu_count
 
 PHASE_CALLS = (("forward", "forward_loss"), ("backward", "backward"), ("update", "adam_step"))
@@ -395,7 +395,7 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 def profile_rows(profiled: Profiled, config: CapsNetConfig, batch_size: int, dtype: str, config_name: str,
                  peak_gflops: float | None) -> list[dict]:
-    """The tidy rows of one implementation: every (phase, layer) of :func:`harness.flops.step_layer_flops`,
+    """The tidy rows of one implementation: every (phase, layer) of :func:`harness.measure.flops.step_layer_flops`,
     with the ranges it did not record (a plugin without ranges) as NaN, and any extra range it did."""
     info, steps = profiled.info, profiled.steps
     step_median = statistics.median(sum(step.phases.values()) for step in steps)

@@ -2,7 +2,7 @@
 tells the profiler (:mod:`harness.profile`) where its time goes.
 
 An implementation wraps each layer of its forward and hand-written backward passes in
-``with layer_range("conv1", "forward"):``, with the layer names of :func:`harness.flops.layers` and the
+``with layer_range("conv1", "forward"):``, with the layer names of :func:`harness.measure.flops.layers` and the
 phases "forward", "backward" and "update".  When no profile is running, :func:`layer_range` returns one
 shared null context: nothing is timed, synchronised or recorded.  While :func:`recording` has installed a
 recorder, each range is what that recorder makes of it: for torch a ``torch.profiler.record_function``
@@ -21,7 +21,7 @@ RANGE_PREFIX = "capsbench"
 # The range around a whole routing (forward, and backward where hand-written) that the base classes open
 # around a plugin's routing hook (TorchCapsNet.route, NumpyCapsNet.routing_functions), so that a plugin's
 # routing is attributed without it opening any range; the built-in routing opens one per iteration instead
-# (harness.flops.routing_layers), and a profile drops this one where those are inside it.
+# (harness.measure.flops.routing_layers), and a profile drops this one where those are inside it.
 ROUTING_LAYER = "routing"
 
 

@@ -28,9 +28,8 @@ from pathlib import Path
 import pandas as pd
 
 from harness import cli
-from harness.asv_results import load_asv, run_peak_sentence
-from harness.formatting import NA, fmt, fmt_spread, markdown_table
-from harness.ranking import (
+from harness.reporting.formatting import NA, fmt, fmt_spread, markdown_table
+from harness.reporting.ranking import (
     FAILED,
     NOT_MEASURED,
     RANKING_RULE,
@@ -41,10 +40,8 @@ from harness.ranking import (
     ranking_sentence,
     ranking_table,
 )
-from harness.report import distributed_section
-from harness.results import load_profile_result, load_scaling_results, load_training_results, write_text_atomic
-from harness.settings import ENVIRONMENT, PROFILE_SUBDIR, RESULTS_DIR, SCALING_SUBDIR, TRAINING_SUBDIR
-from harness.tables import (
+from harness.reporting.sections import distributed_section
+from harness.reporting.tables import (
     distributed_table,
     profile_rows,
     run_rows,
@@ -52,6 +49,9 @@ from harness.tables import (
     summary_table,
     training_table,
 )
+from harness.results import load_profile_result, load_scaling_results, load_training_results, write_text_atomic
+from harness.settings import ENVIRONMENT, PROFILE_SUBDIR, RESULTS_DIR, SCALING_SUBDIR, TRAINING_SUBDIR
+from harness.suite.asv_results import load_asv, run_peak_sentence
 
 OPEN = re.compile(r"<!-- generated: (?P<name>[\w-]+)(?P<args>(?: [\w-]+=[^ ]+)*) -->")
 CLOSE = "<!-- end generated: {name} -->"
@@ -63,10 +63,10 @@ class ReadmeError(ValueError):
 
 
 def headline_block(root: Path, commit: str | None = None, machine: str | None = None) -> str:
-    """The asv run at ``commit`` (prefix; default the newest, :mod:`harness.run_order`) on ``machine``: per
+    """The asv run at ``commit`` (prefix; default the newest, :mod:`harness.suite.run_order`) on ``machine``: per
     implementation and batch size, the training step (median, interquartile range, samples), images/s, % of the
     machine's peak, forward, backward, routing share, host memory sampled in a step and parity (the check's
-    largest error, :mod:`harness.ranking`: an implementation without a passing figure is marked wherever it is
+    largest error, :mod:`harness.reporting.ranking`: an implementation without a passing figure is marked wherever it is
     named, and one that FAILED is listed last in its batch and not ranked); then the ranking per batch size,
     with the pairs the samples cannot rank; implementations without a result are left out."""
     asv = load_asv(root, machine)
@@ -74,7 +74,7 @@ def headline_block(root: Path, commit: str | None = None, machine: str | None = 
     if not runs:
         raise ReadmeError(f"headline: no asv run {'at commit ' + commit if commit else ''} under {root}/asv"
                           + (f" for machine {machine}" if machine else "") + "; run asv and `capsbench keep` first")
-    run = runs[-1]  # load_asv orders them oldest first (harness.run_order)
+    run = runs[-1]  # load_asv orders them oldest first (harness.suite.run_order)
     rows = run_rows(asv.table, run)
     iterations, _ = step_iterations(rows, run.config_name)
     frame = summary_table(rows, iterations)

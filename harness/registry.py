@@ -212,3 +212,17 @@ def create(
 ) -> Implementation:
     """Build the named implementation from the canonical parameters."""
     return get(name).create(config, params, dtype)
+
+
+def list_implementations() -> str:
+    """One line per implementation: name, framework, device, routing variant, where it comes from, status."""
+    rows = [("name", "framework", "device", "routing", "source", "status")]
+    for info in entries():
+        status = info.availability()
+        rows.append((info.name, info.framework, info.device, info.routing_variant, info.source,
+                     "available" if status else f"unavailable: {status.reason}"))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    for name, error in plugin_errors().items():
+        lines.append(f"entry point {name!r} of group {ENTRY_POINT_GROUP!r} failed to load: {error}")
+    return "\n".join(lines)

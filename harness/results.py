@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness.peak import with_one_peak
+from harness.measure.peak import with_one_peak
 
 if TYPE_CHECKING:
     import pandas as pd

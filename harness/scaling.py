@@ -20,8 +20,8 @@ reported.  On a loaded machine the difference of two noisy step times is itself 
 ``no_sync_step_seconds`` recorded beside it.
 
 
-Scaling efficiency has one meaning, :func:`scaling_efficiency`, for the table printed here and for the
-report: the speed-up over the smallest world size divided by the growth of the compute used, which is
+Scaling efficiency has one meaning, :func:`harness.measure.scaling.scaling_efficiency`, for the table printed
+here and for the report: the speed-up over the smallest world size divided by the growth of the compute used, which is
 ranks x threads per rank on the CPU (so splitting two cores over two ranks is judged against the two
 cores, not against twice the cores) and ranks on GPUs.  A single rank has no all-reduce: its share is
 None, not 0.
@@ -40,7 +40,8 @@ from pathlib import Path
 
 from harness import cli, contract, options
 from harness.data import synthetic_batch
-from harness.environment import machine_facts
+from harness.measure.machine import machine_facts
+from harness.measure.scaling import MIN_RELIABLE_STEPS, efficiency_caveat, exposed_allreduce, scaling_efficiency
 from harness.options import positive_int
 from harness.results import SCALING_KIND, read_json, unwritable_line, writable_folder, write_json_atomic
 from harness.settings import RUNS_DIR, SCALING_SUBDIR
@@ -52,56 +53,10 @@ LAUNCH_GRACE_S = 60.0  # per timed or warm-up step, beyond the process-group tim
 DEFAULT_GLOBAL_BATCH = 64
 
 
-def compute_units(run: dict, device: str) -> int:
-    """What a run computes with: ranks x threads per rank on the CPU, ranks on GPUs."""
-    return run["world_size"] * (run["threads_per_rank"] if device == "cpu" else 1)
-
-
-def scaling_efficiency(run: dict, base: dict, device: str) -> float:
-    """Speed-up of ``run`` over ``base`` (images/s) divided by the growth of the compute used: 1.0 is
-    linear scaling in the compute."""
-    speedup = run["images_per_second"] / base["images_per_second"]
-    return speedup / (compute_units(run, device) / compute_units(base, device))
-
-
-MIN_RELIABLE_STEPS = 10  # fewer timed steps per world size: the efficiency is a guess
-
-
-def relative_spread(run: dict) -> float | None:
-    """Half the interquartile range of a run's step times over their median (None in older files)."""
-    q25, q75 = run.get("step_seconds_q25"), run.get("step_seconds_q75")
-    if q25 is None or q75 is None or not run.get("step_seconds"):
-        return None
-    return (q75 - q25) / 2 / run["step_seconds"]
-
-
-def efficiency_caveat(run: dict, base: dict, device: str) -> str:
-    """Why the scaling efficiency of ``run`` against ``base`` is not reliable, or "" when it is: fewer than
-    :data:`MIN_RELIABLE_STEPS` timed steps, or step times spread more than the efficiency departs from 1
-    (linear scaling), so that the figure cannot tell better from worse than linear."""
-    if run is base:
-        return ""
-    steps = min(run.get("steps", 0), base.get("steps", 0))
-    if steps < MIN_RELIABLE_STEPS:
-        return f"from {steps} timed step(s), fewer than the {MIN_RELIABLE_STEPS} a reliable figure needs"
-    spreads = [relative_spread(run), relative_spread(base)]
-    if None in spreads:
-        return ""
-    spread, effect = sum(spreads), abs(scaling_efficiency(run, base, device) - 1)
-    if spread > effect:
-        return (f"the step times spread by ±{spread:.0%} (half their interquartile ranges, both world sizes), "
-                f"more than the {effect:.0%} the efficiency departs from linear")
-    return ""
-
-
-def exposed_allreduce(synced: list[float], local: list[float]) -> float:
-    """The median over adjacent pairs of (DDP step - the same step under no_sync()), floored at 0."""
-    return max(0.0, statistics.median(with_sync - without for with_sync, without in zip(synced, local)))
-
 
 def _timed_step(ctx, impl, ddp, batch, sync: bool) -> float:
     """One DDP step (or one under no_sync(): no all-reduce), timed after a barrier that lines the ranks up."""
-    from harness.distributed import ddp_train_step, dist
+    from harness.training.ddp import ddp_train_step, dist
 
     dist.barrier(device_ids=[ctx.local_rank] if ctx.backend == "nccl" else None)
     impl.synchronize()
@@ -127,7 +82,7 @@ def measure_scaling(ctx, impl, ddp, config, per_rank: int, steps: int, warmup: i
     """
     import torch
 
-    from harness.distributed import dist
+    from harness.training.ddp import dist
 
     paired = ctx.world_size > 1
     images, labels = synthetic_batch(config, per_rank, seed + ctx.rank)
@@ -194,7 +149,8 @@ def worker_main(argv: list[str]) -> int:
     """One rank: join the group, time the steps, rank 0 writes its part of the results."""
     import signal
 
-    from harness.distributed import (
+    from harness.threads import set_threads
+    from harness.training.ddp import (
         build,
         describe,
         init_distributed,
@@ -203,7 +159,6 @@ def worker_main(argv: list[str]) -> int:
         shutdown,
         torch_implementation,
     )
-    from harness.threads import set_threads
 
     args = _worker_parser().parse_args(argv)
     ctx = None
@@ -298,7 +253,7 @@ def world_size_plans(world_sizes: list[int], global_batch: int | None, per_rank_
 
 def scaling_main(argv: list[str]) -> int:
     from harness import registry  # here, not at the top: the report imports this module's figures alone
-    from harness.distributed import torch_implementation
+    from harness.training.ddp import torch_implementation
 
     args = parser().parse_args(argv)
     try:

@@ -41,7 +41,7 @@ ENVIRONMENT: dict[str, Setting] = {
     DATA_DIR_ENV: Setting("the MNIST folder (the four IDX files, `.gz` or not) where no `--data-dir` is given",
                           "[README](../README.md#your-first-ten-minutes)"),
     PROFILE_ENV: Setting("the asv suite's size profile (`smoke`, `fast` by default, `regular`, `large`, `gpu`; "
-                         "`harness/suite_profiles.py`)", "[benchmarks.md](benchmarks.md#profiles)"),
+                         "`harness/suite/sizes.py`)", "[benchmarks.md](benchmarks.md#profiles)"),
     THREADS_ENV: Setting("the asv suite's thread count for torch, BLAS and OpenMP (default: the CPUs this process "
                          "may use)", "[benchmarks.md](benchmarks.md)"),
     IMPLEMENTATIONS_ENV: Setting("the asv suite's implementations, comma separated (default: every one that can "
@@ -63,7 +63,7 @@ ENVIRONMENT: dict[str, Setting] = {
     JAX_CONVOLUTION_ENV: Setting("`xla`: the JAX implementations use XLA's own convolution instead of im2col + "
                                  "GEMM (default `im2col`)", "`implementations/jax_capsnet.py`"),
     FAIL_RANK_ENV: Setting("tests only: the data-parallel rank that fails (`R:K`) or hangs (`R:K:hang`) on purpose",
-                           "`harness/distributed.py`"),
+                           "`harness/training/ddp.py`"),
 }
 
 # Results folders --------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 quantity (output, gradient, parameter after Adam), as normwise relative errors (harness.check).
 
 Kept apart from :mod:`harness.check` so that what reads results files (the report's parity marks,
-:mod:`harness.ranking`) holds a figure to the same tolerances without loading the implementation registry
+:mod:`harness.reporting.ranking`) holds a figure to the same tolerances without loading the implementation registry
 that the check imports.  Why the float32 parameter tolerance is the widest: harness.check's docstring and
 docs/correctness.md.
 """

@@ -18,14 +18,15 @@ import threading
 import time
 from pathlib import Path
 
-from harness import cli, contract, epochs, options, registry
-from harness.checkpoint import save_checkpoint
+from harness import cli, contract, options, registry
 from harness.data import DataError, load_mnist
 from harness.params import init_parameters
-from harness.progress import Progress
 from harness.results import ResultsFileError, write_json_atomic
-from harness.run_status import RunStatus, Terminated, TrainingDiverged
 from harness.spec import SCHEDULES
+from harness.training import loop
+from harness.training.checkpoint import save_checkpoint
+from harness.training.progress import Progress
+from harness.training.run_status import RunStatus, Terminated, TrainingDiverged
 
 
 def train_epochs(impl: contract.Implementation, train_set, test_set, record: dict, out: Path,
@@ -34,33 +35,33 @@ def train_epochs(impl: contract.Implementation, train_set, test_set, record: dic
     file and the checkpoint are saved."""
     elapsed = record["epochs"][-1]["elapsed_seconds"] if record["epochs"] else 0.0
     steps_per_epoch = -(-len(train_set) // args.batch_size)
-    epochs.plan_ahead(impl, args.batch_size, record)
+    loop.plan_ahead(impl, args.batch_size, record)
     for epoch in range(first_epoch, args.epochs + 1):
         losses, images_seen, epoch_start = [], 0, time.perf_counter()
         progress = Progress(steps_per_epoch, f"epoch {epoch}/{args.epochs}", args.log_every)
-        batches = epochs.training_batches(train_set, args.batch_size, args.seed, epoch, not args.no_augment)
+        batches = loop.training_batches(train_set, args.batch_size, args.seed, epoch, not args.no_augment)
         for step, (images, labels) in enumerate(batches, start=1):
             step_start = time.perf_counter()
             loss = impl.train_step(impl.to_device(images, labels))
             elapsed += time.perf_counter() - step_start
             images_seen += len(labels)
             record["steps"].append({"epoch": epoch, "step": step, "loss": loss, "elapsed_seconds": elapsed})
-            epochs.check_finite(loss, epoch, step)
+            loop.check_finite(loss, epoch, step)
             losses.append(loss)
             progress.update(loss=loss)
         progress.close()
         train_seconds = time.perf_counter() - epoch_start
         eval_start = time.perf_counter()
-        correct = epochs.evaluate(impl, test_set.images, test_set.labels, args.batch_size,
-                                  f"epoch {epoch}/{args.epochs} evaluation", every=args.log_every)
+        correct = loop.evaluate(impl, test_set.images, test_set.labels, args.batch_size,
+                                f"epoch {epoch}/{args.epochs} evaluation", every=args.log_every)
         eval_seconds = time.perf_counter() - eval_start
         save_checkpoint(out, impl, epoch)
-        summary = epochs.epoch_summary(epoch, losses, correct / len(test_set), train_seconds, eval_seconds,
-                                       time.perf_counter() - epoch_start, images_seen, elapsed,
-                                       implementation=args.impl)
-        epochs.add_epoch(record, summary)
+        summary = loop.epoch_summary(epoch, losses, correct / len(test_set), train_seconds, eval_seconds,
+                                     time.perf_counter() - epoch_start, images_seen, elapsed,
+                                     implementation=args.impl)
+        loop.add_epoch(record, summary)
         write_json_atomic(out, record)
-        print(epochs.epoch_line(summary), flush=True)
+        print(loop.epoch_line(summary), flush=True)
     return record
 
 
@@ -68,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=cli.prog("train"), description=cli.description(__doc__),
                                      epilog="--distributed: data-parallel under torchrun, the same as "
                                             "`torchrun ... -m harness.distributed train`, whose options it takes")
-    epochs.add_training_arguments(parser, batch_help="images per step", default_impl=None)
+    loop.add_training_arguments(parser, batch_help="images per step", default_impl=None)
     options.add_threads(parser)
     return parser
 
@@ -76,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--distributed" in argv:
-        from harness.distributed import train_main
+        from harness.training.ddp import train_main
 
         return train_main([arg for arg in argv if arg != "--distributed"])
     command = parser()
@@ -84,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.impl is None and args.resume is None:
         command.error("--impl NAME is required (or --resume FILE to continue a run)")
     try:
-        record, resumed_from, params, adam = epochs.prepare_resume(args, epochs.given_options(command, argv))
+        record, resumed_from, params, adam = loop.prepare_resume(args, loop.given_options(command, argv))
         info = registry.get(args.impl)
         args.impl = info.name
-        config = epochs.run_config(args)
-        epochs.pin_threads(args.threads)
+        config = loop.run_config(args)
+        loop.pin_threads(args.threads)
         schedule = SCHEDULES[args.schedule]
         impl = info.create(config, init_parameters(config, dtype=args.dtype) if params is None else params, args.dtype)
         impl.set_schedule(schedule)
@@ -96,19 +97,19 @@ def main(argv: list[str] | None = None) -> int:
             impl.load_adam_state(adam)
         train_set = load_mnist(args.data_dir, "train").head(args.limit)
         test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
-        out = args.out or epochs.default_output(info.name, args.config, suffix=epochs.routing_gradient_suffix(args))
-        epochs.writable_output(out)
+        out = args.out or loop.default_output(info.name, args.config, suffix=loop.routing_gradient_suffix(args))
+        loop.writable_output(out)
     except (registry.UnknownImplementationError, contract.UnavailableImplementationError, DataError,
-            ResultsFileError, epochs.TrainingOptionError, FileNotFoundError) as error:
+            ResultsFileError, loop.TrainingOptionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    switched_from = epochs.ran_on(record) if record is not None else None
+    switched_from = loop.ran_on(record) if record is not None else None
     if resumed_from == 0:  # a new run, or one stopped before its first epoch: nothing of it is kept
-        record = epochs.new_record(info, args, schedule, len(train_set), len(test_set))
+        record = loop.new_record(info, args, schedule, len(train_set), len(test_set))
     run = RunStatus(out, record)
     run.start()
-    print(epochs.start_line(info.name, args, len(train_set), len(test_set), out, resumed_from=resumed_from,
-                            switched_from=switched_from), flush=True)
+    print(loop.start_line(info.name, args, len(train_set), len(test_set), out, resumed_from=resumed_from,
+                          switched_from=switched_from), flush=True)
     previous_handler = install_sigterm_handler()
     try:
         train_epochs(impl, train_set, test_set, record, out, args, first_epoch=resumed_from + 1)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {failure_line(error, run.ended_by(error), out)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (run_status.Terminated)
-        print(epochs.interrupted_line(out, record, run.ended_by(stop)), file=sys.stderr)
+        print(loop.interrupted_line(out, record, run.ended_by(stop)), file=sys.stderr)
         return 128 + stop.signum if isinstance(stop, Terminated) else 130
     finally:
         if previous_handler is not None:

@@ -1,6 +1,6 @@
 """Mutation testing of the modules whose figures users read, with mutmut (a development tool, not CI).
 
-    python tests/mutation.py flops             # mutate harness/flops.py, run the tests that cover it
+    python tests/mutation.py flops             # mutate harness/measure/flops.py, run the tests that cover it
     python tests/mutation.py flops --keep DIR  # the same, keeping mutmut's folder (mutmut show NAME there)
     python tests/mutation.py tables-report     # a second run of one module: other tests, some functions
     python tests/mutation.py --list            # the runs: module, functions and tests
@@ -34,7 +34,7 @@ from harness.threads import THREAD_ENV_VARIABLES  # noqa: E402
 RUN_TESTS = {
     # not tests/test_train.py: its mutants' forked children hang (a lock held by a thread at the fork) and
     # time out one by one; tests/test_gates.py pins what it pins without a training run
-    "epochs": ["tests/test_gates.py", "tests/test_data.py"],
+    "loop": ["tests/test_gates.py", "tests/test_data.py"],
     "check": ["tests/test_check.py"],
     "tables": ["tests/test_tables.py"],
     "flops": ["tests/test_flops.py"],
@@ -55,16 +55,21 @@ RUN_TESTS = {
                       "tests/test_plots.py"],
 }
 FUNCTIONS = {"tables-report": ["memory_table", "distributed_table", "step_iterations"]}
+# a run's name up to its first hyphen -> the module it mutates, its path under harness/ without ".py"
+MODULES = {"loop": "training/loop", "check": "check", "tables": "reporting/tables", "flops": "measure/flops",
+           "scaling": "measure/scaling", "spec": "spec",
+           "ranking": "reporting/ranking", "run_order": "suite/run_order"}
 
 
 def module_of(run: str) -> str:
-    """The harness module a run mutates: the run's name up to its first hyphen."""
-    return run.split("-")[0]
+    """The harness module a run mutates (its path under harness/ without ".py"): named by the run's name up to
+    its first hyphen."""
+    return MODULES[run.split("-")[0]]
 
 
 def mutant_patterns(run: str) -> list[str]:
     """mutmut's names of the mutants a run tests (fnmatch patterns; none: every mutant of the module)."""
-    return [f"harness.{module_of(run)}.x_{function}__mutmut_*" for function in FUNCTIONS.get(run, [])]
+    return [f"harness.{module_of(run).replace('/', '.')}.x_{function}__mutmut_*" for function in FUNCTIONS.get(run, [])]
 
 
 def mutmut_config(run: str) -> str:

@@ -62,7 +62,7 @@ def test_every_benchmark_runs_once_on_the_small_configuration(asv_env):
 
 
 def test_profiles_choose_the_grid(monkeypatch):
-    from harness.suite_profiles import load_suite_profile
+    from harness.suite.sizes import load_suite_profile
 
     monkeypatch.delenv("CAPSBENCH_PROFILE", raising=False)
     name, profile = load_suite_profile()
@@ -110,7 +110,7 @@ def test_the_main_job_times_the_train_step_at_the_full_routing_gradient_alone():
     point at final (which would double the main job), and the peaks, host-memory and parity figures whole."""
     from asv.benchmarks import Benchmarks
 
-    from harness.suite_profiles import PROFILES, routing_gradients
+    from harness.suite.sizes import PROFILES, routing_gradients
 
     fast = PROFILES["fast"]
     names = [repr(name) for name in registry.names()]
@@ -217,7 +217,7 @@ def started_at(path: Path, benchmark: str) -> int:
 def test_a_narrowed_or_misspelt_rerun_keeps_every_earlier_figure(asv_env, tmp_path):
     """Issue 42, point 1, with real asv runs at one commit and environment: a run of two implementations,
     then one narrowed to one of them, which measures it again and keeps the other's figure (asv alone would
-    store the skipped cell as n/a: harness/asv_keep_figures.py keeps it), then a misspelt one, which ends
+    store the skipped cell as n/a: harness/suite/asv_keep_figures.py keeps it), then a misspelt one, which ends
     at discovery with the known names and a non-zero status, the results as they were."""
     env = {**asv_env, "ASV_CONFIG": str(write_asv_config(tmp_path, tmp_path / "results"))}
     bench, benchmark = "TrainStep", "bench_phases.TrainStep.time_train_step"
@@ -277,7 +277,7 @@ def test_the_plan_an_implementation_chose_goes_into_the_facts_and_stays(monkeypa
     """torch-fused's plan per batch size is added to the run's facts; a later benchmark process rewriting
     the facts keeps it."""
     from benchmarks import common
-    from harness import asv_facts
+    from harness.suite import asv_facts
 
     path = tmp_path / "facts.json"
     monkeypatch.setattr(asv_facts, "measured_commit", lambda: "abcdef12")
@@ -297,14 +297,14 @@ def test_the_plan_an_implementation_chose_goes_into_the_facts_and_stays(monkeypa
 
 
 def test_a_skip_keeps_the_earlier_figure_and_a_new_figure_or_a_failure_replaces_it(monkeypatch):
-    """harness/asv_keep_figures.py on asv's own Results, cell by cell: a skipped cell (NaN) keeps the earlier
+    """harness/suite/asv_keep_figures.py on asv's own Results, cell by cell: a skipped cell (NaN) keeps the earlier
     figure, a measured one replaces it, a failed one (None) too; a benchmark whose code changed (another
     version) keeps nothing; setting up twice wraps once; an asv without ``selected_idx`` is refused by name."""
     from asv import util
     from asv.results import Results
     from asv.runner import BenchmarkResult
 
-    from harness import asv_keep_figures
+    from harness.suite import asv_keep_figures
 
     monkeypatch.setattr(Results, "add_result", Results.add_result)  # undone after the test
     asv_keep_figures.setup()

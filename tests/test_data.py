@@ -166,7 +166,7 @@ def test_augmentation_shifts_real_images_and_is_absent_when_off(test_split):
 
 def test_the_training_epochs_draw_their_batches_from_seed_and_epoch(test_split):
     """A resumed run draws what the uninterrupted one would have: epoch e's batches depend on (seed, e) only."""
-    from harness.epochs import training_batches
+    from harness.training.loop import training_batches
 
     subset = test_split.head(96)
     first = [labels for _, labels in training_batches(subset, 32, seed=3, epoch=2, augment=True)]

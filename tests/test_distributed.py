@@ -22,11 +22,12 @@ from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 
 from harness import distributed, train  # noqa: E402
 from harness.data import load_mnist  # noqa: E402
-from harness.epochs import DEFAULT_SCHEDULE  # noqa: E402
 from harness.params import init_parameters  # noqa: E402
 from harness.results import read_json, read_training_result  # noqa: E402
 from harness.settings import FAIL_RANK_ENV  # noqa: E402
 from harness.spec import SCHEDULES, SMALL  # noqa: E402
+from harness.training import ddp  # noqa: E402
+from harness.training.loop import DEFAULT_SCHEDULE  # noqa: E402
 from implementations.torch_capsnet import TorchCapsNet  # noqa: E402
 
 from conftest import REPO_ROOT  # noqa: E402
@@ -108,7 +109,7 @@ def test_two_ranks_learn_what_one_process_learns_on_the_global_batch(tmp_path, m
 
 
 def test_a_failing_rank_ends_the_run_non_zero_with_one_line_and_no_hang(tmp_path, mnist_path):
-    # through the harness.train entry point this time: --distributed hands over to harness.distributed
+    # through the harness.train entry point this time: --distributed hands over to harness.training.ddp
     process, seconds = torchrun(["harness.train", "--distributed", *train_args(tmp_path, mnist_path)],
                                 env={FAIL_RANK_ENV: "1:2"}, timeout=90)
     assert process.returncode != 0
@@ -172,7 +173,7 @@ def test_scaling_writes_one_results_file_for_world_sizes_1_and_2(tmp_path):
 
 
 def test_outside_torchrun_and_for_a_non_torch_implementation_one_line(tmp_path, mnist_path, monkeypatch, capsys):
-    for name in distributed.LAUNCH_ENV:
+    for name in ddp.LAUNCH_ENV:
         monkeypatch.delenv(name, raising=False)
     assert train.main(["--distributed", "--impl", "torch-vectorised", "--data-dir", str(mnist_path)]) == 2
     error = capsys.readouterr().err.strip()
@@ -188,14 +189,14 @@ def test_outside_torchrun_and_for_a_non_torch_implementation_one_line(tmp_path, 
     ([5.0, 5.0, 5.0], [6.0, 5.5, 4.0], 0.0),  # differences -1, -0.5, 1: median -0.5, floored at 0
 ])
 def test_the_exposed_all_reduce_is_the_median_paired_difference(synced, local, expected):
-    from harness.scaling import exposed_allreduce
+    from harness.measure.scaling import exposed_allreduce
 
     assert exposed_allreduce(synced, local) == expected
 
 
 def test_scaling_efficiency_by_hand():
     """CPU: 2 ranks x 1 thread against 1 rank x 2 threads is the same compute; GPU: ranks."""
-    from harness.scaling import scaling_efficiency
+    from harness.measure.scaling import scaling_efficiency
 
     base = {"world_size": 1, "threads_per_rank": 2, "images_per_second": 100.0}
     two = {"world_size": 2, "threads_per_rank": 1, "images_per_second": 90.0}
@@ -206,7 +207,8 @@ def test_scaling_efficiency_by_hand():
 def test_an_efficiency_from_few_steps_or_within_the_spread_is_said_unreliable():
     """Hand-made runs: 140 % from 4 steps is a guess; from 20 steps with step times spread ±5 % + ±5 % it
     stands (0.4 > 0.1); 103 % within that spread does not; older files without quartiles judge steps only."""
-    from harness.scaling import efficiency_caveat, format_scaling_table
+    from harness.measure.scaling import efficiency_caveat
+    from harness.scaling import format_scaling_table
 
     def run(world_size, images_per_second, steps, spread=0.05):
         step = 16 / images_per_second
@@ -284,7 +286,7 @@ def test_the_scaling_table_by_hand():
 def test_a_file_without_steps_or_quartiles_is_judged_by_what_it_has():
     """No "steps": 0 timed steps, unreliable; exactly 10 steps is enough; a spread needs both quartiles and a
     step time."""
-    from harness.scaling import efficiency_caveat, relative_spread
+    from harness.measure.scaling import efficiency_caveat, relative_spread
 
     base = {"world_size": 1, "threads_per_rank": 1, "images_per_second": 100.0, "steps": 20}
     run = {"world_size": 2, "threads_per_rank": 1, "images_per_second": 150.0, "steps": 20}

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from matplotlib import image
 
-from harness import epochs, figures, registry, report, train
-from harness.checkpoint import save_checkpoint
+from harness import figures, registry, report, train
 from harness.data import load_mnist
 from harness.params import init_parameters
 from harness.results import FIGURES_FILES, FIGURES_JSON, FIGURES_MD, read_figures_result, read_training_result
 from harness.spec import PAPER, SMALL
+from harness.training import loop
+from harness.training.checkpoint import save_checkpoint
 
 TEST_IMAGES = 200
 
@@ -37,7 +38,7 @@ def trained_run(tmp_path_factory, mnist_path):
 def drawn(trained_run, tmp_path_factory, mnist_path):
     """The figures of that run's checkpoint on the same test images: (output folder, figures.json)."""
     out = tmp_path_factory.mktemp("figures")
-    code = figures.main(["--checkpoint", str(epochs.checkpoint_path(trained_run)), "--data-dir", str(mnist_path),
+    code = figures.main(["--checkpoint", str(loop.checkpoint_path(trained_run)), "--data-dir", str(mnist_path),
                          "--test-limit", str(TEST_IMAGES), "--out", str(out)])
     assert code == 0
     return out, json.loads((out / FIGURES_JSON).read_text())

@@ -2,9 +2,9 @@
 
 import pytest
 
-from harness.flops import adam_flops, backward_flops, forward_flops, layers, phase_flops, step_layer_flops
+from harness.measure.flops import adam_flops, backward_flops, forward_flops, layers, phase_flops, step_layer_flops
+from harness.measure.peak import backend_of, gemm_peak_gflops
 from harness.params import count_parameters
-from harness.peak import backend_of, gemm_peak_gflops
 from harness.spec import PAPER, CapsNetConfig
 
 # 10x10 image; Conv1 2 channels 3x3 -> 8x8; PrimaryCaps 2 types x 2D, 3x3 stride 2 -> 3x3 (18 capsules);
@@ -91,7 +91,7 @@ def test_paper_network_totals():
 def test_gemm_peak_is_2n_cubed_over_the_best_time(monkeypatch):
     """A GEMM of n^3 multiply-adds is 2 n^3 FLOPs; with the best of the timed products at 0.5 s, 256^3 gives
     2 x 256^3 / 0.5 / 1e9 GFLOP/s."""
-    from harness import peak
+    from harness.measure import peak
 
     monkeypatch.setattr(peak, "_best_seconds", lambda run, synchronize, repeats: 0.5)
     assert peak.gemm_peak_gflops("numpy", size=256) == 2 * 256**3 / 0.5 / 1e9
@@ -105,7 +105,12 @@ def test_gemm_peak_is_measured_and_backends_are_named():
 
 
 def test_activation_memory_hand_count():
-    from harness.activations import expected_step_bytes, im2col_bytes, kept_activations, parameter_state_bytes
+    from harness.measure.expected_memory import (
+        expected_step_bytes,
+        im2col_bytes,
+        kept_activations,
+        parameter_state_bytes,
+    )
 
     kept = kept_activations(TINY, batch_size=2, itemsize=4)
     # per image: images 100, conv1 8*8*2 = 128, capsules 2*18*2 = 72, u_hat 18*3*4 = 216,
@@ -133,7 +138,7 @@ def cpuinfo(cores: int, vendor="GenuineIntel", family=6, model="Intel(R) Xeon(R)
 
 
 def test_hardware_peak_is_cores_lanes_fma_units_two_and_the_clock():
-    from harness.peak import hardware_peak
+    from harness.measure.peak import hardware_peak
 
     intel = hardware_peak(cpuinfo(2))  # 2 cores x 16 lanes x 2 FMA units x 2 x 2.3 GHz
     assert intel["gflops"] == pytest.approx(2 * 16 * 2 * 2 * 2.3) and intel["clock_source"].startswith("/proc")
@@ -150,7 +155,7 @@ def test_hardware_peak_is_cores_lanes_fma_units_two_and_the_clock():
 
 
 def test_the_peak_sentence_names_the_hardware_peak_or_the_best_gemm():
-    from harness.peak import hardware_peak, peak_sentence
+    from harness.measure.peak import hardware_peak, peak_sentence
 
     sentence = peak_sentence(hardware_peak(cpuinfo(2)), {"numpy": 209.0, "torch": 181.0})
     assert "294 GFLOP/s = 2 cores x 16 lanes x 2 FMA units x 2 x 2.30 GHz" in sentence

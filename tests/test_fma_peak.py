@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from test_flops import cpuinfo
 
-from harness import fma_peak
-from harness.peak import hardware_peak, peak_sentence
+from harness.measure import fma_peak
+from harness.measure.peak import hardware_peak, peak_sentence
 from harness.settings import PLAN_CACHE_ENV
 
 

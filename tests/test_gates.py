@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import epochs, registry, train
-from harness.checkpoint import checkpoint_path
+from harness import registry, train
 from harness.data import load_mnist
 from harness.params import init_parameters
 from harness.results import TRAINING_KIND, ResultsFileError, read_training_result, write_json_atomic
 from harness.spec import CONFIGS, SCHEDULES
+from harness.training import loop
+from harness.training.checkpoint import checkpoint_path
 from implementations.numpy_capsnet import NumpyCapsNet
 
 LIMIT, TEST_LIMIT, BATCH = 64, 50, 32  # 2 training steps per epoch; evaluation in batches of 32 and 18
@@ -158,18 +159,18 @@ class TwoRankSum:
 
 def test_the_data_parallel_accuracy_is_the_hand_counted_fraction_of_the_whole_test_set(known_answers, monkeypatch):
     pytest.importorskip("torch")
-    from harness import distributed
+    from harness.training import ddp
 
     fake = TwoRankSum()
-    monkeypatch.setattr(distributed, "dist", fake)
+    monkeypatch.setattr(ddp, "dist", fake)
     impls = [KnownAnswers(CONFIGS["small"], init_parameters(CONFIGS["small"])) for _ in range(2)]
     for impl in impls:
         impl._adam_steps = STEPS_PER_EPOCH  # after epoch 1: right on every third image
     answers = {}
 
     def rank(number):
-        ctx = distributed.Context(number, 2, number, "gloo", "cpu")
-        answers[number] = distributed.evaluate_sharded(ctx, impls[number], known_answers.test_set, 8, "eval", None)
+        ctx = ddp.Context(number, 2, number, "gloo", "cpu")
+        answers[number] = ddp.evaluate_sharded(ctx, impls[number], known_answers.test_set, 8, "eval", None)
 
     threads = [threading.Thread(target=rank, args=(number,)) for number in range(2)]
     for thread in threads:
@@ -238,7 +239,7 @@ def test_epochs_raises_the_total_of_a_resumed_run(tmp_path, mnist_path, known_an
     assert_bookkeeping(read_training_result(out))
     (impl,) = known_answers.built
     assert len(impl.trained) == STEPS_PER_EPOCH  # only epoch 3 ran
-    assert epochs.load_checkpoint(out)[0] == 3
+    assert loop.load_checkpoint(out)[0] == 3
 
 
 class StandInTorchrun:
@@ -340,36 +341,36 @@ def test_the_profile_options_reach_what_it_runs(tmp_path, monkeypatch, capsys):
     assert "profiling numpy-vectorised failed: RuntimeError: stub" in capsys.readouterr().err
 
 
-# Mutation survivors of harness/epochs.py that change a figure or a gate (tests/mutation.py epochs) -------------
+# Mutation survivors of harness/training/loop.py that change a figure or a gate (tests/mutation.py epochs) -------------
 
 def test_a_resume_drops_the_steps_of_the_epoch_that_was_interrupted():
     record = {"epochs": [{"epoch": 1}, {"epoch": 2}],
               "steps": [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.4}, {"epoch": 3, "loss": 0.3}]}
-    epochs.truncate_to_completed_epochs(record)
+    loop.truncate_to_completed_epochs(record)
     assert record["steps"] == [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.4}]
     assert set(record) == {"epochs", "steps"}
 
 
 def test_a_diverged_loss_names_the_loss_the_epoch_and_the_step():
-    from harness.run_status import TrainingDiverged
+    from harness.training.run_status import TrainingDiverged
 
-    epochs.check_finite(0.25, 1, 7)  # finite: nothing raised
+    loop.check_finite(0.25, 1, 7)  # finite: nothing raised
     with pytest.raises(TrainingDiverged, match=r"^loss is nan at epoch 2, step 7$"):
-        epochs.check_finite(float("nan"), 2, 7)
+        loop.check_finite(float("nan"), 2, 7)
 
 
 def test_a_single_process_run_draws_what_rank_0_of_a_data_parallel_run_draws():
     # the shipped runs' data order: a changed default rank would silently draw another order
-    assert epochs.epoch_rng(3, 2).integers(1 << 30, size=4).tolist() == \
-        epochs.epoch_rng(3, 2, rank=0).integers(1 << 30, size=4).tolist()
-    assert epochs.epoch_rng(3, 2).integers(1 << 30) != epochs.epoch_rng(3, 2, rank=1).integers(1 << 30)
+    assert loop.epoch_rng(3, 2).integers(1 << 30, size=4).tolist() == \
+        loop.epoch_rng(3, 2, rank=0).integers(1 << 30, size=4).tolist()
+    assert loop.epoch_rng(3, 2).integers(1 << 30) != loop.epoch_rng(3, 2, rank=1).integers(1 << 30)
 
 
 # The options and the record, without a training run (the mutants tests/test_train.py alone would kill) --------
 
 def parsed(*argv, default_impl=None):
     parser = argparse.ArgumentParser(formatter_class=lambda prog: argparse.HelpFormatter(prog, width=1000))
-    epochs.add_training_arguments(parser, batch_help="images per step", default_impl=default_impl)
+    loop.add_training_arguments(parser, batch_help="images per step", default_impl=default_impl)
     return parser, parser.parse_args(list(argv))
 
 
@@ -377,7 +378,7 @@ def test_training_options_default_to_the_documented_values_with_their_types():
     _, args = parsed()
     assert (args.impl, args.epochs, args.batch_size, args.limit, args.test_limit, args.seed, args.no_augment,
             args.schedule, args.log_every, args.resume, args.overwrite, args.out) == (
-        None, 1, 128, None, None, 0, False, epochs.DEFAULT_SCHEDULE, None, None, False, None)
+        None, 1, 128, None, None, 0, False, loop.DEFAULT_SCHEDULE, None, None, False, None)
     assert parsed(default_impl="numpy-vectorised")[1].impl == "numpy-vectorised"
     _, args = parsed("--epochs", "3", "--batch-size", "16", "--limit", "10", "--test-limit", "7", "--no-augment",
                      "--schedule", "constant", "--log-every", "5", "--resume", "r.json", "--overwrite")
@@ -400,20 +401,20 @@ def test_every_training_option_has_a_help_that_says_its_default():
     text = " ".join(parser.format_help().split())
     for shown in ("--impl NAME", "implementation; see `capsbench list` (default: none: needed unless --resume)",
                   "(default: 1)", "images per step (default: 128)", "--log-every STEPS", "--resume FILE",
-                  f"(default: {epochs.DEFAULT_SCHEDULE})", "(default: a new run)", "--overwrite "):
+                  f"(default: {loop.DEFAULT_SCHEDULE})", "(default: a new run)", "--overwrite "):
         assert shown in text, shown
     text = " ".join(parsed(default_impl="numpy-vectorised")[0].format_help().split())
     assert "--impl NAME implementation; see `capsbench list` (default: numpy-vectorised)" in text
 
 
 def written_record(tmp_path, *argv, ranks=1, done=0, routing_gradient=True):
-    """A results file as a new run writes it (``argv``: its options), with ``done`` completed epochs."""
+    """A results file as a new run writes it (``argv``: its options), with ``done`` completed loop."""
     _, args = parsed("--impl", "numpy-vectorised", "--seed", "5", "--limit", "64", "--test-limit", "50",
                      "--batch-size", "16", "--epochs", "4", "--schedule", "constant", *argv)
-    record = epochs.new_record(registry.get("numpy-vectorised"), args, SCHEDULES[args.schedule], 64, 50, ranks)
+    record = loop.new_record(registry.get("numpy-vectorised"), args, SCHEDULES[args.schedule], 64, 50, ranks)
     for epoch in range(1, done + 1):
-        epochs.add_epoch(record, epochs.epoch_summary(epoch, [1.0], 0.5, 1.0, 1.0, 2.0, 64, float(epoch),
-                                                      implementation="numpy-vectorised"))
+        loop.add_epoch(record, loop.epoch_summary(epoch, [1.0], 0.5, 1.0, 1.0, 2.0, 64, float(epoch),
+                                                  implementation="numpy-vectorised"))
     if not routing_gradient:
         del record["routing_gradient"]  # a file older than the option
     path = tmp_path / "run.json"
@@ -425,8 +426,8 @@ def test_a_new_record_holds_the_options_it_was_started_with(tmp_path):
     _, args = parsed("--impl", "numpy-vectorised", "--seed", "5", "--limit", "640", "--test-limit", "50",
                      "--batch-size", "16", "--epochs", "4", "--schedule", "constant", "--no-augment",
                      "--routing-gradient", "final", "--dtype", "float64")
-    record = epochs.new_record(registry.get("numpy-vectorised"), args, SCHEDULES["constant"], 64, 50, ranks=2)
-    expected = {"kind": TRAINING_KIND, "format_version": epochs.FORMAT_VERSION, "status": "running", "message": "",
+    record = loop.new_record(registry.get("numpy-vectorised"), args, SCHEDULES["constant"], 64, 50, ranks=2)
+    expected = {"kind": TRAINING_KIND, "format_version": loop.FORMAT_VERSION, "status": "running", "message": "",
                 "implementation": "numpy-vectorised", "dtype": "float64", "config_name": "paper",
                 "routing_gradient": "final", "config": CONFIGS["paper"].replace(routing_gradient="final").as_dict(),
                 "schedule": SCHEDULES["constant"].as_dict(), "batch_size": 32, "epochs_requested": 4,
@@ -437,8 +438,8 @@ def test_a_new_record_holds_the_options_it_was_started_with(tmp_path):
     assert record["optimizer"]["name"] == "adam" and record["optimizer"]["lr"] == 1e-3  # the paper's
     assert set(registry.get("numpy-vectorised").describe()) <= set(record)
     assert {"threads", "started_at", "machine"} <= set(record)
-    alone = epochs.new_record(registry.get("numpy-vectorised"), parsed("--impl", "numpy-vectorised")[1],
-                              SCHEDULES["paper"], 64, 50)
+    alone = loop.new_record(registry.get("numpy-vectorised"), parsed("--impl", "numpy-vectorised")[1],
+                            SCHEDULES["paper"], 64, 50)
     assert (alone["augment"], alone["ranks"], alone["batch_size"]) == (True, 1, 128)
     assert alone["started_at"].endswith("+00:00")  # UTC, whatever the machine's zone
 
@@ -446,21 +447,21 @@ def test_a_new_record_holds_the_options_it_was_started_with(tmp_path):
 def test_a_resume_takes_every_option_from_the_file(tmp_path):
     path, _ = written_record(tmp_path, "--no-augment", "--dtype", "float64", ranks=2, done=1)
     _, args = parsed("--resume", str(path))
-    record = epochs.resume_options(path, args)
+    record = loop.resume_options(path, args)
     assert (args.impl, args.config, args.dtype, args.seed, args.limit, args.test_limit, args.batch_size,
             args.no_augment, args.schedule, args.routing_gradient, args.epochs, args.out) == (
         "numpy-vectorised", "paper", "float64", 5, 64, 50, 16, True, "constant", "full", 4, path)
     assert record["epochs_requested"] == 4 and len(record["epochs"]) == 1
     path, _ = written_record(tmp_path, "--routing-gradient", "final")
-    epochs.resume_options(path, args)
+    loop.resume_options(path, args)
     assert args.routing_gradient == "final"
     path, _ = written_record(tmp_path, "--routing-gradient", "final", routing_gradient=False)
-    epochs.resume_options(path, args)
+    loop.resume_options(path, args)
     assert args.routing_gradient == "full"  # a file without it: the only behaviour there was
     path, record = written_record(tmp_path)
     del record["ranks"]  # a file older than data-parallel training: one process
     write_json_atomic(path, record)
-    epochs.resume_options(path, args)
+    loop.resume_options(path, args)
     assert args.batch_size == 16
 
 
@@ -469,11 +470,11 @@ def test_a_resume_continues_on_the_last_epochs_implementation_or_the_one_given(t
     record["epochs"][1]["implementation"] = "torch-vectorised"  # epoch 2 ran on another
     write_json_atomic(path, record)
     parser, args = parsed("--resume", str(path))
-    epochs.resume_options(path, args, epochs.given_options(parser, ["--resume", str(path)]))
+    loop.resume_options(path, args, loop.given_options(parser, ["--resume", str(path)]))
     assert args.impl == "torch-vectorised"
     argv = ["--resume", str(path), "--impl", "torch-fused"]
     parser, args = parsed(*argv)
-    epochs.resume_options(path, args, epochs.given_options(parser, argv))  # not refused
+    loop.resume_options(path, args, loop.given_options(parser, argv))  # not refused
     assert args.impl == "torch-fused"
 
 
@@ -483,15 +484,15 @@ def test_a_resume_reads_the_data_folder_the_run_recorded_unless_one_is_given(tmp
     assert record["data_dir"] == str(tmp_path.resolve())
     monkeypatch.delenv("CAPSBENCH_DATA_DIR")
     _, args = parsed("--resume", str(path))
-    epochs.resume_options(path, args)
+    loop.resume_options(path, args)
     assert args.data_dir == str(tmp_path.resolve())
     _, args = parsed("--resume", str(path), "--data-dir", "elsewhere")
-    epochs.resume_options(path, args)
+    loop.resume_options(path, args)
     assert args.data_dir == "elsewhere"
     record["data_dir"] = str(tmp_path / "gone")  # moved away: $CAPSBENCH_DATA_DIR or --data-dir, as for a new run
     write_json_atomic(path, record)
     _, args = parsed("--resume", str(path))
-    epochs.resume_options(path, args)
+    loop.resume_options(path, args)
     assert args.data_dir is None
 
 
@@ -505,8 +506,8 @@ def test_a_resume_reads_the_data_folder_the_run_recorded_unless_one_is_given(tmp
 def test_a_resume_refuses_a_given_option_that_differs_and_names_both(tmp_path, argv, message):
     path, _ = written_record(tmp_path)
     parser, args = parsed("--resume", str(path), *argv)
-    with pytest.raises(epochs.TrainingOptionError) as error:
-        epochs.resume_options(path, args, epochs.given_options(parser, ["--resume", str(path), *argv]))
+    with pytest.raises(loop.TrainingOptionError) as error:
+        loop.resume_options(path, args, loop.given_options(parser, ["--resume", str(path), *argv]))
     assert str(error.value) == (f"--resume {path} continues that run as it was started {message}: drop it, or "
                                 "start a new run with another --out")
 
@@ -516,11 +517,11 @@ def test_a_resume_accepts_the_same_options_its_own_out_and_a_new_total_of_epochs
     monkeypatch.chdir(tmp_path)
     argv = ["--resume", str(path), "--seed", "5", "--batch-size", "16", "--out", "run.json", "--epochs", "6"]
     parser, args = parsed(*argv)
-    record = epochs.resume_options(path, args, epochs.given_options(parser, argv))
+    record = loop.resume_options(path, args, loop.given_options(parser, argv))
     assert args.epochs == record["epochs_requested"] == 6 and args.out == path
     argv = ["--resume", str(path), "--epochs", "2"]  # as many as done: allowed
     parser, args = parsed(*argv)
-    assert epochs.resume_options(path, args, epochs.given_options(parser, argv))["epochs_requested"] == 2
+    assert loop.resume_options(path, args, loop.given_options(parser, argv))["epochs_requested"] == 2
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -532,93 +533,93 @@ def test_a_resume_accepts_the_same_options_its_own_out_and_a_new_total_of_epochs
 def test_a_resume_refuses_another_out_overwrite_and_fewer_epochs(tmp_path, argv, message):
     path, _ = written_record(tmp_path, done=2)
     parser, args = parsed("--resume", str(path), *argv)
-    with pytest.raises(epochs.TrainingOptionError) as error:
-        epochs.prepare_resume(args, epochs.given_options(parser, ["--resume", str(path), *argv]))
+    with pytest.raises(loop.TrainingOptionError) as error:
+        loop.prepare_resume(args, loop.given_options(parser, ["--resume", str(path), *argv]))
     assert str(error.value) == message.format(path=path)
 
 
 def test_prepare_resume_of_a_new_run_refuses_an_existing_file_unless_overwrite(tmp_path):
     out = tmp_path / "run.json"
-    assert epochs.prepare_resume(parsed("--out", str(out))[1]) == (None, 0, None, None)
+    assert loop.prepare_resume(parsed("--out", str(out))[1]) == (None, 0, None, None)
     out.write_text("{}")
-    with pytest.raises(epochs.TrainingOptionError) as error:
-        epochs.prepare_resume(parsed("--out", str(out))[1])
+    with pytest.raises(loop.TrainingOptionError) as error:
+        loop.prepare_resume(parsed("--out", str(out))[1])
     assert str(error.value) == (f"{out} already exists: continue that run with --resume {out}, or replace it "
                                 "with --overwrite (or choose another --out)")
     checkpoint = checkpoint_path(out)
     checkpoint.write_text("old")
     out.unlink()
-    with pytest.raises(epochs.TrainingOptionError, match="^" + re.escape(f"{checkpoint} already exists")):
-        epochs.prepare_resume(parsed("--out", str(out))[1])  # a checkpoint alone is a run too
-    assert epochs.prepare_resume(parsed("--out", str(out), "--overwrite")[1]) == (None, 0, None, None)
+    with pytest.raises(loop.TrainingOptionError, match="^" + re.escape(f"{checkpoint} already exists")):
+        loop.prepare_resume(parsed("--out", str(out))[1])  # a checkpoint alone is a run too
+    assert loop.prepare_resume(parsed("--out", str(out), "--overwrite")[1]) == (None, 0, None, None)
     assert not checkpoint.exists()  # the old checkpoint goes with the run it belonged to
 
 
 def test_prepare_resume_continues_from_the_checkpoint_of_the_last_completed_epoch(tmp_path):
     path, _ = written_record(tmp_path, done=0)
-    record, done, params, adam = epochs.prepare_resume(parsed("--resume", str(path))[1])
+    record, done, params, adam = loop.prepare_resume(parsed("--resume", str(path))[1])
     assert (done, params, adam, record["epochs"]) == (0, None, None, [])  # stopped in epoch 1: start again
 
     path, _ = written_record(tmp_path, done=2)
     np.savez(checkpoint_path(path), epoch=np.int64(2), **{"param/w": np.arange(3.0), "adam/step": np.int64(8)})
-    record, done, params, adam = epochs.prepare_resume(parsed("--resume", str(path))[1])
+    record, done, params, adam = loop.prepare_resume(parsed("--resume", str(path))[1])
     assert done == 2 and len(record["epochs"]) == 2 and params["w"].tolist() == [0, 1, 2] and adam["step"] == 8
     np.savez(checkpoint_path(path), epoch=np.int64(1), **{"param/w": np.arange(3.0)})
     with pytest.raises(ResultsFileError) as error:
-        epochs.prepare_resume(parsed("--resume", str(path))[1])
+        loop.prepare_resume(parsed("--resume", str(path))[1])
     assert str(error.value) == f"{path}: the results hold 2 epoch(s) but the checkpoint was saved after epoch 1"
 
 
 def test_asking_which_options_were_given_leaves_the_parser_defaults_as_they_were():
     parser, _ = parsed()
-    assert epochs.given_options(parser, ["--seed", "3", "--no-augment"]) == {"seed", "no_augment"}
+    assert loop.given_options(parser, ["--seed", "3", "--no-augment"]) == {"seed", "no_augment"}
     assert vars(parser.parse_args([])) == vars(parsed()[1])
 
 
 def test_the_first_line_says_what_is_trained_on_what_and_where_it_goes():
     _, args = parsed("--impl", "numpy-vectorised", "--limit", "70000", "--test-limit", "50", "--batch-size", "16",
                      "--epochs", "3")
-    assert epochs.start_line("numpy-vectorised", args, 60000, 50, Path("out.json")) == (
-        f"training numpy-vectorised (float32, paper network, schedule {epochs.DEFAULT_SCHEDULE}, routing gradient "
+    assert loop.start_line("numpy-vectorised", args, 60000, 50, Path("out.json")) == (
+        f"training numpy-vectorised (float32, paper network, schedule {loop.DEFAULT_SCHEDULE}, routing gradient "
         "full) on 60,000 training images (all there are: the limit 70,000 is more), evaluating on 50 test images, "
         "batch 16, 3 epoch(s); results -> out.json")
-    assert epochs.start_line("numpy-vectorised", args, 60000, 50, Path("out.json"), ranks=2, resumed_from=1) == (
-        f"training numpy-vectorised (float32, paper network, schedule {epochs.DEFAULT_SCHEDULE}, routing gradient "
+    assert loop.start_line("numpy-vectorised", args, 60000, 50, Path("out.json"), ranks=2, resumed_from=1) == (
+        f"training numpy-vectorised (float32, paper network, schedule {loop.DEFAULT_SCHEDULE}, routing gradient "
         "full) data-parallel on 2 ranks, on 60,000 training images (all there are: the limit 70,000 is more), "
         "evaluating on 50 test images, batch 16 per rank = 32 global, 3 epoch(s), resuming after epoch 1; "
         "results -> out.json")
     _, args = parsed("--impl", "numpy-vectorised", "--test-limit", "20000")
     assert "evaluating on 10,000 test images (all there are: the limit 20,000 is more), batch 128" in \
-        epochs.start_line("numpy-vectorised", args, 60000, 10000, Path("out.json"))
-    assert epochs.clamped(None, 5) == epochs.clamped(5, 5) == epochs.clamped(4, 5) == ""
-    assert epochs.clamped(1000, 5) == " (all there are: the limit 1,000 is more)"
+        loop.start_line("numpy-vectorised", args, 60000, 10000, Path("out.json"))
+    assert loop.clamped(None, 5) == loop.clamped(5, 5) == loop.clamped(4, 5) == ""
+    assert loop.clamped(1000, 5) == " (all there are: the limit 1,000 is more)"
 
 
 def test_an_epoch_line_says_loss_accuracy_and_times_and_adds_only_the_note_asked_for():
-    summary = epochs.epoch_summary(2, [1.0, 0.5], 0.987654, 20.0, 2.0, 23.0, 640, 40.0, implementation="x")
-    assert epochs.epoch_line(summary) == ("epoch 2: mean loss 0.7500, test accuracy 98.77%; training 20.0 s (32.0 "
+    summary = loop.epoch_summary(2, [1.0, 0.5], 0.987654, 20.0, 2.0, 23.0, 640, 40.0, implementation="x")
+    assert loop.epoch_line(summary) == ("epoch 2: mean loss 0.7500, test accuracy 98.77%; training 20.0 s (32.0 "
                                           "images/s), evaluation 2.0 s, epoch wall time 23.0 s")
-    assert epochs.epoch_line(summary, " (best)").endswith("epoch wall time 23.0 s (best)")
+    assert loop.epoch_line(summary, " (best)").endswith("epoch wall time 23.0 s (best)")
 
 
 def test_an_interrupted_run_says_where_its_results_are_and_how_to_go_on(tmp_path):
     out = Path("run.json")
-    assert epochs.interrupted_line(out, {"epochs": [{}, {}]}, "interrupted") == (
+    assert loop.interrupted_line(out, {"epochs": [{}, {}]}, "interrupted") == (
         "interrupted; the results up to epoch 2 (the last completed) are in run.json (continue with --resume "
         "run.json)")
-    assert epochs.interrupted_line(out, {"epochs": []}, "interrupted") == (
+    assert loop.interrupted_line(out, {"epochs": []}, "interrupted") == (
         "interrupted before epoch 1 completed: nothing was completed or saved; --resume run.json starts the run "
         "again from the beginning, with its options")
 
 
 def test_a_default_results_file_is_named_by_implementation_gradient_network_and_time():
     args = argparse.Namespace(routing_gradient="final")
-    assert epochs.routing_gradient_suffix(args) == "-final-gradient"
-    assert epochs.routing_gradient_suffix(argparse.Namespace(routing_gradient="full")) == ""
-    path = epochs.default_output("numpy-vectorised", "paper", epochs.routing_gradient_suffix(args))
-    assert path.parent == epochs.TRAINING_RUNS_DIR
+    assert loop.routing_gradient_suffix(args) == "-final-gradient"
+    assert loop.routing_gradient_suffix(argparse.Namespace(routing_gradient="full")) == ""
+    path = loop.default_output("numpy-vectorised", "paper", loop.routing_gradient_suffix(args))
+    assert path.parent == loop.TRAINING_RUNS_DIR
     assert re.fullmatch(r"numpy-vectorised-final-gradient_paper_\d{8}-\d{6}\.json", path.name), path.name
-    assert re.fullmatch(r"torch-fused_small_\d{8}-\d{6}\.json", epochs.default_output("torch-fused", "small").name)
+    assert re.fullmatch(r"torch-fused_small_\d{8}-\d{6}\.json", loop.default_output("torch-fused", "small").name)
 
 
 # The scaling command's launches, record, lines and failures, torchrun stood in for (scaling mutants) ----------

@@ -7,8 +7,8 @@ import types
 import numpy as np
 import pytest
 
-from harness import memory
-from harness.memory import PeakSampler, Reading
+from harness.measure import memory
+from harness.measure.memory import PeakSampler, Reading
 
 
 class ScriptedReader:

@@ -1,4 +1,4 @@
-"""The report's figures (harness.plots) as a reader sees them: every tick of a log axis labelled, colours
+"""The report's figures (harness.reporting.plots) as a reader sees them: every tick of a log axis labelled, colours
 fixed per implementation whatever else is drawn, training curves readable when one run is far longer, the
 samples behind a time said on the figure, and the profile's stacked bars adding up to the hand-written
 fixture's numbers."""
@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from matplotlib.colors import to_rgb
 
-from harness import plots
-from harness.asv_results import tidy_frame
+from harness.reporting import plots
+from harness.reporting.tables import speedup_table
 from harness.results import load_profile_result
-from harness.tables import speedup_table
+from harness.suite.asv_results import tidy_frame
 
 PROFILE = Path(__file__).parent / "fixtures" / "report" / "profile"
 
@@ -134,8 +134,9 @@ def test_builtin_names_have_distinct_fixed_colours_and_variants_a_shade_of_them(
 
 def test_a_hashed_colour_is_the_same_in_every_process():
     """An unknown name's colour comes from its name alone (not Python's salted hash, not its rank)."""
-    code = "from harness import plots; print(plots.colour_of('my-plugin-impl'))"
+    code = "from harness.reporting import plots; print(plots.colour_of('my-plugin-impl'))"
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1],  # this checkout's harness
                               env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")}
     assert outputs == {f"{plots.colour_of('my-plugin-impl')}\n"}
 
@@ -271,7 +272,7 @@ def test_batch_scaling_puts_throughput_on_a_linear_axis_from_zero():
 
 
 def test_a_flat_ideal_line_of_distributed_scaling_is_explained_in_the_plot():
-    from harness.tables import distributed_table
+    from harness.reporting.tables import distributed_table
 
     def run(world_size, threads, images_per_second):
         return {"world_size": world_size, "threads_per_rank": threads, "per_rank_batch_size": 64 // world_size,

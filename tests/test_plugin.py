@@ -83,7 +83,7 @@ def test_the_example_plugin_gets_its_routing_rows_in_a_profile_for_free(plugin_p
     routing, forward and (through autograd) backward, with the FLOPs of all iterations."""
     import pandas as pd
 
-    from harness import flops
+    from harness.measure import flops
     from harness.spec import SMALL
 
     out = tmp_path / "profile"
@@ -174,7 +174,7 @@ def test_the_asv_suite_benchmarks_an_installed_plugin_where_it_is_installed_and_
 
 def test_a_run_in_an_environment_asv_builds_names_the_plugins_it_cannot_measure(plugin_path, tmp_path):
     """Plain asv run builds its own environment, without the plugins installed where asv runs: before such a run
-    harness/asv_plugin_reach.py names them with the command that measures them; --python=same, which measures
+    harness/suite/asv_plugin_reach.py names them with the command that measures them; --python=same, which measures
     them, says nothing.  (`asv run EXISTING` with no results yet ends before building anything.)"""
     env = {**asv_environment(tmp_path), **with_plugin(plugin_path)}
     built = run_asv(env, "run", "EXISTING")

@@ -1,5 +1,5 @@
 """python -m harness.profile on the small network: every layer of every phase for every built-in CPU
-implementation, FLOPs that add up to harness.flops' totals, layer times that add up to the step, torch's
+implementation, FLOPs that add up to harness.measure.flops' totals, layer times that add up to the step, torch's
 trace with the same names, backward attribution by autograd sequence number on known events, and one-line
 errors."""
 
@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import flops, profile, ranges, registry
+from harness import profile, ranges, registry
+from harness.measure import flops
 from harness.spec import SMALL
 from implementations.numpy_capsnet import NumpyCapsNet
 

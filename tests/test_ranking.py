@@ -1,4 +1,4 @@
-"""harness.ranking on hand-made inputs whose answers are known: parity's three states at and around the
+"""harness.reporting.ranking on hand-made inputs whose answers are known: parity's three states at and around the
 tolerance, the tolerance itself read from harness.check, which neighbours the samples can rank (and why not),
 and the ranking with a FAILED implementation left out and an unchecked one marked."""
 
@@ -9,7 +9,7 @@ import math
 import pandas as pd
 import pytest
 
-from harness.ranking import (
+from harness.reporting.ranking import (
     FAILED,
     FASTER,
     NO_SPREAD,
@@ -76,7 +76,7 @@ def test_which_neighbours_the_samples_rank(faster, slower, verdict):
 
 
 def summary(*rows) -> pd.DataFrame:
-    """A summary (harness.tables.summary_table's columns that the ranking reads) of (name, batch, median, q25,
+    """A summary (harness.reporting.tables.summary_table's columns that the ranking reads) of (name, batch, median, q25,
     q75, samples) rows."""
     return pd.DataFrame(rows, columns=["implementation", "batch_size", "train_step", "train_step_q25",
                                        "train_step_q75", "train_step_samples"])

@@ -21,9 +21,11 @@ import pytest
 from matplotlib import image
 
 from harness import report, train
-from harness.asv_results import load_asv
-from harness.flops import phase_flops
+from harness.measure.flops import phase_flops
+from harness.reporting import sections
+from harness.reporting.tables import plan_lines
 from harness.spec import PAPER
+from harness.suite.asv_results import load_asv
 
 from conftest import run_module
 
@@ -37,7 +39,7 @@ ROUTING_BACKWARD = "bench_phases.Routing.time_routing_backward"
 GEMM_PEAK = "bench_peak.GemmPeak.track_gemm_peak_gflops"
 NOT_RUN = ["cupy-looped", "cupy-vectorised", "torch-looped-cuda", "torch-vectorised-cuda"]
 MEASURED = ["numpy-looped", "numpy-vectorised", "torch-looped", "torch-vectorised"]
-# The paper network, counted by hand (harness.activations' docstring has the same figures):
+# The paper network, counted by hand (harness.measure.expected_memory' docstring has the same figures):
 PAPER_PARAMETERS = 8_215_568
 KEPT_VALUES_PER_IMAGE = (784  # the images
                          + 20 * 20 * 256  # the Conv1 output
@@ -299,7 +301,7 @@ def test_report_and_plots_from_the_fixture_and_a_training_run(tmp_path, capsys, 
 def test_every_derived_figure_of_the_summary_is_the_one_computed_by_hand(fixture_root, tmp_path, capsys):
     """images/s, GFLOP/s, % of peak, routing share, measured / expected host memory and the
     vectorised speed-ups of every measured row, from the fixture's raw numbers and the paper network's
-    sizes; FLOPs from harness.flops (checked against a hand count in tests/test_flops.py)."""
+    sizes; FLOPs from harness.measure.flops (checked against a hand count in tests/test_flops.py)."""
     code, _, err = run_report(fixture_root, capsys, "--out", str(tmp_path / "report"))
     assert code == 0 and err == ""
     text = (tmp_path / "report" / "report.md").read_text()
@@ -779,13 +781,13 @@ def test_the_plan_each_batch_size_ran_with_is_in_the_summary():
                              "32": {"conv1": {"forward": "offsets", "weight": "offsets", "input": "offsets"},
                                     "primary_caps": {"forward": "library", "weight": "offsets", "input": "col2im"},
                                     "source": "cache"}}}
-    assert report.plan_lines(plans) == [
+    assert plan_lines(plans) == [
         "- torch-fused, batch 32: conv1: offsets/offsets/offsets; primary_caps: library/offsets/col2im (cache)",
         "- torch-fused, batch 128: conv1: im2col-gemm/im2col-gemm/offsets; primary_caps: library/library/rows "
         "(measured, measuring took 4.2 s)"]
     for facts in plans["torch-fused"].values():  # a note the plans carry comes once, after them
         facts["note"] = "spectral: effective rates"
-    assert report.plan_lines(plans)[2:] == ["", "spectral: effective rates"]
+    assert plan_lines(plans)[2:] == ["", "spectral: effective rates"]
 
 
 BACKWARD = "bench_phases.Backward.time_backward"
@@ -868,7 +870,7 @@ def test_the_report_imports_no_implementation_nor_torch(tmp_path):
 
 
 def test_an_implementation_the_facts_do_not_describe_is_unknown():
-    from harness.asv_results import implementation_facts
+    from harness.suite.asv_results import implementation_facts
 
     described = {"numpy-vectorised": {"framework": "numpy", "device": "cpu", "routing_variant": "vectorised"}}
     assert implementation_facts("numpy-vectorised", described)["framework"] == "numpy"
@@ -894,7 +896,7 @@ def test_a_profile_alone_makes_a_report_that_says_what_it_reads_first_and_links_
 
 
 def test_an_unreliable_scaling_efficiency_is_said_so_in_the_report():
-    from harness.tables import distributed_table
+    from harness.reporting.tables import distributed_table
 
     def run(world_size, images_per_second):
         return {"world_size": world_size, "threads_per_rank": 1, "per_rank_batch_size": 16 // world_size,
@@ -903,7 +905,7 @@ def test_an_unreliable_scaling_efficiency_is_said_so_in_the_report():
 
     record = {"implementation": "torch-vectorised", "backend": "gloo", "device": "cpu", "scaling": "strong",
               "runs": [run(1, 100.0), run(2, 280.0)]}
-    text = report.distributed_section(distributed_table([(Path("scaling.json"), record)]))
+    text = sections.distributed_section(distributed_table([(Path("scaling.json"), record)]))
     assert text.endswith("Not reliable: torch-vectorised (gloo, cpu, strong scaling), world size 2: from 4 timed "
                          "step(s), fewer than the 10 a reliable figure needs.")
     assert text.count("Not reliable:") == 1
@@ -914,7 +916,7 @@ def test_a_run_without_facts_says_so_and_how_to_get_them(tmp_path):
     (facts_file,) = (root / "asv-facts").rglob("*.json")
     facts_file.unlink()
     (run,) = load_asv(root).runs
-    header = report.run_header(run, {})
+    header = sections.run_header(run, {})
     assert "**assumed**: no machine-facts file beside this run" in header
     assert "CAPSBENCH_ASV_COMMIT" in header and "CAPSBENCH_ASV_MACHINE" in header
-    assert "assumed" not in report.run_header(load_asv(results_layout(tmp_path / "again")).runs[0], {})
+    assert "assumed" not in sections.run_header(load_asv(results_layout(tmp_path / "again")).runs[0], {})

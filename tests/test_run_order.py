@@ -1,4 +1,4 @@
-"""Which run is the newer (harness.run_order) and what the report does with it: two commits made in the same
+"""Which run is the newer (harness.suite.run_order) and what the report does with it: two commits made in the same
 second are ordered by git's ancestry, not by their hashes; without git, or with commits it does not know, by
 when they were measured; two environments of one commit by when measured, a rule the report prints; the
 comparison says new / old the right way round and the per-run plots come from the newest run."""
@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 from test_report import FIXTURE, MACHINE, RUN_FILE, TRAIN_STEP, fixture_json, fixture_value, ms, run_report
 
-from harness import plots, report
-from harness.asv_results import load_asv
-from harness.run_order import ANCESTRY, COMMIT_DATE, MEASURED, NAME, ORDER_RULE, Ancestry, newer, order_runs
+from harness import report
+from harness.reporting import plots
+from harness.suite.asv_results import load_asv
+from harness.suite.run_order import ANCESTRY, COMMIT_DATE, MEASURED, NAME, ORDER_RULE, Ancestry, newer, order_runs
 
 ONE_SECOND = "2026-12-06T10:00:00+00:00"
 HOUR_MS = 3_600_000

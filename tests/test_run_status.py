@@ -1,4 +1,4 @@
-"""The status sequence of a training results file (harness.run_status), as train and distributed write it:
+"""The status sequence of a training results file (harness.training.run_status), as train and distributed write it:
 each status and message read back from the file, for every way a run ends."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from harness.run_status import RunStatus, Terminated, TrainingDiverged
+from harness.training.run_status import RunStatus, Terminated, TrainingDiverged
 
 
 def read(path):

@@ -12,9 +12,10 @@ import weakref
 
 import pytest
 
-from harness import registry, step_memory
+from harness import registry
 from harness.contract import AllocatorPeaks
-from harness.memory import PeakMemory
+from harness.measure import step_memory
+from harness.measure.memory import PeakMemory
 from harness.spec import SMALL
 from implementations.numpy_capsnet import NumpyCapsNet
 

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from harness import registry
-from harness.suite_profiles import PROFILES, profile_left_out_reason
+from harness.suite.sizes import PROFILES, profile_left_out_reason
 
 from conftest import REPO_ROOT
 

@@ -127,7 +127,7 @@ def test_the_routing_gradient_is_a_parameter_of_the_work_it_changes(counting, cl
 
 
 def test_the_profiles_that_sweep_routing_measure_both_gradients_and_smoke_stays_small():
-    from harness.suite_profiles import PROFILES, routing_gradients
+    from harness.suite.sizes import PROFILES, routing_gradients
 
     for name in ("fast", "regular", "large"):
         assert routing_gradients(PROFILES[name]) == ["full", "final"], name

@@ -1,6 +1,6 @@
-"""The report's table logic (harness.tables, harness.formatting) on small hand-built frames whose answers are
-known by hand: the run-to-run comparison and its noise filter, the summary's derived columns, the runs that
-did not run, the training table's images and ranks, and the profile reader."""
+"""The report's table logic (harness.reporting.tables, harness.reporting.formatting) on small hand-built frames
+whose answers are known by hand: the run-to-run comparison and its noise filter, the summary's derived columns,
+the runs that did not run, the training table's images and ranks, and the profile reader."""
 
 from __future__ import annotations
 
@@ -14,12 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.activations import im2col_bytes, kept_activations, parameter_state_bytes
-from harness.asv_results import Run, short_env_name, tidy_frame
-from harness.formatting import fmt_spread, fmt_unit_spread, samples_heading
-from harness.results import ResultsFileError, load_profile_result, read_profile_csv
-from harness.spec import CONFIGS
-from harness.tables import (
+from harness.measure.expected_memory import im2col_bytes, kept_activations, parameter_state_bytes
+from harness.reporting.formatting import fmt_spread, fmt_unit_spread, samples_heading
+from harness.reporting.tables import (
     comparison_table,
     distributed_table,
     memory_table,
@@ -37,6 +34,9 @@ from harness.tables import (
     training_ranks,
     training_table,
 )
+from harness.results import ResultsFileError, load_profile_result, read_profile_csv
+from harness.spec import CONFIGS
+from harness.suite.asv_results import Run, short_env_name, tidy_frame
 
 PROFILE = Path(__file__).parent / "fixtures" / "report" / "profile"
 NAN = math.nan
@@ -314,7 +314,7 @@ def test_per_class_table_by_hand():
 def test_a_profile_divides_every_implementation_by_the_hardware_peak_where_it_has_one():
     import pandas as pd
 
-    from harness.peak import with_one_peak
+    from harness.measure.peak import with_one_peak
 
     frame = pd.DataFrame({"device": ["cpu", "cpu", "cuda"], "gflops_per_s": [50.0, 30.0, 1000.0],
                           "peak_gflops": [200.0, 100.0, 4000.0], "pct_of_peak": [25.0, 30.0, 25.0]})
@@ -365,7 +365,7 @@ def test_every_other_table_sees_the_full_gradient_and_old_results_are_full():
 
 
 def test_a_training_record_names_its_routing_gradient_and_an_old_one_is_full():
-    from harness.plots import training_label
+    from harness.reporting.plots import training_label
 
     frame = training_table([(Path("old.json"), record()),
                             (Path("final.json"), record(routing_gradient="final"))]).set_index("file")
@@ -444,7 +444,7 @@ def test_a_profile_without_its_json_describes_each_implementation_from_its_own_c
 def test_a_run_left_running_by_a_process_that_is_gone_ended_without_a_status():
     import socket
 
-    from harness.tables import training_status
+    from harness.reporting.tables import training_status
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -460,7 +460,7 @@ def test_a_run_left_running_by_a_process_that_is_gone_ended_without_a_status():
 
 
 def test_profile_summary_and_layer_table_by_hand():
-    from harness.tables import profile_layer_table, profile_steps, profile_summary
+    from harness.reporting.tables import profile_layer_table, profile_steps, profile_summary
 
     nan = float("nan")
     rows = pd.DataFrame({"phase": ["forward", "backward"], "layer": ["conv1", "conv1"], "time_s": [0.1, 0.3],
@@ -490,7 +490,7 @@ def test_profile_summary_and_layer_table_by_hand():
 
 
 def test_the_direction_of_each_unit_by_hand():
-    from harness.tables import better_direction
+    from harness.reporting.tables import better_direction
 
     assert [better_direction(unit) for unit in ("seconds", "bytes", "relative error")] == [-1, -1, -1]
     assert [better_direction(unit) for unit in ("GFLOP/s", "images/s", "tokens/s", "samples/S")] == [1, 1, 1, 0]
@@ -499,7 +499,7 @@ def test_the_direction_of_each_unit_by_hand():
 
 def change_flag(old, new, **fields):
     """change_of of one comparison row in seconds, both sides measured, without spreads unless given."""
-    from harness.tables import change_of
+    from harness.reporting.tables import change_of
 
     row = {"old": old, "new": new, "ratio": new / old, "unit": "seconds", "old_status": "ok", "new_status": "ok",
            "old_q25": NAN, "old_q75": NAN, "new_q25": NAN, "new_q75": NAN}
@@ -557,7 +557,7 @@ def test_the_speedup_table_whole_with_a_phase_one_side_lacks():
 
 
 def test_looped_partners_by_name():
-    from harness.tables import looped_partners
+    from harness.reporting.tables import looped_partners
 
     vectorised, looped = ["torch-fused", "torch-vectorised"], ["torch-looped", "torch-looped-nightly"]
     assert looped_partners("torch-vectorised", vectorised, looped) == ["torch-looped"]
@@ -587,7 +587,7 @@ def test_a_record_s_own_accuracies_win_and_what_it_lacks_is_not_invented():
 
 
 def test_parameter_labels_by_hand():
-    from harness.tables import parameter_label
+    from harness.reporting.tables import parameter_label
 
     step = pd.Series({"implementation": "torch-vectorised", "framework": "torch", "backend": "torch",
                       "batch_size": 32.0, "routing_iterations": 3.0, "routing_gradient": "full", "cache": "warm"})
@@ -643,7 +643,7 @@ def test_the_routing_gradient_table_s_columns_measured_or_not():
 def test_asking_whether_a_training_process_lives_sends_it_nothing():
     """A live child is found and still running after the question; once it has ended and been reaped it is gone."""
 
-    from harness.tables import process_exists
+    from harness.reporting.tables import process_exists
 
     with sleeping_child() as child:
         assert process_exists(child.pid)
@@ -653,13 +653,13 @@ def test_asking_whether_a_training_process_lives_sends_it_nothing():
 
 
 def test_someone_else_s_process_exists_though_it_may_not_be_signalled(monkeypatch):
-    import harness.tables
+    import harness.reporting.tables
 
     def refuse(pid, signal):
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(harness.tables.os, "kill", refuse)
-    assert harness.tables.process_exists(1)
+    monkeypatch.setattr(harness.reporting.tables.os, "kill", refuse)
+    assert harness.reporting.tables.process_exists(1)
 
 
 def test_run_rows_keep_one_run_at_one_routing_gradient():
@@ -673,7 +673,7 @@ def test_run_rows_keep_one_run_at_one_routing_gradient():
 
 def test_a_run_of_the_train_step_alone_gives_a_summary_with_every_column():
     """`asv run --bench TrainStep`: no routing, forward or memory benchmark; their columns are there, n/a."""
-    from harness.tables import SUMMARY_METRICS
+    from harness.reporting.tables import SUMMARY_METRICS
 
     rows = [row("a", "train_step", 0.4, 0.36, 0.48, 5)]
     frame = summary_table(tidy_frame(rows), 3)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness import flops
 from harness.data import synthetic_batch
+from harness.measure import flops
 from harness.ranges import recording
 from harness.settings import PLAN_CACHE_ENV
 from harness.spec import SMALL

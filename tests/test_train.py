@@ -12,9 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from harness import epochs, registry, train
+from harness import registry, train
 from harness.results import read_training_result
 from harness.threads import recorded_pools, set_threads, usable_cpu_count
+from harness.training import loop
 from implementations.torch_capsnet import TorchCapsNet
 
 SHORT_RUN = ["--config", "small", "--limit", "384", "--test-limit", "200", "--batch-size", "32"]
@@ -166,8 +167,8 @@ def test_an_interrupted_run_resumes_to_the_parameters_of_an_uninterrupted_one(tm
     assert resumed["status"] == "completed" and len(resumed["epochs"]) == 3 and len(resumed["steps"]) == 36
     assert [step["loss"] for step in resumed["steps"]] == pytest.approx([step["loss"] for step in reference["steps"]],
                                                                         rel=1e-6)
-    _, params, adam = epochs.load_checkpoint(broken)
-    _, expected, expected_adam = epochs.load_checkpoint(whole)
+    _, params, adam = loop.load_checkpoint(broken)
+    _, expected, expected_adam = loop.load_checkpoint(whole)
     for name, value in expected.items():
         np.testing.assert_allclose(params[name], value, rtol=1e-6, atol=1e-9, err_msg=name)
     assert int(adam["step"]) == int(expected_adam["step"]) == 36
@@ -176,7 +177,7 @@ def test_an_interrupted_run_resumes_to_the_parameters_of_an_uninterrupted_one(tm
 def test_resuming_without_a_checkpoint_is_one_line(tmp_path, mnist_path, capsys):
     code, out = run_train(tmp_path, mnist_path, "--impl", "torch-vectorised", *SHORT_RUN)
     assert code == 0
-    epochs.checkpoint_path(out).unlink()
+    loop.checkpoint_path(out).unlink()
     capsys.readouterr()
     assert train.main(["--data-dir", str(mnist_path), "--resume", str(out), "--epochs", "2"]) == 2
     error = capsys.readouterr().err.strip()
@@ -250,9 +251,9 @@ def test_a_new_run_onto_an_existing_results_file_is_refused_and_the_file_kept(tm
     assert out.read_text() == '{"kind": "capsbench-training", "status": "completed"}'
     # a checkpoint left alone counts too: it belongs to a run
     out.unlink()
-    epochs.checkpoint_path(out).write_bytes(b"x")
+    loop.checkpoint_path(out).write_bytes(b"x")
     assert train.main(["--impl", "torch-vectorised", "--data-dir", str(mnist_path), "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err and epochs.checkpoint_path(out).read_bytes() == b"x"
+    assert "already exists" in capsys.readouterr().err and loop.checkpoint_path(out).read_bytes() == b"x"
 
 
 class TerminatedAtStep2(TorchCapsNet):
@@ -313,11 +314,11 @@ def test_a_resume_refuses_overwrite_another_out_and_fewer_epochs_than_done(tmp_p
 def test_the_first_line_says_when_a_limit_is_more_than_the_images():
     args = argparse.Namespace(dtype="float32", config="small", schedule="paper", batch_size=32, epochs=1,
                               limit=100_000, test_limit=200, routing_gradient="full")
-    line = epochs.start_line("torch-vectorised", args, 60_000, 200, "runs/x.json")
+    line = loop.start_line("torch-vectorised", args, 60_000, 200, "runs/x.json")
     assert "on 60,000 training images (all there are: the limit 100,000 is more), evaluating on 200 test images," \
         in line
     args.limit = 60_000
-    assert "(all there are" not in epochs.start_line("torch-vectorised", args, 60_000, 200, "runs/x.json")
+    assert "(all there are" not in loop.start_line("torch-vectorised", args, 60_000, 200, "runs/x.json")
 
 
 def equal_timings(config, batch_size, dtype, device):

@@ -17,7 +17,7 @@ import signal
 
 from harness import contract, registry
 from harness.data import synthetic_batch
-from harness.memory import nvml_sampler, nvml_status
+from harness.measure.memory import nvml_sampler, nvml_status
 from harness.params import init_parameters
 from harness.spec import CapsNetConfig
 

@@ -1,5 +1,5 @@
 """The float32 FMA throughput this CPU sustains, measured by a compiled kernel: the check on the derived
-hardware peak (:func:`harness.peak.hardware_peak`), and its FMA-unit count where the CPU does not report it.
+hardware peak (:func:`harness.measure.peak.hardware_peak`), and its FMA-unit count where the CPU does not report it.
 
 A Python-level loop cannot come near the FMA peak, so the kernel is a few lines of C compiled here with the
 system's C compiler (``cc``, or ``$CC``) for this CPU (``-march=native``): independent vector accumulators,

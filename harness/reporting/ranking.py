@@ -37,7 +37,7 @@ FASTER = "faster"
 SINGLE_SAMPLE = "a single sample"
 NO_SPREAD = "no spread recorded"
 OVERLAP = "interquartile ranges overlap"
-PARITY_METRIC = "max_rel_error"  # harness.asv_results' name of track_max_rel_error
+PARITY_METRIC = "max_rel_error"  # harness.suite.asv_results' name of track_max_rel_error
 
 
 def parity_tolerance() -> float:
@@ -96,7 +96,7 @@ def pair_verdict(faster: dict, slower: dict) -> str:
 
 
 def ranking_table(summary: pd.DataFrame, parity: pd.DataFrame) -> pd.DataFrame:
-    """Per batch size of a run's summary (:func:`harness.tables.summary_table`), the implementations with a
+    """Per batch size of a run's summary (:func:`harness.reporting.tables.summary_table`), the implementations with a
     train-step time and no FAILED parity, fastest first: ``batch_size``, ``position`` (1 = fastest median),
     ``implementation``, ``parity``, the train step with its ``q25``, ``q75``, ``samples``, and
     ``against_next``: :func:`pair_verdict` against the next slower one ("" for the slowest)."""

@@ -25,11 +25,11 @@ implementation, "unknown" where it does not), ``batch_size``,
 counted for ``full`` only); the non-implementation benchmarks fill ``framework`` (CudaContext) or ``backend``
 (GemmPeak) and leave ``implementation`` empty; any other parameter gets a column of its own name.
 
-Timed phases also get their arithmetic: ``flops`` (:func:`harness.flops.phase_flops` for the run's
+Timed phases also get their arithmetic: ``flops`` (:func:`harness.measure.flops.phase_flops` for the run's
 network at that batch size and routing iterations), ``gflops_per_s``, ``peak_gflops`` (one figure per run for
 every implementation: the hardware float32 peak from the run's facts, else the best GEMM measured in the
 run; ``peak_source`` says which, ``best_gemm_gflops`` is the practical ceiling) and ``pct_of_peak``.
-The network a run used follows from the ``profile`` in its facts file through :mod:`harness.suite_profiles`.
+The network a run used follows from the ``profile`` in its facts file through :mod:`harness.suite.sizes`.
 
 Nothing here raises on a bad file: every problem is one line in the returned ``warnings`` that names the
 file, and the file (or the one benchmark entry) is skipped.
@@ -45,13 +45,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.flops import phase_flops
-from harness.peak import GPU_BACKENDS, backend_of, peak_sentence
+from harness.measure.flops import phase_flops
+from harness.measure.peak import GPU_BACKENDS, backend_of, peak_sentence
 from harness.results import ResultsFileError, read_json
-from harness.run_order import Ancestry, order_runs
 from harness.settings import ASV_RESULTS_SUBDIR, FACTS_SUBDIR
 from harness.spec import get_config
-from harness.suite_profiles import DEFAULT_PROFILE, PROFILES
+from harness.suite.run_order import Ancestry, order_runs
+from harness.suite.sizes import DEFAULT_PROFILE, PROFILES
 
 RESULTS_API_VERSION = 2  # asv.results.Results.api_version
 UNKNOWN = "unknown"
@@ -83,7 +83,7 @@ METRICS = {
 }
 PREFIX_UNITS = {"time_": "seconds", "peakmem_": "bytes", "mem_": "bytes", "track_": UNKNOWN}
 GEMM_PEAK_METRIC = METRICS["track_gemm_peak_gflops"]
-PHASES_WITH_FLOPS = frozenset(phase_flops(get_config("small"), 1))  # the phases harness.flops counts
+PHASES_WITH_FLOPS = frozenset(phase_flops(get_config("small"), 1))  # the phases harness.measure.flops counts
 
 IMPLEMENTATION_COLUMNS = ["implementation", "framework", "device", "routing_variant", "backend"]
 PARAMETER_COLUMNS = ["batch_size", "routing_iterations"]
@@ -312,7 +312,7 @@ def read_run(path: Path, results_root: Path, benchmarks: dict, warnings: list[st
     facts = read_facts(results_root, path.parent.name, commit, env, warnings)
     profile = (facts or {}).get("profile") or DEFAULT_PROFILE
     if profile not in PROFILES:
-        warnings.append(f"warning: {path}: profile {profile!r} is not in harness.suite_profiles; "
+        warnings.append(f"warning: {path}: profile {profile!r} is not in harness.suite.sizes; "
                         f"assuming {DEFAULT_PROFILE!r}")
         profile = DEFAULT_PROFILE
     date = pd.to_datetime(as_number(payload["date"]), unit="ms", utc=True) if payload["date"] is not None else pd.NaT
@@ -343,7 +343,7 @@ BEST_GPU_GEMM = "best measured GPU GEMM (no GPU hardware peak derived)"
 
 def run_peaks(table: pd.DataFrame) -> pd.DataFrame:
     """One peak per run and device, the same for every implementation: on the CPU the hardware's float32 peak
-    from the run's facts (:func:`harness.peak.hardware_peak`), else (older runs, whose facts lack it) the best
+    from the run's facts (:func:`harness.measure.peak.hardware_peak`), else (older runs, whose facts lack it) the best
     GEMM any CPU backend measured in the run; on a GPU the best GPU GEMM of the run.  ``peak_source`` says
     which; ``best_gemm_gflops`` (the practical ceiling) stands beside it."""
     gemm = table.loc[table["metric"] == GEMM_PEAK_METRIC].dropna(subset=["value"]).copy()
@@ -363,7 +363,7 @@ def run_peaks(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_peak_sentence(rows: pd.DataFrame, facts: dict) -> str:
-    """:func:`harness.peak.peak_sentence` for one run's rows and facts."""
+    """:func:`harness.measure.peak.peak_sentence` for one run's rows and facts."""
     gemm = rows[rows["metric"] == GEMM_PEAK_METRIC].dropna(subset=["value"]).drop_duplicates("backend")
     return peak_sentence(facts.get("hardware_peak"), dict(zip(gemm["backend"], gemm["value"])))
 
@@ -375,7 +375,7 @@ def add_flops(table: pd.DataFrame) -> pd.DataFrame:
     table["flops"] = [
         phase_flops(get_config(config_name).replace(routing_iterations=int(iterations)), int(batch))[metric]
         if benchmark.startswith("time_") and metric in PHASES_WITH_FLOPS and pd.notna(batch) and pd.notna(iterations)
-        and gradient == DEFAULT_ROUTING_GRADIENT  # harness.flops counts the full routing backward only
+        and gradient == DEFAULT_ROUTING_GRADIENT  # harness.measure.flops counts the full routing backward only
         else math.nan
         for benchmark, metric, batch, iterations, config_name, gradient in zip(
             table["benchmark"], table["metric"], table["batch_size"], table["routing_iterations"], table["config_name"],
@@ -421,7 +421,7 @@ def machine_names(asv_dir: Path) -> list[str]:
 
 def load_asv(results_root: str | Path, machine: str | None = None, repository: str | Path | None = None) -> AsvResults:
     """Read every asv results file under ``<results_root>/asv`` (of ``machine`` only, if given); the runs
-    oldest first by :func:`harness.run_order.order_runs`, with git asked in ``repository`` (default: the
+    oldest first by :func:`harness.suite.run_order.order_runs`, with git asked in ``repository`` (default: the
     repository that holds ``results_root``, where there is one)."""
     results_root = Path(results_root)
     asv_dir = results_root / ASV_RESULTS_SUBDIR

@@ -1,4 +1,4 @@
-"""The report's figures, built with matplotlib's Agg backend from the tidy table (:mod:`harness.asv_results`)
+"""The report's figures, built with matplotlib's Agg backend from the tidy table (:mod:`harness.suite.asv_results`)
 and the training, distributed-scaling and profile records.
 
 Every function returns a Figure with a title, axes labelled with units and a legend, or raises
@@ -41,9 +41,9 @@ from matplotlib.ticker import (  # noqa: E402
     NullLocator,
 )
 
-from harness.formatting import samples_phrase  # noqa: E402
+from harness.reporting.formatting import samples_phrase  # noqa: E402
+from harness.reporting.tables import profile_rows, training_images, training_ranks  # noqa: E402
 from harness.results import PROFILE_PHASES, Profile  # noqa: E402
-from harness.tables import profile_rows, training_images, training_ranks  # noqa: E402
 
 DPI = 150
 PHASES = ("forward", "backward", "train_step", "inference", "routing")
@@ -515,7 +515,7 @@ def routing_iterations(table: pd.DataFrame, where: str, palette: dict | None = N
 
 def vectorised_speedup(speedups: pd.DataFrame, where: str, basis: str = "") -> Figure:
     """Speed-up of vectorised over looped routing (looped time / vectorised time) per phase and framework,
-    from :func:`harness.tables.speedup_table` rows at one batch size; each pair in the colour of its
+    from :func:`harness.reporting.tables.speedup_table` rows at one batch size; each pair in the colour of its
     vectorised implementation; ``basis`` says what the times rest on (their samples)."""
     rows = speedups.dropna(subset=["speedup"])
     if rows.empty:
@@ -554,7 +554,7 @@ def saving_text(percent: float) -> str:
 def routing_gradient_saving(frame: pd.DataFrame, where: str, iterations: int) -> Figure:
     """The time the routing gradient ``final`` saves over ``full`` (1 - final / full, %), one panel per phase
     measured at both (the others named in the note, not drawn empty), bars per implementation grouped by
-    batch size, each in its implementation's colour; from :func:`harness.tables.routing_gradient_table`."""
+    batch size, each in its implementation's colour; from :func:`harness.reporting.tables.routing_gradient_table`."""
     if frame.empty:
         raise NoData("no implementation measured at both routing gradients in this run")
     panels = [(phase, title) for phase, title in ROUTING_GRADIENT_PANELS if frame[f"{phase}_saving"].notna().any()]
@@ -755,7 +755,7 @@ def training_curves(records: list[tuple[str, dict]]) -> Figure:
 
 def distributed_scaling(frame: pd.DataFrame) -> Figure:
     """Images/s against world size with the ideal linear line, and scaling efficiency, one line per
-    distributed results file (``frame``: :func:`harness.tables.distributed_table` rows), in the colour of
+    distributed results file (``frame``: :func:`harness.reporting.tables.distributed_table` rows), in the colour of
     its implementation (several files of one implementation told apart by marker)."""
     if frame.empty:
         raise NoData("no distributed scaling results")

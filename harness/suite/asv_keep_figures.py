@@ -10,7 +10,7 @@ of ``Results.add_result``, which is how asv keeps the cells a ``--bench`` patter
 out.  A new figure replaces the old one, and so does a failure (that is news); only a skip leaves it.
 
 asv imports this module in its own process (never in a benchmark's) when it loads asv.conf.json; the
-leading dot of ``.harness.asv_keep_figures`` there makes asv import it from the repository root.
+leading dot of ``.harness.suite.asv_keep_figures`` there makes asv import it from the repository root.
 """
 
 from __future__ import annotations
@@ -57,6 +57,6 @@ def setup() -> None:
     if getattr(add_result, "keeps_skipped_figures", False):
         return
     if "selected_idx" not in inspect.signature(add_result).parameters:
-        raise util.UserError(f"capsbench's asv plugin (harness/asv_keep_figures.py) needs {REQUIRED}; this asv "
+        raise util.UserError(f"capsbench's asv plugin (harness/suite/asv_keep_figures.py) needs {REQUIRED}; this asv "
                              f"has no such argument: install asv>=0.6.4,<0.7 (pip install -e '.[bench]')")
     Results.add_result = keeping_skipped_figures(add_result)

@@ -1,5 +1,5 @@
 """The report's tables as pandas frames, built from the tidy benchmark table and the results records, and
-testable without rendering anything; :mod:`harness.report` turns them into Markdown, :mod:`harness.plots`
+testable without rendering anything; :mod:`harness.report` turns them into Markdown, :mod:`harness.reporting.plots`
 into figures.
 """
 
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.activations import im2col_bytes, kept_activations, parameter_state_bytes
-from harness.asv_results import DEFAULT_ROUTING_GRADIENT, ROUTING_GRADIENT_COLUMN, TIDY_COLUMNS, Run
-from harness.formatting import NA
+from harness.measure.expected_memory import im2col_bytes, kept_activations, parameter_state_bytes
+from harness.measure.scaling import compute_units, efficiency_caveat, scaling_efficiency
+from harness.reporting.formatting import NA
 from harness.results import PROFILE_PHASES, Profile
-from harness.scaling import compute_units, efficiency_caveat, scaling_efficiency
 from harness.spec import get_config
+from harness.suite.asv_results import DEFAULT_ROUTING_GRADIENT, ROUTING_GRADIENT_COLUMN, TIDY_COLUMNS, Run
 
 CHANGE_FACTOR = 1.1  # a ratio outside [1/1.1, 1.1] (asv compare's default factor) beyond the spread is flagged
 LOWER_IS_BETTER = {"seconds", "bytes", "relative error"}
@@ -347,7 +347,7 @@ def training_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
 
 def training_status(record: dict) -> str:
     """A training record's status as the report shows it: 'running' only while the process that writes it
-    (pid and host recorded, :func:`harness.run_status.process_facts`) still exists; one left 'running' by a
+    (pid and host recorded, :func:`harness.training.run_status.process_facts`) still exists; one left 'running' by a
     process that is gone (SIGKILL, out of memory, a crashed machine) ended without a status."""
     status = record.get("status", "?")
     if status != "running":
@@ -403,7 +403,7 @@ def distributed_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
 
 def memory_table(rows: pd.DataFrame, iterations: int, config_name: str) -> pd.DataFrame:
     """Per CPU implementation x batch size: host memory measured around a training step beside the
-    analytic figure of :mod:`harness.activations` (bytes)."""
+    analytic figure of :mod:`harness.measure.expected_memory` (bytes)."""
     step = rows[rows["implementation"].notna() & (rows["routing_iterations"] == iterations)
                 & (rows["device"] == "cpu")]
     measured = step[step["metric"].isin(["host_memory", "host_memory_before_model"])].pivot_table(

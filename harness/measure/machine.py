@@ -74,7 +74,7 @@ def torch_facts() -> dict:
 
 def gpu_facts() -> dict:
     """GPU name, memory and driver through NVML, or the reason NVML could not be read."""
-    from harness.memory import nvml_device_facts
+    from harness.measure.memory import nvml_device_facts
 
     return nvml_device_facts()
 
@@ -97,8 +97,8 @@ def machine_facts() -> dict:
 
 
 def hardware_peak_facts() -> dict:
-    """The CPU's float32 peak and its derivation (:func:`harness.peak.machine_hardware_peak`), never raising."""
-    from harness.peak import machine_hardware_peak
+    """The CPU's float32 peak and its derivation (:func:`harness.measure.peak.machine_hardware_peak`), never raising."""
+    from harness.measure.peak import machine_hardware_peak
 
     try:
         return machine_hardware_peak()

@@ -1,7 +1,7 @@
 """What single-process training (:mod:`harness.train`) and data-parallel training (:mod:`harness.distributed`)
 share: their common command-line options, the results record, resuming a run, the epoch summary,
-divergence and evaluation (the status sequence is :mod:`harness.run_status`'s, the checkpoint
-:mod:`harness.checkpoint`'s, progress :mod:`harness.progress`'s).
+divergence and evaluation (the status sequence is :mod:`harness.training.run_status`'s, the checkpoint
+:mod:`harness.training.checkpoint`'s, progress :mod:`harness.training.progress`'s).
 
 One results record per run, rewritten atomically after every epoch (kind :data:`TRAINING_KIND`): what
 was trained (implementation, framework, device, routing variant, dtype, network), on what (training and
@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from harness import contract, options, registry
-from harness.checkpoint import checkpoint_path, load_checkpoint
 from harness.data import DataError, Dataset, iterate_batches, resolve_data_dir
-from harness.environment import machine_facts
-from harness.progress import LINES_PER_EPOCH, Progress
+from harness.measure.machine import machine_facts
 from harness.results import TRAINING_KIND, ResultsFileError, read_training_result, unwritable_line, writable_folder
-from harness.run_status import TrainingDiverged, process_facts
 from harness.settings import RUNS_DIR, TRAINING_SUBDIR
 from harness.spec import ADAM, MAX_SHIFT_PIXELS, SCHEDULES, CapsNetConfig, LearningRateSchedule, get_config
 from harness.threads import thread_facts, usable_cpu_count
+from harness.training.checkpoint import checkpoint_path, load_checkpoint
+from harness.training.progress import LINES_PER_EPOCH, Progress
+from harness.training.run_status import TrainingDiverged, process_facts
 
 FORMAT_VERSION = 2
 TRAINING_RUNS_DIR = RUNS_DIR / TRAINING_SUBDIR

@@ -8,7 +8,7 @@ equal dates, and a branch merged later can carry an older date.  So the report o
    (``git merge-base --is-ancestor``);
 2. **when measured**: otherwise (no git, a commit the repository does not know, two branches neither of
    which contains the other, or one commit measured twice) the run whose benchmarks ended later is the newer
-   (asv's results file has each benchmark's start and duration; :attr:`harness.asv_results.Run.measured`);
+   (asv's results file has each benchmark's start and duration; :attr:`harness.suite.asv_results.Run.measured`);
 3. then the commit date, then the environment's name, then the commit hash, so that the order is total.
 
 Two environments of one commit are never ordered by ancestry: the one measured later is the newer

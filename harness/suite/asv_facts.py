@@ -1,5 +1,5 @@
 """The facts asv does not record (GPU, libraries, BLAS, threads, suite profile, what each implementation is,
-the plans it chose), written by the suite beside each run's results and read by :mod:`harness.asv_results`.
+the plans it chose), written by the suite beside each run's results and read by :mod:`harness.suite.asv_results`.
 
 Where they go follows from the asv configuration in use (its ``results_dir``, which this module parses:
 asv.conf.json allows ``//`` comments) and the commit, machine and environment asv is measuring:
@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from harness import registry
-from harness.environment import machine_facts
+from harness.measure.machine import machine_facts
 from harness.results import ResultsFileError, read_json, write_json_atomic
 from harness.settings import ASV_COMMIT_ENV, ASV_CONFIG_ENV, ASV_MACHINE_ENV, FACTS_SUBDIR, REPO_ROOT
 from harness.threads import set_threads, thread_facts

@@ -1,0 +1,1 @@
+"""What the report and README's tables are made of: tables (pandas frames), formatting, plots, run order, ranking."""
