@@ -15,8 +15,8 @@ from harness import ranges, registry
 from harness.params import init_parameters
 from harness.spec import SMALL
 from harness.tolerances import TOLERANCES
-from implementations import cupy_fused as cf
-from implementations import numpy_capsnet as nc
+from implementations.cupy import fused as cf
+from implementations.numpy import capsnet as nc
 
 FUSED = registry.get("cupy-fused").availability()
 needs_gpu = pytest.mark.skipif(not FUSED, reason=f"cupy-fused unavailable here: {FUSED.reason}")

@@ -27,7 +27,7 @@ from harness.params import init_parameters  # noqa: E402
 from harness.results import read_json, read_training_result  # noqa: E402
 from harness.settings import FAIL_RANK_ENV  # noqa: E402
 from harness.spec import SCHEDULES, SMALL  # noqa: E402
-from implementations.torch_capsnet import TorchCapsNet  # noqa: E402
+from implementations.torch.autograd import TorchCapsNet  # noqa: E402
 
 from conftest import REPO_ROOT  # noqa: E402
 

@@ -20,7 +20,7 @@ from harness.data import load_mnist
 from harness.params import init_parameters
 from harness.results import TRAINING_KIND, ResultsFileError, read_training_result, write_json_atomic
 from harness.spec import CONFIGS, SCHEDULES
-from implementations.numpy_capsnet import NumpyCapsNet
+from implementations.numpy.capsnet import NumpyCapsNet
 
 LIMIT, TEST_LIMIT, BATCH = 64, 50, 32  # 2 training steps per epoch; evaluation in batches of 32 and 18
 STEPS_PER_EPOCH = 2

@@ -20,7 +20,7 @@ from harness.params import init_parameters  # noqa: E402
 from harness.registry import AllocatorPeaks  # noqa: E402
 from harness.spec import SMALL  # noqa: E402
 from harness.threads import thread_facts  # noqa: E402
-from implementations import jax_capsnet  # noqa: E402
+from implementations.jax import capsnet as jax_capsnet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +77,7 @@ class Watch:
             seen.append(os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"))
         return None
 sys.meta_path.insert(0, Watch())
-import implementations.jax_capsnet
+import implementations.jax.capsnet
 print(seen)
 """
     env = {key: value for key, value in os.environ.items() if key != jax_capsnet.PREALLOCATE_ENV}

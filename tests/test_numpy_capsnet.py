@@ -11,7 +11,7 @@ import torch
 from harness import registry
 from harness.data import synthetic_batch
 from harness.spec import SMALL
-from implementations import numpy_capsnet as ac
+from implementations.numpy import capsnet as ac
 
 from gradcheck_util import livelier_parameters
 
@@ -149,7 +149,7 @@ def test_routing_backward_writes_the_gradient_regrouped_by_input_capsule(rng):
 
 
 def test_routing_variants_agree_with_torch(rng):
-    from implementations.torch_capsnet import routing_vectorised
+    from implementations.torch.autograd import routing_vectorised
 
     u_hat = rng.normal(size=(2, 3, 6, 4))  # (B, J, N, D)
     expected = routing_vectorised(torch.tensor(u_hat.transpose(0, 2, 1, 3)), 3, EPS).numpy()

@@ -110,7 +110,7 @@ def test_a_numpy_plugins_routing_functions_run_inside_the_routing_range():
     from harness.data import synthetic_batch
     from harness.params import init_parameters
     from harness.spec import SMALL
-    from implementations.numpy_capsnet import ROUTING, NumpyCapsNet, RoutingFunctions
+    from implementations.numpy.capsnet import ROUTING, NumpyCapsNet, RoutingFunctions
 
     class Logger:
         def __init__(self):

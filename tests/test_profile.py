@@ -15,7 +15,7 @@ import pytest
 
 from harness import flops, profile, ranges, registry
 from harness.spec import SMALL
-from implementations.numpy_capsnet import NumpyCapsNet
+from implementations.numpy.capsnet import NumpyCapsNet
 
 from conftest import run_module
 

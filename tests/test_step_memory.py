@@ -16,7 +16,7 @@ from harness import registry, step_memory
 from harness.contract import AllocatorPeaks
 from harness.memory import PeakMemory
 from harness.spec import SMALL
-from implementations.numpy_capsnet import NumpyCapsNet
+from implementations.numpy.capsnet import NumpyCapsNet
 
 CALLS: list[str] = []
 BUILT: list[weakref.ref] = []

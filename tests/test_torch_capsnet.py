@@ -11,7 +11,7 @@ from harness import registry
 from harness.data import synthetic_batch
 from harness.params import init_parameters
 from harness.spec import SMALL
-from implementations import torch_capsnet as tc
+from implementations.torch import autograd as tc
 
 
 def paper_routing(u_hat: np.ndarray, iterations: int, eps: float) -> np.ndarray:

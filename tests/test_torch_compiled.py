@@ -13,8 +13,8 @@ from harness import registry, settings
 from harness.data import synthetic_batch
 from harness.params import init_parameters
 from harness.spec import SMALL
-from implementations import torch_capsnet as tc
-from implementations import torch_compiled as tcc
+from implementations.torch import autograd as tc
+from implementations.torch import compiled as tcc
 
 from gradcheck_util import livelier_parameters
 

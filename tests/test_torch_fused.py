@@ -15,9 +15,9 @@ from harness.data import synthetic_batch
 from harness.ranges import recording
 from harness.settings import PLAN_CACHE_ENV
 from harness.spec import SMALL
-from implementations import numpy_capsnet as ac
-from implementations import torch_fused as tf
-from implementations.torch_capsnet import routing_vectorised
+from implementations.numpy import capsnet as ac
+from implementations.torch import fused as tf
+from implementations.torch.autograd import routing_vectorised
 
 from gradcheck_util import livelier_parameters
 
@@ -81,7 +81,7 @@ def test_primary_squash_takes_the_capsule_order_of_the_spec_and_finite_differenc
     conv_output = rng.normal(size=(batch, types * dim, size, size))  # NCHW, as the reference's convolution
     rows = torch.tensor(conv_output.transpose(0, 2, 3, 1).reshape(-1, types * dim), requires_grad=True)
     config = SMALL.replace(primary_caps_channels=types, primary_caps_dim=dim)
-    from implementations.torch_capsnet import primary_capsules, squash
+    from implementations.torch.autograd import primary_capsules, squash
 
     expected = squash(primary_capsules(torch.tensor(conv_output), config), EPS)
     u = tf.PrimarySquash.apply(rows, batch, types, dim, EPS, fresh())

@@ -1,7 +1,7 @@
 """``torch-fused`` and ``torch-fused-cuda``: CapsNet in PyTorch with the backward written by hand, to show how
 close a torch training step comes to the GEMM peak.
 
-The autograd reference (:mod:`implementations.torch_capsnet`) stays as it is; this one subclasses it for
+The autograd reference (:mod:`implementations.torch.autograd`) stays as it is; this one subclasses it for
 everything the contract asks besides the network (data, optimizer state, allocator peaks, the PCI bus id)
 and replaces the network's forward with ``torch.autograd.Function`` s whose backward is written by hand.
 Why: autograd keeps every intermediate of every routing iteration and builds the gradient of u_hat one
@@ -15,11 +15,11 @@ and in its backward:
   products (forward, weight gradient, input gradient) is done the way that measures fastest on the machine
   it runs on: at the first step of a batch shape the model times every candidate on that shape and keeps
   the fastest, cached per machine, torch version, device, dtype, shape and threads
-  (:func:`choose_plan`, :mod:`implementations.conv_plans`; the candidates are in :data:`FORWARD`,
-  :data:`WEIGHT_GRADIENT` and :data:`INPUT_GRADIENT`, and ``python -m implementations.torch_fused`` prints
+  (:func:`choose_plan`, :mod:`implementations.torch._conv_plans`; the candidates are in :data:`FORWARD`,
+  :data:`WEIGHT_GRADIENT` and :data:`INPUT_GRADIENT`, and ``python -m implementations.torch.fused`` prints
   the measured table): an im2col copy and one GEMM, the framework's own convolution (oneDNN, cuDNN), one
   product per kernel offset accumulated in place, one per kernel row, one large product and col2im, or the
-  products in the Fourier domain (:mod:`implementations.spectral_convolution`: every transform a GEMM, and
+  products in the Fourier domain (:mod:`implementations.torch._spectral`: every transform a GEMM, and
   fewer multiply-adds than the direct convolution that :mod:`harness.flops` counts, so a plan that uses it
   runs at an *effective* rate, possibly above the machine's peak);
 * PrimaryCaps' squash together with the regrouping of the convolution's channels into capsules
@@ -27,7 +27,7 @@ and in its backward:
 * the prediction vectors (:class:`PredictionVectors`), written once in the (B, J, N, D) layout that the
   routing consumes (``u_hat_layout`` "BJND"), with no autograd layout copies around them;
 * the routing (:class:`Routing`), exactly the mathematics of
-  :func:`implementations.numpy_capsnet.routing_vectorised_forward` and ``..._backward``: c = 1/J in the
+  :func:`implementations.numpy.capsnet.routing_vectorised_forward` and ``..._backward``: c = 1/J in the
   first iteration, gradients through c and b of every iteration, the gradient of u_hat written once by one
   batched product of inner dimension 2R - 1 from gathered coefficients; under the routing gradient
   ``final`` (:class:`FinalGradientRouting`) the last iteration's weighted sum alone, one broadcast product.
@@ -65,9 +65,9 @@ from harness.ranges import layer_range
 from harness.registry import register
 from harness.settings import CONV_PLAN_ENV
 from harness.spec import ADAM, PAPER, ROUTING_GRADIENTS, CapsNetConfig, conv_output_size
-from implementations import conv_plans
-from implementations import spectral_convolution as spectral
-from implementations.torch_capsnet import F, TorchCapsNet, capsule_lengths, decoder, mask_capsules, torch
+from implementations.torch import _conv_plans as conv_plans
+from implementations.torch import _spectral as spectral
+from implementations.torch.autograd import F, TorchCapsNet, capsule_lengths, decoder, mask_capsules, torch
 
 _Function = torch.autograd.Function if torch is not None else object
 _Module = torch.nn.Module if torch is not None else object
@@ -444,7 +444,7 @@ def routing_iterations(u_hat, iterations: int, eps: float) -> list:
 
 class Routing(_Function):
     """Procedure 1 on u_hat (B, J, N, D) -> v (B, J, D), with the backward of
-    :func:`implementations.numpy_capsnet.routing_vectorised_backward`: through c and b of every iteration,
+    :func:`implementations.numpy.capsnet.routing_vectorised_backward`: through c and b of every iteration,
     the gradient of u_hat (2R - 1 rank-one terms per example and output capsule) written once by a batched
     product of the gathered coefficients; that product's range is iteration 1's."""
 
@@ -494,7 +494,7 @@ class FinalGradientRouting(_Function):
     """Procedure 1 on u_hat (B, J, N, D) -> v (B, J, D) with the backward of the routing gradient ``final``
     (harness.spec): the last iteration's couplings are constants, so d loss / d u_hat_j|i = c_R,ij d loss /
     d s_R,j, one rank-one term per example and output capsule written by one broadcast product, with no
-    earlier iteration visited (:func:`implementations.numpy_capsnet.routing_vectorised_final_backward`).
+    earlier iteration visited (:func:`implementations.numpy.capsnet.routing_vectorised_final_backward`).
     Only c_R and s_R are kept for backward, not u_hat nor the earlier iterations."""
 
     @staticmethod
@@ -524,7 +524,7 @@ ROUTING_BY_GRADIENT = {"full": Routing, "final": FinalGradientRouting}
 class FusedCapsNetModule(_Module):
     """The network as a ``torch.nn.Module`` over the same Parameter objects as the reference module (so the
     optimizer built over those stays valid, and DistributedDataParallel can wrap it); ``forward(images,
-    labels)`` returns (lengths, reconstructions) as :class:`implementations.torch_capsnet.CapsNetModule`'s."""
+    labels)`` returns (lengths, reconstructions) as :class:`implementations.torch.autograd.CapsNetModule`'s."""
 
     def __init__(self, config: CapsNetConfig, params: dict, plan: Plan, workspace: Workspace):
         super().__init__()
@@ -821,7 +821,7 @@ def choose_plan(config: CapsNetConfig, batch_size: int, dtype: str, device, meas
 def main(argv: list[str] | None = None) -> int:
     from harness.threads import set_threads, usable_cpu_count
 
-    parser = argparse.ArgumentParser(prog="python -m implementations.torch_fused",
+    parser = argparse.ArgumentParser(prog="python -m implementations.torch.fused",
                                      description="Time every strategy of each product of the convolutions and print "
                                                  "the fastest (what torch-fused chooses at its first step).")
     parser.add_argument("--layer", choices=("conv1", "primary_caps", "both"), default="both")

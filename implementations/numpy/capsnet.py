@@ -1,7 +1,7 @@
 """``numpy-vectorised`` and ``numpy-looped``: CapsNet over an array module, with the backward written by hand.
 
 All the mathematics of the NumPy implementation is here, written against an array module ``xp`` (NumPy
-by default); :mod:`implementations.cupy_capsnet` subclasses :class:`NumpyCapsNet` with ``xp = cupy``, so
+by default); :mod:`implementations.cupy.capsnet` subclasses :class:`NumpyCapsNet` with ``xp = cupy``, so
 everything the CuPy implementation computes runs on the CPU through NumPy in the tests.  Each layer is a
 pair of module-level functions (``*_forward`` keeping what its ``*_backward`` needs), so each can be
 checked against finite differences on its own.  The routing of either variant is in the

@@ -3,7 +3,7 @@
 Routing on the array module costs about fifteen kernels per iteration (softmax, products, squash and their
 gradients, each one array operation), most of them small.  Here every routing iteration is two kernels
 forward and two backward, plus one kernel that writes the gradient of u_hat, on u_hat laid out
-(B, J, N, D) and C-contiguous, as :func:`implementations.numpy_capsnet.routing_vectorised_forward` and
+(B, J, N, D) and C-contiguous, as :func:`implementations.numpy.capsnet.routing_vectorised_forward` and
 ``routing_vectorised_backward`` define the mathematics (and as the tests check, kernel by kernel):
 
 * ``capsbench_route_agree_softmax`` (one thread per example and input capsule i): the agreement
@@ -28,7 +28,7 @@ and the outputs v of every iteration, stacked.  The five kernels are one ``cupy.
 (float or double), compiled by NVRTC on first use; their source (:func:`routing_source`) and launch
 geometry (:func:`sum_block_threads`, :func:`blocks`) are plain Python.  Sums accumulate in the array's own
 dtype, as cuBLAS does for the unfused implementation.  Everything else is
-:class:`~implementations.cupy_capsnet.CupyCapsNet`; where the array module is NumPy (the contract tests'
+:class:`~implementations.cupy.capsnet.CupyCapsNet`; where the array module is NumPy (the contract tests'
 stand-in) the NumPy routing stays.
 """
 
@@ -42,8 +42,8 @@ import numpy as np
 from harness.ranges import layer_range
 from harness.registry import register
 from harness.spec import ROUTING_GRADIENTS
-from implementations.cupy_capsnet import CupyCapsNet, cupy
-from implementations.numpy_capsnet import RoutingFunctions
+from implementations.cupy.capsnet import CupyCapsNet, cupy
+from implementations.numpy.capsnet import RoutingFunctions
 
 THREADS = 256  # threads per block of the one-thread-per-element kernels, and the target of the block kernels
 MAX_THREADS = 1024  # CUDA's limit per block: a capsule dimension above it has no block kernel
@@ -252,7 +252,7 @@ class FusedCache(NamedTuple):
 class FusedRouting:
     """Routing forward and backward as a sequence of kernel launches; ``kernels`` runs each one (see the
     module docstring).  ``forward`` and ``backward`` have the signatures of
-    :class:`~implementations.numpy_capsnet.RoutingFunctions`."""
+    :class:`~implementations.numpy.capsnet.RoutingFunctions`."""
 
     def __init__(self, kernels) -> None:
         self.kernels = kernels
@@ -372,7 +372,7 @@ class CupyKernels:
 
 
 class CupyFusedCapsNet(CupyCapsNet):
-    """:class:`~implementations.cupy_capsnet.CupyCapsNet` with the routing of :class:`FusedRouting` on the GPU
+    """:class:`~implementations.cupy.capsnet.CupyCapsNet` with the routing of :class:`FusedRouting` on the GPU
     (vectorised variant only: the kernels are the vectorised mathematics), under both routing gradients."""
 
     routing_gradients = ROUTING_GRADIENTS

@@ -15,7 +15,7 @@ Triton on CUDA) fuses them.  What each contract method runs:
 * ``adam_step``: ``torch.optim.Adam(fused=True)``, one fused kernel for every tensor, on the CPU and on
   CUDA; nothing to compile.
 * ``prediction_vectors``, ``routing_forward`` and ``routing_backward`` (the routing-alone benchmarks) are
-  the eager functions of :mod:`implementations.torch_capsnet`: compiling routing alone would compile one
+  the eager functions of :mod:`implementations.torch.autograd`: compiling routing alone would compile one
   more pair of graphs per iteration count, and the parity check visits three counts.  The routing inside
   the training step and inference is compiled with the rest of the network.
 
@@ -46,7 +46,7 @@ import sys
 from harness.contract import ROUTING_VARIANTS, Availability, Batch
 from harness.registry import register
 from harness.spec import ADAM, CapsNetConfig
-from implementations.torch_capsnet import (
+from implementations.torch.autograd import (
     TorchCapsNet,
     capsule_lengths,
     decode,
@@ -124,9 +124,9 @@ def cpp_compiler() -> str:
 
 
 class TorchCompiledCapsNet(TorchCapsNet):
-    """:class:`~implementations.torch_capsnet.TorchCapsNet` with ``forward_loss`` (and through AOTAutograd
+    """:class:`~implementations.torch.autograd.TorchCapsNet` with ``forward_loss`` (and through AOTAutograd
     its backward) and ``forward`` compiled, and fused Adam.  It compiles the routing function of its
-    variant (:data:`implementations.torch_capsnet.ROUTING`), not an overridden ``route`` hook."""
+    variant (:data:`implementations.torch.autograd.ROUTING`), not an overridden ``route`` hook."""
 
     first_call_compiles = True  # the first step of a new dtype or configuration compiles (bench_compile.py)
 
@@ -161,7 +161,7 @@ class TorchCompiledCapsNet(TorchCapsNet):
         return lengths.detach(), reconstructions.detach()
 
     def forward_loss(self, batch: Batch):
-        """Margin loss plus the weighted reconstruction loss, as :func:`~implementations.torch_capsnet.total_loss`
+        """Margin loss plus the weighted reconstruction loss, as :func:`~implementations.torch.autograd.total_loss`
         adds them."""
         if batch.labels is None:
             raise ValueError("the training loss needs labels")

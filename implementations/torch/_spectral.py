@@ -1,6 +1,6 @@
 """A convolution's three products (forward, weight gradient, input gradient) in the discrete Fourier domain,
 every transform and every product a GEMM: a candidate strategy of torch-fused's plan
-(:mod:`implementations.torch_fused`).
+(:mod:`implementations.torch.fused`).
 
 Why: a direct 9 x 9 convolution spends 81 multiply-adds per output and input channel pair, and PrimaryCaps'
 are almost all of a CapsNet step's FLOPs.  In the Fourier domain a valid correlation is a product per
@@ -37,7 +37,7 @@ import functools
 import math
 
 from harness.spec import conv_output_size
-from implementations.torch_capsnet import torch  # None where torch is not installed (that module says why)
+from implementations.torch.autograd import torch  # None where torch is not installed (that module says why)
 
 
 def conjugate_classes(n: int) -> list[tuple[int, int, int]]:
