@@ -40,10 +40,10 @@ class Bug:
 
 BUGS = (
     # layers: forward and hand-written backward
-    Bug("squash backward keeps only the diagonal", "implementations/numpy/capsnet.py",
+    Bug("squash backward keeps only the diagonal", "implementations/numpy/routing.py",
         "    return scale * grad_v + (2.0 * slope * along) * s", "    return scale * grad_v",
         ("tests/test_numpy_capsnet.py::test_squash_backward_is_the_full_vector_jacobian",)),
-    Bug("numpy routing normalises the couplings over the input capsules", "implementations/numpy/capsnet.py",
+    Bug("numpy routing normalises the couplings over the input capsules", "implementations/numpy/routing.py",
         "coupling = softmax(xp, logits, axis=1)  # over the output",
         "coupling = softmax(xp, logits, axis=2)  # over the output",
         ("tests/test_contract.py::test_parity_with_the_float64_reference",)),
@@ -332,7 +332,7 @@ BUGS = (
         '    if gradient == "final" and iteration < iterations - 1:\n        return u_hat.detach()',
         '    if gradient == "final" and iteration < iterations - 1:\n        return u_hat',
         ("tests/test_contract.py::test_final_routing_gradient_of_the_hand_worked_two_by_two_case",)),
-    Bug("final's hand-written backward takes the first iteration's couplings", "implementations/numpy/capsnet.py",
+    Bug("final's hand-written backward takes the first iteration's couplings", "implementations/numpy/routing.py",
         "    coupling, s, _ = cache[-1]\n    with layer_range(f\"routing_iteration_{len(cache)}\", \"backward\"):\n"
         "        grad_s = squash_backward(xp, s, grad_v, eps)",
         "    coupling, s, _ = cache[0]\n    with layer_range(f\"routing_iteration_{len(cache)}\", \"backward\"):\n"
@@ -389,11 +389,11 @@ BUGS = (
 
 
     # routing that the check's routing case (harness.check.ROUTING_SCALE) sees in float32 on the small network
-    Bug("numpy routing never updates its logits", "implementations/numpy/capsnet.py",
+    Bug("numpy routing never updates its logits", "implementations/numpy/routing.py",
         "                logits = logits + xp.matmul(u_hat, v[:, :, :, None])[..., 0]  # b_ij +=",
         "                logits + xp.matmul(u_hat, v[:, :, :, None])[..., 0]  # b_ij +=",
         (f"{FLOAT32_PARITY}[numpy-vectorised-float32]",)),
-    Bug("numpy routing runs one iteration too many", "implementations/numpy/capsnet.py",
+    Bug("numpy routing runs one iteration too many", "implementations/numpy/routing.py",
         "    batch, n_out, n_in, _ = u_hat.shape\n    logits = xp.zeros((batch, n_out, n_in), dtype=u_hat.dtype)",
         "    batch, n_out, n_in, _ = u_hat.shape\n    iterations += 1\n"
         "    logits = xp.zeros((batch, n_out, n_in), dtype=u_hat.dtype)",
@@ -402,7 +402,7 @@ BUGS = (
         "self.routing_functions.forward(xp, u_hat, config.routing_iterations,",
         "self.routing_functions.forward(xp, u_hat, config.routing_iterations - 1,",
         (f"{FLOAT32_PARITY}[numpy-vectorised-float32]",)),
-    Bug("numpy looped routing updates the logits after the last iteration too", "implementations/numpy/capsnet.py",
+    Bug("numpy looped routing updates the logits after the last iteration too", "implementations/numpy/routing.py",
         "            if iteration < iterations - 1:\n                for j in range(n_out):",
         "            if iteration < iterations:\n                for j in range(n_out):",
         (f"{FLOAT32_PARITY}[numpy-looped-float32]",)),

@@ -16,7 +16,7 @@ from harness.params import init_parameters
 from harness.spec import SMALL
 from harness.tolerances import TOLERANCES
 from implementations.cupy import fused as cf
-from implementations.numpy import capsnet as nc
+from implementations.numpy import routing as nr
 
 FUSED = registry.get("cupy-fused").availability()
 needs_gpu = pytest.mark.skipif(not FUSED, reason=f"cupy-fused unavailable here: {FUSED.reason}")
@@ -29,20 +29,20 @@ class NumpyKernels:
 
     def sum_squash(self, coupling, u_hat, s_out, v_out, eps):
         s_out[...] = np.einsum("bji,bjid->bjd", coupling, u_hat)
-        v_out[...] = nc.squash_forward(np, s_out, eps)
+        v_out[...] = nr.squash_forward(np, s_out, eps)
 
     def agree_softmax(self, u_hat, v, logits, coupling_out, accumulate):
         agreement = np.einsum("bjid,bjd->bji", u_hat, v)
         logits[...] = logits + agreement if accumulate else agreement
-        coupling_out[...] = nc.softmax(np, logits, axis=1)
+        coupling_out[...] = nr.softmax(np, logits, axis=1)
 
     def sum_squash_backward(self, weights, u_hat, grad_v, s, grad_s_out, eps):
         g = grad_v if weights is None else np.einsum("bji,bjid->bjd", weights, u_hat)
-        grad_s_out[...] = nc.squash_backward(np, s, g, eps)
+        grad_s_out[...] = nr.squash_backward(np, s, g, eps)
 
     def softmax_backward(self, u_hat, grad_s, coupling, grad_logits_next, grad_logits_out):
         grad_coupling = np.einsum("bjid,bjd->bji", u_hat, grad_s)
-        grad_logits_out[...] = nc.softmax_backward(coupling, grad_coupling, axis=1)
+        grad_logits_out[...] = nr.softmax_backward(coupling, grad_coupling, axis=1)
         if grad_logits_next is not None:
             grad_logits_out += grad_logits_next
 
@@ -80,7 +80,7 @@ def test_driver_on_numpy_kernels_is_the_vectorised_routing(shape, iterations, dt
     u_hat, grad_v = random_routing_inputs(np, shape, dtype)
     routing = cf.FusedRouting(NumpyKernels())
     v, cache = routing.forward(np, u_hat, iterations, EPS)
-    expected_v, expected_cache = nc.routing_vectorised_forward(np, u_hat, iterations, EPS)
+    expected_v, expected_cache = nr.routing_vectorised_forward(np, u_hat, iterations, EPS)
     assert_close(v, expected_v, dtype)
     for r, (coupling, s, v_r) in enumerate(expected_cache):
         assert_close(cache.coupling[r], coupling, dtype)
@@ -89,7 +89,7 @@ def test_driver_on_numpy_kernels_is_the_vectorised_routing(shape, iterations, dt
     assert np.all(cache.coupling[0] == np.asarray(1.0 / shape[1], dtype=dtype))
     grad = routing.backward(np, u_hat, cache, grad_v, EPS)
     assert grad.shape == u_hat.shape and grad.dtype == u_hat.dtype
-    assert_close(grad, nc.routing_vectorised_backward(np, u_hat, expected_cache, grad_v, EPS), dtype, "gradient")
+    assert_close(grad, nr.routing_vectorised_backward(np, u_hat, expected_cache, grad_v, EPS), dtype, "gradient")
 
 
 class RangeLog:
@@ -108,7 +108,7 @@ def test_fused_routing_opens_the_routing_ranges_of_the_vectorised_routing():
     u_hat, grad_v = random_routing_inputs(np, SHAPES[0], "float32")
     opened = {}
     for name, forward, backward in [("fused", *cf.FusedRouting(NumpyKernels()).functions()),
-                                    ("numpy", nc.routing_vectorised_forward, nc.routing_vectorised_backward)]:
+                                    ("numpy", nr.routing_vectorised_forward, nr.routing_vectorised_backward)]:
         with ranges.recording(RangeLog()) as log:
             _, cache = forward(np, u_hat, 3, EPS)
             backward(np, u_hat, cache, grad_v, EPS)
@@ -125,12 +125,12 @@ def test_driver_final_gradient_on_numpy_kernels_is_the_numpy_final_backward(iter
     u_hat, grad_v = random_routing_inputs(np, SHAPES[0], dtype)
     routing = cf.FusedRouting(NumpyKernels())
     _, cache = routing.forward(np, u_hat, iterations, EPS)
-    _, expected_cache = nc.routing_vectorised_forward(np, u_hat, iterations, EPS)
+    _, expected_cache = nr.routing_vectorised_forward(np, u_hat, iterations, EPS)
     grad = routing.functions("final").backward(np, u_hat, cache, grad_v, EPS)
-    expected = nc.routing_vectorised_final_backward(np, u_hat, expected_cache, grad_v, EPS)
+    expected = nr.routing_vectorised_final_backward(np, u_hat, expected_cache, grad_v, EPS)
     assert grad.shape == u_hat.shape and grad.dtype == u_hat.dtype
     assert_close(grad, expected, dtype, "gradient")
-    full = nc.routing_vectorised_backward(np, u_hat, expected_cache, grad_v, EPS)
+    full = nr.routing_vectorised_backward(np, u_hat, expected_cache, grad_v, EPS)
     assert (iterations == 1) == np.allclose(grad, full, rtol=1e-4, atol=1e-6)
 
 
@@ -188,7 +188,7 @@ def test_layout_is_checked_not_copied():
 def test_on_numpy_the_numpy_routing_stays():
     on_numpy = type("OnNumpy", (cf.CupyFusedCapsNet,), {"array_module": classmethod(lambda cls: np)})
     impl = on_numpy(SMALL, init_parameters(SMALL), "float64", "cpu")
-    assert impl.routing_functions is nc.ROUTING["vectorised"]
+    assert impl.routing_functions is nr.ROUTING[("vectorised", "full")]
     with pytest.raises(ValueError, match="vectorised"):
         on_numpy(SMALL, init_parameters(SMALL), "float64", "cpu", routing_variant="looped")
 
@@ -214,7 +214,7 @@ def test_gpu_each_kernel_against_its_numpy_version(shape, dtype):
     u_hat, grad_v = random_routing_inputs(np, shape, dtype)
     batch, n_out, n_in, dim = shape
     rng = np.random.default_rng(1)
-    arrays = {"coupling": nc.softmax(np, rng.normal(size=(batch, n_out, n_in)), axis=1).astype(dtype),
+    arrays = {"coupling": nr.softmax(np, rng.normal(size=(batch, n_out, n_in)), axis=1).astype(dtype),
               "weights": rng.normal(size=(batch, n_out, n_in)).astype(dtype),
               "v": rng.normal(size=(batch, n_out, dim)).astype(dtype),
               "s": rng.normal(size=(batch, n_out, dim)).astype(dtype),
@@ -257,10 +257,10 @@ def test_gpu_fused_routing_is_the_vectorised_routing(shape, iterations, dtype):
 
     u_hat, grad_v = random_routing_inputs(cupy, shape, dtype)
     v, cache = cf.FusedRouting(cf.CupyKernels()).forward(cupy, u_hat, iterations, EPS)
-    expected_v, expected_cache = nc.routing_vectorised_forward(cupy, u_hat, iterations, EPS)
+    expected_v, expected_cache = nr.routing_vectorised_forward(cupy, u_hat, iterations, EPS)
     assert_close(cupy.asnumpy(v), cupy.asnumpy(expected_v), dtype)
     grad = cf.FusedRouting(cf.CupyKernels()).backward(cupy, u_hat, cache, grad_v, EPS)
-    expected = nc.routing_vectorised_backward(cupy, u_hat, expected_cache, grad_v, EPS)
+    expected = nr.routing_vectorised_backward(cupy, u_hat, expected_cache, grad_v, EPS)
     assert_close(cupy.asnumpy(grad), cupy.asnumpy(expected), dtype, "gradient")
 
 
@@ -273,9 +273,9 @@ def test_gpu_fused_final_gradient_is_the_numpy_final_backward(iterations, dtype)
     u_hat, grad_v = random_routing_inputs(cupy, SHAPES[0], dtype)
     routing = cf.FusedRouting(cf.CupyKernels())
     _, cache = routing.forward(cupy, u_hat, iterations, EPS)
-    _, expected_cache = nc.routing_vectorised_forward(cupy, u_hat, iterations, EPS)
+    _, expected_cache = nr.routing_vectorised_forward(cupy, u_hat, iterations, EPS)
     grad = routing.functions("final").backward(cupy, u_hat, cache, grad_v, EPS)
-    expected = nc.routing_vectorised_final_backward(cupy, u_hat, expected_cache, grad_v, EPS)
+    expected = nr.routing_vectorised_final_backward(cupy, u_hat, expected_cache, grad_v, EPS)
     assert_close(cupy.asnumpy(grad), cupy.asnumpy(expected), dtype, "gradient")
 
 

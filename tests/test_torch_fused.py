@@ -15,7 +15,7 @@ from harness.data import synthetic_batch
 from harness.ranges import recording
 from harness.settings import PLAN_CACHE_ENV
 from harness.spec import SMALL
-from implementations.numpy import capsnet as ac
+from implementations.numpy import routing as nr
 from implementations.torch import fused as tf
 from implementations.torch.autograd import routing_vectorised
 
@@ -95,7 +95,7 @@ def test_squash_backward_is_the_full_vector_jacobian(rng):
     s[1] *= 30
     grad_v = torch.tensor(rng.normal(size=s.shape))
     np.testing.assert_allclose(tf.squash_backward(s, grad_v, EPS).numpy(),
-                               ac.squash_backward(np, s.numpy(), grad_v.numpy(), EPS), rtol=1e-12, atol=1e-15)
+                               nr.squash_backward(np, s.numpy(), grad_v.numpy(), EPS), rtol=1e-12, atol=1e-15)
     assert torch.autograd.gradcheck(lambda x: tf.squash(x, EPS), (s.clone().requires_grad_(True),))
 
 
@@ -119,8 +119,8 @@ def test_routing_backward_through_every_iteration(rng, iterations):
 def test_routing_is_the_numpy_routing(rng, iterations):
     u_hat = rng.normal(scale=0.7, size=(2, 3, 6, 4))
     grad_v = rng.normal(size=(2, 3, 4))
-    v, cache = ac.routing_vectorised_forward(np, u_hat, iterations, EPS)
-    expected = ac.routing_vectorised_backward(np, u_hat, cache, grad_v, EPS)
+    v, cache = nr.routing_vectorised_forward(np, u_hat, iterations, EPS)
+    expected = nr.routing_vectorised_backward(np, u_hat, cache, grad_v, EPS)
     x = torch.tensor(u_hat, requires_grad=True)
     out = tf.Routing.apply(x, iterations, EPS, fresh())
     (grad,) = torch.autograd.grad(out, x, torch.tensor(grad_v))

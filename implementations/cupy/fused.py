@@ -3,7 +3,7 @@
 Routing on the array module costs about fifteen kernels per iteration (softmax, products, squash and their
 gradients, each one array operation), most of them small.  Here every routing iteration is two kernels
 forward and two backward, plus one kernel that writes the gradient of u_hat, on u_hat laid out
-(B, J, N, D) and C-contiguous, as :func:`implementations.numpy.capsnet.routing_vectorised_forward` and
+(B, J, N, D) and C-contiguous, as :func:`implementations.numpy.routing.routing_vectorised_forward` and
 ``routing_vectorised_backward`` define the mathematics (and as the tests check, kernel by kernel):
 
 * ``capsbench_route_agree_softmax`` (one thread per example and input capsule i): the agreement
@@ -43,7 +43,7 @@ from harness.ranges import layer_range
 from harness.registry import register
 from harness.spec import ROUTING_GRADIENTS
 from implementations.cupy.capsnet import CupyCapsNet, cupy
-from implementations.numpy.capsnet import RoutingFunctions
+from implementations.numpy.routing import RoutingFunctions
 
 THREADS = 256  # threads per block of the one-thread-per-element kernels, and the target of the block kernels
 MAX_THREADS = 1024  # CUDA's limit per block: a capsule dimension above it has no block kernel
@@ -252,7 +252,7 @@ class FusedCache(NamedTuple):
 class FusedRouting:
     """Routing forward and backward as a sequence of kernel launches; ``kernels`` runs each one (see the
     module docstring).  ``forward`` and ``backward`` have the signatures of
-    :class:`~implementations.numpy.capsnet.RoutingFunctions`."""
+    :class:`~implementations.numpy.routing.RoutingFunctions`."""
 
     def __init__(self, kernels) -> None:
         self.kernels = kernels

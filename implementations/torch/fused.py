@@ -27,7 +27,7 @@ and in its backward:
 * the prediction vectors (:class:`PredictionVectors`), written once in the (B, J, N, D) layout that the
   routing consumes (``u_hat_layout`` "BJND"), with no autograd layout copies around them;
 * the routing (:class:`Routing`), exactly the mathematics of
-  :func:`implementations.numpy.capsnet.routing_vectorised_forward` and ``..._backward``: c = 1/J in the
+  :func:`implementations.numpy.routing.routing_vectorised_forward` and ``..._backward``: c = 1/J in the
   first iteration, gradients through c and b of every iteration, the gradient of u_hat written once by one
   batched product of inner dimension 2R - 1 from gathered coefficients; under the routing gradient
   ``final`` (:class:`FinalGradientRouting`) the last iteration's weighted sum alone, one broadcast product.
@@ -444,7 +444,7 @@ def routing_iterations(u_hat, iterations: int, eps: float) -> list:
 
 class Routing(_Function):
     """Procedure 1 on u_hat (B, J, N, D) -> v (B, J, D), with the backward of
-    :func:`implementations.numpy.capsnet.routing_vectorised_backward`: through c and b of every iteration,
+    :func:`implementations.numpy.routing.routing_vectorised_backward`: through c and b of every iteration,
     the gradient of u_hat (2R - 1 rank-one terms per example and output capsule) written once by a batched
     product of the gathered coefficients; that product's range is iteration 1's."""
 
@@ -494,7 +494,7 @@ class FinalGradientRouting(_Function):
     """Procedure 1 on u_hat (B, J, N, D) -> v (B, J, D) with the backward of the routing gradient ``final``
     (harness.spec): the last iteration's couplings are constants, so d loss / d u_hat_j|i = c_R,ij d loss /
     d s_R,j, one rank-one term per example and output capsule written by one broadcast product, with no
-    earlier iteration visited (:func:`implementations.numpy.capsnet.routing_vectorised_final_backward`).
+    earlier iteration visited (:func:`implementations.numpy.routing.routing_vectorised_final_backward`).
     Only c_R and s_R are kept for backward, not u_hat nor the earlier iterations."""
 
     @staticmethod
