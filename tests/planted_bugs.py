@@ -513,10 +513,10 @@ BUGS = (
     Bug("jax float64 runs with x64 off (computed in float32)", "implementations/jax/capsnet.py",
         "return jax.enable_x64(self._dtype == np.float64)", "return jax.enable_x64(False)",
         ("tests/test_jax_capsnet.py::test_float64_is_computed_in_float64_and_the_process_flag_stays_off",)),
-    Bug("jax preallocation switched off only after jax is imported", "implementations/jax/capsnet.py",
+    Bug("jax preallocation switched off only after jax is imported", "implementations/jax/_setup.py",
         "\nconfigure_environment()\n\ntry:\n    import jax\n", "\ntry:\n    import jax\n    configure_environment()\n",
         ("tests/test_jax_capsnet.py::test_preallocation_is_off_when_jax_is_first_imported",)),
-    Bug("jax final routing gradient leaks through the early iterations", "implementations/jax/capsnet.py",
+    Bug("jax final routing gradient leaks through the early iterations", "implementations/jax/routing.py",
         "    agreeing = lax.stop_gradient(u_hat) if gradient == \"final\" else u_hat\n"
         "    logits = jnp.zeros((batch, n_in, n_out)",
         "    agreeing = u_hat\n    logits = jnp.zeros((batch, n_in, n_out)",
