@@ -150,7 +150,7 @@ def test_routing_backward_writes_the_gradient_regrouped_by_input_capsule(rng):
 
 
 def test_routing_variants_agree_with_torch(rng):
-    from implementations.torch.autograd import routing_vectorised
+    from implementations.torch.routing import routing_vectorised
 
     u_hat = rng.normal(size=(2, 3, 6, 4))  # (B, J, N, D)
     expected = routing_vectorised(torch.tensor(u_hat.transpose(0, 2, 1, 3)), 3, EPS).numpy()

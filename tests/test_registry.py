@@ -86,7 +86,7 @@ class WrongSoftmaxAxis(TorchCapsNet):
     def route(self, u_hat):
         import torch
 
-        from implementations.torch.autograd import squash
+        from implementations.torch.routing import squash
 
         logits = u_hat.new_zeros(u_hat.shape[:3])
         for _ in range(self.config.routing_iterations):
