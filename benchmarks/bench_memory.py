@@ -159,7 +159,7 @@ def create_cuda_context(framework: str) -> str | None:
     if framework == "torch":
         import torch
 
-        from implementations.torch_capsnet import cuda_pci_bus_id
+        from implementations.torch.autograd import cuda_pci_bus_id
 
         torch.empty(0, device="cuda")
         torch.cuda.synchronize()

@@ -10,11 +10,11 @@ implementations is :mod:`harness.registry`.
 
 Hooks a plugin may override (everything else it inherits):
 
-* :class:`implementations.torch_capsnet.TorchCapsNet` subclasses: ``route(u_hat)``, the differentiable
+* :class:`implementations.torch.autograd.TorchCapsNet` subclasses: ``route(u_hat)``, the differentiable
   routing inside the network's forward pass (u_hat (B, N, J, D) in, v (B, J, D) out; autograd derives its
   backward); the plugin example overrides it.
-* :class:`implementations.numpy_capsnet.NumpyCapsNet` subclasses: ``routing_functions``, a
-  :class:`~implementations.numpy_capsnet.RoutingFunctions` pair (forward keeping a cache, backward from it)
+* :class:`implementations.numpy.capsnet.NumpyCapsNet` subclasses: ``routing_functions``, a
+  :class:`~implementations.numpy.routing.RoutingFunctions` pair (forward keeping a cache, backward from it)
   over u_hat (B, J, N, D), chosen per routing variant; and ``array_module()``, the NumPy-compatible module.
 """
 

@@ -1,6 +1,6 @@
 """The CapsNet decoder in NumPy: the one written-down copy of its forward maths.
 
-:mod:`implementations.numpy_capsnet` runs its decoder through :func:`decoder_forward` (over its array
+:mod:`implementations.numpy.capsnet` runs its decoder through :func:`decoder_forward` (over its array
 module, NumPy or CuPy), and :meth:`harness.contract.Implementation.decode`, the contract's default way to
 decode a given capsule vector, runs it over the canonical parameters, so that the figures of
 :mod:`harness.figures` can decode capsules no forward pass produced (the paper's perturbed dimensions)

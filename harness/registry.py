@@ -138,9 +138,9 @@ def registered(name: str, cls: type[Implementation], **options) -> Iterator[Impl
 def _load_builtin() -> None:
     import implementations
 
-    for module in pkgutil.iter_modules(implementations.__path__):
-        if not module.name.startswith("_"):
-            importlib.import_module(f"implementations.{module.name}")
+    for module in pkgutil.walk_packages(implementations.__path__, "implementations."):
+        if not module.name.rpartition(".")[2].startswith("_"):
+            importlib.import_module(module.name)
 
 
 def _load_entry_points() -> None:

@@ -59,9 +59,9 @@ ENVIRONMENT: dict[str, Setting] = {
     CONV_PLAN_ENV: Setting("`fixed`: torch-fused uses its built-in convolution plan instead of measuring one where "
                            "it runs", "[benchmarks.md](benchmarks.md)"),
     JAX_CACHE_ENV: Setting("JAX's persistent compilation cache (default `runs/jax-cache`)",
-                           "`implementations/jax_capsnet.py`"),
+                           "`implementations/jax/capsnet.py`"),
     JAX_CONVOLUTION_ENV: Setting("`xla`: the JAX implementations use XLA's own convolution instead of im2col + "
-                                 "GEMM (default `im2col`)", "`implementations/jax_capsnet.py`"),
+                                 "GEMM (default `im2col`)", "`implementations/jax/capsnet.py`"),
     FAIL_RANK_ENV: Setting("tests only: the data-parallel rank that fails (`R:K`) or hangs (`R:K:hang`) on purpose",
                            "`harness/training/ddp.py`"),
 }

@@ -1,6 +1,5 @@
-"""The implementations of CapsNet shipped with capsbench, one module per framework.
+"""The implementations of CapsNet shipped with capsbench, one package per framework.
 
 Each module registers its variants with :func:`harness.registry.register` when imported; the registry
-imports every module of this package.  The routing of an implementation is in its framework's module,
-in a function whose name starts with ``routing``.
+imports every module of these packages whose name does not start with ``_`` (those are private helpers).
 """

@@ -21,7 +21,7 @@ from asv_helpers import (
 )
 
 from harness import registry, report, settings
-from implementations.torch_capsnet import TorchCapsNet
+from implementations.torch.autograd import TorchCapsNet
 
 from conftest import REPO_ROOT
 

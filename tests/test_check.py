@@ -10,8 +10,8 @@ from harness import check, registry
 from harness.check import check_implementation, quantities
 from harness.spec import SMALL
 from harness.tolerances import TOLERANCES
-from implementations.numpy_capsnet import NumpyCapsNet
-from implementations.torch_capsnet import TorchCapsNet
+from implementations.numpy.capsnet import NumpyCapsNet
+from implementations.torch.autograd import TorchCapsNet
 
 
 class RoutingAloneStopsAtThree(TorchCapsNet):
@@ -19,7 +19,7 @@ class RoutingAloneStopsAtThree(TorchCapsNet):
     than 3 iterations."""
 
     def routing_forward(self, u_hat):
-        from implementations.torch_capsnet import routing_vectorised
+        from implementations.torch.routing import routing_vectorised
 
         iterations = min(self.config.routing_iterations, 3)
         return routing_vectorised(u_hat, iterations, self.config.squash_eps).detach()
@@ -114,7 +114,7 @@ class LeaksThroughEarlyIterations(TorchCapsNet):
     routing_gradients = ("full", "final")
 
     def route(self, u_hat):
-        from implementations.torch_capsnet import routing_vectorised
+        from implementations.torch.routing import routing_vectorised
 
         return routing_vectorised(u_hat, self.config.routing_iterations, self.config.squash_eps, gradient="full")
 
@@ -379,7 +379,7 @@ def routing_with(u_hat, iterations: int, eps: float, bug: str = ""):
     the output capsules j), "one too many" or "one too few" iterations (at least one)."""
     import torch
 
-    from implementations.torch_capsnet import squash
+    from implementations.torch.routing import squash
 
     iterations = max(1, iterations + {"one too many": 1, "one too few": -1}.get(bug, 0))
     logits = u_hat.new_zeros(u_hat.shape[:3])  # b_ij

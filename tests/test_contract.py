@@ -20,8 +20,8 @@ from harness.data import synthetic_batch
 from harness.decoder import mask_to_classes
 from harness.params import init_parameters, parameter_shapes
 from harness.spec import SMALL, LearningRateSchedule
-from implementations.numpy_capsnet import NumpyCapsNet
-from implementations.torch_capsnet import TorchCapsNet
+from implementations.numpy.capsnet import NumpyCapsNet
+from implementations.torch.autograd import TorchCapsNet
 
 from gradcheck_util import finite_difference_errors, finite_difference_failures, livelier_parameters
 

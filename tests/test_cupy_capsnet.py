@@ -10,7 +10,7 @@ from harness.contract import AllocatorPeaks
 from harness.data import synthetic_batch
 from harness.params import init_parameters
 from harness.spec import SMALL
-from implementations.cupy_capsnet import PeakCounter
+from implementations.cupy.capsnet import PeakCounter
 
 CUPY = registry.get("cupy-vectorised").availability()
 needs_gpu = pytest.mark.skipif(not CUPY, reason=f"cupy-vectorised unavailable here: {CUPY.reason}")

@@ -15,8 +15,9 @@ from harness import ranges, registry
 from harness.params import init_parameters
 from harness.spec import SMALL
 from harness.tolerances import TOLERANCES
-from implementations import cupy_fused as cf
-from implementations import numpy_capsnet as nc
+from implementations.cupy import fused as cf
+from implementations.cupy import routing as cr
+from implementations.numpy import routing as nr
 
 FUSED = registry.get("cupy-fused").availability()
 needs_gpu = pytest.mark.skipif(not FUSED, reason=f"cupy-fused unavailable here: {FUSED.reason}")
@@ -29,20 +30,20 @@ class NumpyKernels:
 
     def sum_squash(self, coupling, u_hat, s_out, v_out, eps):
         s_out[...] = np.einsum("bji,bjid->bjd", coupling, u_hat)
-        v_out[...] = nc.squash_forward(np, s_out, eps)
+        v_out[...] = nr.squash_forward(np, s_out, eps)
 
     def agree_softmax(self, u_hat, v, logits, coupling_out, accumulate):
         agreement = np.einsum("bjid,bjd->bji", u_hat, v)
         logits[...] = logits + agreement if accumulate else agreement
-        coupling_out[...] = nc.softmax(np, logits, axis=1)
+        coupling_out[...] = nr.softmax(np, logits, axis=1)
 
     def sum_squash_backward(self, weights, u_hat, grad_v, s, grad_s_out, eps):
         g = grad_v if weights is None else np.einsum("bji,bjid->bjd", weights, u_hat)
-        grad_s_out[...] = nc.squash_backward(np, s, g, eps)
+        grad_s_out[...] = nr.squash_backward(np, s, g, eps)
 
     def softmax_backward(self, u_hat, grad_s, coupling, grad_logits_next, grad_logits_out):
         grad_coupling = np.einsum("bjid,bjd->bji", u_hat, grad_s)
-        grad_logits_out[...] = nc.softmax_backward(coupling, grad_coupling, axis=1)
+        grad_logits_out[...] = nr.softmax_backward(coupling, grad_coupling, axis=1)
         if grad_logits_next is not None:
             grad_logits_out += grad_logits_next
 
@@ -78,9 +79,9 @@ def test_driver_on_numpy_kernels_is_the_vectorised_routing(shape, iterations, dt
     """The launch sequence (iteration order, which iteration's arrays each kernel gets, the first
     iteration's 1/J, the last one's grad_v) gives routing_vectorised_forward/backward's v and gradient."""
     u_hat, grad_v = random_routing_inputs(np, shape, dtype)
-    routing = cf.FusedRouting(NumpyKernels())
+    routing = cr.FusedRouting(NumpyKernels())
     v, cache = routing.forward(np, u_hat, iterations, EPS)
-    expected_v, expected_cache = nc.routing_vectorised_forward(np, u_hat, iterations, EPS)
+    expected_v, expected_cache = nr.routing_vectorised_forward(np, u_hat, iterations, EPS)
     assert_close(v, expected_v, dtype)
     for r, (coupling, s, v_r) in enumerate(expected_cache):
         assert_close(cache.coupling[r], coupling, dtype)
@@ -89,7 +90,7 @@ def test_driver_on_numpy_kernels_is_the_vectorised_routing(shape, iterations, dt
     assert np.all(cache.coupling[0] == np.asarray(1.0 / shape[1], dtype=dtype))
     grad = routing.backward(np, u_hat, cache, grad_v, EPS)
     assert grad.shape == u_hat.shape and grad.dtype == u_hat.dtype
-    assert_close(grad, nc.routing_vectorised_backward(np, u_hat, expected_cache, grad_v, EPS), dtype, "gradient")
+    assert_close(grad, nr.routing_vectorised_backward(np, u_hat, expected_cache, grad_v, EPS), dtype, "gradient")
 
 
 class RangeLog:
@@ -107,8 +108,9 @@ def test_fused_routing_opens_the_routing_ranges_of_the_vectorised_routing():
     """cupy-fused's profile has routing rows: the same (phase, layer) ranges as the NumPy routing opens."""
     u_hat, grad_v = random_routing_inputs(np, SHAPES[0], "float32")
     opened = {}
-    for name, forward, backward in [("fused", *cf.FusedRouting(NumpyKernels()).functions()),
-                                    ("numpy", nc.routing_vectorised_forward, nc.routing_vectorised_backward)]:
+    fused = cr.FusedRouting(NumpyKernels())
+    for name, forward, backward in [("fused", fused.forward, fused.backward),
+                                    ("numpy", nr.routing_vectorised_forward, nr.routing_vectorised_backward)]:
         with ranges.recording(RangeLog()) as log:
             _, cache = forward(np, u_hat, 3, EPS)
             backward(np, u_hat, cache, grad_v, EPS)
@@ -123,34 +125,34 @@ def test_driver_final_gradient_on_numpy_kernels_is_the_numpy_final_backward(iter
     """The routing gradient final: the last iteration's sum-squash backward and the gradient kernel over that
     iteration alone give routing_vectorised_final_backward's gradient, which differs from the full one."""
     u_hat, grad_v = random_routing_inputs(np, SHAPES[0], dtype)
-    routing = cf.FusedRouting(NumpyKernels())
+    routing = cr.FusedRouting(NumpyKernels())
     _, cache = routing.forward(np, u_hat, iterations, EPS)
-    _, expected_cache = nc.routing_vectorised_forward(np, u_hat, iterations, EPS)
-    grad = routing.functions("final").backward(np, u_hat, cache, grad_v, EPS)
-    expected = nc.routing_vectorised_final_backward(np, u_hat, expected_cache, grad_v, EPS)
+    _, expected_cache = nr.routing_vectorised_forward(np, u_hat, iterations, EPS)
+    grad = routing.backward_final(np, u_hat, cache, grad_v, EPS)
+    expected = nr.routing_vectorised_final_backward(np, u_hat, expected_cache, grad_v, EPS)
     assert grad.shape == u_hat.shape and grad.dtype == u_hat.dtype
     assert_close(grad, expected, dtype, "gradient")
-    full = nc.routing_vectorised_backward(np, u_hat, expected_cache, grad_v, EPS)
+    full = nr.routing_vectorised_backward(np, u_hat, expected_cache, grad_v, EPS)
     assert (iterations == 1) == np.allclose(grad, full, rtol=1e-4, atol=1e-6)
 
 
 def test_launch_geometry():
-    assert [cf.sum_block_threads(dim) for dim in (1, 8, 10, 16, 300, 1024)] == [256, 256, 250, 256, 300, 1024]
+    assert [cr.sum_block_threads(dim) for dim in (1, 8, 10, 16, 300, 1024)] == [256, 256, 250, 256, 300, 1024]
     for dim in (0, 1025):
         with pytest.raises(ValueError, match="capsule dimension"):
-            cf.sum_block_threads(dim)
-    assert [cf.blocks(count) for count in (0, 1, 256, 257, 512 * 1152)] == [1, 1, 1, 2, 2304]
-    assert cf.blocks(2**45) == cf.MAX_BLOCKS
+            cr.sum_block_threads(dim)
+    assert [cr.blocks(count) for count in (0, 1, 256, 257, 512 * 1152)] == [1, 1, 1, 2, 2304]
+    assert cr.blocks(2**45) == cr.MAX_BLOCKS
 
 
 def test_source_per_dtype_names_every_kernel():
     for dtype, real in (("float32", "float"), (np.float64, "double")):
-        source = cf.routing_source(dtype)
+        source = cr.routing_source(dtype)
         assert source.startswith(f"typedef {real} T;")
         declared = re.findall(r'extern "C" __global__ void (\w+)\(', source)
-        assert sorted(declared) == sorted(cf.KERNEL_NAMES)
+        assert sorted(declared) == sorted(cr.KERNEL_NAMES)
     with pytest.raises(TypeError, match="float16"):
-        cf.routing_source("float16")
+        cr.routing_source("float16")
 
 
 def nvrtc_found() -> bool:
@@ -170,25 +172,25 @@ def test_kernels_compile_with_nvrtc(dtype):
     double-precision instruction in the float kernels)."""
     from cupy.cuda import nvrtc
 
-    program = nvrtc.createProgram(cf.routing_source(dtype), "capsbench_routing.cu", [], [])
+    program = nvrtc.createProgram(cr.routing_source(dtype), "capsbench_routing.cu", [], [])
     nvrtc.compileProgram(program, ["-arch=compute_80"])
     assert nvrtc.getProgramLog(program).strip("\x00 \n") == ""
     ptx = nvrtc.getPTX(program)
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    assert all(name in ptx for name in cf.KERNEL_NAMES)
+    assert all(name in ptx for name in cr.KERNEL_NAMES)
     assert dtype == "float64" or ".f64" not in ptx
 
 
 def test_layout_is_checked_not_copied():
     u_hat, _ = random_routing_inputs(np, SHAPES[0], "float64")
     with pytest.raises(ValueError, match="C-contiguous"):
-        cf.FusedRouting(NumpyKernels()).forward(np, u_hat.transpose(0, 2, 1, 3), 3, EPS)
+        cr.FusedRouting(NumpyKernels()).forward(np, u_hat.transpose(0, 2, 1, 3), 3, EPS)
 
 
 def test_on_numpy_the_numpy_routing_stays():
     on_numpy = type("OnNumpy", (cf.CupyFusedCapsNet,), {"array_module": classmethod(lambda cls: np)})
     impl = on_numpy(SMALL, init_parameters(SMALL), "float64", "cpu")
-    assert impl.routing_functions is nc.ROUTING["vectorised"]
+    assert impl.routing_functions is nr.ROUTING[("vectorised", "full")]
     with pytest.raises(ValueError, match="vectorised"):
         on_numpy(SMALL, init_parameters(SMALL), "float64", "cpu", routing_variant="looped")
 
@@ -214,7 +216,7 @@ def test_gpu_each_kernel_against_its_numpy_version(shape, dtype):
     u_hat, grad_v = random_routing_inputs(np, shape, dtype)
     batch, n_out, n_in, dim = shape
     rng = np.random.default_rng(1)
-    arrays = {"coupling": nc.softmax(np, rng.normal(size=(batch, n_out, n_in)), axis=1).astype(dtype),
+    arrays = {"coupling": nr.softmax(np, rng.normal(size=(batch, n_out, n_in)), axis=1).astype(dtype),
               "weights": rng.normal(size=(batch, n_out, n_in)).astype(dtype),
               "v": rng.normal(size=(batch, n_out, dim)).astype(dtype),
               "s": rng.normal(size=(batch, n_out, dim)).astype(dtype),
@@ -237,14 +239,14 @@ def test_gpu_each_kernel_against_its_numpy_version(shape, dtype):
                     arrays["logits"].copy(), np.zeros((batch, n_out, n_in), dtype)]
         got = [cupy.asarray(array) for array in expected]
         call(NumpyKernels(), arrays, u_hat, grad_v, expected)
-        call(cf.CupyKernels(), on_gpu, gpu_u_hat, gpu_grad_v, got)
+        call(cr.CupyKernels(), on_gpu, gpu_u_hat, gpu_grad_v, got)
         for index, (value, reference) in enumerate(zip(got, expected)):
             assert_close(cupy.asnumpy(value), reference, dtype, what=f"{what}, output {index}")
     stacked = {key: np.stack([arrays[key]] * 3) for key in ("coupling", "s", "next", "v")}
     expected = np.empty_like(u_hat)
     got = cupy.empty_like(gpu_u_hat)
     NumpyKernels().grad_u_hat(stacked["coupling"], stacked["s"], stacked["next"], stacked["v"], expected)
-    cf.CupyKernels().grad_u_hat(*(cupy.asarray(stacked[key]) for key in ("coupling", "s", "next", "v")), got)
+    cr.CupyKernels().grad_u_hat(*(cupy.asarray(stacked[key]) for key in ("coupling", "s", "next", "v")), got)
     assert_close(cupy.asnumpy(got), expected, dtype, what="grad_u_hat")
 
 
@@ -256,11 +258,11 @@ def test_gpu_fused_routing_is_the_vectorised_routing(shape, iterations, dtype):
     import cupy
 
     u_hat, grad_v = random_routing_inputs(cupy, shape, dtype)
-    v, cache = cf.FusedRouting(cf.CupyKernels()).forward(cupy, u_hat, iterations, EPS)
-    expected_v, expected_cache = nc.routing_vectorised_forward(cupy, u_hat, iterations, EPS)
+    v, cache = cr.FusedRouting(cr.CupyKernels()).forward(cupy, u_hat, iterations, EPS)
+    expected_v, expected_cache = nr.routing_vectorised_forward(cupy, u_hat, iterations, EPS)
     assert_close(cupy.asnumpy(v), cupy.asnumpy(expected_v), dtype)
-    grad = cf.FusedRouting(cf.CupyKernels()).backward(cupy, u_hat, cache, grad_v, EPS)
-    expected = nc.routing_vectorised_backward(cupy, u_hat, expected_cache, grad_v, EPS)
+    grad = cr.FusedRouting(cr.CupyKernels()).backward(cupy, u_hat, cache, grad_v, EPS)
+    expected = nr.routing_vectorised_backward(cupy, u_hat, expected_cache, grad_v, EPS)
     assert_close(cupy.asnumpy(grad), cupy.asnumpy(expected), dtype, "gradient")
 
 
@@ -271,11 +273,11 @@ def test_gpu_fused_final_gradient_is_the_numpy_final_backward(iterations, dtype)
     import cupy
 
     u_hat, grad_v = random_routing_inputs(cupy, SHAPES[0], dtype)
-    routing = cf.FusedRouting(cf.CupyKernels())
+    routing = cr.ROUTING[("vectorised", "final")]  # the table's entry: the kernels on the GPU
     _, cache = routing.forward(cupy, u_hat, iterations, EPS)
-    _, expected_cache = nc.routing_vectorised_forward(cupy, u_hat, iterations, EPS)
-    grad = routing.functions("final").backward(cupy, u_hat, cache, grad_v, EPS)
-    expected = nc.routing_vectorised_final_backward(cupy, u_hat, expected_cache, grad_v, EPS)
+    _, expected_cache = nr.routing_vectorised_forward(cupy, u_hat, iterations, EPS)
+    grad = routing.backward(cupy, u_hat, cache, grad_v, EPS)
+    expected = nr.routing_vectorised_final_backward(cupy, u_hat, expected_cache, grad_v, EPS)
     assert_close(cupy.asnumpy(grad), cupy.asnumpy(expected), dtype, "gradient")
 
 
@@ -285,4 +287,4 @@ def test_on_a_gpu_the_routing_runs_the_fused_kernels(dtype):
     """What runs is the CUDA kernels (parity on a GPU is tests/test_contract.py's, over every available
     implementation)."""
     impl = registry.create("cupy-fused", SMALL, init_parameters(SMALL, dtype=dtype), dtype)
-    assert isinstance(impl.routing_functions.forward.__self__.kernels, cf.CupyKernels)
+    assert isinstance(impl.routing_functions.forward.__self__.kernels, cr.CupyKernels)

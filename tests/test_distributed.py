@@ -28,7 +28,7 @@ from harness.settings import FAIL_RANK_ENV  # noqa: E402
 from harness.spec import SCHEDULES, SMALL  # noqa: E402
 from harness.training import ddp  # noqa: E402
 from harness.training.loop import DEFAULT_SCHEDULE  # noqa: E402
-from implementations.torch_capsnet import TorchCapsNet  # noqa: E402
+from implementations.torch.autograd import TorchCapsNet  # noqa: E402
 
 from conftest import REPO_ROOT  # noqa: E402
 

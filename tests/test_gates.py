@@ -21,7 +21,7 @@ from harness.results import TRAINING_KIND, ResultsFileError, read_training_resul
 from harness.spec import CONFIGS, SCHEDULES
 from harness.training import loop
 from harness.training.checkpoint import checkpoint_path
-from implementations.numpy_capsnet import NumpyCapsNet
+from implementations.numpy.capsnet import NumpyCapsNet
 
 LIMIT, TEST_LIMIT, BATCH = 64, 50, 32  # 2 training steps per epoch; evaluation in batches of 32 and 18
 STEPS_PER_EPOCH = 2

@@ -20,7 +20,9 @@ from harness.params import init_parameters  # noqa: E402
 from harness.registry import AllocatorPeaks  # noqa: E402
 from harness.spec import SMALL  # noqa: E402
 from harness.threads import thread_facts  # noqa: E402
-from implementations import jax_capsnet  # noqa: E402
+from implementations.jax import _setup  # noqa: E402
+from implementations.jax import capsnet as jax_capsnet  # noqa: E402
+from implementations.jax import routing as jax_routing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,10 +79,10 @@ class Watch:
             seen.append(os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"))
         return None
 sys.meta_path.insert(0, Watch())
-import implementations.jax_capsnet
+import implementations.jax.capsnet
 print(seen)
 """
-    env = {key: value for key, value in os.environ.items() if key != jax_capsnet.PREALLOCATE_ENV}
+    env = {key: value for key, value in os.environ.items() if key != _setup.PREALLOCATE_ENV}
     env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
                             check=True, timeout=120)
@@ -89,11 +91,11 @@ print(seen)
 
 def test_configure_environment_keeps_a_users_choice():
     environ = {}
-    jax_capsnet.configure_environment(environ)
-    assert environ == {jax_capsnet.PREALLOCATE_ENV: "false"}
-    chosen = {jax_capsnet.PREALLOCATE_ENV: "true"}
-    jax_capsnet.configure_environment(chosen)
-    assert chosen[jax_capsnet.PREALLOCATE_ENV] == "true"
+    _setup.configure_environment(environ)
+    assert environ == {_setup.PREALLOCATE_ENV: "false"}
+    chosen = {_setup.PREALLOCATE_ENV: "true"}
+    _setup.configure_environment(chosen)
+    assert chosen[_setup.PREALLOCATE_ENV] == "true"
 
 
 def test_memory_stats_map_to_allocator_peaks():
@@ -138,17 +140,17 @@ def test_final_routing_gradient_reaches_u_hat_through_the_last_weighted_sum_only
     with jax.enable_x64(True):
         u_hat = jnp.asarray(rng.normal(size=(2, 6, 3, 4)))
         grad_v = jnp.asarray(rng.normal(size=(2, 3, 4)))
-        routing = jax_capsnet.ROUTING[variant]
-        _, vjp = jax.vjp(lambda u: routing(u, 3, 1e-8, "final"), u_hat)
+        routing = jax_routing.ROUTING[(variant, "final")]
+        _, vjp = jax.vjp(lambda u: routing(u, 3, 1e-8), u_hat)
         (grad,) = vjp(grad_v)
         logits = jnp.zeros((2, 6, 3))
         for _ in range(2):  # the couplings of the third iteration
-            v = jax_capsnet.squash(jnp.einsum("bnj,bnjd->bjd", jax.nn.softmax(logits, axis=2), u_hat), 1e-8)
+            v = jax_routing.squash(jnp.einsum("bnj,bnjd->bjd", jax.nn.softmax(logits, axis=2), u_hat), 1e-8)
             logits = logits + jnp.einsum("bnjd,bjd->bnj", u_hat, v)
         coupling = jax.nn.softmax(logits, axis=2)
         s = jnp.einsum("bnj,bnjd->bjd", coupling, u_hat)
-        grad_s = jax.vjp(lambda x: jax_capsnet.squash(x, 1e-8), s)[1](grad_v)[0]
+        grad_s = jax.vjp(lambda x: jax_routing.squash(x, 1e-8), s)[1](grad_v)[0]
         expected = coupling[..., None] * grad_s[:, None, :, :]
-        full = jax.vjp(lambda u: routing(u, 3, 1e-8, "full"), u_hat)[1](grad_v)[0]
+        full = jax.vjp(lambda u: jax_routing.ROUTING[(variant, "full")](u, 3, 1e-8), u_hat)[1](grad_v)[0]
     np.testing.assert_allclose(np.asarray(grad), np.asarray(expected), rtol=1e-12, atol=1e-14)
     assert np.max(np.abs(np.asarray(full) - np.asarray(expected))) > 1e-6  # "full" differs: the test can fail

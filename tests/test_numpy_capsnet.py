@@ -11,7 +11,8 @@ import torch
 from harness import registry
 from harness.data import synthetic_batch
 from harness.spec import SMALL
-from implementations import numpy_capsnet as ac
+from implementations.numpy import capsnet as ac
+from implementations.numpy import routing as nr
 
 from gradcheck_util import livelier_parameters
 
@@ -45,24 +46,24 @@ def test_squash_backward_is_the_full_vector_jacobian(rng, dim):
     s[0] *= 1e-3  # near zero
     s[1] *= 30  # long
     g = rng.normal(size=s.shape)
-    numeric = numeric_gradient(lambda x: np.sum(g * ac.squash_forward(np, x, EPS)), s)
-    assert_gradient(ac.squash_backward(np, s, g, EPS), numeric)
+    numeric = numeric_gradient(lambda x: np.sum(g * nr.squash_forward(np, x, EPS)), s)
+    assert_gradient(nr.squash_backward(np, s, g, EPS), numeric)
     # the diagonal-only (scalar) version, the bug of a public implementation, fails this check
-    diagonal_only = ac.squash_forward(np, s, EPS) / np.where(s == 0, 1, s) * g
+    diagonal_only = nr.squash_forward(np, s, EPS) / np.where(s == 0, 1, s) * g
     assert np.max(np.abs(diagonal_only - numeric)) > 0.1 * np.max(np.abs(numeric))
 
 
 def test_squash_gradient_at_zero_is_zero():
     """squash(s) = |s|^2/(1+|s|^2) s/sqrt(|s|^2+eps) is O(|s|^3) at 0: its Jacobian there is exactly 0."""
-    grad = ac.squash_backward(np, np.zeros((1, 8)), np.ones((1, 8)), EPS)
+    grad = nr.squash_backward(np, np.zeros((1, 8)), np.ones((1, 8)), EPS)
     np.testing.assert_array_equal(grad, np.zeros((1, 8)))
 
 
 def test_softmax_backward(rng):
     logits = rng.normal(size=(3, 4, 5))
     g = rng.normal(size=logits.shape)
-    numeric = numeric_gradient(lambda x: np.sum(g * ac.softmax(np, x, axis=1)), logits)
-    assert_gradient(ac.softmax_backward(ac.softmax(np, logits, axis=1), g, axis=1), numeric)
+    numeric = numeric_gradient(lambda x: np.sum(g * nr.softmax(np, x, axis=1)), logits)
+    assert_gradient(nr.softmax_backward(nr.softmax(np, logits, axis=1), g, axis=1), numeric)
 
 
 @pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (2, 2)])
@@ -123,7 +124,7 @@ def test_prediction_vectors_forward_and_backward(rng):
 @pytest.mark.parametrize("variant", ["vectorised", "looped"])
 @pytest.mark.parametrize("iterations", [1, 2, 3])
 def test_routing_backward_through_every_iteration(rng, variant, iterations):
-    forward, backward = ac.ROUTING[variant]
+    forward, backward = nr.ROUTING[(variant, "full")]
     u_hat = rng.normal(scale=0.7, size=(2, 3, 6, 4))  # (B, J, N, D)
     g = rng.normal(size=(2, 3, 4))
     v, cache = forward(np, u_hat, iterations, EPS)
@@ -137,10 +138,10 @@ def test_routing_backward_writes_the_gradient_regrouped_by_input_capsule(rng):
     u_hat = rng.normal(scale=0.7, size=(2, 3, 6, 4))  # (B, J, N, D)
     grad_v = rng.normal(size=(2, 3, 4))
     u, weight = rng.normal(size=(2, 6, 5)), rng.normal(size=(6, 5, 3 * 4))  # (B, N, K), (N, K, J*D)
-    _, cache = ac.routing_vectorised_forward(np, u_hat, 3, EPS)
-    expected = ac.routing_vectorised_backward(np, u_hat, cache, grad_v, EPS)
+    _, cache = nr.routing_vectorised_forward(np, u_hat, 3, EPS)
+    expected = nr.routing_vectorised_backward(np, u_hat, cache, grad_v, EPS)
     by_input = np.full((6, 2, 3, 4), np.nan)
-    got = ac.routing_vectorised_backward(np, u_hat, cache, grad_v, EPS, out=by_input.transpose(1, 2, 0, 3))
+    got = nr.routing_vectorised_backward(np, u_hat, cache, grad_v, EPS, out=by_input.transpose(1, 2, 0, 3))
     assert got.base is by_input
     np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-15)
     for mine, theirs in zip(ac.prediction_vectors_backward(np, u, weight, got, by_input=by_input),
@@ -149,12 +150,12 @@ def test_routing_backward_writes_the_gradient_regrouped_by_input_capsule(rng):
 
 
 def test_routing_variants_agree_with_torch(rng):
-    from implementations.torch_capsnet import routing_vectorised
+    from implementations.torch.routing import routing_vectorised
 
     u_hat = rng.normal(size=(2, 3, 6, 4))  # (B, J, N, D)
     expected = routing_vectorised(torch.tensor(u_hat.transpose(0, 2, 1, 3)), 3, EPS).numpy()
     for variant in ("vectorised", "looped"):
-        np.testing.assert_allclose(ac.ROUTING[variant][0](np, u_hat, 3, EPS)[0], expected, rtol=1e-12)
+        np.testing.assert_allclose(nr.ROUTING[(variant, "full")][0](np, u_hat, 3, EPS)[0], expected, rtol=1e-12)
 
 
 def test_lengths_backward_is_zero_at_a_zero_capsule(rng):

@@ -110,7 +110,8 @@ def test_a_numpy_plugins_routing_functions_run_inside_the_routing_range():
     from harness.data import synthetic_batch
     from harness.params import init_parameters
     from harness.spec import SMALL
-    from implementations.numpy_capsnet import ROUTING, NumpyCapsNet, RoutingFunctions
+    from implementations.numpy.capsnet import NumpyCapsNet
+    from implementations.numpy.routing import ROUTING, RoutingFunctions
 
     class Logger:
         def __init__(self):
@@ -123,7 +124,7 @@ def test_a_numpy_plugins_routing_functions_run_inside_the_routing_range():
     class OwnRouting(NumpyCapsNet):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            built_in = ROUTING["vectorised"]
+            built_in = ROUTING[("vectorised", "full")]
             self.routing_functions = RoutingFunctions(lambda *a, **k: built_in.forward(*a, **k),
                                                       lambda *a, **k: built_in.backward(*a, **k))
 

@@ -16,7 +16,7 @@ import pytest
 from harness import profile, ranges, registry
 from harness.measure import flops
 from harness.spec import SMALL
-from implementations.numpy_capsnet import NumpyCapsNet
+from implementations.numpy.capsnet import NumpyCapsNet
 
 from conftest import run_module
 

@@ -6,7 +6,7 @@ from harness import registry
 from harness.check import check_implementation
 from harness.params import init_parameters
 from harness.spec import SMALL
-from implementations.torch_capsnet import TorchCapsNet
+from implementations.torch.autograd import TorchCapsNet
 
 
 def test_builtin_torch_implementations_are_registered_and_available():
@@ -86,7 +86,7 @@ class WrongSoftmaxAxis(TorchCapsNet):
     def route(self, u_hat):
         import torch
 
-        from implementations.torch_capsnet import squash
+        from implementations.torch.routing import squash
 
         logits = u_hat.new_zeros(u_hat.shape[:3])
         for _ in range(self.config.routing_iterations):
@@ -118,7 +118,7 @@ def test_registered_refuses_a_taken_name_and_restores_the_registry():
 def test_an_implementation_built_with_a_routing_gradient_it_lacks_raises_the_unavailable_error():
     from harness.params import init_parameters
     from harness.spec import SMALL
-    from implementations.numpy_capsnet import NumpyCapsNet
+    from implementations.numpy.capsnet import NumpyCapsNet
 
     class FullOnly(NumpyCapsNet):
         routing_gradients = ("full",)

@@ -1,4 +1,4 @@
-"""The spectral convolution (implementations/spectral_convolution.py): its transforms against torch.fft, its
+"""The spectral convolution (implementations/torch/_spectral.py): its transforms against torch.fft, its
 three products against torch.nn.functional.conv2d and autograd, in float64 and in float32.  Its place in
 torch-fused's plan (gradcheck through Convolution, the choice rule) is in test_torch_fused.py."""
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from implementations import spectral_convolution as spectral
-from implementations import torch_fused as tf
+from implementations.torch import _spectral as spectral
+from implementations.torch import fused as tf
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 10])

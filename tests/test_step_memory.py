@@ -17,7 +17,7 @@ from harness.contract import AllocatorPeaks
 from harness.measure import step_memory
 from harness.measure.memory import PeakMemory
 from harness.spec import SMALL
-from implementations.numpy_capsnet import NumpyCapsNet
+from implementations.numpy.capsnet import NumpyCapsNet
 
 CALLS: list[str] = []
 BUILT: list[weakref.ref] = []

@@ -11,7 +11,7 @@ import pytest
 from benchmarks import bench_memory, bench_phases, common
 from harness import registry
 from harness.spec import SMALL
-from implementations.numpy_capsnet import NumpyCapsNet
+from implementations.numpy.capsnet import NumpyCapsNet
 
 LOG: list[str] = []
 

@@ -11,7 +11,8 @@ from harness import registry
 from harness.data import synthetic_batch
 from harness.params import init_parameters
 from harness.spec import SMALL
-from implementations import torch_capsnet as tc
+from implementations.torch import autograd as tc
+from implementations.torch import routing as tr
 
 
 def paper_routing(u_hat: np.ndarray, iterations: int, eps: float) -> np.ndarray:
@@ -39,7 +40,7 @@ def paper_routing(u_hat: np.ndarray, iterations: int, eps: float) -> np.ndarray:
 
 def test_squash_hand_computed():
     s = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
-    v = tc.squash(s, eps=1e-8)
+    v = tr.squash(s, eps=1e-8)
     # |s|^2 = 25: 25 / 26 * s / 5
     np.testing.assert_allclose(v[0].numpy(), [25 / 26 * 3 / 5, 25 / 26 * 4 / 5], rtol=1e-7)
     np.testing.assert_array_equal(v[1].numpy(), [0.0, 0.0])
@@ -47,13 +48,13 @@ def test_squash_hand_computed():
 
 def test_squash_gradient_is_zero_at_zero():
     s = torch.zeros(1, 8, dtype=torch.float64, requires_grad=True)
-    tc.squash(s, eps=1e-8).sum().backward()
+    tr.squash(s, eps=1e-8).sum().backward()
     assert torch.equal(s.grad, torch.zeros(1, 8, dtype=torch.float64))
 
 
 def test_squash_is_vector_valued_finite_differences():
     s = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: tc.squash(x, 1e-8), (s,))
+    assert torch.autograd.gradcheck(lambda x: tr.squash(x, 1e-8), (s,))
 
 
 def test_primary_capsules_take_the_channels_of_one_type_at_one_pixel():
@@ -84,7 +85,7 @@ def test_prediction_vectors_equal_the_tiled_product(rng):
 def test_routing_matches_the_paper_transcription(rng, routing, iterations):
     u_hat = rng.normal(scale=0.5, size=(2, 7, 3, 4))
     expected = paper_routing(u_hat, iterations, 1e-8)
-    got = tc.ROUTING[routing](torch.tensor(u_hat), iterations, 1e-8).numpy()
+    got = tr.ROUTING[(routing, "full")].autograd(torch.tensor(u_hat), iterations, 1e-8).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -104,8 +105,8 @@ def test_coupling_is_a_softmax_over_output_capsules():
     s0 = 2 * sigmoid(2 * v0) + 1 * sigmoid(v0)
     s1 = 1 * sigmoid(v1)
     expected = np.array([[scalar_squash(s0)], [scalar_squash(s1)]])
-    for routing in tc.ROUTING.values():
-        np.testing.assert_allclose(routing(u_hat, 2, 1e-8)[0].numpy(), expected, rtol=1e-12)
+    for routing in tr.ROUTING.values():
+        np.testing.assert_allclose(routing.autograd(u_hat, 2, 1e-8)[0].numpy(), expected, rtol=1e-12)
     over_inputs = 2 * math.exp(2 * v0) / (math.exp(2 * v0) + math.exp(v0) + 1) + math.exp(v0) / (
         math.exp(2 * v0) + math.exp(v0) + 1)
     assert abs(scalar_squash(over_inputs) - expected[0, 0]) > 1e-3
@@ -114,15 +115,15 @@ def test_coupling_is_a_softmax_over_output_capsules():
 @pytest.mark.parametrize("routing", ["vectorised", "looped"])
 def test_routing_gradcheck(rng, routing):
     u_hat = torch.tensor(rng.normal(size=(2, 4, 3, 2)), requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: tc.ROUTING[routing](x, 3, 1e-8), (u_hat,))
+    assert torch.autograd.gradcheck(lambda x: tr.ROUTING[(routing, "full")].autograd(x, 3, 1e-8), (u_hat,))
 
 
 def test_routing_gradients_flow_through_every_iteration(rng):
     u_hat = torch.tensor(rng.normal(size=(1, 4, 3, 2)), requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: tc.routing_vectorised(x, 3, 1e-8), (u_hat,))
+    assert torch.autograd.gradcheck(lambda x: tr.routing_vectorised(x, 3, 1e-8), (u_hat,))
     # with three iterations the gradient differs from the one-iteration gradient (routing is not detached)
-    g3 = torch.autograd.grad(tc.routing_vectorised(u_hat, 3, 1e-8).sum(), u_hat)[0]
-    g1 = torch.autograd.grad(tc.routing_vectorised(u_hat, 1, 1e-8).sum(), u_hat)[0]
+    g3 = torch.autograd.grad(tr.routing_vectorised(u_hat, 3, 1e-8).sum(), u_hat)[0]
+    g1 = torch.autograd.grad(tr.routing_vectorised(u_hat, 1, 1e-8).sum(), u_hat)[0]
     assert not torch.allclose(g3, g1)
 
 

@@ -13,8 +13,8 @@ from harness import registry, settings
 from harness.data import synthetic_batch
 from harness.params import init_parameters
 from harness.spec import SMALL
-from implementations import torch_capsnet as tc
-from implementations import torch_compiled as tcc
+from implementations.torch import compiled as tcc
+from implementations.torch import routing as tr
 
 from gradcheck_util import livelier_parameters
 
@@ -104,6 +104,6 @@ def test_the_routing_alone_is_the_eager_routing():
     u_hat = impl.prediction_vectors(impl.to_device(*synthetic_batch(SMALL, 2)))
     frames = compiled_frames()
     v = impl.routing_forward(u_hat)
-    np.testing.assert_array_equal(v.numpy(), tc.routing_vectorised(u_hat, SMALL.routing_iterations,
+    np.testing.assert_array_equal(v.numpy(), tr.routing_vectorised(u_hat, SMALL.routing_iterations,
                                                                    SMALL.squash_eps).numpy())
     assert compiled_frames() == frames

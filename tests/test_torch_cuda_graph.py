@@ -14,8 +14,8 @@ from harness.check import check_implementation, quantities
 from harness.data import synthetic_batch
 from harness.params import init_parameters
 from harness.spec import SMALL, LearningRateSchedule
-from implementations import torch_capsnet as tc
-from implementations import torch_cuda_graph as tg
+from implementations.torch import autograd as tc
+from implementations.torch import cuda_graph as tg
 
 from gradcheck_util import livelier_parameters
 

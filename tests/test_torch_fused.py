@@ -15,9 +15,10 @@ from harness.measure import flops
 from harness.ranges import recording
 from harness.settings import PLAN_CACHE_ENV
 from harness.spec import SMALL
-from implementations import numpy_capsnet as ac
-from implementations import torch_fused as tf
-from implementations.torch_capsnet import routing_vectorised
+from implementations.numpy import routing as nr
+from implementations.torch import fused as tf
+from implementations.torch import routing as tr
+from implementations.torch.routing import routing_vectorised
 
 from gradcheck_util import livelier_parameters
 
@@ -81,7 +82,8 @@ def test_primary_squash_takes_the_capsule_order_of_the_spec_and_finite_differenc
     conv_output = rng.normal(size=(batch, types * dim, size, size))  # NCHW, as the reference's convolution
     rows = torch.tensor(conv_output.transpose(0, 2, 3, 1).reshape(-1, types * dim), requires_grad=True)
     config = SMALL.replace(primary_caps_channels=types, primary_caps_dim=dim)
-    from implementations.torch_capsnet import primary_capsules, squash
+    from implementations.torch.autograd import primary_capsules
+    from implementations.torch.routing import squash
 
     expected = squash(primary_capsules(torch.tensor(conv_output), config), EPS)
     u = tf.PrimarySquash.apply(rows, batch, types, dim, EPS, fresh())
@@ -94,9 +96,9 @@ def test_squash_backward_is_the_full_vector_jacobian(rng):
     s[0] *= 1e-3
     s[1] *= 30
     grad_v = torch.tensor(rng.normal(size=s.shape))
-    np.testing.assert_allclose(tf.squash_backward(s, grad_v, EPS).numpy(),
-                               ac.squash_backward(np, s.numpy(), grad_v.numpy(), EPS), rtol=1e-12, atol=1e-15)
-    assert torch.autograd.gradcheck(lambda x: tf.squash(x, EPS), (s.clone().requires_grad_(True),))
+    np.testing.assert_allclose(tr.squash_backward(s, grad_v, EPS).numpy(),
+                               nr.squash_backward(np, s.numpy(), grad_v.numpy(), EPS), rtol=1e-12, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda x: tr.squash_forward(x, EPS), (s.clone().requires_grad_(True),))
 
 
 def test_prediction_vectors_forward_and_finite_differences(rng):
@@ -112,17 +114,17 @@ def test_prediction_vectors_forward_and_finite_differences(rng):
 @pytest.mark.parametrize("iterations", [1, 2, 3])
 def test_routing_backward_through_every_iteration(rng, iterations):
     u_hat = torch.tensor(rng.normal(scale=0.7, size=(2, 3, 6, 4)), requires_grad=True)  # (B, J, N, D)
-    assert torch.autograd.gradcheck(lambda x: tf.Routing.apply(x, iterations, EPS, fresh()), (u_hat,))
+    assert torch.autograd.gradcheck(lambda x: tr.Routing.apply(x, iterations, EPS, fresh()), (u_hat,))
 
 
 @pytest.mark.parametrize("iterations", [1, 3])
 def test_routing_is_the_numpy_routing(rng, iterations):
     u_hat = rng.normal(scale=0.7, size=(2, 3, 6, 4))
     grad_v = rng.normal(size=(2, 3, 4))
-    v, cache = ac.routing_vectorised_forward(np, u_hat, iterations, EPS)
-    expected = ac.routing_vectorised_backward(np, u_hat, cache, grad_v, EPS)
+    v, cache = nr.routing_vectorised_forward(np, u_hat, iterations, EPS)
+    expected = nr.routing_vectorised_backward(np, u_hat, cache, grad_v, EPS)
     x = torch.tensor(u_hat, requires_grad=True)
-    out = tf.Routing.apply(x, iterations, EPS, fresh())
+    out = tr.Routing.apply(x, iterations, EPS, fresh())
     (grad,) = torch.autograd.grad(out, x, torch.tensor(grad_v))
     np.testing.assert_allclose(out.detach().numpy(), v, rtol=1e-12)
     np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-12, atol=1e-15)
@@ -136,15 +138,15 @@ def test_final_routing_gradient_is_the_detached_autograd_routing(rng, iterations
     u_hat = rng.normal(scale=0.7, size=(2, 3, 6, 4))  # (B, J, N, D)
     grad_v = torch.tensor(rng.normal(size=(2, 3, 4)))
     x = torch.tensor(u_hat, requires_grad=True)
-    out = tf.FinalGradientRouting.apply(x, iterations, EPS, fresh())
+    out = tr.FinalGradientRouting.apply(x, iterations, EPS, fresh())
     (grad,) = torch.autograd.grad(out, x, grad_v)
     reference_input = torch.tensor(u_hat.transpose(0, 2, 1, 3), requires_grad=True)  # (B, N, J, D)
     reference = routing_vectorised(reference_input, iterations, EPS, gradient="final")
     (expected,) = torch.autograd.grad(reference, reference_input, grad_v)
-    np.testing.assert_allclose(out.detach().numpy(), tf.Routing.apply(x, iterations, EPS, fresh()).detach().numpy(),
+    np.testing.assert_allclose(out.detach().numpy(), tr.Routing.apply(x, iterations, EPS, fresh()).detach().numpy(),
                                rtol=1e-14)
     np.testing.assert_allclose(grad.numpy(), expected.numpy().transpose(0, 2, 1, 3), rtol=1e-12, atol=1e-15)
-    (full,) = torch.autograd.grad(tf.Routing.apply(x, iterations, EPS, fresh()), x, grad_v)
+    (full,) = torch.autograd.grad(tr.Routing.apply(x, iterations, EPS, fresh()), x, grad_v)
     assert (iterations == 1) == np.allclose(grad.numpy(), full.numpy(), rtol=1e-9, atol=1e-12)
 
 

@@ -16,7 +16,7 @@ from harness import registry, train
 from harness.results import read_training_result
 from harness.threads import recorded_pools, set_threads, usable_cpu_count
 from harness.training import loop
-from implementations.torch_capsnet import TorchCapsNet
+from implementations.torch.autograd import TorchCapsNet
 
 SHORT_RUN = ["--config", "small", "--limit", "384", "--test-limit", "200", "--batch-size", "32"]
 
@@ -323,7 +323,7 @@ def test_the_first_line_says_when_a_limit_is_more_than_the_images():
 
 def equal_timings(config, batch_size, dtype, device):
     """What torch-fused's measure_plan returns, every candidate equally fast."""
-    from implementations import torch_fused as tf
+    from implementations.torch import fused as tf
 
     def layer(with_input: bool) -> dict:
         phases = [("forward", tf.FORWARD), ("weight gradient", tf.WEIGHT_GRADIENT)]
@@ -337,7 +337,7 @@ def test_the_convolution_plan_is_set_up_before_the_first_step_and_kept_out_of_ev
     """torch-fused's plan took 12 to 36 s inside the first step and again inside the last, partial batch
     (README's first run: a 104-image evaluation batch of 44 s).  Here measuring takes SETUP s: no step, no
     epoch's training or evaluation time holds it; it is recorded apart, once, and said in one line."""
-    from implementations import torch_fused as tf
+    from implementations.torch import fused as tf
 
     setup = 1.0
     measured = []

@@ -4,7 +4,8 @@ import torch
 
 from harness.registry import register
 from harness.spec import ROUTING_GRADIENTS
-from implementations.torch_capsnet import TorchCapsNet, routed_predictions, squash
+from implementations.torch.autograd import TorchCapsNet
+from implementations.torch.routing import routed_predictions, squash
 
 
 def routing_einsum(u_hat, iterations, eps, gradient="full"):

@@ -109,7 +109,7 @@ def torch_implementation(name: str) -> registry.ImplementationInfo:
     """The registry entry of a torch implementation (DDP wraps its module); one-line errors otherwise."""
     if torch is None:
         raise contract.UnavailableImplementationError("torch not installed (pip install torch==2.13.0)")
-    from implementations.torch_capsnet import TorchCapsNet
+    from implementations.torch.autograd import TorchCapsNet
 
     info = registry.get(name)
     if not issubclass(info.cls, TorchCapsNet):
@@ -185,7 +185,7 @@ def build(info: registry.ImplementationInfo, config, dtype: str, ctx: Context, p
 def ddp_train_step(ddp, impl, batch):
     """TorchCapsNet.train_step through DDP: forward, backward (gradients all-reduced), Adam; the local loss."""
     lengths, reconstructions = ddp(batch.images, batch.labels)
-    from implementations.torch_capsnet import total_loss
+    from implementations.torch.autograd import total_loss
 
     loss = total_loss(lengths, reconstructions, batch.images, batch.labels, impl.config)
     impl.optimizer.zero_grad(set_to_none=True)

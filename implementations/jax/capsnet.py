@@ -16,11 +16,11 @@ name says:
 Parameters, gradients and Adam's moments are dicts in the canonical layout of :mod:`harness.params`; the
 convolutions are im2col (strided slices of the NHWC activations) and one matrix product with the
 (out, in, kh, kw) weights re-laid out inside the program (:func:`conv_valid`; XLA's own convolution is the
-alternative, see :data:`CONVOLUTION`).  The routing of either variant is
-in :func:`routing_vectorised` and :func:`routing_looped`; ``config.routing_gradient`` "final" stops the
+alternative, see :data:`CONVOLUTION`).  The routing of either variant and routing gradient is in
+:mod:`implementations.jax.routing` (its table ``ROUTING``); ``config.routing_gradient`` "final" stops the
 gradient through every iteration but the last weighted sum and squash (``jax.lax.stop_gradient``).
 
-Set-up this module does where it is imported, before JAX initialises a backend:
+Set-up done where this module is imported (:mod:`implementations.jax._setup`, before JAX is imported):
 
 * **float64.**  JAX computes in float32 unless x64 is on, a process-wide flag; a float64 instance runs
   every call (arrays made, programs traced and run) inside ``jax.enable_x64(True)`` and a float32 one
@@ -30,9 +30,9 @@ Set-up this module does where it is imported, before JAX initialises a backend:
   (``first_call_compiles``); compiled programs are also written to JAX's persistent compilation cache,
   ``$CAPSBENCH_JAX_CACHE`` or ``runs/jax-cache`` (:func:`cache_folder`), so a later process (asv runs one
   per benchmark) reads them back instead of compiling again.
-* **GPU memory.**  ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (:func:`configure_environment`): by default
-  JAX takes 75 % of the GPU's memory at start-up, which would make every device-memory figure that of
-  the preallocation.
+* **GPU memory.**  ``XLA_PYTHON_CLIENT_PREALLOCATE=false``
+  (:func:`~implementations.jax._setup.configure_environment`): by default JAX takes 75 % of the GPU's
+  memory at start-up, which would make every device-memory figure that of the preallocation.
 * **Threads.**  XLA's CPU thread pool has no setting (``threadpoolctl`` and torch's count do not reach
   it); it is as large as the CPUs this process may run on, and :func:`harness.threads.thread_facts`
   records that figure under ``xla:cpu`` (:data:`XLA_CPU_POOL`).
@@ -52,30 +52,14 @@ from harness.registry import register
 from harness.settings import JAX_CACHE_DIR, JAX_CACHE_ENV, JAX_CONVOLUTION_ENV
 from harness.spec import ADAM, ROUTING_GRADIENTS, CapsNetConfig
 from harness.threads import register_thread_pool, usable_cpu_count
+from implementations.jax._setup import _IMPORT_ERROR, jax, jnp, lax
+from implementations.jax.routing import ROUTING, squash
 
 CACHE_ENV = JAX_CACHE_ENV
 DEFAULT_CACHE = JAX_CACHE_DIR
-PREALLOCATE_ENV = "XLA_PYTHON_CLIENT_PREALLOCATE"
 XLA_CPU_POOL = "xla:cpu"
 
 
-def configure_environment(environ=os.environ) -> None:
-    """Turn JAX's GPU preallocation off (unless the user chose otherwise); must run before JAX's backend
-    starts, which reads it once."""
-    environ.setdefault(PREALLOCATE_ENV, "false")
-
-
-configure_environment()
-
-try:
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
-    _IMPORT_ERROR = ""
-except ImportError as _error:  # the harness lists the JAX implementations as unavailable, with this reason
-    jax = jnp = lax = None
-    _IMPORT_ERROR = f"jax is not installed ({_error}); install it with pip install -e '.[jax]'"
 
 
 def cache_folder() -> Path:
@@ -133,12 +117,6 @@ CONVOLUTIONS = {"xla": conv_xla, "im2col": conv_im2col}
 CONVOLUTION = os.environ.get(JAX_CONVOLUTION_ENV, "im2col")
 
 
-def squash(s, eps: float):
-    """|s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) along the capsule axis."""
-    squared = jnp.sum(s * s, axis=-1, keepdims=True)
-    return s * (squared / ((1.0 + squared) * jnp.sqrt(squared + eps)))
-
-
 def predictions_from_images(params: dict, images, config: CapsNetConfig):
     """Conv1 -> PrimaryCaps -> squash -> u_hat (B, N, J, D), from NCHW images."""
     batch = images.shape[0]
@@ -153,53 +131,6 @@ def predictions_from_images(params: dict, images, config: CapsNetConfig):
         u = squash(capsules.reshape(batch, config.num_primary_caps, dim), config.squash_eps)
     with jax.named_scope("u_hat"):
         return jnp.einsum("njdk,bnk->bnjd", params["digit.weight"], u)
-
-
-def routing_vectorised(u_hat, iterations: int, eps: float, gradient: str = "full"):
-    """Procedure 1 over all input and output capsules at once: u_hat (B, N, J, D) -> v (B, J, D).  With
-    ``gradient`` "final", the iterations before the last see u_hat through ``stop_gradient``, so the last
-    couplings are constants and the gradient reaches u_hat through the last weighted sum and squash only."""
-    batch, n_in, n_out, _ = u_hat.shape
-    agreeing = lax.stop_gradient(u_hat) if gradient == "final" else u_hat
-    logits = jnp.zeros((batch, n_in, n_out), u_hat.dtype)
-    for iteration in range(iterations):
-        with jax.named_scope(f"routing_iteration_{iteration + 1}"):
-            last = iteration == iterations - 1
-            if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
-                coupling = jnp.full((batch, n_in, n_out), 1.0 / n_out, u_hat.dtype)
-            else:
-                coupling = jax.nn.softmax(logits, axis=2)  # over the output capsules j, for each input i
-            v = squash(jnp.einsum("bnj,bnjd->bjd", coupling, u_hat if last else agreeing), eps)
-            if not last:
-                logits = logits + jnp.einsum("bnjd,bjd->bnj", agreeing, v)  # b_ij += u_hat_j|i . v_j
-    return v
-
-
-def routing_looped(u_hat, iterations: int, eps: float, gradient: str = "full"):
-    """Procedure 1 transcribed line by line, with Python loops over the output capsules j (unrolled by the
-    trace: one small program per capsule, as the other looped variants launch one operation per capsule)."""
-    batch, n_in, n_out, _ = u_hat.shape
-    agreeing = lax.stop_gradient(u_hat) if gradient == "final" else u_hat
-    logits = [jnp.zeros((batch, n_in), u_hat.dtype) for _ in range(n_out)]
-    for iteration in range(iterations):
-        with jax.named_scope(f"routing_iteration_{iteration + 1}"):
-            last = iteration == iterations - 1
-            source = u_hat if last else agreeing
-            largest = logits[0]
-            for j in range(1, n_out):
-                largest = jnp.maximum(largest, logits[j])
-            exps = [jnp.exp(logits[j] - largest) for j in range(n_out)]
-            total = exps[0]
-            for j in range(1, n_out):
-                total = total + exps[j]
-            v = [squash(jnp.sum((exps[j] / total)[:, :, None] * source[:, :, j], axis=1), eps) for j in range(n_out)]
-            if not last:
-                for j in range(n_out):
-                    logits[j] = logits[j] + jnp.sum(agreeing[:, :, j] * v[j][:, None, :], axis=2)
-    return jnp.stack(v, axis=1)
-
-
-ROUTING = {"vectorised": routing_vectorised, "looped": routing_looped}
 
 
 def capsule_lengths(v):
@@ -225,7 +156,7 @@ def network(params: dict, images, labels, config: CapsNetConfig, routing: str, g
     """Lengths (B, J) and reconstructions (B, pixels): the decoder masked to ``labels``, or to the longest
     capsule where labels is None."""
     u_hat = predictions_from_images(params, images, config)
-    v = ROUTING[routing](u_hat, config.routing_iterations, config.squash_eps, gradient)
+    v = ROUTING[(routing, gradient)](u_hat, config.routing_iterations, config.squash_eps)
     lengths = capsule_lengths(v)
     selected = jnp.argmax(lengths, axis=1) if labels is None else labels
     return lengths, decode(params, v, selected, config)
@@ -306,12 +237,12 @@ def prediction_vectors(params, images, config, routing, gradient):
 
 @_jit
 def route(u_hat, config, routing, gradient):
-    return ROUTING[routing](u_hat, config.routing_iterations, config.squash_eps, gradient)
+    return ROUTING[(routing, gradient)](u_hat, config.routing_iterations, config.squash_eps)
 
 
 @_jit
 def route_backward(u_hat, grad_v, config, routing, gradient):
-    _, vjp_function = jax.vjp(lambda u: ROUTING[routing](u, config.routing_iterations, config.squash_eps, gradient),
+    _, vjp_function = jax.vjp(lambda u: ROUTING[(routing, gradient)](u, config.routing_iterations, config.squash_eps),
                               u_hat)
     return vjp_function(grad_v)[0]
 

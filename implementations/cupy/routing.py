@@ -1,9 +1,10 @@
-"""``cupy-fused``: the CuPy CapsNet with its routing, forward and backward, as a few fused CUDA kernels.
+"""The routing of ``cupy-fused``, forward and backward, as a few fused CUDA kernels, in one table :data:`ROUTING`
+keyed by (routing variant, routing gradient).
 
 Routing on the array module costs about fifteen kernels per iteration (softmax, products, squash and their
 gradients, each one array operation), most of them small.  Here every routing iteration is two kernels
 forward and two backward, plus one kernel that writes the gradient of u_hat, on u_hat laid out
-(B, J, N, D) and C-contiguous, as :func:`implementations.numpy_capsnet.routing_vectorised_forward` and
+(B, J, N, D) and C-contiguous, as :func:`implementations.numpy.routing.routing_vectorised_forward` and
 ``routing_vectorised_backward`` define the mathematics (and as the tests check, kernel by kernel):
 
 * ``capsbench_route_agree_softmax`` (one thread per example and input capsule i): the agreement
@@ -27,9 +28,8 @@ driver on NumPy versions of each kernel, on the CPU); its cache for backward is 
 and the outputs v of every iteration, stacked.  The five kernels are one ``cupy.RawModule`` per dtype
 (float or double), compiled by NVRTC on first use; their source (:func:`routing_source`) and launch
 geometry (:func:`sum_block_threads`, :func:`blocks`) are plain Python.  Sums accumulate in the array's own
-dtype, as cuBLAS does for the unfused implementation.  Everything else is
-:class:`~implementations.cupy_capsnet.CupyCapsNet`; where the array module is NumPy (the contract tests'
-stand-in) the NumPy routing stays.
+dtype, as cuBLAS does for the unfused implementation.  The implementation is
+:class:`implementations.cupy.fused.CupyFusedCapsNet`.
 """
 
 from __future__ import annotations
@@ -40,10 +40,8 @@ from typing import NamedTuple
 import numpy as np
 
 from harness.ranges import layer_range
-from harness.registry import register
-from harness.spec import ROUTING_GRADIENTS
-from implementations.cupy_capsnet import CupyCapsNet, cupy
-from implementations.numpy_capsnet import RoutingFunctions
+from implementations.cupy.capsnet import cupy
+from implementations.numpy.routing import RoutingFunctions
 
 THREADS = 256  # threads per block of the one-thread-per-element kernels, and the target of the block kernels
 MAX_THREADS = 1024  # CUDA's limit per block: a capsule dimension above it has no block kernel
@@ -252,7 +250,7 @@ class FusedCache(NamedTuple):
 class FusedRouting:
     """Routing forward and backward as a sequence of kernel launches; ``kernels`` runs each one (see the
     module docstring).  ``forward`` and ``backward`` have the signatures of
-    :class:`~implementations.numpy_capsnet.RoutingFunctions`."""
+    :class:`~implementations.numpy.routing.RoutingFunctions`."""
 
     def __init__(self, kernels) -> None:
         self.kernels = kernels
@@ -306,8 +304,6 @@ class FusedRouting:
         self.kernels.grad_u_hat(coupling[last:], grad_s, coupling[last:], v[last:], grad_u_hat)
         return grad_u_hat
 
-    def functions(self, routing_gradient: str = "full") -> RoutingFunctions:
-        return RoutingFunctions(self.forward, self.backward_final if routing_gradient == "final" else self.backward)
 
 
 @functools.cache
@@ -371,18 +367,13 @@ class CupyKernels:
              np.int32(dim), np.int64(batch * n_out * n_in), np.int64(batch * n_out * dim)))
 
 
-class CupyFusedCapsNet(CupyCapsNet):
-    """:class:`~implementations.cupy_capsnet.CupyCapsNet` with the routing of :class:`FusedRouting` on the GPU
-    (vectorised variant only: the kernels are the vectorised mathematics), under both routing gradients."""
+# The table --------------------------------------------------------------------------------------------------
 
-    routing_gradients = ROUTING_GRADIENTS
-
-    def __init__(self, config, params, dtype="float32", device="cuda", routing_variant="vectorised"):
-        if routing_variant != "vectorised":
-            raise ValueError(f"cupy-fused fuses the vectorised routing only, not {routing_variant!r}")
-        super().__init__(config, params, dtype, device, routing_variant)
-        if self._on_gpu:
-            self.routing_functions = FusedRouting(CupyKernels()).functions(config.routing_gradient)
-
-
-register("cupy-fused", CupyFusedCapsNet, device="cuda", routing_variant="vectorised")
+_FUSED = FusedRouting(CupyKernels())  # compiles nothing until a kernel first runs
+# Every fused routing of CuPy, by (routing variant, routing gradient) (harness.spec): the kernels are the
+# vectorised mathematics, so there is no looped entry.  cupy-vectorised and cupy-looped run the NumPy code on
+# CuPy, with the routing of implementations.numpy.routing.ROUTING.
+ROUTING = {
+    ("vectorised", "full"): RoutingFunctions(_FUSED.forward, _FUSED.backward),
+    ("vectorised", "final"): RoutingFunctions(_FUSED.forward, _FUSED.backward_final),
+}

@@ -1,4 +1,4 @@
-"""``cupy-vectorised`` and ``cupy-looped``: the NumPy CapsNet of :mod:`implementations.numpy_capsnet` on CuPy.
+"""``cupy-vectorised`` and ``cupy-looped``: the NumPy CapsNet of :mod:`implementations.numpy.capsnet` on CuPy.
 
 All the mathematics is the NumPy code with ``xp = cupy``, so it is exercised on the CPU through NumPy.
 What only a GPU runs is here: a fused Adam update (one ``cupy.ElementwiseKernel`` launch per tensor
@@ -14,7 +14,7 @@ from __future__ import annotations
 from harness.contract import ROUTING_VARIANTS, AllocatorPeaks, Availability
 from harness.registry import register
 from harness.spec import ADAM
-from implementations.numpy_capsnet import NumpyCapsNet
+from implementations.numpy.capsnet import NumpyCapsNet
 
 try:
     import cupy

@@ -1,12 +1,12 @@
 """A convolution's three products (forward, weight gradient, input gradient) in the discrete Fourier domain,
 every transform and every product a GEMM: a candidate strategy of torch-fused's plan
-(:mod:`implementations.torch_fused`).
+(:mod:`implementations.torch.fused`).
 
 Why: a direct 9 x 9 convolution spends 81 multiply-adds per output and input channel pair, and PrimaryCaps'
 are almost all of a CapsNet step's FLOPs.  In the Fourier domain a valid correlation is a product per
 frequency, so each product becomes, frequency by frequency, one matrix product over the channels, with
 fewer multiply-adds than the direct convolution (for PrimaryCaps 4 x 52 complex frequencies, 832 real
-multiply-adds, against 81 x 36 = 2916).  The FLOP counts of :mod:`harness.flops` stay those of the direct
+multiply-adds, against 81 x 36 = 2916).  The FLOP counts of :mod:`harness.measure.flops` stay those of the direct
 convolution, so a step done this way shows an *effective* rate (direct FLOPs / time), as cuDNN's FFT and
 Winograd algorithms do.
 
@@ -37,7 +37,7 @@ import functools
 import math
 
 from harness.spec import conv_output_size
-from implementations.torch_capsnet import torch  # None where torch is not installed (that module says why)
+from implementations.torch.autograd import torch  # None where torch is not installed (that module says why)
 
 
 def conjugate_classes(n: int) -> list[tuple[int, int, int]]:

@@ -1,11 +1,12 @@
 """``numpy-vectorised`` and ``numpy-looped``: CapsNet over an array module, with the backward written by hand.
 
-All the mathematics of the NumPy implementation is here, written against an array module ``xp`` (NumPy
-by default); :mod:`implementations.cupy_capsnet` subclasses :class:`NumpyCapsNet` with ``xp = cupy``, so
-everything the CuPy implementation computes runs on the CPU through NumPy in the tests.  Each layer is a
-pair of module-level functions (``*_forward`` keeping what its ``*_backward`` needs), so each can be
-checked against finite differences on its own.  The routing of either variant is in the
-``routing_vectorised_*`` and ``routing_looped_*`` functions.
+All the mathematics of the NumPy implementation is here and in :mod:`implementations.numpy.routing`,
+written against an array module ``xp`` (NumPy by default); :mod:`implementations.cupy.capsnet` subclasses
+:class:`NumpyCapsNet` with ``xp = cupy``, so everything the CuPy implementation computes runs on the CPU
+through NumPy in the tests.  Each layer is a pair of module-level functions (``*_forward`` keeping what its
+``*_backward`` needs), so each can be checked against finite differences on its own.  The routing of either
+variant and routing gradient, and the squash and softmax it is built of, are in
+:mod:`implementations.numpy.routing` (its table ``ROUTING``).
 
 Layouts (internal; :meth:`NumpyCapsNet.parameters` and :meth:`NumpyCapsNet.gradients` convert to the
 canonical layout of :mod:`harness.params`):
@@ -31,10 +32,7 @@ and reused on every step.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
-from collections.abc import Callable
-from typing import NamedTuple
 
 import numpy as np
 
@@ -44,6 +42,14 @@ from harness.params import DECODER_PREFIX, DIGIT_WEIGHT
 from harness.ranges import ROUTING_LAYER, layer_range
 from harness.registry import register
 from harness.spec import ADAM, ROUTING_GRADIENTS, CapsNetConfig, conv_output_size
+from implementations.numpy.routing import (
+    ROUTING,
+    RoutingFunctions,
+    matmul_into,
+    squash_backward,
+    squash_forward,
+    takes_out,
+)
 
 CONV_LAYERS = {"conv1": ("conv1_kernel", "conv1_stride"), "primary": ("primary_kernel", "primary_stride")}
 ADAM_CHUNK = 1 << 16  # values per chunk of the NumPy Adam update: its five arrays' chunks stay in a core's cache
@@ -120,214 +126,7 @@ def conv_backward(xp, grad_out, cols, weight, input_shape: tuple, kernel: int, s
     return grad_weight, grad_bias, grad_input
 
 
-# Capsule nonlinearities --------------------------------------------------------------------------------
-
-
-def squash_forward(xp, s, eps: float):
-    """|s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) along the last axis."""
-    squared = (s * s).sum(axis=-1, keepdims=True)
-    return s * (squared / ((1.0 + squared) * xp.sqrt(squared + eps)))
-
-
-def squash_backward(xp, s, grad_v, eps: float):
-    """d loss / d s of the vector squash: the full Jacobian (f I + 2 f' s s^T), not its diagonal."""
-    squared = (s * s).sum(axis=-1, keepdims=True)
-    root = xp.sqrt(squared + eps)
-    scale = squared / ((1.0 + squared) * root)  # f(|s|^2)
-    slope = (1.0 / (1.0 + squared) - squared / (2.0 * (squared + eps))) / ((1.0 + squared) * root)  # f'
-    along = (s * grad_v).sum(axis=-1, keepdims=True)
-    return scale * grad_v + (2.0 * slope * along) * s
-
-
-def softmax(xp, logits, axis: int):
-    shifted = xp.exp(logits - logits.max(axis=axis, keepdims=True))
-    return shifted / shifted.sum(axis=axis, keepdims=True)
-
-
-def softmax_backward(coupling, grad_coupling, axis: int):
-    return coupling * (grad_coupling - (coupling * grad_coupling).sum(axis=axis, keepdims=True))
-
-
-# Routing (Procedure 1) on u_hat laid out (B, J, N, D) ---------------------------------------------------
-
-
-def routing_vectorised_forward(xp, u_hat, iterations: int, eps: float):
-    """All input and output capsules at once; returns v (B, J, D) and the per-iteration (c, s, v)."""
-    batch, n_out, n_in, _ = u_hat.shape
-    logits = xp.zeros((batch, n_out, n_in), dtype=u_hat.dtype)
-    cache = []
-    for iteration in range(iterations):
-        with layer_range(f"routing_iteration_{iteration + 1}", "forward"):
-            if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
-                coupling = xp.full((batch, n_out, n_in), 1.0 / n_out, dtype=u_hat.dtype)
-            else:
-                coupling = softmax(xp, logits, axis=1)  # over the output capsules j, for each input capsule i
-            s = xp.matmul(coupling[:, :, None, :], u_hat)[:, :, 0, :]  # s_j = sum_i c_ij u_hat_j|i
-            v = squash_forward(xp, s, eps)
-            cache.append((coupling, s, v))
-            if iteration < iterations - 1:
-                logits = logits + xp.matmul(u_hat, v[:, :, :, None])[..., 0]  # b_ij += u_hat_j|i . v_j
-    return v, cache
-
-
-def routing_vectorised_backward(xp, u_hat, cache, grad_v, eps: float, out=None):
-    """d loss / d u_hat through every iteration (through c and b as well as the weighted sums).
-
-    u_hat enters iteration r twice, in s_r = sum_i c_r u_hat and in b_{r+1} = b_r + u_hat . v_r, so its
-    gradient is a sum of 2R - 1 rank-one terms per (example, output capsule): c_r (x) d s_r and
-    d b_{r+1} (x) v_r.  The coefficients are gathered first and the (B, J, N, D) gradient is written
-    once, by one batched product with an inner dimension of 2R - 1, instead of being accumulated term by
-    term (each term a full pass over u_hat's memory).  That product is the last work of the backward pass,
-    after iteration 1's own, and its profile range is iteration 1's.  ``out``, if given, is where it writes
-    the gradient: an array of u_hat's shape, possibly a strided view (NumPy's matmul writes into one
-    directly), which is how the training backward gets the gradient already regrouped by input capsule.
-    """
-    iterations = len(cache)
-    batch, n_out, n_in, dim = u_hat.shape
-    terms = 2 * iterations - 1
-    left = xp.empty((batch, n_out, terms, n_in), dtype=u_hat.dtype)  # coefficients over the input capsules
-    right = xp.empty((batch, n_out, terms, dim), dtype=u_hat.dtype)  # vectors over the capsule axis
-    grad_logits_next = None  # d loss / d b_{r+1}
-    for iteration in reversed(range(iterations)):
-        with layer_range(f"routing_iteration_{iteration + 1}", "backward"):
-            coupling, s, v = cache[iteration]
-            if grad_logits_next is None:
-                grad_v_r = grad_v
-            else:  # b_{r+1} = b_r + u_hat . v_r
-                grad_v_r = xp.matmul(grad_logits_next[:, :, None, :], u_hat)[:, :, 0, :]
-                left[:, :, iterations + iteration, :] = grad_logits_next
-                right[:, :, iterations + iteration, :] = v
-            grad_s = squash_backward(xp, s, grad_v_r, eps)
-            left[:, :, iteration, :] = coupling
-            right[:, :, iteration, :] = grad_s
-            if iteration == 0:
-                break  # b_0 = 0 is a constant
-            grad_coupling = xp.matmul(u_hat, grad_s[..., None])[..., 0]
-            grad_logits = softmax_backward(coupling, grad_coupling, axis=1)
-            if grad_logits_next is not None:
-                grad_logits += grad_logits_next
-            grad_logits_next = grad_logits
-    with layer_range("routing_iteration_1", "backward"):
-        if out is None:
-            return xp.matmul(left.transpose(0, 1, 3, 2), right)
-        return matmul_into(xp, left.transpose(0, 1, 3, 2), right, out)
-
-
-def routing_looped_forward(xp, u_hat, iterations: int, eps: float):
-    """Procedure 1 transcribed line by line with Python loops over the output capsules j."""
-    batch, n_out, n_in, _ = u_hat.shape
-    logits = [xp.zeros((batch, n_in), dtype=u_hat.dtype) for _ in range(n_out)]
-    cache = []
-    for iteration in range(iterations):
-        with layer_range(f"routing_iteration_{iteration + 1}", "forward"):
-            largest = logits[0]
-            for j in range(1, n_out):
-                largest = xp.maximum(largest, logits[j])
-            exps = [xp.exp(logits[j] - largest) for j in range(n_out)]
-            total = exps[0]
-            for j in range(1, n_out):
-                total = total + exps[j]
-            coupling = [exps[j] / total for j in range(n_out)]
-            s = [(coupling[j][:, :, None] * u_hat[:, j]).sum(axis=1) for j in range(n_out)]
-            v = [squash_forward(xp, s[j], eps) for j in range(n_out)]
-            cache.append((coupling, s, v))
-            if iteration < iterations - 1:
-                for j in range(n_out):
-                    logits[j] = logits[j] + (u_hat[:, j] * v[j][:, None, :]).sum(axis=2)
-            else:
-                v = xp.stack(v, axis=1)
-    return v, cache
-
-
-def routing_looped_backward(xp, u_hat, cache, grad_v, eps: float):
-    """The backward of :func:`routing_looped_forward`, with the same loops over j."""
-    n_out = u_hat.shape[1]
-    grad_u_hat = xp.zeros_like(u_hat)
-    grad_logits_next = None
-    for iteration in reversed(range(len(cache))):
-        with layer_range(f"routing_iteration_{iteration + 1}", "backward"):
-            coupling, s, v = cache[iteration]
-            grad_coupling = []
-            for j in range(n_out):
-                if grad_logits_next is None:
-                    grad_v_j = grad_v[:, j]
-                else:
-                    grad_v_j = (grad_logits_next[j][:, :, None] * u_hat[:, j]).sum(axis=1)
-                    grad_u_hat[:, j] += grad_logits_next[j][:, :, None] * v[j][:, None, :]
-                grad_s_j = squash_backward(xp, s[j], grad_v_j, eps)
-                grad_u_hat[:, j] += coupling[j][:, :, None] * grad_s_j[:, None, :]
-                grad_coupling.append((u_hat[:, j] * grad_s_j[:, None, :]).sum(axis=2))
-            if iteration == 0:
-                break
-            weighted = coupling[0] * grad_coupling[0]
-            for j in range(1, n_out):
-                weighted = weighted + coupling[j] * grad_coupling[j]
-            grad_logits = [coupling[j] * (grad_coupling[j] - weighted) for j in range(n_out)]
-            if grad_logits_next is not None:
-                grad_logits = [grad_logits[j] + grad_logits_next[j] for j in range(n_out)]
-            grad_logits_next = grad_logits
-    return grad_u_hat
-
-
-def routing_vectorised_final_backward(xp, u_hat, cache, grad_v, eps: float, out=None):
-    """d loss / d u_hat under the routing gradient ``final`` (harness.spec): through the last iteration's
-    weighted sum and squash alone, c_R being a constant: one rank-one term c_R (x) d s_R per (example,
-    output capsule), against :func:`routing_vectorised_backward`'s 2R - 1; no earlier iteration is visited."""
-    coupling, s, _ = cache[-1]
-    with layer_range(f"routing_iteration_{len(cache)}", "backward"):
-        grad_s = squash_backward(xp, s, grad_v, eps)
-        return xp.multiply(coupling[..., None], grad_s[:, :, None, :], out=out)  # (B, J, N, D)
-
-
-def routing_looped_final_backward(xp, u_hat, cache, grad_v, eps: float):
-    """The backward of :func:`routing_looped_forward` under the routing gradient ``final``, with its loop
-    over j: the last iteration's weighted sums alone (see :func:`routing_vectorised_final_backward`)."""
-    coupling, s, _ = cache[-1]
-    grad_u_hat = xp.empty_like(u_hat)
-    with layer_range(f"routing_iteration_{len(cache)}", "backward"):
-        for j in range(u_hat.shape[1]):
-            grad_s_j = squash_backward(xp, s[j], grad_v[:, j], eps)
-            grad_u_hat[:, j] = coupling[j][:, :, None] * grad_s_j[:, None, :]
-    return grad_u_hat
-
-
-def _takes_out(function: Callable) -> bool:
-    """Whether a routing backward takes ``out=``."""
-    return "out" in inspect.signature(function).parameters
-
-
-class RoutingFunctions(NamedTuple):
-    """One routing variant over u_hat (B, J, N, D): ``forward(xp, u_hat, iterations, eps) -> (v, cache)``
-    and ``backward(xp, u_hat, cache, grad_v, eps) -> grad_u_hat``; a backward that also takes ``out=`` (an
-    array of u_hat's shape to write the gradient into, see :func:`routing_vectorised_backward`) is given
-    the prediction vectors' regrouping buffer by the training backward."""
-
-    forward: Callable
-    backward: Callable
-
-
-ROUTING = {
-    "vectorised": RoutingFunctions(routing_vectorised_forward, routing_vectorised_backward),
-    "looped": RoutingFunctions(routing_looped_forward, routing_looped_backward),
-}
-# The same forward passes with the backward of the routing gradient ``final`` (harness.spec).
-ROUTING_FINAL = {
-    "vectorised": RoutingFunctions(routing_vectorised_forward, routing_vectorised_final_backward),
-    "looped": RoutingFunctions(routing_looped_forward, routing_looped_final_backward),
-}
-ROUTING_BY_GRADIENT = {"full": ROUTING, "final": ROUTING_FINAL}
-
-
 # Prediction vectors, lengths, decoder, losses --------------------------------------------------------------
-
-
-def matmul_into(xp, a, b, out):
-    """a @ b written into ``out``, a strided view: NumPy's matmul writes into any view (no temporary);
-    other array modules get a copy."""
-    if xp is np:
-        return np.matmul(a, b, out=out)
-    out[...] = xp.matmul(a, b)
-    return out
 
 
 def prediction_vectors_forward(xp, u, weight, n_out: int, out=None):
@@ -438,8 +237,8 @@ def adam_update(xp, param, grad, first, second, scratch, step_size: float, root_
 
 class NumpyCapsNet(Implementation):
     """The whole CapsNet over an array module (NumPy here; a subclass overrides :meth:`array_module`), with
-    the routing of its variant and routing gradient from :data:`ROUTING_BY_GRADIENT` (a subclass may set
-    ``routing_functions`` instead, and then declares the ``routing_gradients`` they compute)."""
+    the routing of its variant and routing gradient from :data:`implementations.numpy.routing.ROUTING` (a
+    subclass may set ``routing_functions`` instead, and then declares the ``routing_gradients`` they compute)."""
 
     framework = "numpy"
     u_hat_layout = "BJND"
@@ -453,7 +252,7 @@ class NumpyCapsNet(Implementation):
         super().__init__(config, params, dtype, device, routing_variant)
         self.xp = self.array_module()
         self._dtype = getattr(self.xp, dtype)
-        self.routing_functions: RoutingFunctions = ROUTING_BY_GRADIENT[config.routing_gradient][routing_variant]
+        self.routing_functions: RoutingFunctions = ROUTING[(routing_variant, config.routing_gradient)]
         self.params = {name: self._to_internal(name, value) for name, value in params.items()}
         self.grads: dict = {}
         self._moments = {name: (self.xp.zeros_like(p), self.xp.zeros_like(p)) for name, p in self.params.items()}
@@ -619,7 +418,7 @@ class NumpyCapsNet(Implementation):
             grad_v += lengths_backward(xp, v, cache["lengths"], grad_lengths)
         batch, n_out, n_in, dim = cache["u_hat"].shape
         by_input = self._buffer("grad_u_hat_by_input", (n_in, batch, n_out, dim))
-        into = {"out": by_input.transpose(1, 2, 0, 3)} if _takes_out(self.routing_functions.backward) else {}
+        into = {"out": by_input.transpose(1, 2, 0, 3)} if takes_out(self.routing_functions.backward) else {}
         with self._routing_range("backward"):
             grad_u_hat = self.routing_functions.backward(xp, cache["u_hat"], cache["routing"], grad_v,
                                                          config.squash_eps, **into)

@@ -1,7 +1,7 @@
 """``torch-fused`` and ``torch-fused-cuda``: CapsNet in PyTorch with the backward written by hand, to show how
 close a torch training step comes to the GEMM peak.
 
-The autograd reference (:mod:`implementations.torch_capsnet`) stays as it is; this one subclasses it for
+The autograd reference (:mod:`implementations.torch.autograd`) stays as it is; this one subclasses it for
 everything the contract asks besides the network (data, optimizer state, allocator peaks, the PCI bus id)
 and replaces the network's forward with ``torch.autograd.Function`` s whose backward is written by hand.
 Why: autograd keeps every intermediate of every routing iteration and builds the gradient of u_hat one
@@ -15,22 +15,23 @@ and in its backward:
   products (forward, weight gradient, input gradient) is done the way that measures fastest on the machine
   it runs on: at the first step of a batch shape the model times every candidate on that shape and keeps
   the fastest, cached per machine, torch version, device, dtype, shape and threads
-  (:func:`choose_plan`, :mod:`implementations.conv_plans`; the candidates are in :data:`FORWARD`,
-  :data:`WEIGHT_GRADIENT` and :data:`INPUT_GRADIENT`, and ``python -m implementations.torch_fused`` prints
+  (:func:`choose_plan`, :mod:`implementations.torch._conv_plans`; the candidates are in :data:`FORWARD`,
+  :data:`WEIGHT_GRADIENT` and :data:`INPUT_GRADIENT`, and ``python -m implementations.torch.fused`` prints
   the measured table): an im2col copy and one GEMM, the framework's own convolution (oneDNN, cuDNN), one
   product per kernel offset accumulated in place, one per kernel row, one large product and col2im, or the
-  products in the Fourier domain (:mod:`implementations.spectral_convolution`: every transform a GEMM, and
-  fewer multiply-adds than the direct convolution that :mod:`harness.flops` counts, so a plan that uses it
+  products in the Fourier domain (:mod:`implementations.torch._spectral`: every transform a GEMM, and
+  fewer multiply-adds than the direct convolution that :mod:`harness.measure.flops` counts, so a plan that uses it
   runs at an *effective* rate, possibly above the machine's peak);
 * PrimaryCaps' squash together with the regrouping of the convolution's channels into capsules
   (:class:`PrimarySquash`);
 * the prediction vectors (:class:`PredictionVectors`), written once in the (B, J, N, D) layout that the
   routing consumes (``u_hat_layout`` "BJND"), with no autograd layout copies around them;
-* the routing (:class:`Routing`), exactly the mathematics of
-  :func:`implementations.numpy_capsnet.routing_vectorised_forward` and ``..._backward``: c = 1/J in the
+* the routing (:class:`~implementations.torch.routing.Routing`), exactly the mathematics of
+  :func:`implementations.numpy.routing.routing_vectorised_forward` and ``..._backward``: c = 1/J in the
   first iteration, gradients through c and b of every iteration, the gradient of u_hat written once by one
   batched product of inner dimension 2R - 1 from gathered coefficients; under the routing gradient
-  ``final`` (:class:`FinalGradientRouting`) the last iteration's weighted sum alone, one broadcast product.
+  ``final`` (:class:`~implementations.torch.routing.FinalGradientRouting`) the last iteration's weighted
+  sum alone, one broadcast product.
 
 Lengths, mask, decoder and losses stay with autograd: a small part of the work, with no layout to fix.
 
@@ -65,9 +66,10 @@ from harness.ranges import layer_range
 from harness.registry import register
 from harness.settings import CONV_PLAN_ENV
 from harness.spec import ADAM, PAPER, ROUTING_GRADIENTS, CapsNetConfig, conv_output_size
-from implementations import conv_plans
-from implementations import spectral_convolution as spectral
-from implementations.torch_capsnet import F, TorchCapsNet, capsule_lengths, decoder, mask_capsules, torch
+from implementations.torch import _conv_plans as conv_plans
+from implementations.torch import _spectral as spectral
+from implementations.torch.autograd import F, TorchCapsNet, capsule_lengths, decoder, mask_capsules, torch
+from implementations.torch.routing import ROUTING, squash_backward, squash_forward
 
 _Function = torch.autograd.Function if torch is not None else object
 _Module = torch.nn.Module if torch is not None else object
@@ -329,23 +331,6 @@ class Convolution(_Function):
 # Capsules ----------------------------------------------------------------------------------------------------
 
 
-def squash(s, eps: float, out=None):
-    """|s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) along the last axis."""
-    squared = (s * s).sum(dim=-1, keepdim=True)
-    return torch.mul(s, squared / ((1.0 + squared) * torch.sqrt(squared + eps)), out=out)
-
-
-def squash_backward(s, grad_v, eps: float):
-    """d loss / d s of the vector squash: the full Jacobian f I + 2 f' s s^T applied to grad_v."""
-    squared = (s * s).sum(dim=-1, keepdim=True)
-    one_plus = 1.0 + squared
-    root = torch.sqrt(squared + eps)
-    scale = squared / (one_plus * root)  # f(|s|^2)
-    slope = (1.0 / one_plus - squared / (2.0 * (squared + eps))) / (one_plus * root)  # f'
-    along = (s * grad_v).sum(dim=-1, keepdim=True)
-    return torch.addcmul(scale * grad_v, s, 2.0 * slope * along)
-
-
 class PrimarySquash(_Function):
     """The PrimaryCaps output rows (B * H * W, T * D), NHWC, -> squashed capsules u (B, T * H * W, D) in the
     capsule order of :mod:`harness.spec` (type-major, then pixel); the regrouping and the squash in one."""
@@ -356,7 +341,7 @@ class PrimarySquash(_Function):
         s = workspace.get("primary_squash:s", (batch, types, pixels, dim))
         s.copy_(rows.view(batch, pixels, types, dim).permute(0, 2, 1, 3))
         s = s.view(batch, types * pixels, dim)
-        u = squash(s, eps, out=workspace.get("primary_squash:u", s.shape))
+        u = squash_forward(s, eps, out=workspace.get("primary_squash:u", s.shape))
         ctx.setup = (batch, types, pixels, dim, eps, workspace)
         ctx.save_for_backward(s)
         return u
@@ -409,126 +394,18 @@ class PredictionVectors(_Function):
         return grad_u.permute(2, 0, 1), grad_weight.transpose(1, 2).reshape(weight.shape), None
 
 
-def weighted_sum(coefficients, u_hat):
-    """sum_i coefficients[b, j, i] u_hat[b, j, i]: (B, J, N) and (B, J, N, D) -> (B, J, D)."""
-    return torch.matmul(coefficients.unsqueeze(2), u_hat).squeeze(2)
-
-
-def agreement(u_hat, vectors):
-    """u_hat[b, j, i] . vectors[b, j]: (B, J, N, D) and (B, J, D) -> (B, J, N), as the product
-    (1 x D) @ (D x N) per (b, j): with u_hat as the left operand, (N x D) @ (D x 1), the BLAS's kernel for a
-    tall matrix of short rows measured far slower than one pass over u_hat's memory."""
-    batch, n_out, n_in, dim = u_hat.shape
-    rows = u_hat.reshape(batch * n_out, n_in, dim).transpose(1, 2)
-    return torch.bmm(vectors.reshape(batch * n_out, 1, dim), rows).view(batch, n_out, n_in)
-
-
-def routing_iterations(u_hat, iterations: int, eps: float) -> list:
-    """Procedure 1's forward on u_hat (B, J, N, D): [c, s, v] of every iteration in turn, v (B, J, D) last."""
-    batch, n_out, n_in, _ = u_hat.shape
-    logits, cache = None, []
-    for iteration in range(iterations):
-        with layer_range(f"routing_iteration_{iteration + 1}", "forward"):
-            if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
-                coupling = u_hat.new_full((batch, n_out, n_in), 1.0 / n_out)
-            else:
-                coupling = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
-            s = weighted_sum(coupling, u_hat)  # s_j = sum_i c_ij u_hat_j|i
-            v = squash(s, eps)
-            cache += [coupling, s, v]
-            if iteration < iterations - 1:
-                agreed = agreement(u_hat, v)  # u_hat_j|i . v_j
-                logits = agreed if logits is None else logits.add_(agreed)
-    return cache
-
-
-class Routing(_Function):
-    """Procedure 1 on u_hat (B, J, N, D) -> v (B, J, D), with the backward of
-    :func:`implementations.numpy_capsnet.routing_vectorised_backward`: through c and b of every iteration,
-    the gradient of u_hat (2R - 1 rank-one terms per example and output capsule) written once by a batched
-    product of the gathered coefficients; that product's range is iteration 1's."""
-
-    @staticmethod
-    def forward(ctx, u_hat, iterations: int, eps: float, workspace):
-        cache = routing_iterations(u_hat, iterations, eps)
-        ctx.setup = (iterations, eps, workspace)
-        ctx.save_for_backward(u_hat, *cache)
-        return cache[-1]
-
-    @staticmethod
-    def backward(ctx, grad_v):
-        iterations, eps, workspace = ctx.setup
-        u_hat, *cache = ctx.saved_tensors
-        batch, n_out, n_in, dim = u_hat.shape
-        terms = 2 * iterations - 1
-        left = workspace.get("routing:left", (batch, n_out, terms, n_in))  # coefficients over the input capsules
-        right = workspace.get("routing:right", (batch, n_out, terms, dim))  # vectors over the capsule axis
-        grad_logits_next = None  # d loss / d b_{r+1}
-        for iteration in reversed(range(iterations)):
-            with layer_range(f"routing_iteration_{iteration + 1}", "backward"):
-                coupling, s, v = cache[3 * iteration : 3 * iteration + 3]
-                if grad_logits_next is None:
-                    grad_v_r = grad_v
-                else:  # b_{r+1} = b_r + u_hat . v_r
-                    grad_v_r = weighted_sum(grad_logits_next, u_hat)
-                    left[:, :, iterations + iteration].copy_(grad_logits_next)
-                    right[:, :, iterations + iteration].copy_(v)
-                grad_s = squash_backward(s, grad_v_r, eps)
-                left[:, :, iteration].copy_(coupling)
-                right[:, :, iteration].copy_(grad_s)
-                if iteration == 0:
-                    break  # b_0 = 0 is a constant
-                grad_coupling = agreement(u_hat, grad_s)
-                grad_logits = coupling * (grad_coupling - (coupling * grad_coupling).sum(dim=1, keepdim=True))
-                if grad_logits_next is not None:
-                    grad_logits += grad_logits_next
-                grad_logits_next = grad_logits
-        with layer_range("routing_iteration_1", "backward"):
-            grad_u_hat = workspace.get("routing:grad_u_hat", u_hat.shape)
-            torch.bmm(left.view(batch * n_out, terms, n_in).transpose(1, 2), right.view(batch * n_out, terms, dim),
-                      out=grad_u_hat.view(batch * n_out, n_in, dim))
-        return grad_u_hat, None, None, None
-
-
-class FinalGradientRouting(_Function):
-    """Procedure 1 on u_hat (B, J, N, D) -> v (B, J, D) with the backward of the routing gradient ``final``
-    (harness.spec): the last iteration's couplings are constants, so d loss / d u_hat_j|i = c_R,ij d loss /
-    d s_R,j, one rank-one term per example and output capsule written by one broadcast product, with no
-    earlier iteration visited (:func:`implementations.numpy_capsnet.routing_vectorised_final_backward`).
-    Only c_R and s_R are kept for backward, not u_hat nor the earlier iterations."""
-
-    @staticmethod
-    def forward(ctx, u_hat, iterations: int, eps: float, workspace):
-        coupling, s, v = routing_iterations(u_hat, iterations, eps)[-3:]
-        ctx.setup = (iterations, eps, workspace, u_hat.shape)
-        ctx.save_for_backward(coupling, s)
-        return v
-
-    @staticmethod
-    def backward(ctx, grad_v):
-        iterations, eps, workspace, shape = ctx.setup
-        coupling, s = ctx.saved_tensors
-        with layer_range(f"routing_iteration_{iterations}", "backward"):
-            grad_s = squash_backward(s, grad_v, eps)
-            grad_u_hat = workspace.get("routing:grad_u_hat", shape)
-            torch.mul(coupling.unsqueeze(-1), grad_s.unsqueeze(2), out=grad_u_hat)
-        return grad_u_hat, None, None, None
-
-
-ROUTING_BY_GRADIENT = {"full": Routing, "final": FinalGradientRouting}
-
-
 # The network ------------------------------------------------------------------------------------------------
 
 
 class FusedCapsNetModule(_Module):
     """The network as a ``torch.nn.Module`` over the same Parameter objects as the reference module (so the
     optimizer built over those stays valid, and DistributedDataParallel can wrap it); ``forward(images,
-    labels)`` returns (lengths, reconstructions) as :class:`implementations.torch_capsnet.CapsNetModule`'s."""
+    labels)`` returns (lengths, reconstructions) as :class:`implementations.torch.autograd.CapsNetModule`'s."""
 
-    def __init__(self, config: CapsNetConfig, params: dict, plan: Plan, workspace: Workspace):
+    def __init__(self, config: CapsNetConfig, params: dict, plan: Plan, workspace: Workspace, routing):
         super().__init__()
         self.config, self.params, self.plan, self.workspace = config, params, plan, workspace
+        self.routing = routing  # the hand-written routing (an autograd.Function) of implementations.torch.routing
         for name, parameter in params.items():
             self.register_parameter(name.replace(".", "_"), parameter)
 
@@ -553,9 +430,8 @@ class FusedCapsNetModule(_Module):
 
     def forward(self, images, labels=None):
         config = self.config
-        v = ROUTING_BY_GRADIENT[config.routing_gradient].apply(self.predictions(images, self.workspace),
-                                                               config.routing_iterations, config.squash_eps,
-                                                               self.workspace)
+        v = self.routing.apply(self.predictions(images, self.workspace),
+                               config.routing_iterations, config.squash_eps, self.workspace)
         with layer_range("lengths_mask"):
             lengths = capsule_lengths(v)
             masked = mask_capsules(v, labels if labels is not None else lengths.argmax(dim=1), config)
@@ -566,7 +442,7 @@ class FusedCapsNetModule(_Module):
 class TorchFusedCapsNet(TorchCapsNet):
     """CapsNet in torch with hand-written backward (see the module docstring).  u_hat is (B, J, N, D), so
     ``route`` here takes u_hat in that layout (the reference's takes (B, N, J, D)); it serves the
-    routing-alone calls, while the network's forward applies :class:`Routing` with the kept workspace."""
+    routing-alone calls, while the network's forward applies the same routing with the kept workspace."""
 
     u_hat_layout = "BJND"
     routing_gradients = ROUTING_GRADIENTS  # Routing and FinalGradientRouting
@@ -581,7 +457,8 @@ class TorchFusedCapsNet(TorchCapsNet):
         self.plans: dict[int, tuple[Plan, dict]] = {}
         self.plan_seconds = 0.0  # spent choosing plans (measuring, or reading the cache): set-up, not a step
         self.workspace = Workspace(self._dtype, self._device)
-        self.module = FusedCapsNetModule(config, self.params, self.plan, self.workspace)
+        self.module = FusedCapsNetModule(config, self.params, self.plan, self.workspace,
+                                         ROUTING[(routing_variant, config.routing_gradient)].hand_written)
 
     def use_plan_for(self, batch_size: int) -> Plan:
         """The convolution plan of this batch size, chosen on its first use: a batch no larger than one this
@@ -644,8 +521,8 @@ class TorchFusedCapsNet(TorchCapsNet):
 
     def route(self, u_hat):
         """The routing of the forward pass on u_hat (B, J, N, D) -> v (B, J, D)."""
-        return ROUTING_BY_GRADIENT[self.config.routing_gradient].apply(
-            u_hat, self.config.routing_iterations, self.config.squash_eps, self._fresh())
+        return self.module.routing.apply(u_hat, self.config.routing_iterations, self.config.squash_eps,
+                                         self._fresh())
 
     def prediction_vectors(self, batch):
         self.use_plan_for(batch.images.shape[0])
@@ -741,7 +618,7 @@ SPECTRAL_NOTE = ("spectral: the products in the Fourier domain, with fewer multi
 
 def machine_name(device) -> str:
     """What the cache keys a choice by: the CPU model, or the GPU's name."""
-    from harness.environment import cpu_model
+    from harness.measure.machine import cpu_model
 
     device = torch.device(device)
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
@@ -821,7 +698,7 @@ def choose_plan(config: CapsNetConfig, batch_size: int, dtype: str, device, meas
 def main(argv: list[str] | None = None) -> int:
     from harness.threads import set_threads, usable_cpu_count
 
-    parser = argparse.ArgumentParser(prog="python -m implementations.torch_fused",
+    parser = argparse.ArgumentParser(prog="python -m implementations.torch.fused",
                                      description="Time every strategy of each product of the convolutions and print "
                                                  "the fastest (what torch-fused chooses at its first step).")
     parser.add_argument("--layer", choices=("conv1", "primary_caps", "both"), default="both")

@@ -7,7 +7,7 @@ the choice in a small JSON file keyed by everything the choice depends on (machi
 dtype, shape, threads), so a second process reads it instead of measuring again.
 
 This module is the choice rule and the cache, free of torch: timings in, names of strategies out.  The
-strategies themselves and their measurement are in :mod:`implementations.torch_fused`.
+strategies themselves and their measurement are in :mod:`implementations.torch.fused`.
 
 Cache folder: ``$CAPSBENCH_PLAN_CACHE`` if set (tests point it at a temporary folder), else
 ``$XDG_CACHE_HOME/capsbench``, else ``~/.cache/capsbench``; the file is ``conv-plans.json``, written

@@ -1,8 +1,9 @@
 """CapsNet in PyTorch with autograd: ``torch-vectorised`` and ``torch-looped``, on CPU and on CUDA.
 
 ``torch-vectorised`` (float64, CPU) is the reference every other implementation is checked against.
-The two routing variants differ only in :func:`routing_vectorised` and :func:`routing_looped`; everything
-else is shared.  The network follows :mod:`harness.spec` exactly (read its docstring for the choices).
+The two routing variants differ only in their routing, looked up by routing variant and routing gradient
+in :data:`implementations.torch.routing.ROUTING`; everything else is shared.  The network follows
+:mod:`harness.spec` exactly (read its docstring for the choices).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from harness.params import DECODER_PREFIX, decoder_layer_count
 from harness.ranges import ROUTING_LAYER, layer_range
 from harness.registry import register
 from harness.spec import ADAM, ROUTING_GRADIENTS, CapsNetConfig, LearningRateSchedule
+from implementations.torch.routing import ROUTING, squash
 
 try:
     import torch
@@ -25,12 +27,6 @@ except Exception as error:  # not installed, or a broken CUDA install: listed as
 
 
 # The network, as functions of tensors --------------------------------------------------------------
-
-
-def squash(s, eps: float):
-    """|s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps), along the last axis."""
-    squared_norm = (s * s).sum(dim=-1, keepdim=True)
-    return s * (squared_norm / (1.0 + squared_norm) / torch.sqrt(squared_norm + eps))
 
 
 def primary_capsules(conv_output, config: CapsNetConfig):
@@ -53,65 +49,6 @@ def prediction_vectors(u, weight):
     per_capsule = torch.matmul(u.transpose(0, 1), weight.reshape(n_in, n_out * dim_out, dim_in).transpose(1, 2))
     by_output = per_capsule.reshape(n_in, batch, n_out, dim_out).permute(1, 2, 0, 3).contiguous()
     return by_output.transpose(1, 2)
-
-
-def routed_predictions(u_hat, iteration: int, iterations: int, gradient: str):
-    """The u_hat that iteration ``iteration`` (from 0) reads under routing gradient ``gradient`` (see
-    harness.spec): u_hat itself, or under ``final`` before the last iteration u_hat with its gradient
-    stopped (XifengGuo's ``x_hat_detached``)."""
-    if gradient == "final" and iteration < iterations - 1:
-        return u_hat.detach()
-    return u_hat
-
-
-def routing_vectorised(u_hat, iterations: int, eps: float, gradient: str = "full"):
-    """Procedure 1 as batched matrix products over all input and output capsules; returns v (B, J, D)."""
-    attached = u_hat.transpose(1, 2)  # (B, J, N, D), contiguous when u_hat comes from prediction_vectors
-    logits = attached.new_zeros(attached.shape[:3])  # b_ij stored (B, J, N)
-    for iteration in range(iterations):
-        u = routed_predictions(attached, iteration, iterations, gradient)
-        with layer_range(f"routing_iteration_{iteration + 1}"):
-            if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
-                coupling = torch.full_like(logits, 1.0 / logits.shape[1])
-            else:
-                coupling = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
-            v = squash(torch.matmul(coupling.unsqueeze(2), u).squeeze(2), eps)  # s_j = sum_i c_ij u_hat_j|i
-            if iteration < iterations - 1:
-                logits = logits + torch.matmul(u, v.unsqueeze(-1)).squeeze(-1)  # b_ij += u_hat_j|i . v_j
-    return v
-
-
-def routing_looped(u_hat, iterations: int, eps: float, gradient: str = "full"):
-    """Procedure 1 transcribed line by line, with Python loops over the output capsules j."""
-    batch, n_in, n_out, _ = u_hat.shape
-    logits = [u_hat.new_zeros(batch, n_in) for _ in range(n_out)]  # b_ij, one (B, N) tensor per j
-    for iteration in range(iterations):
-        # u_hat_j|i for each output capsule j, (B, N, D) each
-        predictions = routed_predictions(u_hat, iteration, iterations, gradient).unbind(dim=2)
-        with layer_range(f"routing_iteration_{iteration + 1}"):
-            # c_i = softmax(b_i) over j, written out
-            largest = logits[0]
-            for j in range(1, n_out):
-                largest = torch.maximum(largest, logits[j])
-            exps = [torch.exp(logits[j] - largest) for j in range(n_out)]
-            total = exps[0]
-            for j in range(1, n_out):
-                total = total + exps[j]
-            # s_j = sum_i c_ij u_hat_j|i ; v_j = squash(s_j)
-            v = []
-            for j in range(n_out):
-                s_j = ((exps[j] / total).unsqueeze(-1) * predictions[j]).sum(dim=1)
-                v.append(squash(s_j, eps))
-            # b_ij <- b_ij + u_hat_j|i . v_j
-            if iteration < iterations - 1:
-                for j in range(n_out):
-                    logits[j] = logits[j] + (predictions[j] * v[j].unsqueeze(1)).sum(dim=2)
-            else:
-                v = torch.stack(v, dim=1)
-    return v
-
-
-ROUTING = {"vectorised": routing_vectorised, "looped": routing_looped}
 
 
 def capsule_lengths(v):
@@ -221,7 +158,6 @@ class TorchCapsNet(Implementation):
         if self._device.type == "cuda":  # float32 means float32: no TF32 in convolutions or matrix products
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-        self._routing_function = ROUTING[routing_variant]
         self.module = CapsNetModule(config, params, self._dtype, self._device, self._route_in_range)
         self.params = self.module.params
         self.optimizer = self.make_optimizer()
@@ -266,8 +202,8 @@ class TorchCapsNet(Implementation):
     def route(self, u_hat):
         """The differentiable routing of the forward pass: u_hat (B, N, J, D) -> v (B, J, D).  The hook a
         plugin overrides to try another routing (see harness.registry)."""
-        return self._routing_function(u_hat, self.config.routing_iterations, self.config.squash_eps,
-                                      self.config.routing_gradient)
+        routing = ROUTING[(self.routing_variant, self.config.routing_gradient)].autograd
+        return routing(u_hat, self.config.routing_iterations, self.config.squash_eps)
 
     def _route_in_range(self, u_hat):
         """``route`` as the network calls it: a plugin's own ``route`` runs inside the range of the whole

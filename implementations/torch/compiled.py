@@ -15,7 +15,7 @@ Triton on CUDA) fuses them.  What each contract method runs:
 * ``adam_step``: ``torch.optim.Adam(fused=True)``, one fused kernel for every tensor, on the CPU and on
   CUDA; nothing to compile.
 * ``prediction_vectors``, ``routing_forward`` and ``routing_backward`` (the routing-alone benchmarks) are
-  the eager functions of :mod:`implementations.torch_capsnet`: compiling routing alone would compile one
+  the eager autograd routing of :mod:`implementations.torch.routing`: compiling routing alone would compile one
   more pair of graphs per iteration count, and the parity check visits three counts.  The routing inside
   the training step and inference is compiled with the rest of the network.
 
@@ -46,7 +46,7 @@ import sys
 from harness.contract import ROUTING_VARIANTS, Availability, Batch
 from harness.registry import register
 from harness.spec import ADAM, CapsNetConfig
-from implementations.torch_capsnet import (
+from implementations.torch.autograd import (
     TorchCapsNet,
     capsule_lengths,
     decode,
@@ -55,6 +55,7 @@ from implementations.torch_capsnet import (
     reconstruction_loss,
     torch,
 )
+from implementations.torch.routing import ROUTING
 
 # Compiled graphs Dynamo may keep per function and routing variant: dtypes x configurations x grad modes.
 RECOMPILE_LIMIT = 32
@@ -65,8 +66,7 @@ RECOMPILE_LIMIT = 32
 
 def inference_outputs(params: dict, images, config: CapsNetConfig, routing):
     """Class-capsule lengths and reconstructions, the decoder masked to the longest capsule."""
-    v = routing(predictions_from_images(params, images, config), config.routing_iterations, config.squash_eps,
-                config.routing_gradient)
+    v = routing(predictions_from_images(params, images, config), config.routing_iterations, config.squash_eps)
     lengths = capsule_lengths(v)
     return lengths, decode(params, v, lengths.argmax(dim=1), config)
 
@@ -75,8 +75,7 @@ def training_outputs(params: dict, images, labels, config: CapsNetConfig, routin
     """The margin loss and the reconstruction loss of a training forward pass, the latter before its weight
     (``config``'s is 1, see :func:`unit_weight`), with the lengths and the reconstructions they come from
     (the decoder masked to the true class)."""
-    v = routing(predictions_from_images(params, images, config), config.routing_iterations, config.squash_eps,
-                config.routing_gradient)
+    v = routing(predictions_from_images(params, images, config), config.routing_iterations, config.squash_eps)
     lengths = capsule_lengths(v)
     reconstructions = decode(params, v, labels, config)
     return (margin_loss(lengths, labels, config), reconstruction_loss(reconstructions, images, config), lengths,
@@ -124,9 +123,9 @@ def cpp_compiler() -> str:
 
 
 class TorchCompiledCapsNet(TorchCapsNet):
-    """:class:`~implementations.torch_capsnet.TorchCapsNet` with ``forward_loss`` (and through AOTAutograd
-    its backward) and ``forward`` compiled, and fused Adam.  It compiles the routing function of its
-    variant (:data:`implementations.torch_capsnet.ROUTING`), not an overridden ``route`` hook."""
+    """:class:`~implementations.torch.autograd.TorchCapsNet` with ``forward_loss`` (and through AOTAutograd
+    its backward) and ``forward`` compiled, and fused Adam.  It compiles the autograd routing of its variant
+    and routing gradient (:data:`implementations.torch.routing.ROUTING`), not an overridden ``route`` hook."""
 
     first_call_compiles = True  # the first step of a new dtype or configuration compiles (bench_compile.py)
 
@@ -154,14 +153,14 @@ class TorchCompiledCapsNet(TorchCapsNet):
             (images,) = batch_dynamic(batch.images)
             with torch.no_grad(), compile_settings():
                 return compiled("inference_outputs")(self.params, images, unit_weight(self.config),
-                                                     self._routing_function)
+                                                     self._routing())
         if batch.labels is None:
             raise ValueError("a training forward pass needs labels (the decoder is masked to the true class)")
         _, _, lengths, reconstructions = self._training_outputs(batch)
         return lengths.detach(), reconstructions.detach()
 
     def forward_loss(self, batch: Batch):
-        """Margin loss plus the weighted reconstruction loss, as :func:`~implementations.torch_capsnet.total_loss`
+        """Margin loss plus the weighted reconstruction loss, as :func:`~implementations.torch.autograd.total_loss`
         adds them."""
         if batch.labels is None:
             raise ValueError("the training loss needs labels")
@@ -170,11 +169,15 @@ class TorchCompiledCapsNet(TorchCapsNet):
         self._loss = margin + self.config.reconstruction_weight * reconstruction
         return self._loss.detach()
 
+    def _routing(self):
+        """The autograd routing of this variant and routing gradient, which the compiled functions take."""
+        return ROUTING[(self.routing_variant, self.config.routing_gradient)].autograd
+
     def _training_outputs(self, batch: Batch):
         images, labels = batch_dynamic(batch.images, batch.labels)
         with compile_settings():
             return compiled("training_outputs")(self.params, images, labels, unit_weight(self.config),
-                                                self._routing_function)
+                                                self._routing())
 
     def _backward(self, keep_graph: bool) -> None:
         with compile_settings():

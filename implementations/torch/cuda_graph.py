@@ -51,7 +51,7 @@ import numpy as np
 from harness.contract import ROUTING_VARIANTS, Batch, Implementation
 from harness.registry import register
 from harness.spec import ADAM, LearningRateSchedule
-from implementations.torch_capsnet import TorchCapsNet, torch, total_loss
+from implementations.torch.autograd import TorchCapsNet, torch, total_loss
 
 WARM_UPS = 3  # eager runs on the side stream before a capture (PyTorch's whole-network example runs 3)
 
@@ -137,7 +137,7 @@ class Region:
 
 
 class TorchCudaGraphCapsNet(TorchCapsNet):
-    """:class:`~implementations.torch_capsnet.TorchCapsNet` with every timed region replayed from a CUDA graph
+    """:class:`~implementations.torch.autograd.TorchCapsNet` with every timed region replayed from a CUDA graph
     (see the module docstring).  ``graph_backend`` captures; the CPU tests substitute one that runs the
     regions eagerly, to check the host-side logic."""
 

@@ -1,0 +1,1 @@
+"""The JAX implementations: one jitted program per operation."""

@@ -1,0 +1,248 @@
+"""Every routing of the PyTorch implementations in one table, :data:`ROUTING`, keyed by (routing variant,
+routing gradient) (harness.spec); each entry a :class:`TorchRouting`, the ways torch computes that routing:
+
+* ``autograd``: u_hat (B, N, J, D), iterations, eps -> v (B, J, D), differentiated by autograd: the routing
+  of ``torch-vectorised`` and ``torch-looped`` (the reference) and of the compiled and CUDA-graph variants
+  (:func:`routing_vectorised`, :func:`routing_looped`; the gradient ``final`` detaches u_hat in the
+  iterations before the last, :func:`routed_predictions`);
+* ``hand_written``: a ``torch.autograd.Function`` on u_hat laid out (B, J, N, D), ``apply(u_hat,
+  iterations, eps, workspace)``, with the backward written by hand (:class:`Routing`,
+  :class:`FinalGradientRouting`): ``torch-fused``'s routing; None for a variant that has none (looped).
+
+The squash of each (:func:`squash` for autograd; :func:`squash_forward` and :func:`squash_backward` by
+hand) is here too, and the networks' PrimaryCaps use the same functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from harness.ranges import layer_range
+from harness.spec import ROUTING_GRADIENTS
+
+try:
+    import torch
+except Exception:  # implementations.torch.autograd says why torch is unavailable; nothing here runs then
+    torch = None
+
+_Function = torch.autograd.Function if torch is not None else object
+
+
+# Differentiated by autograd: u_hat (B, N, J, D) -------------------------------------------------------------
+
+
+def squash(s, eps: float):
+    """|s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps), along the last axis."""
+    squared_norm = (s * s).sum(dim=-1, keepdim=True)
+    return s * (squared_norm / (1.0 + squared_norm) / torch.sqrt(squared_norm + eps))
+
+
+def routed_predictions(u_hat, iteration: int, iterations: int, gradient: str):
+    """The u_hat that iteration ``iteration`` (from 0) reads under routing gradient ``gradient`` (see
+    harness.spec): u_hat itself, or under ``final`` before the last iteration u_hat with its gradient
+    stopped (XifengGuo's ``x_hat_detached``)."""
+    if gradient == "final" and iteration < iterations - 1:
+        return u_hat.detach()
+    return u_hat
+
+
+def routing_vectorised(u_hat, iterations: int, eps: float, gradient: str = "full"):
+    """Procedure 1 as batched matrix products over all input and output capsules; returns v (B, J, D)."""
+    attached = u_hat.transpose(1, 2)  # (B, J, N, D), contiguous when u_hat comes from prediction_vectors
+    logits = attached.new_zeros(attached.shape[:3])  # b_ij stored (B, J, N)
+    for iteration in range(iterations):
+        u = routed_predictions(attached, iteration, iterations, gradient)
+        with layer_range(f"routing_iteration_{iteration + 1}"):
+            if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
+                coupling = torch.full_like(logits, 1.0 / logits.shape[1])
+            else:
+                coupling = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
+            v = squash(torch.matmul(coupling.unsqueeze(2), u).squeeze(2), eps)  # s_j = sum_i c_ij u_hat_j|i
+            if iteration < iterations - 1:
+                logits = logits + torch.matmul(u, v.unsqueeze(-1)).squeeze(-1)  # b_ij += u_hat_j|i . v_j
+    return v
+
+
+def routing_looped(u_hat, iterations: int, eps: float, gradient: str = "full"):
+    """Procedure 1 transcribed line by line, with Python loops over the output capsules j."""
+    batch, n_in, n_out, _ = u_hat.shape
+    logits = [u_hat.new_zeros(batch, n_in) for _ in range(n_out)]  # b_ij, one (B, N) tensor per j
+    for iteration in range(iterations):
+        # u_hat_j|i for each output capsule j, (B, N, D) each
+        predictions = routed_predictions(u_hat, iteration, iterations, gradient).unbind(dim=2)
+        with layer_range(f"routing_iteration_{iteration + 1}"):
+            # c_i = softmax(b_i) over j, written out
+            largest = logits[0]
+            for j in range(1, n_out):
+                largest = torch.maximum(largest, logits[j])
+            exps = [torch.exp(logits[j] - largest) for j in range(n_out)]
+            total = exps[0]
+            for j in range(1, n_out):
+                total = total + exps[j]
+            # s_j = sum_i c_ij u_hat_j|i ; v_j = squash(s_j)
+            v = []
+            for j in range(n_out):
+                s_j = ((exps[j] / total).unsqueeze(-1) * predictions[j]).sum(dim=1)
+                v.append(squash(s_j, eps))
+            # b_ij <- b_ij + u_hat_j|i . v_j
+            if iteration < iterations - 1:
+                for j in range(n_out):
+                    logits[j] = logits[j] + (predictions[j] * v[j].unsqueeze(1)).sum(dim=2)
+            else:
+                v = torch.stack(v, dim=1)
+    return v
+
+# Backward written by hand (torch-fused): u_hat (B, J, N, D) ----------------------------------------------------
+
+
+def squash_forward(s, eps: float, out=None):
+    """|s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) along the last axis."""
+    squared = (s * s).sum(dim=-1, keepdim=True)
+    return torch.mul(s, squared / ((1.0 + squared) * torch.sqrt(squared + eps)), out=out)
+
+
+def squash_backward(s, grad_v, eps: float):
+    """d loss / d s of the vector squash: the full Jacobian f I + 2 f' s s^T applied to grad_v."""
+    squared = (s * s).sum(dim=-1, keepdim=True)
+    one_plus = 1.0 + squared
+    root = torch.sqrt(squared + eps)
+    scale = squared / (one_plus * root)  # f(|s|^2)
+    slope = (1.0 / one_plus - squared / (2.0 * (squared + eps))) / (one_plus * root)  # f'
+    along = (s * grad_v).sum(dim=-1, keepdim=True)
+    return torch.addcmul(scale * grad_v, s, 2.0 * slope * along)
+
+
+def weighted_sum(coefficients, u_hat):
+    """sum_i coefficients[b, j, i] u_hat[b, j, i]: (B, J, N) and (B, J, N, D) -> (B, J, D)."""
+    return torch.matmul(coefficients.unsqueeze(2), u_hat).squeeze(2)
+
+
+def agreement(u_hat, vectors):
+    """u_hat[b, j, i] . vectors[b, j]: (B, J, N, D) and (B, J, D) -> (B, J, N), as the product
+    (1 x D) @ (D x N) per (b, j): with u_hat as the left operand, (N x D) @ (D x 1), the BLAS's kernel for a
+    tall matrix of short rows measured far slower than one pass over u_hat's memory."""
+    batch, n_out, n_in, dim = u_hat.shape
+    rows = u_hat.reshape(batch * n_out, n_in, dim).transpose(1, 2)
+    return torch.bmm(vectors.reshape(batch * n_out, 1, dim), rows).view(batch, n_out, n_in)
+
+
+def routing_iterations(u_hat, iterations: int, eps: float) -> list:
+    """Procedure 1's forward on u_hat (B, J, N, D): [c, s, v] of every iteration in turn, v (B, J, D) last."""
+    batch, n_out, n_in, _ = u_hat.shape
+    logits, cache = None, []
+    for iteration in range(iterations):
+        with layer_range(f"routing_iteration_{iteration + 1}", "forward"):
+            if iteration == 0:  # softmax of b = 0: exactly 1 / J everywhere
+                coupling = u_hat.new_full((batch, n_out, n_in), 1.0 / n_out)
+            else:
+                coupling = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
+            s = weighted_sum(coupling, u_hat)  # s_j = sum_i c_ij u_hat_j|i
+            v = squash_forward(s, eps)
+            cache += [coupling, s, v]
+            if iteration < iterations - 1:
+                agreed = agreement(u_hat, v)  # u_hat_j|i . v_j
+                logits = agreed if logits is None else logits.add_(agreed)
+    return cache
+
+
+class Routing(_Function):
+    """Procedure 1 on u_hat (B, J, N, D) -> v (B, J, D), with the backward of
+    :func:`implementations.numpy.routing.routing_vectorised_backward`: through c and b of every iteration,
+    the gradient of u_hat (2R - 1 rank-one terms per example and output capsule) written once by a batched
+    product of the gathered coefficients; that product's range is iteration 1's."""
+
+    @staticmethod
+    def forward(ctx, u_hat, iterations: int, eps: float, workspace):
+        cache = routing_iterations(u_hat, iterations, eps)
+        ctx.setup = (iterations, eps, workspace)
+        ctx.save_for_backward(u_hat, *cache)
+        return cache[-1]
+
+    @staticmethod
+    def backward(ctx, grad_v):
+        iterations, eps, workspace = ctx.setup
+        u_hat, *cache = ctx.saved_tensors
+        batch, n_out, n_in, dim = u_hat.shape
+        terms = 2 * iterations - 1
+        left = workspace.get("routing:left", (batch, n_out, terms, n_in))  # coefficients over the input capsules
+        right = workspace.get("routing:right", (batch, n_out, terms, dim))  # vectors over the capsule axis
+        grad_logits_next = None  # d loss / d b_{r+1}
+        for iteration in reversed(range(iterations)):
+            with layer_range(f"routing_iteration_{iteration + 1}", "backward"):
+                coupling, s, v = cache[3 * iteration : 3 * iteration + 3]
+                if grad_logits_next is None:
+                    grad_v_r = grad_v
+                else:  # b_{r+1} = b_r + u_hat . v_r
+                    grad_v_r = weighted_sum(grad_logits_next, u_hat)
+                    left[:, :, iterations + iteration].copy_(grad_logits_next)
+                    right[:, :, iterations + iteration].copy_(v)
+                grad_s = squash_backward(s, grad_v_r, eps)
+                left[:, :, iteration].copy_(coupling)
+                right[:, :, iteration].copy_(grad_s)
+                if iteration == 0:
+                    break  # b_0 = 0 is a constant
+                grad_coupling = agreement(u_hat, grad_s)
+                grad_logits = coupling * (grad_coupling - (coupling * grad_coupling).sum(dim=1, keepdim=True))
+                if grad_logits_next is not None:
+                    grad_logits += grad_logits_next
+                grad_logits_next = grad_logits
+        with layer_range("routing_iteration_1", "backward"):
+            grad_u_hat = workspace.get("routing:grad_u_hat", u_hat.shape)
+            torch.bmm(left.view(batch * n_out, terms, n_in).transpose(1, 2), right.view(batch * n_out, terms, dim),
+                      out=grad_u_hat.view(batch * n_out, n_in, dim))
+        return grad_u_hat, None, None, None
+
+
+class FinalGradientRouting(_Function):
+    """Procedure 1 on u_hat (B, J, N, D) -> v (B, J, D) with the backward of the routing gradient ``final``
+    (harness.spec): the last iteration's couplings are constants, so d loss / d u_hat_j|i = c_R,ij d loss /
+    d s_R,j, one rank-one term per example and output capsule written by one broadcast product, with no
+    earlier iteration visited (:func:`implementations.numpy.routing.routing_vectorised_final_backward`).
+    Only c_R and s_R are kept for backward, not u_hat nor the earlier iterations."""
+
+    @staticmethod
+    def forward(ctx, u_hat, iterations: int, eps: float, workspace):
+        coupling, s, v = routing_iterations(u_hat, iterations, eps)[-3:]
+        ctx.setup = (iterations, eps, workspace, u_hat.shape)
+        ctx.save_for_backward(coupling, s)
+        return v
+
+    @staticmethod
+    def backward(ctx, grad_v):
+        iterations, eps, workspace, shape = ctx.setup
+        coupling, s = ctx.saved_tensors
+        with layer_range(f"routing_iteration_{iterations}", "backward"):
+            grad_s = squash_backward(s, grad_v, eps)
+            grad_u_hat = workspace.get("routing:grad_u_hat", shape)
+            torch.mul(coupling.unsqueeze(-1), grad_s.unsqueeze(2), out=grad_u_hat)
+        return grad_u_hat, None, None, None
+
+
+# The table --------------------------------------------------------------------------------------------------
+
+
+class TorchRouting(NamedTuple):
+    """The routing of one (routing variant, routing gradient): by autograd, and with a hand-written backward
+    where there is one."""
+
+    autograd: Callable
+    hand_written: type | None
+
+
+def _with_gradient(function: Callable, gradient: str) -> Callable:
+    """``function`` of u_hat, iterations and eps under the routing gradient ``gradient``: a plain function
+    (one per entry, so torch.compile, which takes the routing as an argument, sees a fixed function)."""
+    def routing(u_hat, iterations: int, eps: float):
+        return function(u_hat, iterations, eps, gradient)
+
+    routing.__name__ = routing.__qualname__ = f"{function.__name__}_{gradient}"
+    return routing
+
+
+HAND_WRITTEN = {("vectorised", "full"): Routing, ("vectorised", "final"): FinalGradientRouting}
+ROUTING = {
+    (variant, gradient): TorchRouting(_with_gradient(function, gradient), HAND_WRITTEN.get((variant, gradient)))
+    for variant, function in (("vectorised", routing_vectorised), ("looped", routing_looped))
+    for gradient in ROUTING_GRADIENTS
+}
