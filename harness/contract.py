@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from harness.decoder import decode_capsules
+from harness.errors import UserError
 from harness.params import validate_parameters
 from harness.spec import CONSTANT_RATE, CapsNetConfig, LearningRateSchedule
 
@@ -36,8 +37,9 @@ DTYPES = ("float32", "float64")
 CANONICAL_U_HAT_LAYOUT = "BNJD"
 
 
-class UnavailableImplementationError(RuntimeError):
-    """A registered implementation that cannot run here (missing package, no device, ...)."""
+class UnavailableImplementationError(UserError, RuntimeError):
+    """A registered implementation that cannot run here (missing package, no device, ...): a command asked
+    for it ends with its message in one line (exit status 2)."""
 
 
 class UnsupportedRoutingGradientError(UnavailableImplementationError):

@@ -50,12 +50,13 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import contract, epochs, options, registry
+from harness import cli, contract, epochs, options, registry
 from harness.checkpoint import save_checkpoint
 from harness.data import DataError, Dataset, load_mnist, shift_images
+from harness.errors import UserError
 from harness.params import init_parameters
 from harness.progress import Progress
-from harness.results import ResultsFileError, atomic_output, write_json_atomic
+from harness.results import atomic_output, write_json_atomic
 from harness.run_status import RunStatus
 from harness.settings import FAIL_RANK_ENV
 from harness.spec import SCHEDULES
@@ -73,7 +74,7 @@ DEFAULT_TIMEOUT_S = 600.0
 TORCHRUN_EXAMPLE = "torchrun --standalone --nproc-per-node 2 -m harness.distributed train ..."
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """Run outside torchrun, or with a setup that cannot work (e.g. more ranks than GPUs)."""
 
 
@@ -366,10 +367,8 @@ def train_main(argv: list[str] | None = None) -> int:
         if not support:
             raise contract.UnsupportedRoutingGradientError(f"implementation {info.name!r} {support.reason}")
         launch_environment()
-    except (registry.UnknownImplementationError, contract.UnavailableImplementationError, LaunchError,
-            ResultsFileError, epochs.TrainingOptionError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from None
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     epochs.pin_threads(args.threads or max(1, epochs.usable_cpu_count() // local_ranks))
     ctx, out, run = None, None, None
@@ -398,7 +397,7 @@ def train_main(argv: list[str] | None = None) -> int:
             print(f"results written to {out}", flush=True)
         leave_together(ctx)
         return 0
-    except DataError as error:
+    except DataError as error:  # said by the rank before it leaves the process group, as a failure below
         print(f"error: rank {ctx.rank if ctx else '?'}: {error}", file=sys.stderr, flush=True)
         return 2
     except Exception as error:  # includes TrainingDiverged, injected failures, collective errors, Terminated
@@ -417,6 +416,7 @@ def train_main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous_handler)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-h"], ["--help"]):  # the options of the one command, train

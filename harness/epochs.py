@@ -24,6 +24,7 @@ from harness import contract, options, registry
 from harness.checkpoint import checkpoint_path, load_checkpoint
 from harness.data import DataError, Dataset, iterate_batches, resolve_data_dir
 from harness.environment import machine_facts
+from harness.errors import UserError
 from harness.progress import LINES_PER_EPOCH, Progress
 from harness.results import TRAINING_KIND, ResultsFileError, read_training_result, unwritable_line, writable_folder
 from harness.run_status import TrainingDiverged, process_facts
@@ -36,7 +37,7 @@ TRAINING_RUNS_DIR = RUNS_DIR / TRAINING_SUBDIR
 DEFAULT_SCHEDULE = "paper"
 
 
-class TrainingOptionError(ValueError):
+class TrainingOptionError(UserError, ValueError):
     """Options that do not fit together or with the results file: one line naming the problem and the fix."""
 
 

@@ -54,7 +54,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import options, registry
+from harness import cli, options, registry
+from harness.errors import UserError
 from harness.results import PROFILE_CSV, write_json_atomic, write_text_atomic
 from harness.settings import (
     ASV_COMMIT_ENV,
@@ -753,30 +754,27 @@ def dry_run(device: str, names: list[str] | None, smoke: bool, budget: float) ->
     return "\n".join(lines)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.budget <= 0:
-        print(f"error: --budget {args.budget:g}: give the seconds the run may take, e.g. --budget 540", file=sys.stderr)
-        return 2
+        raise UserError(f"--budget {args.budget:g}: give the seconds the run may take, e.g. --budget 540")
     if args.dry_run:
         print(dry_run(args.device, args.impl, args.smoke, args.budget))
         return 0
     if args.device == "cuda" and (problem := gpu_problem()):
-        print(f"error: {problem}; nothing was run", file=sys.stderr)
-        return 2
+        raise UserError(f"{problem}; nothing was run")
     implementations = registry.available(args.device)
     unknown = sorted(set(args.impl or []) - set(implementations))
     if unknown:
-        print(f"error: {', '.join(unknown)}: not an implementation on {args.device} that can run here (those: "
-              f"{', '.join(implementations) or 'none'})", file=sys.stderr)
-        return 2
+        raise UserError(f"{', '.join(unknown)}: not an implementation on {args.device} that can run here (those: "
+                        f"{', '.join(implementations) or 'none'})")
     left_out: list[str] = []
     if not args.impl and args.stage != "accuracy":
         implementations, left_out = fit_to_budget(args.device, implementations, args.smoke, args.budget)
     implementations = args.impl or implementations
     if not implementations:
-        print(f"error: no implementation on {args.device} can run here", file=sys.stderr)
-        return 2
+        raise UserError(f"no implementation on {args.device} can run here")
     out = args.out.resolve()
     data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV)
     plan = Plan(out, args.device, implementations, args.smoke, data_dir, args.machine or machine_name(args.device),
@@ -793,9 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "accuracy":
         first = args.first_run or (out if (out / "parity.json").exists() else None)
         if first is not None and not first.exists():
-            print(f"error: --from {first}: no such folder or archive (give the first command's OUT_DIR or archive)",
-                  file=sys.stderr)
-            return 2
+            raise UserError(f"--from {first}: no such folder or archive (give the first command's OUT_DIR or "
+                            "archive)")
         stages = accuracy_stages(plan, unpacked(first, out) if first is not None else None, args.max_epochs)
     else:
         stages = benchmark_stages(plan)

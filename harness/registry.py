@@ -35,13 +35,14 @@ from harness.contract import (  # noqa: F401 (re-exported: plugins import the co
     UnsupportedRoutingGradientError,
     routing_gradient_support,
 )
+from harness.errors import UserError
 from harness.spec import CapsNetConfig
 
 ENTRY_POINT_GROUP = "capsbench.implementations"
 
 
-class UnknownImplementationError(LookupError):
-    """A name that no implementation registered."""
+class UnknownImplementationError(UserError, LookupError):
+    """A name that no implementation registered; its message lists the known names (exit status 2)."""
 
 
 @dataclass(frozen=True)
