@@ -97,11 +97,8 @@ class StageTimedOut(StageFailed):
 
 @dataclass(frozen=True)
 class Costs:
-    """Seconds one unit of work takes on a device (docs/gpu-machines.md shows the arithmetic).  The
-    asv figures were measured on the CPU (a process from asv's fork server that only skips or reads the
-    memory cache: 0.5 s; a timed smoke point: 1 s more; asv's discovery of the suite); the GPU figures add
-    CUDA's context and kernel loading to them and are to be replaced by the seconds the first lease's
-    steps.json records."""
+    """Seconds one unit of work takes on a device: what each figure of :data:`COSTS` is, where it comes from
+    and how the plan adds them up are in docs/gpu-machines.md ("The arithmetic")."""
 
     facts_s: float  # machine facts and the list (imports every framework)
     check_s: dict  # one harness.check process of one implementation, by network size
@@ -121,12 +118,11 @@ class Costs:
 
 
 COSTS = {
-    # an H200 behind 16 cores: the CPU-measured asv costs plus CUDA's start-up (assumed until a lease measures)
+    # an H200 behind 16 cores (docs/gpu-machines.md: the CPU's figures with CUDA's start-up added)
     "cuda": Costs(facts_s=10, check_s={"small": 10, "paper": 15}, compile_s=30, capture_s=5, parallel=6,
                   tests_s=60, asv_discovery_s=10, asv_point_s=2.5, asv_skip_s=0.5, asv_compile_s=30,
                   memory_impl_s=8, profile_impl_s=4, report_s=20, archive_s=5, epoch_s=12),
-    # this repository's CI machine (2 shared cores, loaded), smoke sizes: measured (asv's discovery ~30 s
-    # alone, a whole smoke suite stage 70 to 90 s)
+    # this repository's CI machine (2 shared cores, loaded), smoke sizes (docs/gpu-machines.md)
     "cpu": Costs(facts_s=10, check_s={"small": 45, "paper": 120}, compile_s=60, capture_s=10, parallel=1,
                  tests_s=10, asv_discovery_s=90, asv_point_s=1.5, asv_skip_s=0.5, asv_compile_s=60,
                  memory_impl_s=10, profile_impl_s=15, report_s=30, archive_s=2, epoch_s=45),
