@@ -43,6 +43,7 @@ import numpy as np
 
 from harness import cli, options, registry
 from harness.data import synthetic_batch
+from harness.errors import UserError
 from harness.params import DIGIT_WEIGHT, init_parameters, parameter_shapes
 from harness.spec import CapsNetConfig, LearningRateSchedule, get_config
 from harness.tolerances import TOLERANCES
@@ -279,19 +280,15 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     config = get_config(args.config).replace(routing_gradient=args.routing_gradient)
     dtypes = args.dtype or sorted(TOLERANCES)
-    try:
-        infos = [registry.get(name) for name in args.impl] if args.impl else registry.entries()
-    except registry.UnknownImplementationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    infos = [registry.get(name) for name in args.impl] if args.impl else registry.entries()
     reference = registry.get(REFERENCE).availability()
     if not reference:
-        print(f"error: the reference {REFERENCE} cannot run here: {reference.reason}", file=sys.stderr)
-        return 2
+        raise UserError(f"the reference {REFERENCE} cannot run here: {reference.reason}")
     if args.device != "all":
         infos = [info for info in infos if info.device == args.device]
     why = options.config_note(CHECK_CONFIG, CHECK_CONFIG_WHY)

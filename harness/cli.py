@@ -3,13 +3,19 @@
 A command run through the front door (``capsbench check``) shows ``usage: capsbench check ...``, the same
 command run as a module (``python -m harness.check``) shows that: the usage line is what the user typed.
 A command's description is the first paragraph of its module's docstring, whole (never cut mid-sentence).
+Every command's ``main`` is wrapped in :func:`command`, the one place a :class:`~harness.errors.UserError`
+becomes its ``error: ...`` line and exit status.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+
+from harness.errors import UserError
 
 _front_door = [False]  # True while harness.__main__ runs a command
 
@@ -37,3 +43,19 @@ def description(doc: str | None) -> str:
     paragraph = re.sub(r"^python -m harness\.\w+(?: \([^)]*\))?: ", "", paragraph)
     paragraph = re.sub(r":\w+:`~?([^`]*)`", r"\1", paragraph).replace("``", "")
     return paragraph[:1].upper() + paragraph[1:]
+
+
+def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """``main`` (a command's, taking its argv and returning its exit status) that prints a
+    :class:`~harness.errors.UserError` raised anywhere below it as one line, ``error: MESSAGE`` on stderr,
+    and returns the error's status instead of a traceback."""
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            return error.status
+
+    return wrapped

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from harness.decoder import decode_capsules
+from harness.errors import UserError
 from harness.params import validate_parameters
 from harness.spec import CONSTANT_RATE, CapsNetConfig, LearningRateSchedule
 
@@ -36,8 +37,9 @@ DTYPES = ("float32", "float64")
 CANONICAL_U_HAT_LAYOUT = "BNJD"
 
 
-class UnavailableImplementationError(RuntimeError):
-    """A registered implementation that cannot run here (missing package, no device, ...)."""
+class UnavailableImplementationError(UserError, RuntimeError):
+    """A registered implementation that cannot run here (missing package, no device, ...): a command asked
+    for it ends with its message in one line (exit status 2)."""
 
 
 class UnsupportedRoutingGradientError(UnavailableImplementationError):
@@ -45,7 +47,9 @@ class UnsupportedRoutingGradientError(UnavailableImplementationError):
 
 
 def routing_gradient_support(cls: type, routing_gradient: str) -> Availability:
-    """Whether implementation class ``cls`` computes ``routing_gradient``; when not, the reason."""
+    """Whether implementation class ``cls`` computes ``routing_gradient`` (one of
+    :data:`harness.spec.ROUTING_GRADIENTS`), by its ``routing_gradients`` attribute (``("full",)`` where it
+    has none): :meth:`Availability.ok`, or :meth:`Availability.missing` naming the gradients it computes."""
     supported = getattr(cls, "routing_gradients", ("full",))
     if routing_gradient in supported:
         return Availability.ok()
@@ -65,10 +69,12 @@ class Availability:
 
     @classmethod
     def ok(cls) -> Availability:
+        """It can run (no reason)."""
         return cls(True)
 
     @classmethod
     def missing(cls, reason: str) -> Availability:
+        """It cannot run, for ``reason`` (one phrase a person can act on: "cupy not installed")."""
         return cls(False, reason)
 
 
@@ -123,6 +129,14 @@ class Implementation(abc.ABC):
         device: str = "cpu",
         routing_variant: str = "vectorised",
     ) -> None:
+        """Build the network for ``config`` (:class:`harness.spec.CapsNetConfig`, its ``routing_gradient``
+        included) from ``params``, the canonical parameters (:func:`harness.params.init_parameters`: names,
+        shapes and layout), computing in ``dtype`` (one of :data:`DTYPES`) on ``device`` (one of
+        :data:`DEVICES`) with ``routing_variant`` (one of :data:`ROUTING_VARIANTS`); the training schedule
+        starts as :data:`harness.spec.CONSTANT_RATE`.  Raises ValueError for another dtype, routing variant or
+        parameters of other names or shapes (:func:`harness.params.validate_parameters`), and
+        :class:`UnsupportedRoutingGradientError` for a routing gradient the class does not compute.  A
+        subclass converts the parameters to its own arrays after calling this."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if routing_variant not in ROUTING_VARIANTS:
@@ -163,12 +177,14 @@ class Implementation(abc.ABC):
 
     @abc.abstractmethod
     def forward(self, batch: Batch, train: bool = True):
-        """Class-capsule lengths (B, J) and reconstructions (B, pixels); in training the decoder sees the
-        true class, at inference the longest capsule.  Keeps nothing for :meth:`backward`."""
+        """Class-capsule lengths (B, J) and reconstructions (B, pixels), as the implementation's own arrays,
+        of ``batch`` (from :meth:`to_device`); with ``train`` the decoder sees the true class (``batch.labels``
+        must be given), without it the longest capsule.  Keeps nothing for :meth:`backward`."""
 
     @abc.abstractmethod
     def forward_loss(self, batch: Batch):
-        """The total loss (margin + weighted reconstruction) of a training forward pass, keeping what
+        """The total loss (margin + weighted reconstruction, averaged over the batch), a scalar of the
+        implementation's own kind, of a training forward pass over ``batch`` (labels given), keeping what
         :meth:`backward` needs."""
 
     @abc.abstractmethod

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.errors import UserError
 from harness.settings import DATA_DIR_ENV
 from harness.spec import MAX_SHIFT_PIXELS, CapsNetConfig
 
@@ -31,8 +32,8 @@ MNIST_IMAGE_SIZE = 28
 FIX = f"pass --data-dir (or set {DATA_DIR_ENV}) to a folder holding the four original MNIST IDX files"
 
 
-class DataError(RuntimeError):
-    """A data file that is missing, truncated, corrupt or not what it should be."""
+class DataError(UserError, RuntimeError):
+    """A data file that is missing, truncated, corrupt or not what it should be (exit status 2)."""
 
 
 @dataclass(frozen=True)

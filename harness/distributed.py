@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import sys
 
+from harness import cli
 from harness.training.ddp import TORCHRUN_EXAMPLE, parser, train_main
 
 
+@cli.command
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-h"], ["--help"]):  # the options of the one command, train

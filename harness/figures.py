@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from harness import cli, contract, options, registry
-from harness.data import DataError, load_mnist
+from harness.data import load_mnist
 from harness.decoder import mask_to_classes
+from harness.errors import UserError
 from harness.params import validate_parameters
 from harness.reporting import plots
 from harness.reporting.sections import per_class_section, save_figure
@@ -63,7 +64,7 @@ MISCLASSIFIED_SHOWN = 10  # at most this many mistakes in a row of their own in 
 PANELS_PER_ROW = 5  # perturbation panels (one per class) side by side
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unreadable, or of another network than the one asked for."""
 
 
@@ -420,23 +421,18 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         writable_folder(args.out)
     except OSError as error:
-        print(f"error: {unwritable_line(args.out, error, 'the figures')}", file=sys.stderr)
-        return 2
-    try:
-        checkpoint = load_checkpoint(args.checkpoint, args.config)
-        info = registry.get(args.impl)
-        params = {name: value.astype(args.dtype) for name, value in checkpoint.params.items()}
-        impl = info.create(checkpoint.config, params, args.dtype)
-        test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
-    except (CheckpointError, registry.UnknownImplementationError, contract.UnavailableImplementationError,
-            DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise UserError(unwritable_line(args.out, error, "the figures")) from None
+    checkpoint = load_checkpoint(args.checkpoint, args.config)
+    info = registry.get(args.impl)
+    params = {name: value.astype(args.dtype) for name, value in checkpoint.params.items()}
+    impl = info.create(checkpoint.config, params, args.dtype)
+    test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
     print(f"figures of {checkpoint.path} (epoch {checkpoint.epoch}, {checkpoint.config_name} network) through "
           f"{info.name} on {len(test_set):,} test images -> {args.out}", flush=True)
     drawn = compute(impl, test_set.images, test_set.labels, per_class=args.per_class, seed=args.seed,

@@ -54,7 +54,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import options, registry
+from harness import cli, options, registry
+from harness.errors import UserError
 from harness.results import PROFILE_CSV, write_json_atomic, write_text_atomic
 from harness.settings import (
     ASV_COMMIT_ENV,
@@ -96,11 +97,8 @@ class StageTimedOut(StageFailed):
 
 @dataclass(frozen=True)
 class Costs:
-    """Seconds one unit of work takes on a device (docs/gpu-machines.md shows the arithmetic).  The
-    asv figures were measured on the CPU (a process from asv's fork server that only skips or reads the
-    memory cache: 0.5 s; a timed smoke point: 1 s more; asv's discovery of the suite); the GPU figures add
-    CUDA's context and kernel loading to them and are to be replaced by the seconds the first lease's
-    steps.json records."""
+    """Seconds one unit of work takes on a device: what each figure of :data:`COSTS` is, where it comes from
+    and how the plan adds them up are in docs/gpu-machines.md ("The arithmetic")."""
 
     facts_s: float  # machine facts and the list (imports every framework)
     check_s: dict  # one harness.check process of one implementation, by network size
@@ -120,12 +118,11 @@ class Costs:
 
 
 COSTS = {
-    # an H200 behind 16 cores: the CPU-measured asv costs plus CUDA's start-up (assumed until a lease measures)
+    # an H200 behind 16 cores (docs/gpu-machines.md: the CPU's figures with CUDA's start-up added)
     "cuda": Costs(facts_s=10, check_s={"small": 10, "paper": 15}, compile_s=30, capture_s=5, parallel=6,
                   tests_s=60, asv_discovery_s=10, asv_point_s=2.5, asv_skip_s=0.5, asv_compile_s=30,
                   memory_impl_s=8, profile_impl_s=4, report_s=20, archive_s=5, epoch_s=12),
-    # this repository's CI machine (2 shared cores, loaded), smoke sizes: measured (asv's discovery ~30 s
-    # alone, a whole smoke suite stage 70 to 90 s)
+    # this repository's CI machine (2 shared cores, loaded), smoke sizes (docs/gpu-machines.md)
     "cpu": Costs(facts_s=10, check_s={"small": 45, "paper": 120}, compile_s=60, capture_s=10, parallel=1,
                  tests_s=10, asv_discovery_s=90, asv_point_s=1.5, asv_skip_s=0.5, asv_compile_s=60,
                  memory_impl_s=10, profile_impl_s=15, report_s=30, archive_s=2, epoch_s=45),
@@ -753,30 +750,27 @@ def dry_run(device: str, names: list[str] | None, smoke: bool, budget: float) ->
     return "\n".join(lines)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.budget <= 0:
-        print(f"error: --budget {args.budget:g}: give the seconds the run may take, e.g. --budget 540", file=sys.stderr)
-        return 2
+        raise UserError(f"--budget {args.budget:g}: give the seconds the run may take, e.g. --budget 540")
     if args.dry_run:
         print(dry_run(args.device, args.impl, args.smoke, args.budget))
         return 0
     if args.device == "cuda" and (problem := gpu_problem()):
-        print(f"error: {problem}; nothing was run", file=sys.stderr)
-        return 2
+        raise UserError(f"{problem}; nothing was run")
     implementations = registry.available(args.device)
     unknown = sorted(set(args.impl or []) - set(implementations))
     if unknown:
-        print(f"error: {', '.join(unknown)}: not an implementation on {args.device} that can run here (those: "
-              f"{', '.join(implementations) or 'none'})", file=sys.stderr)
-        return 2
+        raise UserError(f"{', '.join(unknown)}: not an implementation on {args.device} that can run here (those: "
+                        f"{', '.join(implementations) or 'none'})")
     left_out: list[str] = []
     if not args.impl and args.stage != "accuracy":
         implementations, left_out = fit_to_budget(args.device, implementations, args.smoke, args.budget)
     implementations = args.impl or implementations
     if not implementations:
-        print(f"error: no implementation on {args.device} can run here", file=sys.stderr)
-        return 2
+        raise UserError(f"no implementation on {args.device} can run here")
     out = args.out.resolve()
     data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV)
     plan = Plan(out, args.device, implementations, args.smoke, data_dir, args.machine or machine_name(args.device),
@@ -793,9 +787,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "accuracy":
         first = args.first_run or (out if (out / "parity.json").exists() else None)
         if first is not None and not first.exists():
-            print(f"error: --from {first}: no such folder or archive (give the first command's OUT_DIR or archive)",
-                  file=sys.stderr)
-            return 2
+            raise UserError(f"--from {first}: no such folder or archive (give the first command's OUT_DIR or "
+                            "archive)")
         stages = accuracy_stages(plan, unpacked(first, out) if first is not None else None, args.max_epochs)
     else:
         stages = benchmark_stages(plan)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from harness import cli
+from harness.errors import EXIT_FAILURE, UserError
 from harness.results import (
     ResultsFileError,
     atomic_output,
@@ -91,17 +92,16 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.source.is_dir():
-        print(f"error: {args.source} does not exist: nothing to keep (commands write their runs there)",
-              file=sys.stderr)
-        return 1
+        raise UserError(f"{args.source} does not exist: nothing to keep (commands write their runs there)",
+                        EXIT_FAILURE)
     try:
         writable_folder(args.target)
     except OSError as error:
-        print(f"error: {unwritable_line(args.target, error, 'the kept results', '--to')}", file=sys.stderr)
-        return 1
+        raise UserError(unwritable_line(args.target, error, "the kept results", "--to")) from None
     written = keep(args.source, args.target, args.what, args.machine)
     print(f"kept {len(written)} file(s) in {args.target}")
     for path in written:

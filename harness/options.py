@@ -6,6 +6,13 @@ same in ``check``, ``profile``, ``gpu-benchmark``, ``train``, ``distributed``, `
 A command that takes one implementation says ``several=False``, one that takes a list ``several=True``;
 a command whose ``--config`` default is not :data:`DEFAULT_CONFIG` says why, and the reason is in its
 ``--help`` (and the command says it on its first output line, :func:`config_note`).
+
+Every ``add_*`` function adds its option to ``parser`` (the command's ``argparse.ArgumentParser``) and returns
+nothing; its keywords are the option's help text (``help``, without the default, which it appends), its
+default, and ``required``; adding one option twice to a parser raises argparse's ``ArgumentError``.  The
+validators are argparse types: each takes the option's text and returns its value, or raises
+``argparse.ArgumentTypeError`` (or ValueError for text that is no number), which argparse turns into its usage
+error (exit status 2).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ DEFAULT_DTYPE = "float32"
 
 
 def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
+    """argparse type: ``text`` as an integer of at least 1; ArgumentTypeError for a smaller one."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -33,7 +40,7 @@ def positive_int(text: str) -> int:
 
 
 def non_negative_int(text: str) -> int:
-    """argparse type: an integer of at least 0."""
+    """argparse type: ``text`` as an integer of at least 0; ArgumentTypeError for a negative one."""
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
@@ -41,7 +48,8 @@ def non_negative_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    """argparse type: a number greater than 0."""
+    """argparse type: ``text`` as a float greater than 0; ArgumentTypeError for one that is not (NaN
+    included)."""
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
@@ -54,7 +62,8 @@ def positive_float(text: str) -> float:
 def add_impl(parser, *, several: bool, help: str, default: str | None = None, default_help: str = "",
              required: bool = False) -> None:
     """``--impl NAME`` (one implementation) or ``--impl NAME [NAME ...]`` (``several``); ``help`` says what
-    they are for, ``default_help`` what is chosen without the option where the default is not a name."""
+    they are for, ``default`` is a name (or None), ``default_help`` what is chosen without the option where the
+    default is not a name.  The names are not checked here: :func:`harness.registry.get` does that."""
     text = f"{help}; see `capsbench list`"
     if default is not None:
         text += " (default: %(default)s)"
@@ -67,7 +76,8 @@ def add_impl(parser, *, several: bool, help: str, default: str | None = None, de
 def add_config(parser, *, default: str | None = DEFAULT_CONFIG, why: str = "", help: str = "network size",
                required: bool = False) -> None:
     """``--config``: a network of :data:`harness.spec.CONFIGS`.  A default other than :data:`DEFAULT_CONFIG`
-    needs ``why``, which --help shows (and :func:`config_note` for the first output line)."""
+    needs ``why``, which --help shows (and :func:`config_note` for the first output line); ``default`` None
+    with ``required``: the command has no default.  Raises ValueError for another default without ``why``."""
     if default not in (DEFAULT_CONFIG, None) and not why:
         raise ValueError(f"--config defaults to {default!r}, not {DEFAULT_CONFIG!r}: say why")
     note = config_note(default, why)
@@ -84,7 +94,8 @@ def config_note(default: str | None, why: str) -> str:
 
 def add_dtype(parser, *, several: bool = False, help: str = "floating-point type of parameters and data",
               default: str | None = DEFAULT_DTYPE) -> None:
-    """``--dtype``, one of :data:`harness.contract.DTYPES`; ``several``: repeatable, each given once."""
+    """``--dtype``, one of :data:`harness.contract.DTYPES`, defaulting to ``default``; ``several``: repeatable,
+    each given once, None where none is given (the command chooses)."""
     if several:
         parser.add_argument("--dtype", choices=DTYPES, action="append", help=help)
     else:
@@ -92,13 +103,14 @@ def add_dtype(parser, *, several: bool = False, help: str = "floating-point type
 
 
 def add_device(parser, *, help: str, default: str | None = None, allow_all: bool = False) -> None:
-    """``--device``, one of :data:`harness.contract.DEVICES` (or ``all``)."""
+    """``--device``, one of :data:`harness.contract.DEVICES` (or ``all`` where ``allow_all``), defaulting to
+    ``default``; ``help`` says the default itself."""
     parser.add_argument("--device", choices=[*DEVICES, "all"] if allow_all else DEVICES, default=default, help=help)
 
 
 def add_threads(parser, *, help: str = "CPU threads for torch, BLAS and OpenMP", default_help: str =
                 "the CPUs this process may use", required: bool = False) -> None:
-    """``--threads N``, a positive integer."""
+    """``--threads N``, a positive integer, None where not given (``default_help`` says what is used then)."""
     text = help if required else f"{help} (default: {default_help})"
     parser.add_argument("--threads", type=positive_int, required=required, help=text)
 
@@ -109,7 +121,8 @@ def add_out(parser, *, help: str, default: Path | None = None, required: bool = 
 
 
 def add_data_dir(parser, *, help: str = "folder with the four MNIST IDX files, .gz or not") -> None:
-    """``--data-dir``: the MNIST folder, defaulting to the environment variable :data:`DATA_DIR_ENV`."""
+    """``--data-dir``: the MNIST folder, None where not given (:func:`harness.data.resolve_data_dir` then
+    reads the environment variable :data:`DATA_DIR_ENV`)."""
     parser.add_argument("--data-dir", help=f"{help} (default: ${DATA_DIR_ENV})")
 
 
@@ -119,26 +132,27 @@ def add_seed(parser, *, help: str) -> None:
 
 
 def add_batch_size(parser, *, help: str, default: int | None, required: bool = False) -> None:
-    """``--batch-size N``, a positive integer."""
+    """``--batch-size N``, a positive integer, defaulting to ``default``."""
     parser.add_argument("--batch-size", type=positive_int, default=default, required=required,
                         help=f"{help} (default: %(default)s)")
 
 
 def add_steps(parser, *, help: str, default: int | None = None, required: bool = False) -> None:
-    """``--steps N`` timed steps, and ``--warmup N`` untimed ones before them."""
+    """``--steps N`` timed steps, a positive integer, defaulting to ``default`` (:func:`add_warmup` adds the
+    untimed ones before them)."""
     parser.add_argument("--steps", type=positive_int, default=default, required=required,
                         help=help if required else f"{help} (default: %(default)s)")
 
 
 def add_warmup(parser, *, help: str = "untimed steps first", default: int | None = None,
                required: bool = False) -> None:
-    """``--warmup N`` untimed steps before the timed ones."""
+    """``--warmup N`` untimed steps before the timed ones, a non-negative integer, defaulting to ``default``."""
     parser.add_argument("--warmup", type=non_negative_int, default=default, required=required,
                         help=help if required else f"{help} (default: %(default)s)")
 
 
 def add_timeout(parser, *, help: str, default: float) -> None:
-    """``--timeout-s SECONDS``, a positive number."""
+    """``--timeout-s SECONDS``, a positive number, defaulting to ``default``."""
     parser.add_argument("--timeout-s", type=positive_float, default=default, help=f"{help} (default: %(default)s)")
 
 

@@ -40,7 +40,8 @@ DIGIT_WEIGHT = "digit.weight"
 
 
 def parameter_shapes(config: CapsNetConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of every parameter tensor, in canonical order."""
+    """Every parameter tensor of the network ``config`` describes: name -> shape, in canonical order (the
+    table above, for the paper network)."""
     shapes: dict[str, tuple[int, ...]] = {
         "conv1.weight": (config.conv1_channels, config.image_channels, config.conv1_kernel, config.conv1_kernel),
         "conv1.bias": (config.conv1_channels,),
@@ -61,11 +62,13 @@ def parameter_shapes(config: CapsNetConfig) -> dict[str, tuple[int, ...]]:
 
 
 def decoder_layer_count(config: CapsNetConfig) -> int:
+    """How many linear layers the decoder of ``config`` has (``decoder.0`` to ``decoder.N-1``)."""
     return len(config.decoder_sizes) - 1
 
 
 def count_parameters(config: CapsNetConfig, include_decoder: bool = True) -> int:
-    """Number of trainable scalars (8,215,568 for the paper network; 6,804,224 without the decoder)."""
+    """Number of trainable scalars of the network ``config`` describes, the decoder's counted where
+    ``include_decoder`` (8,215,568 for the paper network; 6,804,224 without the decoder)."""
     return sum(
         math.prod(shape)
         for name, shape in parameter_shapes(config).items()
@@ -80,7 +83,9 @@ def _fan_in(name: str, shape: tuple[int, ...]) -> int:
 
 
 def init_parameters(config: CapsNetConfig, seed: int = DEFAULT_SEED, dtype=np.float32) -> dict[str, np.ndarray]:
-    """The canonical, seeded parameter set as a dict of C-contiguous NumPy arrays of ``dtype``."""
+    """The canonical parameter set of the network ``config`` describes, drawn from ``seed`` as the module
+    docstring says: name -> C-contiguous NumPy array of ``dtype``, in canonical order.  The same ``config`` and
+    ``seed`` give the same numbers in every process (float32 values are float64 draws, rounded)."""
     rng = np.random.default_rng(seed)
     shapes = parameter_shapes(config)
     params: dict[str, np.ndarray] = {}
@@ -96,7 +101,9 @@ def init_parameters(config: CapsNetConfig, seed: int = DEFAULT_SEED, dtype=np.fl
 
 
 def validate_parameters(params: dict[str, np.ndarray], config: CapsNetConfig) -> None:
-    """Raise ValueError naming the first missing, unexpected or mis-shaped tensor."""
+    """Check that ``params`` (name -> array) holds exactly the tensors of :func:`parameter_shapes` of
+    ``config``, each of its shape (dtypes are not checked); return nothing.  Raises ValueError naming the missing
+    and unexpected names, else the first tensor of another shape."""
     expected = parameter_shapes(config)
     missing = [name for name in expected if name not in params]
     extra = [name for name in params if name not in expected]

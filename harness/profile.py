@@ -47,6 +47,7 @@ import pandas as pd
 
 from harness import cli, contract, options, registry
 from harness.data import synthetic_batch
+from harness.errors import EXIT_FAILURE, UserError
 from harness.measure import flops as flops_module
 from harness.measure.machine import machine_facts
 from harness.measure.peak import backend_of, gemm_peak_gflops, machine_hardware_peak, one_peak, peak_sentence
@@ -77,7 +78,7 @@ CSV_COLUMNS = ["implementation", "framework", "device", "config_name", "batch_si
 DATA_SEED = 0
 
 
-class ProfileError(RuntimeError):
+class ProfileError(UserError, RuntimeError):
     """A profile that cannot run as asked (unknown implementation, no device)."""
 
 
@@ -571,18 +572,15 @@ def quiet_profiler_logs() -> None:
         os.environ.setdefault(name, value)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     quiet_profiler_logs()
+    infos = choose(args.impl, args.device, args.routing_gradient)
     try:
-        infos = choose(args.impl, args.device, args.routing_gradient)
         out = writable_folder(args.out)
-    except ProfileError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except OSError as error:
-        print(f"error: {unwritable_line(args.out, error, 'the profile')}", file=sys.stderr)
-        return 2
+        raise UserError(unwritable_line(args.out, error, "the profile")) from None
     config = get_config(args.config).replace(routing_gradient=args.routing_gradient)
     threads = args.threads or usable_cpu_count()
     set_threads(threads)
@@ -610,8 +608,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       range_seconds)
         summaries[info.name]["routing_gradient"] = config.routing_gradient
     if not rows:
-        print("error: no implementation could be profiled", file=sys.stderr)
-        return 1
+        raise UserError("no implementation could be profiled", EXIT_FAILURE)
     frame = pd.DataFrame(rows, columns=CSV_COLUMNS)
     with atomic_output(out / CSV_NAME) as temporary:
         frame.to_csv(temporary, index=False)

@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness import cli
+from harness.errors import EXIT_FAILURE, UserError
 from harness.reporting.formatting import NA, fmt, fmt_spread, markdown_table
 from harness.reporting.ranking import (
     FAILED,
@@ -58,8 +59,11 @@ CLOSE = "<!-- end generated: {name} -->"
 LARGEST_LAYERS = 3
 
 
-class ReadmeError(ValueError):
-    """README's markers or the results a block needs are not what this command expects (one line)."""
+class ReadmeError(UserError, ValueError):
+    """README's markers or the results a block needs are not what this command expects (one line, exit
+    status 1)."""
+
+    status = EXIT_FAILURE
 
 
 def headline_block(root: Path, commit: str | None = None, machine: str | None = None) -> str:
@@ -267,20 +271,19 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         regenerated = regenerate_pages(pages(args.readme, args.docs), args.results)
-    except (OSError, ReadmeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except OSError as error:
+        raise ReadmeError(str(error)) from None
     stale = {path: changed for path, (_, changed) in regenerated.items() if changed}
     described = "; ".join(f"{path}: {', '.join(changed)}" for path, changed in stale.items())
     if args.check:
         if stale:
-            print(f"error: generated block(s) differ from {args.results} ({described}): run `capsbench readme`",
-                  file=sys.stderr)
-            return 1
+            raise UserError(f"generated block(s) differ from {args.results} ({described}): run `capsbench readme`",
+                            EXIT_FAILURE)
         print(f"{args.readme} and {len(regenerated) - 1} page(s) of the manual: every generated block agrees "
               f"with {args.results}")
         return 0

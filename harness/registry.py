@@ -35,18 +35,24 @@ from harness.contract import (  # noqa: F401 (re-exported: plugins import the co
     UnsupportedRoutingGradientError,
     routing_gradient_support,
 )
+from harness.errors import UserError
 from harness.spec import CapsNetConfig
 
 ENTRY_POINT_GROUP = "capsbench.implementations"
 
 
-class UnknownImplementationError(LookupError):
-    """A name that no implementation registered."""
+class UnknownImplementationError(UserError, LookupError):
+    """A name that no implementation registered; its message lists the known names (exit status 2)."""
 
 
 @dataclass(frozen=True)
 class ImplementationInfo:
-    """A registry entry: the name, what it is, and how to build it."""
+    """A registry entry: the name, what it is, and how to build it.
+
+    ``name`` is the registered name (``numpy-vectorised``); ``cls`` the :class:`~harness.contract.Implementation`
+    subclass built; ``device`` one of :data:`~harness.contract.DEVICES`; ``routing_variant`` one of
+    :data:`~harness.contract.ROUTING_VARIANTS`; ``source`` where it comes from (``builtin``, or ``entry point
+    MODULE`` for a plugin)."""
 
     name: str
     cls: type[Implementation]
@@ -56,6 +62,7 @@ class ImplementationInfo:
 
     @property
     def framework(self) -> str:
+        """The framework the class names (``numpy``, ``torch``, ``jax``, ``cupy``, or a plugin's)."""
         return self.cls.framework
 
     def describe(self) -> dict[str, str]:
@@ -64,10 +71,14 @@ class ImplementationInfo:
                 "source": self.source}
 
     def supports(self, routing_gradient: str) -> Availability:
-        """Whether it computes ``routing_gradient`` (see :data:`harness.spec.ROUTING_GRADIENTS`)."""
+        """Whether it computes ``routing_gradient`` (one of :data:`harness.spec.ROUTING_GRADIENTS`): a true
+        :class:`~harness.contract.Availability`, or a false one whose ``reason`` says why not."""
         return routing_gradient_support(self.cls, routing_gradient)
 
     def availability(self) -> Availability:
+        """Whether it can run here (its package imports, its device is present): a true
+        :class:`~harness.contract.Availability`, or a false one with the reason.  Never raises: a check that
+        fails is an unavailable implementation whose reason names the failure."""
         try:
             return self.cls.availability(self.device)
         except Exception as error:  # availability must never take the harness down
@@ -76,7 +87,11 @@ class ImplementationInfo:
     def create(
         self, config: CapsNetConfig, params: dict[str, np.ndarray], dtype: str = "float32"
     ) -> Implementation:
-        """Build it from the canonical parameters; raises UnavailableImplementationError with the reason."""
+        """An instance built for ``config`` from ``params`` (the canonical parameters,
+        :func:`harness.params.init_parameters`'s names and shapes), computing in ``dtype`` (``float32`` or
+        ``float64``).  Raises :class:`~harness.contract.UnavailableImplementationError` with the reason where it
+        cannot run here, and its subclass :class:`~harness.contract.UnsupportedRoutingGradientError` where it
+        does not compute ``config.routing_gradient``."""
         status = self.availability()
         if not status:
             raise UnavailableImplementationError(f"implementation {self.name!r} is unavailable here: {status.reason}")
@@ -104,8 +119,14 @@ def register(
     routing_variant: str = "vectorised",
     source: str = "builtin",
 ) -> ImplementationInfo:
-    """Add an implementation under ``name``.  Registering the same entry again changes nothing; a name
-    taken by another entry is an error."""
+    """Add an implementation under ``name`` and return its entry.
+
+    ``cls`` is an :class:`~harness.contract.Implementation` subclass; ``device`` one of
+    :data:`~harness.contract.DEVICES`; ``routing_variant`` one of :data:`~harness.contract.ROUTING_VARIANTS`;
+    ``source`` what ``capsbench list`` shows it came from (an entry point's is filled in by the registry).
+    Registering the same entry again changes nothing and returns the first.  Raises TypeError for a ``cls``
+    that is not an Implementation, ValueError for an unknown device or routing variant, and ValueError for a
+    name another entry took."""
     if not (isinstance(cls, type) and issubclass(cls, Implementation)):
         raise TypeError(f"{name}: {cls!r} is not a subclass of harness.registry.Implementation")
     if routing_variant not in ROUTING_VARIANTS:
@@ -123,8 +144,10 @@ def register(
 
 @contextlib.contextmanager
 def registered(name: str, cls: type[Implementation], **options) -> Iterator[ImplementationInfo]:
-    """Register an implementation for the duration of a ``with`` block (tests, one-off experiments);
-    the registry is as it was afterwards."""
+    """Register an implementation for the duration of a ``with`` block (tests, one-off experiments), yielding
+    its entry; the registry is as it was afterwards.  ``options`` are :func:`register`'s keywords.  Raises
+    ValueError where ``name`` is registered already (a registered entry is never replaced), and whatever
+    :func:`register` raises."""
     _ensure_loaded()
     if name in _REGISTRY.entries:
         raise ValueError(f"implementation name {name!r} is already registered")
@@ -174,17 +197,20 @@ def entries() -> list[ImplementationInfo]:
 
 
 def names() -> list[str]:
+    """Every registered name, sorted."""
     return [info.name for info in entries()]
 
 
 def plugin_errors() -> dict[str, str]:
-    """Entry points that failed to load, with the error, so `capsbench list` can show them."""
+    """Entry points that failed to load or registered nothing: the entry point's name -> the error (``Type:
+    message``), so ``capsbench list`` can show them."""
     _ensure_loaded()
     return dict(_REGISTRY.plugin_errors)
 
 
 def get(name: str) -> ImplementationInfo:
-    """The entry for ``name``; an unknown name fails with one line naming the closest known name (a
+    """The entry registered as ``name``.  Raises :class:`UnknownImplementationError` (a
+    :class:`~harness.errors.UserError`) for an unknown name, in one line naming the closest known name (a
     misspelling) and listing them all."""
     _ensure_loaded()
     try:
@@ -199,7 +225,8 @@ def get(name: str) -> ImplementationInfo:
 
 
 def available(device: str | None = None) -> list[str]:
-    """Names of the implementations that can run here, optionally only those on ``device``."""
+    """Names (sorted) of the implementations that can run here; only those on ``device`` (``cpu``, ``cuda``)
+    where it is given."""
     return [
         info.name
         for info in entries()
@@ -210,7 +237,8 @@ def available(device: str | None = None) -> list[str]:
 def create(
     name: str, config: CapsNetConfig, params: dict[str, np.ndarray], dtype: str = "float32"
 ) -> Implementation:
-    """Build the named implementation from the canonical parameters."""
+    """The implementation registered as ``name``, built as :meth:`ImplementationInfo.create` builds it (the
+    same arguments, the same errors), after :class:`UnknownImplementationError` for an unknown name."""
     return get(name).create(config, params, dtype)
 
 

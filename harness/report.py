@@ -44,6 +44,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness import cli
+from harness.errors import EXIT_FAILURE, UserError
 from harness.reporting import plots
 from harness.reporting.sections import (
     benchmark_plots,
@@ -96,7 +97,8 @@ TIDY_CSV, REPORT_MD, COMPARISON_MD, COMPARISON_CSV = "results_tidy.csv", "report
 
 # ------------------------------------------------------------------------------------------------ main
 def no_results_message(root: Path) -> str:
-    return (f"error: no results under {root} (none in {ASV_RESULTS_SUBDIR}/, {TRAINING_SUBDIR}/, {PROFILE_SUBDIR}/ "
+    """The error line (without ``error: ``) of a results folder holding none of the kinds the report reads."""
+    return (f"no results under {root} (none in {ASV_RESULTS_SUBDIR}/, {TRAINING_SUBDIR}/, {PROFILE_SUBDIR}/ "
             f"or {SCALING_SUBDIR}/): any one of `asv run --quick` (benchmarks), `python -m harness.train --impl NAME "
             "--data-dir DIR`, `python -m harness.profile` or `python -m harness.scaling` makes a report "
             "(see docs/report.md)")
@@ -226,15 +228,15 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     root, out = args.results, args.out or args.results / REPORT_SUBDIR
     print(start_line(root, out), flush=True)
     if args.machine and args.machine not in machine_names(root / ASV_RESULTS_SUBDIR):
         known = ", ".join(machine_names(root / ASV_RESULTS_SUBDIR)) or "none"
-        print(f"error: no asv results for machine {args.machine!r} under {root / ASV_RESULTS_SUBDIR} "
-              f"(machines there: {known})", file=sys.stderr)
-        return 1
+        raise UserError(f"no asv results for machine {args.machine!r} under {root / ASV_RESULTS_SUBDIR} "
+                        f"(machines there: {known})", EXIT_FAILURE)
     asv = load_asv(root, args.machine)
     warnings = list(asv.warnings)
     training = load_training_results(root / TRAINING_SUBDIR, warnings)
@@ -244,21 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     for warning in warnings:
         print(warning, file=sys.stderr)
     if asv.table.empty and not training and not distributed and profile is None and figures is None:
-        print(f"error: no readable results under {root} (every results file was skipped, see the warnings above)"
-              if warnings else no_results_message(root), file=sys.stderr)
-        return 1
+        raise UserError(f"no readable results under {root} (every results file was skipped, see the warnings above)"
+                        if warnings else no_results_message(root), EXIT_FAILURE)
     try:
         writable_folder(out)
     except OSError as error:
-        print(f"error: {unwritable_line(out, error, 'the report')}", file=sys.stderr)
-        return 1
+        raise UserError(unwritable_line(out, error, "the report")) from None
     try:
         written = build_report(root, out, asv, training, distributed, warnings, profile, figures)
     except OSError as error:  # every file is written to a temporary name and renamed: none is left half-written
         if not writing_failed(error, out):
             raise
-        print(f"error: {unwritable_line(out, error, 'the report')}", file=sys.stderr)
-        return 1
+        raise UserError(unwritable_line(out, error, "the report"), EXIT_FAILURE) from None
     plots_written = sum(path.suffix == ".png" for path in written)
     print(f"report written to {out / REPORT_MD} ({plots_written} plots, {len(written)} files in {out})")
     return 0

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness.errors import UserError
 from harness.measure.peak import with_one_peak
 
 if TYPE_CHECKING:
@@ -37,8 +38,9 @@ STEP_FIELDS = ("epoch", "step", "loss", "elapsed_seconds")
 SCALING_RUN_FIELDS = ("world_size", "images_per_second")
 
 
-class ResultsFileError(ValueError):
-    """A results file that cannot be read or lacks what it must hold."""
+class ResultsFileError(UserError, ValueError):
+    """A results file that cannot be read or lacks what it must hold (exit status 2 where a command stops at
+    it; the report and keep skip such a file with a warning)."""
 
 
 def _umask() -> int:

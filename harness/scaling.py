@@ -38,8 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import cli, contract, options
+from harness import cli, options
 from harness.data import synthetic_batch
+from harness.errors import EXIT_FAILURE, UserError
 from harness.measure.machine import machine_facts
 from harness.measure.scaling import MIN_RELIABLE_STEPS, efficiency_caveat, exposed_allreduce, scaling_efficiency
 from harness.options import positive_int
@@ -252,29 +253,22 @@ def world_size_plans(world_sizes: list[int], global_batch: int | None, per_rank_
 
 
 def scaling_main(argv: list[str]) -> int:
-    from harness import registry  # here, not at the top: the report imports this module's figures alone
     from harness.training.ddp import torch_implementation
 
     args = parser().parse_args(argv)
-    try:
-        info = torch_implementation(args.impl)
-    except (registry.UnknownImplementationError, contract.UnavailableImplementationError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    info = torch_implementation(args.impl)
     strong = args.per_rank_batch_size is None
     global_batch = args.global_batch_size or DEFAULT_GLOBAL_BATCH
     try:
         plans = world_size_plans(args.world_sizes, global_batch if strong else None, args.per_rank_batch_size,
                                  args.threads or usable_cpu_count(), info.device)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise UserError(str(error)) from None
     out = args.out or RUNS_DIR / SCALING_SUBDIR / f"{info.name}_{args.config}_scaling.json"
     try:
         writable_folder(Path(out).parent)
     except OSError as error:
-        print(f"error: {unwritable_line(Path(out).parent, error)}", file=sys.stderr)
-        return 2
+        raise UserError(unwritable_line(Path(out).parent, error)) from None
     batch = f"global batch {global_batch}" if strong else f"{args.per_rank_batch_size} images per rank"
     print(f"scaling of {info.name} ({args.dtype}, {args.config} network, {'strong' if strong else 'weak'} scaling, "
           f"{batch} of seeded synthetic images) over world sizes {' '.join(map(str, args.world_sizes))}, "
@@ -298,13 +292,11 @@ def scaling_main(argv: list[str]) -> int:
                 completed = subprocess.run(command, env=env, cwd=Path(__file__).resolve().parent.parent,
                                            timeout=args.timeout_s + LAUNCH_GRACE_S * (args.steps + args.warmup))
             except subprocess.TimeoutExpired:
-                print(f"error: the run with world size {world_size} did not finish in time; no results file written",
-                      file=sys.stderr)
-                return 1
+                raise UserError(f"the run with world size {world_size} did not finish in time; no results file "
+                                "written", EXIT_FAILURE) from None
             if completed.returncode != 0 or not part.is_file():
-                print(f"error: the run with world size {world_size} failed (torchrun exit status "
-                      f"{completed.returncode}); no results file written", file=sys.stderr)
-                return 1
+                raise UserError(f"the run with world size {world_size} failed (torchrun exit status "
+                                f"{completed.returncode}); no results file written", EXIT_FAILURE)
             runs.append(read_json(part))
     payload = scaling_record(info, args, strong, runs)
     write_json_atomic(out, payload)
@@ -330,6 +322,7 @@ def format_scaling_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["worker"]:

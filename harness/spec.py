@@ -92,13 +92,17 @@ ROUTING_GRADIENTS = ("full", "final")
 
 
 def conv_output_size(size: int, kernel: int, stride: int) -> int:
-    """Spatial size after a 'valid' (unpadded) convolution."""
+    """Height (or width) of the output of a 'valid' (unpadded) convolution of a ``size``-pixel input with a
+    ``kernel``-pixel kernel at ``stride``; 0 or less where the kernel does not fit."""
     return (size - kernel) // stride + 1
 
 
 @dataclass(frozen=True)
 class CapsNetConfig:
-    """Sizes and constants of one CapsNet; the defaults are the paper's MNIST network."""
+    """Sizes and constants of one CapsNet; the defaults are the paper's MNIST network.  Each field is one
+    size or constant the module docstring names; the properties derive the shapes from them.  Raises
+    ValueError for a ``routing_gradient`` not in :data:`ROUTING_GRADIENTS`, fewer than one routing iteration,
+    or an image too small for the two convolutions."""
 
     image_channels: int = 1
     image_size: int = 28
@@ -170,6 +174,7 @@ class CapsNetConfig:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
+        """Per-example shape of the input images (C, H, W): (1, 28, 28) for MNIST."""
         return (self.image_channels, self.image_size, self.image_size)
 
     @property
@@ -178,10 +183,12 @@ class CapsNetConfig:
         return (self.num_primary_caps, self.num_classes, self.digit_caps_dim)
 
     def replace(self, **changes) -> CapsNetConfig:
-        """A copy with some fields changed (e.g. ``routing_iterations``)."""
+        """A copy with the fields named in ``changes`` changed (e.g. ``routing_iterations=1``), checked as a new
+        config is (ValueError); TypeError for a name that is not a field."""
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict:
+        """Every field by name (what a results file records of the network)."""
         return dataclasses.asdict(self)
 
 
@@ -200,7 +207,8 @@ CONFIGS: dict[str, CapsNetConfig] = {"paper": PAPER, "small": SMALL}
 
 
 def get_config(name: str) -> CapsNetConfig:
-    """The named configuration ('paper' or 'small'); an unknown name fails with the known ones."""
+    """The configuration of :data:`CONFIGS` named ``name`` ('paper' or 'small').  Raises ValueError naming the
+    known ones for another name."""
     try:
         return CONFIGS[name]
     except KeyError:
@@ -224,7 +232,9 @@ ADAM = AdamConfig()
 class LearningRateSchedule:
     """Adam's learning rate as a function of the step: ``initial * decay_rate ** (step / decay_steps)``,
     the step counted from 0 for the first update (TensorFlow's ``exponential_decay`` without staircase).
-    ``decay_rate`` 1 is a constant rate.  Every implementation's optimizer asks this one function."""
+    ``decay_rate`` 1 is a constant rate.  Every implementation's optimizer asks this one function.  ``name``
+    is what ``--schedule`` and results files call it.  Raises ValueError unless ``initial`` > 0,
+    0 < ``decay_rate`` <= 1 and ``decay_steps`` >= 1."""
 
     name: str
     initial: float = ADAM.lr
@@ -246,6 +256,7 @@ class LearningRateSchedule:
         return self.initial * self.factor(step)
 
     def as_dict(self) -> dict:
+        """Every field by name (what a training results file records of the schedule)."""
         return dataclasses.asdict(self)
 
 

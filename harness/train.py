@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 from harness import cli, contract, options, registry
-from harness.data import DataError, load_mnist
+from harness.data import load_mnist
+from harness.errors import EXIT_FAILURE, UserError
 from harness.params import init_parameters
-from harness.results import ResultsFileError, write_json_atomic
+from harness.results import write_json_atomic
 from harness.spec import SCHEDULES
 from harness.training import loop
 from harness.training.checkpoint import save_checkpoint
@@ -74,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--distributed" in argv:
@@ -99,10 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
         out = args.out or loop.default_output(info.name, args.config, suffix=loop.routing_gradient_suffix(args))
         loop.writable_output(out)
-    except (registry.UnknownImplementationError, contract.UnavailableImplementationError, DataError,
-            ResultsFileError, loop.TrainingOptionError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from None
     switched_from = loop.ran_on(record) if record is not None else None
     if resumed_from == 0:  # a new run, or one stopped before its first epoch: nothing of it is kept
         record = loop.new_record(info, args, schedule, len(train_set), len(test_set))
@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train_epochs(impl, train_set, test_set, record, out, args, first_epoch=resumed_from + 1)
     except Exception as error:  # diverged, out of memory, a bug in an implementation: the file must not say "running"
-        print(f"error: {failure_line(error, run.ended_by(error), out)}", file=sys.stderr)
-        return 1
+        raise UserError(failure_line(error, run.ended_by(error), out), EXIT_FAILURE) from error
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (run_status.Terminated)
         print(loop.interrupted_line(out, record, run.ended_by(stop)), file=sys.stderr)
         return 128 + stop.signum if isinstance(stop, Terminated) else 130

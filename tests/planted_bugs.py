@@ -297,7 +297,7 @@ BUGS = (
         "        self.impl.backward()",
         ("tests/test_suite_regions.py",)),
     # the asv suite's re-runs and plugins: a skip never erases a figure, an unknown name ends the run, a run
-    # that cannot measure an installed plugin says so (issue 42, points 1 and 6)
+    # that cannot measure an installed plugin says so
     Bug("a failed cell keeps the earlier figure as a skipped one does", "harness/suite/asv_keep_figures.py",
         "if util.is_nan(new) and not util.is_na(old)", "if util.is_na(new) and not util.is_na(old)",
         ("tests/test_benchmarks.py::test_a_skip_keeps_the_earlier_figure_and_a_new_figure_or_a_failure_replaces_it",)),
@@ -311,7 +311,7 @@ BUGS = (
         "    unknown = sorted(chosen - set(registry.names()))", "    unknown = []",
         ("tests/test_benchmarks.py::test_a_narrowed_or_misspelt_rerun_keeps_every_earlier_figure",
          "tests/test_benchmarks.py::test_implementations_can_be_narrowed_and_unknown_names_are_one_line")),
-    # README's main job: host memory of one step, JAX in the quick profiles (issue 42, point 9)
+    # README's main job: host memory of one step, JAX in the quick profiles
     Bug("the host-memory figures build the model in setup again", "benchmarks/bench_memory.py",
         "        setup_benchmark(params[0])\n", "        super().setup(*params)\n",
         ("tests/test_suite_regions.py::test_host_memory_builds_a_model_only_for_the_step_it_samples",)),

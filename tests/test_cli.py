@@ -56,7 +56,7 @@ def test_the_gpu_benchmark_runs_through_the_front_door():
     assert door.returncode == module.returncode == 0 and door.stdout == module.stdout
 
 
-# harness.gpu_benchmark's own docstring and options are being rewritten (issue 22): its description is left out
+# gpu-benchmark's description is left out: docs/development.md ("Known gaps") says why
 WHOLE_SENTENCE_PARSERS = sorted(set(MODULE_PARSERS) - {"gpu-benchmark"})
 
 

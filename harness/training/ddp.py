@@ -53,8 +53,9 @@ import numpy as np
 
 from harness import contract, options, registry
 from harness.data import DataError, Dataset, load_mnist, shift_images
+from harness.errors import UserError
 from harness.params import init_parameters
-from harness.results import ResultsFileError, atomic_output, write_json_atomic
+from harness.results import atomic_output, write_json_atomic
 from harness.settings import FAIL_RANK_ENV
 from harness.spec import SCHEDULES
 from harness.training import loop
@@ -75,7 +76,7 @@ DEFAULT_TIMEOUT_S = 600.0
 TORCHRUN_EXAMPLE = "torchrun --standalone --nproc-per-node 2 -m harness.distributed train ..."
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """Run outside torchrun, or with a setup that cannot work (e.g. more ranks than GPUs)."""
 
 
@@ -368,10 +369,8 @@ def train_main(argv: list[str] | None = None) -> int:
         if not support:
             raise contract.UnsupportedRoutingGradientError(f"implementation {info.name!r} {support.reason}")
         launch_environment()
-    except (registry.UnknownImplementationError, contract.UnavailableImplementationError, LaunchError,
-            ResultsFileError, loop.TrainingOptionError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from None
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     loop.pin_threads(args.threads or max(1, loop.usable_cpu_count() // local_ranks))
     ctx, out, run = None, None, None
@@ -400,7 +399,7 @@ def train_main(argv: list[str] | None = None) -> int:
             print(f"results written to {out}", flush=True)
         leave_together(ctx)
         return 0
-    except DataError as error:
+    except DataError as error:  # said by the rank before it leaves the process group, as a failure below
         print(f"error: rank {ctx.rank if ctx else '?'}: {error}", file=sys.stderr, flush=True)
         return 2
     except Exception as error:  # includes TrainingDiverged, injected failures, collective errors, Terminated

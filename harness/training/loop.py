@@ -22,6 +22,7 @@ import numpy as np
 
 from harness import contract, options, registry
 from harness.data import DataError, Dataset, iterate_batches, resolve_data_dir
+from harness.errors import UserError
 from harness.measure.machine import machine_facts
 from harness.results import TRAINING_KIND, ResultsFileError, read_training_result, unwritable_line, writable_folder
 from harness.settings import RUNS_DIR, TRAINING_SUBDIR
@@ -36,7 +37,7 @@ TRAINING_RUNS_DIR = RUNS_DIR / TRAINING_SUBDIR
 DEFAULT_SCHEDULE = "paper"
 
 
-class TrainingOptionError(ValueError):
+class TrainingOptionError(UserError, ValueError):
     """Options that do not fit together or with the results file: one line naming the problem and the fix."""
 
 
