@@ -60,7 +60,7 @@ from harness.settings import FAIL_RANK_ENV
 from harness.spec import SCHEDULES
 from harness.training import loop
 from harness.training.checkpoint import save_checkpoint
-from harness.training.progress import Progress
+from harness.training.progress import Progress, say
 from harness.training.run_status import RunStatus
 
 try:
@@ -400,14 +400,14 @@ def train_main(argv: list[str] | None = None) -> int:
         leave_together(ctx)
         return 0
     except DataError as error:  # said by the rank before it leaves the process group, as a failure below
-        print(f"error: rank {ctx.rank if ctx else '?'}: {error}", file=sys.stderr, flush=True)
+        say(f"error: rank {ctx.rank if ctx else '?'}: {error}")
         return 2
     except Exception as error:  # includes TrainingDiverged, injected failures, collective errors, Terminated
         rank = ctx.rank if ctx else os.environ.get("RANK", "?")
         if run is not None:
             run.ended_by(error, message=f"rank {rank}: {describe(error)}")
         where = f"; the results up to the last epoch are in {out}" if run is not None else ""
-        print(f"error: rank {rank} failed: {describe(error)}{where}", file=sys.stderr, flush=True)
+        say(f"error: rank {rank} failed: {describe(error)}{where}")
         return 143 if isinstance(error, Terminated) else 1
     except KeyboardInterrupt as stop:
         if run is not None:

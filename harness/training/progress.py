@@ -40,9 +40,18 @@ class Progress:
                 self.bar.set_postfix({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in values.items()})
         elif self.count % self.every == 0 or self.count == self.total:
             shown = "".join(f", {k} {v:.4f}" if isinstance(v, float) else f", {k} {v}" for k, v in values.items())
-            print(f"{self.description}: {self.count}/{self.total} steps, "
-                  f"{time.perf_counter() - self.start:.1f} s{shown}", file=self.stream, flush=True)
+            say(f"{self.description}: {self.count}/{self.total} steps, {time.perf_counter() - self.start:.1f} s{shown}",
+                self.stream)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def say(line: str, stream=None) -> None:
+    """``line`` and its newline in one write, flushed (to stderr by default): a whole line even where several
+    processes share the stream.  The ranks of a data-parallel run write to one log, and ``print`` writes a
+    line and its newline apart, so another rank's text could fall between them."""
+    stream = sys.stderr if stream is None else stream
+    stream.write(line + "\n")
+    stream.flush()
