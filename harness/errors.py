@@ -8,7 +8,6 @@ exit statuses.
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_FAILURE = 1  # the work ran and failed (a check out of tolerance, a crashed run, nothing readable to report)
 EXIT_USAGE = 2  # a mistake found before the work (as argparse's own): an option, a name, a path; nothing was run
 
