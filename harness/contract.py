@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from harness import routing_algorithms
 from harness.decoder import decode_capsules
 from harness.errors import UserError
 from harness.params import validate_parameters
@@ -44,6 +45,39 @@ class UnavailableImplementationError(UserError, RuntimeError):
 
 class UnsupportedRoutingGradientError(UnavailableImplementationError):
     """An implementation built with a routing gradient (``config.routing_gradient``) it does not compute."""
+
+
+class UnsupportedRoutingAlgorithmError(UnavailableImplementationError):
+    """An implementation built with a routing algorithm (``config.routing_algorithm``) it does not compute."""
+
+
+def routing_algorithm_support(cls: type, routing_algorithm: str, routing_variant: str = "vectorised"
+                              ) -> Availability:
+    """Whether implementation class ``cls``, built with ``routing_variant``, computes ``routing_algorithm``
+    (:mod:`harness.routing_algorithms`): by its ``routing_algorithms`` attribute (``("dynamic",)`` where it
+    has none), or, for a plugin's algorithm with a reference, where ``cls.runs_algorithm_references`` says
+    it computes any such algorithm with the reference's own code in ``routing_variant`` (torch-vectorised,
+    the reference).  :meth:`Availability.ok`, or :meth:`Availability.missing` naming the algorithms it
+    computes.  An unknown algorithm raises :class:`harness.routing_algorithms.UnknownRoutingAlgorithmError`."""
+    algorithm = routing_algorithms.get(routing_algorithm)
+    supported = tuple(getattr(cls, "routing_algorithms", ("dynamic",)))
+    if routing_algorithm in supported:
+        return Availability.ok()
+    if (algorithm.reference is not None
+            and routing_variant in getattr(cls, "runs_algorithm_references", ())):
+        return Availability.ok()
+    return Availability.missing(f"computes the routing algorithm{'s' if len(supported) > 1 else ''} "
+                                f"{' and '.join(supported)} only, not {routing_algorithm!r}")
+
+
+def config_support(cls: type, config: CapsNetConfig, routing_variant: str = "vectorised") -> Availability:
+    """Whether ``cls`` built with ``routing_variant`` computes ``config``'s routing algorithm and routing
+    gradient (:func:`routing_algorithm_support`, then :func:`routing_gradient_support`): the first that
+    fails, else :meth:`Availability.ok`."""
+    algorithm = routing_algorithm_support(cls, getattr(config, "routing_algorithm", "dynamic"), routing_variant)
+    if not algorithm:
+        return algorithm
+    return routing_gradient_support(cls, getattr(config, "routing_gradient", "full"))
 
 
 def routing_gradient_support(cls: type, routing_gradient: str) -> Availability:
@@ -113,6 +147,12 @@ class Implementation(abc.ABC):
     raises :class:`UnsupportedRoutingGradientError`, which the harness's commands report as a skip with the
     reason; none computes ``full`` in place of ``final``.  ``harness.check`` compares the ``final`` gradient
     with the reference's, so a claim the code does not keep fails there.
+    ``routing_algorithms`` (default ``("dynamic",)``): the routing algorithms (:mod:`harness.routing_algorithms`)
+    the implementation computes, each with its own code; building it with a config whose ``routing_algorithm``
+    is not among them raises :class:`UnsupportedRoutingAlgorithmError` (a skip with the reason in every
+    command); none computes another algorithm instead.  ``runs_algorithm_references`` (default ``()``): the
+    routing variants in which the class computes a plugin's algorithm with the algorithm's own reference
+    function (``("vectorised",)`` for torch's autograd class: torch-vectorised is every algorithm's reference).
     """
 
     framework: str = "unknown"
@@ -120,6 +160,8 @@ class Implementation(abc.ABC):
     first_call_compiles: bool = False
     compile_cache_persists: bool = False
     routing_gradients: tuple[str, ...] = ("full",)
+    routing_algorithms: tuple[str, ...] = ("dynamic",)
+    runs_algorithm_references: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -135,12 +177,17 @@ class Implementation(abc.ABC):
         :data:`DEVICES`) with ``routing_variant`` (one of :data:`ROUTING_VARIANTS`); the training schedule
         starts as :data:`harness.spec.CONSTANT_RATE`.  Raises ValueError for another dtype, routing variant or
         parameters of other names or shapes (:func:`harness.params.validate_parameters`), and
-        :class:`UnsupportedRoutingGradientError` for a routing gradient the class does not compute.  A
+        :class:`UnsupportedRoutingAlgorithmError` or :class:`UnsupportedRoutingGradientError` for a routing
+        algorithm or gradient the class does not compute.  A
         subclass converts the parameters to its own arrays after calling this."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if routing_variant not in ROUTING_VARIANTS:
             raise ValueError(f"routing_variant must be one of {ROUTING_VARIANTS}, got {routing_variant!r}")
+        algorithm = routing_algorithm_support(type(self), getattr(config, "routing_algorithm", "dynamic"),
+                                              routing_variant)
+        if not algorithm:
+            raise UnsupportedRoutingAlgorithmError(f"{type(self).__name__} {algorithm.reason}")
         gradient = getattr(config, "routing_gradient", "full")
         support = routing_gradient_support(type(self), gradient)
         if not support:

@@ -19,11 +19,17 @@ name                   shape                      meaning
 ``decoder.1.bias``     (1024,)
 ``decoder.2.weight``   (784, 1024)
 ``decoder.2.bias``     (784,)
+``digit.bias``         (10, 1152)                 self-attention routing only: b_ji (harness.spec)
 =====================  =========================  =====================================================
+
+The parameters a routing algorithm adds (:func:`harness.routing_algorithms.parameter_shapes`: ``digit.bias``
+for self-attention, a plugin's own) come last, and exist only in a network that routes with that algorithm.
 
 Initialisation (drawn in float64 from ``numpy.random.default_rng(seed)`` in the order above, then cast):
 convolution and linear weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the bound of PyTorch's
-default initialisation); ``digit.weight`` ~ N(0, digit_weight_std^2).
+default initialisation); ``digit.weight`` ~ N(0, digit_weight_std^2); a routing algorithm's parameters as
+it says (``digit.bias`` starts at zero), drawn after all the others, so that every other parameter is the
+same number under every routing algorithm.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import math
 
 import numpy as np
 
+from harness import routing_algorithms
 from harness.spec import CapsNetConfig
 
 DEFAULT_SEED = 0
@@ -58,7 +65,14 @@ def parameter_shapes(config: CapsNetConfig) -> dict[str, tuple[int, ...]]:
     for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         shapes[f"{DECODER_PREFIX}{layer}.weight"] = (fan_out, fan_in)
         shapes[f"{DECODER_PREFIX}{layer}.bias"] = (fan_out,)
-    return shapes
+    return {**shapes, **routing_parameter_shapes(config)}
+
+
+def routing_parameter_shapes(config: CapsNetConfig) -> dict[str, tuple[int, ...]]:
+    """The parameters ``config``'s routing algorithm adds (name -> shape), the last of
+    :func:`parameter_shapes`; empty for dynamic routing.  Raises
+    :class:`harness.routing_algorithms.UnknownRoutingAlgorithmError` for an unknown algorithm."""
+    return routing_algorithms.parameter_shapes(config)
 
 
 def decoder_layer_count(config: CapsNetConfig) -> int:
@@ -88,9 +102,16 @@ def init_parameters(config: CapsNetConfig, seed: int = DEFAULT_SEED, dtype=np.fl
     ``seed`` give the same numbers in every process (float32 values are float64 draws, rounded)."""
     rng = np.random.default_rng(seed)
     shapes = parameter_shapes(config)
+    routing = routing_parameter_shapes(config)
+    algorithm = routing_algorithms.of(config)
     params: dict[str, np.ndarray] = {}
     for name, shape in shapes.items():
-        if name == DIGIT_WEIGHT:
+        if name in routing:
+            values = np.asarray(algorithm.initial(name, shape, rng), dtype=np.float64)
+            if values.shape != shape:
+                raise ValueError(f"routing algorithm {algorithm.name!r} drew {name} of shape {values.shape}, "
+                                 f"expected {shape}")
+        elif name == DIGIT_WEIGHT:
             values = rng.normal(0.0, config.digit_weight_std, size=shape)
         else:
             weight_name = name.replace(".bias", ".weight")

@@ -22,6 +22,7 @@ from importlib import metadata
 
 import numpy as np
 
+from harness import routing_algorithms
 from harness.contract import (  # noqa: F401 (re-exported: plugins import the contract from here)
     CANONICAL_U_HAT_LAYOUT,
     DEVICES,
@@ -32,10 +33,18 @@ from harness.contract import (  # noqa: F401 (re-exported: plugins import the co
     Batch,
     Implementation,
     UnavailableImplementationError,
+    UnsupportedRoutingAlgorithmError,
     UnsupportedRoutingGradientError,
+    config_support,
+    routing_algorithm_support,
     routing_gradient_support,
 )
 from harness.errors import UserError
+from harness.routing_algorithms import (  # noqa: F401 (re-exported: a plugin registers its algorithm from here)
+    RoutingAlgorithm,
+    UnknownRoutingAlgorithmError,
+    register_routing_algorithm,
+)
 from harness.spec import CapsNetConfig
 
 ENTRY_POINT_GROUP = "capsbench.implementations"
@@ -75,6 +84,18 @@ class ImplementationInfo:
         :class:`~harness.contract.Availability`, or a false one whose ``reason`` says why not."""
         return routing_gradient_support(self.cls, routing_gradient)
 
+    def computes(self, config: CapsNetConfig) -> Availability:
+        """Whether it computes ``config``'s routing algorithm and routing gradient: a true
+        :class:`~harness.contract.Availability`, or a false one whose ``reason`` says which it lacks (the
+        skip every command reports).  An unknown algorithm raises
+        :class:`~harness.routing_algorithms.UnknownRoutingAlgorithmError`."""
+        return config_support(self.cls, config, self.routing_variant)
+
+    def routing_algorithms(self) -> list[str]:
+        """The names of the known routing algorithms it computes (what ``capsbench list`` shows)."""
+        return [name for name in routing_algorithms.names()
+                if routing_algorithm_support(self.cls, name, self.routing_variant)]
+
     def availability(self) -> Availability:
         """Whether it can run here (its package imports, its device is present): a true
         :class:`~harness.contract.Availability`, or a false one with the reason.  Never raises: a check that
@@ -90,11 +111,15 @@ class ImplementationInfo:
         """An instance built for ``config`` from ``params`` (the canonical parameters,
         :func:`harness.params.init_parameters`'s names and shapes), computing in ``dtype`` (``float32`` or
         ``float64``).  Raises :class:`~harness.contract.UnavailableImplementationError` with the reason where it
-        cannot run here, and its subclass :class:`~harness.contract.UnsupportedRoutingGradientError` where it
-        does not compute ``config.routing_gradient``."""
+        cannot run here, and its subclasses :class:`~harness.contract.UnsupportedRoutingAlgorithmError` and
+        :class:`~harness.contract.UnsupportedRoutingGradientError` where it does not compute
+        ``config.routing_algorithm`` or ``config.routing_gradient``."""
         status = self.availability()
         if not status:
             raise UnavailableImplementationError(f"implementation {self.name!r} is unavailable here: {status.reason}")
+        algorithm = routing_algorithm_support(self.cls, config.routing_algorithm, self.routing_variant)
+        if not algorithm:
+            raise UnsupportedRoutingAlgorithmError(f"implementation {self.name!r} {algorithm.reason}")
         support = self.supports(config.routing_gradient)
         if not support:
             raise UnsupportedRoutingGradientError(f"implementation {self.name!r} {support.reason}")
@@ -170,17 +195,19 @@ def _load_entry_points() -> None:
     """Import every module named in the entry-point group; importing it registers its implementations.
     A plugin that fails, or registers nothing, is recorded in plugin_errors and never stops the rest."""
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        before = set(_REGISTRY.entries)
+        before, algorithms_before = set(_REGISTRY.entries), set(routing_algorithms.registered())
         try:
             entry_point.load()
-            problem = None if set(_REGISTRY.entries) - before else "importing it registered no implementation"
+            added = (set(_REGISTRY.entries) - before) | (set(routing_algorithms.registered()) - algorithms_before)
+            problem = None if added else "importing it registered no implementation"
         except Exception as error:
             problem = f"{type(error).__name__}: {error}"
         if problem:
             _REGISTRY.plugin_errors[entry_point.name] = problem
+        source = f"entry point {entry_point.value}"
         for name in set(_REGISTRY.entries) - before:  # also those registered before a failure
-            source = f"entry point {entry_point.value}"
             _REGISTRY.entries[name] = dataclasses.replace(_REGISTRY.entries[name], source=source)
+        routing_algorithms.mark_source(set(routing_algorithms.registered()) - algorithms_before, source)
 
 
 def _ensure_loaded() -> None:
@@ -188,6 +215,10 @@ def _ensure_loaded() -> None:
         _REGISTRY.loaded = True  # before loading: a module that asks the registry while loading sees it partly
         _load_builtin()
         _load_entry_points()
+
+
+# A plugin's routing algorithm is registered by importing the plugin: an unknown algorithm name loads them first.
+routing_algorithms.add_loader(_ensure_loaded)
 
 
 def entries() -> list[ImplementationInfo]:
@@ -244,10 +275,11 @@ def create(
 
 def list_implementations() -> str:
     """One line per implementation: name, framework, device, routing variant, where it comes from, status."""
-    rows = [("name", "framework", "device", "routing", "source", "status")]
+    rows = [("name", "framework", "device", "routing", "routing algorithms", "source", "status")]
     for info in entries():
         status = info.availability()
-        rows.append((info.name, info.framework, info.device, info.routing_variant, info.source,
+        rows.append((info.name, info.framework, info.device, info.routing_variant,
+                     ", ".join(info.routing_algorithms()), info.source,
                      "available" if status else f"unavailable: {status.reason}"))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]

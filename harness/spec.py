@@ -42,6 +42,40 @@ Choices the paper leaves open, fixed here once for every implementation:
   weighted sum; the logit update after the last iteration is skipped.  They differ only where capsbench's
   squash differs (``squash_eps`` inside the root; theirs adds 1e-8 to the norm), not in where the gradient
   is stopped.
+* **Routing algorithm** (``routing_algorithm``, one of :data:`ROUTING_ALGORITHMS`, or a plugin's, see
+  :mod:`harness.routing_algorithms`).  Everything but the map from u_hat to v is the same under every
+  algorithm: the same Conv1, PrimaryCaps (with the squash above), W_ij, lengths, decoder and losses.
+
+  - ``dynamic``: Procedure 1 of Sabour et al. (2017), as above; iterative (``routing_iterations``), both
+    routing gradients.
+  - ``self-attention``: the routing of Mazzia, Salvetti & Chiaberge (2021), "Efficient-CapsNet: Capsule
+    Network with Self-Attention Routing", as the authors' ``FCCaps`` layer computes it (EscVM/Efficient-CapsNet
+    ``utils/layers.py``).  Per example, with u_hat_j|i the prediction of input capsule i for output capsule j
+    and D = ``digit_caps_dim``, in one pass (no iterations, no logits carried over):
+
+      a_ij = u_hat_j|i . (sum_k u_hat_j|k) / sqrt(D)        (the agreement of i with all of j's predictions)
+      c_ij = softmax_j(a_ij) + b_ji                          (softmax over the *output* capsules j, then the bias)
+      s_j  = sum_i c_ij u_hat_j|i
+      v_j  = (1 - exp(-n_j)) s_j / n_j,  n_j = sqrt(|s_j|^2 + squash_eps)
+
+    ``b`` is the parameter ``digit.bias`` (harness.params), shape (num_classes, num_primary_caps), zero at
+    the start, a parameter of the network under this algorithm alone.  Gradients flow through a, c and the
+    weighted sum.  ``routing_iterations`` does not apply (a config keeps its value, which nothing reads);
+    the routing gradient ``final`` stops the gradient in the iterations *before* the last, and with one
+    pass there are none, so ``final`` would be ``full`` under another name: :data:`ROUTING_ALGORITHM_GRADIENTS`
+    gives self-attention ``full`` alone and a config asking for ``final`` is refused.
+    Choices of the authors' code that the paper's text leaves open, all followed: the scale is sqrt of the
+    *output* capsule size (their ``self.D``, 16), not the input's; the sum over k includes k = i; the
+    softmax runs over the output capsules (their ``axis=1`` of c laid out [batch, j, i, 1]), not over the
+    inputs as in transformer attention; the bias is added *after* the softmax, so c_ij need not sum to one
+    over j nor stay positive; the bias is one per (j, i) pair, shared by the examples.  Their squash is
+    ``(1 - 1 / (exp(|s|) + 1e-20)) * s / (|s| + 1e-20)`` with ``|s|`` the plain norm (whose gradient is
+    undefined at s = 0); capsbench puts ``squash_eps`` inside the root, as in the dynamic squash, so the
+    value and gradient are finite at s = 0 (the two differ by below float32 rounding where |s| > 1e-3).
+    Where capsbench departs from the authors' network on purpose, to change the routing alone: their
+    PrimaryCaps is a depthwise convolution squashed with their squash and their W starts He-normal;
+    capsbench keeps the paper's Conv1, PrimaryCaps, squash of the primary capsules and W ~ N(0, 0.01^2),
+    so the two algorithms differ in routing and in nothing else, and start from the same numbers.
 * **Capsule length.**  ``|v| = sqrt(sum v^2)`` with gradient ``v / |v|``, taken as 0 where ``|v| = 0``
   (the convention of ``torch.linalg.vector_norm``).
 * **Decoder mask.**  The DigitCaps output is masked to the true class in training and to the longest
@@ -89,6 +123,13 @@ from dataclasses import dataclass
 # How the gradient flows through routing (see the module docstring): through every iteration, or through
 # the last iteration's weighted sum alone.
 ROUTING_GRADIENTS = ("full", "final")
+# The routing algorithms every built-in implementation computes (see the module docstring); a plugin can
+# register more (harness.routing_algorithms).  "dynamic" is the paper's and the default.
+ROUTING_ALGORITHMS = ("dynamic", "self-attention")
+DEFAULT_ROUTING_ALGORITHM = "dynamic"
+# The routing gradients that mean something under each built-in algorithm (self-attention has no iterations
+# before its last, so "final" would be "full" under another name).
+ROUTING_ALGORITHM_GRADIENTS = {"dynamic": ROUTING_GRADIENTS, "self-attention": ("full",)}
 
 
 def conv_output_size(size: int, kernel: int, stride: int) -> int:
@@ -101,8 +142,10 @@ def conv_output_size(size: int, kernel: int, stride: int) -> int:
 class CapsNetConfig:
     """Sizes and constants of one CapsNet; the defaults are the paper's MNIST network.  Each field is one
     size or constant the module docstring names; the properties derive the shapes from them.  Raises
-    ValueError for a ``routing_gradient`` not in :data:`ROUTING_GRADIENTS`, fewer than one routing iteration,
-    or an image too small for the two convolutions."""
+    ValueError for a ``routing_gradient`` not in :data:`ROUTING_GRADIENTS` or without meaning under the
+    ``routing_algorithm`` (:data:`ROUTING_ALGORITHM_GRADIENTS`), fewer than one routing iteration, or an image
+    too small for the two convolutions.  An algorithm's name is checked where it is looked up
+    (:func:`harness.routing_algorithms.get`: a plugin may bring names this module does not know)."""
 
     image_channels: int = 1
     image_size: int = 28
@@ -124,11 +167,20 @@ class CapsNetConfig:
     reconstruction_weight: float = 0.0005
     digit_weight_std: float = 0.01  # W ~ N(0, std^2); the correct softmax axis needs a small W
     routing_gradient: str = "full"  # one of ROUTING_GRADIENTS; see the module docstring
+    routing_algorithm: str = DEFAULT_ROUTING_ALGORITHM  # ROUTING_ALGORITHMS or a plugin's; see the docstring
 
     def __post_init__(self) -> None:
         if self.routing_gradient not in ROUTING_GRADIENTS:
             raise ValueError(f"routing_gradient must be one of {', '.join(ROUTING_GRADIENTS)}, "
                              f"got {self.routing_gradient!r}")
+        if not isinstance(self.routing_algorithm, str) or not self.routing_algorithm:
+            raise ValueError(f"routing_algorithm must be a name such as {ROUTING_ALGORITHMS[0]!r}, "
+                             f"got {self.routing_algorithm!r}")
+        meaningful = ROUTING_ALGORITHM_GRADIENTS.get(self.routing_algorithm, ROUTING_GRADIENTS)
+        if self.routing_gradient not in meaningful:
+            raise ValueError(f"routing_gradient {self.routing_gradient!r} has no meaning under the routing "
+                             f"algorithm {self.routing_algorithm!r}, which has no iterations before its last; "
+                             f"use {' or '.join(meaningful)}")
         if self.routing_iterations < 1:
             raise ValueError(f"routing_iterations must be >= 1, got {self.routing_iterations}")
         if self.primary_size < 1:

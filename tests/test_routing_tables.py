@@ -1,6 +1,6 @@
 """The implementations by framework: each framework a package of implementations/ whose routing.py holds
 every routing of that framework in one table, ROUTING, keyed the same way in every framework: (routing
-variant, routing gradient)."""
+algorithm, routing variant, routing gradient), each gradient only under an algorithm where it means something."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 import implementations
 from harness.contract import ROUTING_VARIANTS
-from harness.spec import ROUTING_GRADIENTS
+from harness.spec import ROUTING_ALGORITHM_GRADIENTS, ROUTING_ALGORITHMS
 
 FRAMEWORKS = sorted(module.name for module in pkgutil.iter_modules(implementations.__path__) if module.ispkg)
 
@@ -32,11 +32,19 @@ def test_the_framework_packages_shadow_no_framework():
             assert "implementations" not in Path(spec.origin).parts, (name, spec.origin)
 
 
+# cupy's table holds its fused kernels, which compute dynamic routing alone (cupy-vectorised and cupy-looped
+# run NumPy's table on the GPU)
+ALGORITHMS = {"cupy": ("dynamic",)}
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_each_routing_table_is_keyed_by_variant_then_gradient(framework):
+def test_each_routing_table_is_keyed_by_algorithm_variant_then_gradient(framework):
     table = importlib.import_module(f"implementations.{framework}.routing").ROUTING
     assert table
     for key in table:
-        variant, gradient = key
-        assert variant in ROUTING_VARIANTS and gradient in ROUTING_GRADIENTS, key
-    assert {gradient for _, gradient in table} == set(ROUTING_GRADIENTS)
+        algorithm, variant, gradient = key
+        assert algorithm in ROUTING_ALGORITHMS and variant in ROUTING_VARIANTS, key
+        assert gradient in ROUTING_ALGORITHM_GRADIENTS[algorithm], key
+    for algorithm in ALGORITHMS.get(framework, ROUTING_ALGORITHMS):
+        assert {gradient for name, _, gradient in table if name == algorithm} == set(
+            ROUTING_ALGORITHM_GRADIENTS[algorithm]), (framework, algorithm)

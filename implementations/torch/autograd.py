@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from harness import routing_algorithms
 from harness.contract import DEVICES, ROUTING_VARIANTS, AllocatorPeaks, Availability, Batch, Implementation
 from harness.params import DECODER_PREFIX, decoder_layer_count
 from harness.ranges import ROUTING_LAYER, layer_range
 from harness.registry import register
-from harness.spec import ADAM, ROUTING_GRADIENTS, CapsNetConfig, LearningRateSchedule
+from harness.spec import ADAM, ROUTING_ALGORITHMS, ROUTING_GRADIENTS, CapsNetConfig, LearningRateSchedule
 from implementations.torch.routing import ROUTING, squash
 
 try:
@@ -142,14 +143,21 @@ class TorchCapsNet(Implementation):
 
     framework = "torch"
     routing_gradients = ROUTING_GRADIENTS
+    routing_algorithms = ROUTING_ALGORITHMS
+    runs_algorithm_references = ("vectorised",)  # a plugin's algorithm, by its reference function
 
     def __init_subclass__(cls, **kwargs):
         """A subclass that overrides the ``route`` hook computes its own routing: it claims the routing
-        gradients it declares itself, ``full`` alone unless it does (never this class's claim by
-        inheritance)."""
+        gradients and algorithms it declares itself, ``full`` and ``dynamic`` alone unless it does, and no
+        plugin's algorithm by its reference (never this class's claims by inheritance)."""
         super().__init_subclass__(**kwargs)
-        if "route" in vars(cls) and "routing_gradients" not in vars(cls):
-            cls.routing_gradients = ("full",)
+        if "route" in vars(cls):
+            if "routing_gradients" not in vars(cls):
+                cls.routing_gradients = ("full",)
+            if "routing_algorithms" not in vars(cls):
+                cls.routing_algorithms = ("dynamic",)
+            if "runs_algorithm_references" not in vars(cls):
+                cls.runs_algorithm_references = ()
 
     def __init__(self, config, params, dtype="float32", device="cpu", routing_variant="vectorised"):
         super().__init__(config, params, dtype, device, routing_variant)
@@ -200,10 +208,10 @@ class TorchCapsNet(Implementation):
 
     # the network
     def route(self, u_hat):
-        """The differentiable routing of the forward pass: u_hat (B, N, J, D) -> v (B, J, D).  The hook a
-        plugin overrides to try another routing (see harness.registry)."""
-        routing = ROUTING[(self.routing_variant, self.config.routing_gradient)].autograd
-        return routing(u_hat, self.config.routing_iterations, self.config.squash_eps)
+        """The differentiable routing of the forward pass: u_hat (B, N, J, D) -> v (B, J, D), of the config's
+        routing algorithm (a plugin's by its reference function).  The hook a plugin overrides to try another
+        routing (see harness.registry)."""
+        return autograd_routing(self.config, self.routing_variant)(u_hat, self.params, self.config)
 
     def _route_in_range(self, u_hat):
         """``route`` as the network calls it: a plugin's own ``route`` runs inside the range of the whole
@@ -325,6 +333,16 @@ class TorchCapsNet(Implementation):
         if self._device.type != "cuda":
             return None
         return cuda_pci_bus_id(torch.cuda.get_device_properties(self._device))
+
+
+def autograd_routing(config: CapsNetConfig, routing_variant: str):
+    """The autograd routing ``routing(u_hat, params, config)`` of ``config``'s routing algorithm and gradient in
+    ``routing_variant``: the built-in's from :data:`implementations.torch.routing.ROUTING`, a plugin's
+    algorithm's reference function (harness.routing_algorithms) otherwise."""
+    algorithm = routing_algorithms.of(config)
+    if algorithm.builtin:
+        return ROUTING[(algorithm.name, routing_variant, config.routing_gradient)].autograd
+    return algorithm.reference
 
 
 def cuda_pci_bus_id(properties) -> str:

@@ -48,6 +48,7 @@ from harness.registry import register
 from harness.spec import ADAM, CapsNetConfig
 from implementations.torch.autograd import (
     TorchCapsNet,
+    autograd_routing,
     capsule_lengths,
     decode,
     margin_loss,
@@ -55,7 +56,6 @@ from implementations.torch.autograd import (
     reconstruction_loss,
     torch,
 )
-from implementations.torch.routing import ROUTING
 
 # Compiled graphs Dynamo may keep per function and routing variant: dtypes x configurations x grad modes.
 RECOMPILE_LIMIT = 32
@@ -66,7 +66,7 @@ RECOMPILE_LIMIT = 32
 
 def inference_outputs(params: dict, images, config: CapsNetConfig, routing):
     """Class-capsule lengths and reconstructions, the decoder masked to the longest capsule."""
-    v = routing(predictions_from_images(params, images, config), config.routing_iterations, config.squash_eps)
+    v = routing(predictions_from_images(params, images, config), params, config)
     lengths = capsule_lengths(v)
     return lengths, decode(params, v, lengths.argmax(dim=1), config)
 
@@ -75,7 +75,7 @@ def training_outputs(params: dict, images, labels, config: CapsNetConfig, routin
     """The margin loss and the reconstruction loss of a training forward pass, the latter before its weight
     (``config``'s is 1, see :func:`unit_weight`), with the lengths and the reconstructions they come from
     (the decoder masked to the true class)."""
-    v = routing(predictions_from_images(params, images, config), config.routing_iterations, config.squash_eps)
+    v = routing(predictions_from_images(params, images, config), params, config)
     lengths = capsule_lengths(v)
     reconstructions = decode(params, v, labels, config)
     return (margin_loss(lengths, labels, config), reconstruction_loss(reconstructions, images, config), lengths,
@@ -125,7 +125,7 @@ def cpp_compiler() -> str:
 class TorchCompiledCapsNet(TorchCapsNet):
     """:class:`~implementations.torch.autograd.TorchCapsNet` with ``forward_loss`` (and through AOTAutograd
     its backward) and ``forward`` compiled, and fused Adam.  It compiles the autograd routing of its variant
-    and routing gradient (:data:`implementations.torch.routing.ROUTING`), not an overridden ``route`` hook."""
+    and routing gradient (:func:`implementations.torch.autograd.autograd_routing`), not an overridden ``route`` hook."""
 
     first_call_compiles = True  # the first step of a new dtype or configuration compiles (bench_compile.py)
 
@@ -170,8 +170,9 @@ class TorchCompiledCapsNet(TorchCapsNet):
         return self._loss.detach()
 
     def _routing(self):
-        """The autograd routing of this variant and routing gradient, which the compiled functions take."""
-        return ROUTING[(self.routing_variant, self.config.routing_gradient)].autograd
+        """The autograd routing of this algorithm, variant and routing gradient, which the compiled functions
+        take."""
+        return autograd_routing(self.config, self.routing_variant)
 
     def _training_outputs(self, batch: Batch):
         images, labels = batch_dynamic(batch.images, batch.labels)

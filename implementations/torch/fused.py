@@ -458,7 +458,7 @@ class TorchFusedCapsNet(TorchCapsNet):
         self.plan_seconds = 0.0  # spent choosing plans (measuring, or reading the cache): set-up, not a step
         self.workspace = Workspace(self._dtype, self._device)
         self.module = FusedCapsNetModule(config, self.params, self.plan, self.workspace,
-                                         ROUTING[(routing_variant, config.routing_gradient)].hand_written)
+                                         ROUTING[("dynamic", routing_variant, config.routing_gradient)].hand_written)
 
     def use_plan_for(self, batch_size: int) -> Plan:
         """The convolution plan of this batch size, chosen on its first use: a batch no larger than one this

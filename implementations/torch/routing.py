@@ -1,16 +1,21 @@
-"""Every routing of the PyTorch implementations in one table, :data:`ROUTING`, keyed by (routing variant,
-routing gradient) (harness.spec); each entry a :class:`TorchRouting`, the ways torch computes that routing:
+"""Every routing of the PyTorch implementations in one table, :data:`ROUTING`, keyed by (routing algorithm,
+routing variant, routing gradient) (harness.spec); each entry a :class:`TorchRouting`, the ways torch
+computes that routing:
 
-* ``autograd``: u_hat (B, N, J, D), iterations, eps -> v (B, J, D), differentiated by autograd: the routing
+* ``autograd``: ``routing(u_hat, params, config)``, u_hat (B, N, J, D) -> v (B, J, D), ``params`` the
+  network's tensors by canonical name (a routing reads its own: self-attention's ``digit.bias``), ``config``
+  the :class:`~harness.spec.CapsNetConfig` (iterations, eps, sizes); differentiated by autograd: the routing
   of ``torch-vectorised`` and ``torch-looped`` (the reference) and of the compiled and CUDA-graph variants
-  (:func:`routing_vectorised`, :func:`routing_looped`; the gradient ``final`` detaches u_hat in the
-  iterations before the last, :func:`routed_predictions`);
+  (dynamic: :func:`routing_vectorised`, :func:`routing_looped`, the gradient ``final`` detaching u_hat in
+  the iterations before the last, :func:`routed_predictions`; self-attention:
+  :func:`self_attention_vectorised`, :func:`self_attention_looped`);
 * ``hand_written``: a ``torch.autograd.Function`` on u_hat laid out (B, J, N, D), ``apply(u_hat,
   iterations, eps, workspace)``, with the backward written by hand (:class:`Routing`,
   :class:`FinalGradientRouting`): ``torch-fused``'s routing; None for a variant that has none (looped).
 
 The squash of each (:func:`squash` for autograd; :func:`squash_forward` and :func:`squash_backward` by
-hand) is here too, and the networks' PrimaryCaps use the same functions.
+hand; self-attention's :func:`attention_squash`) is here too, and the networks' PrimaryCaps use the same
+dynamic squash under every algorithm.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from harness.ranges import layer_range
-from harness.spec import ROUTING_GRADIENTS
+from harness.routing_algorithms import DIGIT_BIAS
+from harness.spec import ROUTING_ALGORITHM_GRADIENTS
 
 try:
     import torch
@@ -92,6 +98,52 @@ def routing_looped(u_hat, iterations: int, eps: float, gradient: str = "full"):
             else:
                 v = torch.stack(v, dim=1)
     return v
+
+# Self-attention routing (harness.spec), differentiated by autograd: u_hat (B, N, J, D) -----------------------
+
+
+def attention_squash(s, eps: float):
+    """Efficient-CapsNet's squash, (1 - exp(-n)) s / n with n = sqrt(|s|^2 + eps), along the last axis."""
+    norm = torch.sqrt((s * s).sum(dim=-1, keepdim=True) + eps)
+    return s * (-torch.expm1(-norm) / norm)
+
+
+def self_attention_vectorised(u_hat, bias, eps: float):
+    """a_ij = u_hat_j|i . sum_k u_hat_j|k / sqrt(D), c = softmax_j(a) + b, v_j = squash(sum_i c_ij u_hat_j|i),
+    as batched matrix products; ``bias`` (J, N); returns v (B, J, D)."""
+    by_output = u_hat.transpose(1, 2)  # (B, J, N, D)
+    with layer_range("attention"):
+        total = by_output.sum(dim=2, keepdim=True)  # sum_k u_hat_j|k, (B, J, 1, D)
+        logits = torch.matmul(by_output, total.transpose(2, 3)).squeeze(-1) / by_output.shape[-1] ** 0.5  # (B, J, N)
+        coupling = torch.softmax(logits, dim=1) + bias  # over the output capsules j, then b_ji
+    with layer_range("attention_sum"):
+        return attention_squash(torch.matmul(coupling.unsqueeze(2), by_output).squeeze(2), eps)
+
+
+def self_attention_looped(u_hat, bias, eps: float):
+    """Self-attention routing transcribed line by line, with Python loops over the output capsules j (as
+    :func:`routing_looped` has for dynamic routing); ``bias`` (J, N); returns v (B, J, D)."""
+    n_out, dim = u_hat.shape[2], u_hat.shape[3]
+    predictions = u_hat.unbind(dim=2)  # u_hat_j|i for each output capsule j, (B, N, D) each
+    with layer_range("attention"):
+        logits = []  # a_ij, one (B, N) tensor per j
+        for j in range(n_out):
+            total = predictions[j].sum(dim=1, keepdim=True)  # sum_k u_hat_j|k, (B, 1, D)
+            logits.append((predictions[j] * total).sum(dim=2) / dim ** 0.5)
+        largest = logits[0]
+        for j in range(1, n_out):
+            largest = torch.maximum(largest, logits[j])
+        exps = [torch.exp(logits[j] - largest) for j in range(n_out)]
+        total_exp = exps[0]
+        for j in range(1, n_out):
+            total_exp = total_exp + exps[j]
+    with layer_range("attention_sum"):
+        v = []
+        for j in range(n_out):
+            coupling = exps[j] / total_exp + bias[j]  # c_ij = softmax_j(a_ij) + b_ji
+            v.append(attention_squash((coupling.unsqueeze(-1) * predictions[j]).sum(dim=1), eps))
+    return torch.stack(v, dim=1)
+
 
 # Backward written by hand (torch-fused): u_hat (B, J, N, D) ----------------------------------------------------
 
@@ -223,26 +275,42 @@ class FinalGradientRouting(_Function):
 
 
 class TorchRouting(NamedTuple):
-    """The routing of one (routing variant, routing gradient): by autograd, and with a hand-written backward
-    where there is one."""
+    """The routing of one (routing algorithm, routing variant, routing gradient): by autograd, and with a
+    hand-written backward where there is one."""
 
     autograd: Callable
     hand_written: type | None
 
 
-def _with_gradient(function: Callable, gradient: str) -> Callable:
-    """``function`` of u_hat, iterations and eps under the routing gradient ``gradient``: a plain function
-    (one per entry, so torch.compile, which takes the routing as an argument, sees a fixed function)."""
-    def routing(u_hat, iterations: int, eps: float):
-        return function(u_hat, iterations, eps, gradient)
+def _dynamic(function: Callable, gradient: str) -> Callable:
+    """Dynamic routing ``function`` as ``routing(u_hat, params, config)`` under the routing gradient
+    ``gradient``: a plain function (one per entry, so torch.compile, which takes the routing as an argument,
+    sees a fixed function)."""
+    def routing(u_hat, params, config):
+        return function(u_hat, config.routing_iterations, config.squash_eps, gradient)
 
     routing.__name__ = routing.__qualname__ = f"{function.__name__}_{gradient}"
     return routing
 
 
-HAND_WRITTEN = {("vectorised", "full"): Routing, ("vectorised", "final"): FinalGradientRouting}
+def _self_attention(function: Callable) -> Callable:
+    """Self-attention routing ``function`` as ``routing(u_hat, params, config)``, its bias read from
+    ``params``."""
+    def routing(u_hat, params, config):
+        return function(u_hat, params[DIGIT_BIAS], config.squash_eps)
+
+    routing.__name__ = routing.__qualname__ = function.__name__
+    return routing
+
+
+HAND_WRITTEN = {("dynamic", "vectorised", "full"): Routing, ("dynamic", "vectorised", "final"): FinalGradientRouting}
 ROUTING = {
-    (variant, gradient): TorchRouting(_with_gradient(function, gradient), HAND_WRITTEN.get((variant, gradient)))
-    for variant, function in (("vectorised", routing_vectorised), ("looped", routing_looped))
-    for gradient in ROUTING_GRADIENTS
+    **{("dynamic", variant, gradient): TorchRouting(_dynamic(function, gradient),
+                                                    HAND_WRITTEN.get(("dynamic", variant, gradient)))
+       for variant, function in (("vectorised", routing_vectorised), ("looped", routing_looped))
+       for gradient in ROUTING_ALGORITHM_GRADIENTS["dynamic"]},
+    **{("self-attention", variant, gradient): TorchRouting(_self_attention(function),
+                                                           HAND_WRITTEN.get(("self-attention", variant, gradient)))
+       for variant, function in (("vectorised", self_attention_vectorised), ("looped", self_attention_looped))
+       for gradient in ROUTING_ALGORITHM_GRADIENTS["self-attention"]},
 }
