@@ -20,9 +20,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from harness import routing_algorithms
 from harness.contract import DEVICES, DTYPES
 from harness.settings import DATA_DIR_ENV
-from harness.spec import CONFIGS, ROUTING_GRADIENTS
+from harness.spec import CONFIGS, DEFAULT_ROUTING_ALGORITHM, ROUTING_GRADIENTS
 
 DEFAULT_CONFIG = "paper"  # the network of the paper; a command that defaults to another says why
 DEFAULT_DTYPE = "float32"
@@ -154,6 +155,26 @@ def add_warmup(parser, *, help: str = "untimed steps first", default: int | None
 def add_timeout(parser, *, help: str, default: float) -> None:
     """``--timeout-s SECONDS``, a positive number, defaulting to ``default``."""
     parser.add_argument("--timeout-s", type=positive_float, default=default, help=f"{help} (default: %(default)s)")
+
+
+def routing_algorithm(text: str) -> str:
+    """argparse type: ``text`` as a known routing algorithm's name (:func:`harness.routing_algorithms.names`,
+    a plugin's included); ArgumentTypeError naming the known ones for another."""
+    known = routing_algorithms.names()
+    if text not in known:
+        raise argparse.ArgumentTypeError(f"unknown routing algorithm {text!r}; known routing algorithms: "
+                                         f"{', '.join(known)}")
+    return text
+
+
+def add_routing_algorithm(parser, *, consequence: str = "") -> None:
+    """``--routing-algorithm NAME`` (:mod:`harness.routing_algorithms`: dynamic, self-attention, a plugin's;
+    default dynamic); ``consequence`` says what the command does with an implementation that lacks it."""
+    text = ("the routing algorithm (harness.spec): the paper's dynamic routing (dynamic), Efficient-CapsNet's "
+            "self-attention routing (self-attention), or an installed plugin's")
+    parser.add_argument("--routing-algorithm", type=routing_algorithm, default=DEFAULT_ROUTING_ALGORITHM,
+                        metavar="NAME",
+                        help=text + (f"; {consequence}" if consequence else "") + " (default: %(default)s)")
 
 
 def add_routing_gradient(parser, *, consequence: str = "") -> None:
