@@ -10,15 +10,18 @@ name says:
   loss and its ``jax.vjp`` pullback (a pytree of the residuals backward needs, returned through the jit
   boundary, as torch keeps its graph); ``backward``: :func:`pullback`, the gradients from those residuals;
 * ``routing_forward`` / ``routing_backward``: :func:`route` and :func:`route_backward` (routing, and its
-  vjp) on u_hat in the canonical (B, N, J, D) layout (``u_hat_layout``);
+  vjp in u_hat) on u_hat in the canonical (B, N, J, D) layout (``u_hat_layout``), with the routing
+  algorithm's own parameters (self-attention's ``digit.bias``) as an argument;
 * ``adam_step``: :func:`adam_update` over the parameter pytree.
 
 Parameters, gradients and Adam's moments are dicts in the canonical layout of :mod:`harness.params`; the
 convolutions are im2col (strided slices of the NHWC activations) and one matrix product with the
 (out, in, kh, kw) weights re-laid out inside the program (:func:`conv_valid`; XLA's own convolution is the
-alternative, see :data:`CONVOLUTION`).  The routing of either variant and routing gradient is in
-:mod:`implementations.jax.routing` (its table ``ROUTING``); ``config.routing_gradient`` "final" stops the
-gradient through every iteration but the last weighted sum and squash (``jax.lax.stop_gradient``).
+alternative, see :data:`CONVOLUTION`).  The routing of each routing algorithm (dynamic, self-attention),
+variant and routing gradient is in :mod:`implementations.jax.routing` (its table ``ROUTING``);
+``config.routing_gradient`` "final" stops the gradient through every iteration but the last weighted sum and
+squash (``jax.lax.stop_gradient``).  A routing algorithm's parameters (self-attention's ``digit.bias``) are
+parameters like the others: in the pytree, its gradients, Adam's moments and state.
 
 Set-up done where this module is imported (:mod:`implementations.jax._setup`, before JAX is imported):
 
@@ -26,7 +29,9 @@ Set-up done where this module is imported (:mod:`implementations.jax._setup`, be
   every call (arrays made, programs traced and run) inside ``jax.enable_x64(True)`` and a float32 one
   inside ``jax.enable_x64(False)`` (:meth:`JaxCapsNet._precision`), so each computes in its own dtype
   and the flag outside is what it was.
-* **Compiling.**  The first call of each function per shape, dtype and configuration compiles
+* **Compiling.**  The first call of each function per shape, dtype and configuration compiles (the
+  configuration, its routing algorithm included, is a static argument, so two algorithms never share a
+  program)
   (``first_call_compiles``); compiled programs are also written to JAX's persistent compilation cache,
   ``$CAPSBENCH_JAX_CACHE`` or ``runs/jax-cache`` (:func:`cache_folder`), so a later process (asv runs one
   per benchmark) reads them back instead of compiling again.
@@ -47,10 +52,10 @@ from pathlib import Path
 import numpy as np
 
 from harness.contract import ROUTING_VARIANTS, AllocatorPeaks, Availability, Batch, Implementation
-from harness.params import DECODER_PREFIX, decoder_layer_count
+from harness.params import DECODER_PREFIX, decoder_layer_count, routing_parameter_shapes
 from harness.registry import register
 from harness.settings import JAX_CACHE_DIR, JAX_CACHE_ENV, JAX_CONVOLUTION_ENV
-from harness.spec import ADAM, ROUTING_GRADIENTS, CapsNetConfig
+from harness.spec import ADAM, ROUTING_ALGORITHMS, ROUTING_GRADIENTS, CapsNetConfig
 from harness.threads import register_thread_pool, usable_cpu_count
 from implementations.jax._setup import _IMPORT_ERROR, jax, jnp, lax
 from implementations.jax.routing import ROUTING, squash
@@ -58,8 +63,6 @@ from implementations.jax.routing import ROUTING, squash
 CACHE_ENV = JAX_CACHE_ENV
 DEFAULT_CACHE = JAX_CACHE_DIR
 XLA_CPU_POOL = "xla:cpu"
-
-
 
 
 def cache_folder() -> Path:
@@ -152,11 +155,17 @@ def decode(params: dict, v, selected, config: CapsNetConfig):
     return hidden
 
 
+def routing_of(config: CapsNetConfig, routing: str, gradient: str):
+    """The routing ``routing(u_hat, params, config)`` of ``config``'s routing algorithm in the routing variant
+    ``routing`` under the routing gradient ``gradient`` (:data:`implementations.jax.routing.ROUTING`)."""
+    return ROUTING[(config.routing_algorithm, routing, gradient)]
+
+
 def network(params: dict, images, labels, config: CapsNetConfig, routing: str, gradient: str):
     """Lengths (B, J) and reconstructions (B, pixels): the decoder masked to ``labels``, or to the longest
     capsule where labels is None."""
     u_hat = predictions_from_images(params, images, config)
-    v = ROUTING[(routing, gradient)](u_hat, config.routing_iterations, config.squash_eps)
+    v = routing_of(config, routing, gradient)(u_hat, params, config)
     lengths = capsule_lengths(v)
     selected = jnp.argmax(lengths, axis=1) if labels is None else labels
     return lengths, decode(params, v, selected, config)
@@ -189,7 +198,8 @@ STATIC = ("config", "routing", "gradient")
 
 
 def _jit(function):
-    """``jax.jit`` with the configuration, routing variant and routing gradient static (each compiles)."""
+    """``jax.jit`` with the configuration (its routing algorithm included), routing variant and routing gradient
+    static (each compiles)."""
     return jax.jit(function, static_argnames=STATIC) if jax is not None else function
 
 
@@ -236,14 +246,16 @@ def prediction_vectors(params, images, config, routing, gradient):
 
 
 @_jit
-def route(u_hat, config, routing, gradient):
-    return ROUTING[(routing, gradient)](u_hat, config.routing_iterations, config.squash_eps)
+def route(u_hat, routing_params, config, routing, gradient):
+    """v (B, J, D) from u_hat (B, N, J, D) and the routing algorithm's own parameters (name -> array)."""
+    return routing_of(config, routing, gradient)(u_hat, routing_params, config)
 
 
 @_jit
-def route_backward(u_hat, grad_v, config, routing, gradient):
-    _, vjp_function = jax.vjp(lambda u: ROUTING[(routing, gradient)](u, config.routing_iterations, config.squash_eps),
-                              u_hat)
+def route_backward(u_hat, routing_params, grad_v, config, routing, gradient):
+    """d loss / d u_hat from d loss / d v (the routing's parameters held constant, as torch's routing_backward
+    asks autograd for u_hat's gradient alone)."""
+    _, vjp_function = jax.vjp(lambda u: routing_of(config, routing, gradient)(u, routing_params, config), u_hat)
     return vjp_function(grad_v)[0]
 
 
@@ -274,6 +286,7 @@ class JaxCapsNet(Implementation):
     first_call_compiles = True
     compile_cache_persists = True  # enable_compilation_cache: a later process reads the programs back
     routing_gradients = ROUTING_GRADIENTS
+    routing_algorithms = ROUTING_ALGORITHMS
 
     def __init__(self, config, params, dtype="float32", device="cpu", routing_variant="vectorised"):
         super().__init__(config, params, dtype, device, routing_variant)
@@ -284,6 +297,7 @@ class JaxCapsNet(Implementation):
         self._device = jax_device(device)
         self._dtype = np.dtype(dtype)
         self._names = list(params)  # canonical order (JAX returns dicts with their keys sorted)
+        self._routing_names = list(routing_parameter_shapes(config))  # the routing algorithm's own parameters
         self._static = {"config": config, "routing": routing_variant, "gradient": self.gradient}
         with self._precision():
             self.params = {name: self.from_numpy(value) for name, value in params.items()}
@@ -402,13 +416,17 @@ class JaxCapsNet(Implementation):
         with self._precision():
             return self._keep(prediction_vectors(self.params, batch.images, **self._static))
 
+    def _routing_params(self) -> dict:
+        """The routing algorithm's own parameters (self-attention's ``digit.bias``; none for dynamic routing)."""
+        return {name: self.params[name] for name in self._routing_names}
+
     def routing_forward(self, u_hat):
         with self._precision():
-            return self._keep(route(u_hat, **self._static))
+            return self._keep(route(u_hat, self._routing_params(), **self._static))
 
     def routing_backward(self, u_hat, grad_v):
         with self._precision():
-            return self._keep(route_backward(u_hat, grad_v, **self._static))
+            return self._keep(route_backward(u_hat, self._routing_params(), grad_v, **self._static))
 
     # devices and memory
     def synchronize(self) -> None:

@@ -1,11 +1,19 @@
-"""The routing of the JAX implementations: every routing in one table, :data:`ROUTING`, keyed by
-(routing variant, routing gradient), with the squash it is built of (the network's PrimaryCaps use it too)."""
+"""The routing of the JAX implementations: every routing in one table, :data:`ROUTING`, keyed by (routing
+algorithm, routing variant, routing gradient) (harness.spec), as every framework's table is; each entry
+``routing(u_hat, params, config)``: u_hat (B, N, J, D) -> v (B, J, D), ``params`` the routing algorithm's own
+parameters by canonical name (none for dynamic routing; self-attention's ``digit.bias``, (J, N)), ``config``
+the :class:`~harness.spec.CapsNetConfig` (iterations, eps), differentiable by JAX in u_hat and ``params``.
+Dynamic routing: :func:`routing_vectorised`, :func:`routing_looped` (the gradient "final" through
+``lax.stop_gradient``); self-attention: :func:`self_attention_vectorised`, :func:`self_attention_looped`.
+The squash of each is here too (:func:`squash`, which the network's PrimaryCaps use under every algorithm;
+self-attention's :func:`attention_squash`)."""
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 
-from harness.spec import ROUTING_GRADIENTS
+from harness.routing_algorithms import DIGIT_BIAS
+from harness.spec import ROUTING_ALGORITHM_GRADIENTS
 from implementations.jax._setup import jax, jnp, lax
 
 
@@ -14,6 +22,8 @@ def squash(s, eps: float):
     squared = jnp.sum(s * s, axis=-1, keepdims=True)
     return s * (squared / ((1.0 + squared) * jnp.sqrt(squared + eps)))
 
+
+# Dynamic routing (Procedure 1) ------------------------------------------------------------------------------
 
 
 def routing_vectorised(u_hat, iterations: int, eps: float, gradient: str = "full"):
@@ -60,10 +70,79 @@ def routing_looped(u_hat, iterations: int, eps: float, gradient: str = "full"):
     return jnp.stack(v, axis=1)
 
 
-# Every JAX routing, by (routing variant, routing gradient) (harness.spec): u_hat (B, N, J, D), iterations,
-# eps -> v (B, J, D), differentiable (the gradient "final" stops it through the iterations before the last).
+# Self-attention routing (harness.spec) ------------------------------------------------------------------------
+
+
+def attention_squash(s, eps: float):
+    """Efficient-CapsNet's squash, (1 - exp(-n)) s / n with n = sqrt(|s|^2 + eps), along the capsule axis."""
+    norm = jnp.sqrt(jnp.sum(s * s, axis=-1, keepdims=True) + eps)
+    return s * (-jnp.expm1(-norm) / norm)
+
+
+def self_attention_vectorised(u_hat, bias, eps: float):
+    """a_ij = u_hat_j|i . sum_k u_hat_j|k / sqrt(D), c = softmax_j(a) + b, v_j = squash(sum_i c_ij u_hat_j|i),
+    over all input and output capsules at once: u_hat (B, N, J, D), ``bias`` (J, N) -> v (B, J, D)."""
+    with jax.named_scope("attention"):
+        total = jnp.sum(u_hat, axis=1)  # sum_k u_hat_j|k, (B, J, D)
+        logits = jnp.einsum("bnjd,bjd->bnj", u_hat, total) / u_hat.shape[-1] ** 0.5  # a_ij, (B, N, J)
+        coupling = jax.nn.softmax(logits, axis=2) + bias.T  # over the output capsules j, then b_ji
+    with jax.named_scope("attention_sum"):
+        return attention_squash(jnp.einsum("bnj,bnjd->bjd", coupling, u_hat), eps)
+
+
+def self_attention_looped(u_hat, bias, eps: float):
+    """Self-attention routing transcribed line by line, with Python loops over the output capsules j (as
+    :func:`routing_looped` has for dynamic routing); ``bias`` (J, N); returns v (B, J, D)."""
+    n_out, dim = u_hat.shape[2], u_hat.shape[3]
+    predictions = [u_hat[:, :, j] for j in range(n_out)]  # u_hat_j|i for each output capsule j, (B, N, D) each
+    with jax.named_scope("attention"):
+        logits = []  # a_ij, one (B, N) array per j
+        for j in range(n_out):
+            total = jnp.sum(predictions[j], axis=1, keepdims=True)  # sum_k u_hat_j|k, (B, 1, D)
+            logits.append(jnp.sum(predictions[j] * total, axis=2) / dim**0.5)
+        largest = logits[0]
+        for j in range(1, n_out):
+            largest = jnp.maximum(largest, logits[j])
+        exps = [jnp.exp(logits[j] - largest) for j in range(n_out)]
+        total_exp = exps[0]
+        for j in range(1, n_out):
+            total_exp = total_exp + exps[j]
+    with jax.named_scope("attention_sum"):
+        v = []
+        for j in range(n_out):
+            coupling = exps[j] / total_exp + bias[j]  # c_ij = softmax_j(a_ij) + b_ji
+            v.append(attention_squash(jnp.sum(coupling[:, :, None] * predictions[j], axis=1), eps))
+    return jnp.stack(v, axis=1)
+
+
+# The table --------------------------------------------------------------------------------------------------
+
+
+def _dynamic(function: Callable, gradient: str) -> Callable:
+    """Dynamic routing ``function`` as ``routing(u_hat, params, config)`` under the routing gradient
+    ``gradient`` (no parameters of its own)."""
+    def routing(u_hat, params, config):
+        return function(u_hat, config.routing_iterations, config.squash_eps, gradient)
+
+    routing.__name__ = routing.__qualname__ = f"{function.__name__}_{gradient}"
+    return routing
+
+
+def _self_attention(function: Callable) -> Callable:
+    """Self-attention routing ``function`` as ``routing(u_hat, params, config)``, its bias read from
+    ``params``."""
+    def routing(u_hat, params, config):
+        return function(u_hat, params[DIGIT_BIAS], config.squash_eps)
+
+    routing.__name__ = routing.__qualname__ = function.__name__
+    return routing
+
+
 ROUTING = {
-    (variant, gradient): functools.partial(function, gradient=gradient)
-    for variant, function in (("vectorised", routing_vectorised), ("looped", routing_looped))
-    for gradient in ROUTING_GRADIENTS
+    **{("dynamic", variant, gradient): _dynamic(function, gradient)
+       for variant, function in (("vectorised", routing_vectorised), ("looped", routing_looped))
+       for gradient in ROUTING_ALGORITHM_GRADIENTS["dynamic"]},
+    **{("self-attention", variant, gradient): _self_attention(function)
+       for variant, function in (("vectorised", self_attention_vectorised), ("looped", self_attention_looped))
+       for gradient in ROUTING_ALGORITHM_GRADIENTS["self-attention"]},
 }
