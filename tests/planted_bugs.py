@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# the plugin example that brings a routing algorithm
+INVERTED_ATTENTION = "examples/capsbench-inverted-attention/capsbench_inverted_attention.py"
 # the contract's parity test of one implementation in float32 on the small network: append "[NAME-float32]"
 FLOAT32_PARITY = "tests/test_contract.py::test_parity_with_the_float64_reference"
 
@@ -243,6 +245,23 @@ BUGS = (
     Bug("a plugin's route runs outside the routing range", "implementations/torch/autograd.py",
         "        if type(self).route is TorchCapsNet.route:", "        if True:",
         ("tests/test_plugin.py::test_the_example_plugin_gets_its_routing_rows_in_a_profile_for_free",)),
+    # a plugin's routing algorithm (examples/capsbench-inverted-attention): its reference, its implementation
+    Bug("inverted-attention reference normalises the coefficients over the children", INVERTED_ATTENTION,
+        "routing = torch.softmax(agreement, dim=2)  # r_ij", "routing = torch.softmax(agreement, dim=1)  # r_ij",
+        ("tests/test_plugin.py::test_the_algorithm_on_a_hand_worked_case",)),
+    Bug("inverted-attention gamma starts at 0", INVERTED_ATTENTION,
+        "return np.ones(shape) if name == NORM_WEIGHT else np.zeros(shape)", "return np.zeros(shape)",
+        ("tests/test_plugin.py::test_the_algorithm_adds_its_parameters_to_the_canonical_set",)),
+    Bug("inverted-attention implementation without the agreement's scale", INVERTED_ATTENTION,
+        "agreement = torch.matmul(votes, pose.unsqueeze(-1)).squeeze(-1) * scale",
+        "agreement = torch.matmul(votes, pose.unsqueeze(-1)).squeeze(-1)",
+        ("tests/test_plugin.py::test_the_algorithm_plugin_matches_its_reference_under_both_routing_gradients",)),
+    Bug("inverted-attention LayerNorm backward without the projection on the normalised pose", INVERTED_ATTENTION,
+        "\n" + " " * 40 + "- normalised * (grad_normalised * normalised).mean(dim=-1, keepdim=True))", ")",
+        ("tests/test_plugin.py::test_the_hand_written_backward_against_finite_differences",)),
+    Bug("inverted-attention final gradient lets the early weighted sums through", INVERTED_ATTENTION,
+        "if not final or iteration == iterations - 1:  # this iteration's", "if True:  # this iteration's",
+        ("tests/test_plugin.py::test_the_algorithm_plugin_matches_its_reference_under_both_routing_gradients",)),
     Bug("the distributed sampler never reshuffles", "harness/training/ddp.py", "        sampler.set_epoch(epoch - 1)",
         "        sampler.set_epoch(0)",
         ("tests/test_distributed.py::test_two_ranks_learn_what_one_process_learns_on_the_global_batch",)),
