@@ -72,12 +72,18 @@ def routing_algorithm_support(cls: type, routing_algorithm: str, routing_variant
 
 def config_support(cls: type, config: CapsNetConfig, routing_variant: str = "vectorised") -> Availability:
     """Whether ``cls`` built with ``routing_variant`` computes ``config``'s routing algorithm and routing
-    gradient (:func:`routing_algorithm_support`, then :func:`routing_gradient_support`): the first that
-    fails, else :meth:`Availability.ok`."""
-    algorithm = routing_algorithm_support(cls, getattr(config, "routing_algorithm", "dynamic"), routing_variant)
+    gradient (:func:`routing_algorithm_support`, whether the algorithm has that gradient at all
+    (``RoutingAlgorithm.routing_gradients``: a plugin's algorithm may have ``full`` alone), then
+    :func:`routing_gradient_support`): the first that fails, else :meth:`Availability.ok`."""
+    name, gradient = getattr(config, "routing_algorithm", "dynamic"), getattr(config, "routing_gradient", "full")
+    algorithm = routing_algorithm_support(cls, name, routing_variant)
     if not algorithm:
         return algorithm
-    return routing_gradient_support(cls, getattr(config, "routing_gradient", "full"))
+    meaningful = routing_algorithms.get(name).routing_gradients
+    if gradient not in meaningful:
+        return Availability.missing(f"the routing algorithm {name!r} has the routing gradient "
+                                    f"{' and '.join(meaningful)} only, not {gradient!r}")
+    return routing_gradient_support(cls, gradient)
 
 
 def routing_gradient_support(cls: type, routing_gradient: str) -> Availability:
@@ -188,8 +194,7 @@ class Implementation(abc.ABC):
                                               routing_variant)
         if not algorithm:
             raise UnsupportedRoutingAlgorithmError(f"{type(self).__name__} {algorithm.reason}")
-        gradient = getattr(config, "routing_gradient", "full")
-        support = routing_gradient_support(type(self), gradient)
+        support = config_support(type(self), config, routing_variant)
         if not support:
             raise UnsupportedRoutingGradientError(f"{type(self).__name__} {support.reason}")
         validate_parameters(params, config)

@@ -120,7 +120,7 @@ class ImplementationInfo:
         algorithm = routing_algorithm_support(self.cls, config.routing_algorithm, self.routing_variant)
         if not algorithm:
             raise UnsupportedRoutingAlgorithmError(f"implementation {self.name!r} {algorithm.reason}")
-        support = self.supports(config.routing_gradient)
+        support = self.computes(config)
         if not support:
             raise UnsupportedRoutingGradientError(f"implementation {self.name!r} {support.reason}")
         return self.cls(config, params, dtype=dtype, device=self.device, routing_variant=self.routing_variant)
