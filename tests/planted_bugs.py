@@ -528,7 +528,7 @@ BUGS = (
         ("tests/test_gates.py::test_a_resume_takes_every_option_from_the_file",)),
     Bug("the checkpoint does not record the routing algorithm", "harness/training/checkpoint.py",
         "arrays = {ROUTING_ALGORITHM_KEY: np.array(impl.config.routing_algorithm)}", "arrays = {}",
-        ("tests/test_figures.py::test_the_routing_algorithm_comes_from_the_checkpoint_its_record_or_its_parameters",)),
+        ("tests/test_train.py::test_a_self_attention_run_records_its_algorithm_names_its_file_and_resumes_with_it",)),
     Bug("default file names drop the routing algorithm", "harness/training/loop.py",
         'return ("" if algorithm == DEFAULT_ROUTING_ALGORITHM else f"-{algorithm}") + routing_gradient_suffix(args)',
         "return routing_gradient_suffix(args)",
