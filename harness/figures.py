@@ -15,8 +15,12 @@ default) on the MNIST test set, written into ``--out`` (default ``runs/figures/`
 * ``figures.json``: what was drawn, for tests and readers: image indices, labels, predictions, the
   perturbation grid, the predicted capsules, the confusion matrix, where the checkpoint came from.
 
-Every file is written atomically (:mod:`harness.results`).  A missing, corrupt or other-network checkpoint,
-missing data or an unavailable implementation is one line on stderr and exit status 2.
+The network is the checkpoint's, routing algorithm included (the checkpoint records it, else its run's
+results file, else the parameters tell: only self-attention's network has ``digit.bias``); the implementation
+must compute that algorithm.  Every file is written atomically (:mod:`harness.results`).  A missing, corrupt
+or other-network checkpoint (another ``--config`` or ``--routing-algorithm`` than the one it holds), missing
+data, or an implementation that is unavailable or does not compute the checkpoint's routing algorithm is one
+line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import cli, contract, options, registry
+from harness import cli, contract, options, registry, routing_algorithms
 from harness.data import load_mnist
 from harness.decoder import mask_to_classes
 from harness.errors import UserError
@@ -51,8 +55,9 @@ from harness.results import (
     write_text_atomic,
 )
 from harness.settings import FIGURES_SUBDIR, RUNS_DIR
-from harness.spec import CONFIGS, CapsNetConfig
-from harness.training.checkpoint import checkpoint_path
+from harness.spec import CONFIGS, DEFAULT_ROUTING_ALGORITHM, CapsNetConfig
+from harness.training.checkpoint import ROUTING_ALGORITHM_KEY, checkpoint_path
+from harness.training.loop import recorded_routing_algorithm
 from harness.training.progress import Progress
 
 FORMAT_VERSION = 1
@@ -98,21 +103,34 @@ def checkpoint_and_results(path: Path) -> tuple[Path, Path]:
     return path, path.with_name(f"{name}.json")
 
 
-def fitting_configs(params: dict[str, np.ndarray]) -> list[str]:
-    """The named networks whose canonical layout these parameters have."""
+def fitting_networks(params: dict[str, np.ndarray]) -> list[tuple[str, str]]:
+    """The (named network, routing algorithm) pairs whose canonical layout these parameters have: the
+    built-in algorithms first, then a plugin's, each over :data:`harness.spec.CONFIGS`."""
     fits = []
-    for name, config in CONFIGS.items():
-        try:
-            validate_parameters(params, config)
-        except ValueError:
-            continue
-        fits.append(name)
+    for algorithm in routing_algorithms.names():
+        for name, config in CONFIGS.items():
+            try:
+                validate_parameters(params, config.replace(routing_algorithm=algorithm))
+            except ValueError:
+                continue
+            fits.append((name, algorithm))
     return fits
 
 
-def load_checkpoint(path: Path, config_name: str | None = None) -> Checkpoint:
+def network_text(config_name: str, algorithm: str) -> str:
+    """"the small network" or, for a routing algorithm other than dynamic, "the small network with
+    self-attention routing"."""
+    return f"the {config_name} network" + ("" if algorithm == DEFAULT_ROUTING_ALGORITHM else
+                                           f" with {algorithm} routing")
+
+
+def load_checkpoint(path: Path, config_name: str | None = None, routing_algorithm: str | None = None) -> Checkpoint:
     """The checkpoint at ``path`` (or beside the results file ``path``), checked against the network
-    ``config_name`` (default: the one its run's results file names, else the one its shapes fit)."""
+    ``config_name`` (default: the one its run's results file names, else the one its shapes fit) routing with
+    ``routing_algorithm`` (default: the one the checkpoint records, else its results file, else the one its
+    parameters fit).  CheckpointError, one line, for a missing or unreadable checkpoint, a checkpoint and
+    results file of two routing algorithms, a ``routing_algorithm`` other than the one recorded, and
+    parameters that do not fit the network chosen (naming the one they fit)."""
     checkpoint, results = checkpoint_and_results(Path(path))
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: no such checkpoint (a training run saves <results>.checkpoint.npz "
@@ -121,6 +139,7 @@ def load_checkpoint(path: Path, config_name: str | None = None) -> Checkpoint:
         with np.load(checkpoint, allow_pickle=False) as saved:
             epoch = int(saved["epoch"])
             params = {key.split("/", 1)[1]: np.array(saved[key]) for key in saved.files if key.startswith("param/")}
+            saved_algorithm = str(saved[ROUTING_ALGORITHM_KEY]) if ROUTING_ALGORITHM_KEY in saved.files else None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{checkpoint}: not a readable capsbench checkpoint ({type(error).__name__}: "
                               f"{error}); use the .checkpoint.npz a training run saved") from None
@@ -130,17 +149,47 @@ def load_checkpoint(path: Path, config_name: str | None = None) -> Checkpoint:
             record = read_training_result(results)
         except ResultsFileError:
             record = None  # the checkpoint stands on its own; the run's facts are a nicety
-    fits = fitting_configs(params)
-    chosen = config_name or (record or {}).get("config_name") or (fits[0] if fits else None)
+    recorded = recorded_routing_algorithm(record) if record else None
+    if saved_algorithm and recorded and saved_algorithm != recorded:
+        raise CheckpointError(f"{checkpoint} holds a network that routes with {saved_algorithm}, but {results} "
+                              f"records the routing algorithm {recorded}: they are not of one run")
+    known = saved_algorithm or recorded
+    if routing_algorithm and known and routing_algorithm != known:
+        raise CheckpointError(f"{checkpoint}: a checkpoint of a network that routes with {known}; "
+                              f"--routing-algorithm {routing_algorithm} differs: drop it")
+    fits = fitting_networks(params)
+    algorithm = routing_algorithm or known or (fits[0][1] if fits else DEFAULT_ROUTING_ALGORITHM)
+    same_algorithm = [name for name, fit in fits if fit == algorithm]
+    chosen = config_name or (record or {}).get("config_name") or (same_algorithm or [None])[0]
     if chosen not in CONFIGS:
         raise CheckpointError(f"{checkpoint}: its parameters fit none of the known networks "
-                              f"({', '.join(CONFIGS)}): not a capsbench checkpoint of this version")
+                              f"({', '.join(CONFIGS)}) under the routing algorithm {algorithm}: not a capsbench "
+                              "checkpoint of this version")
+    config = CONFIGS[chosen].replace(routing_algorithm=algorithm)
     try:
-        validate_parameters(params, CONFIGS[chosen])
+        validate_parameters(params, config)
     except ValueError as error:
-        hint = f"; it is a checkpoint of the {fits[0]} network: pass --config {fits[0]}" if fits else ""
-        raise CheckpointError(f"{checkpoint}: not a checkpoint of the {chosen} network ({error}){hint}") from None
-    return Checkpoint(checkpoint, epoch, params, chosen, CONFIGS[chosen], results if record else None, record)
+        hint = ""
+        if fits:
+            name, fit = (same_algorithm[0], algorithm) if same_algorithm else fits[0]
+            passes = f"--config {name}" + ("" if fit == algorithm else f" --routing-algorithm {fit}")
+            hint = f"; it is a checkpoint of {network_text(name, fit)}: pass {passes}"
+        raise CheckpointError(f"{checkpoint}: not a checkpoint of {network_text(chosen, algorithm)} "
+                              f"({error}){hint}") from None
+    return Checkpoint(checkpoint, epoch, params, chosen, config, results if record else None, record)
+
+
+def implementation_for(name: str, config: CapsNetConfig) -> registry.ImplementationInfo:
+    """The registry entry ``name``, where it computes ``config``'s routing algorithm (the checkpoint's); else
+    UnsupportedRoutingAlgorithmError, one line with the registry's reason and the implementations that do."""
+    info = registry.get(name)
+    status = info.computes(config)
+    if not status:
+        others = [entry.name for entry in registry.entries() if entry.computes(config) and entry.availability()]
+        choose = f"; choose --impl {' or '.join(others[:3])}" if others else ""
+        raise contract.UnsupportedRoutingAlgorithmError(
+            f"implementation {info.name!r} {status.reason}, the routing of the checkpoint's network{choose}")
+    return info
 
 
 # What is drawn ------------------------------------------------------------------------------------------
@@ -361,6 +410,7 @@ def figures_record(checkpoint: Checkpoint, info: registry.ImplementationInfo, ar
         **info.describe(),
         "dtype": args.dtype,
         "config_name": checkpoint.config_name,
+        "routing_algorithm": checkpoint.config.routing_algorithm,
         "config": checkpoint.config.as_dict(),
         "test_images": len(labels),
         "test_limit": args.test_limit,
@@ -411,6 +461,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", choices=sorted(CONFIGS),
                         help="network of the checkpoint (default: the one its results file names, else the one "
                              "its shapes fit)")
+    parser.add_argument("--routing-algorithm", type=options.routing_algorithm, metavar="NAME",
+                        help="routing algorithm of the checkpoint's network; one the checkpoint does not hold is "
+                             "refused (default: the one the checkpoint or its results file records, else the one "
+                             "its parameters fit)")
     options.add_dtype(parser, help="floating-point type the figures are computed in")
     parser.add_argument("--test-limit", type=options.positive_int,
                         help="use the first N test images only (default: all 10,000)")
@@ -428,12 +482,14 @@ def main(argv: list[str] | None = None) -> int:
         writable_folder(args.out)
     except OSError as error:
         raise UserError(unwritable_line(args.out, error, "the figures")) from None
-    checkpoint = load_checkpoint(args.checkpoint, args.config)
-    info = registry.get(args.impl)
+    checkpoint = load_checkpoint(args.checkpoint, args.config, args.routing_algorithm)
+    info = implementation_for(args.impl, checkpoint.config)
     params = {name: value.astype(args.dtype) for name, value in checkpoint.params.items()}
     impl = info.create(checkpoint.config, params, args.dtype)
     test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
-    print(f"figures of {checkpoint.path} (epoch {checkpoint.epoch}, {checkpoint.config_name} network) through "
+    routing = checkpoint.config.routing_algorithm
+    print(f"figures of {checkpoint.path} (epoch {checkpoint.epoch}, {checkpoint.config_name} network"
+          f"{'' if routing == DEFAULT_ROUTING_ALGORITHM else f', {routing} routing'}) through "
           f"{info.name} on {len(test_set):,} test images -> {args.out}", flush=True)
     drawn = compute(impl, test_set.images, test_set.labels, per_class=args.per_class, seed=args.seed,
                     batch_size=args.batch_size)

@@ -17,7 +17,13 @@ the implementation's own ranges (:mod:`harness.ranges`) name the layers.  What a
   :func:`torch_step_record`).  Memory is what the profiler attributes to the operations inside the layer
   (allocated during it, net); torch reports no per-range peak.
 
-Outputs in ``--out`` (default ``runs/profile/``): ``profile.csv`` (tidy: one row per implementation x phase
+``--routing-algorithm`` chooses the network's routing (dynamic by default); the layers of the routing are
+the algorithm's (:func:`harness.measure.flops.routing_layers`: an iteration per row under dynamic routing,
+``attention`` and ``attention_sum`` under self-attention), and an implementation that does not compute the
+algorithm is left out (refused, when named).
+
+Outputs in ``--out`` (default ``runs/profile/``, ``runs/profile/<algorithm>/`` for a routing algorithm other
+than dynamic, so that neither replaces the other): ``profile.csv`` (tidy: one row per implementation x phase
 x layer, with the median time per step over the profiled steps and its interquartile range, the share of the
 profiled step, the layer's analytic FLOPs from :mod:`harness.measure.flops`, GFLOP/s and % of peak: one figure for every
 implementation, the CPU's hardware float32 peak (:func:`harness.measure.peak.hardware_peak`), else or on a GPU the
@@ -45,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import cli, contract, options, registry
+from harness import cli, contract, options, registry, routing_algorithms
 from harness.data import synthetic_batch
 from harness.errors import EXIT_FAILURE, UserError
 from harness.measure import flops as flops_module
@@ -66,13 +72,14 @@ from harness.results import (
     write_text_atomic,
 )
 from harness.settings import PROFILE_SUBDIR, RUNS_DIR
-from harness.spec import CapsNetConfig, get_config
+from harness.spec import DEFAULT_ROUTING_ALGORITHM, CapsNetConfig, get_config
 from harness.threads import set_threads, thread_facts, usable_cpu_count
 
 PHASE_CALLS = (("forward", "forward_loss"), ("backward", "backward"), ("update", "adam_step"))
 CSV_NAME, JSON_NAME = PROFILE_CSV, PROFILE_JSON  # the files harness.results reads back
 MD_NAME, TRACES = "profile.md", "traces"
-CSV_COLUMNS = ["implementation", "framework", "device", "config_name", "batch_size", "dtype", "phase", "layer", "order",
+CSV_COLUMNS = ["implementation", "framework", "device", "config_name", "routing_algorithm", "batch_size", "dtype",
+               "phase", "layer", "order",
                "steps", "time_s", "time_q25_s", "time_q75_s", "share", "flops", "gflops_per_s", "peak_gflops",
                "pct_of_peak", "memory_allocated_bytes", "memory_peak_bytes"]
 DATA_SEED = 0
@@ -361,9 +368,10 @@ def step_profiler(info: registry.ImplementationInfo, impl: registry.Implementati
 
 
 def without_enclosing_routing(record: StepRecord) -> StepRecord:
-    """A step whose routing opened its iteration ranges inside the whole-routing range of the base class
-    (a plugin calling the built-in routing): the enclosing range goes, so no time is counted twice."""
-    for phase in {phase for phase, layer in record.layers if layer.startswith("routing_iteration_")}:
+    """A step whose routing opened the built-in routing's ranges (dynamic routing's iterations,
+    self-attention's layers) inside the whole-routing range of the base class (a plugin calling the built-in
+    routing): the enclosing range goes, so no time is counted twice."""
+    for phase in {phase for phase, layer in record.layers if flops_module.is_builtin_routing_layer(layer)}:
         for measured in (record.layers, record.allocated, record.peak):
             measured.pop((phase, ROUTING_LAYER), None)
     return record
@@ -419,7 +427,8 @@ def profile_rows(profiled: Profiled, config: CapsNetConfig, batch_size: int, dty
         gflops = layer_flops / median / 1e9 if times and median > 0 else np.nan
         rows.append({
             "implementation": info.name, "framework": info.framework, "device": info.device,
-            "config_name": config_name, "batch_size": batch_size, "dtype": dtype, "phase": phase, "layer": layer,
+            "config_name": config_name, "routing_algorithm": config.routing_algorithm, "batch_size": batch_size,
+            "dtype": dtype, "phase": phase, "layer": layer,
             "order": order.get(layer, len(order)), "steps": len(steps), "time_s": median, "time_q25_s": q25,
             "time_q75_s": q75, "share": median / step_median, "flops": layer_flops, "gflops_per_s": gflops,
             "peak_gflops": peak_gflops, "pct_of_peak": 100 * gflops / peak_gflops if peak_gflops else np.nan,
@@ -474,8 +483,10 @@ def markdown(frame: pd.DataFrame, summaries: dict[str, dict]) -> str:
     for name, rows in frame.groupby("implementation", sort=False):
         summary = summaries[name]
         layers_total = rows["time_s"].sum()
+        algorithm = summary.get("routing_algorithm", DEFAULT_ROUTING_ALGORITHM)
+        routing = "" if algorithm == DEFAULT_ROUTING_ALGORITHM else f", {algorithm} routing"
         lines += [f"## {name} ({summary['framework']}, {summary['device']}, batch {summary['batch_size']}, "
-                  f"{summary['config_name']} network, {summary['dtype']})", "",
+                  f"{summary['config_name']} network{routing}, {summary['dtype']})", "",
                   f"Profiled step {fmt(summary['step_s'], 'ms')} ms (median of {summary['steps']}); the same step "
                   f"unprofiled {fmt(summary['unprofiled_step_s'], 'ms')} ms: {overhead_text(summary)}.  "
                   "The layers add up to "
@@ -508,10 +519,11 @@ def markdown(frame: pd.DataFrame, summaries: dict[str, dict]) -> str:
 # The command ------------------------------------------------------------------------------------------------
 
 
-def choose(names: list[str] | None, device: str | None, routing_gradient: str = "full"
+def choose(names: list[str] | None, device: str | None, config: CapsNetConfig
            ) -> list[registry.ImplementationInfo]:
-    """The implementations to profile; ProfileError with one line when a name is unknown or none can run
-    (unavailable here, or without the routing gradient asked for)."""
+    """The implementations to profile: those named (else every registered one) on ``device`` (else any)
+    that can run here and compute ``config``'s routing algorithm and gradient.  ProfileError with one line
+    when a name is unknown, a named one cannot run (the registry's reason), or none can."""
     try:
         infos = [registry.get(name) for name in names] if names else registry.entries()
     except registry.UnknownImplementationError as error:
@@ -522,7 +534,7 @@ def choose(names: list[str] | None, device: str | None, routing_gradient: str = 
     for info in infos:
         status = info.availability()
         if status:
-            status = info.supports(routing_gradient)
+            status = info.computes(config)
         if status:
             runnable.append(info)
         elif names:
@@ -542,6 +554,7 @@ def parser() -> argparse.ArgumentParser:
     options.add_config(parser)
     options.add_batch_size(parser, default=32, help="images per step")
     options.add_dtype(parser)
+    options.add_routing_algorithm(parser, consequence="implementations without it are left out")
     options.add_routing_gradient(parser, consequence="implementations without it are left out")
     options.add_device(parser, help="only implementations on this device (default: any)")
     options.add_steps(parser, default=5,
@@ -551,9 +564,27 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--gemm-size", type=options.positive_int,
                         help="size of the GEMM that measures the peak (default: 4096 on the CPU, 8192 on a GPU)")
     parser.add_argument("--no-memory", action="store_true", help="time only (default: also memory, where told)")
-    options.add_out(parser, default=RUNS_DIR / PROFILE_SUBDIR,
-                    help=f"output folder (default: runs/{PROFILE_SUBDIR}, not tracked by git)")
+    options.add_out(parser, help=f"output folder (default: runs/{PROFILE_SUBDIR}, runs/{PROFILE_SUBDIR}/<algorithm> "
+                                 "for a routing algorithm other than dynamic; not tracked by git)")
     return parser
+
+
+def profiled_config(args: argparse.Namespace) -> CapsNetConfig:
+    """The network profiled: ``--config`` with ``--routing-algorithm`` and ``--routing-gradient``; ProfileError
+    (one line) for a routing gradient without meaning under the algorithm."""
+    algorithm = routing_algorithms.get(args.routing_algorithm)
+    if args.routing_gradient not in algorithm.routing_gradients:
+        raise ProfileError(f"--routing-gradient {args.routing_gradient} has no meaning under --routing-algorithm "
+                           f"{algorithm.name} (it has no iterations before its last): use --routing-gradient "
+                           f"{' or '.join(algorithm.routing_gradients)}")
+    return get_config(args.config).replace(routing_gradient=args.routing_gradient, routing_algorithm=algorithm.name)
+
+
+def default_output(routing_algorithm: str) -> Path:
+    """runs/profile/, or runs/profile/<algorithm>/ for a routing algorithm other than dynamic (``capsbench keep``
+    copies both, and the report reads the dynamic one)."""
+    folder = RUNS_DIR / PROFILE_SUBDIR
+    return folder if routing_algorithm == DEFAULT_ROUTING_ALGORITHM else folder / routing_algorithm
 
 
 # torch's profiler logs; a user's own settings win
@@ -576,15 +607,18 @@ def quiet_profiler_logs() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     quiet_profiler_logs()
-    infos = choose(args.impl, args.device, args.routing_gradient)
+    config = profiled_config(args)
+    infos = choose(args.impl, args.device, config)
+    out = args.out or default_output(config.routing_algorithm)
     try:
-        out = writable_folder(args.out)
+        out = writable_folder(out)
     except OSError as error:
-        raise UserError(unwritable_line(args.out, error, "the profile")) from None
-    config = get_config(args.config).replace(routing_gradient=args.routing_gradient)
+        raise UserError(unwritable_line(out, error, "the profile")) from None
     threads = args.threads or usable_cpu_count()
     set_threads(threads)
-    print(f"profile of {', '.join(info.name for info in infos)} ({args.dtype}, {args.config} network, batch "
+    routing = "" if config.routing_algorithm == DEFAULT_ROUTING_ALGORITHM else \
+        f", {config.routing_algorithm} routing"
+    print(f"profile of {', '.join(info.name for info in infos)} ({args.dtype}, {args.config} network{routing}, batch "
           f"{args.batch_size} of seeded synthetic images); results -> {out / MD_NAME}, {CSV_NAME} and {JSON_NAME} "
           f"beside it", flush=True)
     peaks, rows, summaries = {}, [], {}
@@ -606,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
                              one_peak(info.device, hardware, peaks))
         summaries[info.name] = implementation_summary(profiled, args.batch_size, args.config, args.dtype,
                                                       range_seconds)
+        summaries[info.name]["routing_algorithm"] = config.routing_algorithm
         summaries[info.name]["routing_gradient"] = config.routing_gradient
     if not rows:
         raise UserError("no implementation could be profiled", EXIT_FAILURE)

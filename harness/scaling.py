@@ -5,7 +5,8 @@ that time DDP steps on seeded synthetic batches (no data loading), and ONE resul
 (kind ``capsbench-distributed-scaling``, read by the report) holds a row per world size: median step
 time, images/s and the all-reduce share of the step.  ``--global-batch-size G`` keeps the global batch
 fixed (strong scaling: the per-rank batch is G / W); ``--per-rank-batch-size B`` keeps the per-rank batch
-fixed (weak scaling: the global batch is W x B).
+fixed (weak scaling: the global batch is W x B).  ``--routing-algorithm`` chooses the network's routing
+(dynamic by default; the results file records it, and an implementation that does not compute it is refused).
 
 How the all-reduce share is measured: the timed steps alternate between an ordinary DDP step and the same
 step under ``DDP.no_sync()`` (forward, backward and Adam without the gradient all-reduce); every timed step
@@ -46,7 +47,7 @@ from harness.measure.scaling import MIN_RELIABLE_STEPS, efficiency_caveat, expos
 from harness.options import positive_int
 from harness.results import SCALING_KIND, read_json, unwritable_line, writable_folder, write_json_atomic
 from harness.settings import RUNS_DIR, SCALING_SUBDIR
-from harness.spec import get_config
+from harness.spec import DEFAULT_ROUTING_ALGORITHM, get_config
 from harness.threads import usable_cpu_count
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -135,6 +136,7 @@ def _worker_parser() -> argparse.ArgumentParser:
                                                  "torchrun, not by hand).")
     options.add_impl(parser, several=False, required=True, help="the torch implementation measured")
     options.add_config(parser, required=True)
+    options.add_routing_algorithm(parser)
     options.add_dtype(parser)
     parser.add_argument("--per-rank-batch-size", type=positive_int, required=True, help="images per step on each rank")
     options.add_steps(parser, required=True, help="timed steps of each kind")
@@ -168,9 +170,9 @@ def worker_main(argv: list[str]) -> int:
         info = torch_implementation(args.impl)
         set_threads(args.threads)
         ctx = init_distributed(info, args.timeout_s)
-        impl, ddp = build(info, get_config(args.config), args.dtype, ctx)
-        run = measure_scaling(ctx, impl, ddp, get_config(args.config), args.per_rank_batch_size, args.steps,
-                              args.warmup, args.seed)
+        config = get_config(args.config).replace(routing_algorithm=args.routing_algorithm)
+        impl, ddp = build(info, config, args.dtype, ctx)
+        run = measure_scaling(ctx, impl, ddp, config, args.per_rank_batch_size, args.steps, args.warmup, args.seed)
         if ctx.is_root:
             write_json_atomic(args.out, run)
             share = "no all-reduce" if run["allreduce_share"] is None else \
@@ -207,10 +209,12 @@ def parser() -> argparse.ArgumentParser:
     options.add_steps(parser, default=10, help="timed steps of each kind, with and without all-reduce")
     options.add_warmup(parser, default=2, help="untimed steps of each kind first")
     options.add_config(parser)
+    options.add_routing_algorithm(parser, consequence="an implementation that does not compute it is refused")
     options.add_dtype(parser)
     options.add_seed(parser, help="seed of the synthetic batches")
     options.add_timeout(parser, default=DEFAULT_TIMEOUT_S, help="process-group timeout of the ranks")
-    options.add_out(parser, help=f"results file (default: runs/{SCALING_SUBDIR}/<impl>_<config>_scaling.json)")
+    options.add_out(parser, help=f"results file (default: runs/{SCALING_SUBDIR}/<impl>_<config>_scaling.json, "
+                                 "<impl>-<algorithm>_... for a routing algorithm other than dynamic)")
     return parser
 
 
@@ -224,6 +228,7 @@ def scaling_record(info, args: argparse.Namespace, strong: bool, runs: list[dict
         **info.describe(),
         "backend": "nccl" if info.device == "cuda" else "gloo",
         "config_name": args.config,
+        "routing_algorithm": args.routing_algorithm,
         "dtype": args.dtype,
         "scaling": "strong" if strong else "weak",
         "allreduce_measure": "exposed: median over adjacent pairs of (DDP step - the same step under no_sync()), "
@@ -254,9 +259,11 @@ def world_size_plans(world_sizes: list[int], global_batch: int | None, per_rank_
 
 def scaling_main(argv: list[str]) -> int:
     from harness.training.ddp import torch_implementation
+    from harness.training.loop import require_computes, routing_suffix
 
     args = parser().parse_args(argv)
     info = torch_implementation(args.impl)
+    require_computes(info, get_config(args.config).replace(routing_algorithm=args.routing_algorithm))
     strong = args.per_rank_batch_size is None
     global_batch = args.global_batch_size or DEFAULT_GLOBAL_BATCH
     try:
@@ -264,13 +271,16 @@ def scaling_main(argv: list[str]) -> int:
                                  args.threads or usable_cpu_count(), info.device)
     except ValueError as error:
         raise UserError(str(error)) from None
-    out = args.out or RUNS_DIR / SCALING_SUBDIR / f"{info.name}_{args.config}_scaling.json"
+    out = args.out or RUNS_DIR / SCALING_SUBDIR / f"{info.name}{routing_suffix(args)}_{args.config}_scaling.json"
     try:
         writable_folder(Path(out).parent)
     except OSError as error:
         raise UserError(unwritable_line(Path(out).parent, error)) from None
     batch = f"global batch {global_batch}" if strong else f"{args.per_rank_batch_size} images per rank"
-    print(f"scaling of {info.name} ({args.dtype}, {args.config} network, {'strong' if strong else 'weak'} scaling, "
+    routing = "" if args.routing_algorithm == DEFAULT_ROUTING_ALGORITHM else \
+        f", routing algorithm {args.routing_algorithm}"
+    print(f"scaling of {info.name} ({args.dtype}, {args.config} network{routing}, "
+          f"{'strong' if strong else 'weak'} scaling, "
           f"{batch} of seeded synthetic images) over world sizes {' '.join(map(str, args.world_sizes))}, "
           f"{args.steps} timed steps each; results -> {out}", flush=True)
     if args.steps < MIN_RELIABLE_STEPS:
@@ -282,7 +292,8 @@ def scaling_main(argv: list[str]) -> int:
             part = Path(folder) / f"w{world_size}.json"
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                        "--nproc-per-node", str(world_size), "-m", "harness.scaling", "worker",
-                       "--impl", info.name, "--config", args.config, "--dtype", args.dtype,
+                       "--impl", info.name, "--config", args.config, "--routing-algorithm", args.routing_algorithm,
+                       "--dtype", args.dtype,
                        "--per-rank-batch-size", str(per_rank), "--steps", str(args.steps),
                        "--warmup", str(args.warmup), "--seed", str(args.seed), "--threads", str(threads),
                        "--timeout-s", str(args.timeout_s), "--out", str(part)]

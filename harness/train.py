@@ -6,7 +6,9 @@ epoch.  Torch, BLAS and OpenMP are pinned to one thread count (``--threads``, de
 may use), recorded with what every pool used.  The results file (under ``runs/training/`` unless ``--out``
 says otherwise) and the checkpoint beside it are rewritten atomically after every epoch, so an interrupted
 (Ctrl-C or SIGTERM), diverged or failed run keeps everything up to its last epoch, and ``--resume FILE``
-continues it.  An existing results file is never replaced unless ``--overwrite`` says so.
+continues it.  An existing results file is never replaced unless ``--overwrite`` says so.  ``--routing-algorithm``
+chooses the routing (dynamic, the paper's, by default); the results file and the checkpoint record it, a
+resumed run keeps it, and an implementation that does not compute it is refused before any work.
 """
 
 from __future__ import annotations
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         info = registry.get(args.impl)
         args.impl = info.name
         config = loop.run_config(args)
+        loop.require_computes(info, config)
+        out = args.out or loop.default_output(info.name, args.config, suffix=loop.routing_suffix(args))
+        loop.writable_output(out)
         loop.pin_threads(args.threads)
         schedule = SCHEDULES[args.schedule]
         impl = info.create(config, init_parameters(config, dtype=args.dtype) if params is None else params, args.dtype)
@@ -99,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
             impl.load_adam_state(adam)
         train_set = load_mnist(args.data_dir, "train").head(args.limit)
         test_set = load_mnist(args.data_dir, "test").head(args.test_limit)
-        out = args.out or loop.default_output(info.name, args.config, suffix=loop.routing_gradient_suffix(args))
-        loop.writable_output(out)
     except FileNotFoundError as error:
         raise UserError(str(error)) from None
     switched_from = loop.ran_on(record) if record is not None else None

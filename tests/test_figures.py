@@ -183,3 +183,80 @@ def test_a_long_run_in_a_pipe_says_how_far_it_is(trained_run, tmp_path, mnist_pa
     assert "classifying the test images: 3/3 steps, " in err
     assert re.search(r"capsules and perturbations of the images shown: (\d+)/\1 steps", err)
     assert f"drawing the figures into {tmp_path} ..." in err
+
+
+# A self-attention checkpoint ---------------------------------------------------------------------------------
+
+ATTENTION = SMALL.replace(routing_algorithm="self-attention")
+
+
+def attention_checkpoint(results):
+    """A checkpoint of the small self-attention network whose digit.bias is far from zero (so that a network
+    built without it, or with dynamic routing, classifies otherwise), beside the results file ``results``."""
+    params = init_parameters(ATTENTION, dtype=np.float64)
+    params["digit.bias"] = np.random.default_rng(5).normal(0.0, 3.0, params["digit.bias"].shape)
+    return save_checkpoint(results, registry.create("torch-vectorised", ATTENTION, params, "float64"), 1), params
+
+
+def test_a_self_attention_checkpoint_is_drawn_through_its_own_network(tmp_path, mnist_path, capsys):
+    path, params = attention_checkpoint(tmp_path / "attention.json")
+    out = tmp_path / "figures"
+    assert figures.main(["--checkpoint", str(path), "--impl", "torch-vectorised", "--dtype", "float64",
+                         "--data-dir", str(mnist_path), "--test-limit", "30", "--per-class", "1",
+                         "--out", str(out)]) == 0
+    assert "(epoch 1, small network, self-attention routing)" in capsys.readouterr().out
+    record = json.loads((out / FIGURES_JSON).read_text())
+    assert record["routing_algorithm"] == record["config"]["routing_algorithm"] == "self-attention"
+    test = load_mnist(mnist_path, "test").head(30)
+    network = registry.create("torch-vectorised", ATTENTION, params, "float64")
+    lengths, _ = network.forward(network.to_device(test.images), train=False)
+    expected = network.to_numpy(lengths).argmax(axis=1)
+    shown = record["reconstructions"] + record["perturbations"]
+    assert [entry["predicted"] for entry in shown] == [int(expected[entry["index"]]) for entry in shown]
+
+
+def test_the_routing_algorithm_comes_from_the_checkpoint_its_record_or_its_parameters(tmp_path):
+    path, _ = attention_checkpoint(tmp_path / "attention.json")
+    assert figures.load_checkpoint(path).config == ATTENTION  # the checkpoint says so
+    with np.load(path) as saved:
+        arrays = {key: saved[key] for key in saved.files if key != "routing_algorithm"}
+    np.savez(path, **arrays)  # a checkpoint from before the setting, no results file: digit.bias tells
+    assert figures.load_checkpoint(path).config == ATTENTION
+    dynamic = save_checkpoint(tmp_path / "dynamic.json", registry.create("torch-vectorised", SMALL,
+                                                                        init_parameters(SMALL)), 1)
+    assert figures.load_checkpoint(dynamic).config == SMALL
+
+
+@pytest.mark.parametrize("mismatch", ["option", "record", "implementation"])
+def test_a_routing_algorithm_mismatch_is_one_clear_line(tmp_path, mnist_path, capsys, mismatch):
+    """--routing-algorithm other than the checkpoint's; a results file of another algorithm beside it; an
+    implementation that does not compute the checkpoint's algorithm (one registered here)."""
+    from implementations.torch.autograd import TorchCapsNet
+
+    class DynamicOnly(TorchCapsNet):
+        def route(self, u_hat):
+            return super().route(u_hat)
+
+    results = tmp_path / "attention.json"
+    path, _ = attention_checkpoint(results)
+    argv = ["--checkpoint", str(path), "--data-dir", str(mnist_path), "--out", str(tmp_path / "figures")]
+    with registry.registered("dynamic-only", DynamicOnly) as info:
+        if mismatch == "option":
+            argv += ["--routing-algorithm", "dynamic", "--impl", "torch-vectorised"]
+            expected = f"{path}: a checkpoint of a network that routes with self-attention; --routing-algorithm " \
+                       "dynamic differs: drop it"
+        elif mismatch == "record":
+            train.main(["--impl", "torch-vectorised", "--config", "small", "--limit", "32", "--test-limit", "10",
+                        "--batch-size", "32", "--data-dir", str(mnist_path), "--out", str(tmp_path / "run.json")])
+            results.write_text((tmp_path / "run.json").read_text())  # a dynamic run's record beside it
+            argv += ["--impl", "torch-vectorised"]
+            expected = f"{path} holds a network that routes with self-attention, but {results} records the " \
+                       "routing algorithm dynamic: they are not of one run"
+        else:
+            argv += ["--impl", "dynamic-only"]
+            expected = f"implementation 'dynamic-only' {info.computes(ATTENTION).reason}, the routing of the " \
+                       "checkpoint's network; choose --impl "
+        capsys.readouterr()
+        assert figures.main(argv) == 2
+    assert one_error_line(capsys).startswith(f"error: {expected}")
+    assert not (tmp_path / "figures" / FIGURES_JSON).exists()

@@ -170,3 +170,161 @@ def test_conv1_counts_every_input_channel():
     colour = forward_flops(TINY.replace(image_channels=3))
     assert colour["conv1"] == 2 * (8 * 8 * 2) * 9 * 3 + 128  # 6912 + 128
     assert backward_flops(TINY.replace(image_channels=3))["conv1"] == 6912 + 128
+
+
+# Self-attention routing ------------------------------------------------------------------------------------
+
+ATTENTION = TINY.replace(routing_algorithm="self-attention")  # N = 18, J = 3, D = 4: N*J = 54, N*J*D = 216
+HAND_ATTENTION = {  # (forward, backward) per image
+    # forward: sum over k 216, agreements 2*216 = 432, scaling 54, softmax 18*(4*3 - 1) = 198, bias 54
+    # backward: the sum's gradient to every u_hat 216, both operands of the agreements 2*432, scaling 54,
+    # softmax 2*198, bias gradient 54
+    "attention": (216 + 432 + 54 + 198 + 54, 216 + 864 + 54 + 396 + 54),  # (954, 1584)
+    # forward: s 2*216 = 432, squash 3 * (3*4 + 5) = 51; backward: both operands of s 864, squash 2*51
+    "attention_sum": (432 + 51, 864 + 102),  # (483, 966)
+}
+
+
+def test_self_attention_layers_against_a_hand_count():
+    from harness.measure.flops import routing_layers
+
+    assert routing_layers(ATTENTION) == ["attention", "attention_sum"]
+    assert layers(ATTENTION) == ["conv1", "primary_caps", "primary_squash", "u_hat", "attention", "attention_sum",
+                                 "lengths_mask", "decoder", "losses"]
+    forward, backward = forward_flops(ATTENTION), backward_flops(ATTENTION)
+    assert {name: (forward[name], backward[name]) for name in HAND_ATTENTION} == HAND_ATTENTION
+    assert HAND_ATTENTION["attention"] == (954, 1584) and HAND_ATTENTION["attention_sum"] == (483, 966)
+    for layer in ("conv1", "primary_caps", "u_hat", "decoder", "losses"):  # the rest of the network as dynamic's
+        assert (forward[layer], backward[layer]) == (HAND_FORWARD[layer], HAND_BACKWARD[layer])
+    phases = phase_flops(ATTENTION, batch_size=2)
+    assert phases["routing"] == 2 * (954 + 483)
+    assert phases["routing_backward"] == 2 * (954 + 483 + 1584 + 966)
+    assert adam_flops(ATTENTION) == 12 * (1193 + 3 * 18)  # digit.bias: one more parameter per (j, i)
+    assert routing_layers(TINY.replace(routing_iterations=5)) == [f"routing_iteration_{r}" for r in range(1, 6)]
+
+
+class Counted:
+    """A number that counts the arithmetic done with it (one per +, -, *, /, negation; comparisons free)."""
+
+    operations = 0
+
+    def __init__(self, value):
+        self.value = float(value.value if isinstance(value, Counted) else value)
+
+    def _apply(self, other, function):
+        Counted.operations += 1
+        return Counted(function(self.value, other.value if isinstance(other, Counted) else other))
+
+    def __add__(self, other):
+        return self._apply(other, lambda a, b: a + b)
+
+    def __sub__(self, other):
+        return self._apply(other, lambda a, b: a - b)
+
+    def __rsub__(self, other):
+        return self._apply(other, lambda a, b: b - a)
+
+    def __mul__(self, other):
+        return self._apply(other, lambda a, b: a * b)
+
+    def __truediv__(self, other):
+        return self._apply(other, lambda a, b: a / b)
+
+    def __neg__(self):
+        return self._apply(0.0, lambda a, _: -a)
+
+    def __lt__(self, other):
+        return self.value < other.value
+
+
+def counted(function, value: Counted) -> Counted:
+    Counted.operations += 1
+    return Counted(function(value.value))
+
+
+def test_self_attention_forward_flops_are_the_operations_of_a_scalar_transcription():
+    """harness.spec's self-attention transcribed on scalars that count their operations (sums started from
+    zero, as a multiply-add counts 2), checked against torch's routing on the same numbers: the operations
+    of each layer are the layer's forward FLOPs."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from implementations.torch.routing import self_attention_vectorised
+
+    config = ATTENTION
+    n_in, n_out, dim = config.num_primary_caps, config.num_classes, config.digit_caps_dim
+    rng = np.random.default_rng(0)
+    u_hat, bias = rng.normal(size=(n_in, n_out, dim)), rng.normal(size=(n_out, n_in))
+    u = [[[Counted(u_hat[i, j, d]) for d in range(dim)] for j in range(n_out)] for i in range(n_in)]
+    b = [[Counted(bias[j, i]) for i in range(n_in)] for j in range(n_out)]
+    Counted.operations = 0
+    total = [[Counted(0.0) for _ in range(dim)] for _ in range(n_out)]
+    for j in range(n_out):
+        for k in range(n_in):
+            for d in range(dim):
+                total[j][d] = total[j][d] + u[k][j][d]
+    coupling = [[None] * n_out for _ in range(n_in)]
+    for i in range(n_in):
+        logits = []
+        for j in range(n_out):
+            a = Counted(0.0)
+            for d in range(dim):
+                a = a + u[i][j][d] * total[j][d]
+            logits.append(a * (1.0 / math.sqrt(dim)))
+        largest = max(logits)
+        exps = [counted(math.exp, a - largest) for a in logits]
+        denominator = exps[0]
+        for e in exps[1:]:
+            denominator = denominator + e
+        for j in range(n_out):
+            coupling[i][j] = exps[j] / denominator + b[j][i]
+    attention = Counted.operations
+    Counted.operations = 0
+    v = []
+    for j in range(n_out):
+        s = [Counted(0.0) for _ in range(dim)]
+        for i in range(n_in):
+            for d in range(dim):
+                s[d] = s[d] + coupling[i][j] * u[i][j][d]
+        squared = s[0] * s[0]
+        for d in range(1, dim):
+            squared = squared + s[d] * s[d]
+        norm = counted(math.sqrt, squared + config.squash_eps)
+        factor = (1.0 - counted(math.exp, -norm)) / norm
+        v.append([s[d] * factor for d in range(dim)])
+    attention_sum = Counted.operations
+    reference = self_attention_vectorised(torch.tensor(u_hat[None]), torch.tensor(bias), config.squash_eps)[0]
+    np.testing.assert_allclose([[x.value for x in row] for row in v], reference.numpy(), rtol=1e-12)
+    forward = forward_flops(config)
+    assert (attention, attention_sum) == (forward["attention"], forward["attention_sum"])
+
+
+def test_self_attention_routing_is_about_half_of_three_dynamic_iterations_on_the_paper_network():
+    """The arithmetic behind issue 44's target, per image: self-attention's routing forward + backward against
+    dynamic routing's with 3 iterations, both from the counts above.  By hand (N = 1152, J = 10, D = 16:
+    N*J = 11,520, N*J*D = 184,320): attention 620,928 + 1,034,496, attention_sum 369,170 + 738,340."""
+    attention = phase_flops(PAPER.replace(routing_algorithm="self-attention"), 1)["routing_backward"]
+    dynamic = phase_flops(PAPER, 1)["routing_backward"]
+    assert (attention, dynamic) == (620_928 + 1_034_496 + 369_170 + 738_340, 5_838_408)
+    assert 0.47 < attention / dynamic < 0.48
+
+
+def test_an_algorithm_without_a_count_is_one_routing_layer_of_unknown_flops():
+    import math
+
+    plugin = TINY.replace(routing_algorithm="a-plugin-s")
+    assert layers(plugin)[4] == "routing" and len(layers(plugin)) == len(layers(TINY)) - 1
+    assert math.isnan(forward_flops(plugin)["routing"]) and math.isnan(backward_flops(plugin)["routing"])
+    assert forward_flops(plugin)["conv1"] == HAND_FORWARD["conv1"]
+
+
+def test_self_attention_activation_memory_hand_count():
+    from harness.measure.expected_memory import kept_activations
+
+    kept = kept_activations(ATTENTION, batch_size=2, itemsize=4)
+    # per image: c 18*3 = 54, the sum over k 3*4 = 12, s 12, v 12: 90 values (dynamic's 2 iterations: 156)
+    assert kept["routing"] == 90 * 2 * 4
+    assert {name: value for name, value in kept.items() if name != "routing"} == {
+        "images": 800, "conv1_output": 1024, "primary_capsules": 576, "u_hat": 1728, "lengths": 24, "decoder": 936}

@@ -429,7 +429,8 @@ def test_a_new_record_holds_the_options_it_was_started_with(tmp_path):
     record = loop.new_record(registry.get("numpy-vectorised"), args, SCHEDULES["constant"], 64, 50, ranks=2)
     expected = {"kind": TRAINING_KIND, "format_version": loop.FORMAT_VERSION, "status": "running", "message": "",
                 "implementation": "numpy-vectorised", "dtype": "float64", "config_name": "paper",
-                "routing_gradient": "final", "config": CONFIGS["paper"].replace(routing_gradient="final").as_dict(),
+                "routing_algorithm": "dynamic", "routing_gradient": "final",
+                "config": CONFIGS["paper"].replace(routing_gradient="final").as_dict(),
                 "schedule": SCHEDULES["constant"].as_dict(), "batch_size": 32, "epochs_requested": 4,
                 "train_images": 64, "test_images": 50, "ranks": 2, "limit": 640, "test_limit": 50, "seed": 5,
                 "augment": False, "best_test_accuracy": None, "final_test_accuracy": None, "epochs": [],
@@ -458,6 +459,17 @@ def test_a_resume_takes_every_option_from_the_file(tmp_path):
     path, _ = written_record(tmp_path, "--routing-gradient", "final", routing_gradient=False)
     loop.resume_options(path, args)
     assert args.routing_gradient == "full"  # a file without it: the only behaviour there was
+    path, _ = written_record(tmp_path, "--routing-algorithm", "self-attention")
+    loop.resume_options(path, args)
+    assert args.routing_algorithm == "self-attention"
+    path, record = written_record(tmp_path, "--routing-algorithm", "self-attention")
+    del record["routing_algorithm"]  # the config's says it still
+    write_json_atomic(path, record)
+    loop.resume_options(path, args)
+    assert args.routing_algorithm == "self-attention"
+    del record["config"]["routing_algorithm"]  # a file older than the option: dynamic, the only algorithm then
+    write_json_atomic(path, record)
+    assert loop.resume_options(path, args)["routing_algorithm"] == args.routing_algorithm == "dynamic"
     path, record = written_record(tmp_path)
     del record["ranks"]  # a file older than data-parallel training: one process
     write_json_atomic(path, record)
@@ -502,6 +514,8 @@ def test_a_resume_reads_the_data_folder_the_run_recorded_unless_one_is_given(tmp
     (["--no-augment"], "(with augmentation); --no-augment differs"),
     (["--schedule", "paper"], "(--schedule constant); --schedule paper differs"),
     (["--routing-gradient", "final"], "(--routing-gradient full); --routing-gradient final differs"),
+    (["--routing-algorithm", "self-attention"], "(--routing-algorithm dynamic); --routing-algorithm self-attention "
+                                                "differs"),
 ])
 def test_a_resume_refuses_a_given_option_that_differs_and_names_both(tmp_path, argv, message):
     path, _ = written_record(tmp_path)
@@ -568,6 +582,12 @@ def test_prepare_resume_continues_from_the_checkpoint_of_the_last_completed_epoc
     with pytest.raises(ResultsFileError) as error:
         loop.prepare_resume(parsed("--resume", str(path))[1])
     assert str(error.value) == f"{path}: the results hold 2 epoch(s) but the checkpoint was saved after epoch 1"
+    np.savez(checkpoint_path(path), epoch=np.int64(2), routing_algorithm=np.array("self-attention"),
+             **{"param/w": np.arange(3.0)})
+    with pytest.raises(ResultsFileError) as error:  # the record says dynamic routing
+        loop.prepare_resume(parsed("--resume", str(path))[1])
+    assert str(error.value) == (f"{checkpoint_path(path)} holds a network that routes with self-attention, but "
+                                f"{path} records the routing algorithm dynamic: they are not of one run")
 
 
 def test_asking_which_options_were_given_leaves_the_parser_defaults_as_they_were():
@@ -580,14 +600,14 @@ def test_the_first_line_says_what_is_trained_on_what_and_where_it_goes():
     _, args = parsed("--impl", "numpy-vectorised", "--limit", "70000", "--test-limit", "50", "--batch-size", "16",
                      "--epochs", "3")
     assert loop.start_line("numpy-vectorised", args, 60000, 50, Path("out.json")) == (
-        f"training numpy-vectorised (float32, paper network, schedule {loop.DEFAULT_SCHEDULE}, routing gradient "
-        "full) on 60,000 training images (all there are: the limit 70,000 is more), evaluating on 50 test images, "
-        "batch 16, 3 epoch(s); results -> out.json")
+        f"training numpy-vectorised (float32, paper network, schedule {loop.DEFAULT_SCHEDULE}, routing algorithm "
+        "dynamic, routing gradient full) on 60,000 training images (all there are: the limit 70,000 is more), "
+        "evaluating on 50 test images, batch 16, 3 epoch(s); results -> out.json")
     assert loop.start_line("numpy-vectorised", args, 60000, 50, Path("out.json"), ranks=2, resumed_from=1) == (
-        f"training numpy-vectorised (float32, paper network, schedule {loop.DEFAULT_SCHEDULE}, routing gradient "
-        "full) data-parallel on 2 ranks, on 60,000 training images (all there are: the limit 70,000 is more), "
-        "evaluating on 50 test images, batch 16 per rank = 32 global, 3 epoch(s), resuming after epoch 1; "
-        "results -> out.json")
+        f"training numpy-vectorised (float32, paper network, schedule {loop.DEFAULT_SCHEDULE}, routing algorithm "
+        "dynamic, routing gradient full) data-parallel on 2 ranks, on 60,000 training images (all there are: the "
+        "limit 70,000 is more), evaluating on 50 test images, batch 16 per rank = 32 global, 3 epoch(s), resuming "
+        "after epoch 1; results -> out.json")
     _, args = parsed("--impl", "numpy-vectorised", "--test-limit", "20000")
     assert "evaluating on 10,000 test images (all there are: the limit 20,000 is more), batch 128" in \
         loop.start_line("numpy-vectorised", args, 60000, 10000, Path("out.json"))
@@ -620,6 +640,34 @@ def test_a_default_results_file_is_named_by_implementation_gradient_network_and_
     assert path.parent == loop.TRAINING_RUNS_DIR
     assert re.fullmatch(r"numpy-vectorised-final-gradient_paper_\d{8}-\d{6}\.json", path.name), path.name
     assert re.fullmatch(r"torch-fused_small_\d{8}-\d{6}\.json", loop.default_output("torch-fused", "small").name)
+    assert loop.routing_suffix(argparse.Namespace(routing_algorithm="dynamic", routing_gradient="full")) == ""
+    assert loop.routing_suffix(argparse.Namespace(routing_algorithm="self-attention", routing_gradient="full")) == \
+        "-self-attention"
+    assert loop.routing_suffix(argparse.Namespace(routing_algorithm="dynamic", routing_gradient="final")) == \
+        "-final-gradient"
+
+
+def test_a_default_results_file_never_takes_the_name_of_an_existing_run(tmp_path, monkeypatch):
+    """Two runs of one implementation, routing and network started in the same second: the second takes
+    ``-2``, the third ``-3`` (a checkpoint left alone counts as a run)."""
+    import datetime
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(loop.dt, "datetime", Frozen)
+    first = loop.default_output("torch-vectorised", "small", "-self-attention", folder=tmp_path)
+    assert first == tmp_path / "torch-vectorised-self-attention_small_20260102-030405.json"
+    first.write_text("{}")
+    second = loop.default_output("torch-vectorised", "small", "-self-attention", folder=tmp_path)
+    assert second == tmp_path / "torch-vectorised-self-attention_small_20260102-030405-2.json"
+    checkpoint_path(second).write_bytes(b"npz")
+    assert loop.default_output("torch-vectorised", "small", "-self-attention", folder=tmp_path).name.endswith(
+        "030405-3.json")
+    assert loop.default_output("torch-vectorised", "small", folder=tmp_path).name == \
+        "torch-vectorised_small_20260102-030405.json"  # dynamic routing: no suffix, no clash
 
 
 # The scaling command's launches, record, lines and failures, torchrun stood in for (scaling mutants) ----------
@@ -700,6 +748,39 @@ def test_scaling_refuses_an_unknown_implementation_and_an_uneven_batch_and_forwa
     assert scaling.main(["worker", "--steps", "2"]) == 7 and forwarded == [["--steps", "2"]]
 
 
+def test_scaling_passes_the_routing_algorithm_to_every_rank_and_refuses_an_implementation_without_it(
+        tmp_path, monkeypatch, capsys):
+    """--routing-algorithm reaches each world size's ranks, the results file and the default file name; an
+    implementation that does not compute it is refused in one line before torchrun starts."""
+    pytest.importorskip("torch")
+    import json
+
+    from harness import scaling
+    from harness.settings import SCALING_SUBDIR
+    from implementations.torch.autograd import TorchCapsNet
+
+    class DynamicOnly(TorchCapsNet):
+        def route(self, u_hat):
+            return super().route(u_hat)
+
+    torchrun = StandInTorchrun()
+    monkeypatch.setattr(scaling.subprocess, "run", torchrun)
+    monkeypatch.setattr(scaling, "RUNS_DIR", tmp_path)
+    assert scaling.main(["--impl", "torch-looped", "--world-sizes", "1", "2", "--global-batch-size", "4",
+                         "--steps", "3", "--config", "small", "--routing-algorithm", "self-attention"]) == 0
+    assert [call["worker"].routing_algorithm for call in torchrun.calls] == ["self-attention"] * 2
+    out = tmp_path / SCALING_SUBDIR / "torch-looped-self-attention_small_scaling.json"
+    assert json.loads(out.read_text())["routing_algorithm"] == "self-attention"
+    assert "small network, routing algorithm self-attention, strong scaling" in capsys.readouterr().out
+    torchrun.calls.clear()
+    with registry.registered("dynamic-only", DynamicOnly) as info:
+        assert scaling.main(["--impl", "dynamic-only", "--config", "small", "--routing-algorithm",
+                             "self-attention"]) == 2
+        reason = info.computes(CONFIGS["small"].replace(routing_algorithm="self-attention")).reason
+    assert capsys.readouterr().err == f"error: implementation 'dynamic-only' {reason}\n"
+    assert torchrun.calls == []
+
+
 def test_the_scaling_options_default_to_what_their_help_says(monkeypatch, capsys):
     pytest.importorskip("torch")
     import sys
@@ -710,7 +791,8 @@ def test_the_scaling_options_default_to_what_their_help_says(monkeypatch, capsys
     command = scaling.parser()
     assert vars(command.parse_args([])) == {
         "impl": "torch-vectorised", "world_sizes": [1, 2], "threads": None, "global_batch_size": None,
-        "per_rank_batch_size": None, "steps": 10, "warmup": 2, "config": "paper", "dtype": "float32", "seed": 0,
+        "per_rank_batch_size": None, "steps": 10, "warmup": 2, "config": "paper", "routing_algorithm": "dynamic",
+        "dtype": "float32", "seed": 0,
         "timeout_s": scaling.DEFAULT_TIMEOUT_S, "out": None}
     assert command.parse_args(["--per-rank-batch-size", "4"]).per_rank_batch_size == 4
     for argv in (["--per-rank-batch-size", "0"], ["--world-sizes", "0"],

@@ -172,7 +172,7 @@ def test_an_implementation_without_the_routing_gradient_is_refused_by_name_and_l
                              "--out", str(tmp_path)]) == 2
         error = capsys.readouterr().err.strip()
         assert "'full-gradient-only' cannot run here" in error and "not 'final'" in error and "\n" not in error
-        chosen = [info.name for info in profile.choose(None, "cpu", "final")]
+        chosen = [info.name for info in profile.choose(None, "cpu", SMALL.replace(routing_gradient="final"))]
     assert "numpy-vectorised" in chosen and "full-gradient-only" not in chosen
 
 
@@ -227,3 +227,107 @@ def test_an_implementation_s_convolution_plan_and_its_note_are_in_the_markdown(p
             "(cache)") in section
     assert section.count("spectral: effective rates") == 1
     assert "Convolution plan" not in text.split("## torch-looped (")[0]  # the others have none
+
+
+# Self-attention routing ------------------------------------------------------------------------------------
+
+ATTENTION = SMALL.replace(routing_algorithm="self-attention")
+
+
+class DynamicOnly(NumpyCapsNet):
+    routing_algorithms = ("dynamic",)
+
+
+@pytest.fixture(scope="module")
+def attention_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("attention")
+    code = profile.main(["--impl", "torch-vectorised", "--routing-algorithm", "self-attention", "--config", "small",
+                         "--batch-size", str(BATCH), "--steps", "2", "--warmup", "1", "--gemm-size", "256",
+                         "--out", str(out)])
+    assert code == 0
+    return out, pd.read_csv(out / profile.CSV_NAME), json.loads((out / profile.JSON_NAME).read_text())
+
+
+def test_self_attention_s_layers_are_profiled_in_both_phases_with_their_flops(attention_run):
+    """The rows are the self-attention network's (attention and attention_sum in place of the iterations),
+    each timed, the backward ones too (autograd's nodes charged to the layer of their forward operation),
+    with FLOPs that add up to harness.measure.flops' totals for that network."""
+    out, frame, meta = attention_run
+    assert list(zip(frame["phase"], frame["layer"])) == list(flops.step_layer_flops(ATTENTION, BATCH))
+    assert {("forward", "attention"), ("backward", "attention"), ("forward", "attention_sum"),
+            ("backward", "attention_sum")} <= set(zip(frame["phase"], frame["layer"]))
+    assert not frame["layer"].str.startswith("routing_iteration_").any()
+    assert frame["time_s"].notna().all() and (frame["time_s"] > 0).all()
+    assert (frame["routing_algorithm"] == "self-attention").all()
+    totals = flops.phase_flops(ATTENTION, BATCH)
+    assert frame["flops"].sum() == totals["train_step"]
+    routing = frame[frame["layer"].isin(flops.ATTENTION_LAYERS)]
+    assert routing.loc[routing["phase"] == "forward", "flops"].sum() == totals["routing"]
+    assert routing["flops"].sum() == totals["routing_backward"]
+    summary = meta["implementations"]["torch-vectorised"]
+    assert (summary["routing_algorithm"], summary["routing_gradient"]) == ("self-attention", "full")
+    assert summary["ranges_per_step"] == len(flops.layers(ATTENTION)) + 1
+    assert "## torch-vectorised (torch, cpu, batch 4, small network, self-attention routing, float32)" in \
+        (out / profile.MD_NAME).read_text()
+
+
+def test_an_implementation_without_the_routing_algorithm_is_refused_by_name_and_left_out_otherwise(tmp_path,
+                                                                                                  capsys):
+    with registry.registered("dynamic-only", DynamicOnly) as info:
+        assert profile.main(["--impl", "dynamic-only", "--routing-algorithm", "self-attention",
+                             "--out", str(tmp_path)]) == 2
+        reason = info.computes(ATTENTION).reason
+        assert capsys.readouterr().err == f"error: implementation 'dynamic-only' cannot run here: {reason}\n"
+        chosen = [entry.name for entry in profile.choose(None, "cpu", ATTENTION)]
+        assert "dynamic-only" in [entry.name for entry in profile.choose(None, "cpu", SMALL)]
+    assert "torch-vectorised" in chosen and "dynamic-only" not in chosen
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_routing_gradient_without_meaning_under_the_algorithm_is_one_line(tmp_path, capsys):
+    assert profile.main(["--impl", "torch-vectorised", "--routing-algorithm", "self-attention", "--routing-gradient",
+                         "final", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("error: --routing-gradient final has no meaning under --routing-algorithm "
+                                       "self-attention (it has no iterations before its last): use --routing-gradient "
+                                       "full\n")
+
+
+def test_a_profile_of_another_algorithm_goes_into_a_folder_of_its_own_by_default():
+    from harness.settings import PROFILE_SUBDIR, RUNS_DIR
+
+    assert profile.default_output("dynamic") == RUNS_DIR / PROFILE_SUBDIR
+    assert profile.default_output("self-attention") == RUNS_DIR / PROFILE_SUBDIR / "self-attention"
+    assert profile.parser().parse_args([]).out is None  # the default is the algorithm's
+
+
+def test_a_plugin_s_algorithm_is_timed_as_one_routing_layer_of_unknown_flops(monkeypatch):
+    """torch-vectorised computes a plugin's algorithm by its reference function inside the whole-routing range
+    (harness.ranges.ROUTING_LAYER): one routing row per phase, timed, its FLOPs unknown (NaN)."""
+    from harness import routing_algorithms
+    from implementations.torch.routing import squash
+
+    def mean_routing(u_hat, params, config):
+        return squash(u_hat.mean(dim=1), config.squash_eps)
+
+    algorithm = routing_algorithms.RoutingAlgorithm("mean-of-predictions", "a test's", iterative=False,
+                                                    reference=mean_routing, source="tests")
+    monkeypatch.setitem(routing_algorithms._ALGORITHMS, algorithm.name, algorithm)
+    config = SMALL.replace(routing_algorithm=algorithm.name)
+    profiled = profile.profile_implementation(registry.get("torch-vectorised"), config, 2, "float32", steps=1,
+                                              warmup=0, trace_dir=None, memory=False)
+    rows = pd.DataFrame(profile.profile_rows(profiled, config, 2, "float32", "small", None)).set_index(
+        ["phase", "layer"])
+    for phase in ("forward", "backward"):
+        assert rows.loc[(phase, ranges.ROUTING_LAYER), "time_s"] > 0
+        assert np.isnan(rows.loc[(phase, ranges.ROUTING_LAYER), "flops"])
+    assert rows.loc[("forward", "conv1"), "flops"] == flops.step_layer_flops(SMALL, 2)[("forward", "conv1")]
+
+
+def test_the_built_in_routing_s_ranges_inside_a_plugin_s_routing_range_count_once():
+    for inner in ("routing_iteration_2", "attention"):
+        record = profile.StepRecord()
+        record.add(("forward", ranges.ROUTING_LAYER), 3.0)
+        record.add(("forward", inner), 2.0)
+        record.add(("backward", ranges.ROUTING_LAYER), 1.0)
+        assert profile.without_enclosing_routing(record).layers == {("forward", inner): 2.0,
+                                                                   ("backward", ranges.ROUTING_LAYER): 1.0}

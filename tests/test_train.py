@@ -14,6 +14,7 @@ import pytest
 
 from harness import registry, train
 from harness.results import read_training_result
+from harness.spec import SMALL
 from harness.threads import recorded_pools, set_threads, usable_cpu_count
 from harness.training import loop
 from implementations.torch.autograd import TorchCapsNet
@@ -432,3 +433,122 @@ def test_a_run_resumed_on_another_implementation_learns_as_the_uninterrupted_one
                                                                        rel=1e-4)
     assert train.main(["--resume", str(switched), "--epochs", "3"]) == 0  # goes on where it was: NumPy
     assert [epoch["implementation"] for epoch in read_training_result(switched)["epochs"]][2] == "numpy-vectorised"
+
+
+# Routing algorithms ------------------------------------------------------------------------------------------
+
+TINY_RUN = [*SHORT_RUN, "--limit", "64", "--test-limit", "32"]
+
+
+class BuiltAlgorithms(TorchCapsNet):
+    """torch-vectorised that notes the routing algorithm of every network it is built with."""
+
+    seen: list[str] = []
+
+    def __init__(self, config, *args, **kwargs):
+        BuiltAlgorithms.seen.append(config.routing_algorithm)
+        super().__init__(config, *args, **kwargs)
+
+
+class DynamicOnly(TorchCapsNet):
+    """A torch implementation with a routing of its own, which computes dynamic routing alone."""
+
+    def route(self, u_hat):
+        return super().route(u_hat)
+
+
+def saved(path):
+    """The checkpoint beside the results file ``path``, as a dict of arrays."""
+    with np.load(loop.checkpoint_path(path)) as arrays:
+        return {key: arrays[key] for key in arrays.files}
+
+
+def test_a_self_attention_run_records_its_algorithm_names_its_file_and_resumes_with_it(tmp_path, mnist_path,
+                                                                                       monkeypatch, capsys):
+    """--routing-algorithm self-attention: the network is built with it (and trains digit.bias), the results
+    file, its config and the checkpoint say so, the first line too, the default file name carries it; a
+    resumed run takes it from the file, on the same implementation or on another that computes it."""
+    BuiltAlgorithms.seen = []
+    monkeypatch.setattr(loop, "TRAINING_RUNS_DIR", tmp_path)
+    with registry.registered("built-algorithms", BuiltAlgorithms), \
+            registry.registered("built-algorithms-too", BuiltAlgorithms):
+        assert train.main(["--data-dir", str(mnist_path), "--impl", "built-algorithms", "--routing-algorithm",
+                           "self-attention", *TINY_RUN]) == 0
+        [out] = tmp_path.glob("*.json")
+        assert out.name.startswith("built-algorithms-self-attention_small_")
+        record = read_training_result(out)
+        assert record["routing_algorithm"] == record["config"]["routing_algorithm"] == "self-attention"
+        assert "routing algorithm self-attention, routing gradient full" in capsys.readouterr().out
+        arrays = saved(out)
+        assert str(arrays["routing_algorithm"]) == "self-attention"
+        bias = arrays["param/digit.bias"]
+        assert bias.shape == (SMALL.num_classes, SMALL.num_primary_caps) and np.abs(bias).max() > 0  # trained
+        assert train.main(["--resume", str(out), "--epochs", "2"]) == 0
+        assert train.main(["--resume", str(out), "--epochs", "3", "--impl", "built-algorithms-too"]) == 0
+    record = read_training_result(out)
+    assert [epoch["implementation"] for epoch in record["epochs"]] == ["built-algorithms"] * 2 + [
+        "built-algorithms-too"]
+    assert record["routing_algorithm"] == "self-attention"
+    assert "routing algorithm self-attention" in capsys.readouterr().out
+    assert BuiltAlgorithms.seen == ["self-attention"] * 3
+
+
+def test_a_resume_refuses_another_routing_algorithm_and_an_implementation_without_it_touching_nothing(
+        tmp_path, mnist_path, capsys):
+    code, out = run_train(tmp_path, mnist_path, "--impl", "torch-vectorised", "--routing-algorithm",
+                          "self-attention", *TINY_RUN)
+    assert code == 0
+    before, checkpoint = out.read_bytes(), loop.checkpoint_path(out).read_bytes()
+    capsys.readouterr()
+    assert train.main(["--resume", str(out), "--routing-algorithm", "dynamic", "--epochs", "2"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --resume {out} continues that run as it was started (--routing-algorithm self-attention); "
+        "--routing-algorithm dynamic differs: drop it, or start a new run with another --out\n")
+    with registry.registered("dynamic-only", DynamicOnly) as info:
+        assert train.main(["--resume", str(out), "--impl", "dynamic-only", "--epochs", "2"]) == 2
+        reason = info.computes(SMALL.replace(routing_algorithm="self-attention")).reason
+    assert capsys.readouterr().err == f"error: implementation 'dynamic-only' {reason}\n"
+    assert "'self-attention'" in reason
+    assert out.read_bytes() == before and loop.checkpoint_path(out).read_bytes() == checkpoint
+
+
+def test_a_new_run_on_an_implementation_without_the_algorithm_is_refused_before_any_work(tmp_path, mnist_path,
+                                                                                         monkeypatch, capsys):
+    loaded = []
+    monkeypatch.setattr(train, "load_mnist", lambda *args: loaded.append(args))
+    with registry.registered("dynamic-only", DynamicOnly) as info:
+        code, out = run_train(tmp_path, mnist_path, "--impl", "dynamic-only", "--routing-algorithm",
+                              "self-attention", *TINY_RUN)
+        reason = info.computes(SMALL.replace(routing_algorithm="self-attention")).reason
+    assert code == 2 and not out.exists() and not loop.checkpoint_path(out).exists() and loaded == []
+    assert capsys.readouterr().err == f"error: implementation 'dynamic-only' {reason}\n"
+    code, out = run_train(tmp_path, mnist_path, "--impl", "torch-vectorised", "--routing-algorithm",
+                          "self-attention", "--routing-gradient", "final", *TINY_RUN)
+    assert code == 2 and not out.exists() and loaded == []
+    assert capsys.readouterr().err == (
+        "error: --routing-gradient final has no meaning under --routing-algorithm self-attention (it has no "
+        "iterations before its last): use --routing-gradient full\n")
+
+
+def test_a_run_from_before_the_setting_resumes_as_dynamic_routing(tmp_path, mnist_path, capsys):
+    """A results file and checkpoint written before --routing-algorithm existed (neither says an algorithm)
+    continue with dynamic routing, refuse another algorithm, and carry the field from then on."""
+    BuiltAlgorithms.seen = []
+    with registry.registered("built-algorithms", BuiltAlgorithms):
+        code, out = run_train(tmp_path, mnist_path, "--impl", "built-algorithms", *TINY_RUN)
+        assert code == 0
+        record = json.loads(out.read_text())
+        del record["routing_algorithm"], record["config"]["routing_algorithm"]
+        out.write_text(json.dumps(record))
+        arrays = saved(out)
+        del arrays["routing_algorithm"]
+        with open(loop.checkpoint_path(out), "wb") as stream:
+            np.savez(stream, **arrays)
+        capsys.readouterr()
+        assert train.main(["--resume", str(out), "--routing-algorithm", "self-attention", "--epochs", "2"]) == 2
+        assert "(--routing-algorithm dynamic); --routing-algorithm self-attention differs" in capsys.readouterr().err
+        assert train.main(["--resume", str(out), "--epochs", "2"]) == 0
+    assert BuiltAlgorithms.seen == ["dynamic", "dynamic"]
+    record = read_training_result(out)
+    assert len(record["epochs"]) == 2 and record["routing_algorithm"] == "dynamic"
+    assert str(saved(out)["routing_algorithm"]) == "dynamic"

@@ -7,9 +7,10 @@ Two parts, in bytes for a dtype of ``itemsize`` bytes:
 * **activations kept for backward**: what the backward pass of the network needs from its forward pass,
   the least any implementation must keep: the Conv1 output (its ReLU mask and the PrimaryCaps input), the
   PrimaryCaps pre-squash and squashed capsules, u_hat, per routing iteration the couplings c and the
-  outputs s and v, the capsule lengths, the decoder's layer outputs, and the images.  For the paper network
-  in float32 that is 1.38 MB per image, 176 MB at batch 128, of which u_hat (1152 x 10 x 16 values per
-  image) and the Conv1 output (256 x 20 x 20) are 83 %.
+  outputs s and v (self-attention routing, one pass: the couplings c, from which the softmax's output is
+  c - b, the sum over k of u_hat_j|k, s and v), the capsule lengths, the decoder's layer outputs, and the
+  images.  For the paper network in float32 under dynamic routing that is 1.38 MB per image, 176 MB at batch
+  128, of which u_hat (1152 x 10 x 16 values per image) and the Conv1 output (256 x 20 x 20) are 83 %.
 
 An implementation keeps more than this minimum when it trades memory for speed: the NumPy/CuPy
 implementation keeps the im2col matrices of both convolutions (3.12 MB per image, 399 MB at batch 128;
@@ -37,11 +38,25 @@ def kept_activations(config: CapsNetConfig, batch_size: int, itemsize: int = 4) 
         "conv1_output": c.conv1_size**2 * c.conv1_channels,
         "primary_capsules": 2 * c.num_primary_caps * c.primary_caps_dim,  # before and after squash
         "u_hat": c.num_primary_caps * c.num_classes * c.digit_caps_dim,
-        "routing": c.routing_iterations * (c.num_primary_caps * c.num_classes + 2 * c.num_classes * c.digit_caps_dim),
+        "routing": routing_activations(c),
         "lengths": c.num_classes,
         "decoder": c.decoder_input + sum(c.decoder_sizes[1:]),
     }
     return {name: count * batch_size * itemsize for name, count in per_image.items()}
+
+
+def routing_activations(config: CapsNetConfig) -> int:
+    """Values per image the routing keeps for its backward: per dynamic routing iteration c (N x J), s and v
+    (J x D each); self-attention's one pass c, the sum over k, s and v; 0 for an algorithm without a count
+    (a plugin's)."""
+    c = config
+    couplings, capsules = c.num_primary_caps * c.num_classes, c.num_classes * c.digit_caps_dim
+    algorithm = getattr(c, "routing_algorithm", "dynamic")
+    if algorithm == "dynamic":
+        return c.routing_iterations * (couplings + 2 * capsules)
+    if algorithm == "self-attention":
+        return couplings + 3 * capsules
+    return 0
 
 
 def im2col_bytes(config: CapsNetConfig, batch_size: int, itemsize: int = 4) -> int:

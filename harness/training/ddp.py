@@ -15,7 +15,8 @@ gradients are all-reduced by DDP (in buckets, overlapping the backward pass).
 both training commands, the results record and the checkpoints are :mod:`harness.training.loop`'s.)  The backend is gloo
 for a CPU implementation and NCCL for a CUDA one (``--impl torch-vectorised-cuda``; ``LOCAL_RANK`` picks
 the GPU).  Every rank builds the same canonical seeded parameters (:func:`harness.params.init_parameters`,
-and DDP broadcasts rank 0's copy anyway); in epoch ``e`` rank ``r`` trains on the indices ``r::W`` of the
+and DDP broadcasts rank 0's copy anyway; under ``--routing-algorithm self-attention`` the module holds
+``digit.bias`` too, all-reduced with the rest); in epoch ``e`` rank ``r`` trains on the indices ``r::W`` of the
 permutation every rank draws from ``seed + e`` (``DistributedSampler``: padded by repeating the first
 indices so that every shard has the same length, hence the same number of steps and the same batch sizes);
 each rank shifts its own images with its own generator, :func:`harness.training.loop.epoch_rng` of (seed, epoch,
@@ -342,7 +343,7 @@ def start_root_record(ctx: Context, info: registry.ImplementationInfo, args: arg
                       train_set: Dataset, test_set: Dataset, resumed_from: int) -> tuple[Path, RunStatus]:
     """Rank 0's results file: the resumed run's record or a new one (with the distributed block), marked
     running and written, and the first line said."""
-    suffix = f"-ddp{ctx.world_size}{loop.routing_gradient_suffix(args)}"
+    suffix = f"-ddp{ctx.world_size}{loop.routing_suffix(args)}"
     out = args.out or loop.default_output(info.name, args.config, suffix=suffix)
     switched_from = loop.ran_on(record) if record is not None else None
     if resumed_from == 0:  # a new run, or one stopped before its first epoch: nothing of it is kept
@@ -365,9 +366,7 @@ def train_main(argv: list[str] | None = None) -> int:
         info = torch_implementation(args.impl)
         args.impl = info.name
         config = loop.run_config(args)
-        support = info.supports(config.routing_gradient)
-        if not support:
-            raise contract.UnsupportedRoutingGradientError(f"implementation {info.name!r} {support.reason}")
+        loop.require_computes(info, config)
         launch_environment()
     except FileNotFoundError as error:
         raise UserError(str(error)) from None

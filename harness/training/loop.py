@@ -4,7 +4,8 @@ divergence and evaluation (the status sequence is :mod:`harness.training.run_sta
 :mod:`harness.training.checkpoint`'s, progress :mod:`harness.training.progress`'s).
 
 One results record per run, rewritten atomically after every epoch (kind :data:`TRAINING_KIND`): what
-was trained (implementation, framework, device, routing variant, dtype, network), on what (training and
+was trained (implementation, framework, device, routing variant, routing algorithm and gradient, dtype,
+network), on what (training and
 test images, ranks, batch), how (optimizer, learning-rate schedule, seed, augmentation, threads of every
 pool), per-step loss, per-epoch loss, accuracy and times, and the best and final test accuracy.  Beside it,
 ``<results>.checkpoint.npz`` holds the parameters and Adam's state after the last completed epoch, so that
@@ -20,15 +21,23 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import contract, options, registry
+from harness import contract, options, registry, routing_algorithms
 from harness.data import DataError, Dataset, iterate_batches, resolve_data_dir
 from harness.errors import UserError
 from harness.measure.machine import machine_facts
 from harness.results import TRAINING_KIND, ResultsFileError, read_training_result, unwritable_line, writable_folder
 from harness.settings import RUNS_DIR, TRAINING_SUBDIR
-from harness.spec import ADAM, MAX_SHIFT_PIXELS, SCHEDULES, CapsNetConfig, LearningRateSchedule, get_config
+from harness.spec import (
+    ADAM,
+    DEFAULT_ROUTING_ALGORITHM,
+    MAX_SHIFT_PIXELS,
+    SCHEDULES,
+    CapsNetConfig,
+    LearningRateSchedule,
+    get_config,
+)
 from harness.threads import thread_facts, usable_cpu_count
-from harness.training.checkpoint import checkpoint_path, load_checkpoint
+from harness.training.checkpoint import check_routing_algorithm, checkpoint_path, load_checkpoint
 from harness.training.progress import LINES_PER_EPOCH, Progress
 from harness.training.run_status import TrainingDiverged, process_facts
 
@@ -59,6 +68,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, batch_help: str, 
     options.add_seed(parser, help="seed of the data order and augmentation")
     options.add_config(parser)
     options.add_dtype(parser)
+    options.add_routing_algorithm(parser, consequence="an implementation that does not compute it is refused")
     options.add_routing_gradient(parser)
     parser.add_argument("--no-augment", action="store_true",
                         help=f"no random shifts of up to {MAX_SHIFT_PIXELS} pixels (default: shift, as the paper)")
@@ -69,12 +79,13 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, batch_help: str, 
                         help="without a terminal, a progress line every STEPS steps (default: about "
                              f"{LINES_PER_EPOCH} lines per epoch)")
     options.add_out(parser, help=f"results file (default: runs/{TRAINING_SUBDIR}/<impl>_<config>_<time>.json, "
-                                 "not tracked by git)")
+                                 "<impl>-<algorithm>_... for a routing algorithm other than dynamic, never an "
+                                 "existing file's name; not tracked by git)")
     parser.add_argument("--resume", type=Path, metavar="FILE",
                         help="continue the run whose results file this is, from its last completed epoch (its "
                              "options and MNIST folder are taken from the file, and an option given that differs "
                              "from it is refused; --epochs may change the total, --impl continue it on another "
-                             "implementation) (default: a new run)")
+                             "implementation that computes its routing algorithm) (default: a new run)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results file named by --out and its checkpoint if they exist (default: "
                              "refuse, so that a finished run is never destroyed by mistake)")
@@ -109,6 +120,7 @@ def new_record(info: registry.ImplementationInfo, args: argparse.Namespace, sche
         **info.describe(),
         "dtype": args.dtype,
         "config_name": args.config,
+        "routing_algorithm": args.routing_algorithm,
         "routing_gradient": args.routing_gradient,
         "config": run_config(args).as_dict(),
         "optimizer": {"name": "adam", **ADAM.__dict__},
@@ -151,13 +163,48 @@ def ran_on(record: dict) -> str:
 
 
 def run_config(args: argparse.Namespace) -> CapsNetConfig:
-    """The network a run trains: the named configuration with the run's routing gradient."""
-    return get_config(args.config).replace(routing_gradient=args.routing_gradient)
+    """The network a run trains: the named configuration with the run's routing algorithm and gradient.
+    TrainingOptionError (one line) for a routing gradient without meaning under the algorithm (``final``
+    under self-attention, which has no iterations before its last)."""
+    algorithm = routing_algorithms.get(args.routing_algorithm)
+    if args.routing_gradient not in algorithm.routing_gradients:
+        raise TrainingOptionError(
+            f"--routing-gradient {args.routing_gradient} has no meaning under --routing-algorithm {algorithm.name} "
+            f"(it has no iterations before its last): use --routing-gradient "
+            f"{' or '.join(algorithm.routing_gradients)}")
+    return get_config(args.config).replace(routing_gradient=args.routing_gradient, routing_algorithm=algorithm.name)
+
+
+def recorded_routing_algorithm(record: dict) -> str:
+    """The routing algorithm a results record trained with: its ``routing_algorithm``, else its config's, else
+    (a file from before the setting) ``dynamic``, the only algorithm there was."""
+    return record.get("routing_algorithm") or (record.get("config") or {}).get("routing_algorithm") or \
+        DEFAULT_ROUTING_ALGORITHM
+
+
+def require_computes(info: registry.ImplementationInfo, config: CapsNetConfig) -> None:
+    """Nothing where ``info``'s implementation computes ``config``'s routing algorithm and gradient; else
+    UnsupportedRoutingAlgorithmError or UnsupportedRoutingGradientError, one line with the registry's reason
+    (:meth:`harness.registry.ImplementationInfo.computes`), before any work."""
+    status = info.computes(config)
+    if status:
+        return
+    algorithm = contract.routing_algorithm_support(info.cls, config.routing_algorithm, info.routing_variant)
+    error = contract.UnsupportedRoutingGradientError if algorithm else contract.UnsupportedRoutingAlgorithmError
+    raise error(f"implementation {info.name!r} {status.reason}")
 
 
 def routing_gradient_suffix(args: argparse.Namespace) -> str:
     """What a default results file name adds for a run that is not the default's routing gradient."""
-    return "" if args.routing_gradient == "full" else f"-{args.routing_gradient}-gradient"
+    gradient = getattr(args, "routing_gradient", "full")
+    return "" if gradient == "full" else f"-{gradient}-gradient"
+
+
+def routing_suffix(args: argparse.Namespace) -> str:
+    """What a default results file name adds for a run that is not the default's routing: ``-<algorithm>``
+    for an algorithm other than dynamic, then :func:`routing_gradient_suffix`."""
+    algorithm = getattr(args, "routing_algorithm", DEFAULT_ROUTING_ALGORITHM)
+    return ("" if algorithm == DEFAULT_ROUTING_ALGORITHM else f"-{algorithm}") + routing_gradient_suffix(args)
 
 
 def refuse_existing_output(out: Path, overwrite: bool) -> None:
@@ -192,9 +239,17 @@ def interrupted_line(out: Path, record: dict, why: str) -> str:
             "again from the beginning, with its options")
 
 
-def default_output(name: str, config_name: str, suffix: str = "") -> Path:
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return TRAINING_RUNS_DIR / f"{name}{suffix}_{config_name}_{stamp}.json"
+def default_output(name: str, config_name: str, suffix: str = "", folder: Path | None = None) -> Path:
+    """``<folder>/<name><suffix>_<config>_<time>.json`` (folder: runs/training/), the time to the second; never
+    the name of an existing results file or checkpoint: a run started in the same second as another of the
+    same implementation, routing and network takes ``..._<time>-2.json`` (then -3, ...)."""
+    folder = TRAINING_RUNS_DIR if folder is None else Path(folder)
+    stem = f"{name}{suffix}_{config_name}_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path, count = folder / f"{stem}.json", 1
+    while path.exists() or checkpoint_path(path).exists():
+        count += 1
+        path = folder / f"{stem}-{count}.json"
+    return path
 
 
 def resume_options(path: Path, args: argparse.Namespace, given: set[str] = frozenset()) -> dict:
@@ -209,6 +264,7 @@ def resume_options(path: Path, args: argparse.Namespace, given: set[str] = froze
              "seed": record["seed"], "limit": record["limit"], "test_limit": record["test_limit"],
              "batch_size": record["batch_size"] // record.get("ranks", 1), "no_augment": not record["augment"],
              "schedule": record["schedule"]["name"],
+             "routing_algorithm": recorded_routing_algorithm(record),  # older files: dynamic, the only one then
              "routing_gradient": record.get("routing_gradient", "full")}  # older files: the only behaviour then
     for key, value in taken.items():
         if key in given and getattr(args, key) != value:
@@ -218,6 +274,7 @@ def resume_options(path: Path, args: argparse.Namespace, given: set[str] = froze
             raise TrainingOptionError(f"--resume {path} continues that run as it was started ({was}); {asked} "
                                       "differs: drop it, or start a new run with another --out")
         setattr(args, key, value)
+    record["routing_algorithm"] = args.routing_algorithm  # a file from before the setting carries it from now on
     if "impl" not in given or args.impl is None:  # another one continues from the same parameters and Adam state
         args.impl = ran_on(record)
     recorded = record.get("data_dir")
@@ -254,6 +311,7 @@ def prepare_resume(args: argparse.Namespace, given: set[str] = frozenset()) -> t
     if done == 0:
         return record, 0, None, None  # stopped before its first epoch: start again
     saved_epoch, params, adam = load_checkpoint(args.resume)
+    check_routing_algorithm(args.resume, args.routing_algorithm)
     if saved_epoch != done:
         raise ResultsFileError(f"{args.resume}: the results hold {done} epoch(s) but the checkpoint was saved "
                                f"after epoch {saved_epoch}")
@@ -343,8 +401,9 @@ def start_line(name: str, args: argparse.Namespace, train_images: int, test_imag
     resumed = f", resuming after epoch {resumed_from}" if resumed_from else ""
     if resumed_from and switched_from and switched_from != name:
         resumed += f" (which ran on {switched_from})"
-    return (f"training {name} ({args.dtype}, {args.config} network, schedule {args.schedule}, routing gradient "
-            f"{args.routing_gradient}) {where}on "
+    algorithm = getattr(args, "routing_algorithm", DEFAULT_ROUTING_ALGORITHM)
+    return (f"training {name} ({args.dtype}, {args.config} network, schedule {args.schedule}, routing algorithm "
+            f"{algorithm}, routing gradient {args.routing_gradient}) {where}on "
             f"{train_images:,} training images{clamped(args.limit, train_images)}, evaluating on "
             f"{test_images:,} test images{clamped(args.test_limit, test_images)}, {batch}, "
             f"{args.epochs} epoch(s){resumed}; results -> {out}")

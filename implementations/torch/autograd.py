@@ -214,11 +214,12 @@ class TorchCapsNet(Implementation):
         return autograd_routing(self.config, self.routing_variant)(u_hat, self.params, self.config)
 
     def _route_in_range(self, u_hat):
-        """``route`` as the network calls it: a plugin's own ``route`` runs inside the range of the whole
-        routing (harness.ranges.ROUTING_LAYER), so that a profile attributes its time (and its backward,
-        through autograd) without the plugin opening any range; the built-in routing opens one range per
-        iteration itself."""
-        if type(self).route is TorchCapsNet.route:
+        """``route`` as the network calls it: a plugin's own ``route``, and a plugin's routing algorithm
+        computed by its reference function, run inside the range of the whole routing
+        (harness.ranges.ROUTING_LAYER), so that a profile attributes its time (and its backward, through
+        autograd) without the plugin opening any range; the built-in routing algorithms open their own ranges
+        (one per iteration of dynamic routing, attention and attention_sum for self-attention)."""
+        if type(self).route is TorchCapsNet.route and routing_algorithms.of(self.config).builtin:
             return self.route(u_hat)
         with layer_range(ROUTING_LAYER):
             return self.route(u_hat)
