@@ -124,12 +124,14 @@ def test_prediction_vectors_forward_and_backward(rng):
 @pytest.mark.parametrize("variant", ["vectorised", "looped"])
 @pytest.mark.parametrize("iterations", [1, 2, 3])
 def test_routing_backward_through_every_iteration(rng, variant, iterations):
-    forward, backward = nr.ROUTING[(variant, "full")]
+    forward, backward = nr.ROUTING[("dynamic", variant, "full")]
     u_hat = rng.normal(scale=0.7, size=(2, 3, 6, 4))  # (B, J, N, D)
     g = rng.normal(size=(2, 3, 4))
-    v, cache = forward(np, u_hat, iterations, EPS)
-    numeric = numeric_gradient(lambda x: np.sum(g * forward(np, x, iterations, EPS)[0]), u_hat.copy())
-    assert_gradient(backward(np, u_hat, cache, g, EPS), numeric)
+    v, cache = forward(np, u_hat, iterations, EPS, {})
+    numeric = numeric_gradient(lambda x: np.sum(g * forward(np, x, iterations, EPS, {})[0]), u_hat.copy())
+    grad, param_grads = backward(np, u_hat, cache, g, EPS)
+    assert_gradient(grad, numeric)
+    assert param_grads == {}  # dynamic routing has no parameters
 
 
 def test_routing_backward_writes_the_gradient_regrouped_by_input_capsule(rng):
@@ -139,9 +141,9 @@ def test_routing_backward_writes_the_gradient_regrouped_by_input_capsule(rng):
     grad_v = rng.normal(size=(2, 3, 4))
     u, weight = rng.normal(size=(2, 6, 5)), rng.normal(size=(6, 5, 3 * 4))  # (B, N, K), (N, K, J*D)
     _, cache = nr.routing_vectorised_forward(np, u_hat, 3, EPS)
-    expected = nr.routing_vectorised_backward(np, u_hat, cache, grad_v, EPS)
+    expected, _ = nr.routing_vectorised_backward(np, u_hat, cache, grad_v, EPS)
     by_input = np.full((6, 2, 3, 4), np.nan)
-    got = nr.routing_vectorised_backward(np, u_hat, cache, grad_v, EPS, out=by_input.transpose(1, 2, 0, 3))
+    got, _ = nr.routing_vectorised_backward(np, u_hat, cache, grad_v, EPS, out=by_input.transpose(1, 2, 0, 3))
     assert got.base is by_input
     np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-15)
     for mine, theirs in zip(ac.prediction_vectors_backward(np, u, weight, got, by_input=by_input),
@@ -155,7 +157,8 @@ def test_routing_variants_agree_with_torch(rng):
     u_hat = rng.normal(size=(2, 3, 6, 4))  # (B, J, N, D)
     expected = routing_vectorised(torch.tensor(u_hat.transpose(0, 2, 1, 3)), 3, EPS).numpy()
     for variant in ("vectorised", "looped"):
-        np.testing.assert_allclose(nr.ROUTING[(variant, "full")][0](np, u_hat, 3, EPS)[0], expected, rtol=1e-12)
+        forward = nr.ROUTING[("dynamic", variant, "full")].forward
+        np.testing.assert_allclose(forward(np, u_hat, 3, EPS, {})[0], expected, rtol=1e-12)
 
 
 def test_lengths_backward_is_zero_at_a_zero_capsule(rng):
