@@ -193,6 +193,11 @@ def test_on_numpy_the_numpy_routing_stays():
     assert impl.routing_functions is nr.ROUTING[("dynamic", "vectorised", "full")]
     with pytest.raises(ValueError, match="vectorised"):
         on_numpy(SMALL, init_parameters(SMALL), "float64", "cpu", routing_variant="looped")
+    # the kernels are dynamic routing's: self-attention is refused, not computed by the NumPy routing instead
+    attention = SMALL.replace(routing_algorithm="self-attention")
+    with pytest.raises(registry.UnsupportedRoutingAlgorithmError, match="not 'self-attention'"):
+        on_numpy(attention, init_parameters(attention), "float64", "cpu")
+    assert registry.get("cupy-fused").routing_algorithms() == ["dynamic"]
 
 
 def test_registered_with_the_reason_it_cannot_run():
