@@ -588,10 +588,15 @@ class NumpyCapsNet(Implementation):
         return v
 
     def routing_backward(self, u_hat, grad_v):
+        """The gradient of u_hat, written (by a backward that takes ``out=``) into a workspace buffer that the
+        next call reuses, as the training backward writes into its regrouping buffer: a fresh u_hat-sized
+        array every call would cost its pages' first touch, about as much as the write itself on NumPy."""
         xp, eps = self.xp, self.config.squash_eps
         _, cache = self.routing_functions.forward(xp, u_hat, self.config.routing_iterations, eps,
                                                   self._routing_params())
-        grad_u_hat, _ = self.routing_functions.backward(xp, u_hat, cache, grad_v, eps)
+        into = {"out": self._buffer("routing_grad_u_hat", u_hat.shape)} if takes_out(
+            self.routing_functions.backward) else {}
+        grad_u_hat, _ = self.routing_functions.backward(xp, u_hat, cache, grad_v, eps, **into)
         return grad_u_hat
 
 
