@@ -4,9 +4,10 @@ All the mathematics of the NumPy implementation is here and in :mod:`implementat
 written against an array module ``xp`` (NumPy by default); :mod:`implementations.cupy.capsnet` subclasses
 :class:`NumpyCapsNet` with ``xp = cupy``, so everything the CuPy implementation computes runs on the CPU
 through NumPy in the tests.  Each layer is a pair of module-level functions (``*_forward`` keeping what its
-``*_backward`` needs), so each can be checked against finite differences on its own.  The routing of either
-variant and routing gradient, and the squash and softmax it is built of, are in
-:mod:`implementations.numpy.routing` (its table ``ROUTING``).
+``*_backward`` needs), so each can be checked against finite differences on its own.  The routing of each
+algorithm (dynamic, self-attention), variant and routing gradient, and the squashes and softmax it is built
+of, are in :mod:`implementations.numpy.routing` (its table ``ROUTING``); self-attention's bias ``digit.bias``
+(J, N) is a parameter of the network like any other (gradient, Adam's moments), in the canonical layout.
 
 Layouts (internal; :meth:`NumpyCapsNet.parameters` and :meth:`NumpyCapsNet.gradients` convert to the
 canonical layout of :mod:`harness.params`):
@@ -24,9 +25,9 @@ canonical layout of :mod:`harness.params`):
 What the training forward pass keeps for backward: the im2col matrices of Conv1 and PrimaryCaps (the
 weight gradients are products with them; kept rather than rebuilt, which would cost a full copy every
 step); the Conv1 output (its sign is the ReLU mask); the PrimaryCaps pre-squash capsules and the squashed
-capsules u; u_hat; per routing iteration the couplings c, the sums s and the outputs v; the decoder's layer
-outputs; and the lengths.  The large buffers live in a workspace that is allocated once per batch shape
-and reused on every step.
+capsules u; u_hat; per dynamic routing iteration the couplings c, the sums s and the outputs v (under
+self-attention: t_j / sqrt(D), softmax_j(a) and s); the decoder's layer outputs; and the lengths.  The large
+buffers live in a workspace that is allocated once per batch shape and reused on every step.
 """
 
 from __future__ import annotations
