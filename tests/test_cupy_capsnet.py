@@ -9,8 +9,10 @@ from harness import registry
 from harness.contract import AllocatorPeaks
 from harness.data import synthetic_batch
 from harness.params import init_parameters
+from harness.routing_algorithms import DIGIT_BIAS
 from harness.spec import SMALL
-from implementations.cupy.capsnet import PeakCounter
+from implementations.cupy.capsnet import CupyCapsNet, PeakCounter
+from implementations.numpy import routing as nr
 
 CUPY = registry.get("cupy-vectorised").availability()
 needs_gpu = pytest.mark.skipif(not CUPY, reason=f"cupy-vectorised unavailable here: {CUPY.reason}")
@@ -22,6 +24,29 @@ def test_unavailability_names_the_reason():
     assert CUPY.reason.startswith(("cupy not installed", "no CUDA device", "cupy cannot be imported"))
     assert "cupy-vectorised" in registry.names() and "cupy-looped" in registry.names()
     assert "cupy-vectorised" not in registry.available()
+
+
+@pytest.mark.parametrize("variant", ["vectorised", "looped"])
+def test_on_numpy_self_attention_is_the_numpy_implementations(variant):
+    """cupy-vectorised and cupy-looped declare both routing algorithms and run NumPy's routing table: their
+    class on NumPy computes self-attention's loss and gradients (digit.bias included) as numpy-VARIANT does."""
+    assert registry.get(f"cupy-{variant}").routing_algorithms() == ["dynamic", "self-attention"]
+    on_numpy = type("OnNumpy", (CupyCapsNet,), {"array_module": classmethod(lambda cls: np)})
+    config = SMALL.replace(routing_algorithm="self-attention")
+    params = init_parameters(config, dtype=np.float64)
+    params[DIGIT_BIAS] = np.random.default_rng(0).normal(scale=0.3, size=params[DIGIT_BIAS].shape)
+    images, labels = synthetic_batch(config, 2)
+    results = []
+    for impl in (on_numpy(config, params, "float64", "cpu", variant),
+                 registry.create(f"numpy-{variant}", config, params, "float64")):
+        assert impl.routing_functions is nr.ROUTING[("self-attention", variant, "full")]
+        loss = impl.forward_loss(impl.to_device(images, labels))
+        impl.backward()
+        results.append((float(loss), impl.gradients()))
+    (loss, grads), (expected_loss, expected) = results
+    assert loss == expected_loss and list(grads) == list(expected) and DIGIT_BIAS in grads
+    for name, value in expected.items():
+        np.testing.assert_array_equal(grads[name], value, err_msg=name)
 
 
 def test_peak_counter_follows_live_and_reserved_bytes():

@@ -88,9 +88,9 @@ def test_driver_on_numpy_kernels_is_the_vectorised_routing(shape, iterations, dt
         assert_close(cache.s[r], s, dtype)
         assert_close(cache.v[r], v_r, dtype)
     assert np.all(cache.coupling[0] == np.asarray(1.0 / shape[1], dtype=dtype))
-    grad = routing.backward(np, u_hat, cache, grad_v, EPS)
-    assert grad.shape == u_hat.shape and grad.dtype == u_hat.dtype
-    assert_close(grad, nr.routing_vectorised_backward(np, u_hat, expected_cache, grad_v, EPS), dtype, "gradient")
+    grad, param_grads = routing.backward(np, u_hat, cache, grad_v, EPS)
+    assert grad.shape == u_hat.shape and grad.dtype == u_hat.dtype and param_grads == {}
+    assert_close(grad, nr.routing_vectorised_backward(np, u_hat, expected_cache, grad_v, EPS)[0], dtype, "gradient")
 
 
 class RangeLog:
@@ -128,11 +128,11 @@ def test_driver_final_gradient_on_numpy_kernels_is_the_numpy_final_backward(iter
     routing = cr.FusedRouting(NumpyKernels())
     _, cache = routing.forward(np, u_hat, iterations, EPS)
     _, expected_cache = nr.routing_vectorised_forward(np, u_hat, iterations, EPS)
-    grad = routing.backward_final(np, u_hat, cache, grad_v, EPS)
-    expected = nr.routing_vectorised_final_backward(np, u_hat, expected_cache, grad_v, EPS)
+    grad, _ = routing.backward_final(np, u_hat, cache, grad_v, EPS)
+    expected, _ = nr.routing_vectorised_final_backward(np, u_hat, expected_cache, grad_v, EPS)
     assert grad.shape == u_hat.shape and grad.dtype == u_hat.dtype
     assert_close(grad, expected, dtype, "gradient")
-    full = nr.routing_vectorised_backward(np, u_hat, expected_cache, grad_v, EPS)
+    full, _ = nr.routing_vectorised_backward(np, u_hat, expected_cache, grad_v, EPS)
     assert (iterations == 1) == np.allclose(grad, full, rtol=1e-4, atol=1e-6)
 
 
@@ -190,9 +190,14 @@ def test_layout_is_checked_not_copied():
 def test_on_numpy_the_numpy_routing_stays():
     on_numpy = type("OnNumpy", (cf.CupyFusedCapsNet,), {"array_module": classmethod(lambda cls: np)})
     impl = on_numpy(SMALL, init_parameters(SMALL), "float64", "cpu")
-    assert impl.routing_functions is nr.ROUTING[("vectorised", "full")]
+    assert impl.routing_functions is nr.ROUTING[("dynamic", "vectorised", "full")]
     with pytest.raises(ValueError, match="vectorised"):
         on_numpy(SMALL, init_parameters(SMALL), "float64", "cpu", routing_variant="looped")
+    # the kernels are dynamic routing's: self-attention is refused, not computed by the NumPy routing instead
+    attention = SMALL.replace(routing_algorithm="self-attention")
+    with pytest.raises(registry.UnsupportedRoutingAlgorithmError, match="not 'self-attention'"):
+        on_numpy(attention, init_parameters(attention), "float64", "cpu")
+    assert registry.get("cupy-fused").routing_algorithms() == ["dynamic"]
 
 
 def test_registered_with_the_reason_it_cannot_run():
@@ -261,8 +266,8 @@ def test_gpu_fused_routing_is_the_vectorised_routing(shape, iterations, dtype):
     v, cache = cr.FusedRouting(cr.CupyKernels()).forward(cupy, u_hat, iterations, EPS)
     expected_v, expected_cache = nr.routing_vectorised_forward(cupy, u_hat, iterations, EPS)
     assert_close(cupy.asnumpy(v), cupy.asnumpy(expected_v), dtype)
-    grad = cr.FusedRouting(cr.CupyKernels()).backward(cupy, u_hat, cache, grad_v, EPS)
-    expected = nr.routing_vectorised_backward(cupy, u_hat, expected_cache, grad_v, EPS)
+    grad, _ = cr.FusedRouting(cr.CupyKernels()).backward(cupy, u_hat, cache, grad_v, EPS)
+    expected, _ = nr.routing_vectorised_backward(cupy, u_hat, expected_cache, grad_v, EPS)
     assert_close(cupy.asnumpy(grad), cupy.asnumpy(expected), dtype, "gradient")
 
 
@@ -273,11 +278,11 @@ def test_gpu_fused_final_gradient_is_the_numpy_final_backward(iterations, dtype)
     import cupy
 
     u_hat, grad_v = random_routing_inputs(cupy, SHAPES[0], dtype)
-    routing = cr.ROUTING[("vectorised", "final")]  # the table's entry: the kernels on the GPU
+    routing = cr.ROUTING[("dynamic", "vectorised", "final")]  # the table's entry: the kernels on the GPU
     _, cache = routing.forward(cupy, u_hat, iterations, EPS)
     _, expected_cache = nr.routing_vectorised_forward(cupy, u_hat, iterations, EPS)
-    grad = routing.backward(cupy, u_hat, cache, grad_v, EPS)
-    expected = nr.routing_vectorised_final_backward(cupy, u_hat, expected_cache, grad_v, EPS)
+    grad, _ = routing.backward(cupy, u_hat, cache, grad_v, EPS)
+    expected, _ = nr.routing_vectorised_final_backward(cupy, u_hat, expected_cache, grad_v, EPS)
     assert_close(cupy.asnumpy(grad), cupy.asnumpy(expected), dtype, "gradient")
 
 

@@ -151,7 +151,7 @@ def test_a_numpy_plugins_routing_functions_run_inside_the_routing_range():
     class OwnRouting(NumpyCapsNet):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            built_in = ROUTING[("vectorised", "full")]
+            built_in = ROUTING[("dynamic", "vectorised", "full")]
             self.routing_functions = RoutingFunctions(lambda *a, **k: built_in.forward(*a, **k),
                                                       lambda *a, **k: built_in.backward(*a, **k))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from harness.contract import ROUTING_VARIANTS, AllocatorPeaks, Availability
 from harness.registry import register
-from harness.spec import ADAM
+from harness.spec import ADAM, ROUTING_ALGORITHMS
 from implementations.numpy.capsnet import NumpyCapsNet
 
 try:
@@ -85,9 +85,11 @@ class PoolPeakHook(MemoryHook):
 
 
 class CupyCapsNet(NumpyCapsNet):
-    """CapsNet on an NVIDIA GPU through CuPy; forward and backward written by hand."""
+    """CapsNet on an NVIDIA GPU through CuPy; forward and backward written by hand, the routing of every
+    built-in algorithm from :data:`implementations.numpy.routing.ROUTING`."""
 
     framework = "cupy"
+    routing_algorithms = ROUTING_ALGORITHMS
 
     @classmethod
     def array_module(cls):

@@ -14,16 +14,18 @@ from implementations.cupy.routing import ROUTING
 class CupyFusedCapsNet(CupyCapsNet):
     """:class:`~implementations.cupy.capsnet.CupyCapsNet` with the fused routing of
     :data:`implementations.cupy.routing.ROUTING` on the GPU (vectorised variant only: the kernels are the
-    vectorised mathematics), under both routing gradients."""
+    vectorised mathematics), under both routing gradients, for dynamic routing alone (the kernels are
+    Procedure 1's)."""
 
     routing_gradients = ROUTING_GRADIENTS
+    routing_algorithms = ("dynamic",)
 
     def __init__(self, config, params, dtype="float32", device="cuda", routing_variant="vectorised"):
         if routing_variant != "vectorised":
             raise ValueError(f"cupy-fused fuses the vectorised routing only, not {routing_variant!r}")
         super().__init__(config, params, dtype, device, routing_variant)
         if self._on_gpu:
-            self.routing_functions = ROUTING[(routing_variant, config.routing_gradient)]
+            self.routing_functions = ROUTING[("dynamic", routing_variant, config.routing_gradient)]
 
 
 register("cupy-fused", CupyFusedCapsNet, device="cuda", routing_variant="vectorised")

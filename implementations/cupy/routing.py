@@ -1,5 +1,5 @@
 """The routing of ``cupy-fused``, forward and backward, as a few fused CUDA kernels, in one table :data:`ROUTING`
-keyed by (routing variant, routing gradient).
+keyed by (routing algorithm, routing variant, routing gradient): dynamic routing alone.
 
 Routing on the array module costs about fifteen kernels per iteration (softmax, products, squash and their
 gradients, each one array operation), most of them small.  Here every routing iteration is two kernels
@@ -255,7 +255,8 @@ class FusedRouting:
     def __init__(self, kernels) -> None:
         self.kernels = kernels
 
-    def forward(self, xp, u_hat, iterations: int, eps: float):
+    def forward(self, xp, u_hat, iterations: int, eps: float, params=None):
+        """Dynamic routing has no parameters of its own: ``params`` is not read."""
         check_layout(u_hat)
         batch, n_out, n_in, dim = u_hat.shape
         coupling = xp.empty((iterations, batch, n_out, n_in), dtype=u_hat.dtype)
@@ -288,7 +289,7 @@ class FusedRouting:
         grad_u_hat = xp.empty_like(u_hat)
         with layer_range("routing_iteration_1", "backward"):  # the last work, as in the vectorised routing
             self.kernels.grad_u_hat(coupling, grad_s, grad_logits, v, grad_u_hat)
-        return grad_u_hat
+        return grad_u_hat, {}
 
     def backward_final(self, xp, u_hat, cache: FusedCache, grad_v, eps: float):
         """The backward of the routing gradient ``final`` (harness.spec): the last iteration's sum-squash
@@ -302,7 +303,7 @@ class FusedRouting:
         self.kernels.sum_squash_backward(None, u_hat, grad_v, s[last], grad_s[0], eps)
         grad_u_hat = xp.empty_like(u_hat)
         self.kernels.grad_u_hat(coupling[last:], grad_s, coupling[last:], v[last:], grad_u_hat)
-        return grad_u_hat
+        return grad_u_hat, {}
 
 
 
@@ -370,10 +371,11 @@ class CupyKernels:
 # The table --------------------------------------------------------------------------------------------------
 
 _FUSED = FusedRouting(CupyKernels())  # compiles nothing until a kernel first runs
-# Every fused routing of CuPy, by (routing variant, routing gradient) (harness.spec): the kernels are the
-# vectorised mathematics, so there is no looped entry.  cupy-vectorised and cupy-looped run the NumPy code on
-# CuPy, with the routing of implementations.numpy.routing.ROUTING.
+# Every fused routing of CuPy, by (routing algorithm, routing variant, routing gradient) (harness.spec): the
+# kernels are dynamic routing's vectorised mathematics, so there is no looped entry and no self-attention.
+# cupy-vectorised and cupy-looped run the NumPy code on CuPy, with the routing of
+# implementations.numpy.routing.ROUTING (self-attention included).
 ROUTING = {
-    ("vectorised", "full"): RoutingFunctions(_FUSED.forward, _FUSED.backward),
-    ("vectorised", "final"): RoutingFunctions(_FUSED.forward, _FUSED.backward_final),
+    ("dynamic", "vectorised", "full"): RoutingFunctions(_FUSED.forward, _FUSED.backward),
+    ("dynamic", "vectorised", "final"): RoutingFunctions(_FUSED.forward, _FUSED.backward_final),
 }

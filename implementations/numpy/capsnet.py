@@ -4,9 +4,10 @@ All the mathematics of the NumPy implementation is here and in :mod:`implementat
 written against an array module ``xp`` (NumPy by default); :mod:`implementations.cupy.capsnet` subclasses
 :class:`NumpyCapsNet` with ``xp = cupy``, so everything the CuPy implementation computes runs on the CPU
 through NumPy in the tests.  Each layer is a pair of module-level functions (``*_forward`` keeping what its
-``*_backward`` needs), so each can be checked against finite differences on its own.  The routing of either
-variant and routing gradient, and the squash and softmax it is built of, are in
-:mod:`implementations.numpy.routing` (its table ``ROUTING``).
+``*_backward`` needs), so each can be checked against finite differences on its own.  The routing of each
+algorithm (dynamic, self-attention), variant and routing gradient, and the squashes and softmax it is built
+of, are in :mod:`implementations.numpy.routing` (its table ``ROUTING``); self-attention's bias ``digit.bias``
+(J, N) is a parameter of the network like any other (gradient, Adam's moments), in the canonical layout.
 
 Layouts (internal; :meth:`NumpyCapsNet.parameters` and :meth:`NumpyCapsNet.gradients` convert to the
 canonical layout of :mod:`harness.params`):
@@ -24,9 +25,9 @@ canonical layout of :mod:`harness.params`):
 What the training forward pass keeps for backward: the im2col matrices of Conv1 and PrimaryCaps (the
 weight gradients are products with them; kept rather than rebuilt, which would cost a full copy every
 step); the Conv1 output (its sign is the ReLU mask); the PrimaryCaps pre-squash capsules and the squashed
-capsules u; u_hat; per routing iteration the couplings c, the sums s and the outputs v; the decoder's layer
-outputs; and the lengths.  The large buffers live in a workspace that is allocated once per batch shape
-and reused on every step.
+capsules u; u_hat; per dynamic routing iteration the couplings c, the sums s and the outputs v (under
+self-attention: t_j / sqrt(D), softmax_j(a) and s); the decoder's layer outputs; and the lengths.  The large
+buffers live in a workspace that is allocated once per batch shape and reused on every step.
 """
 
 from __future__ import annotations
@@ -36,12 +37,20 @@ import math
 
 import numpy as np
 
-from harness.contract import ROUTING_VARIANTS, Availability, Batch, Implementation
+from harness import routing_algorithms
+from harness.contract import (
+    ROUTING_VARIANTS,
+    Availability,
+    Batch,
+    Implementation,
+    UnsupportedRoutingAlgorithmError,
+    UnsupportedRoutingGradientError,
+)
 from harness.decoder import decoder_forward, decoder_layers
-from harness.params import DECODER_PREFIX, DIGIT_WEIGHT
+from harness.params import DECODER_PREFIX, DIGIT_WEIGHT, routing_parameter_shapes
 from harness.ranges import ROUTING_LAYER, layer_range
 from harness.registry import register
-from harness.spec import ADAM, ROUTING_GRADIENTS, CapsNetConfig, conv_output_size
+from harness.spec import ADAM, ROUTING_ALGORITHMS, ROUTING_GRADIENTS, CapsNetConfig, conv_output_size
 from implementations.numpy.routing import (
     ROUTING,
     RoutingFunctions,
@@ -52,6 +61,9 @@ from implementations.numpy.routing import (
 )
 
 CONV_LAYERS = {"conv1": ("conv1_kernel", "conv1_stride"), "primary": ("primary_kernel", "primary_stride")}
+# the modules whose classes route by implementations.numpy.routing.ROUTING: their routing_algorithms and
+# routing_gradients describe that table, not routing functions a subclass sets of its own
+TABLE_CLAIMS = (__name__, "implementations.cupy.capsnet")
 ADAM_CHUNK = 1 << 16  # values per chunk of the NumPy Adam update: its five arrays' chunks stay in a core's cache
 
 
@@ -237,12 +249,32 @@ def adam_update(xp, param, grad, first, second, scratch, step_size: float, root_
 
 class NumpyCapsNet(Implementation):
     """The whole CapsNet over an array module (NumPy here; a subclass overrides :meth:`array_module`), with
-    the routing of its variant and routing gradient from :data:`implementations.numpy.routing.ROUTING` (a
-    subclass may set ``routing_functions`` instead, and then declares the ``routing_gradients`` they compute)."""
+    the routing of its algorithm, variant and routing gradient from
+    :data:`implementations.numpy.routing.ROUTING`, and the routing algorithm's own parameters (self-attention's
+    ``digit.bias``) among the network's, with their gradients and Adam's moments.
+
+    A subclass may route with ``routing_functions`` of its own instead (a class attribute, or set on the
+    instance after this ``__init__``): it then computes the routing algorithms and gradients it declares
+    itself (``routing_algorithms``, ``routing_gradients``), ``dynamic`` and ``full`` alone unless it does
+    (see :meth:`__init_subclass__`), never this class's claims by inheritance."""
 
     framework = "numpy"
     u_hat_layout = "BJND"
     routing_gradients = ROUTING_GRADIENTS
+    routing_algorithms = ROUTING_ALGORITHMS
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass that defines ``routing_functions`` in its class body computes its own routing: it claims
+        the routing gradients and algorithms it declares itself, ``full`` and ``dynamic`` alone unless it does
+        (as :class:`implementations.torch.autograd.TorchCapsNet` holds a subclass overriding ``route``).  One
+        that sets ``routing_functions`` on the instance instead is held to the same at build (the property's
+        setter, :meth:`_own_routing_claims`)."""
+        super().__init_subclass__(**kwargs)
+        if "routing_functions" in vars(cls):
+            if "routing_gradients" not in vars(cls):
+                cls.routing_gradients = ("full",)
+            if "routing_algorithms" not in vars(cls):
+                cls.routing_algorithms = ("dynamic",)
 
     @classmethod
     def array_module(cls):
@@ -252,7 +284,10 @@ class NumpyCapsNet(Implementation):
         super().__init__(config, params, dtype, device, routing_variant)
         self.xp = self.array_module()
         self._dtype = getattr(self.xp, dtype)
-        self.routing_functions: RoutingFunctions = ROUTING[(routing_variant, config.routing_gradient)]
+        if type(self).routing_functions is NumpyCapsNet.routing_functions:  # no class-level routing of its own
+            key = (routing_algorithms.of(config).name, routing_variant, config.routing_gradient)
+            self._routing_functions = ROUTING.get(key)  # None: a subclass's algorithm, its routing set next
+        self._routing_parameters = tuple(routing_parameter_shapes(config))  # names, in canonical order
         self.params = {name: self._to_internal(name, value) for name, value in params.items()}
         self.grads: dict = {}
         self._moments = {name: (self.xp.zeros_like(p), self.xp.zeros_like(p)) for name, p in self.params.items()}
@@ -348,6 +383,47 @@ class NumpyCapsNet(Implementation):
                        "s_primary": s_primary, "u": u, "u_hat": u_hat} if keep else None
         return u_hat
 
+    # routing
+    @property
+    def routing_functions(self) -> RoutingFunctions:
+        """The :class:`~implementations.numpy.routing.RoutingFunctions` the network routes with."""
+        return self._routing_functions
+
+    @routing_functions.setter
+    def routing_functions(self, functions: RoutingFunctions) -> None:
+        if not any(functions is built_in for built_in in ROUTING.values()):
+            algorithms, gradients = self._own_routing_claims()
+            algorithm = routing_algorithms.of(self.config).name
+            if algorithm not in algorithms:
+                raise UnsupportedRoutingAlgorithmError(
+                    f"{type(self).__name__} routes with routing_functions of its own, which compute "
+                    f"{' and '.join(algorithms)} only, not {algorithm!r} (a class declares more in "
+                    f"routing_algorithms)")
+            if self.config.routing_gradient not in gradients:
+                raise UnsupportedRoutingGradientError(
+                    f"{type(self).__name__} routes with routing_functions of its own, which compute the routing "
+                    f"gradient {' and '.join(gradients)} only, not {self.config.routing_gradient!r} (a class "
+                    f"declares more in routing_gradients)")
+        self._routing_functions = functions
+
+    @classmethod
+    def _own_routing_claims(cls) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The routing algorithms and gradients that routing functions set on an instance compute: what the
+        class declares, where a class below this one and the CuPy one declares it (their claims describe
+        :data:`~implementations.numpy.routing.ROUTING`, not another routing); ``dynamic`` and ``full``
+        otherwise."""
+        def declared(attribute: str, default: tuple[str, ...]) -> tuple[str, ...]:
+            for klass in cls.__mro__:
+                if attribute in vars(klass):
+                    return default if klass.__module__ in TABLE_CLAIMS else tuple(vars(klass)[attribute])
+            return default
+
+        return declared("routing_algorithms", ("dynamic",)), declared("routing_gradients", ("full",))
+
+    def _routing_params(self) -> dict:
+        """The routing algorithm's own parameters (none for dynamic routing), by canonical name."""
+        return {name: self.params[name] for name in self._routing_parameters}
+
     def _routing_range(self, phase: str):
         """The range of the whole routing around a plugin's ``routing_functions`` (harness.ranges.ROUTING_LAYER):
         a profile attributes its time without the plugin opening a range.  The built-in routing opens one
@@ -364,7 +440,7 @@ class NumpyCapsNet(Implementation):
         u_hat = self._features(batch.images, keep)
         with self._routing_range("forward"):
             v, routing_cache = self.routing_functions.forward(xp, u_hat, config.routing_iterations,
-                                                              config.squash_eps)
+                                                              config.squash_eps, self._routing_params())
         with layer_range("lengths_mask"):
             lengths = lengths_forward(xp, v)
             if train:
@@ -420,8 +496,9 @@ class NumpyCapsNet(Implementation):
         by_input = self._buffer("grad_u_hat_by_input", (n_in, batch, n_out, dim))
         into = {"out": by_input.transpose(1, 2, 0, 3)} if takes_out(self.routing_functions.backward) else {}
         with self._routing_range("backward"):
-            grad_u_hat = self.routing_functions.backward(xp, cache["u_hat"], cache["routing"], grad_v,
-                                                         config.squash_eps, **into)
+            grad_u_hat, routing_grads = self.routing_functions.backward(xp, cache["u_hat"], cache["routing"],
+                                                                        grad_v, config.squash_eps, **into)
+            grads.update(routing_grads)
         with layer_range("u_hat", "backward"):
             grad_u, grads[DIGIT_WEIGHT] = prediction_vectors_backward(xp, cache["u"], p[DIGIT_WEIGHT], grad_u_hat,
                                                                       by_input=by_input)
@@ -507,13 +584,21 @@ class NumpyCapsNet(Implementation):
         return self._features(batch.images, keep=False).copy()  # a copy: the workspace buffer is reused
 
     def routing_forward(self, u_hat):
-        v, _ = self.routing_functions.forward(self.xp, u_hat, self.config.routing_iterations, self.config.squash_eps)
+        v, _ = self.routing_functions.forward(self.xp, u_hat, self.config.routing_iterations, self.config.squash_eps,
+                                              self._routing_params())
         return v
 
     def routing_backward(self, u_hat, grad_v):
+        """The gradient of u_hat, written (by a backward that takes ``out=``) into a workspace buffer that the
+        next call reuses, as the training backward writes into its regrouping buffer: a fresh u_hat-sized
+        array every call would cost its pages' first touch, about as much as the write itself on NumPy."""
         xp, eps = self.xp, self.config.squash_eps
-        _, cache = self.routing_functions.forward(xp, u_hat, self.config.routing_iterations, eps)
-        return self.routing_functions.backward(xp, u_hat, cache, grad_v, eps)
+        _, cache = self.routing_functions.forward(xp, u_hat, self.config.routing_iterations, eps,
+                                                  self._routing_params())
+        into = {"out": self._buffer("routing_grad_u_hat", u_hat.shape)} if takes_out(
+            self.routing_functions.backward) else {}
+        grad_u_hat, _ = self.routing_functions.backward(xp, u_hat, cache, grad_v, eps, **into)
+        return grad_u_hat
 
 
 for _variant in ROUTING_VARIANTS:

@@ -1,20 +1,25 @@
 """The routing of the NumPy implementation (and of the CuPy one, the same code over ``xp = cupy``): every
-routing of the array module in one table, :data:`ROUTING`, keyed by (routing variant, routing gradient).
+routing of the array module in one table, :data:`ROUTING`, keyed by (routing algorithm, routing variant,
+routing gradient).
 
-Procedure 1 on u_hat laid out (B, J, N, D), each variant a forward pass keeping a cache and a backward from
-it (:class:`RoutingFunctions`), with the capsule nonlinearities they are built of (the squash and the
-softmax, which the network also uses; see :mod:`implementations.numpy.capsnet`).
+Dynamic routing (Procedure 1) and self-attention routing (harness.spec) on u_hat laid out (B, J, N, D), each
+variant a forward pass keeping a cache and a backward from it, both written by hand
+(:class:`RoutingFunctions`), with the capsule nonlinearities they are built of (the squashes and the
+softmax; the dynamic squash is also the network's PrimaryCaps squash, see
+:mod:`implementations.numpy.capsnet`).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
 from harness.ranges import layer_range
+from harness.routing_algorithms import DIGIT_BIAS
 
 # Capsule nonlinearities --------------------------------------------------------------------------------
 
@@ -56,8 +61,9 @@ def matmul_into(xp, a, b, out):
 # Routing (Procedure 1) on u_hat laid out (B, J, N, D) ---------------------------------------------------
 
 
-def routing_vectorised_forward(xp, u_hat, iterations: int, eps: float):
-    """All input and output capsules at once; returns v (B, J, D) and the per-iteration (c, s, v)."""
+def routing_vectorised_forward(xp, u_hat, iterations: int, eps: float, params=None):
+    """All input and output capsules at once; returns v (B, J, D) and the per-iteration (c, s, v).  Dynamic
+    routing has no parameters of its own: ``params`` is not read."""
     batch, n_out, n_in, _ = u_hat.shape
     logits = xp.zeros((batch, n_out, n_in), dtype=u_hat.dtype)
     cache = []
@@ -76,7 +82,8 @@ def routing_vectorised_forward(xp, u_hat, iterations: int, eps: float):
 
 
 def routing_vectorised_backward(xp, u_hat, cache, grad_v, eps: float, out=None):
-    """d loss / d u_hat through every iteration (through c and b as well as the weighted sums).
+    """d loss / d u_hat through every iteration (through c and b as well as the weighted sums), and the
+    gradients of the routing's parameters, none.
 
     u_hat enters iteration r twice, in s_r = sum_i c_r u_hat and in b_{r+1} = b_r + u_hat . v_r, so its
     gradient is a sum of 2R - 1 rank-one terms per (example, output capsule): c_r (x) d s_r and
@@ -114,12 +121,13 @@ def routing_vectorised_backward(xp, u_hat, cache, grad_v, eps: float, out=None):
             grad_logits_next = grad_logits
     with layer_range("routing_iteration_1", "backward"):
         if out is None:
-            return xp.matmul(left.transpose(0, 1, 3, 2), right)
-        return matmul_into(xp, left.transpose(0, 1, 3, 2), right, out)
+            return xp.matmul(left.transpose(0, 1, 3, 2), right), {}
+        return matmul_into(xp, left.transpose(0, 1, 3, 2), right, out), {}
 
 
-def routing_looped_forward(xp, u_hat, iterations: int, eps: float):
-    """Procedure 1 transcribed line by line with Python loops over the output capsules j."""
+def routing_looped_forward(xp, u_hat, iterations: int, eps: float, params=None):
+    """Procedure 1 transcribed line by line with Python loops over the output capsules j (``params`` not
+    read)."""
     batch, n_out, n_in, _ = u_hat.shape
     logits = [xp.zeros((batch, n_in), dtype=u_hat.dtype) for _ in range(n_out)]
     cache = []
@@ -171,7 +179,7 @@ def routing_looped_backward(xp, u_hat, cache, grad_v, eps: float):
             if grad_logits_next is not None:
                 grad_logits = [grad_logits[j] + grad_logits_next[j] for j in range(n_out)]
             grad_logits_next = grad_logits
-    return grad_u_hat
+    return grad_u_hat, {}
 
 
 def routing_vectorised_final_backward(xp, u_hat, cache, grad_v, eps: float, out=None):
@@ -181,7 +189,7 @@ def routing_vectorised_final_backward(xp, u_hat, cache, grad_v, eps: float, out=
     coupling, s, _ = cache[-1]
     with layer_range(f"routing_iteration_{len(cache)}", "backward"):
         grad_s = squash_backward(xp, s, grad_v, eps)
-        return xp.multiply(coupling[..., None], grad_s[:, :, None, :], out=out)  # (B, J, N, D)
+        return xp.multiply(coupling[..., None], grad_s[:, :, None, :], out=out), {}  # (B, J, N, D)
 
 
 def routing_looped_final_backward(xp, u_hat, cache, grad_v, eps: float):
@@ -193,7 +201,166 @@ def routing_looped_final_backward(xp, u_hat, cache, grad_v, eps: float):
         for j in range(u_hat.shape[1]):
             grad_s_j = squash_backward(xp, s[j], grad_v[:, j], eps)
             grad_u_hat[:, j] = coupling[j][:, :, None] * grad_s_j[:, None, :]
-    return grad_u_hat
+    return grad_u_hat, {}
+
+
+# Self-attention routing (harness.spec) on u_hat laid out (B, J, N, D) -----------------------------------
+
+# u_hat's bytes per slice of examples that NumPy's self-attention reads at a time (example_chunks): a slice
+# stays in a core's L2 cache between its reads (one example of the paper network is 0.74 MB in float32)
+ATTENTION_CHUNK_BYTES = 1 << 20
+
+
+def attention_squash_forward(xp, s, eps: float):
+    """Efficient-CapsNet's squash, (1 - exp(-n)) s / n with n = sqrt(|s|^2 + eps), along the last axis."""
+    norm = xp.sqrt((s * s).sum(axis=-1, keepdims=True) + eps)
+    return s * (-xp.expm1(-norm) / norm)
+
+
+def attention_squash_backward(xp, s, grad_v, eps: float):
+    """d loss / d s of :func:`attention_squash_forward`: its full Jacobian f I + (f'(n) / n) s s^T applied to
+    grad_v, with f(n) = (1 - exp(-n)) / n and f'(n) = (n exp(-n) - (1 - exp(-n))) / n^2."""
+    norm = xp.sqrt((s * s).sum(axis=-1, keepdims=True) + eps)
+    rest = -xp.expm1(-norm)  # 1 - exp(-n), exact near n = 0
+    scale = rest / norm  # f
+    slope = (norm * (1.0 - rest) - rest) / (norm * norm * norm)  # f'(n) / n
+    along = (s * grad_v).sum(axis=-1, keepdims=True)
+    return scale * grad_v + (slope * along) * s
+
+
+def example_chunks(xp, u_hat) -> list[slice]:
+    """The batch of u_hat (B, J, N, D) in consecutive slices of examples, each at most
+    :data:`ATTENTION_CHUNK_BYTES` of u_hat (one example at least), on NumPy; one slice of the whole batch on
+    any other array module (a GPU would pay a launch per operation per slice)."""
+    batch = u_hat.shape[0]
+    if xp is not np:
+        return [slice(0, batch)]
+    size = max(1, ATTENTION_CHUNK_BYTES // max(1, u_hat[:1].nbytes))
+    return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+
+def self_attention_vectorised_forward(xp, u_hat, iterations: int, eps: float, params):
+    """Self-attention routing of every input and output capsule at once, as batched matrix products over
+    each (example, output capsule)'s contiguous (N, D) block of u_hat:
+
+        t_j = sum_k u_hat_j|k;  a_ij = u_hat_j|i . t_j / sqrt(D);  c_ij = softmax_j(a_ij) + b_ji;
+        s_j = sum_i c_ij u_hat_j|i;  v_j = attention_squash(s_j)
+
+    ``params[DIGIT_BIAS]`` is b (J, N); ``iterations`` is not read (one pass).  Returns v (B, J, D) and the
+    cache (b, t / sqrt(D), softmax_j(a), s): c is softmax_j(a) + b again where backward needs it.  u_hat is
+    read three times (t as 1 @ u_hat, a product that NumPy's sum over the middle axis is several times
+    slower than; a; s), a slice of examples at a time (:func:`example_chunks`), so that the second and third
+    reads of a slice find it in cache."""
+    bias = params[DIGIT_BIAS]
+    batch, n_out, n_in, dim = u_hat.shape
+    chunks = example_chunks(xp, u_hat)
+    total = xp.empty((batch, n_out, dim), dtype=u_hat.dtype)  # t_j / sqrt(D)
+    probs = xp.empty((batch, n_out, n_in), dtype=u_hat.dtype)  # softmax_j(a_ij)
+    s = xp.empty_like(total)
+    scaled_ones = xp.full(n_in, 1.0 / math.sqrt(dim), dtype=u_hat.dtype)
+    couplings = xp.empty((max(chunk.stop - chunk.start for chunk in chunks), n_out, n_in), dtype=u_hat.dtype)
+    for chunk in chunks:
+        u, coupling = u_hat[chunk], couplings[: chunk.stop - chunk.start]
+        with layer_range("attention", "forward"):
+            t = matmul_into(xp, scaled_ones, u, total[chunk])  # t_j / sqrt(D), (b, J, D)
+            logits = xp.matmul(u, t[..., None])[..., 0]  # a_ij, (b, J, N)
+            logits -= logits.max(axis=1, keepdims=True)  # softmax over the output capsules j, for each i
+            xp.exp(logits, out=logits)
+            xp.divide(logits, logits.sum(axis=1, keepdims=True), out=probs[chunk])
+            xp.add(probs[chunk], bias, out=coupling)  # c_ij = softmax_j(a_ij) + b_ji
+        with layer_range("attention_sum", "forward"):
+            matmul_into(xp, coupling[:, :, None, :], u, s[chunk][:, :, None, :])  # s_j = sum_i c_ij u_hat_j|i
+    with layer_range("attention_sum", "forward"):
+        v = attention_squash_forward(xp, s, eps)
+    return v, (bias, total, probs, s)
+
+
+def self_attention_vectorised_backward(xp, u_hat, cache, grad_v, eps: float, out=None):
+    """d loss / d u_hat and d loss / d b of :func:`self_attention_vectorised_forward`.
+
+    With g_j = d loss / d s_j, e_ij = d loss / d c_ij = u_hat_j|i . g_j (also d loss / d b_ji, summed over the
+    examples) and f_ij = d loss / d a_ij (e through the softmax over j), u_hat_j|m enters s_j, a_mj and every
+    a_ij through t_j, so its gradient is three rank-one terms per (example, output capsule):
+
+        c_mj g_j + f_mj t_j / sqrt(D) + (1 / sqrt(D)) sum_i f_ij u_hat_j|i
+
+    gathered as (N x 3) @ (3 x D) and written once by one batched product (into ``out``, a strided view of
+    u_hat's shape, if given: see :func:`routing_vectorised_backward`).  u_hat is read twice more (for e,
+    and for the sum over i of the last term), a slice of examples at a time as in the forward pass."""
+    bias, total, probs, s = cache
+    batch, n_out, n_in, dim = u_hat.shape
+    chunks = example_chunks(xp, u_hat)
+    grad_u_hat = xp.empty_like(u_hat) if out is None else out
+    with layer_range("attention_sum", "backward"):
+        grad_s = attention_squash_backward(xp, s, grad_v, eps)
+        grad_bias = xp.zeros((n_out, n_in), dtype=u_hat.dtype)
+    with layer_range("attention", "backward"):
+        left = xp.empty((max(chunk.stop - chunk.start for chunk in chunks), n_out, 3, n_in), dtype=u_hat.dtype)
+        left[:, :, 2] = 1.0 / math.sqrt(dim)  # coefficients over the input capsules: [c, f, 1 / sqrt(D)]
+        right = xp.empty((batch, n_out, 3, dim), dtype=u_hat.dtype)  # vectors: [g, t / sqrt(D), sum_i f u_hat]
+        right[:, :, 0] = grad_s
+        right[:, :, 1] = total
+    for chunk in chunks:
+        u, coefficients, vectors = u_hat[chunk], left[: chunk.stop - chunk.start], right[chunk]
+        with layer_range("attention_sum", "backward"):
+            grad_coupling = xp.matmul(u, grad_s[chunk][..., None])[..., 0]  # e_ij, (b, J, N)
+            grad_bias += grad_coupling.sum(axis=0)  # b_ji is shared by the examples
+        with layer_range("attention", "backward"):
+            chunk_probs = probs[chunk]
+            xp.add(chunk_probs, bias, out=coefficients[:, :, 0])  # c_ij
+            grad_coupling -= (chunk_probs * grad_coupling).sum(axis=1, keepdims=True)  # through the softmax
+            xp.multiply(chunk_probs, grad_coupling, out=coefficients[:, :, 1])  # f_ij
+            matmul_into(xp, coefficients[:, :, 1:2], u, vectors[:, :, 2:3])  # sum_i f_ij u_hat_j|i
+            matmul_into(xp, coefficients.transpose(0, 1, 3, 2), vectors, grad_u_hat[chunk])
+    return grad_u_hat, {DIGIT_BIAS: grad_bias}
+
+
+def self_attention_looped_forward(xp, u_hat, iterations: int, eps: float, params):
+    """Self-attention routing transcribed line by line with Python loops over the output capsules j, as
+    :func:`routing_looped_forward` has for dynamic routing; ``params[DIGIT_BIAS]`` is b (J, N)."""
+    bias = params[DIGIT_BIAS]
+    n_out, dim = u_hat.shape[1], u_hat.shape[3]
+    scale = 1.0 / math.sqrt(dim)
+    with layer_range("attention", "forward"):
+        totals = [u_hat[:, j].sum(axis=1) for j in range(n_out)]  # t_j = sum_k u_hat_j|k, (B, D) each
+        logits = [(u_hat[:, j] * totals[j][:, None, :]).sum(axis=2) * scale for j in range(n_out)]  # a_ij
+        largest = logits[0]
+        for j in range(1, n_out):
+            largest = xp.maximum(largest, logits[j])
+        exps = [xp.exp(logits[j] - largest) for j in range(n_out)]
+        total_exp = exps[0]
+        for j in range(1, n_out):
+            total_exp = total_exp + exps[j]
+        probs = [exps[j] / total_exp for j in range(n_out)]  # softmax over j
+        coupling = [probs[j] + bias[j] for j in range(n_out)]  # c_ij = softmax_j(a_ij) + b_ji
+    with layer_range("attention_sum", "forward"):
+        s = [(coupling[j][:, :, None] * u_hat[:, j]).sum(axis=1) for j in range(n_out)]
+        v = xp.stack([attention_squash_forward(xp, s[j], eps) for j in range(n_out)], axis=1)
+    return v, (totals, probs, coupling, s)
+
+
+def self_attention_looped_backward(xp, u_hat, cache, grad_v, eps: float):
+    """The backward of :func:`self_attention_looped_forward`, with the same loops over j: d loss / d u_hat
+    and d loss / d b (the terms of :func:`self_attention_vectorised_backward`)."""
+    totals, probs, coupling, s = cache
+    n_out, dim = u_hat.shape[1], u_hat.shape[3]
+    scale = 1.0 / math.sqrt(dim)
+    with layer_range("attention_sum", "backward"):
+        grad_s = [attention_squash_backward(xp, s[j], grad_v[:, j], eps) for j in range(n_out)]
+        grad_coupling = [(u_hat[:, j] * grad_s[j][:, None, :]).sum(axis=2) for j in range(n_out)]  # (B, N)
+        grad_bias = xp.stack([grad_coupling[j].sum(axis=0) for j in range(n_out)])  # (J, N)
+    with layer_range("attention", "backward"):
+        weighted = probs[0] * grad_coupling[0]
+        for j in range(1, n_out):
+            weighted = weighted + probs[j] * grad_coupling[j]
+        grad_u_hat = xp.empty_like(u_hat)
+        for j in range(n_out):
+            grad_logits = probs[j] * (grad_coupling[j] - weighted) * scale  # d loss / d a_ij, over sqrt(D)
+            grad_total = (grad_logits[:, :, None] * u_hat[:, j]).sum(axis=1)  # through t_j, (B, D)
+            grad_u_hat[:, j] = (coupling[j][:, :, None] * grad_s[j][:, None, :]
+                                + grad_logits[:, :, None] * totals[j][:, None, :]
+                                + grad_total[:, None, :])
+    return grad_u_hat, {DIGIT_BIAS: grad_bias}
 
 
 def takes_out(function: Callable) -> bool:
@@ -202,20 +369,30 @@ def takes_out(function: Callable) -> bool:
 
 
 class RoutingFunctions(NamedTuple):
-    """One routing variant over u_hat (B, J, N, D): ``forward(xp, u_hat, iterations, eps) -> (v, cache)``
-    and ``backward(xp, u_hat, cache, grad_v, eps) -> grad_u_hat``; a backward that also takes ``out=`` (an
-    array of u_hat's shape to write the gradient into, see :func:`routing_vectorised_backward`) is given
-    the prediction vectors' regrouping buffer by the training backward."""
+    """One routing over u_hat (B, J, N, D): ``forward(xp, u_hat, iterations, eps, params) -> (v, cache)``
+    and ``backward(xp, u_hat, cache, grad_v, eps) -> (grad_u_hat, param_grads)``.  ``params`` maps the
+    canonical names of the routing algorithm's own parameters (:func:`harness.params.routing_parameter_shapes`:
+    none for dynamic routing, ``digit.bias`` (J, N) for self-attention) to the network's arrays, and
+    ``param_grads`` gives their gradients by the same names (summed over the batch).  A backward that also
+    takes ``out=`` (an array of u_hat's shape to write the gradient into, see
+    :func:`routing_vectorised_backward`) is given the prediction vectors' regrouping buffer by the training
+    backward."""
 
     forward: Callable
     backward: Callable
 
 
-# Every routing of the array module, by (routing variant, routing gradient) (harness.spec): the forward
-# passes of the two variants, each with the backward of either gradient.
+# Every routing of the array module, by (routing algorithm, routing variant, routing gradient) (harness.spec):
+# dynamic routing's two variants, each with the backward of either gradient; self-attention's two variants,
+# under the one gradient it has.
 ROUTING = {
-    ("vectorised", "full"): RoutingFunctions(routing_vectorised_forward, routing_vectorised_backward),
-    ("looped", "full"): RoutingFunctions(routing_looped_forward, routing_looped_backward),
-    ("vectorised", "final"): RoutingFunctions(routing_vectorised_forward, routing_vectorised_final_backward),
-    ("looped", "final"): RoutingFunctions(routing_looped_forward, routing_looped_final_backward),
+    ("dynamic", "vectorised", "full"): RoutingFunctions(routing_vectorised_forward, routing_vectorised_backward),
+    ("dynamic", "looped", "full"): RoutingFunctions(routing_looped_forward, routing_looped_backward),
+    ("dynamic", "vectorised", "final"): RoutingFunctions(routing_vectorised_forward,
+                                                         routing_vectorised_final_backward),
+    ("dynamic", "looped", "final"): RoutingFunctions(routing_looped_forward, routing_looped_final_backward),
+    ("self-attention", "vectorised", "full"): RoutingFunctions(self_attention_vectorised_forward,
+                                                               self_attention_vectorised_backward),
+    ("self-attention", "looped", "full"): RoutingFunctions(self_attention_looped_forward,
+                                                           self_attention_looped_backward),
 }
