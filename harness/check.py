@@ -37,9 +37,15 @@ iteration more or fewer, agrees with the reference in float32.  The check theref
 (outputs, loss, every gradient) and routing alone (v and its gradient at every checked iteration count)
 with digit.weight, and so u_hat, multiplied by :data:`ROUTING_SCALE`, where the agreements are of order one
 and the couplings of the last iteration range from a fraction of 1/J to several times it; those quantities
-are named with :data:`ROUTING_CASE`.  The same scale makes self-attention route: on the small network its
-couplings softmax_j(a_ij) range from 4e-4 to 0.96 at x200 (1e-4 of 1/J from uniform at the canonical
-parameters).  In the routing case every parameter the routing algorithm adds (self-attention's ``digit.bias``)
+are named with the case, ``W x200`` (:func:`routing_case_name`).  The same scale makes self-attention route on
+the small network: its couplings softmax_j(a_ij) range from 4e-4 to 0.96 at x200 (1e-4 of 1/J from uniform at
+the canonical parameters).  But self-attention sums over all N input capsules at once, in its agreements a_ij
+(which grow as N x scale^2) and in s_j (N x scale), whose squash saturates: on the paper network (N = 1152,
+8 times the small network's) x200 makes the couplings one-hot and every capsule 1 long, and the float32
+reference disagrees with its float64 self there (ties of the longest capsule, gradients through a saturated
+squash).  So its scale shrinks with N, as (144 / N)^(2/3) (:func:`routing_scale`): x200 on the small network,
+x50 on the paper network, where the couplings range from 0.015 to 0.52 and no capsule is longer than 0.999.
+In the routing case every parameter the routing algorithm adds (self-attention's ``digit.bias``)
 also moves from its initial value by a seeded draw, N(0, :data:`ROUTING_PARAMETER_STD` ^ 2): at its initial
 zero a bias cannot tell an implementation that adds it after the softmax (the definition, harness.spec) from
 one that adds it before, nor a transposed or misaligned bias from the right one, nor a bias left out.
@@ -67,7 +73,7 @@ from harness import cli, options, registry, routing_algorithms
 from harness.data import synthetic_batch
 from harness.errors import EXIT_FAILURE, UserError
 from harness.params import DIGIT_WEIGHT, init_parameters, parameter_shapes, routing_parameter_shapes
-from harness.spec import CapsNetConfig, LearningRateSchedule, get_config
+from harness.spec import SMALL, CapsNetConfig, LearningRateSchedule, get_config
 from harness.tolerances import TOLERANCES
 
 REFERENCE = "torch-vectorised"
@@ -86,7 +92,10 @@ CHECK_SCHEDULE = LearningRateSchedule("check", decay_rate=0.5, decay_steps=1)
 # move from 1/J by up to 3.4 times 1/J (4e-7 of 1/J at the canonical parameters); at x100 they moved by 0.4 times
 # at most, and from x300 the paper network's couplings are nearly one-hot (docs/correctness.md)
 ROUTING_SCALE = 200
-ROUTING_CASE = f"W x{ROUTING_SCALE}"  # what the routing case's quantities are named with
+# the routing algorithms whose routing case scales digit.weight by ROUTING_SCALE x (SCALE_INPUTS / N)^(2/3) instead:
+# self-attention, which sums over all N input capsules at once (see the module docstring and routing_scale)
+SCALE_SHRINKS_WITH_INPUTS = ("self-attention",)
+SCALE_INPUTS = SMALL.num_primary_caps  # 144: where every routing algorithm's scale is ROUTING_SCALE
 # the routing case draws each parameter a routing algorithm adds (self-attention's digit.bias, zero at the start)
 # from N(initial, std^2): half of 1/J on the small and paper networks, the size of the couplings the bias is added to
 ROUTING_PARAMETER_STD = 0.05
@@ -134,9 +143,23 @@ def routing_label(count: int | None) -> str:
     return "" if count is None else f" ({count} it.)"
 
 
-def in_routing_case(quantity: str) -> str:
-    """The name of ``quantity`` measured in the routing case (digit.weight x :data:`ROUTING_SCALE`)."""
-    return f"{quantity}, {ROUTING_CASE}"
+def routing_scale(config: CapsNetConfig) -> int:
+    """What the routing case multiplies digit.weight by: :data:`ROUTING_SCALE`, or, for an algorithm of
+    :data:`SCALE_SHRINKS_WITH_INPUTS`, that times (:data:`SCALE_INPUTS` / N)^(2/3) with N the network's input
+    capsules, rounded (self-attention: 200 on the small network, 50 on the paper network)."""
+    if config.routing_algorithm not in SCALE_SHRINKS_WITH_INPUTS:
+        return ROUTING_SCALE
+    return round(ROUTING_SCALE * (SCALE_INPUTS / config.num_primary_caps) ** (2 / 3))
+
+
+def routing_case_name(config: CapsNetConfig) -> str:
+    """What the routing case's quantities are named with: ``W x200`` (:func:`routing_scale`)."""
+    return f"W x{routing_scale(config)}"
+
+
+def in_routing_case(quantity: str, config: CapsNetConfig) -> str:
+    """The name of ``quantity`` measured in the routing case of ``config`` (``lengths, W x200``)."""
+    return f"{quantity}, {routing_case_name(config)}"
 
 
 def quantities(config: CapsNetConfig) -> list[str]:
@@ -147,7 +170,7 @@ def quantities(config: CapsNetConfig) -> list[str]:
                for what in ("v", "grad u_hat")]
     outputs = ["lengths", "reconstructions", "reconstructions (inference)", "loss"]
     gradients = [f"grad {name}" for name in names]
-    routing_case = [in_routing_case(quantity) for quantity in [*outputs, *routing, *gradients]]
+    routing_case = [in_routing_case(quantity, config) for quantity in [*outputs, *routing, *gradients]]
     return [*outputs, "u_hat", *routing, *gradients, *[f"param {name}" for name in names], *routing_case]
 
 
@@ -169,11 +192,11 @@ def drawn_routing_parameters(config: CapsNetConfig, params: dict[str, np.ndarray
 
 
 def routing_case_parameters(config: CapsNetConfig, dtype: str) -> dict[str, np.ndarray]:
-    """The canonical parameters with digit.weight multiplied by :data:`ROUTING_SCALE` and the routing
+    """The canonical parameters with digit.weight multiplied by :func:`routing_scale` and the routing
     algorithm's own parameters drawn (:func:`drawn_routing_parameters`), in float64, then cast: u_hat is that
     much longer, so routing moves the couplings, and a bias is not zero (see the module docstring)."""
     params = init_parameters(config, dtype=np.float64)
-    params[DIGIT_WEIGHT] = params[DIGIT_WEIGHT] * ROUTING_SCALE
+    params[DIGIT_WEIGHT] = params[DIGIT_WEIGHT] * routing_scale(config)
     params = drawn_routing_parameters(config, params)
     return {name: np.ascontiguousarray(value, dtype=dtype) for name, value in params.items()}
 
@@ -181,7 +204,7 @@ def routing_case_parameters(config: CapsNetConfig, dtype: str) -> dict[str, np.n
 def observe_routing(name: str, config: CapsNetConfig, dtype: str, batch, put) -> None:
     """Routing alone at each checked iteration count (once for an algorithm that does not iterate): v, and the
     gradient of routing w.r.t. u_hat, on the u_hat of the canonical parameters, then on that of the routing
-    case's (u_hat x :data:`ROUTING_SCALE`, made by the implementation itself, in its own layout and dtype, and
+    case's (u_hat x :func:`routing_scale`, made by the implementation itself, in its own layout and dtype, and
     routed with the routing case's drawn routing parameters)."""
     images, labels = batch
     grad_v = np.random.default_rng(ROUTING_SEED).standard_normal((len(labels), config.num_classes,
@@ -189,7 +212,8 @@ def observe_routing(name: str, config: CapsNetConfig, dtype: str, batch, put) ->
     for count in routing_iteration_counts(config):
         counted = config if count is None else config.replace(routing_iterations=count)
         for named, params in ((str, init_parameters(counted, dtype=dtype)),
-                              (in_routing_case, routing_case_parameters(counted, dtype))):
+                              (lambda quantity: in_routing_case(quantity, config),
+                               routing_case_parameters(counted, dtype))):
             impl = registry.create(name, counted, params, dtype)
             u_hat = impl.prediction_vectors(impl.to_device(images, labels))
             if count in (None, config.routing_iterations) and named is str:
@@ -227,7 +251,7 @@ def observe(name: str, config: CapsNetConfig, dtype: str, batch_size: int = CHEC
     observe_routing(name, config, dtype, (images, labels), put)
     routed = registry.create(name, config, routing_case_parameters(config, dtype), dtype)
     observe_network(routed, routed.to_device(images, labels),
-                    lambda quantity, value: put(in_routing_case(quantity), value))
+                    lambda quantity, value: put(in_routing_case(quantity, config), value))
     observation.values = {quantity: observation.values[quantity] for quantity in quantities(config)
                           if quantity in observation.values}
     return observation
@@ -351,8 +375,8 @@ def routing_case_line(config: CapsNetConfig) -> str:
     counts = [count for count in routing_iteration_counts(config) if count is not None]
     where = (f"routing alone at {', '.join(map(str, counts))} iterations" if counts else
              f"routing alone once ({config.routing_algorithm} does not iterate)")
-    return (f"quantities named '{ROUTING_CASE}': the network and routing alone again with digit.weight "
-            f"x{ROUTING_SCALE}{with_drawn}, where routing moves the couplings (the canonical parameters hardly "
+    return (f"quantities named '{routing_case_name(config)}': the network and routing alone again with digit.weight "
+            f"x{routing_scale(config)}{with_drawn}, where routing moves the couplings (the canonical parameters hardly "
             f"route); {where}")
 
 

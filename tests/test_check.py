@@ -538,6 +538,23 @@ def test_the_routing_case_makes_self_attention_route_and_draws_its_bias():
     np.testing.assert_array_equal(dynamic["digit.weight"], check.ROUTING_SCALE * canonical_weight)
 
 
+def test_self_attention_routes_on_the_paper_network_at_its_own_scale_without_saturating():
+    """Self-attention's routing case shrinks its scale with the inputs, (144 / N)^(2/3): x50 on the paper network
+    (at x200 its couplings are one-hot, every capsule is 1 long and the float32 reference fails against its
+    float64 self; docs/correctness.md), where the couplings still range from below 0.02 to above 0.5 and no
+    capsule is longer than 0.999; the quantities say which scale."""
+    paper = check.get_config("paper").replace(routing_algorithm="self-attention")
+    assert [check.routing_scale(config) for config in (SELF_ATTENTION, paper, check.get_config("paper"))] == [
+        200, 50, 200]
+    assert "lengths, W x50" in quantities(paper) and "lengths, W x200" in quantities(check.get_config("paper"))
+    params = check.routing_case_parameters(paper, "float64")
+    couplings = softmax_couplings(paper, params)
+    assert couplings.min() < 0.02 and couplings.max() > 0.5
+    impl = registry.create("torch-vectorised", paper, params, "float64")
+    v = impl.routing_forward(impl.prediction_vectors(impl.to_device(*check.check_batches(paper)[0])))
+    assert np.linalg.norm(impl.to_numpy(v), axis=-1).max() < 0.999
+
+
 def test_the_command_checks_the_algorithm_asked_and_skips_an_implementation_without_it(monkeypatch, capsys):
     """--routing-algorithm reaches the config of every check; an implementation that does not compute the
     algorithm is skipped with the reason computes(config) gives; the first lines say the algorithm and that
