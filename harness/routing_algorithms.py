@@ -15,8 +15,9 @@ float64 reference of every implementation that declares the algorithm (``routing
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,6 +122,22 @@ def register_routing_algorithm(algorithm: RoutingAlgorithm) -> RoutingAlgorithm:
                          f"({existing.source})")
     _ALGORITHMS[algorithm.name] = existing or algorithm
     return _ALGORITHMS[algorithm.name]
+
+
+@contextlib.contextmanager
+def registered_routing_algorithm(algorithm: RoutingAlgorithm) -> Iterator[RoutingAlgorithm]:
+    """Register ``algorithm`` for the duration of a ``with`` block (tests, one-off experiments), yielding it;
+    the known algorithms are as they were afterwards (as :func:`harness.registry.registered` for an
+    implementation).  Raises ValueError where its name is known already (a plugin's included: they are loaded
+    first; a registered algorithm is never replaced), and whatever :func:`register_routing_algorithm` raises."""
+    _load_plugins()
+    if algorithm.name in _ALGORITHMS:
+        raise ValueError(f"routing algorithm name {algorithm.name!r} is already registered")
+    register_routing_algorithm(algorithm)
+    try:
+        yield _ALGORITHMS[algorithm.name]
+    finally:
+        _ALGORITHMS.pop(algorithm.name, None)
 
 
 def registered() -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from harness import registry
+from harness.check import drawn_routing_parameters
 from harness.data import synthetic_batch
 from harness.params import init_parameters
 
@@ -15,10 +16,12 @@ ROUNDING_ULPS = 4
 
 def livelier_parameters(config, seed: int = 0) -> dict[str, np.ndarray]:
     """Canonical float64 parameters with W scaled up, so capsule lengths (and every gradient) are O(0.1-1)
-    rather than the near-zero of the small initialisation, where finite differences drown in rounding."""
+    rather than the near-zero of the small initialisation, where finite differences drown in rounding; the
+    routing algorithm's own parameters (self-attention's digit.bias, zero at the start) drawn as the check's
+    routing case draws them (harness.check.drawn_routing_parameters), so that none is zero."""
     params = init_parameters(config, seed=seed, dtype=np.float64)
     params["digit.weight"] = params["digit.weight"] * 30.0
-    return params
+    return drawn_routing_parameters(config, params)
 
 
 def loss_of(name, config, params, images, labels) -> float:
@@ -33,8 +36,10 @@ def sampled_entries(gradient: np.ndarray, count: int, rng) -> list[tuple]:
     return picks
 
 
-def finite_difference_errors(name, config, per_tensor: int = 4, batch_size: int = 3, seed: int = 0) -> dict:
-    """For every parameter tensor: max |fd - analytic| / max |analytic gradient of that tensor|."""
+def finite_difference_errors(name, config, per_tensor: int = 4, batch_size: int = 3, seed: int = 0,
+                             tensors=None) -> dict:
+    """For every parameter tensor (those named in ``tensors`` only, where given): max |fd - analytic| / max
+    |analytic gradient of that tensor|."""
     params = livelier_parameters(config)
     images, labels = synthetic_batch(config, batch_size, seed=seed)
     impl = registry.create(name, config, params, "float64")
@@ -44,6 +49,8 @@ def finite_difference_errors(name, config, per_tensor: int = 4, batch_size: int 
     rng = np.random.default_rng(seed)
     errors = {}
     for param_name, gradient in gradients.items():
+        if tensors is not None and param_name not in tensors:
+            continue
         worst = 0.0
         for index in sampled_entries(gradient, per_tensor, rng):
             shifted = {k: v.copy() for k, v in params.items()}

@@ -1,6 +1,9 @@
 """The Implementation contract (harness.contract), held against every implementation the registry knows that
 can run here, built-in or plugin, as timm tests every model of ``list_models()``: a new implementation is
 covered by adding nothing.  GPU classes whose array module can be NumPy also run here, as CPU stand-ins.
+What routing touches (parity, backward twice, every parameter moving, the routing tensors' finite differences,
+routing alone, u_hat's layout, Adam's state) is held under every routing algorithm each implementation declares
+(``routing_algorithms``, harness.routing_algorithms): a test id names the algorithm unless it is dynamic.
 
 Each test names the contract clause it checks; counts come from the definition (``init_parameters``,
 ``harness.check.quantities``), never typed literals.
@@ -14,12 +17,12 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from harness import registry
+from harness import registry, routing_algorithms
 from harness.check import check_implementation, quantities, routing_case_parameters
 from harness.data import synthetic_batch
 from harness.decoder import mask_to_classes
-from harness.params import init_parameters, parameter_shapes
-from harness.spec import SMALL, LearningRateSchedule
+from harness.params import DIGIT_WEIGHT, init_parameters, parameter_shapes, routing_parameter_shapes
+from harness.spec import DEFAULT_ROUTING_ALGORITHM, SMALL, LearningRateSchedule
 from implementations.numpy.capsnet import NumpyCapsNet
 from implementations.torch.autograd import TorchCapsNet
 
@@ -45,6 +48,28 @@ IMPLEMENTATIONS = registry.available() + sorted(STAND_INS)
 DTYPES = list(registry.DTYPES)
 
 
+def declared_algorithms(name: str) -> list[str]:
+    """The known routing algorithms implementation ``name`` computes (harness.contract.routing_algorithm_support:
+    its own, and a plugin's it runs by the reference)."""
+    if name in STAND_INS:
+        cls, variant = STAND_INS[name], STAND_IN_VARIANTS[name]
+    else:
+        cls, variant = registry.get(name).cls, registry.get(name).routing_variant
+    return [algorithm for algorithm in routing_algorithms.names()
+            if registry.routing_algorithm_support(cls, algorithm, variant)]
+
+
+# (implementation, routing algorithm) for every algorithm each declares; the id is the implementation's name for
+# dynamic routing (as before there were algorithms: tests/planted_bugs.py names them), NAME-ALGORITHM otherwise
+CASES = [pytest.param(name, algorithm, id=name if algorithm == DEFAULT_ROUTING_ALGORITHM else f"{name}-{algorithm}")
+         for name in IMPLEMENTATIONS for algorithm in declared_algorithms(name)]
+
+
+def routed_by(algorithm: str, **changes):
+    """The small network routing with ``algorithm`` (and ``changes``)."""
+    return SMALL.replace(routing_algorithm=algorithm, **changes)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def stand_ins_registered():
     with contextlib.ExitStack() as stack:
@@ -59,12 +84,15 @@ def build(name: str, dtype: str = "float64", params=None, config=SMALL):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", IMPLEMENTATIONS)
-def test_parity_with_the_float64_reference(name, dtype):
-    """Outputs, loss, gradients, parameters after Adam, u_hat and routing alone at 1, 3 and 5 iterations, and
-    the routing case (harness.check.ROUTING_SCALE), where routing bugs fail in float32 too."""
-    rows = check_implementation(name, SMALL, dtype)
-    assert [row.quantity for row in rows] == quantities(SMALL)
+@pytest.mark.parametrize("name, algorithm", CASES)
+def test_parity_with_the_float64_reference(name, algorithm, dtype):
+    """Outputs, loss, gradients, parameters after Adam, u_hat and routing alone at 1, 3 and 5 iterations (once
+    for an algorithm that does not iterate), and the routing case (harness.check.ROUTING_SCALE, the algorithm's
+    own parameters drawn), where routing bugs fail in float32 too; against the reference computing the same
+    algorithm."""
+    config = routed_by(algorithm)
+    rows = check_implementation(name, config, dtype)
+    assert [row.quantity for row in rows] == quantities(config)
     assert all(row.passed for row in rows), [row for row in rows if not row.passed]
 
 
@@ -124,51 +152,62 @@ def test_final_routing_gradient_of_the_hand_worked_two_by_two_case(name):
                            expected, rtol=1e-3), "the case must tell the full gradient from the final one"
 
 
-@pytest.mark.parametrize("name", IMPLEMENTATIONS)
-def test_backward_twice_gives_the_same_gradients_not_their_sum(name):
-    impl = build(name, params=livelier_parameters(SMALL))
-    impl.forward_loss(impl.to_device(*synthetic_batch(SMALL, 2)))
+@pytest.mark.parametrize("name, algorithm", CASES)
+def test_backward_twice_gives_the_same_gradients_not_their_sum(name, algorithm):
+    config = routed_by(algorithm)
+    impl = build(name, params=livelier_parameters(config), config=config)
+    impl.forward_loss(impl.to_device(*synthetic_batch(config, 2)))
     impl.backward()
     first = impl.gradients()
     impl.backward()
     again = impl.gradients()
-    assert list(again) == list(parameter_shapes(SMALL))
+    assert list(again) == list(parameter_shapes(config))
     for param_name, gradient in again.items():
-        assert gradient.shape == parameter_shapes(SMALL)[param_name]
+        assert gradient.shape == parameter_shapes(config)[param_name]
         assert np.any(gradient != 0), f"{param_name} has no gradient"
         np.testing.assert_array_equal(gradient, first[param_name], err_msg=param_name)
 
 
-@pytest.mark.parametrize("name", IMPLEMENTATIONS)
-def test_every_parameter_moves_in_training(name):
-    start = livelier_parameters(SMALL)
-    impl = build(name, "float32", {key: value.astype(np.float32) for key, value in start.items()})
-    losses = [impl.train_step(impl.to_device(*synthetic_batch(SMALL, 4, seed=seed))) for seed in range(3)]
+@pytest.mark.parametrize("name, algorithm", CASES)
+def test_every_parameter_moves_in_training(name, algorithm):
+    """Every canonical parameter, the routing algorithm's own included (self-attention's digit.bias), moves in
+    three Adam steps."""
+    config = routed_by(algorithm)
+    start = livelier_parameters(config)
+    impl = build(name, "float32", {key: value.astype(np.float32) for key, value in start.items()}, config=config)
+    losses = [impl.train_step(impl.to_device(*synthetic_batch(config, 4, seed=seed))) for seed in range(3)]
     assert all(isinstance(loss, float) and np.isfinite(loss) for loss in losses)
     moved = impl.parameters()
-    assert len(moved) == len(init_parameters(SMALL))
+    assert list(moved) == list(parameter_shapes(config))
     for param_name, value in moved.items():
         assert not np.allclose(value, start[param_name], rtol=0, atol=1e-7), f"{param_name} never changed"
 
 
-@pytest.mark.parametrize("name", IMPLEMENTATIONS)
-def test_whole_model_gradients_against_finite_differences(name):
-    config = SMALL.replace(reconstruction_weight=0.5)  # decoder gradients large enough for differences
-    errors = finite_difference_errors(name, config, per_tensor=3)
-    assert len(errors) == len(init_parameters(config))
+@pytest.mark.parametrize("name, algorithm", CASES)
+def test_whole_model_gradients_against_finite_differences(name, algorithm):
+    """Central finite differences of the whole loss in float64: every tensor under dynamic routing; under
+    another algorithm the tensors its routing reads, digit.weight and its own parameters (self-attention's
+    digit.bias, drawn non-zero), the rest of the network being the same code under every algorithm."""
+    config = routed_by(algorithm, reconstruction_weight=0.5)  # decoder gradients large enough for differences
+    routing = [DIGIT_WEIGHT, *routing_parameter_shapes(config)]
+    tensors = None if algorithm == DEFAULT_ROUTING_ALGORITHM else routing
+    errors = finite_difference_errors(name, config, per_tensor=3, tensors=tensors)
+    assert list(errors) == list(tensors or init_parameters(config))
     failures = finite_difference_failures(errors)
     assert not failures, "\n" + failures
 
 
-@pytest.mark.parametrize("name", IMPLEMENTATIONS)
-def test_routing_alone_agrees_with_the_routing_inside_the_forward_pass(name):
-    """In the check's routing case (digit.weight x ROUTING_SCALE), where one routing iteration more or fewer, or
-    logits never updated, changes v by more than a tenth, far beyond the 1e-12 allowed here."""
-    impl = build(name, params=routing_case_parameters(SMALL, "float64"))
-    batch = impl.to_device(*synthetic_batch(SMALL, 3))
+@pytest.mark.parametrize("name, algorithm", CASES)
+def test_routing_alone_agrees_with_the_routing_inside_the_forward_pass(name, algorithm):
+    """In the check's routing case (digit.weight x ROUTING_SCALE, the algorithm's parameters drawn), where one
+    routing iteration more or fewer, logits never updated, or a bias left out of routing alone, changes v by
+    more than a tenth, far beyond the 1e-12 allowed here."""
+    config = routed_by(algorithm)
+    impl = build(name, params=routing_case_parameters(config, "float64"), config=config)
+    batch = impl.to_device(*synthetic_batch(config, 3))
     lengths, _ = impl.forward(batch, train=False)
     v = impl.to_numpy(impl.routing_forward(impl.prediction_vectors(batch)))
-    assert v.shape == (3, SMALL.num_classes, SMALL.digit_caps_dim)
+    assert v.shape == (3, config.num_classes, config.digit_caps_dim)
     np.testing.assert_allclose(np.linalg.norm(v, axis=-1), impl.to_numpy(lengths), rtol=1e-12)
 
 
@@ -188,12 +227,12 @@ def test_decoding_the_forward_pass_own_masked_capsules_gives_its_reconstruction(
     assert np.abs(another - decoded).max() > 1e-6  # far above the 1e-12 the equality above allows
 
 
-@pytest.mark.parametrize("name", IMPLEMENTATIONS)
-def test_u_hat_comes_in_the_layout_its_routing_consumes(name):
+@pytest.mark.parametrize("name, algorithm", CASES)
+def test_u_hat_comes_in_the_layout_its_routing_consumes(name, algorithm):
     """prediction_vectors returns u_hat as the implementation's routing reads it (its axes named by
     u_hat_layout), so the timed routing_forward converts nothing: for an implementation on NumPy it
     allocates far less than a copy of u_hat."""
-    config = SMALL.replace(digit_caps_dim=32)  # u_hat 32x the routing's own per-capsule arrays
+    config = routed_by(algorithm, digit_caps_dim=32)  # u_hat 32x the routing's own per-capsule arrays
     impl = build(name, "float32", config=config)
     u_hat = impl.prediction_vectors(impl.to_device(*synthetic_batch(config, 4)))
     assert sorted(impl.u_hat_layout) == sorted("BNJD")
@@ -209,21 +248,23 @@ def test_u_hat_comes_in_the_layout_its_routing_consumes(name):
         assert peak < u_hat.nbytes / 2, f"routing_forward allocated {peak} bytes for a u_hat of {u_hat.nbytes}"
 
 
-@pytest.mark.parametrize("name", IMPLEMENTATIONS)
-def test_adam_state_resumes_a_run_exactly(name):
+@pytest.mark.parametrize("name, algorithm", CASES)
+def test_adam_state_resumes_a_run_exactly(name, algorithm):
     """adam_state / load_adam_state: an implementation rebuilt from saved parameters and Adam state takes
-    the same next step as the one that kept running, learning-rate schedule included."""
+    the same next step as the one that kept running, learning-rate schedule included (the moments of the
+    routing algorithm's own parameters too)."""
+    config = routed_by(algorithm)
     schedule = LearningRateSchedule("fast", decay_rate=0.5, decay_steps=1)
-    batches = [synthetic_batch(SMALL, 4, seed=seed) for seed in range(3)]
-    running = build(name)
+    batches = [synthetic_batch(config, 4, seed=seed) for seed in range(3)]
+    running = build(name, config=config)
     running.set_schedule(schedule)
     for images, labels in batches[:2]:
         running.train_step(running.to_device(images, labels))
     state = running.adam_state()
     assert int(state["step"]) == 2
     assert {key for key in state if key != "step"} == {f"{kind}/{param}" for kind in ("first", "second")
-                                                       for param in parameter_shapes(SMALL)}
-    resumed = build(name, params=running.parameters())
+                                                       for param in parameter_shapes(config)}
+    resumed = build(name, params=running.parameters(), config=config)
     resumed.set_schedule(schedule)
     resumed.load_adam_state(state)
     for impl in (running, resumed):
