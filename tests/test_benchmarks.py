@@ -358,3 +358,46 @@ def test_a_skip_keeps_the_earlier_figure_and_a_new_figure_or_a_failure_replaces_
     monkeypatch.setattr(Results, "add_result", lambda self, benchmark, result: None)
     with pytest.raises(util.UserError, match=r"selected_idx.*install asv>=0\.6\.4,<0\.7"):
         asv_keep_figures.setup()
+
+
+def test_the_documented_routing_comparison_measures_both_algorithms_of_its_two_implementations_alone():
+    """docs/benchmarks.md's 7-sample comparison of the routing algorithms: on the fast grid, torch-fused and
+    numpy-vectorised (and no other implementation: no process is started for a skip) at batches 32 and 128,
+    train step and routing forward + backward at 3 iterations and full, host memory, under both algorithms;
+    their parity figures and the peaks."""
+    from asv.benchmarks import Benchmarks
+
+    from benchmarks import bench_memory, bench_phases
+
+    command = next(line for line in (REPO_ROOT / "docs" / "benchmarks.md").read_text().splitlines()
+                   if line.startswith("CAPSBENCH_IMPLEMENTATIONS=torch-fused,numpy-vectorised asv run"))
+    words = shlex.split(command)
+    assert words[words.index("-a") + 1] == "repeat=7"
+    pattern = words[words.index("--bench") + 1]
+    grid = {"bench_phases.TrainStep.time_train_step": bench_phases.TrainStep,
+            "bench_phases.RoutingBackward.time_routing_backward": bench_phases.RoutingBackward,
+            "bench_phases.Routing.time_routing": bench_phases.Routing,
+            "bench_memory.HostMemory.track_host_memory_train_step": bench_memory.HostMemory,
+            "bench_memory.HostMemory.track_host_memory_before_model": bench_memory.HostMemory}
+    from harness.suite.sizes import PROFILES
+
+    fast = PROFILES["fast"]
+    params = {name: [[repr(name) for name in registry.names()], [repr(b) for b in fast["batch_sizes"]],
+                     [repr(i) for i in fast["routing_iterations" if "Routing" in name else "step_routing_iterations"]],
+                     *([["'full'", "'final'"]] if "routing_gradient" in cls.param_names else []),
+                     ["'dynamic'", "'self-attention'"]] for name, cls in grid.items()}
+    described = [{"name": name, "params": value} for name, value in params.items()]
+    described.append({"name": "bench_correctness.Correctness.track_max_rel_error",
+                      "params": [[repr(name) for name in registry.names()]]})
+    chosen = Benchmarks(type("Conf", (), {"benchmark_dir": "benchmarks"})(), described, regex=pattern)
+    for name in grid:
+        points = list(itertools.product(*params[name]))
+        picked = {points[index] for index in chosen.benchmark_selection.get(name, [])}
+        if name.endswith("time_routing"):
+            assert not picked
+            continue
+        assert {point[0] for point in picked} == {"'torch-fused'", "'numpy-vectorised'"}, name
+        assert {point[1] for point in picked} == {"32", "128"} and {point[2] for point in picked} == {"3"}, name
+        assert {point[-1] for point in picked} == {"'dynamic'", "'self-attention'"}, name
+        assert len(picked) == 8 and "'final'" not in {word for point in picked for word in point}, name
+    assert len(chosen.benchmark_selection["bench_correctness.Correctness.track_max_rel_error"]) == 2
