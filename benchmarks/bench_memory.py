@@ -1,14 +1,18 @@
 """Memory of one training step: host memory on every machine, and on GPUs the figures kept apart (NVML's
 device-wide figure and its increase over the step, NVML's per-process figure where visible, the allocator's
-peak of live bytes and of reserved bytes), plus the CUDA context on its own."""
+peak of live bytes and of reserved bytes), plus the CUDA context on its own; the step's figures at each
+routing algorithm of the profile (``routing_algorithm``, the grid's last parameter, as in the phase
+benchmarks)."""
 
 from benchmarks.common import (
     BATCH_SIZES,
-    CONFIG,
     DTYPE,
     IMPLEMENTATIONS,
+    ROUTING_ALGORITHMS,
     STEP_ROUTING_ITERATIONS,
     ModelBenchmark,
+    not_measured_reason,
+    point_config,
     record_facts,
     setup_benchmark,
 )
@@ -30,7 +34,8 @@ class HostMemory(ModelBenchmark):
 
     def setup(self, *params):
         _rss_before_model.setdefault(params, current_rss_bytes())
-        setup_benchmark(params[0])
+        record_facts()
+        setup_benchmark(params[0], point_config(params[2], self.params[2], "full", *params[3:]))
 
     def build(self, params: tuple) -> None:
         """The model and batch of ``params``, warmed up by one training step (:meth:`ModelBenchmark.setup`)."""
@@ -60,21 +65,30 @@ class HostMemory(ModelBenchmark):
 
 def shared_setup_cache(benchmark) -> dict:
     """One measurement of the GPU grid for every GPU-memory class (asv runs a setup_cache once per
-    function, so the classes name this same function): each GPU implementation in a process of its own
-    (:mod:`harness.measure.step_memory`), a failed point recorded with its reason and the rest still measured."""
+    function, so the classes name this same function): each GPU implementation in a process of its own per
+    routing algorithm (:mod:`harness.measure.step_memory`), a failed point recorded with its reason and the
+    rest still measured; keyed by the grid's parameters, the algorithm last."""
     record_facts()
-    points = [(batch, iterations) for batch in BATCH_SIZES for iterations in STEP_ROUTING_ITERATIONS]
-    return measure_grid(measured_names(), CONFIG, DTYPE, points)
+    measured = {}
+    for algorithm in ROUTING_ALGORITHMS:
+        points = [(batch, iterations) for batch in BATCH_SIZES for iterations in STEP_ROUTING_ITERATIONS
+                  if not not_measured_reason(algorithm, iterations, STEP_ROUTING_ITERATIONS)]
+        config = point_config(points[0][1], STEP_ROUTING_ITERATIONS, "full", algorithm)
+        names = measured_names(config)
+        if names:
+            figures = measure_grid(names, config, DTYPE, points)
+            measured.update({(*key, algorithm): value for key, value in figures.items()})
+    return measured
 
 
-def measured_names() -> list[str]:
-    """The implementations the GPU grid measures: those selected (``--impl``, ``CAPSBENCH_IMPLEMENTATIONS``)
-    that can run here; every other point is skipped by :func:`measured_point` with its own reason before the
-    grid is read, so none spends a process."""
+def measured_names(config=None) -> list[str]:
+    """The implementations the GPU grid measures (at ``config``'s routing algorithm): those selected
+    (``--impl``, ``CAPSBENCH_IMPLEMENTATIONS``) that can run here and compute it; every other point is skipped
+    by :func:`measured_point` with its own reason before the grid is read, so none spends a process."""
     names = []
     for name in IMPLEMENTATIONS:
         try:
-            setup_benchmark(name)
+            setup_benchmark(name, config)
         except NotImplementedError:
             continue
         names.append(name)
@@ -83,8 +97,10 @@ def measured_names() -> list[str]:
 
 def measured_point(measured: dict, params: tuple) -> dict:
     """The figures of one grid point, or NotImplementedError (asv: skipped) with the reason it was not
-    measured (not selected, on the CPU, unavailable, NVML missing, out of memory)."""
-    setup_benchmark(params[0])
+    measured (a point its routing algorithm skips, not selected, not computing the algorithm, on the CPU,
+    unavailable, NVML missing, out of memory)."""
+    record_facts()
+    setup_benchmark(params[0], point_config(params[2], STEP_ROUTING_ITERATIONS, "full", *params[3:]))
     figures = measured[params]
     if isinstance(figures, str):
         raise NotImplementedError(figures)
@@ -94,8 +110,8 @@ def measured_point(measured: dict, params: tuple) -> dict:
 class GpuMemory:
     """One training step sampled through NVML, with the allocator's peaks over the same step."""
 
-    params = [IMPLEMENTATIONS, BATCH_SIZES, STEP_ROUTING_ITERATIONS]
-    param_names = ["implementation", "batch_size", "routing_iterations"]
+    params = [IMPLEMENTATIONS, BATCH_SIZES, STEP_ROUTING_ITERATIONS, ROUTING_ALGORITHMS]
+    param_names = ["implementation", "batch_size", "routing_iterations", "routing_algorithm"]
     timeout = 1800
 
     setup_cache = shared_setup_cache

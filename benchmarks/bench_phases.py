@@ -2,7 +2,9 @@
 
 One class per timed operation, so that each is warmed up by exactly the call it times.  The operations
 the routing gradient changes (train step, backward, routing forward + backward) are measured at each
-routing gradient of the profile (``routing_gradient``, the grid's last parameter).
+routing gradient of the profile (``routing_gradient``); every benchmark here at each routing algorithm of the
+profile (``routing_algorithm``, the grid's last parameter; self-attention at one iteration count alone,
+:mod:`benchmarks.common`).
 """
 
 import numpy as np
@@ -11,6 +13,7 @@ from benchmarks.common import (
     BATCH_SIZES,
     CONFIG,
     IMPLEMENTATIONS,
+    ROUTING_ALGORITHMS,
     ROUTING_GRADIENTS,
     ROUTING_ITERATIONS,
     GradientBenchmark,
@@ -84,7 +87,7 @@ class Routing(ModelBenchmark):
     """The routing iterations alone, on fixed prediction vectors u_hat of the prepared batch, in the layout
     the implementation's routing consumes (no timed region converts it)."""
 
-    params = [IMPLEMENTATIONS, BATCH_SIZES, ROUTING_ITERATIONS]
+    params = [IMPLEMENTATIONS, BATCH_SIZES, ROUTING_ITERATIONS, ROUTING_ALGORITHMS]
     warm_up = None
 
     def setup(self, *params):
@@ -92,7 +95,7 @@ class Routing(ModelBenchmark):
         self.u_hat, self.grad_v = routing_inputs(self, params)
 
     def time_routing(self, *params):
-        """Forward routing: c, s, v for every iteration."""
+        """Forward routing: c, s, v for every iteration (dynamic), or the one pass of self-attention."""
         self.impl.routing_forward(self.u_hat)
         self.impl.synchronize()
 
@@ -100,7 +103,7 @@ class Routing(ModelBenchmark):
 class RoutingBackward(GradientBenchmark):
     """Routing forward and backward alone, as :class:`Routing`, at each routing gradient of the profile."""
 
-    params = [IMPLEMENTATIONS, BATCH_SIZES, ROUTING_ITERATIONS, ROUTING_GRADIENTS]
+    params = [IMPLEMENTATIONS, BATCH_SIZES, ROUTING_ITERATIONS, ROUTING_GRADIENTS, ROUTING_ALGORITHMS]
     warm_up = None
 
     def setup(self, *params):
@@ -109,6 +112,6 @@ class RoutingBackward(GradientBenchmark):
 
     def time_routing_backward(self, *params):
         """Routing forward and backward: d loss / d u_hat through every iteration (full) or through the last
-        one's weighted sum alone (final)."""
+        one's weighted sum alone (final); under self-attention, through its one pass."""
         self.impl.routing_backward(self.u_hat, self.grad_v)
         self.impl.synchronize()

@@ -3,7 +3,12 @@
 The grid is implementation x batch size x routing iterations (the routing-alone benchmarks sweep more
 iteration counts than the whole-network ones, whose cost barely depends on them), and, for the work the
 routing gradient changes (:class:`GradientBenchmark`: train step, backward, routing forward + backward),
-the profile's routing gradients.  Implementations are every
+the profile's routing gradients; then, last (so the positions of the earlier parameters, and with them every
+older result, keep their meaning), the routing algorithm (:data:`ROUTING_ALGORITHMS`).  An algorithm that is
+not iterative (self-attention) is measured at one iteration count of each grid alone
+(:func:`harness.suite.sizes.measured_iterations`), its other cells skipped at once; an algorithm without
+the grid point's routing gradient, and an implementation that does not compute the algorithm
+(``ImplementationInfo.computes``), are skipped with the reason.  Implementations are every
 name the registry knows (built-in, added later, or installed through the entry point), always, so that
 every run describes the same grid and no earlier result loses its labels.  One that cannot run here, one
 left out by ``CAPSBENCH_IMPLEMENTATIONS``, or a combination that runs out of memory is skipped through
@@ -31,14 +36,20 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from harness import contract, registry
+from harness import contract, registry, routing_algorithms
 from harness.data import synthetic_batch
 from harness.measure.step_memory import is_out_of_memory
 from harness.params import init_parameters
 from harness.settings import IMPLEMENTATIONS_ENV, THREADS_ENV
-from harness.spec import get_config
+from harness.spec import DEFAULT_ROUTING_ALGORITHM, CapsNetConfig, get_config
 from harness.suite import asv_facts
-from harness.suite.sizes import load_suite_profile, profile_left_out_reason, routing_gradients
+from harness.suite.sizes import (
+    load_suite_profile,
+    measured_iterations,
+    profile_left_out_reason,
+    routing_gradients,
+)
+from harness.suite.sizes import routing_algorithms as profile_routing_algorithms
 from harness.threads import set_threads, usable_cpu_count
 
 DTYPE = "float32"
@@ -83,6 +94,17 @@ BATCH_SIZES = PROFILE["batch_sizes"]
 ROUTING_ITERATIONS = PROFILE["routing_iterations"]
 STEP_ROUTING_ITERATIONS = PROFILE["step_routing_iterations"]
 ROUTING_GRADIENTS = routing_gradients(PROFILE)
+
+
+def grid_routing_algorithms(profile: dict) -> list[str]:
+    """The routing algorithms of the grid: the profile's (:func:`harness.suite.sizes.routing_algorithms`), then
+    every other one an installed plugin registered (measured by the implementations that compute it)."""
+    chosen = profile_routing_algorithms(profile)
+    return chosen + [name for name in routing_algorithms.names() if name not in chosen
+                     and not routing_algorithms.get(name).builtin]
+
+
+ROUTING_ALGORITHMS = grid_routing_algorithms(PROFILE)
 CHECK_BATCH_SIZE = PROFILE["check_batch_size"]
 THREADS = int(os.environ.get(THREADS_ENV) or usable_cpu_count())
 
@@ -99,9 +121,39 @@ def left_out_reason(name: str) -> str | None:
     return profile_left_out_reason(PROFILE_NAME, PROFILE, name, registry.get(name).cls)
 
 
-def require_available(name: str, routing_gradient: str = "full") -> registry.ImplementationInfo:
+def not_measured_reason(algorithm: str, iterations: int, grid, routing_gradient: str = "full") -> str | None:
+    """Why the grid point (``iterations`` of the iteration ``grid``, ``routing_gradient``) is not measured under
+    the routing ``algorithm`` whatever the implementation, or None where it is: an algorithm that is not
+    iterative at every count but :func:`harness.suite.sizes.measured_iterations` (the count means nothing to
+    it: one measurement, not several of the same work), and a routing gradient the algorithm does not have
+    (self-attention has ``full`` alone).  Cheap: asv skips these cells at once."""
+    known = routing_algorithms.get(algorithm)
+    if not known.iterative:
+        measured = measured_iterations(grid, CONFIG.routing_iterations)
+        if int(iterations) != measured:
+            return (f"{algorithm} routing is not iterative: measured at {measured} routing iterations alone "
+                    "(the count means nothing to it)")
+    if routing_gradient not in known.routing_gradients:
+        return (f"{algorithm} routing has the routing gradient {' and '.join(known.routing_gradients)} only, "
+                f"not {routing_gradient!r}")
+    return None
+
+
+def point_config(iterations: int, grid, routing_gradient: str = "full",
+                 routing_algorithm: str = DEFAULT_ROUTING_ALGORITHM) -> CapsNetConfig:
+    """The suite's network at one grid point, or NotImplementedError (asv: skipped) with
+    :func:`not_measured_reason`."""
+    reason = not_measured_reason(routing_algorithm, iterations, grid, routing_gradient)
+    if reason:
+        raise NotImplementedError(reason)
+    return CONFIG.replace(routing_iterations=int(iterations), routing_gradient=routing_gradient,
+                          routing_algorithm=routing_algorithm)
+
+
+def require_available(name: str, config: CapsNetConfig | None = None) -> registry.ImplementationInfo:
     """The registry entry, or NotImplementedError (asv: skipped) saying why it does not run: left out
-    (:func:`left_out_reason`), unavailable here, or without the routing gradient asked for."""
+    (:func:`left_out_reason`), unavailable here, or not computing ``config``'s routing algorithm or routing
+    gradient (``ImplementationInfo.computes``; default: the suite's network as the profile gives it)."""
     reason = left_out_reason(name)
     if reason:
         raise NotImplementedError(f"{name} {reason}")
@@ -109,7 +161,7 @@ def require_available(name: str, routing_gradient: str = "full") -> registry.Imp
     status = info.availability()
     if not status:
         raise NotImplementedError(f"{name} is unavailable here: {status.reason}")
-    support = info.supports(routing_gradient)
+    support = info.computes(CONFIG if config is None else config)
     if not support:
         raise NotImplementedError(f"{name} {support.reason}")
     return info
@@ -132,11 +184,11 @@ def record_plan_facts(name: str, impl: contract.Implementation) -> None:
     asv_facts.add_plan_facts(name, impl)
 
 
-def setup_benchmark(name: str, routing_gradient: str = "full") -> registry.ImplementationInfo:
+def setup_benchmark(name: str, config: CapsNetConfig | None = None) -> registry.ImplementationInfo:
     """What every benchmark's ``setup`` does first: write the run's facts (:func:`record_facts`), then the
-    registry entry of ``name``, or asv's skip with the reason (:func:`require_available`)."""
+    registry entry of ``name``, or asv's skip with the reason (:func:`require_available` for ``config``)."""
     record_facts()
-    return require_available(name, routing_gradient)
+    return require_available(name, config)
 
 
 # Prepared models -------------------------------------------------------------------------------------------
@@ -160,12 +212,18 @@ WARM_UPS = {
 }
 
 
-def build(name: str, batch_size: int, iterations: int, warm_up: str | None, routing_gradient: str = "full") -> Prepared:
+def build(name: str, batch_size: int, iterations: int, warm_up: str | None, routing_gradient: str = "full",
+          routing_algorithm: str = DEFAULT_ROUTING_ALGORITHM, grid=None) -> Prepared:
     """A built implementation and a batch on its device, warmed up by one ``warm_up`` call (see
-    :data:`WARM_UPS`); a combination that runs out of memory raises NotImplementedError (asv: skipped)."""
-    info = setup_benchmark(name, routing_gradient)
+    :data:`WARM_UPS`), for the grid point (``iterations`` of the iteration ``grid``, default
+    :data:`STEP_ROUTING_ITERATIONS`); a point its routing algorithm skips (:func:`point_config`), an
+    implementation that cannot run it (:func:`setup_benchmark`) and a combination that runs out of memory raise
+    NotImplementedError (asv: skipped)."""
+    record_facts()
+    config = point_config(iterations, STEP_ROUTING_ITERATIONS if grid is None else grid, routing_gradient,
+                          routing_algorithm)
+    info = setup_benchmark(name, config)
     set_threads(THREADS)
-    config = CONFIG.replace(routing_iterations=iterations, routing_gradient=routing_gradient)
     with skipped_when_out_of_memory(name, batch_size):
         impl = info.create(config, init_parameters(config), DTYPE)
         batch = impl.to_device(*synthetic_batch(config, batch_size, seed=DATA_SEED))
@@ -187,35 +245,41 @@ def skipped_when_out_of_memory(name: str, batch_size: int) -> Iterator[None]:
         raise
 
 
-def prepare(name: str, batch_size: int, iterations: int, warm_up: str | None, routing_gradient: str = "full"
-            ) -> Prepared:
+def prepare(name: str, batch_size: int, iterations: int, warm_up: str | None, routing_gradient: str = "full",
+            routing_algorithm: str = DEFAULT_ROUTING_ALGORITHM, grid=None) -> Prepared:
     """:func:`build`, once per process: asv runs ``setup`` again before every sample."""
-    key = (name, batch_size, iterations, warm_up, routing_gradient)
+    grid = tuple(STEP_ROUTING_ITERATIONS if grid is None else grid)
+    key = (name, batch_size, iterations, warm_up, routing_gradient, routing_algorithm, grid)
     if key not in _prepared:
-        _prepared[key] = build(name, batch_size, iterations, warm_up, routing_gradient)
+        _prepared[key] = build(name, batch_size, iterations, warm_up, routing_gradient, routing_algorithm, grid)
     return _prepared[key]
 
 
 class ModelBenchmark:
-    """Base class: the grid, and ``self.impl`` / ``self.batch`` ready (and warmed up) before every sample."""
+    """Base class: the grid (its routing algorithm last), and ``self.impl`` / ``self.batch`` ready (and warmed
+    up) before every sample.  A subclass may sweep another iteration grid (``params[2]``)."""
 
-    params = [IMPLEMENTATIONS, BATCH_SIZES, STEP_ROUTING_ITERATIONS]
-    param_names = ["implementation", "batch_size", "routing_iterations"]
+    params = [IMPLEMENTATIONS, BATCH_SIZES, STEP_ROUTING_ITERATIONS, ROUTING_ALGORITHMS]
+    param_names = ["implementation", "batch_size", "routing_iterations", "routing_algorithm"]
     timeout = 900
     warm_up = "train_step"
 
-    def setup(self, name: str, batch_size: int, iterations: int) -> None:
-        prepared = prepare(name, batch_size, iterations, self.warm_up)
+    def setup(self, name: str, batch_size: int, iterations: int,
+              routing_algorithm: str = DEFAULT_ROUTING_ALGORITHM) -> None:
+        prepared = prepare(name, batch_size, iterations, self.warm_up, "full", routing_algorithm, self.params[2])
         self.impl, self.batch = prepared.impl, prepared.batch
 
 
 class GradientBenchmark(ModelBenchmark):
     """A benchmark of work the routing gradient changes: the grid gains the profile's routing gradients
-    (:data:`ROUTING_GRADIENTS`); an implementation without one is skipped with the reason."""
+    (:data:`ROUTING_GRADIENTS`) before the routing algorithm; an implementation or an algorithm without one
+    is skipped with the reason."""
 
-    params = [*ModelBenchmark.params, ROUTING_GRADIENTS]
-    param_names = [*ModelBenchmark.param_names, "routing_gradient"]
+    params = [*ModelBenchmark.params[:3], ROUTING_GRADIENTS, ROUTING_ALGORITHMS]
+    param_names = [*ModelBenchmark.param_names[:3], "routing_gradient", "routing_algorithm"]
 
-    def setup(self, name: str, batch_size: int, iterations: int, routing_gradient: str = "full") -> None:
-        prepared = prepare(name, batch_size, iterations, self.warm_up, routing_gradient)
+    def setup(self, name: str, batch_size: int, iterations: int, routing_gradient: str = "full",
+              routing_algorithm: str = DEFAULT_ROUTING_ALGORITHM) -> None:
+        prepared = prepare(name, batch_size, iterations, self.warm_up, routing_gradient, routing_algorithm,
+                           self.params[2])
         self.impl, self.batch = prepared.impl, prepared.batch

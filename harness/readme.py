@@ -10,7 +10,8 @@ in the manual beside it (``docs/*.md``) sits between two markers and is written 
 
 An opening marker may name the run it wants, ``<!-- generated: headline commit=fb4b147f machine=vm -->``.
 The blocks (:data:`BLOCKS`): ``headline`` (one asv run: step times with their spread, images/s, % of the
-machine peak, forward, backward, routing share), ``profile`` (the largest layers of each implementation's
+machine peak, forward, backward, routing share; and where the run measured another routing algorithm than
+dynamic, its train step and routing beside dynamic routing's), ``profile`` (the largest layers of each implementation's
 training step), ``training`` (every training run), ``scaling`` (data-parallel scaling) and ``environment``
 (the environment variables of :mod:`harness.settings`, not a measurement).  A block may sit in README or in
 any page of ``docs/``, each name in one place only (two copies of one table would be two places to look).
@@ -41,13 +42,16 @@ from harness.reporting.ranking import (
     ranking_sentence,
     ranking_table,
 )
-from harness.reporting.sections import distributed_section
+from harness.reporting.sections import distributed_section, iterative_algorithms, ratio_cell
 from harness.reporting.tables import (
     distributed_table,
     profile_rows,
+    routing_algorithm_table,
     run_rows,
     step_iterations,
     summary_table,
+    table_algorithms,
+    timed_under_dynamic_alone,
     training_table,
 )
 from harness.results import load_profile_result, load_scaling_results, load_training_results, write_text_atomic
@@ -110,7 +114,41 @@ def headline_block(root: Path, commit: str | None = None, machine: str | None = 
     ranking = (f" Ranking by train step per batch size, fastest first ({RANKING_RULE} Parity passes at or below "
                f"{parity_tolerance():.0e}, the widest tolerance of harness.check; docs/report.md gives both rules): "
                + ranking_sentence(ranking_table(frame, parity)))
-    return intro + ranking + "\n\n" + markdown_table(cells, text_columns=1)
+    return intro + ranking + "\n\n" + markdown_table(cells, text_columns=1) + routing_algorithms_lines(
+        run_rows(asv.table, run, routing_algorithm=None), iterations, run.facts, status)
+
+
+def routing_algorithms_lines(rows: pd.DataFrame, iterations: int, facts: dict, parity) -> str:
+    """Where the headline's run measured a routing algorithm besides dynamic routing: a paragraph and a table
+    per batch and implementation (in the order of dynamic routing's train step, each name with its parity
+    mark from ``parity``, implementation -> state) of the train step and routing forward + backward alone under
+    each, with their spreads and the ratio to dynamic (:func:`harness.reporting.tables.routing_algorithm_table`);
+    "" where it measured dynamic routing alone."""
+    frame = routing_algorithm_table(rows, iterations, iterative_algorithms(rows, facts))
+    if frame.empty:
+        return ""
+    frame = frame.sort_values(["batch_size", "train_step_dynamic"], kind="stable")
+    others = table_algorithms(frame)[1:]
+    cells = {"implementation": [name + parity_mark(parity.get(name, NOT_MEASURED)) for name in frame["implementation"]],
+             "batch": [fmt(v, "int") for v in frame["batch_size"]]}
+    for metric, heading in (("train_step", "train step"), ("routing_backward", "routing fwd+bwd")):
+        if frame[[f"{metric}_{algorithm}" for algorithm in others]].isna().all().all():
+            continue  # measured under dynamic routing alone: the table above has it
+        for algorithm in ["dynamic", *others]:
+            cells[f"{heading} {algorithm} ms"] = [
+                fmt_spread(*values, "ms") for values in zip(*(frame[f"{metric}_{algorithm}{suffix}"] for suffix in (
+                    "", "_q25", "_q75", "_samples")))]
+        for algorithm in others:
+            cells[f"{heading} {algorithm} / dynamic"] = [
+                ratio_cell(*values) for values in zip(*(frame[f"{metric}_ratio_{algorithm}{suffix}"] for suffix in (
+                    "", "_low", "_high")))]
+    alone = "; ".join(f"under dynamic routing alone (not {algorithm}): {', '.join(names)}"
+                      for algorithm, names in timed_under_dynamic_alone(rows, frame).items() if names)
+    intro = (f"The same run under each routing algorithm it measured ({', '.join(others)} beside dynamic routing at "
+             f"{iterations} iterations; the report's section \"Routing algorithms\" has every figure it measured): "
+             "ms with q25–q75 and samples, ratio = algorithm / dynamic with its range over the two interquartile "
+             "ranges" + (f"; {alone}" if alone else "") + ".")
+    return "\n\n" + intro + "\n\n" + markdown_table(pd.DataFrame(cells), text_columns=1)
 
 
 def profile_block(root: Path) -> str:

@@ -13,6 +13,7 @@ Reads ``<results>/asv`` (asv's own layout, with the suite's machine facts in ``<
   time with the samples behind it: one sample as itself, several as the median and interquartile range; parity
   passed, FAILED or not measured, marked beside every name that did not pass) and the ranking per batch size with
   the pairs of neighbours the samples cannot rank (:mod:`harness.reporting.ranking`); the vectorised / looped speed-ups;
+  the routing gradient's saving and the routing algorithms side by side, where the run measured them;
   training runs, grouped by the images they trained and tested on; where the time of a training step goes (the
   profile); distributed scaling; what the capsules learned (a checkpoint's figures and per-class table, linked
   from the figures' folder); the comparison of runs; the plots (or why one was not drawn); every warning.
@@ -56,6 +57,7 @@ from harness.reporting.sections import (
     plots_section,
     profile_section,
     remove_plots_not_drawn,
+    routing_algorithm_section,
     routing_gradient_section,
     run_header,
     speedup_section,
@@ -129,7 +131,7 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
            f"the unpinned build requirements left out). {ORDER_RULE} The per-run plots are drawn from the newest "
            "run of each machine and environment.", ""]
     md += [run_header(run, asv.machines.get(run.machine, {})) + "\n" for run in asv.runs] or ["No asv results.", ""]
-    speedups, sections = {}, {"summary": [], "speedup": [], "memory": [], "gradient": []}
+    speedups, sections = {}, {"summary": [], "speedup": [], "memory": [], "gradient": [], "algorithm": []}
     for run in asv.runs:
         rows = run_rows(table, run)
         sections["summary"].append(summary_section(rows, run))
@@ -137,6 +139,7 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
         sections["speedup"].append(text)
         sections["memory"].append(memory_section(rows, run))
         sections["gradient"].append(routing_gradient_section(run_rows(table, run, None), run))
+        sections["algorithm"].append(routing_algorithm_section(run_rows(table, run, routing_algorithm=None), run))
     if asv.runs:
         md += ["## Summary per implementation", "", summary_rules(), "", "\n\n".join(sections["summary"]), "",
                "## Vectorised vs looped routing", "", "\n\n".join(sections["speedup"]), "",
@@ -144,6 +147,9 @@ def build_report(root: Path, out: Path, asv: AsvResults, training: list, distrib
     if any(sections["gradient"]):
         md += ["## Routing gradient: what final saves over full", "",
                "\n\n".join(text for text in sections["gradient"] if text), ""]
+    if any(sections["algorithm"]):
+        md += ["## Routing algorithms", "",
+               "\n\n".join(text for text in sections["algorithm"] if text), ""]
     comparisons = compare_runs(table, asv.runs, out, written, asv.ancestry)
     if comparisons:
         md += ["## Comparison of runs", "", f"Also in [`{COMPARISON_MD}`]({COMPARISON_MD}) and "

@@ -3,6 +3,7 @@ suite's own helpers skip what cannot run instead of crashing."""
 
 import itertools
 import json
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -59,6 +60,8 @@ def test_every_benchmark_runs_once_on_the_small_configuration(asv_env):
         registry.get("torch-vectorised-cuda").availability()
     assert "torch-vectorised-compiled compiles again in every benchmark process: the smoke profile leaves it out" \
         in output
+    # the smoke profile measures both routing algorithms: torch-vectorised's train step under self-attention ran
+    assert re.search(r"\btorch-vectorised\s+4\s+3\s+full\s+self-attention\s+[\d.]+(±[\d.]+)?[μm]?s\b", output), output
 
 
 def test_profiles_choose_the_grid(monkeypatch):
@@ -104,35 +107,58 @@ def readme_main_job_option(name: str) -> str:
                 if flag == name or (flag == "-a" and value.startswith(f"{name}=")))
 
 
-def test_the_main_job_times_the_train_step_at_the_full_routing_gradient_alone():
+def test_the_main_job_times_the_train_step_at_full_and_dynamic_and_routing_under_both_algorithms():
     """asv matches --bench against each grid point, `name(parameters)`: on the fast profile's grid, README's
-    pattern picks every implementation and batch of the train step at the full gradient (the headline's), no
-    point at final (which would double the main job), and the peaks, host-memory and parity figures whole."""
+    pattern picks every implementation and batch of the train step and the host memory at the full gradient and
+    dynamic routing (the headline's), no point at final or self-attention (which would double the main job),
+    routing forward + backward alone at batch 128, 3 iterations and full under both algorithms for the
+    vectorised and fused implementations (self-attention beside dynamic routing where it costs least), and the
+    peaks and parity figures whole."""
     from asv.benchmarks import Benchmarks
 
-    from harness.suite.sizes import PROFILES, routing_gradients
+    from harness.suite.sizes import PROFILES, routing_algorithms, routing_gradients
 
     fast = PROFILES["fast"]
     names = [repr(name) for name in registry.names()]
-    grid = {"bench_phases.TrainStep.time_train_step": [names, [repr(b) for b in fast["batch_sizes"]],
+    algorithms = [repr(name) for name in routing_algorithms(fast)]
+    assert algorithms == ["'dynamic'", "'self-attention'"]
+    batches = [repr(b) for b in fast["batch_sizes"]]
+    grid = {"bench_phases.TrainStep.time_train_step": [names, batches,
                                                        [repr(i) for i in fast["step_routing_iterations"]],
-                                                       [repr(g) for g in routing_gradients(fast)]],
-            "bench_phases.Backward.time_backward": [names, ["32"], ["3"], ["'full'"]],
-            "bench_memory.HostMemory.track_host_memory_train_step": [names, ["32"], ["3"]],
-            "bench_memory.HostMemory.track_host_memory_before_model": [names, ["32"], ["3"]],
-            "bench_memory.HostMemory.peakmem_train_step": [names, ["32"], ["3"]],
+                                                       [repr(g) for g in routing_gradients(fast)], algorithms],
+            "bench_phases.RoutingBackward.time_routing_backward": [names, batches,
+                                                                   [repr(i) for i in fast["routing_iterations"]],
+                                                                   [repr(g) for g in routing_gradients(fast)],
+                                                                   algorithms],
+            "bench_phases.Routing.time_routing": [names, batches, ["3"], algorithms],
+            "bench_phases.Backward.time_backward": [names, ["32"], ["3"], ["'full'"], algorithms],
+            "bench_memory.HostMemory.track_host_memory_train_step": [names, batches, ["3"], algorithms],
+            "bench_memory.HostMemory.track_host_memory_before_model": [names, batches, ["3"], algorithms],
+            "bench_memory.HostMemory.peakmem_train_step": [names, ["32"], ["3"], algorithms],
             "bench_peak.GemmPeak.track_gemm_peak_gflops": [["'numpy'", "'torch'"]],
             "bench_peak.HardwarePeak.track_hardware_peak_gflops": [],
             "bench_correctness.Correctness.track_max_rel_error": [names]}
     described = [{"name": name, "params": params} for name, params in grid.items()]
     chosen = Benchmarks(type("Conf", (), {"benchmark_dir": "benchmarks"})(), described,
                         regex=readme_main_job_option("--bench"))
-    assert set(chosen) == set(grid) - {"bench_phases.Backward.time_backward",
+    assert set(chosen) == set(grid) - {"bench_phases.Backward.time_backward", "bench_phases.Routing.time_routing",
                                        "bench_memory.HostMemory.peakmem_train_step"}
-    points = list(itertools.product(*grid["bench_phases.TrainStep.time_train_step"]))
-    picked = [points[index] for index in chosen.benchmark_selection["bench_phases.TrainStep.time_train_step"]]
-    assert sorted(picked) == sorted(point for point in points if point[-1] == "'full'")
-    for name in ("bench_memory.HostMemory.track_host_memory_train_step", "bench_peak.GemmPeak.track_gemm_peak_gflops"):
+
+    def picked(name):
+        points = list(itertools.product(*grid[name]))
+        return sorted(points[index] for index in chosen.benchmark_selection[name])
+
+    for name in ("bench_phases.TrainStep.time_train_step", "bench_memory.HostMemory.track_host_memory_train_step",
+                 "bench_memory.HostMemory.track_host_memory_before_model"):
+        assert picked(name) == sorted(point for point in itertools.product(*grid[name])
+                                      if point[-1] == "'dynamic'" and "'final'" not in point), name
+    routed = picked("bench_phases.RoutingBackward.time_routing_backward")
+    assert {point[-1] for point in routed} == {"'dynamic'", "'self-attention'"}
+    assert {point[1:4] for point in routed} == {("128", "3", "'full'")}
+    assert {json.loads(point[0].replace("'", '"')) for point in routed} == {
+        name for name in registry.names() if name.endswith(("vectorised", "fused"))}
+    assert {"torch-fused", "numpy-vectorised"} <= {json.loads(point[0].replace("'", '"')) for point in routed}
+    for name in ("bench_peak.GemmPeak.track_gemm_peak_gflops", "bench_correctness.Correctness.track_max_rel_error"):
         assert len(chosen.benchmark_selection[name]) == len(list(itertools.product(*grid[name])))
 
 
@@ -160,6 +186,8 @@ def test_a_narrowed_run_keeps_the_grid_and_writes_the_facts(asv_env, tmp_path):
     recorded = json.loads(facts[0].read_text())
     assert recorded["profile"] == "smoke" and set(recorded["implementations"]) == set(registry.names())
     assert recorded["implementations"]["numpy-looped"] == registry.get("numpy-looped").describe()
+    assert recorded["routing_algorithms"]["self-attention"]["iterative"] is False  # the report reads it there
+    assert recorded["routing_algorithms"]["dynamic"]["routing_gradients"] == ["full", "final"]
     assert recorded["left_out"] == {name: "is left out by CAPSBENCH_IMPLEMENTATIONS" for name in registry.names()
                                     if name != "numpy-vectorised"}
 
@@ -234,8 +262,9 @@ def test_a_narrowed_or_misspelt_rerun_keeps_every_earlier_figure(asv_env, tmp_pa
     assert "torch-looped is left out by CAPSBENCH_IMPLEMENTATIONS" in narrowed.stdout  # skipped in this run
     after = figures(path, benchmark)
     assert implementations_with_figures(path, benchmark) == {"numpy-vectorised", "torch-looped"}
-    [looped] = [cell for cell in before if "torch-looped" in cell[0]]
-    assert after[looped] == before[looped]  # the earlier figure, untouched
+    looped = [cell for cell in before if "torch-looped" in cell[0]]
+    assert {cell[-1] for cell in looped} == {"'dynamic'", "'self-attention'"}  # torch-looped computes both
+    assert {cell: after[cell] for cell in looped} == {cell: before[cell] for cell in looped}  # untouched
     assert started_at(path, benchmark) > started  # and numpy-vectorised measured again
 
     saved = {file: file.read_bytes() for file in (tmp_path / "results").rglob("*.json")}
@@ -329,3 +358,46 @@ def test_a_skip_keeps_the_earlier_figure_and_a_new_figure_or_a_failure_replaces_
     monkeypatch.setattr(Results, "add_result", lambda self, benchmark, result: None)
     with pytest.raises(util.UserError, match=r"selected_idx.*install asv>=0\.6\.4,<0\.7"):
         asv_keep_figures.setup()
+
+
+def test_the_documented_routing_comparison_measures_both_algorithms_of_its_two_implementations_alone():
+    """docs/benchmarks.md's 7-sample comparison of the routing algorithms: on the fast grid, torch-fused and
+    numpy-vectorised (and no other implementation: no process is started for a skip) at batches 32 and 128,
+    train step and routing forward + backward at 3 iterations and full, host memory, under both algorithms;
+    their parity figures and the peaks."""
+    from asv.benchmarks import Benchmarks
+
+    from benchmarks import bench_memory, bench_phases
+
+    command = next(line for line in (REPO_ROOT / "docs" / "benchmarks.md").read_text().splitlines()
+                   if line.startswith("CAPSBENCH_IMPLEMENTATIONS=torch-fused,numpy-vectorised asv run"))
+    words = shlex.split(command)
+    assert words[words.index("-a") + 1] == "repeat=7"
+    pattern = words[words.index("--bench") + 1]
+    grid = {"bench_phases.TrainStep.time_train_step": bench_phases.TrainStep,
+            "bench_phases.RoutingBackward.time_routing_backward": bench_phases.RoutingBackward,
+            "bench_phases.Routing.time_routing": bench_phases.Routing,
+            "bench_memory.HostMemory.track_host_memory_train_step": bench_memory.HostMemory,
+            "bench_memory.HostMemory.track_host_memory_before_model": bench_memory.HostMemory}
+    from harness.suite.sizes import PROFILES
+
+    fast = PROFILES["fast"]
+    params = {name: [[repr(name) for name in registry.names()], [repr(b) for b in fast["batch_sizes"]],
+                     [repr(i) for i in fast["routing_iterations" if "Routing" in name else "step_routing_iterations"]],
+                     *([["'full'", "'final'"]] if "routing_gradient" in cls.param_names else []),
+                     ["'dynamic'", "'self-attention'"]] for name, cls in grid.items()}
+    described = [{"name": name, "params": value} for name, value in params.items()]
+    described.append({"name": "bench_correctness.Correctness.track_max_rel_error",
+                      "params": [[repr(name) for name in registry.names()]]})
+    chosen = Benchmarks(type("Conf", (), {"benchmark_dir": "benchmarks"})(), described, regex=pattern)
+    for name in grid:
+        points = list(itertools.product(*params[name]))
+        picked = {points[index] for index in chosen.benchmark_selection.get(name, [])}
+        if name.endswith("time_routing"):
+            assert not picked
+            continue
+        assert {point[0] for point in picked} == {"'torch-fused'", "'numpy-vectorised'"}, name
+        assert {point[1] for point in picked} == {"32", "128"} and {point[2] for point in picked} == {"3"}, name
+        assert {point[-1] for point in picked} == {"'dynamic'", "'self-attention'"}, name
+        assert len(picked) == 8 and "'final'" not in {word for point in picked for word in point}, name
+    assert len(chosen.benchmark_selection["bench_correctness.Correctness.track_max_rel_error"]) == 2

@@ -418,3 +418,58 @@ def test_a_legend_of_long_names_takes_fewer_columns_instead_of_running_off_the_f
     box = legend.get_window_extent(fig.canvas.get_renderer())
     assert len(legend.get_texts()) == 4 and 0 <= box.x0 and box.x1 <= fig.bbox.width
     plots.plt.close(fig)
+
+
+def algorithm_frame(samples: int = 5, train_step_under_both: bool = False) -> pd.DataFrame:
+    """routing_algorithm_table of torch-fused (routing forward + backward 80 ms dynamic, 32 ms self-attention)
+    and numpy-vectorised (100 ms, 60 ms) at batch 128, quartiles 10 % either side; torch-looped under dynamic
+    routing alone; the train step under dynamic routing alone unless ``train_step_under_both``."""
+    from harness.reporting.tables import routing_algorithm_table
+
+    rows = []
+    for name, dynamic, attention in (("torch-fused", 0.080, 0.032), ("numpy-vectorised", 0.100, 0.060),
+                                     ("torch-looped", 0.3, math.nan)):
+        for algorithm, value in (("dynamic", dynamic), ("self-attention", attention)):
+            for metric, scale in (("routing_backward", 1.0), ("train_step", 5.0)):
+                if metric == "train_step" and algorithm != "dynamic" and not train_step_under_both:
+                    continue
+                rows.append({"implementation": name, "routing_variant": "vectorised", "batch_size": 128,
+                             "routing_iterations": 3, "metric": metric, "value": value * scale,
+                             "q25": 0.9 * value * scale, "q75": 1.1 * value * scale, "samples": samples,
+                             "routing_algorithm": algorithm})
+    return routing_algorithm_table(tidy(rows), 3, {"self-attention": False})
+
+
+def test_the_routing_algorithm_plot_draws_what_another_algorithm_measured_with_each_ratio_under_its_name():
+    from harness.reporting.tables import timed_under_dynamic_alone
+
+    frame = algorithm_frame()
+    fig = plots.routing_algorithms(frame, "box", 3, {"self-attention": ["torch-looped"]})
+    (ax,) = fig.axes  # the train step was measured under dynamic routing alone: no panel of it
+    assert ax.get_title() == "routing forward + backward alone, batch 128"
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["numpy-vectorised\n0.60×", "torch-fused\n0.40×"]
+    assert bar_labels(ax) == {"100": pytest.approx(110.0), "60": pytest.approx(66.0), "80": pytest.approx(88.0),
+                              "32": pytest.approx(35.2)}  # each label over its bar's q75
+    assert len(ax.collections) == 2  # the q25-q75 bars
+    assert ax.get_ylabel().replace("\n", " ") == "median time per call (ms)"
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert legend == ["dynamic", "self-attention"]
+    note = " ".join(text.get_text() for text in fig.texts).replace("\n", " ")
+    assert "timed under dynamic routing alone, not under self-attention (skipped): torch-looped" in note
+    assert "median of 5 samples" in note
+    plots.plt.close(fig)
+    single = plots.routing_algorithms(algorithm_frame(samples=1, train_step_under_both=True), "box", 3)
+    assert [ax.get_title() for ax in single.axes] == ["train step, batch 128",
+                                                      "routing forward + backward alone, batch 128"]
+    assert all(not ax.collections and "1 sample each" in ax.get_ylabel().replace("\n", " ") for ax in single.axes)
+    plots.plt.close(single)
+    with pytest.raises(plots.NoData, match="no implementation measured under a routing algorithm other than"):
+        plots.routing_algorithms(frame.iloc[0:0], "box", 3)
+    assert timed_under_dynamic_alone(tidy([]).assign(routing_algorithm=[]), frame.iloc[0:0]) == {
+        "self-attention": []}
+
+
+def test_an_algorithm_keeps_its_colour_and_another_gets_one_of_its_own():
+    assert plots.algorithm_colour("dynamic") == to_rgb(plots.ALGORITHM_COLOURS["dynamic"])
+    assert plots.algorithm_colour("self-attention") != plots.algorithm_colour("dynamic")
+    assert plots.algorithm_colour("plugin-routing") == plots.algorithm_colour("plugin-routing")

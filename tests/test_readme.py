@@ -209,3 +209,30 @@ def test_the_headline_never_names_an_implementation_without_passing_parity_faste
     rankings = re.findall(r"batch (?:32|128): [^.]*\.", block.split("\n\n")[0])  # in the paragraph above the table
     assert len(rankings) == 2 and not [line for line in rankings if "torch-looped" in line]
     assert all("numpy-looped (parity not measured)" in line and "(a single sample)" in line for line in rankings)
+
+
+def test_the_headline_carries_both_routing_algorithms_where_its_run_measured_both(tmp_path):
+    """Under self-attention the fixture's times x 0.8 (train step) and 0.4 (routing alone), numpy-vectorised
+    under dynamic routing alone: after the headline's table a second one sets them beside dynamic routing's
+    with the ratio, and names what ran under dynamic routing alone; a run of dynamic routing alone has none."""
+    from test_report import TRAIN_STEP, fixture_value, results_layout, with_self_attention
+
+    root = results_layout(tmp_path / "results")
+    assert "self-attention" not in readme.headline_block(root)
+    with_self_attention(root)
+    block = readme.headline_block(root)
+    first, intro, second = block.split("\n\n")[1:4]
+    assert "under dynamic routing alone (not self-attention): numpy-vectorised" in intro
+    header, _, *rows = second.splitlines()
+    headings = [cell.strip() for cell in header.strip("|").split(" | ")]
+    assert headings[:5] == ["implementation", "batch", "train step dynamic ms", "train step self-attention ms",
+                            "train step self-attention / dynamic"]
+    cells = {(row[0], row[1]): dict(zip(headings, row)) for line in rows
+             for row in [[cell.strip() for cell in line.strip("|").split(" | ")]]}
+    assert {name for name, _ in cells} == {"numpy-looped", "torch-looped", "torch-vectorised"}
+    line = cells[("torch-vectorised", "128")]
+    step = fixture_value(TRAIN_STEP, "'torch-vectorised'", "128", "3")
+    assert line["train step self-attention ms"].startswith(f"{0.8 * step * 1e3:.1f}")
+    assert line["train step self-attention / dynamic"] == "0.80×"
+    assert line["routing fwd+bwd self-attention / dynamic"] == "0.40×"
+    assert "self-attention" not in first  # the headline's own table: dynamic routing

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib import image
 
@@ -920,3 +921,108 @@ def test_a_run_without_facts_says_so_and_how_to_get_them(tmp_path):
     assert "**assumed**: no machine-facts file beside this run" in header
     assert "CAPSBENCH_ASV_COMMIT" in header and "CAPSBENCH_ASV_MACHINE" in header
     assert "assumed" not in sections.run_header(load_asv(results_layout(tmp_path / "again")).runs[0], {})
+
+
+# ------------------------------------------------------------------------------------------------ routing algorithm
+HOST_STEP = "bench_memory.HostMemory.track_host_memory_train_step"
+HOST_BEFORE = "bench_memory.HostMemory.track_host_memory_before_model"
+ATTENTION_FACTORS = {TRAIN_STEP: 0.8, ROUTING_BACKWARD: 0.4, HOST_STEP: 0.95, HOST_BEFORE: 1.0}  # over dynamic's
+ALGORITHMS = ["'dynamic'", "'self-attention'"]
+
+
+def with_self_attention(root: Path, without=("numpy-vectorised",)) -> None:
+    """The fixture's run as if measured under both routing algorithms, as the suite measures them: the
+    parameter last; dynamic keeping the fixture's results; self-attention the fixture's figures x
+    :data:`ATTENTION_FACTORS` at 3 routing iterations alone (the routing benchmark's 1 and 5 skipped: NaN, as
+    asv stores a skip) and skipped for the implementations in ``without``; benchmarks.json names the parameter.
+    The fixture's facts predate the routing algorithms (the report knows the built-ins without them)."""
+    path = next((root / "asv" / MACHINE).glob("*-*.json"))
+    payload = json.loads(path.read_text())
+    columns = payload["result_columns"]
+    for name, factor in ATTENTION_FACTORS.items():
+        entry = payload["results"][name]
+        params = entry[columns.index("params")]
+        measured = [cell[0].strip("'") not in without and cell[2] == "3" for cell in itertools.product(*params)]
+        entry[columns.index("params")] = params + [ALGORITHMS]
+        for column in ("result", "stats_q_25", "stats_q_75", "stats_repeat"):
+            index = columns.index(column)
+            if index < len(entry) and isinstance(entry[index], list):
+                scale = 1.0 if column == "stats_repeat" else factor
+                skipped = math.nan if column == "result" else None
+                entry[index] = [value for v, ok in zip(entry[index], measured) for value in
+                                (v, v * scale if ok and isinstance(v, (int, float)) else skipped)]
+    path.write_text(json.dumps(payload))
+    benchmarks_path = root / "asv" / "benchmarks.json"
+    described = json.loads(benchmarks_path.read_text())
+    for name in ATTENTION_FACTORS:
+        described[name]["param_names"] = described[name]["param_names"] + ["routing_algorithm"]
+        described[name]["params"] = described[name]["params"] + [ALGORITHMS]
+    benchmarks_path.write_text(json.dumps(described))
+
+
+def test_the_routing_algorithms_are_a_section_and_a_plot_with_ratios_by_hand(tmp_path, capsys):
+    root = results_layout(tmp_path / "results")
+    with_self_attention(root)
+    code, _, _ = run_report(root, capsys)
+    assert code == 0
+    text = (root / "report" / "report.md").read_text()
+    (table,) = markdown_tables(text, "Routing algorithms")
+    shown = {(row["implementation"], row["batch"]) for row in table}
+    assert shown == {(name, batch) for name in MEASURED if name != "numpy-vectorised" for batch in ("32", "128")}
+    assert "Timed under dynamic routing alone in this run, not under self-attention (skipped: the implementation " \
+           "does not compute it, or the run left it out): numpy-vectorised." in text
+    line = next(row for row in table if row["implementation"] == "torch-looped" and row["batch"] == "128")
+    step = fixture_value(TRAIN_STEP, "'torch-looped'", "128", "3")
+    routing = fixture_value(ROUTING_BACKWARD, "'torch-looped'", "128", "3")
+    assert cell(line, "train step dynamic ms").startswith(ms(step))
+    assert cell(line, "train step self-attention ms").startswith(ms(0.8 * step))
+    assert_shows(cell(line, "train step self-attention / dynamic"), 0.8)
+    assert cell(line, "routing fwd+bwd self-attention ms").startswith(ms(0.4 * routing))
+    assert_shows(cell(line, "routing fwd+bwd self-attention / dynamic"), 0.4)
+    assert_shows(cell(line, "routing share dynamic"), 100 * routing / step)
+    assert_shows(cell(line, "routing share self-attention"), 100 * 0.4 * routing / (0.8 * step))
+    host = fixture_value(HOST_STEP, "'torch-looped'", "128", "3")
+    before = fixture_value(HOST_BEFORE, "'torch-looped'", "128", "3")
+    assert_shows(cell(line, "host model+step dynamic MiB"), (host - before) / 2**20)
+    assert_shows(cell(line, "host model+step self-attention MiB"), (0.95 * host - before) / 2**20)
+    assert "self-attention at the grid's 3 routing iterations (it is not iterative" in text
+    summary = markdown_tables(text, "Summary per implementation")[0]  # every other table: dynamic routing
+    row = next(row for row in summary if row["implementation"] == "torch-looped" and row["batch"] == "128")
+    assert cell(row, "train step ms").startswith(ms(step))
+    assert_png_with_content(root / "report" / "routing_algorithms.png")
+    tidy = pd.read_csv(root / "report" / report.TIDY_CSV)
+    attention = tidy[(tidy["benchmark"] == "time_routing_backward") & (tidy["routing_algorithm"] == "self-attention")
+                     & (tidy["implementation"] == "torch-looped")]
+    assert dict(zip(attention["routing_iterations"], attention["status"])) == {
+        1: "not applicable", 3: "ok", 5: "not applicable"}  # in the tidy table, out of every report table
+    assert "failed" not in set(tidy["status"])
+
+
+def test_an_older_run_without_the_parameter_reads_as_dynamic_and_compares_with_a_newer_one_cell_for_cell(
+        tmp_path, capsys, tables_only):
+    """The fixture (no routing_algorithm parameter) beside a later run under both algorithms: every dynamic
+    cell of the new run meets its old cell (the same parameters in words), self-attention's measured cells are
+    new ("missing in old"), and its cells at 1 and 5 iterations appear nowhere, neither as rows nor as
+    "without a result"."""
+    root = results_layout(tmp_path / "results")
+    old = next((root / "asv" / MACHINE).glob("*-*.json"))
+    later = tmp_path / "later"
+    results_layout(later)
+    with_self_attention(later)
+    payload = json.loads(next((later / "asv" / MACHINE).glob("*-*.json")).read_text())
+    payload["commit_hash"], payload["date"] = "a" * 40, payload["date"] + 86_400_000
+    (root / "asv" / MACHINE / f"aaaaaaaa-{payload['env_name']}.json").write_text(json.dumps(payload))
+    shutil.copy(later / "asv" / "benchmarks.json", root / "asv" / "benchmarks.json")  # asv rewrites it each run
+    code, _, _ = run_report(root, capsys)
+    assert code == 0 and old.exists()
+    comparison = pd.read_csv(root / "report" / "comparison.csv")
+    routing = comparison[comparison["benchmark"] == "time_routing_backward"]
+    attention = routing[routing["params"].str.contains("self-attention")]
+    assert not attention.empty and (attention["old_status"] == "missing").all()
+    assert set(attention["routing_iterations"]) == {3}
+    dynamic = routing[~routing["params"].str.contains("self-attention")]
+    measured = dynamic[dynamic["new"].notna()]
+    assert len(measured) == 3 * 2 * len(MEASURED) and (measured["ratio"] == 1.0).all()  # both sides, the same
+    text = (root / "report" / "report.md").read_text()
+    assert "## Routing algorithms" in text
+    assert "combination(s) without a result in either run not listed" in text

@@ -7,7 +7,13 @@ import re
 import pytest
 
 from harness import registry
-from harness.suite.sizes import PROFILES, profile_left_out_reason
+from harness.suite.sizes import (
+    PROFILES,
+    measured_iterations,
+    profile_left_out_reason,
+    routing_algorithms,
+    routing_gradients,
+)
 
 from conftest import REPO_ROOT
 
@@ -43,11 +49,13 @@ def test_jax_looped_is_left_out_of_the_quick_profiles_for_its_cost_with_that_rea
     assert reason("regular", "jax-looped") is None and reason("large", "jax-looped") is None
 
 
-def docs_profile_rows() -> dict[str, str]:
-    """docs/benchmarks.md's profile table: profile name -> its whole row."""
+def docs_profile_rows() -> dict[str, dict[str, str]]:
+    """docs/benchmarks.md's profile table: profile name -> its cells by heading."""
     text = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
-    table = text[text.index("| profile |"):].split("\n\n")[0]
-    return {match.group(1): line for line in table.splitlines() if (match := re.match(r"\| `([\w-]+)`", line))}
+    lines = text[text.index("| profile |"):].split("\n\n")[0].splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split(" | ")]
+    return {match.group(1): dict(zip(header, (cell.strip() for cell in line.strip("|").split(" | "))))
+            for line in lines[2:] if (match := re.match(r"\| `([\w-]+)`", line))}
 
 
 def test_the_docs_profile_table_names_every_profile_and_what_it_leaves_out():
@@ -56,10 +64,35 @@ def test_the_docs_profile_table_names_every_profile_and_what_it_leaves_out():
     rows = docs_profile_rows()
     assert set(rows) == set(PROFILES)
     for name, profile in PROFILES.items():
-        said = rows[name].split(" | ")[-2]  # the column "what it leaves out"
+        said = rows[name]["what it leaves out"]
         if profile["compiled"] and not profile.get("left_out"):
             assert said == "nothing", rows[name]
         if not profile["compiled"]:
             assert "(`*-compiled`, `*-cuda-graph`; JAX runs)" in said, rows[name]
         for left_out in profile.get("left_out", {}):
             assert f"`{left_out}`" in said, rows[name]
+
+
+def test_the_docs_profile_table_gives_each_profile_its_routing_gradients_and_algorithms():
+    rows = docs_profile_rows()
+    for name, profile in PROFILES.items():
+        assert rows[name]["routing gradients"] == ", ".join(routing_gradients(profile)), name
+        assert rows[name]["routing algorithms"] == ", ".join(routing_algorithms(profile)), name
+
+
+def test_the_cpu_profiles_measure_both_algorithms_and_the_gpu_ones_dynamic_routing_alone():
+    """README's main job (fast) and the profiles the lead runs with samples measure self-attention beside
+    dynamic routing; the routing-alone grid at batch 128 and 3 iterations is in fast, where the issue's
+    comparison is measured; the GPU lease plan counts dynamic routing's points alone."""
+    for name in ("smoke", "fast", "regular", "large"):
+        assert routing_algorithms(PROFILES[name]) == ["dynamic", "self-attention"], name
+    assert 128 in PROFILES["fast"]["batch_sizes"] and 3 in PROFILES["fast"]["routing_iterations"]
+    for name in ("gpu", "gpu-compiled"):
+        assert routing_algorithms(PROFILES[name]) == ["dynamic"], name
+
+
+@pytest.mark.parametrize("grid, default, measured", [([1, 3, 5], 3, 3), ([3], 3, 3), ([1, 2], 3, 2), ([1, 5], 3, 1),
+                                                     ([5, 10], 3, 5), ((10, 1, 4), 3, 4)])
+def test_a_non_iterative_algorithm_is_measured_at_the_default_count_or_the_nearest_lower_on_a_tie(grid, default,
+                                                                                                  measured):
+    assert measured_iterations(grid, default) == measured

@@ -12,6 +12,7 @@ from benchmarks import bench_memory, bench_phases, common
 from harness import registry
 from harness.spec import SMALL
 from implementations.numpy.capsnet import NumpyCapsNet
+from implementations.torch.autograd import TorchCapsNet
 
 LOG: list[str] = []
 
@@ -112,7 +113,7 @@ class FullGradientOnly(NumpyCapsNet):
 def test_the_routing_gradient_is_a_parameter_of_the_work_it_changes(counting, cls, monkeypatch):
     """Each benchmark of the work the routing gradient changes builds the network at the gradient of its
     grid point; an implementation without it is skipped (NotImplementedError) with the reason."""
-    assert cls.param_names[-1] == "routing_gradient" and cls.params[-1] == common.ROUTING_GRADIENTS
+    assert cls.param_names[-2] == "routing_gradient" and cls.params[-2] == common.ROUTING_GRADIENTS
     name, _, iterations = counting
     batch = 2
     for module in (common, bench_phases):  # the small network: what is built matters here, not its size
@@ -141,3 +142,111 @@ def test_the_gpu_memory_grid_measures_only_the_selected_implementations(monkeypa
     monkeypatch.setattr(bench_memory, "measure_grid", lambda names, *rest: asked.extend(names) or {})
     bench_memory.shared_setup_cache(None)
     assert asked == ["numpy-vectorised"]
+
+
+# ------------------------------------------------------------------------------------------------ routing algorithm
+ALGORITHM_CLASSES = [bench_phases.TrainStep, bench_phases.Forward, bench_phases.Inference, bench_phases.Backward,
+                     bench_phases.Routing, bench_phases.RoutingBackward, bench_memory.HostMemory,
+                     bench_memory.GpuMemory, bench_memory.GpuProcessMemory]
+
+
+@pytest.mark.parametrize("cls", ALGORITHM_CLASSES)
+def test_the_routing_algorithm_is_the_last_parameter_of_every_phase_routing_and_memory_benchmark(cls):
+    """Last, so that every earlier parameter keeps its position, and an older results file (without it) its
+    meaning when the report reads it with the new names."""
+    assert cls.param_names[-1] == "routing_algorithm" and cls.params[-1] == common.ROUTING_ALGORITHMS
+    assert cls.param_names[:3] == ["implementation", "batch_size", "routing_iterations"]
+    assert len(cls.params) == len(cls.param_names)
+
+
+class CountingTorch(TorchCapsNet):
+    """torch-vectorised (which computes both built-in algorithms), logging every contract call the suite makes."""
+
+    def __getattribute__(self, name):
+        if name in {"train_step", "routing_forward", "routing_backward", "to_device", "prediction_vectors"}:
+            LOG.append(name)
+        return super().__getattribute__(name)
+
+
+@pytest.fixture
+def small_grid(counting, monkeypatch):
+    """The counting implementations on the small network and a routing-iteration grid of 1, 3 and 5."""
+    for module in (common, bench_phases):
+        monkeypatch.setattr(module, "CONFIG", SMALL)
+    monkeypatch.setattr(common, "STEP_ROUTING_ITERATIONS", [1, 3, 5])
+    with registry.registered("counting-torch", CountingTorch):
+        monkeypatch.setattr(common, "SELECTED", set(registry.names()))
+        yield
+
+
+@pytest.mark.parametrize("cls, extra", [(bench_phases.TrainStep, ("full",)), (bench_phases.Forward, ()),
+                                        (bench_phases.Routing, ()), (bench_phases.RoutingBackward, ("full",))])
+def test_each_grid_point_builds_its_routing_algorithm_and_self_attention_is_measured_at_one_count(small_grid, cls,
+                                                                                                   extra):
+    """Under self-attention (not iterative) a benchmark builds the network with the algorithm at the grid's one
+    measured count (the network's 3) and skips every other count at once, before building anything; dynamic
+    routing is built at every count."""
+    grid = [1, 3, 5]
+    cls = type(cls.__name__, (cls,), {"params": [cls.params[0], [2], grid, *cls.params[3:]]})
+    benchmark = cls()
+    benchmark.setup("counting-torch", 2, 3, *extra, "self-attention")
+    assert benchmark.impl.config.routing_algorithm == "self-attention"
+    for iterations in (1, 5):
+        LOG.clear()
+        with pytest.raises(NotImplementedError, match="self-attention routing is not iterative: measured at 3 "
+                                                      "routing iterations alone"):
+            cls().setup("counting-torch", 2, iterations, *extra, "self-attention")
+        assert LOG == []  # skipped before any model was built
+    for iterations in grid:
+        benchmark = cls()
+        benchmark.setup("counting-torch", 2, iterations, *extra, "dynamic")
+        assert (benchmark.impl.config.routing_algorithm, benchmark.impl.config.routing_iterations) == \
+            ("dynamic", iterations)
+
+
+def test_an_implementation_without_the_algorithm_and_self_attention_at_final_are_skipped_with_the_reason(small_grid):
+    """The numpy counting implementation computes dynamic routing alone (ImplementationInfo.computes says why);
+    self-attention has no routing gradient final, whoever computes it."""
+    with pytest.raises(NotImplementedError, match="counting computes the routing algorithm dynamic only, not "
+                                                  "'self-attention'"):
+        bench_phases.TrainStep().setup("counting", 2, 3, "full", "self-attention")
+    with pytest.raises(NotImplementedError, match="self-attention routing has the routing gradient full only, "
+                                                  "not 'final'"):
+        bench_phases.RoutingBackward().setup("counting-torch", 2, 3, "final", "self-attention")
+    with pytest.raises(NotImplementedError, match="counting computes the routing algorithm dynamic only"):
+        bench_memory.HostMemory().setup("counting", 2, 3, "self-attention")
+
+
+def test_the_routing_inputs_of_each_algorithm_are_their_own(small_grid):
+    """u_hat is prepared once per process and grid point: the self-attention point times its own model."""
+    dynamic, attention = bench_phases.RoutingBackward(), bench_phases.RoutingBackward()
+    dynamic.setup("counting-torch", 2, 3, "full", "dynamic")
+    attention.setup("counting-torch", 2, 3, "full", "self-attention")
+    assert dynamic.impl is not attention.impl and attention.impl.config.routing_algorithm == "self-attention"
+    LOG.clear()
+    attention.time_routing_backward()
+    assert LOG == ["routing_backward"]
+
+
+def test_the_gpu_memory_grid_measures_each_algorithm_apart_keyed_by_the_grid_point(monkeypatch):
+    """One measure_grid per routing algorithm, at its own network, of the implementations that compute it;
+    the self-attention points at the measured count alone; the figures keyed as the benchmark's parameters."""
+    asked = []
+
+    def measure(names, config, dtype, points):
+        asked.append((names, config.routing_algorithm, points))
+        return {(name, *point): {"algorithm": config.routing_algorithm} for name in names for point in points}
+
+    monkeypatch.setattr(common, "SELECTED", {"numpy-vectorised", "torch-vectorised"})
+    monkeypatch.setattr(common, "ROUTING_ALGORITHMS", ["dynamic", "self-attention"])
+    monkeypatch.setattr(bench_memory, "ROUTING_ALGORITHMS", ["dynamic", "self-attention"])
+    monkeypatch.setattr(bench_memory, "STEP_ROUTING_ITERATIONS", [1, 3])
+    monkeypatch.setattr(bench_memory, "BATCH_SIZES", [8])
+    monkeypatch.setattr(bench_memory, "measure_grid", measure)
+    monkeypatch.setattr(bench_memory, "IMPLEMENTATIONS", ["numpy-vectorised", "torch-vectorised"])
+    monkeypatch.setattr(registry.get("numpy-vectorised").cls, "routing_algorithms", ("dynamic",))
+    measured = bench_memory.shared_setup_cache(None)
+    assert asked == [(["numpy-vectorised", "torch-vectorised"], "dynamic", [(8, 1), (8, 3)]),
+                     (["torch-vectorised"], "self-attention", [(8, 3)])]
+    assert measured[("torch-vectorised", 8, 3, "self-attention")] == {"algorithm": "self-attention"}
+    assert measured[("numpy-vectorised", 8, 1, "dynamic")] == {"algorithm": "dynamic"}

@@ -776,3 +776,138 @@ def test_the_distributed_table_labels_each_file_and_divides_by_the_compute_of_it
     assert frame["allreduce_share"].tolist()[1] == 0.1 and math.isnan(frame["allreduce_share"].iloc[0])
     alone = distributed_table([(Path("one.json"), {"runs": [scaling_run(1, 2, 64.0)]})])  # one rank: no all-reduce
     assert alone["allreduce_seconds"].dtype == float and alone["allreduce_share"].dtype == float
+
+
+# ---------------------------------------------------------------------------------------------- routing algorithm
+def algorithm_rows(commit="a", attention_iterations=3) -> list[dict]:
+    """torch-fused at batch 128: train step 1.00 s dynamic (q 0.90–1.10), 0.80 s self-attention (0.76–0.84);
+    routing forward + backward 0.20 s (0.19–0.21) at 3 iterations and 0.10 s at 1 (another count), 0.08 s
+    (0.078–0.082) under self-attention; host memory 500 / 480 MiB with 300 MiB before the model under both.
+    numpy-vectorised under dynamic routing alone.  Self-attention at ``attention_iterations``."""
+    mib = 2**20
+    attention = dict(routing_algorithm="self-attention", implementation="torch-fused", batch=128)
+    dynamic = dict(routing_algorithm="dynamic", implementation="torch-fused", batch=128)
+    return [
+        row(commit, "train_step", 1.00, 0.90, 1.10, 7, **dynamic),
+        row(commit, "train_step", 0.80, 0.76, 0.84, 7, iterations=attention_iterations, **attention),
+        row(commit, "routing_backward", 0.20, 0.19, 0.21, 7, **dynamic),
+        row(commit, "routing_backward", 0.10, 0.09, 0.11, 7, iterations=1, **dynamic),
+        row(commit, "routing_backward", 0.08, 0.078, 0.082, 7, iterations=attention_iterations, **attention),
+        row(commit, "routing_backward", NAN, iterations=1 if attention_iterations != 1 else 5, **attention),
+        row(commit, "host_memory", 500.0 * mib, unit="bytes", **dynamic),
+        row(commit, "host_memory_before_model", 300.0 * mib, unit="bytes", **dynamic),
+        row(commit, "host_memory", 480.0 * mib, unit="bytes", iterations=attention_iterations, **attention),
+        row(commit, "host_memory_before_model", 300.0 * mib, unit="bytes", iterations=attention_iterations,
+            **attention),
+        row(commit, "train_step", 1.30, 1.2, 1.4, 7, implementation="numpy-vectorised", batch=128),
+        row(commit, "train_step", NAN, implementation="numpy-vectorised", batch=128, **{
+            "routing_algorithm": "self-attention"}),
+    ]
+
+
+def test_each_routing_algorithm_beside_dynamic_routing_by_hand():
+    from harness.reporting.tables import routing_algorithm_table, timed_under_dynamic_alone
+
+    table = tidy_frame(algorithm_rows())
+    rows = run_rows(table, run("a"), routing_algorithm=None)
+    frame = routing_algorithm_table(rows, 3, {"dynamic": True, "self-attention": False})
+    assert list(frame["implementation"]) == ["torch-fused"]  # numpy-vectorised: dynamic routing alone
+    line = frame.iloc[0]
+    assert line["train_step_ratio_self-attention"] == pytest.approx(0.8)
+    assert line["train_step_ratio_self-attention_low"] == pytest.approx(0.76 / 1.10)  # q25 / the other's q75
+    assert line["train_step_ratio_self-attention_high"] == pytest.approx(0.84 / 0.90)
+    assert line["routing_backward_dynamic"] == pytest.approx(0.20)  # at 3 iterations, not 1's 0.10
+    assert line["routing_backward_ratio_self-attention"] == pytest.approx(0.4)
+    assert line["routing_backward_ratio_self-attention_low"] == pytest.approx(0.078 / 0.21)
+    assert line["routing_share_dynamic"] == pytest.approx(0.2) and line["routing_share_self-attention"] == \
+        pytest.approx(0.1)
+    assert line["routing_share_ratio_self-attention"] == pytest.approx(0.5)
+    assert line["host_model_and_step_dynamic"] == 200 * 2**20 and line["host_model_and_step_self-attention"] == \
+        180 * 2**20
+    assert line["host_model_and_step_ratio_self-attention"] == pytest.approx(0.9)
+    assert (line["train_step_self-attention_q25"], line["train_step_self-attention_samples"]) == (0.76, 7)
+    assert math.isnan(line["gpu_memory_allocator_live_self-attention"])
+    assert timed_under_dynamic_alone(rows, frame) == {"self-attention": ["numpy-vectorised"]}
+
+
+def test_a_non_iterative_algorithm_is_taken_at_the_count_it_was_measured_and_an_iterative_one_at_the_step_count():
+    """Self-attention measured at 5 iterations (a grid without 3): taken there when the run says it is not
+    iterative, and not at all when it says it is (every count then stands for itself)."""
+    from harness.reporting.tables import routing_algorithm_table
+
+    rows = run_rows(tidy_frame(algorithm_rows(attention_iterations=5)), run("a"), routing_algorithm=None)
+    frame = routing_algorithm_table(rows, 3, {"self-attention": False})
+    assert frame.iloc[0]["routing_backward_ratio_self-attention"] == pytest.approx(0.4)
+    assert routing_algorithm_table(rows, 3, {"self-attention": True}).empty
+    assert routing_algorithm_table(rows, 3).empty  # nothing said: iterative
+
+
+def test_every_other_table_sees_dynamic_routing_and_old_results_are_dynamic():
+    table = tidy_frame(algorithm_rows())
+    summary = summary_table(run_rows(table, run("a")), 3).set_index(["implementation", "batch_size"])
+    assert summary.loc[("torch-fused", 128), "train_step"] == pytest.approx(1.00)  # not self-attention's 0.80
+    assert summary.loc[("torch-fused", 128), "routing_share"] == pytest.approx(0.2)
+    old = tidy_frame([row("a", "train_step", 0.5)])  # no routing_algorithm parameter at all
+    assert old["routing_algorithm"].tolist() == ["dynamic"]
+    from harness.reporting.tables import routing_algorithm_table
+
+    assert routing_algorithm_table(run_rows(old, run("a"), routing_algorithm=None), 3).empty
+
+
+def test_the_flops_of_a_phase_are_counted_for_dynamic_routing_alone():
+    from harness.suite.asv_results import add_flops
+
+    table = add_flops(tidy_frame([row("a", "train_step", 1.0, routing_algorithm=algorithm, profile="fast")
+                                  for algorithm in ("dynamic", "self-attention")]))
+    flops = dict(zip(table["routing_algorithm"], table["flops"]))
+    assert flops["dynamic"] > 0 and math.isnan(flops["self-attention"])
+
+
+def test_cells_never_measured_under_their_algorithm_are_not_applicable_and_left_out_of_every_table():
+    """Self-attention is not iterative: its cells at 1 and 5 iterations of a 1, 3, 5 grid are no skip of
+    anything (the suite measures it at 3 alone), nor is self-attention at the final gradient; a skipped cell
+    of dynamic routing, or of self-attention at 3, stays a skip; an algorithm the facts call iterative, or do
+    not describe (a plugin's, from another machine), keeps every cell."""
+    from harness.suite.asv_results import NOT_APPLICABLE, mark_not_applicable
+
+    def cells(algorithm, gradient="full"):
+        return [{"routing_algorithm": algorithm, "routing_iterations": count, "routing_gradient": gradient,
+                 "status": "skipped"} for count in (1, 3, 5)]
+
+    grid = cells("self-attention") + cells("dynamic") + cells("self-attention", "final") + cells("plugin-routing")
+    grid.append({"routing_algorithm": "self-attention", "routing_iterations": 5, "status": "ok"})
+    mark_not_applicable(grid, {}, 3)
+    statuses = [cell["status"] for cell in grid]
+    assert statuses[:3] == [NOT_APPLICABLE, "skipped", NOT_APPLICABLE]
+    assert statuses[3:6] == ["skipped"] * 3
+    assert statuses[6:9] == [NOT_APPLICABLE] * 3
+    assert statuses[9:12] == ["skipped"] * 3  # an algorithm nothing describes
+    assert statuses[12] == "ok"  # a measured figure is never hidden
+    plugin = cells("plugin-routing")
+    mark_not_applicable(plugin, {"routing_algorithms": {"plugin-routing": {"iterative": False}}}, 1)
+    assert [cell["status"] for cell in plugin] == ["skipped", NOT_APPLICABLE, NOT_APPLICABLE]  # measured at 1
+    rows = [row("a", "routing_backward", NAN, iterations=count, routing_algorithm="self-attention")
+            for count in (1, 3, 5)]
+    for each, status in zip(rows, (NOT_APPLICABLE, "skipped", NOT_APPLICABLE)):
+        each["status"] = status
+    shown = run_rows(tidy_frame(rows), run("a"), routing_algorithm=None)
+    assert list(shown["routing_iterations"]) == [3]
+    assert len(comparison_table(tidy_frame(rows + [dict(r, commit="b") for r in rows]), run("a"), run("b"))) == 1
+
+
+def test_parameter_labels_name_an_algorithm_other_than_dynamic():
+    from harness.reporting.tables import parameter_label
+
+    step = pd.Series({"implementation": "torch-fused", "batch_size": 128.0, "routing_iterations": 3.0,
+                      "routing_gradient": "full", "routing_algorithm": "dynamic"})
+    assert parameter_label(step, ["routing_gradient", "routing_algorithm"]) == "torch-fused, batch 128, 3 it."
+    assert parameter_label({**step, "routing_algorithm": "self-attention"}, ["routing_algorithm"]) == (
+        "torch-fused, batch 128, 3 it., self-attention routing")
+
+
+def test_a_ratio_is_written_with_its_range_over_the_two_interquartile_ranges_and_a_single_sample_without():
+    from harness.reporting.sections import ratio_cell
+
+    assert ratio_cell(0.8, 0.76 / 1.10, 0.84 / 0.90) == "0.80× (0.69–0.93×)"
+    assert ratio_cell(0.4, 0.4, 0.4) == "0.40×"  # one sample each: q25 = q75 = the value, no range
+    assert ratio_cell(0.4, NAN, NAN) == "0.40×" and ratio_cell(NAN, 0.3, 0.5) == "n/a"

@@ -42,7 +42,12 @@ from matplotlib.ticker import (  # noqa: E402
 )
 
 from harness.reporting.formatting import samples_phrase  # noqa: E402
-from harness.reporting.tables import profile_rows, training_images, training_ranks  # noqa: E402
+from harness.reporting.tables import (  # noqa: E402
+    profile_rows,
+    table_algorithms,
+    training_images,
+    training_ranks,
+)
 from harness.results import PROFILE_PHASES, Profile  # noqa: E402
 
 DPI = 150
@@ -583,6 +588,79 @@ def routing_gradient_saving(frame: pd.DataFrame, where: str, iterations: int) ->
                  f"not measured at both routing gradients in this run: {', '.join(unmeasured)}" if unmeasured else "")
     return finish(fig, f"What stopping the routing gradient before the last iteration saves ({where})", note,
                   unique_handles(axes))
+
+
+ALGORITHM_COLOURS = {"dynamic": "#4c72b0", "self-attention": "#dd8452"}  # any other algorithm: a hash of its name
+ALGORITHM_PANELS = (("train_step", "train step", "ms"), ("routing_backward", "routing forward + backward alone", "ms"),
+                    ("host_model_and_step", "host memory of the model and a step", "MiB"),
+                    ("gpu_memory_allocator_live", "GPU allocator: peak of live bytes", "MiB"))
+
+
+def algorithm_colour(name: str) -> tuple:
+    """The colour of a routing algorithm in every figure: a fixed table, any other name a stable hash."""
+    if name in ALGORITHM_COLOURS:
+        return to_rgb(ALGORITHM_COLOURS[name])
+    return hashed_colour(name, plt.get_cmap("Dark2").colors)
+
+
+def ratio_text(ratio: float) -> str:
+    return "n/a" if not np.isfinite(ratio) else f"{ratio:.2f}×"
+
+
+def routing_algorithms(frame: pd.DataFrame, where: str, iterations: int,
+                       dynamic_alone: dict[str, list[str]] | None = None) -> Figure:
+    """Each routing algorithm beside dynamic routing, from :func:`harness.reporting.tables.routing_algorithm_table`:
+    one row of panels per figure measured (train step, routing forward + backward alone, and the memory the run
+    has), one column per batch size; in each panel the implementations, a bar per algorithm in the algorithm's
+    colour (times with their interquartile range where several samples stand behind them), and under each
+    implementation's name its ratio of every other algorithm to dynamic; ``dynamic_alone`` (per algorithm, the
+    implementations timed under dynamic routing alone) is named in the note."""
+    if frame.empty:
+        raise NoData("no implementation measured under a routing algorithm other than dynamic in this run")
+    algorithms = table_algorithms(frame)
+    panels = [(metric, title, unit) for metric, title, unit in ALGORITHM_PANELS  # measured under another algorithm
+              if frame[[f"{metric}_{algorithm}" for algorithm in algorithms[1:]]].notna().any().any()]
+    batches = sorted(int(batch) for batch in frame["batch_size"].unique())
+    implementations = sorted(frame["implementation"].unique())
+    width = max(9.0, len(batches) * (1.05 * len(implementations) + 1.6))
+    fig, grid = plt.subplots(len(panels), len(batches), figsize=(width, max(5.2, 0.4 + 3.0 * len(panels))),
+                             squeeze=False)
+    scale = {"ms": 1e3, "MiB": 1 / MIB}
+    timed = [f"{metric}_{algorithm}_samples" for metric in ("train_step", "routing_backward")
+             for algorithm in algorithms]
+    samples = [value for column in timed if column in frame for value in frame[column].dropna()]
+    one = bool(samples) and all(value == 1 for value in samples)
+    for row, (metric, title, unit) in enumerate(panels):
+        for column, batch in enumerate(batches):
+            ax = grid[row][column]
+            rows = frame[frame["batch_size"] == batch].set_index("implementation").reindex(implementations)
+            values = pd.DataFrame({algorithm: rows[f"{metric}_{algorithm}"] * scale[unit] for algorithm in algorithms})
+            spread = None
+            if unit == "ms":
+                several = {algorithm: rows[f"{metric}_{algorithm}_samples"] > 1 for algorithm in algorithms}
+                spread = tuple(pd.DataFrame({algorithm: (rows[f"{metric}_{algorithm}{q}"] * 1e3).where(
+                    several[algorithm]) for algorithm in algorithms}) for q in ("_q25", "_q75"))
+            grouped_bars(ax, values, implementations, algorithms, algorithm_colour, str, bar_value, spread=spread)
+            log = auto_log(ax, values.to_numpy().ravel())
+            headroom(ax, log)
+            ax.set_xticklabels([name + "\n" + " · ".join(ratio_text(rows.loc[name, f"{metric}_ratio_{algorithm}"])
+                                                          for algorithm in algorithms[1:])
+                                for name in implementations], fontsize=7.5)
+            ax.set_title(f"{title}, batch {batch}", fontsize=9.5)
+            what = ("time per call (ms, 1 sample each" if one else "median time per call (ms") if unit == "ms" \
+                else "memory (MiB"
+            ax.set_ylabel(what + (", log scale)" if log else ")"), fontsize=8.5)
+            ax.grid(axis="y", **GRID)
+    ratios = " · ".join(f"{algorithm} / dynamic" for algorithm in algorithms[1:])
+    note = notes(f"under each implementation: {ratios} of the same batch and run (below 1: it takes less); dynamic "
+                 f"routing at {iterations} routing iterations, an algorithm that is not iterative in its one pass",
+                 "times: " + samples_phrase(samples) if samples else "",
+                 "host memory of the model and a step = resident memory at the step's peak minus before the model "
+                 "was built" if any(metric == "host_model_and_step" for metric, _, _ in panels) else "",
+                 *(f"timed under dynamic routing alone, not under {algorithm} (skipped): {', '.join(names)}"
+                   for algorithm, names in (dynamic_alone or {}).items() if names))
+    return finish(fig, f"Routing algorithms: each beside dynamic routing ({where})", note,
+                  unique_handles([grid[0][0]]), legend_cols=len(algorithms))
 
 
 GPU_MEMORY_PANELS = (

@@ -47,11 +47,14 @@ from harness.reporting.tables import (
     profile_layer_table,
     profile_rows,
     profile_summary,
+    routing_algorithm_table,
     routing_gradient_table,
     run_rows,
     speedup_table,
     step_iterations,
     summary_table,
+    table_algorithms,
+    timed_under_dynamic_alone,
 )
 from harness.results import (
     FIGURES_JSON,
@@ -62,7 +65,7 @@ from harness.settings import (
     ASV_COMMIT_ENV,
     ASV_MACHINE_ENV,
 )
-from harness.suite.asv_results import Run, run_peak_sentence
+from harness.suite.asv_results import DEFAULT_ROUTING_ALGORITHM, Run, routing_algorithm_facts, run_peak_sentence
 from harness.suite.run_order import ANCESTRY, COMMIT_DATE, MEASURED, NAME
 
 STALE_PLOTS = ("roofline",)  # plots of older reports under another name: removed when a report is written
@@ -267,6 +270,97 @@ def routing_gradient_section(rows: pd.DataFrame, run: Run) -> str:
             "final / full (negative: final was slower); routing share = routing forward + backward alone / train "
             "step, at each gradient. A saving within the spreads of the two times is not a measured difference.",
             "", markdown_table(cells, text_columns=1)]
+    return "\n".join(text)
+
+
+ROUTING_ALGORITHM_TIMINGS = {"train_step": "train step", "routing_backward": "routing fwd+bwd"}
+ROUTING_ALGORITHM_MEMORY = {"host_model_and_step": "host model+step", "gpu_memory_allocator_live": "GPU allocator live"}
+
+
+def iterative_algorithms(rows: pd.DataFrame, facts: dict) -> dict[str, bool]:
+    """Whether each routing algorithm of ``rows`` is iterative, as the run's facts (or capsbench's built-ins)
+    say; True where nothing says (every iteration count then stands for itself)."""
+    names = set(rows["routing_algorithm"].dropna()) if "routing_algorithm" in rows else set()
+    return {name: routing_algorithm_facts(name, facts).get("iterative", True) is not False for name in names}
+
+
+def ratio_cell(ratio, low, high) -> str:
+    """A ratio with its range over the two interquartile ranges where there is one: "0.42× (0.40–0.45×)"."""
+    text = fmt(ratio, "times")
+    if text == NA or pd.isna(low) or pd.isna(high) or low == high:
+        return text
+    return f"{text} ({low:.2f}–{high:.2f}×)"
+
+
+def measured_iterations_text(rows: pd.DataFrame, algorithm: str) -> str:
+    """At which routing-iteration count(s) the run timed ``algorithm`` (the grid cell of one that is not
+    iterative, where the count means nothing)."""
+    timed = rows[(rows["routing_algorithm"] == algorithm) & rows["value"].notna()
+                 & rows["metric"].isin(list(ROUTING_ALGORITHM_TIMINGS))]
+    counts = sorted({int(count) for count in timed["routing_iterations"].dropna()})
+    return ", ".join(map(str, counts)) or "?"
+
+
+def routing_algorithm_section(rows: pd.DataFrame, run: Run) -> str:
+    """Each routing algorithm the run measured beside dynamic routing (``rows``: the run's at the full routing
+    gradient and every algorithm), per implementation and batch
+    (:func:`harness.reporting.tables.routing_algorithm_table`); empty when the run measured dynamic alone."""
+    dynamic = rows[rows["routing_algorithm"] == DEFAULT_ROUTING_ALGORITHM]
+    iterations, _ = step_iterations(dynamic, run.config_name)
+    iterative = iterative_algorithms(rows, run.facts)
+    frame = routing_algorithm_table(rows, iterations, iterative)
+    if frame.empty:
+        return ""
+    algorithms = table_algorithms(frame)
+    others = algorithms[1:]
+    cells = formatted(frame, {"implementation": ("implementation", "str"), "batch_size": ("batch", "int")})
+    compared = {metric for metric in [*ROUTING_ALGORITHM_TIMINGS, "routing_share", *ROUTING_ALGORITHM_MEMORY]
+                if frame[[f"{metric}_{algorithm}" for algorithm in others]].notna().any().any()}
+    timed = []
+    for metric, heading in ROUTING_ALGORITHM_TIMINGS.items():
+        if metric not in compared:
+            continue  # dynamic routing's figure alone: the summary has it
+        for algorithm in algorithms:
+            renamed = {f"{metric}_{algorithm}{suffix}": f"{metric}{suffix}"
+                       for suffix in ("", "_q25", "_q75", "_samples")}
+            title, column = timing_cells(frame.rename(columns=renamed), metric, f"{heading} {algorithm} ms")
+            cells[title] = column
+            timed += list(frame.loc[frame[f"{metric}_{algorithm}"].notna(), f"{metric}_{algorithm}_samples"])
+        for algorithm in others:
+            cells[f"{heading} {algorithm} / dynamic"] = [
+                ratio_cell(*values) for values in zip(frame[f"{metric}_ratio_{algorithm}"],
+                                                      frame[f"{metric}_ratio_{algorithm}_low"],
+                                                      frame[f"{metric}_ratio_{algorithm}_high"])]
+    for algorithm in algorithms if "routing_share" in compared else []:
+        cells[f"routing share {algorithm}"] = [fmt(value, "pct") for value in frame[f"routing_share_{algorithm}"]]
+    for metric, heading in ROUTING_ALGORITHM_MEMORY.items():
+        if metric not in compared:
+            continue  # not measured under another algorithm (GPU memory on a CPU machine): no column of n/a
+        for algorithm in algorithms:
+            cells[f"{heading} {algorithm} MiB"] = [fmt(value, "mib") for value in frame[f"{metric}_{algorithm}"]]
+        for algorithm in others:
+            cells[f"{heading} {algorithm} / dynamic"] = [
+                fmt(v, "times") for v in frame[f"{metric}_ratio_{algorithm}"]]
+    where = "; ".join(f"{algorithm} at the grid's {measured_iterations_text(rows, algorithm)} routing iterations"
+                      + (" (it is not iterative: the count means nothing to it, the other counts are not measured)"
+                         if not iterative.get(algorithm, True) else "") for algorithm in others)
+    text = [f"### {run.label}", "", f"Times per call, each implementation and batch under every routing algorithm "
+            f"the run measured (harness.spec), at the full routing gradient: dynamic routing at {iterations} routing "
+            f"iterations; {where}. {samples_sentence(timed)} ratio = algorithm / dynamic of the same "
+            "implementation, batch and run (below 1: it takes less), with its range over the two interquartile "
+            "ranges in brackets (q25 / the other's q75 to q75 / the other's q25): a range that holds 1 is no "
+            "measured difference. routing share = routing forward + backward alone / train step; host model+step "
+            "= resident memory at the peak of a training step minus before the model was built.",
+            "", markdown_table(cells, text_columns=1)]
+    missing = [heading for metric, heading in [*ROUTING_ALGORITHM_TIMINGS.items(), ("routing_share", "routing share"),
+                                               ("host_model_and_step", "host memory")] if metric not in compared]
+    if missing:
+        text += ["", f"Not measured under {' or '.join(others)} in this run, so not in the table: "
+                 f"{', '.join(missing)}."]
+    for algorithm, alone in timed_under_dynamic_alone(rows, frame).items():
+        if alone:
+            text += ["", f"Timed under dynamic routing alone in this run, not under {algorithm} (skipped: the "
+                     f"implementation does not compute it, or the run left it out): {', '.join(alone)}."]
     return "\n".join(text)
 
 
@@ -585,6 +679,8 @@ PLOT_DESCRIPTIONS = {
     "peak_share": "achieved GFLOP/s as a share of the machine's one peak per implementation and phase",
     "routing_gradient_saving": "time the routing gradient final saves over full per implementation and batch size "
                                "(backward, train step, routing forward + backward)",
+    "routing_algorithms": "train step, routing forward + backward and host memory under each routing algorithm "
+                          "per implementation and batch size, with the ratio to dynamic routing",
     "training_curves": "training loss and test accuracy against training time",
     "profile": "where the time of a training step goes, by phase and layer, per implementation",
     "distributed_scaling": "images/s against world size with the ideal line, and scaling efficiency",
@@ -630,6 +726,11 @@ def benchmark_plots(table: pd.DataFrame, runs: list[Run], out: Path, entries: li
         if (both["routing_gradient"] != "full").any():  # only a run that measured final has this figure
             draw("routing_gradient_saving", suffix, out, lambda: plots.routing_gradient_saving(
                 routing_gradient_table(both, iterations), where, iterations), entries)
+        algorithms = run_rows(table, run, routing_algorithm=None)
+        if (algorithms["value"].notna() & (algorithms["routing_algorithm"] != DEFAULT_ROUTING_ALGORITHM)).any():
+            compared = routing_algorithm_table(algorithms, iterations, iterative_algorithms(algorithms, run.facts))
+            draw("routing_algorithms", suffix, out, lambda: plots.routing_algorithms(
+                compared, where, iterations, timed_under_dynamic_alone(algorithms, compared)), entries)
 
 
 def remove_plots_not_drawn(out: Path, entries: list[tuple[str, str, str]]) -> None:

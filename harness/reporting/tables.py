@@ -17,7 +17,15 @@ from harness.measure.scaling import compute_units, efficiency_caveat, scaling_ef
 from harness.reporting.formatting import NA
 from harness.results import PROFILE_PHASES, Profile
 from harness.spec import get_config
-from harness.suite.asv_results import DEFAULT_ROUTING_GRADIENT, ROUTING_GRADIENT_COLUMN, TIDY_COLUMNS, Run
+from harness.suite.asv_results import (
+    DEFAULT_ROUTING_ALGORITHM,
+    DEFAULT_ROUTING_GRADIENT,
+    NOT_APPLICABLE,
+    ROUTING_ALGORITHM_COLUMN,
+    ROUTING_GRADIENT_COLUMN,
+    TIDY_COLUMNS,
+    Run,
+)
 
 CHANGE_FACTOR = 1.1  # a ratio outside [1/1.1, 1.1] (asv compare's default factor) beyond the spread is flagged
 LOWER_IS_BETTER = {"seconds", "bytes", "relative error"}
@@ -31,13 +39,19 @@ SPEEDUP_PHASES = ["train_step", "forward", "backward", "inference", "routing", "
 MNIST_TRAIN_IMAGES, MNIST_TEST_IMAGES = 60_000, 10_000  # what a training record's limit None means
 
 
-def run_rows(table: pd.DataFrame, run: Run, routing_gradient: str | None = DEFAULT_ROUTING_GRADIENT) -> pd.DataFrame:
+def run_rows(table: pd.DataFrame, run: Run, routing_gradient: str | None = DEFAULT_ROUTING_GRADIENT,
+             routing_algorithm: str | None = DEFAULT_ROUTING_ALGORITHM) -> pd.DataFrame:
     """The tidy rows of one run, at one routing gradient (default ``full``, what every table but the
-    routing-gradient one shows; None: all)."""
+    routing-gradient one shows; None: all) and one routing algorithm (default ``dynamic``, what every table
+    but the routing-algorithm one shows; None: all); never the cells the suite does not measure under their
+    routing algorithm (status :data:`~harness.suite.asv_results.NOT_APPLICABLE`)."""
     rows = table[(table["machine"] == run.machine) & (table["commit"] == run.commit) & (table["env"] == run.env)]
-    if routing_gradient is None or ROUTING_GRADIENT_COLUMN not in rows:
-        return rows
-    return rows[rows[ROUTING_GRADIENT_COLUMN] == routing_gradient]
+    rows = rows[rows["status"] != NOT_APPLICABLE]
+    if routing_gradient is not None and ROUTING_GRADIENT_COLUMN in rows:
+        rows = rows[rows[ROUTING_GRADIENT_COLUMN] == routing_gradient]
+    if routing_algorithm is not None and ROUTING_ALGORITHM_COLUMN in rows:
+        rows = rows[rows[ROUTING_ALGORITHM_COLUMN] == routing_algorithm]
+    return rows
 
 
 GRADIENT_PHASES = ["backward", "train_step", "routing_backward"]  # the timed work the routing gradient changes
@@ -73,6 +87,90 @@ def routing_gradient_table(rows: pd.DataFrame, iterations: int) -> pd.DataFrame:
     for gradient in ("full", "final"):
         frame[f"routing_share_{gradient}"] = frame[f"routing_backward_{gradient}"] / frame[f"train_step_{gradient}"]
     return frame.reset_index().sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+ALGORITHM_TIMINGS = ["train_step", "routing_backward"]  # the times the routing-algorithm table sets side by side
+ALGORITHM_MEMORY = ["host_model_and_step", "gpu_memory_allocator_live"]  # and the memory (bytes)
+ALGORITHM_FIGURES = ALGORITHM_TIMINGS + ["routing_share"] + ALGORITHM_MEMORY  # each with a ratio to dynamic
+
+
+def routing_algorithms_of(rows: pd.DataFrame) -> list[str]:
+    """The routing algorithms of ``rows`` with a result: dynamic first (the baseline of every ratio), then
+    the others by name."""
+    measured = set(rows.loc[rows["value"].notna(), ROUTING_ALGORITHM_COLUMN].dropna()) \
+        if ROUTING_ALGORITHM_COLUMN in rows else set()
+    return [DEFAULT_ROUTING_ALGORITHM] + sorted(measured - {DEFAULT_ROUTING_ALGORITHM})
+
+
+def routing_algorithm_table(rows: pd.DataFrame, iterations: int, iterative: dict[str, bool] | None = None
+                            ) -> pd.DataFrame:
+    """Each routing algorithm beside dynamic routing, per implementation x batch size measured under one
+    other than dynamic: for each algorithm A (:func:`routing_algorithms_of`) the train step and routing
+    forward + backward alone (s) with their q25, q75 and samples (``train_step_dynamic``,
+    ``train_step_dynamic_q25``, ..., ``routing_backward_self-attention_samples``), the routing share
+    (``routing_share_A`` = routing forward + backward / train step), the host memory the model and a step take
+    (``host_model_and_step_A``: resident memory at the step's peak minus before the model was built, bytes)
+    and the GPU allocator's live peak (``gpu_memory_allocator_live_A``); and for each A but dynamic the ratio
+    A / dynamic of each of those (``train_step_ratio_A``, ...), with, for the times, the ratio's range over
+    the two interquartile ranges (``train_step_ratio_A_low`` = q25(A) / q75(dynamic), ``..._high`` =
+    q75(A) / q25(dynamic); NaN where a side has no spread).  ``rows`` are one run's at one routing gradient
+    and every algorithm; dynamic (and any iterative algorithm) is taken at ``iterations``, an algorithm that
+    ``iterative`` says is not iterative at the one count the suite measured it."""
+    keys = ["implementation", "batch_size"]
+    algorithms = routing_algorithms_of(rows)
+    columns = [f"{metric}_{algorithm}{suffix}" for metric in ALGORITHM_TIMINGS for algorithm in algorithms
+               for suffix in ("", "_q25", "_q75", "_samples")]
+    columns += [f"{metric}_{algorithm}" for metric in ["routing_share"] + ALGORITHM_MEMORY for algorithm in algorithms]
+    columns += [f"{metric}_ratio_{algorithm}{suffix}" for algorithm in algorithms[1:] for metric in ALGORITHM_FIGURES
+                for suffix in (("", "_low", "_high") if metric in ALGORITHM_TIMINGS else ("",))]
+    if len(algorithms) == 1:
+        return pd.DataFrame(columns=keys + columns)
+    named = rows[rows["implementation"].notna() & rows["batch_size"].notna()]
+    metrics = ALGORITHM_TIMINGS + ["host_memory", "host_memory_before_model", "gpu_memory_allocator_live"]
+    frame = named[["implementation", "batch_size"]].drop_duplicates().set_index(keys)
+    for algorithm in algorithms:
+        chosen = named[(named[ROUTING_ALGORITHM_COLUMN] == algorithm) & named["metric"].isin(metrics)]
+        if (iterative or {}).get(algorithm, True):
+            chosen = chosen[chosen["routing_iterations"] == iterations]
+        chosen = chosen.sort_values("value", na_position="last", kind="stable")  # the measured cell first
+        for value, suffix in (("value", ""), ("q25", "_q25"), ("q75", "_q75"), ("samples", "_samples")):
+            wide = chosen.pivot_table(index=keys, columns="metric", values=value, aggfunc="first", dropna=False)
+            wide = wide.reindex(index=frame.index, columns=metrics)
+            if not suffix:
+                frame[f"host_model_and_step_{algorithm}"] = wide["host_memory"] - wide["host_memory_before_model"]
+                frame[f"gpu_memory_allocator_live_{algorithm}"] = wide["gpu_memory_allocator_live"]
+            for metric in ALGORITHM_TIMINGS:
+                frame[f"{metric}_{algorithm}{suffix}"] = wide[metric]
+        frame[f"routing_share_{algorithm}"] = frame[f"routing_backward_{algorithm}"] / frame[f"train_step_{algorithm}"]
+    others = [f"{metric}_{algorithm}" for algorithm in algorithms[1:] for metric in ALGORITHM_FIGURES]
+    frame = frame[frame[others].notna().any(axis=1)].copy()
+    base = DEFAULT_ROUTING_ALGORITHM
+    for algorithm in algorithms[1:]:
+        for metric in ALGORITHM_FIGURES:
+            frame[f"{metric}_ratio_{algorithm}"] = frame[f"{metric}_{algorithm}"] / frame[f"{metric}_{base}"]
+        for metric in ALGORITHM_TIMINGS:
+            own, baseline = f"{metric}_{algorithm}", f"{metric}_{base}"
+            frame[f"{metric}_ratio_{algorithm}_low"] = frame[f"{own}_q25"] / frame[f"{baseline}_q75"]
+            frame[f"{metric}_ratio_{algorithm}_high"] = frame[f"{own}_q75"] / frame[f"{baseline}_q25"]
+    frame = frame.reindex(columns=columns)
+    return frame.reset_index().sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+def table_algorithms(frame: pd.DataFrame) -> list[str]:
+    """The routing algorithms of a :func:`routing_algorithm_table`: dynamic first, then those with a ratio."""
+    return [DEFAULT_ROUTING_ALGORITHM] + [column[len("train_step_ratio_"):] for column in frame.columns
+                                         if column.startswith("train_step_ratio_")
+                                         and not column.endswith(("_low", "_high"))]
+
+
+def timed_under_dynamic_alone(rows: pd.DataFrame, frame: pd.DataFrame) -> dict[str, list[str]]:
+    """Per routing algorithm of ``frame`` (:func:`routing_algorithm_table`) but dynamic, the implementations of
+    ``rows`` timed under dynamic routing (train step or routing forward + backward) and under that algorithm
+    nowhere (skipped: the implementation does not compute it, or the run left it out)."""
+    timed = rows[rows["value"].notna() & rows["metric"].isin(ALGORITHM_TIMINGS) & rows["implementation"].notna()]
+    dynamic = set(timed.loc[timed[ROUTING_ALGORITHM_COLUMN] == DEFAULT_ROUTING_ALGORITHM, "implementation"])
+    return {algorithm: sorted(dynamic - set(timed.loc[timed[ROUTING_ALGORITHM_COLUMN] == algorithm, "implementation"]))
+            for algorithm in table_algorithms(frame)[1:]}
 
 
 def step_iterations(rows: pd.DataFrame, config_name: str) -> tuple[int, str]:
@@ -199,8 +297,10 @@ def parameter_label(row: pd.Series, extra_columns: list[str]) -> str:
         parts.append(f"{int(row['routing_iterations'])} it.")
     if row.get(ROUTING_GRADIENT_COLUMN, DEFAULT_ROUTING_GRADIENT) not in (DEFAULT_ROUTING_GRADIENT, None):
         parts.append(f"{row[ROUTING_GRADIENT_COLUMN]} gradient")  # full, the default, goes unsaid
+    if row.get(ROUTING_ALGORITHM_COLUMN, DEFAULT_ROUTING_ALGORITHM) not in (DEFAULT_ROUTING_ALGORITHM, None):
+        parts.append(f"{row[ROUTING_ALGORITHM_COLUMN]} routing")  # dynamic, the default (and older runs'), unsaid
     parts += [f"{column}={row[column]}" for column in extra_columns
-              if column != ROUTING_GRADIENT_COLUMN and pd.notna(row.get(column))]
+              if column not in (ROUTING_GRADIENT_COLUMN, ROUTING_ALGORITHM_COLUMN) and pd.notna(row.get(column))]
     return ", ".join(parts)
 
 
@@ -262,7 +362,7 @@ def comparison_table(table: pd.DataFrame, old: Run, new: Run) -> pd.DataFrame:
     """Every benchmark x parameters of two runs side by side with ratio new / old and the change flag;
     a combination absent from one run is 'missing' on that side, one with no result is 'n/a'."""
     extra = [column for column in table.columns if column not in TIDY_COLUMNS]
-    left, right = keyed(run_rows(table, old, None), extra), keyed(run_rows(table, new, None), extra)
+    left, right = keyed(run_rows(table, old, None, None), extra), keyed(run_rows(table, new, None, None), extra)
     index = left.index.union(right.index, sort=False)
     frame = pd.DataFrame(index=index)
     for side, rows in (("old", left), ("new", right)):

@@ -1,5 +1,6 @@
 """The facts asv does not record (GPU, libraries, BLAS, threads, suite profile, what each implementation is,
-the plans it chose), written by the suite beside each run's results and read by :mod:`harness.suite.asv_results`.
+what each routing algorithm is, the plans it chose), written by the suite beside each run's results and read by
+:mod:`harness.suite.asv_results`.
 
 Where they go follows from the asv configuration in use (its ``results_dir``, which this module parses:
 asv.conf.json allows ``//`` comments) and the commit, machine and environment asv is measuring:
@@ -14,7 +15,7 @@ import platform
 import re
 from pathlib import Path
 
-from harness import registry
+from harness import registry, routing_algorithms
 from harness.measure.machine import machine_facts
 from harness.results import ResultsFileError, read_json, write_json_atomic
 from harness.settings import ASV_COMMIT_ENV, ASV_CONFIG_ENV, ASV_MACHINE_ENV, FACTS_SUBDIR, REPO_ROOT
@@ -70,6 +71,7 @@ def write_run_facts(threads: int, profile: str, left_out=None) -> None:
     facts.update(threads=thread_facts(), profile=profile, asv_commit=commit,
                  asv_env_name=os.environ.get("ASV_ENV_NAME"),
                  implementations={info.name: info.describe() for info in registry.entries()},
+                 routing_algorithms=routing_algorithm_facts(),
                  left_out=left_out() if left_out else {})
     previous = facts_path(commit)
     if previous.is_file():
@@ -79,6 +81,15 @@ def write_run_facts(threads: int, profile: str, left_out=None) -> None:
             pass
     write_json_atomic(facts_path(commit), facts)
     _facts_written = True
+
+
+def routing_algorithm_facts() -> dict[str, dict]:
+    """What the report needs to know of each routing algorithm without importing a plugin: whether it is
+    iterative (the suite measures one iteration count of one that is not), its routing gradients, citation
+    and source."""
+    return {name: {"iterative": known.iterative, "routing_gradients": list(known.routing_gradients),
+                   "citation": known.citation, "source": known.source}
+            for name in routing_algorithms.names() for known in [routing_algorithms.get(name)]}
 
 
 def add_plan_facts(name: str, impl) -> None:

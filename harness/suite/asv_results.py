@@ -11,7 +11,11 @@ The layout asv writes (``results_dir`` in ``asv.conf.json``) and the suite's mac
 In a run file every benchmark's ``result`` list follows ``itertools.product(*params)``, the parameters are
 stored as ``repr`` strings (decoded here with :func:`ast.literal_eval`), and the lists of a benchmark can be
 shorter than ``result_columns`` (missing trailing statistics).  A skipped combination is NaN, a failed one
-null; both become a row with value NaN (``status`` "skipped" / "failed"), never a dropped row.  Beside the
+null; both become a row with value NaN (``status`` "skipped" / "failed"), never a dropped row.  A skipped cell
+that the suite never measures under its routing algorithm, whatever the implementation (an algorithm that is
+not iterative at any iteration count but one, :func:`harness.suite.sizes.measured_iterations`; a routing
+gradient the algorithm does not have), has ``status`` "not applicable" (:func:`mark_not_applicable`): the
+report leaves those rows out, as they are no skip of anything.  Beside the
 value (asv's median of the samples, or the sample itself where there is one) each row keeps ``q25`` and
 ``q75`` (``stats_q_25`` / ``stats_q_75``), ``spread`` = q75 - q25 and ``samples`` (``stats_repeat``: how many
 samples the figure rests on; 1 with ``asv run --quick``, NaN where asv records no statistics, as for
@@ -22,7 +26,9 @@ suite's class names can change.  Parameters become columns: ``implementation`` (
 ``device``, ``routing_variant`` and the GEMM ``backend`` as the run's facts file describes the
 implementation, "unknown" where it does not), ``batch_size``,
 ``routing_iterations``, ``routing_gradient`` (``full`` where a benchmark has no such parameter; FLOPs are
-counted for ``full`` only); the non-implementation benchmarks fill ``framework`` (CudaContext) or ``backend``
+counted for ``full`` only), ``routing_algorithm`` (``dynamic`` where a benchmark, or an older result, has no
+such parameter: dynamic routing was the only algorithm then; FLOPs are counted for ``dynamic`` only); the
+non-implementation benchmarks fill ``framework`` (CudaContext) or ``backend``
 (GemmPeak) and leave ``implementation`` empty; any other parameter gets a column of its own name.
 
 Timed phases also get their arithmetic: ``flops`` (:func:`harness.measure.flops.phase_flops` for the run's
@@ -45,13 +51,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness import routing_algorithms
 from harness.measure.flops import phase_flops
 from harness.measure.peak import GPU_BACKENDS, backend_of, peak_sentence
 from harness.results import ResultsFileError, read_json
 from harness.settings import ASV_RESULTS_SUBDIR, FACTS_SUBDIR
-from harness.spec import get_config
+from harness.spec import DEFAULT_ROUTING_ALGORITHM, get_config
 from harness.suite.run_order import Ancestry, order_runs
-from harness.suite.sizes import DEFAULT_PROFILE, PROFILES
+from harness.suite.sizes import DEFAULT_PROFILE, PROFILES, measured_iterations
 
 RESULTS_API_VERSION = 2  # asv.results.Results.api_version
 UNKNOWN = "unknown"
@@ -95,6 +102,8 @@ TIDY_COLUMNS = IMPLEMENTATION_COLUMNS + PARAMETER_COLUMNS + VALUE_COLUMNS + FLOP
 RUN_KEY = ["machine", "commit", "env"]
 ROUTING_GRADIENT_COLUMN = "routing_gradient"  # a parameter of the benchmarks whose work it changes
 DEFAULT_ROUTING_GRADIENT = "full"
+ROUTING_ALGORITHM_COLUMN = "routing_algorithm"  # a parameter of the phase, routing and memory benchmarks
+NOT_APPLICABLE = "not applicable"  # a cell the suite never measures under its routing algorithm
 
 
 @dataclass
@@ -282,6 +291,39 @@ def expand_benchmark(name: str, entry: list, columns: list[str], described: dict
     return rows
 
 
+def routing_algorithm_facts(name: str, facts: dict) -> dict:
+    """What a run says of a routing algorithm (``routing_algorithms`` in its facts: ``iterative``,
+    ``routing_gradients``), else what capsbench's built-ins are (without loading a plugin), else nothing."""
+    recorded = (facts.get("routing_algorithms") or {}).get(name)
+    if isinstance(recorded, dict):
+        return recorded
+    if name in routing_algorithms.registered():
+        known = routing_algorithms.get(name)
+        return {"iterative": known.iterative, "routing_gradients": list(known.routing_gradients)}
+    return {}
+
+
+def mark_not_applicable(rows: list[dict], facts: dict, default_iterations: int) -> None:
+    """Give the skipped cells of one benchmark's ``rows`` (one run) that the suite never measures under their
+    routing algorithm the status :data:`NOT_APPLICABLE`: for an algorithm that is not iterative, every
+    routing-iteration count of the benchmark's grid but :func:`harness.suite.sizes.measured_iterations`
+    (``default_iterations``: the run's network's count); a routing gradient the algorithm does not have.
+    Measured cells, and cells of an algorithm the run does not describe, keep their status."""
+    grid = {row["routing_iterations"] for row in rows if isinstance(row.get("routing_iterations"), int)}
+    measured = measured_iterations(grid, default_iterations) if grid else None
+    for row in rows:
+        algorithm = row.get(ROUTING_ALGORITHM_COLUMN)
+        if row["status"] != "skipped" or not isinstance(algorithm, str):
+            continue
+        described = routing_algorithm_facts(algorithm, facts)
+        iterations = row.get("routing_iterations")
+        if described.get("iterative") is False and isinstance(iterations, int) and iterations != measured:
+            row["status"] = NOT_APPLICABLE
+        gradients = described.get("routing_gradients")
+        if gradients and row.get(ROUTING_GRADIENT_COLUMN, DEFAULT_ROUTING_GRADIENT) not in gradients:
+            row["status"] = NOT_APPLICABLE
+
+
 def measured_span(payload: dict) -> tuple[pd.Timestamp, pd.Timestamp]:
     """When a run's benchmarks were measured: the earliest start and the latest end (start + duration) asv
     recorded for any benchmark (``started_at`` in ms and ``duration`` in s, columns of each benchmark's entry
@@ -326,8 +368,10 @@ def read_run(path: Path, results_root: Path, benchmarks: dict, warnings: list[st
             warnings.append(f"warning: {path}: benchmark {name} is not in benchmarks.json (no longer in the suite?); "
                             "its parameters are named param1, param2, ...")
         try:
-            rows += expand_benchmark(name, entry, payload["result_columns"], benchmarks.get(name),
-                                     run.facts.get("implementations"))
+            expanded = expand_benchmark(name, entry, payload["result_columns"], benchmarks.get(name),
+                                        run.facts.get("implementations"))
+            mark_not_applicable(expanded, run.facts, get_config(run.config_name).routing_iterations)
+            rows += expanded
         except ValueError as error:
             warnings.append(f"warning: {path}: benchmark {name}: {error}; benchmark skipped")
     for row in rows:
@@ -376,10 +420,11 @@ def add_flops(table: pd.DataFrame) -> pd.DataFrame:
         phase_flops(get_config(config_name).replace(routing_iterations=int(iterations)), int(batch))[metric]
         if benchmark.startswith("time_") and metric in PHASES_WITH_FLOPS and pd.notna(batch) and pd.notna(iterations)
         and gradient == DEFAULT_ROUTING_GRADIENT  # harness.measure.flops counts the full routing backward only
+        and algorithm == DEFAULT_ROUTING_ALGORITHM  # and dynamic routing's work only
         else math.nan
-        for benchmark, metric, batch, iterations, config_name, gradient in zip(
+        for benchmark, metric, batch, iterations, config_name, gradient, algorithm in zip(
             table["benchmark"], table["metric"], table["batch_size"], table["routing_iterations"], table["config_name"],
-            table[ROUTING_GRADIENT_COLUMN])
+            table[ROUTING_GRADIENT_COLUMN], table[ROUTING_ALGORITHM_COLUMN])
     ]
     table["gflops_per_s"] = table["flops"] / table["value"] / 1e9
     table = table.drop(columns=["peak_gflops", "peak_source", "best_gemm_gflops"], errors="ignore")
@@ -390,14 +435,15 @@ def add_flops(table: pd.DataFrame) -> pd.DataFrame:
 
 def tidy_frame(rows: list[dict]) -> pd.DataFrame:
     """The rows as the tidy table: the documented columns first, any other parameter after them.  Every row
-    has a ``routing_gradient``: the benchmark's parameter, else ``full`` (results and benchmarks without the
-    parameter computed the only behaviour there was)."""
+    has a ``routing_gradient`` and a ``routing_algorithm``: the benchmark's parameter, else ``full`` and
+    ``dynamic`` (results and benchmarks without the parameter computed the only behaviour there was)."""
     table = pd.DataFrame(rows)
     for column in TIDY_COLUMNS:
         if column not in table:
             table[column] = math.nan
-    table[ROUTING_GRADIENT_COLUMN] = (table[ROUTING_GRADIENT_COLUMN].fillna(DEFAULT_ROUTING_GRADIENT)
-                                      if ROUTING_GRADIENT_COLUMN in table else DEFAULT_ROUTING_GRADIENT)
+    for column, default in ((ROUTING_GRADIENT_COLUMN, DEFAULT_ROUTING_GRADIENT),
+                            (ROUTING_ALGORITHM_COLUMN, DEFAULT_ROUTING_ALGORITHM)):
+        table[column] = table[column].fillna(default) if column in table else default
     extra = [column for column in table.columns if column not in TIDY_COLUMNS]
     table = table[TIDY_COLUMNS + extra]
     for column in PARAMETER_COLUMNS:

@@ -16,6 +16,11 @@ runs in every profile.  ``left_out`` names what a profile leaves out for its cos
 ``routing_gradients`` (default ``["full"]``) is the grid of the routing gradient
 (:data:`harness.spec.ROUTING_GRADIENTS`) in the benchmarks whose work it changes (train step, backward,
 routing forward + backward): the profiles that sweep routing measure both, to show what ``final`` saves.
+``routing_algorithms`` (default ``["dynamic"]``) is the grid of the routing algorithm
+(:data:`harness.spec.ROUTING_ALGORITHMS`) in the phase, routing-alone and memory benchmarks: the CPU profiles
+measure both built-ins.  An algorithm that is not iterative (``RoutingAlgorithm.iterative``: self-attention)
+is measured at one routing-iteration count of each grid alone, :func:`measured_iterations`; the suite skips
+its other cells and the report leaves them out.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import os
 
 from harness.settings import IMPLEMENTATIONS_ENV, PROFILE_ENV
+from harness.spec import DEFAULT_ROUTING_ALGORITHM, ROUTING_ALGORITHMS
 
 DEFAULT_PROFILE = "fast"
 # what the quick profiles leave out for its cost alone: a paper-network step of jax-looped took 2.4 s at batch
@@ -31,16 +37,18 @@ QUICK_LEFT_OUT = {"jax-looped": "takes seconds a step on a CPU (its routing unro
                                 "output capsule)"}
 PROFILES: dict[str, dict] = {
     "smoke": {"config": "small", "batch_sizes": [4], "routing_iterations": [3], "step_routing_iterations": [3],
-              "check_batch_size": 4, "compiled": False, "left_out": QUICK_LEFT_OUT},
+              "check_batch_size": 4, "compiled": False, "left_out": QUICK_LEFT_OUT,
+              "routing_algorithms": list(ROUTING_ALGORITHMS)},
     "fast": {"config": "paper", "batch_sizes": [32, 128], "routing_iterations": [1, 3, 5],
              "step_routing_iterations": [3], "check_batch_size": 8, "compiled": False,
-             "routing_gradients": ["full", "final"], "left_out": QUICK_LEFT_OUT},
+             "routing_gradients": ["full", "final"], "left_out": QUICK_LEFT_OUT,
+             "routing_algorithms": list(ROUTING_ALGORITHMS)},
     "regular": {"config": "paper", "batch_sizes": [16, 32, 64, 128], "routing_iterations": [1, 2, 3, 5],
                 "step_routing_iterations": [1, 3], "check_batch_size": 8, "compiled": True,
-                "routing_gradients": ["full", "final"]},
+                "routing_gradients": ["full", "final"], "routing_algorithms": list(ROUTING_ALGORITHMS)},
     "large": {"config": "paper", "batch_sizes": [32, 64, 128, 256, 512], "routing_iterations": [1, 3, 5, 10],
               "step_routing_iterations": [1, 3, 5], "check_batch_size": 8, "compiled": True,
-              "routing_gradients": ["full", "final"]},
+              "routing_gradients": ["full", "final"], "routing_algorithms": list(ROUTING_ALGORITHMS)},
     # one GPU machine in a few minutes (harness.gpu_benchmark): the batch sweep, routing at the paper's count
     "gpu": {"config": "paper", "batch_sizes": [32, 128, 512], "routing_iterations": [3],
             "step_routing_iterations": [3], "check_batch_size": 8, "compiled": True},
@@ -53,6 +61,22 @@ PROFILES: dict[str, dict] = {
 def routing_gradients(profile: dict) -> list[str]:
     """The routing gradients a suite profile measures (``full`` alone where it names none)."""
     return list(profile.get("routing_gradients", ["full"]))
+
+
+def routing_algorithms(profile: dict) -> list[str]:
+    """The routing algorithms a suite profile measures (``dynamic`` alone where it names none)."""
+    return list(profile.get("routing_algorithms", [DEFAULT_ROUTING_ALGORITHM]))
+
+
+def measured_iterations(grid, default: int) -> int:
+    """The one routing-iteration count of ``grid`` at which a routing algorithm that is not iterative is
+    measured: the network's ``default`` where the grid has it, else the nearest count (the lower of two as
+    near).  The suite skips the grid's other counts for it; the report reads the same rule to tell those
+    cells from skips (and picks the whole-network benchmarks' count the same way)."""
+    counts = sorted({int(count) for count in grid})
+    if not counts:
+        raise ValueError("an empty routing-iteration grid")
+    return min(counts, key=lambda count: (abs(count - default), count))
 
 
 def load_suite_profile(name: str | None = None) -> tuple[str, dict]:
