@@ -384,7 +384,6 @@ def test_the_manual_shows_the_algorithm_example_verbatim():
     assert entry_point in (ALGORITHM_EXAMPLE / "pyproject.toml").read_text() and entry_point in manual
 
 
-@pytest.mark.skip(reason="enable once the suite's routing_algorithm parameter (issue 44) is merged")
 def test_the_asv_suite_measures_a_plugins_routing_algorithm_where_it_is_installed(algorithm_plugin_path, tmp_path):
     """docs/plugins.md's command: the plugin's implementation measured under its algorithm, torch-vectorised
     under it too (by the reference), the plugin's implementation skipped under the algorithms it lacks."""
