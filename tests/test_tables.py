@@ -375,6 +375,21 @@ def test_a_training_record_names_its_routing_gradient_and_an_old_one_is_full():
     assert "routing gradient" not in training_label(record(), "old", False)  # full, the default, goes unsaid
 
 
+def test_a_training_record_names_its_routing_algorithm_and_an_old_one_is_dynamic():
+    """The record's own field, else its config's (a record written before the top-level field), else dynamic
+    (a record from before the setting); the curves' label says a non-default algorithm."""
+    from harness.reporting.plots import training_label
+
+    frame = training_table([
+        (Path("old.json"), record()),
+        (Path("field.json"), record(routing_algorithm="self-attention")),
+        (Path("config.json"), record(config={"routing_algorithm": "self-attention"})),
+    ]).set_index("file")
+    assert list(frame["routing_algorithm"]) == ["dynamic", "self-attention", "self-attention"]
+    assert "self-attention routing" in training_label(record(routing_algorithm="self-attention"), "s", False)
+    assert "routing)" not in training_label(record(), "old", False)  # dynamic, the default, goes unsaid
+
+
 def test_the_reason_an_implementation_did_not_run_follows_its_statuses():
     """Failed everywhere, failed somewhere and skipped elsewhere, skipped everywhere on a machine with a GPU:
     three reasons in words; an implementation with one value ran."""

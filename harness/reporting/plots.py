@@ -44,6 +44,7 @@ from matplotlib.ticker import (  # noqa: E402
 from harness.reporting.formatting import samples_phrase  # noqa: E402
 from harness.reporting.tables import (  # noqa: E402
     profile_rows,
+    record_routing_algorithm,
     table_algorithms,
     training_images,
     training_ranks,
@@ -760,8 +761,10 @@ def training_label(record: dict, stem: str, duplicates: bool) -> str:
     train, _ = training_images(record)
     ranks = training_ranks(record)
     gradient = record.get("routing_gradient", "full")  # records from before the setting: full, the only one
+    algorithm = record_routing_algorithm(record)
     label = (f"{record['implementation']} ({record.get('config_name', '?')} net, batch {record.get('batch_size', '?')}"
              f", {train:,} images" + (f", {ranks} ranks" if ranks > 1 else "")
+             + (f", {algorithm} routing" if algorithm != "dynamic" else "")
              + (f", {gradient} routing gradient" if gradient != "full" else "") + ")")
     return f"{label} [{stem}]" if duplicates else label
 

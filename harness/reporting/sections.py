@@ -500,7 +500,8 @@ TRAINING_COLUMNS = {
     "file": ("file", "str"), "implementation": ("implementation", "str"), "device": ("device", "str"),
     "config": ("network", "str"), "batch_size": ("batch", "int"), "ranks": ("ranks", "int"),
     "train_images": ("training images", "count"), "test_images": ("test images", "count"),
-    "schedule": ("schedule", "str"), "routing_gradient": ("routing gradient", "str"), "epochs": ("epochs", "int"),
+    "schedule": ("schedule", "str"), "routing_algorithm": ("routing", "str"),
+    "routing_gradient": ("routing gradient", "str"), "epochs": ("epochs", "int"),
     "status": ("status", "str"),
     "best_test_accuracy": ("best test accuracy", "pct"), "final_test_accuracy": ("final test accuracy", "pct"),
     "final_mean_loss": ("final mean loss", "num"), "train_seconds": ("training s", "num"),
@@ -530,7 +531,7 @@ def training_section(frame: pd.DataFrame) -> str:
         cells["epochs"] = [f"{done}/{asked}" for done, asked in zip(group["epochs"], group["epochs_requested"])]
         text += ["", f"### {int(train_images):,} training images, {int(test_images):,} test images ({config} "
                  "network)", "", markdown_table(cells, text_columns=6,
-                                                  left={"schedule", "routing gradient", "epochs", "status"})]
+                                                  left={"schedule", "routing", "routing gradient", "epochs", "status"})]
     return "\n".join(text)
 
 

@@ -411,10 +411,18 @@ def epoch_total(epochs: list[dict], key: str) -> float:
     return float(sum(values))
 
 
+def record_routing_algorithm(record: dict) -> str:
+    """The routing algorithm a training record trained: its own field, else its config's, else ``dynamic``
+    (records from before the setting, the only algorithm then)."""
+    config = record.get("config") if isinstance(record.get("config"), dict) else {}
+    return str(record.get("routing_algorithm") or config.get("routing_algorithm") or "dynamic")
+
+
 def training_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
-    """One row per training results file: what was trained (with its routing gradient: ``full`` for a
-    record from before the setting, the only behaviour then), on how many images and ranks, how far, how
-    well (best and final test accuracy), how fast (training, evaluation and wall time over all epochs)."""
+    """One row per training results file: what was trained (with its routing algorithm and routing gradient:
+    ``dynamic`` and ``full`` for a record from before the settings, the only behaviour then), on how many
+    images and ranks, how far, how well (best and final test accuracy), how fast (training, evaluation and
+    wall time over all epochs)."""
     out = []
     for path, record in records:
         epochs = record.get("epochs") or []
@@ -427,6 +435,7 @@ def training_table(records: list[tuple[Path, dict]]) -> pd.DataFrame:
         schedule = record.get("schedule")
         train_images, test_images = training_images(record)
         out.append({"file": path.name, "implementation": record["implementation"],
+                    "routing_algorithm": record_routing_algorithm(record),
                     "routing_gradient": record.get("routing_gradient", DEFAULT_ROUTING_GRADIENT),
                     "device": record.get("device", "?"), "config": record.get("config_name", "?"),
                     "batch_size": record.get("batch_size"), "ranks": training_ranks(record),
