@@ -179,6 +179,11 @@ def agreement(u_hat, vectors):
     return torch.bmm(vectors.reshape(batch * n_out, 1, dim), rows).view(batch, n_out, n_in)
 
 
+def dynamic_arguments(params: dict, config) -> tuple:
+    """What :class:`Routing` and :class:`FinalGradientRouting` take between u_hat and the workspace."""
+    return config.routing_iterations, config.squash_eps
+
+
 def routing_iterations(u_hat, iterations: int, eps: float) -> list:
     """Procedure 1's forward on u_hat (B, J, N, D): [c, s, v] of every iteration in turn, v (B, J, D) last."""
     batch, n_out, n_in, _ = u_hat.shape
@@ -203,6 +208,8 @@ class Routing(_Function):
     :func:`implementations.numpy.routing.routing_vectorised_backward`: through c and b of every iteration,
     the gradient of u_hat (2R - 1 rank-one terms per example and output capsule) written once by a batched
     product of the gathered coefficients; that product's range is iteration 1's."""
+
+    arguments = staticmethod(dynamic_arguments)
 
     @staticmethod
     def forward(ctx, u_hat, iterations: int, eps: float, workspace):
@@ -253,6 +260,8 @@ class FinalGradientRouting(_Function):
     earlier iteration visited (:func:`implementations.numpy.routing.routing_vectorised_final_backward`).
     Only c_R and s_R are kept for backward, not u_hat nor the earlier iterations."""
 
+    arguments = staticmethod(dynamic_arguments)
+
     @staticmethod
     def forward(ctx, u_hat, iterations: int, eps: float, workspace):
         coupling, s, v = routing_iterations(u_hat, iterations, eps)[-3:]
@@ -269,6 +278,82 @@ class FinalGradientRouting(_Function):
             grad_u_hat = workspace.get("routing:grad_u_hat", shape)
             torch.mul(coupling.unsqueeze(-1), grad_s.unsqueeze(2), out=grad_u_hat)
         return grad_u_hat, None, None, None
+
+
+def attention_squash_backward(s, grad_v, eps: float):
+    """d loss / d s of :func:`attention_squash`: with f(n) = (1 - exp(-n)) / n, the Jacobian
+    f I + (f'(n) / n) s s^T applied to grad_v, f'(n) = (n exp(-n) - (1 - exp(-n))) / n^2."""
+    norm = torch.sqrt((s * s).sum(dim=-1, keepdim=True) + eps)
+    rising = -torch.expm1(-norm)  # 1 - exp(-n)
+    scale = rising / norm  # f(n)
+    slope = (norm * torch.exp(-norm) - rising) / (norm * norm * norm)  # f'(n) / n
+    along = (s * grad_v).sum(dim=-1, keepdim=True)
+    return torch.addcmul(scale * grad_v, s, slope * along)
+
+
+class SelfAttentionRouting(_Function):
+    """Self-attention routing (harness.spec) on u_hat (B, J, N, D) and the bias b (J, N) -> v (B, J, D),
+    ``apply(u_hat, bias, eps, workspace)``, with the backward written by hand.  Per example and output
+    capsule j, with U the (N, D) block of u_hat_j|i, T = sum_k u_hat_j|k and p = softmax_j(a):
+
+    * forward: T (one pass over u_hat), a = U T / sqrt(D) (one batched product), c = p + b, s = c^T U
+      (one batched product), v = squash(s);
+    * backward: g_s from the squash, g_c = U g_s (one batched product; g_b = sum over the batch of g_c),
+      g_a = p (g_c - sum_j p g_c), and, since a_ij = u_ij . T_j / sqrt(D) reads u_hat twice (directly and
+      through T), d loss / d u_ij = c_ij g_s_j + g_a_ij T_j / sqrt(D) + G_j with G_j = sum_i g_a_ij u_ij /
+      sqrt(D) the gradient of T_j, which reaches every input i: three rank-one terms per example and output
+      capsule, written once by one batched product of inner dimension 3 (as :class:`Routing` gathers its
+      2R - 1).  So the forward reads u_hat three times, the backward twice and writes its gradient once."""
+
+    @staticmethod
+    def arguments(params: dict, config) -> tuple:
+        """What ``apply`` takes between u_hat and the workspace."""
+        return params[DIGIT_BIAS], config.squash_eps
+
+    @staticmethod
+    def forward(ctx, u_hat, bias, eps: float, workspace):
+        batch, n_out, n_in, dim = u_hat.shape
+        scale = dim ** -0.5
+        with layer_range("attention", "forward"):
+            total = u_hat.sum(dim=2)  # T_j = sum_k u_hat_j|k, (B, J, D)
+            logits = agreement(u_hat, total * scale)  # a_ij = u_hat_j|i . T_j / sqrt(D), (B, J, N)
+            probabilities = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
+            coupling = probabilities + bias  # c_ij = p_ij + b_ji
+        with layer_range("attention_sum", "forward"):
+            s = weighted_sum(coupling, u_hat)  # s_j = sum_i c_ij u_hat_j|i
+            v = attention_squash(s, eps)
+        ctx.setup = (eps, workspace)
+        ctx.save_for_backward(u_hat, total, probabilities, coupling, s)
+        return v
+
+    @staticmethod
+    def backward(ctx, grad_v):
+        eps, workspace = ctx.setup
+        u_hat, total, probabilities, coupling, s = ctx.saved_tensors
+        batch, n_out, n_in, dim = u_hat.shape
+        scale = dim ** -0.5
+        grad_u_hat = grad_bias = None
+        with layer_range("attention_sum", "backward"):
+            grad_s = attention_squash_backward(s, grad_v, eps)
+            grad_coupling = agreement(u_hat, grad_s)  # u_hat_j|i . g_s_j, (B, J, N)
+            if ctx.needs_input_grad[1]:
+                grad_bias = grad_coupling.sum(dim=0)
+        if not ctx.needs_input_grad[0]:
+            return grad_u_hat, grad_bias, None, None
+        with layer_range("attention", "backward"):
+            grad_logits = probabilities * (grad_coupling - (probabilities * grad_coupling).sum(dim=1, keepdim=True))
+            left = workspace.get("attention:left", (batch, n_out, 3, n_in))  # coefficients over the input capsules
+            right = workspace.get("attention:right", (batch, n_out, 3, dim))  # vectors over the capsule axis
+            left[:, :, 0].copy_(coupling)
+            right[:, :, 0].copy_(grad_s)
+            left[:, :, 1].copy_(grad_logits)
+            torch.mul(total, scale, out=right[:, :, 1])
+            left[:, :, 2].fill_(1.0)
+            torch.mul(weighted_sum(grad_logits, u_hat), scale, out=right[:, :, 2])  # G_j, d loss / d T_j
+            grad_u_hat = workspace.get("routing:grad_u_hat", u_hat.shape)
+            torch.bmm(left.view(batch * n_out, 3, n_in).transpose(1, 2), right.view(batch * n_out, 3, dim),
+                      out=grad_u_hat.view(batch * n_out, n_in, dim))
+        return grad_u_hat, grad_bias, None, None
 
 
 # The table --------------------------------------------------------------------------------------------------
@@ -303,7 +388,8 @@ def _self_attention(function: Callable) -> Callable:
     return routing
 
 
-HAND_WRITTEN = {("dynamic", "vectorised", "full"): Routing, ("dynamic", "vectorised", "final"): FinalGradientRouting}
+HAND_WRITTEN = {("dynamic", "vectorised", "full"): Routing, ("dynamic", "vectorised", "final"): FinalGradientRouting,
+                ("self-attention", "vectorised", "full"): SelfAttentionRouting}
 ROUTING = {
     **{("dynamic", variant, gradient): TorchRouting(_dynamic(function, gradient),
                                                     HAND_WRITTEN.get(("dynamic", variant, gradient)))
