@@ -171,11 +171,15 @@ def attention_case(rng, batch=2, n_out=3, n_in=6, dim=4):
     return u_hat, bias
 
 
-def test_self_attention_routing_is_the_autograd_reference(rng):
+@pytest.mark.parametrize("block_bytes", [tr.ATTENTION_BLOCK_BYTES, 1], ids=["one block", "one example a block"])
+def test_self_attention_routing_is_the_autograd_reference(rng, monkeypatch, block_bytes):
     """SelfAttentionRouting's forward, and its hand-written gradients of u_hat and of the bias, against
-    autograd through torch-vectorised's self_attention_vectorised (u_hat (B, N, J, D) there)."""
-    u_hat, bias = attention_case(rng)
-    grad_v = torch.tensor(rng.normal(size=(2, 3, 4)))
+    autograd through torch-vectorised's self_attention_vectorised (u_hat (B, N, J, D) there); the forward in
+    one block and in blocks of one example (as on the CPU at the paper's sizes)."""
+    monkeypatch.setattr(tr, "ATTENTION_BLOCK_BYTES", block_bytes)
+    u_hat, bias = attention_case(rng, batch=3)
+    assert len(tr.attention_blocks(u_hat)) == (1 if block_bytes > 1 else 3)
+    grad_v = torch.tensor(rng.normal(size=(3, 3, 4)))
     out = tr.SelfAttentionRouting.apply(u_hat, bias, EPS, fresh())
     grad_u_hat, grad_bias = torch.autograd.grad(out, (u_hat, bias), grad_v)
     reference_input = u_hat.detach().transpose(1, 2).clone().requires_grad_(True)

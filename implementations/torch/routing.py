@@ -291,19 +291,38 @@ def attention_squash_backward(s, grad_v, eps: float):
     return torch.addcmul(scale * grad_v, s, slope * along)
 
 
+# u_hat's bytes per block of examples that torch-fused's self-attention forward takes through all its steps at
+# once on the CPU, so that the block's second and third reads come from the cache, not from memory
+ATTENTION_BLOCK_BYTES = 1 << 20
+
+
+def attention_blocks(u_hat) -> list[slice]:
+    """The blocks of examples (slices of u_hat's batch axis) of :class:`SelfAttentionRouting`'s forward: on
+    the CPU each about :data:`ATTENTION_BLOCK_BYTES` of u_hat (at least one example), on a GPU the whole
+    batch."""
+    batch = u_hat.shape[0]
+    size = batch
+    if u_hat.device.type == "cpu":
+        size = max(1, ATTENTION_BLOCK_BYTES // max(1, u_hat[0].numel() * u_hat.element_size()))
+    return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+
 class SelfAttentionRouting(_Function):
     """Self-attention routing (harness.spec) on u_hat (B, J, N, D) and the bias b (J, N) -> v (B, J, D),
     ``apply(u_hat, bias, eps, workspace)``, with the backward written by hand.  Per example and output
     capsule j, with U the (N, D) block of u_hat_j|i, T = sum_k u_hat_j|k and p = softmax_j(a):
 
-    * forward: T (one pass over u_hat), a = U T / sqrt(D) (one batched product), c = p + b, s = c^T U
-      (one batched product), v = squash(s);
-    * backward: g_s from the squash, g_c = U g_s (one batched product; g_b = sum over the batch of g_c),
+    * forward: T, a = U T / sqrt(D) (a batched product), c = p + b, s = c^T U (a batched product),
+      v = squash(s).  The three read u_hat, and nothing couples the examples: so on the CPU the forward
+      runs block by block of about a megabyte (:func:`attention_blocks`), each block's second and third
+      reads from the cache;
+    * backward: g_s from the squash, g_c = U g_s (a batched product; g_b = sum over the batch of g_c),
       g_a = p (g_c - sum_j p g_c), and, since a_ij = u_ij . T_j / sqrt(D) reads u_hat twice (directly and
       through T), d loss / d u_ij = c_ij g_s_j + g_a_ij T_j / sqrt(D) + G_j with G_j = sum_i g_a_ij u_ij /
       sqrt(D) the gradient of T_j, which reaches every input i: three rank-one terms per example and output
       capsule, written once by one batched product of inner dimension 3 (as :class:`Routing` gathers its
-      2R - 1).  So the forward reads u_hat three times, the backward twice and writes its gradient once."""
+      2R - 1).  It reads u_hat twice and writes its gradient once, over the whole batch: in blocks it
+      measured no faster (its first read, the agreement's product, costs the same from the cache)."""
 
     @staticmethod
     def arguments(params: dict, config) -> tuple:
@@ -314,13 +333,23 @@ class SelfAttentionRouting(_Function):
     def forward(ctx, u_hat, bias, eps: float, workspace):
         batch, n_out, n_in, dim = u_hat.shape
         scale = dim ** -0.5
-        with layer_range("attention", "forward"):
-            total = u_hat.sum(dim=2)  # T_j = sum_k u_hat_j|k, (B, J, D)
-            logits = agreement(u_hat, total * scale)  # a_ij = u_hat_j|i . T_j / sqrt(D), (B, J, N)
-            probabilities = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
-            coupling = probabilities + bias  # c_ij = p_ij + b_ji
+        total = workspace.get("attention:total", (batch, n_out, dim))  # T_j / sqrt(D)
+        probabilities = workspace.get("attention:probabilities", (batch, n_out, n_in))
+        coupling = workspace.get("attention:coupling", (batch, n_out, n_in))
+        s = workspace.get("attention:s", (batch, n_out, dim))
+        for rows in attention_blocks(u_hat):
+            u = u_hat[rows]
+            pairs = u.shape[0] * n_out
+            with layer_range("attention", "forward"):
+                t = torch.sum(u, dim=2, out=total[rows]).mul_(scale)  # sum_k u_hat_j|k / sqrt(D), (b, J, D)
+                logits = agreement(u, t)  # a_ij = u_hat_j|i . T_j / sqrt(D), (b, J, N)
+                p = probabilities[rows]
+                p.copy_(torch.softmax(logits, dim=1))  # over the output capsules j, for each input capsule i
+                c = torch.add(p, bias, out=coupling[rows])  # c_ij = p_ij + b_ji
+            with layer_range("attention_sum", "forward"):
+                torch.bmm(c.view(pairs, 1, n_in), u.reshape(pairs, n_in, dim),
+                          out=s[rows].view(pairs, 1, dim))  # s_j = sum_i c_ij u_hat_j|i
         with layer_range("attention_sum", "forward"):
-            s = weighted_sum(coupling, u_hat)  # s_j = sum_i c_ij u_hat_j|i
             v = attention_squash(s, eps)
         ctx.setup = (eps, workspace)
         ctx.save_for_backward(u_hat, total, probabilities, coupling, s)
@@ -331,7 +360,6 @@ class SelfAttentionRouting(_Function):
         eps, workspace = ctx.setup
         u_hat, total, probabilities, coupling, s = ctx.saved_tensors
         batch, n_out, n_in, dim = u_hat.shape
-        scale = dim ** -0.5
         grad_u_hat = grad_bias = None
         with layer_range("attention_sum", "backward"):
             grad_s = attention_squash_backward(s, grad_v, eps)
@@ -341,15 +369,16 @@ class SelfAttentionRouting(_Function):
         if not ctx.needs_input_grad[0]:
             return grad_u_hat, grad_bias, None, None
         with layer_range("attention", "backward"):
-            grad_logits = probabilities * (grad_coupling - (probabilities * grad_coupling).sum(dim=1, keepdim=True))
-            left = workspace.get("attention:left", (batch, n_out, 3, n_in))  # coefficients over the input capsules
-            right = workspace.get("attention:right", (batch, n_out, 3, dim))  # vectors over the capsule axis
+            left = workspace.get("attention:left", (batch, n_out, 3, n_in))  # c, g_a, 1 over the input capsules
+            right = workspace.get("attention:right", (batch, n_out, 3, dim))  # g_s, T / sqrt(D), G over the axis
+            weighted = probabilities * grad_coupling
+            grad_logits = torch.addcmul(weighted, probabilities, weighted.sum(dim=1, keepdim=True), value=-1.0,
+                                        out=left[:, :, 1])  # g_a = p g_c - p sum_j p g_c
             left[:, :, 0].copy_(coupling)
-            right[:, :, 0].copy_(grad_s)
-            left[:, :, 1].copy_(grad_logits)
-            torch.mul(total, scale, out=right[:, :, 1])
             left[:, :, 2].fill_(1.0)
-            torch.mul(weighted_sum(grad_logits, u_hat), scale, out=right[:, :, 2])  # G_j, d loss / d T_j
+            right[:, :, 0].copy_(grad_s)
+            right[:, :, 1].copy_(total)
+            torch.mul(weighted_sum(grad_logits, u_hat), dim ** -0.5, out=right[:, :, 2])  # G_j = d loss / d T_j
             grad_u_hat = workspace.get("routing:grad_u_hat", u_hat.shape)
             torch.bmm(left.view(batch * n_out, 3, n_in).transpose(1, 2), right.view(batch * n_out, 3, dim),
                       out=grad_u_hat.view(batch * n_out, n_in, dim))
