@@ -171,11 +171,19 @@ def attention_case(rng, batch=2, n_out=3, n_in=6, dim=4):
     return u_hat, bias
 
 
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("block_bytes", [tr.ATTENTION_BLOCK_BYTES, 1], ids=["one block", "one example a block"])
-def test_self_attention_routing_is_the_autograd_reference(rng, monkeypatch, block_bytes):
+def test_self_attention_routing_is_the_autograd_reference(rng, monkeypatch, one_thread, block_bytes):
     """SelfAttentionRouting's forward, and its hand-written gradients of u_hat and of the bias, against
     autograd through torch-vectorised's self_attention_vectorised (u_hat (B, N, J, D) there); the forward in
-    one block and in blocks of one example (as on the CPU at the paper's sizes)."""
+    one block and in blocks of one example (as on a single-threaded CPU at the paper's sizes)."""
     monkeypatch.setattr(tr, "ATTENTION_BLOCK_BYTES", block_bytes)
     u_hat, bias = attention_case(rng, batch=3)
     assert len(tr.attention_blocks(u_hat)) == (1 if block_bytes > 1 else 3)
@@ -195,6 +203,19 @@ def test_self_attention_routing_is_the_autograd_reference(rng, monkeypatch, bloc
         total = u_hat.sum(dim=2, keepdim=True)
         probabilities = torch.softmax((u_hat * total).sum(dim=-1) / 2.0, dim=1)
     assert (probabilities.max() - probabilities.min()).item() > 0.5
+
+
+def test_self_attention_blocks_cover_the_batch_once_and_only_a_single_thread_blocks(monkeypatch):
+    u_hat = torch.zeros(5, 2, 3, 4)
+    monkeypatch.setattr(tr, "ATTENTION_BLOCK_BYTES", 2 * 2 * 3 * 4 * 4)  # two examples of float32
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert tr.attention_blocks(u_hat) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+        torch.set_num_threads(2)
+        assert tr.attention_blocks(u_hat) == [slice(0, 5)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_self_attention_routing_backward_finite_differences(rng):

@@ -291,21 +291,23 @@ def attention_squash_backward(s, grad_v, eps: float):
     return torch.addcmul(scale * grad_v, s, slope * along)
 
 
-# u_hat's bytes per thread in a block of examples that torch-fused's self-attention forward takes through all
-# its steps at once on the CPU, so that the block's second and third reads come from each core's cache (about
-# half of a 2 MiB L2), not from memory
-ATTENTION_BLOCK_BYTES = 3 << 19
+# u_hat's bytes in a block of examples that torch-fused's self-attention forward takes through all its steps at
+# once on a single-threaded CPU, so that the block's second and third reads come from the cache (about half of
+# a 2 MiB L2), not from memory
+ATTENTION_BLOCK_BYTES = 1 << 20
 
 
 def attention_blocks(u_hat) -> list[slice]:
-    """The blocks of examples (slices of u_hat's batch axis) of :class:`SelfAttentionRouting`'s forward: on
-    the CPU each about :data:`ATTENTION_BLOCK_BYTES` of u_hat per torch thread (at least one example), on a
-    GPU the whole batch."""
+    """The blocks of examples (slices of u_hat's batch axis) of :class:`SelfAttentionRouting`'s forward: on a
+    CPU with one torch thread each about :data:`ATTENTION_BLOCK_BYTES` of u_hat (at least one example);
+    otherwise the whole batch.  With more threads every operation is a parallel region whose end waits for
+    its slowest thread, and on a loaded machine a thread waits for a core: blocks of four examples (six
+    operations each) measured four times slower than the whole batch at 2 threads beside other work, and a
+    fifth faster on an idle machine; one thread has no such wait, and its blocks measured a third faster."""
     batch = u_hat.shape[0]
     size = batch
-    if u_hat.device.type == "cpu":
-        block_bytes = ATTENTION_BLOCK_BYTES * torch.get_num_threads()
-        size = max(1, block_bytes // max(1, u_hat[0].numel() * u_hat.element_size()))
+    if u_hat.device.type == "cpu" and torch.get_num_threads() == 1:
+        size = max(1, ATTENTION_BLOCK_BYTES // max(1, u_hat[0].numel() * u_hat.element_size()))
     return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
 
 
@@ -315,16 +317,16 @@ class SelfAttentionRouting(_Function):
     capsule j, with U the (N, D) block of u_hat_j|i, T = sum_k u_hat_j|k and p = softmax_j(a):
 
     * forward: T, a = U T / sqrt(D) (a batched product), c = p + b, s = c^T U (a batched product),
-      v = squash(s).  The three read u_hat, and nothing couples the examples: so on the CPU the forward
-      runs block by block of about 1.5 MiB per thread (:func:`attention_blocks`), each block's second and third
-      reads from the cache;
+      v = squash(s).  The three read u_hat, and nothing couples the examples: so on a single-threaded CPU
+      the forward runs block by block of about a MiB (:func:`attention_blocks`), each block's second and
+      third reads from the cache;
     * backward: g_s from the squash, g_c = U g_s (a batched product; g_b = sum over the batch of g_c),
       g_a = p (g_c - sum_j p g_c), and, since a_ij = u_ij . T_j / sqrt(D) reads u_hat twice (directly and
       through T), d loss / d u_ij = c_ij g_s_j + g_a_ij T_j / sqrt(D) + G_j with G_j = sum_i g_a_ij u_ij /
       sqrt(D) the gradient of T_j, which reaches every input i: three rank-one terms per example and output
       capsule, written once by one batched product of inner dimension 3 (as :class:`Routing` gathers its
       2R - 1).  It reads u_hat twice and writes its gradient once, over the whole batch: in blocks it
-      measured no faster (its first read, the agreement's product, costs the same from the cache)."""
+      measured no faster (its first read, the agreement's product, costs about as much from the cache)."""
 
     @staticmethod
     def arguments(params: dict, config) -> tuple:
