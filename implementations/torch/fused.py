@@ -432,10 +432,13 @@ class FusedCapsNetModule(_Module):
         with layer_range("u_hat"):
             return PredictionVectors.apply(u, p[DIGIT_WEIGHT], workspace)
 
-    def route(self, u_hat, workspace):
+    def route(self, u_hat, workspace, constant_parameters: bool = False):
         """The hand-written routing of the config's algorithm on u_hat (B, J, N, D) -> v (B, J, D), with the
-        arguments it takes (dynamic: the iterations; self-attention: the parameter digit.bias)."""
-        return self.routing.apply(u_hat, *self.routing.arguments(self.params, self.config), workspace)
+        arguments it takes (dynamic: the iterations; self-attention: the parameter digit.bias, detached with
+        ``constant_parameters``, so that no gradient of it is computed)."""
+        params = ({name: value.detach() for name, value in self.params.items()} if constant_parameters
+                  else self.params)
+        return self.routing.apply(u_hat, *self.routing.arguments(params, self.config), workspace)
 
     def forward(self, images, labels=None):
         config = self.config
@@ -529,8 +532,10 @@ class TorchFusedCapsNet(TorchCapsNet):
         return Workspace(self._dtype, self._device, keep=False)
 
     def route(self, u_hat):
-        """The routing of the forward pass on u_hat (B, J, N, D) -> v (B, J, D)."""
-        return self.module.route(u_hat, self._fresh())
+        """The routing alone (routing_forward, routing_backward) on u_hat (B, J, N, D) -> v (B, J, D), in fresh
+        buffers, the routing's parameters (self-attention's bias) constants: the routing-alone gradient is
+        u_hat's alone."""
+        return self.module.route(u_hat, self._fresh(), constant_parameters=True)
 
     def prediction_vectors(self, batch):
         self.use_plan_for(batch.images.shape[0])
