@@ -433,13 +433,10 @@ BUGS = (
         ("tests/test_torch_capsnet.py::test_self_attention_hand_computed",)),
     Bug("torch-fused's self-attention normalises the couplings over the input capsules",
         "implementations/torch/routing.py",
-        "p.copy_(torch.softmax(logits, dim=1))", "p.copy_(torch.softmax(logits, dim=2))",
+        "p = torch.softmax(logits, dim=1)", "p = torch.softmax(logits, dim=2)",
         ("tests/test_torch_fused.py::test_self_attention_routing_is_the_autograd_reference",)),
     Bug("torch-fused's self-attention adds the bias before the softmax", "implementations/torch/routing.py",
-        "p.copy_(torch.softmax(logits, dim=1))  # over the output capsules j, for each input capsule i\n"
-        "                c = torch.add(p, bias, out=coupling[rows])",
-        "p.copy_(torch.softmax(logits + bias, dim=1))  # over the output capsules j, for each input capsule i\n"
-        "                c = torch.add(p, 0.0, out=coupling[rows])",
+        "p = torch.softmax(logits, dim=1)", "p = torch.softmax(logits + bias, dim=1) - bias",
         ("tests/test_torch_fused.py::test_self_attention_routing_is_the_autograd_reference",)),
     Bug("torch-fused's self-attention gradient drops the path through T_j", "implementations/torch/routing.py",
         "torch.mul(weighted_sum(grad_logits, u_hat), dim ** -0.5, out=right[:, :, 2])", "right[:, :, 2].zero_()",

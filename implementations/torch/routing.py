@@ -338,7 +338,7 @@ class SelfAttentionRouting(_Function):
         batch, n_out, n_in, dim = u_hat.shape
         scale = dim ** -0.5
         total = workspace.get("attention:total", (batch, n_out, dim))  # T_j / sqrt(D)
-        probabilities = workspace.get("attention:probabilities", (batch, n_out, n_in))
+        probabilities = []  # p = softmax_j(a), block by block
         coupling = workspace.get("attention:coupling", (batch, n_out, n_in))
         s = workspace.get("attention:s", (batch, n_out, dim))
         for rows in attention_blocks(u_hat):
@@ -347,14 +347,15 @@ class SelfAttentionRouting(_Function):
             with layer_range("attention", "forward"):
                 t = torch.sum(u, dim=2, out=total[rows]).mul_(scale)  # sum_k u_hat_j|k / sqrt(D), (b, J, D)
                 logits = agreement(u, t)  # a_ij = u_hat_j|i . T_j / sqrt(D), (b, J, N)
-                p = probabilities[rows]
-                p.copy_(torch.softmax(logits, dim=1))  # over the output capsules j, for each input capsule i
+                p = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
+                probabilities.append(p)
                 c = torch.add(p, bias, out=coupling[rows])  # c_ij = p_ij + b_ji
             with layer_range("attention_sum", "forward"):
                 torch.bmm(c.view(pairs, 1, n_in), u.reshape(pairs, n_in, dim),
                           out=s[rows].view(pairs, 1, dim))  # s_j = sum_i c_ij u_hat_j|i
         with layer_range("attention_sum", "forward"):
             v = attention_squash(s, eps)
+        probabilities = probabilities[0] if len(probabilities) == 1 else torch.cat(probabilities)
         ctx.setup = (eps, workspace)
         ctx.save_for_backward(u_hat, total, probabilities, coupling, s)
         return v
