@@ -10,12 +10,14 @@ computes that routing:
   the iterations before the last, :func:`routed_predictions`; self-attention:
   :func:`self_attention_vectorised`, :func:`self_attention_looped`);
 * ``hand_written``: a ``torch.autograd.Function`` on u_hat laid out (B, J, N, D), ``apply(u_hat,
-  iterations, eps, workspace)``, with the backward written by hand (:class:`Routing`,
-  :class:`FinalGradientRouting`): ``torch-fused``'s routing; None for a variant that has none (looped).
+  *arguments(params, config), workspace)`` (its static ``arguments`` gives what it takes: dynamic routing
+  the iterations and eps, self-attention the bias and eps), with the backward written by hand
+  (:class:`Routing`, :class:`FinalGradientRouting`, :class:`SelfAttentionRouting`): ``torch-fused``'s
+  routing; None for a variant that has none (looped).
 
 The squash of each (:func:`squash` for autograd; :func:`squash_forward` and :func:`squash_backward` by
-hand; self-attention's :func:`attention_squash`) is here too, and the networks' PrimaryCaps use the same
-dynamic squash under every algorithm.
+hand; self-attention's :func:`attention_squash` and :func:`attention_squash_backward`) is here too, and the
+networks' PrimaryCaps use the same dynamic squash under every algorithm.
 """
 
 from __future__ import annotations
