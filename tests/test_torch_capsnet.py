@@ -164,3 +164,99 @@ def test_decoder_sees_the_true_class_in_training_and_the_longest_at_inference():
     np.testing.assert_allclose(impl.forward(batch, train=True)[1], tc.decode(tensors, only_label, batch.labels, SMALL))
     np.testing.assert_allclose(impl.forward(batch, train=False)[1], tc.decode(tensors, v, longest, SMALL))
     assert not torch.equal(impl.forward(batch, train=True)[1], impl.forward(batch, train=False)[1])
+
+
+# Self-attention routing (harness.spec) ----------------------------------------------------------------------
+
+SELF_ATTENTION = {"vectorised": tr.self_attention_vectorised, "looped": tr.self_attention_looped}
+# Two inputs i, two outputs j, capsules along the first component: U[i][j] = u_hat_j|i, BIAS[j][i] = b_ji
+U = [[1.0, -1.0], [2.0, 0.5]]
+BIAS = [[0.1, -0.2], [0.3, 0.05]]
+
+
+def attention_squash_scalar(s: float, eps: float = 1e-8) -> float:
+    n = math.sqrt(s * s + eps)
+    return (1.0 - math.exp(-n)) * s / n
+
+
+def one_component_case(dim: int):
+    """u_hat (1, 2, 2, dim) holding U in component 0 and zeros elsewhere, the bias BIAS."""
+    u_hat = torch.zeros(1, 2, 2, dim, dtype=torch.float64)
+    u_hat[0, :, :, 0] = torch.tensor(U, dtype=torch.float64)
+    return u_hat, torch.tensor(BIAS, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("variant", ["vectorised", "looped"])
+@pytest.mark.parametrize("dim", [1, 4])
+def test_self_attention_hand_computed(variant, dim):
+    """By hand: T_0 = 1 + 2 = 3, T_1 = -1 + 0.5 = -0.5; a_ij = u_hat_j|i T_j / sqrt(D): a_00 = 3, a_01 = 0.5,
+    a_10 = 6, a_11 = -0.25 (over sqrt(D)); input i's softmax over the two outputs is a sigmoid of
+    a_i0 - a_i1; c_ij = that + b_ji; s_j = sum_i c_ij u_hat_j|i; v_j = (1 - exp(-|s_j|)) s_j / |s_j|.  With
+    D = 4 the capsules live in the first component (the others zero), so the scale 1 / sqrt(D) is 1/2."""
+    root = math.sqrt(dim)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    p0 = sigmoid((3.0 - 0.5) / root)  # input 0: softmax over outputs (a_00, a_01), output 0's share
+    p1 = sigmoid((6.0 - -0.25) / root)  # input 1: (a_10, a_11)
+    c = [[p0 + 0.1, (1 - p0) + 0.3], [p1 - 0.2, (1 - p1) + 0.05]]  # c[i][j] = softmax + b_ji (BIAS[j][i])
+    s0 = c[0][0] * 1.0 + c[1][0] * 2.0
+    s1 = c[0][1] * -1.0 + c[1][1] * 0.5
+    expected = np.zeros((2, dim))
+    expected[:, 0] = [attention_squash_scalar(s0), attention_squash_scalar(s1)]
+    u_hat, bias = one_component_case(dim)
+    np.testing.assert_allclose(SELF_ATTENTION[variant](u_hat, bias, 1e-8)[0].numpy(), expected, rtol=1e-12,
+                               atol=1e-15)
+
+
+def test_self_attention_softmax_is_over_the_outputs_and_the_bias_comes_after_it():
+    """The hand case again against two plausible misreadings, each computed by hand from the same agreements:
+    the softmax over the inputs i (for each output j, as in transformer attention), and the bias added to the
+    agreements before the softmax.  Both give other outputs, so the hand case tells them apart."""
+    a = np.array([[3.0, 0.5], [6.0, -0.25]])  # a[i][j], D = 1
+    u = np.array(U)
+    bias = np.array(BIAS).T  # b_ji as [i][j]
+
+    def outputs(c):
+        return [attention_squash_scalar(float((c[:, j] * u[:, j]).sum())) for j in range(2)]
+
+    def softmax(x, axis):
+        e = np.exp(x - x.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
+
+    right = outputs(softmax(a, axis=1) + bias)
+    over_inputs = outputs(softmax(a, axis=0) + bias)
+    bias_first = outputs(softmax(a + bias, axis=1))
+    for routing in SELF_ATTENTION.values():
+        np.testing.assert_allclose(routing(*one_component_case(1), 1e-8)[0, :, 0].numpy(), right, rtol=1e-12)
+    assert np.abs(np.subtract(over_inputs, right)).max() > 1e-2
+    assert np.abs(np.subtract(bias_first, right)).max() > 1e-2
+
+
+@pytest.mark.parametrize("variant", ["vectorised", "looped"])
+def test_self_attention_gradcheck(rng, variant):
+    """Gradients of u_hat and of the bias flow through a, c and the sum (float64 finite differences)."""
+    u_hat = torch.tensor(rng.normal(size=(2, 4, 3, 2)), requires_grad=True)  # (B, N, J, D)
+    bias = torch.tensor(rng.normal(scale=0.5, size=(3, 4)), requires_grad=True)  # (J, N)
+    assert torch.autograd.gradcheck(lambda x, b: SELF_ATTENTION[variant](x, b, 1e-8), (u_hat, bias))
+
+
+def test_self_attention_bias_gradient_of_the_whole_loss_finite_differences():
+    """torch-vectorised's d loss / d digit.bias (float64, the whole network, a non-zero bias) against central
+    differences of its loss at a few entries: the largest and three drawn at random."""
+    from gradcheck_util import STEP, livelier_parameters, loss_of, sampled_entries
+
+    config = SMALL.replace(routing_algorithm="self-attention")
+    params = livelier_parameters(config)
+    params["digit.bias"] = np.random.default_rng(1).normal(scale=0.3, size=params["digit.bias"].shape)
+    images, labels = synthetic_batch(config, 3)
+    impl = registry.create("torch-vectorised", config, params, "float64")
+    impl.forward_loss(impl.to_device(images, labels))
+    impl.backward()
+    gradient = impl.gradients()["digit.bias"]
+    assert np.abs(gradient).max() > 1e-4
+    for index in sampled_entries(gradient, 3, np.random.default_rng(0)):
+        shifted = {name: value.copy() for name, value in params.items()}
+        shifted["digit.bias"][index] += STEP
+        up = loss_of("torch-vectorised", config, shifted, images, labels)
+        shifted["digit.bias"][index] -= 2 * STEP
+        down = loss_of("torch-vectorised", config, shifted, images, labels)
+        assert (up - down) / (2 * STEP) == pytest.approx(gradient[index], abs=1e-7 * np.abs(gradient).max() + 1e-10)

@@ -98,12 +98,37 @@ def test_the_compile_benchmark_runs_on_the_small_network(monkeypatch):
     assert isinstance(benchmark.track_compile_seconds("torch-vectorised-compiled"), float)
 
 
-def test_the_routing_alone_is_the_eager_routing():
+@pytest.mark.parametrize("algorithm", ["dynamic", "self-attention"])
+def test_the_routing_alone_is_the_eager_routing(algorithm):
     """What the routing benchmarks time for these implementations (see the module docstring)."""
-    impl = registry.create("torch-vectorised-compiled", SMALL, livelier_parameters(SMALL), "float64")
-    u_hat = impl.prediction_vectors(impl.to_device(*synthetic_batch(SMALL, 2)))
+    config = SMALL.replace(routing_algorithm=algorithm)
+    params = livelier_parameters(config)
+    impl = registry.create("torch-vectorised-compiled", config, params, "float64")
+    u_hat = impl.prediction_vectors(impl.to_device(*synthetic_batch(config, 2)))
     frames = compiled_frames()
     v = impl.routing_forward(u_hat)
-    np.testing.assert_array_equal(v.numpy(), tr.routing_vectorised(u_hat, SMALL.routing_iterations,
-                                                                   SMALL.squash_eps).numpy())
+    eager = tr.ROUTING[(algorithm, "vectorised", "full")].autograd
+    tensors = {name: torch.tensor(value) for name, value in params.items()}
+    np.testing.assert_array_equal(v.numpy(), eager(u_hat, tensors, config).numpy())
     assert compiled_frames() == frames
+
+
+@needs_compiler
+def test_self_attention_compiles_with_its_bias():
+    """Under self-attention the compiled graph routes with digit.bias: loss and every gradient (the bias's
+    included, at a non-zero bias) are the eager torch-vectorised's."""
+    config = SMALL.replace(routing_algorithm="self-attention")
+    params = livelier_parameters(config)
+    params["digit.bias"] = np.random.default_rng(1).normal(scale=0.3, size=params["digit.bias"].shape)
+    images, labels = synthetic_batch(config, 3)
+    results = {}
+    for name in ("torch-vectorised-compiled", "torch-vectorised"):
+        impl = registry.create(name, config, params, "float64")
+        loss = impl.forward_loss(impl.to_device(images, labels))
+        impl.backward()
+        results[name] = (float(loss), impl.gradients())
+    (loss, gradients), (eager_loss, eager_gradients) = results.values()
+    assert loss == pytest.approx(eager_loss, rel=1e-12)
+    assert list(gradients) == list(eager_gradients) and "digit.bias" in gradients
+    for name, expected in eager_gradients.items():
+        np.testing.assert_allclose(gradients[name], expected, rtol=1e-9, atol=1e-13, err_msg=name)

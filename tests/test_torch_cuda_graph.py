@@ -107,11 +107,14 @@ def test_snapshot_puts_values_back_in_the_same_storage():
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", sorted(STAND_INS))
-def test_host_logic_keeps_parity_with_the_reference(name, dtype):
+@pytest.mark.parametrize("algorithm", ["dynamic", "self-attention"])
+def test_host_logic_keeps_parity_with_the_reference(name, dtype, algorithm):
     """The whole check (outputs, gradients, three scheduled Adam steps, routing alone) through the captured
-    regions' host logic: a warm-up that moved the parameters or Adam's state would show here."""
-    rows = check_implementation(name, SMALL, dtype)
-    assert [row.quantity for row in rows] == quantities(SMALL)
+    regions' host logic: a warm-up that moved the parameters or Adam's state would show here.  Under
+    self-attention digit.bias is one more parameter whose gradient and Adam state the graphs hold."""
+    config = SMALL.replace(routing_algorithm=algorithm)
+    rows = check_implementation(name, config, dtype)
+    assert [row.quantity for row in rows] == quantities(config)
     assert all(row.passed for row in rows), [row for row in rows if not row.passed]
 
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from harness import registry
 from harness.data import synthetic_batch
 from harness.measure import flops
 from harness.ranges import recording
-from harness.settings import PLAN_CACHE_ENV
+from harness.settings import CONV_PLAN_ENV, PLAN_CACHE_ENV
 from harness.spec import SMALL
 from implementations.numpy import routing as nr
 from implementations.torch import fused as tf
@@ -160,6 +161,147 @@ def test_a_final_routing_gradient_network_uses_the_final_backward():
         impl.backward()
     backward = {layer for phase, layer in recorder.seen if phase == "backward" and layer.startswith("routing")}
     assert backward == {f"routing_iteration_{config.routing_iterations}"}
+
+
+def attention_case(rng, batch=2, n_out=3, n_in=6, dim=4):
+    """u_hat (B, J, N, D) of order one, so the agreements spread the softmax far from uniform, and a bias
+    (J, N) far from zero."""
+    u_hat = torch.tensor(rng.normal(size=(batch, n_out, n_in, dim)), requires_grad=True)
+    bias = torch.tensor(rng.normal(scale=0.5, size=(n_out, n_in)), requires_grad=True)
+    return u_hat, bias
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("block_bytes", [tr.ATTENTION_BLOCK_BYTES, 1], ids=["one block", "one example a block"])
+def test_self_attention_routing_is_the_autograd_reference(rng, monkeypatch, one_thread, block_bytes):
+    """SelfAttentionRouting's forward, and its hand-written gradients of u_hat and of the bias, against
+    autograd through torch-vectorised's self_attention_vectorised (u_hat (B, N, J, D) there); the forward in
+    one block and in blocks of one example (as on a single-threaded CPU at the paper's sizes)."""
+    monkeypatch.setattr(tr, "ATTENTION_BLOCK_BYTES", block_bytes)
+    u_hat, bias = attention_case(rng, batch=3)
+    assert len(tr.attention_blocks(u_hat)) == (1 if block_bytes > 1 else 3)
+    grad_v = torch.tensor(rng.normal(size=(3, 3, 4)))
+    out = tr.SelfAttentionRouting.apply(u_hat, bias, EPS, fresh())
+    grad_u_hat, grad_bias = torch.autograd.grad(out, (u_hat, bias), grad_v)
+    reference_input = u_hat.detach().transpose(1, 2).clone().requires_grad_(True)
+    reference_bias = bias.detach().clone().requires_grad_(True)
+    reference = tr.self_attention_vectorised(reference_input, reference_bias, EPS)
+    expected_u_hat, expected_bias = torch.autograd.grad(reference, (reference_input, reference_bias), grad_v)
+    np.testing.assert_allclose(out.detach().numpy(), reference.detach().numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(grad_u_hat.numpy(), expected_u_hat.numpy().transpose(0, 2, 1, 3), rtol=1e-11,
+                               atol=1e-14)
+    np.testing.assert_allclose(grad_bias.numpy(), expected_bias.numpy(), rtol=1e-11, atol=1e-14)
+    # the case routes: the couplings are far from uniform (1 / J) and the bias moves them further
+    with torch.no_grad():
+        total = u_hat.sum(dim=2, keepdim=True)
+        probabilities = torch.softmax((u_hat * total).sum(dim=-1) / 2.0, dim=1)
+    assert (probabilities.max() - probabilities.min()).item() > 0.5
+
+
+def test_self_attention_blocks_cover_the_batch_once_and_only_a_single_thread_blocks(monkeypatch):
+    u_hat = torch.zeros(5, 2, 3, 4)
+    monkeypatch.setattr(tr, "ATTENTION_BLOCK_BYTES", 2 * 2 * 3 * 4 * 4)  # two examples of float32
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert tr.attention_blocks(u_hat) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+        torch.set_num_threads(2)
+        assert tr.attention_blocks(u_hat) == [slice(0, 5)]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_self_attention_routing_backward_finite_differences(rng):
+    u_hat, bias = attention_case(rng, batch=2, n_out=2, n_in=3, dim=3)
+    assert torch.autograd.gradcheck(lambda x, b: tr.SelfAttentionRouting.apply(x, b, EPS, fresh()), (u_hat, bias))
+
+
+def self_attention_parameters(config, seed: int = 0) -> dict:
+    """livelier_parameters with a non-zero digit.bias (zero at the canonical start)."""
+    params = livelier_parameters(config, seed=seed)
+    params["digit.bias"] = np.random.default_rng(seed + 1).normal(scale=0.3, size=params["digit.bias"].shape)
+    return params
+
+
+def test_torch_fused_self_attention_network_is_torch_vectorised(monkeypatch):
+    """The whole network under self-attention in float64: loss, every gradient (digit.bias's included), the
+    parameters after an Adam step and Adam's state, against torch-vectorised (autograd)."""
+    monkeypatch.setenv(CONV_PLAN_ENV, "fixed")  # the convolution plan is not what this checks
+    config = SMALL.replace(routing_algorithm="self-attention")
+    params = self_attention_parameters(config)
+    images, labels = synthetic_batch(config, 4)
+    results = {}
+    for name in ("torch-vectorised", "torch-fused"):
+        impl = registry.create(name, config, params, "float64")
+        loss = impl.forward_loss(impl.to_device(images, labels))
+        impl.backward()
+        gradients = impl.gradients()
+        impl.adam_step()
+        results[name] = (float(loss), gradients, impl.parameters(), impl.adam_state())
+    (loss, gradients, parameters, state), (fused_loss, fused_gradients, fused_parameters, fused_state) = (
+        results["torch-vectorised"], results["torch-fused"])
+    assert fused_loss == pytest.approx(loss, rel=1e-12)
+    assert list(fused_gradients) == list(gradients) and list(gradients)[-1] == "digit.bias"
+    for name, expected in gradients.items():
+        np.testing.assert_allclose(fused_gradients[name], expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max(),
+                                   err_msg=name)
+    assert np.abs(gradients["digit.bias"]).max() > 1e-4  # the bias is in the loss's gradient
+    for name, expected in parameters.items():
+        np.testing.assert_allclose(fused_parameters[name], expected, rtol=1e-9, atol=1e-12, err_msg=name)
+    assert not np.array_equal(fused_parameters["digit.bias"], params["digit.bias"])  # Adam moved the bias
+    assert set(fused_state) == set(state)
+    np.testing.assert_allclose(fused_state["second/digit.bias"], state["second/digit.bias"], rtol=1e-9)
+
+
+def test_torch_fused_self_attention_adam_state_round_trip(monkeypatch):
+    """Adam's state, digit.bias's moments included, loaded into a new model continues as the first."""
+    monkeypatch.setenv(CONV_PLAN_ENV, "fixed")
+    config = SMALL.replace(routing_algorithm="self-attention")
+    params = self_attention_parameters(config)
+    batches = [synthetic_batch(config, 3, seed=seed) for seed in range(2)]
+    first = tf.TorchFusedCapsNet(config, params, "float64")
+    first.train_step(first.to_device(*batches[0]))
+    second = tf.TorchFusedCapsNet(config, first.parameters(), "float64")
+    second.load_adam_state(first.adam_state())
+    for impl in (first, second):
+        impl.train_step(impl.to_device(*batches[1]))
+    np.testing.assert_allclose(second.parameters()["digit.bias"], first.parameters()["digit.bias"], rtol=1e-12)
+    np.testing.assert_allclose(second.adam_state()["first/digit.bias"], first.adam_state()["first/digit.bias"],
+                               rtol=1e-12)
+
+
+def test_torch_fused_self_attention_routing_alone_is_torch_vectorised_s(rng):
+    """routing_forward and routing_backward (u_hat's gradient alone) in torch-fused's layout (B, J, N, D)."""
+    config = SMALL.replace(routing_algorithm="self-attention")
+    params = self_attention_parameters(config)
+    fused = registry.create("torch-fused", config, params, "float64")
+    vectorised = registry.create("torch-vectorised", config, params, "float64")
+    u_hat = vectorised.prediction_vectors(vectorised.to_device(*synthetic_batch(config, 3)))  # (B, N, J, D)
+    grad_v = torch.tensor(rng.normal(size=(3, config.num_classes, config.digit_caps_dim)))
+    by_output = u_hat.transpose(1, 2).contiguous()
+    np.testing.assert_allclose(fused.routing_forward(by_output).numpy(), vectorised.routing_forward(u_hat).numpy(),
+                               rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(fused.routing_backward(by_output, grad_v).numpy(),
+                               vectorised.routing_backward(u_hat, grad_v).transpose(1, 2).numpy(), rtol=1e-10,
+                               atol=1e-15)
+
+
+def test_a_self_attention_network_has_the_attention_ranges_forward_and_backward(monkeypatch):
+    monkeypatch.setenv(CONV_PLAN_ENV, "fixed")
+    config = SMALL.replace(routing_algorithm="self-attention")
+    impl = tf.TorchFusedCapsNet(config, self_attention_parameters(config), "float64")
+    with recording(NameRecorder()) as recorder:
+        impl.forward_loss(impl.to_device(*synthetic_batch(config, 2)))
+        impl.backward()
+    routing = {(phase, layer) for phase, layer in recorder.seen if layer.startswith(("routing", "attention"))}
+    assert routing == {(phase, layer) for phase in ("forward", "backward") for layer in ("attention", "attention_sum")}
 
 
 def test_workspace_keeps_a_buffer_per_shape():

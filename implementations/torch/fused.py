@@ -31,7 +31,11 @@ and in its backward:
   first iteration, gradients through c and b of every iteration, the gradient of u_hat written once by one
   batched product of inner dimension 2R - 1 from gathered coefficients; under the routing gradient
   ``final`` (:class:`~implementations.torch.routing.FinalGradientRouting`) the last iteration's weighted
-  sum alone, one broadcast product.
+  sum alone, one broadcast product; under the routing algorithm ``self-attention``
+  (:class:`~implementations.torch.routing.SelfAttentionRouting`) the agreement with T_j = sum_k u_hat_j|k,
+  the softmax over j plus the bias ``digit.bias`` (a parameter of the module then, updated by the same
+  Adam) and the weighted sum, its gradient of u_hat three rank-one terms per example and output capsule
+  written by one batched product, and the bias's gradient beside it.
 
 Lengths, mask, decoder and losses stay with autograd: a small part of the work, with no layout to fix.
 
@@ -65,7 +69,7 @@ from harness.params import DIGIT_WEIGHT
 from harness.ranges import layer_range
 from harness.registry import register
 from harness.settings import CONV_PLAN_ENV
-from harness.spec import ADAM, PAPER, ROUTING_GRADIENTS, CapsNetConfig, conv_output_size
+from harness.spec import ADAM, PAPER, ROUTING_ALGORITHMS, ROUTING_GRADIENTS, CapsNetConfig, conv_output_size
 from implementations.torch import _conv_plans as conv_plans
 from implementations.torch import _spectral as spectral
 from implementations.torch.autograd import F, TorchCapsNet, capsule_lengths, decoder, mask_capsules, torch
@@ -428,10 +432,17 @@ class FusedCapsNetModule(_Module):
         with layer_range("u_hat"):
             return PredictionVectors.apply(u, p[DIGIT_WEIGHT], workspace)
 
+    def route(self, u_hat, workspace, constant_parameters: bool = False):
+        """The hand-written routing of the config's algorithm on u_hat (B, J, N, D) -> v (B, J, D), with the
+        arguments it takes (dynamic: the iterations; self-attention: the parameter digit.bias, detached with
+        ``constant_parameters``, so that no gradient of it is computed)."""
+        params = ({name: value.detach() for name, value in self.params.items()} if constant_parameters
+                  else self.params)
+        return self.routing.apply(u_hat, *self.routing.arguments(params, self.config), workspace)
+
     def forward(self, images, labels=None):
         config = self.config
-        v = self.routing.apply(self.predictions(images, self.workspace),
-                               config.routing_iterations, config.squash_eps, self.workspace)
+        v = self.route(self.predictions(images, self.workspace), self.workspace)
         with layer_range("lengths_mask"):
             lengths = capsule_lengths(v)
             masked = mask_capsules(v, labels if labels is not None else lengths.argmax(dim=1), config)
@@ -446,6 +457,7 @@ class TorchFusedCapsNet(TorchCapsNet):
 
     u_hat_layout = "BJND"
     routing_gradients = ROUTING_GRADIENTS  # Routing and FinalGradientRouting
+    routing_algorithms = ROUTING_ALGORITHMS  # dynamic (those two), self-attention (SelfAttentionRouting)
 
     def __init__(self, config, params, dtype="float32", device="cpu", routing_variant="vectorised"):
         if routing_variant != "vectorised":
@@ -457,8 +469,8 @@ class TorchFusedCapsNet(TorchCapsNet):
         self.plans: dict[int, tuple[Plan, dict]] = {}
         self.plan_seconds = 0.0  # spent choosing plans (measuring, or reading the cache): set-up, not a step
         self.workspace = Workspace(self._dtype, self._device)
-        self.module = FusedCapsNetModule(config, self.params, self.plan, self.workspace,
-                                         ROUTING[("dynamic", routing_variant, config.routing_gradient)].hand_written)
+        routing = ROUTING[(config.routing_algorithm, routing_variant, config.routing_gradient)].hand_written
+        self.module = FusedCapsNetModule(config, self.params, self.plan, self.workspace, routing)
 
     def use_plan_for(self, batch_size: int) -> Plan:
         """The convolution plan of this batch size, chosen on its first use: a batch no larger than one this
@@ -520,9 +532,10 @@ class TorchFusedCapsNet(TorchCapsNet):
         return Workspace(self._dtype, self._device, keep=False)
 
     def route(self, u_hat):
-        """The routing of the forward pass on u_hat (B, J, N, D) -> v (B, J, D)."""
-        return self.module.routing.apply(u_hat, self.config.routing_iterations, self.config.squash_eps,
-                                         self._fresh())
+        """The routing alone (routing_forward, routing_backward) on u_hat (B, J, N, D) -> v (B, J, D), in fresh
+        buffers, the routing's parameters (self-attention's bias) constants: the routing-alone gradient is
+        u_hat's alone."""
+        return self.module.route(u_hat, self._fresh(), constant_parameters=True)
 
     def prediction_vectors(self, batch):
         self.use_plan_for(batch.images.shape[0])

@@ -10,12 +10,14 @@ computes that routing:
   the iterations before the last, :func:`routed_predictions`; self-attention:
   :func:`self_attention_vectorised`, :func:`self_attention_looped`);
 * ``hand_written``: a ``torch.autograd.Function`` on u_hat laid out (B, J, N, D), ``apply(u_hat,
-  iterations, eps, workspace)``, with the backward written by hand (:class:`Routing`,
-  :class:`FinalGradientRouting`): ``torch-fused``'s routing; None for a variant that has none (looped).
+  *arguments(params, config), workspace)`` (its static ``arguments`` gives what it takes: dynamic routing
+  the iterations and eps, self-attention the bias and eps), with the backward written by hand
+  (:class:`Routing`, :class:`FinalGradientRouting`, :class:`SelfAttentionRouting`): ``torch-fused``'s
+  routing; None for a variant that has none (looped).
 
 The squash of each (:func:`squash` for autograd; :func:`squash_forward` and :func:`squash_backward` by
-hand; self-attention's :func:`attention_squash`) is here too, and the networks' PrimaryCaps use the same
-dynamic squash under every algorithm.
+hand; self-attention's :func:`attention_squash` and :func:`attention_squash_backward`) is here too, and the
+networks' PrimaryCaps use the same dynamic squash under every algorithm.
 """
 
 from __future__ import annotations
@@ -179,6 +181,11 @@ def agreement(u_hat, vectors):
     return torch.bmm(vectors.reshape(batch * n_out, 1, dim), rows).view(batch, n_out, n_in)
 
 
+def dynamic_arguments(params: dict, config) -> tuple:
+    """What :class:`Routing` and :class:`FinalGradientRouting` take between u_hat and the workspace."""
+    return config.routing_iterations, config.squash_eps
+
+
 def routing_iterations(u_hat, iterations: int, eps: float) -> list:
     """Procedure 1's forward on u_hat (B, J, N, D): [c, s, v] of every iteration in turn, v (B, J, D) last."""
     batch, n_out, n_in, _ = u_hat.shape
@@ -203,6 +210,8 @@ class Routing(_Function):
     :func:`implementations.numpy.routing.routing_vectorised_backward`: through c and b of every iteration,
     the gradient of u_hat (2R - 1 rank-one terms per example and output capsule) written once by a batched
     product of the gathered coefficients; that product's range is iteration 1's."""
+
+    arguments = staticmethod(dynamic_arguments)
 
     @staticmethod
     def forward(ctx, u_hat, iterations: int, eps: float, workspace):
@@ -253,6 +262,8 @@ class FinalGradientRouting(_Function):
     earlier iteration visited (:func:`implementations.numpy.routing.routing_vectorised_final_backward`).
     Only c_R and s_R are kept for backward, not u_hat nor the earlier iterations."""
 
+    arguments = staticmethod(dynamic_arguments)
+
     @staticmethod
     def forward(ctx, u_hat, iterations: int, eps: float, workspace):
         coupling, s, v = routing_iterations(u_hat, iterations, eps)[-3:]
@@ -269,6 +280,116 @@ class FinalGradientRouting(_Function):
             grad_u_hat = workspace.get("routing:grad_u_hat", shape)
             torch.mul(coupling.unsqueeze(-1), grad_s.unsqueeze(2), out=grad_u_hat)
         return grad_u_hat, None, None, None
+
+
+def attention_squash_backward(s, grad_v, eps: float):
+    """d loss / d s of :func:`attention_squash`: with f(n) = (1 - exp(-n)) / n, the Jacobian
+    f I + (f'(n) / n) s s^T applied to grad_v, f'(n) = (n exp(-n) - (1 - exp(-n))) / n^2."""
+    norm = torch.sqrt((s * s).sum(dim=-1, keepdim=True) + eps)
+    rising = -torch.expm1(-norm)  # 1 - exp(-n)
+    scale = rising / norm  # f(n)
+    slope = (norm * torch.exp(-norm) - rising) / (norm * norm * norm)  # f'(n) / n
+    along = (s * grad_v).sum(dim=-1, keepdim=True)
+    return torch.addcmul(scale * grad_v, s, slope * along)
+
+
+# u_hat's bytes in a block of examples that torch-fused's self-attention forward takes through all its steps at
+# once on a single-threaded CPU, so that the block's second and third reads come from the cache (about half of
+# a 2 MiB L2), not from memory
+ATTENTION_BLOCK_BYTES = 1 << 20
+
+
+def attention_blocks(u_hat) -> list[slice]:
+    """The blocks of examples (slices of u_hat's batch axis) of :class:`SelfAttentionRouting`'s forward: on a
+    CPU with one torch thread each about :data:`ATTENTION_BLOCK_BYTES` of u_hat (at least one example);
+    otherwise the whole batch.  With more threads every operation is a parallel region whose end waits for
+    its slowest thread, and on a loaded machine a thread waits for a core: blocks of four examples (six
+    operations each) measured four times slower than the whole batch at 2 threads beside other work, and a
+    fifth faster on an idle machine; one thread has no such wait, and its blocks measured a third faster."""
+    batch = u_hat.shape[0]
+    size = batch
+    if u_hat.device.type == "cpu" and torch.get_num_threads() == 1:
+        size = max(1, ATTENTION_BLOCK_BYTES // max(1, u_hat[0].numel() * u_hat.element_size()))
+    return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+
+class SelfAttentionRouting(_Function):
+    """Self-attention routing (harness.spec) on u_hat (B, J, N, D) and the bias b (J, N) -> v (B, J, D),
+    ``apply(u_hat, bias, eps, workspace)``, with the backward written by hand.  Per example and output
+    capsule j, with U the (N, D) block of u_hat_j|i, T = sum_k u_hat_j|k and p = softmax_j(a):
+
+    * forward: T, a = U T / sqrt(D) (a batched product), c = p + b, s = c^T U (a batched product),
+      v = squash(s).  The three read u_hat, and nothing couples the examples: so on a single-threaded CPU
+      the forward runs block by block of about a MiB (:func:`attention_blocks`), each block's second and
+      third reads from the cache;
+    * backward: g_s from the squash, g_c = U g_s (a batched product; g_b = sum over the batch of g_c),
+      g_a = p (g_c - sum_j p g_c), and, since a_ij = u_ij . T_j / sqrt(D) reads u_hat twice (directly and
+      through T), d loss / d u_ij = c_ij g_s_j + g_a_ij T_j / sqrt(D) + G_j with G_j = sum_i g_a_ij u_ij /
+      sqrt(D) the gradient of T_j, which reaches every input i: three rank-one terms per example and output
+      capsule, written once by one batched product of inner dimension 3 (as :class:`Routing` gathers its
+      2R - 1).  It reads u_hat twice and writes its gradient once, over the whole batch: in blocks it
+      measured no faster (its first read, the agreement's product, costs about as much from the cache)."""
+
+    @staticmethod
+    def arguments(params: dict, config) -> tuple:
+        """What ``apply`` takes between u_hat and the workspace."""
+        return params[DIGIT_BIAS], config.squash_eps
+
+    @staticmethod
+    def forward(ctx, u_hat, bias, eps: float, workspace):
+        batch, n_out, n_in, dim = u_hat.shape
+        scale = dim ** -0.5
+        total = workspace.get("attention:total", (batch, n_out, dim))  # T_j / sqrt(D)
+        probabilities = []  # p = softmax_j(a), block by block
+        coupling = workspace.get("attention:coupling", (batch, n_out, n_in))
+        s = workspace.get("attention:s", (batch, n_out, dim))
+        for rows in attention_blocks(u_hat):
+            u = u_hat[rows]
+            pairs = u.shape[0] * n_out
+            with layer_range("attention", "forward"):
+                t = torch.sum(u, dim=2, out=total[rows]).mul_(scale)  # sum_k u_hat_j|k / sqrt(D), (b, J, D)
+                logits = agreement(u, t)  # a_ij = u_hat_j|i . T_j / sqrt(D), (b, J, N)
+                p = torch.softmax(logits, dim=1)  # over the output capsules j, for each input capsule i
+                probabilities.append(p)
+                c = torch.add(p, bias, out=coupling[rows])  # c_ij = p_ij + b_ji
+            with layer_range("attention_sum", "forward"):
+                torch.bmm(c.view(pairs, 1, n_in), u.reshape(pairs, n_in, dim),
+                          out=s[rows].view(pairs, 1, dim))  # s_j = sum_i c_ij u_hat_j|i
+        with layer_range("attention_sum", "forward"):
+            v = attention_squash(s, eps)
+        probabilities = probabilities[0] if len(probabilities) == 1 else torch.cat(probabilities)
+        ctx.setup = (eps, workspace)
+        ctx.save_for_backward(u_hat, total, probabilities, coupling, s)
+        return v
+
+    @staticmethod
+    def backward(ctx, grad_v):
+        eps, workspace = ctx.setup
+        u_hat, total, probabilities, coupling, s = ctx.saved_tensors
+        batch, n_out, n_in, dim = u_hat.shape
+        grad_u_hat = grad_bias = None
+        with layer_range("attention_sum", "backward"):
+            grad_s = attention_squash_backward(s, grad_v, eps)
+            grad_coupling = agreement(u_hat, grad_s)  # u_hat_j|i . g_s_j, (B, J, N)
+            if ctx.needs_input_grad[1]:
+                grad_bias = grad_coupling.sum(dim=0)
+        if not ctx.needs_input_grad[0]:
+            return grad_u_hat, grad_bias, None, None
+        with layer_range("attention", "backward"):
+            left = workspace.get("attention:left", (batch, n_out, 3, n_in))  # c, g_a, 1 over the input capsules
+            right = workspace.get("attention:right", (batch, n_out, 3, dim))  # g_s, T / sqrt(D), G over the axis
+            weighted = grad_coupling.mul_(probabilities)  # p g_c
+            grad_logits = torch.addcmul(weighted, probabilities, weighted.sum(dim=1, keepdim=True), value=-1.0,
+                                        out=left[:, :, 1])  # g_a = p g_c - p sum_j p g_c
+            left[:, :, 0].copy_(coupling)
+            left[:, :, 2].fill_(1.0)
+            right[:, :, 0].copy_(grad_s)
+            right[:, :, 1].copy_(total)
+            torch.mul(weighted_sum(grad_logits, u_hat), dim ** -0.5, out=right[:, :, 2])  # G_j = d loss / d T_j
+            grad_u_hat = workspace.get("routing:grad_u_hat", u_hat.shape)
+            torch.bmm(left.view(batch * n_out, 3, n_in).transpose(1, 2), right.view(batch * n_out, 3, dim),
+                      out=grad_u_hat.view(batch * n_out, n_in, dim))
+        return grad_u_hat, grad_bias, None, None
 
 
 # The table --------------------------------------------------------------------------------------------------
@@ -303,7 +424,8 @@ def _self_attention(function: Callable) -> Callable:
     return routing
 
 
-HAND_WRITTEN = {("dynamic", "vectorised", "full"): Routing, ("dynamic", "vectorised", "final"): FinalGradientRouting}
+HAND_WRITTEN = {("dynamic", "vectorised", "full"): Routing, ("dynamic", "vectorised", "final"): FinalGradientRouting,
+                ("self-attention", "vectorised", "full"): SelfAttentionRouting}
 ROUTING = {
     **{("dynamic", variant, gradient): TorchRouting(_dynamic(function, gradient),
                                                     HAND_WRITTEN.get(("dynamic", variant, gradient)))
