@@ -11,10 +11,12 @@ in the manual beside it (``docs/*.md``) sits between two markers and is written 
 An opening marker may name the run it wants, ``<!-- generated: headline commit=fb4b147f machine=vm -->``.
 The blocks (:data:`BLOCKS`): ``headline`` (one asv run: step times with their spread, images/s, % of the
 machine peak, forward, backward, routing share; and where the run measured another routing algorithm than
-dynamic, its train step and routing beside dynamic routing's), ``profile`` (the largest layers of each implementation's
-training step), ``training`` (every training run), ``scaling`` (data-parallel scaling) and ``environment``
-(the environment variables of :mod:`harness.settings`, not a measurement).  A block may sit in README or in
-any page of ``docs/``, each name in one place only (two copies of one table would be two places to look).
+dynamic, its train step and routing beside dynamic routing's), ``routing_algorithms`` (that second part
+alone, of a run a page names where its headline is another run), ``profile`` (the largest layers of each
+implementation's training step), ``training`` (every training run), ``scaling`` (data-parallel scaling)
+and ``environment`` (the environment variables of :mod:`harness.settings`, not a measurement).  A block may
+sit in README or in any page of ``docs/``, each name in one place only (two copies of one table would be two
+places to look).
 ``--check`` rewrites nothing and exits 1 naming the pages and blocks that differ from what the results say;
 the tests run it, so README, docs/ and ``results/`` cannot disagree unnoticed.
 """
@@ -116,6 +118,29 @@ def headline_block(root: Path, commit: str | None = None, machine: str | None = 
                + ranking_sentence(ranking_table(frame, parity)))
     return intro + ranking + "\n\n" + markdown_table(cells, text_columns=1) + routing_algorithms_lines(
         run_rows(asv.table, run, routing_algorithm=None), iterations, run.facts, status)
+
+
+def routing_algorithms_block(root: Path, commit: str | None = None, machine: str | None = None) -> str:
+    """The routing algorithms of the asv run at ``commit`` on ``machine`` (chosen as :func:`headline_block`
+    chooses): its train step and routing forward + backward under each algorithm it measured beside dynamic
+    routing's, with spreads and ratios (:func:`routing_algorithms_lines`), for a page whose headline is
+    another run.  Raises :class:`ReadmeError` where that run measured dynamic routing alone."""
+    asv = load_asv(root, machine)
+    runs = [run for run in asv.runs if commit is None or run.commit.startswith(commit)]
+    if not runs:
+        raise ReadmeError(f"routing_algorithms: no asv run {'at commit ' + commit if commit else ''} under "
+                          f"{root}/asv" + (f" for machine {machine}" if machine else "")
+                          + "; run asv and `capsbench keep` first")
+    run = runs[-1]
+    rows = run_rows(asv.table, run)
+    iterations, _ = step_iterations(rows, run.config_name)
+    status = parity_table(rows).set_index("implementation")["parity"]
+    lines = routing_algorithms_lines(run_rows(asv.table, run, routing_algorithm=None), iterations, run.facts, status)
+    if not lines:
+        raise ReadmeError(f"routing_algorithms: asv run {run.label} measured dynamic routing alone; measure "
+                          "another algorithm (docs/benchmarks.md) or name another run")
+    return (f"asv run `{run.label}` ({run.profile} profile, {run.config_name} network, float32). "
+            + run_peak_sentence(rows, run.facts) + lines)
 
 
 def routing_algorithms_lines(rows: pd.DataFrame, iterations: int, facts: dict, parity) -> str:
@@ -230,7 +255,8 @@ def environment_block(root: Path) -> str:
                           text_columns=3)
 
 
-BLOCKS = {"headline": headline_block, "profile": profile_block, "training": training_block,
+BLOCKS = {"headline": headline_block, "routing_algorithms": routing_algorithms_block,
+          "profile": profile_block, "training": training_block,
           "scaling": scaling_block, "environment": environment_block}
 
 

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from harness import readme
 from harness.settings import RESULTS_DIR
@@ -236,3 +237,18 @@ def test_the_headline_carries_both_routing_algorithms_where_its_run_measured_bot
     assert line["train step self-attention / dynamic"] == "0.80×"
     assert line["routing fwd+bwd self-attention / dynamic"] == "0.40×"
     assert "self-attention" not in first  # the headline's own table: dynamic routing
+
+
+def test_the_routing_algorithms_block_is_the_headline_s_second_part_and_refuses_a_dynamic_only_run(tmp_path):
+    """A page whose headline is another run names the run of its routing comparison: the block is the
+    headline's part after its own table, under a line naming the run; a run of dynamic routing alone is one
+    line saying what to measure."""
+    from test_report import results_layout, with_self_attention
+
+    root = results_layout(tmp_path / "results")
+    with pytest.raises(readme.ReadmeError, match="measured dynamic routing alone"):
+        readme.routing_algorithms_block(root)
+    with_self_attention(root)
+    block = readme.routing_algorithms_block(root)
+    assert block.startswith("asv run `") and "train step self-attention / dynamic" in block
+    assert block.split("\n\n", 1)[1] == readme.headline_block(root).split("\n\n", 2)[2]
