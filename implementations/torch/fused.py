@@ -44,8 +44,8 @@ and reused (:class:`Workspace`): on the CPU a fresh large tensor is fresh pages,
 measurable part of a step.  So a forward pass reuses the buffers that a pending backward needs; an
 inference ``forward`` therefore ends any pending ``forward_loss`` (``backward`` then asks for a new one),
 as in the NumPy implementation, and autograd's version counters catch any other reuse.  The routing-alone
-calls of the contract (``prediction_vectors``, ``routing_forward``, ``routing_backward``) allocate afresh,
-like NumPy's.
+calls of the contract (``routing_forward``, ``routing_backward``) keep buffers of their own, reused call to
+call, like NumPy's; ``prediction_vectors`` (not timed) allocates afresh.
 
 The optimizer is ``torch.optim.Adam(fused=True)`` (one kernel for all parameters; ``foreach`` where the
 build has no fused kernel for the device).
@@ -469,6 +469,8 @@ class TorchFusedCapsNet(TorchCapsNet):
         self.plans: dict[int, tuple[Plan, dict]] = {}
         self.plan_seconds = 0.0  # spent choosing plans (measuring, or reading the cache): set-up, not a step
         self.workspace = Workspace(self._dtype, self._device)
+        # routing alone (the routing benchmarks) keeps its own buffers, apart from the training step's
+        self.routing_workspace = Workspace(self._dtype, self._device)
         routing = ROUTING[(config.routing_algorithm, routing_variant, config.routing_gradient)].hand_written
         self.module = FusedCapsNetModule(config, self.params, self.plan, self.workspace, routing)
 
@@ -532,10 +534,13 @@ class TorchFusedCapsNet(TorchCapsNet):
         return Workspace(self._dtype, self._device, keep=False)
 
     def route(self, u_hat):
-        """The routing alone (routing_forward, routing_backward) on u_hat (B, J, N, D) -> v (B, J, D), in fresh
-        buffers, the routing's parameters (self-attention's bias) constants: the routing-alone gradient is
-        u_hat's alone."""
-        return self.module.route(u_hat, self._fresh(), constant_parameters=True)
+        """The routing alone (routing_forward, routing_backward) on u_hat (B, J, N, D) -> v (B, J, D), the
+        routing's parameters (self-attention's bias) constants: the routing-alone gradient is u_hat's alone.
+        Its buffers, the gradient of u_hat included, are kept and reused by the next call (apart from the
+        training step's), as the training backward's are and as NumPy's routing alone does, so that routing
+        alone times the routing and not the first touch of a fresh u_hat-sized gradient's pages; a result is
+        valid until the next routing-alone call."""
+        return self.module.route(u_hat, self.routing_workspace, constant_parameters=True)
 
     def prediction_vectors(self, batch):
         self.use_plan_for(batch.images.shape[0])
