@@ -149,6 +149,14 @@ def test_training_runs_keep_their_colour_when_a_run_is_added():
     assert alone[label] == more[label]
 
 
+def test_five_training_runs_of_one_implementation_have_five_line_styles():
+    """The shipped results hold five torch-fused runs (two routing gradients, two routing algorithms, a
+    schedule): with four styles the fifth run's loss curve looked like the first's."""
+    figure = plots.training_curves([(f"run{k}", training_record("torch-fused", 5.0 + k)) for k in range(5)])
+    dashes = [tuple(line._dash_pattern[1] or ()) for line in figure.axes[0].get_lines()]  # solid: ()
+    assert len(dashes) == 5 and len(set(dashes)) == 5, dashes
+
+
 def test_training_curves_are_readable_when_one_run_is_a_hundred_times_longer():
     fig = plots.training_curves([("short", training_record("torch-looped", 5.0)),
                                  ("long", training_record("torch-vectorised", 500.0))])

@@ -61,7 +61,8 @@ MIB = 2**20
 LINESTYLES = {"looped": "--"}  # routing variant -> line style (vectorised: solid)
 MARKERS = {"looped": dict(marker="s", markersize=6, markerfacecolor="white")}  # hollow, visible over a twin
 VARIANT_MARKERS = {"-compiled": "^", "-cuda-graph": "D"}
-RUN_LINESTYLES = ("-", "--", ":", "-.")  # several training runs of one implementation, in file-name order
+# several training runs of one implementation, in file-name order: six styles a reader tells apart
+RUN_LINESTYLES = ("-", "--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 4)))
 GRID = dict(alpha=0.3)
 MINOR_GRID = dict(alpha=0.12)
 ACCURACY_ZOOM = 0.8  # test accuracy axis: 0-100 % unless every epoch reached this
