@@ -175,6 +175,28 @@ def of(config: CapsNetConfig) -> RoutingAlgorithm:
     return get(getattr(config, "routing_algorithm", DEFAULT_ROUTING_ALGORITHM))
 
 
+def dynamic_entry(function: Callable, gradient: str) -> Callable:
+    """A framework's dynamic routing ``function(u_hat, iterations, eps, gradient)`` as an entry of its routing
+    table, ``routing(u_hat, params, config)`` (the calling convention of a reference) under the routing
+    gradient ``gradient``: a plain function, one per entry (torch.compile and jax.jit, which take the
+    routing as an argument, see a fixed function), named after ``function`` and the gradient."""
+    def routing(u_hat, params, config):
+        return function(u_hat, config.routing_iterations, config.squash_eps, gradient)
+
+    routing.__name__ = routing.__qualname__ = f"{function.__name__}_{gradient}"
+    return routing
+
+
+def self_attention_entry(function: Callable) -> Callable:
+    """A framework's self-attention routing ``function(u_hat, bias, eps)`` as an entry of its routing table,
+    ``routing(u_hat, params, config)``, the bias read from ``params`` (:data:`DIGIT_BIAS`)."""
+    def routing(u_hat, params, config):
+        return function(u_hat, params[DIGIT_BIAS], config.squash_eps)
+
+    routing.__name__ = routing.__qualname__ = function.__name__
+    return routing
+
+
 def parameter_shapes(config: CapsNetConfig) -> dict[str, tuple[int, ...]]:
     """The canonical parameters ``config``'s routing algorithm adds to the network: name -> shape (none for
     dynamic routing; ``digit.bias`` for self-attention)."""

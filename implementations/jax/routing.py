@@ -10,9 +10,7 @@ self-attention's :func:`attention_squash`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from harness.routing_algorithms import DIGIT_BIAS
+from harness.routing_algorithms import dynamic_entry, self_attention_entry
 from harness.spec import ROUTING_ALGORITHM_GRADIENTS
 from implementations.jax._setup import jax, jnp, lax
 
@@ -117,32 +115,11 @@ def self_attention_looped(u_hat, bias, eps: float):
 
 # The table --------------------------------------------------------------------------------------------------
 
-
-def _dynamic(function: Callable, gradient: str) -> Callable:
-    """Dynamic routing ``function`` as ``routing(u_hat, params, config)`` under the routing gradient
-    ``gradient`` (no parameters of its own)."""
-    def routing(u_hat, params, config):
-        return function(u_hat, config.routing_iterations, config.squash_eps, gradient)
-
-    routing.__name__ = routing.__qualname__ = f"{function.__name__}_{gradient}"
-    return routing
-
-
-def _self_attention(function: Callable) -> Callable:
-    """Self-attention routing ``function`` as ``routing(u_hat, params, config)``, its bias read from
-    ``params``."""
-    def routing(u_hat, params, config):
-        return function(u_hat, params[DIGIT_BIAS], config.squash_eps)
-
-    routing.__name__ = routing.__qualname__ = function.__name__
-    return routing
-
-
 ROUTING = {
-    **{("dynamic", variant, gradient): _dynamic(function, gradient)
+    **{("dynamic", variant, gradient): dynamic_entry(function, gradient)
        for variant, function in (("vectorised", routing_vectorised), ("looped", routing_looped))
        for gradient in ROUTING_ALGORITHM_GRADIENTS["dynamic"]},
-    **{("self-attention", variant, gradient): _self_attention(function)
+    **{("self-attention", variant, gradient): self_attention_entry(function)
        for variant, function in (("vectorised", self_attention_vectorised), ("looped", self_attention_looped))
        for gradient in ROUTING_ALGORITHM_GRADIENTS["self-attention"]},
 }

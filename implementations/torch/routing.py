@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from harness.ranges import layer_range
-from harness.routing_algorithms import DIGIT_BIAS
+from harness.routing_algorithms import DIGIT_BIAS, dynamic_entry, self_attention_entry
 from harness.spec import ROUTING_ALGORITHM_GRADIENTS
 
 try:
@@ -403,35 +403,16 @@ class TorchRouting(NamedTuple):
     hand_written: type | None
 
 
-def _dynamic(function: Callable, gradient: str) -> Callable:
-    """Dynamic routing ``function`` as ``routing(u_hat, params, config)`` under the routing gradient
-    ``gradient``: a plain function (one per entry, so torch.compile, which takes the routing as an argument,
-    sees a fixed function)."""
-    def routing(u_hat, params, config):
-        return function(u_hat, config.routing_iterations, config.squash_eps, gradient)
-
-    routing.__name__ = routing.__qualname__ = f"{function.__name__}_{gradient}"
-    return routing
-
-
-def _self_attention(function: Callable) -> Callable:
-    """Self-attention routing ``function`` as ``routing(u_hat, params, config)``, its bias read from
-    ``params``."""
-    def routing(u_hat, params, config):
-        return function(u_hat, params[DIGIT_BIAS], config.squash_eps)
-
-    routing.__name__ = routing.__qualname__ = function.__name__
-    return routing
 
 
 HAND_WRITTEN = {("dynamic", "vectorised", "full"): Routing, ("dynamic", "vectorised", "final"): FinalGradientRouting,
                 ("self-attention", "vectorised", "full"): SelfAttentionRouting}
 ROUTING = {
-    **{("dynamic", variant, gradient): TorchRouting(_dynamic(function, gradient),
+    **{("dynamic", variant, gradient): TorchRouting(dynamic_entry(function, gradient),
                                                     HAND_WRITTEN.get(("dynamic", variant, gradient)))
        for variant, function in (("vectorised", routing_vectorised), ("looped", routing_looped))
        for gradient in ROUTING_ALGORITHM_GRADIENTS["dynamic"]},
-    **{("self-attention", variant, gradient): TorchRouting(_self_attention(function),
+    **{("self-attention", variant, gradient): TorchRouting(self_attention_entry(function),
                                                            HAND_WRITTEN.get(("self-attention", variant, gradient)))
        for variant, function in (("vectorised", self_attention_vectorised), ("looped", self_attention_looped))
        for gradient in ROUTING_ALGORITHM_GRADIENTS["self-attention"]},
