@@ -72,6 +72,17 @@ class ReadmeError(UserError, ValueError):
     status = EXIT_FAILURE
 
 
+def chosen_run(root: Path, commit: str | None, machine: str | None, block: str):
+    """The asv results under ``root`` and the run a ``block`` names: at ``commit`` (prefix; default the newest,
+    :mod:`harness.suite.run_order`) on ``machine``.  Raises :class:`ReadmeError` where there is none."""
+    asv = load_asv(root, machine)
+    runs = [run for run in asv.runs if commit is None or run.commit.startswith(commit)]
+    if not runs:
+        raise ReadmeError(f"{block}: no asv run {'at commit ' + commit if commit else ''} under {root}/asv"
+                          + (f" for machine {machine}" if machine else "") + "; run asv and `capsbench keep` first")
+    return asv, runs[-1]  # load_asv orders them oldest first (harness.suite.run_order)
+
+
 def headline_block(root: Path, commit: str | None = None, machine: str | None = None) -> str:
     """The asv run at ``commit`` (prefix; default the newest, :mod:`harness.suite.run_order`) on ``machine``: per
     implementation and batch size, the training step (median, interquartile range, samples), images/s, % of the
@@ -79,12 +90,7 @@ def headline_block(root: Path, commit: str | None = None, machine: str | None = 
     largest error, :mod:`harness.reporting.ranking`: an implementation without a passing figure is marked wherever it is
     named, and one that FAILED is listed last in its batch and not ranked); then the ranking per batch size,
     with the pairs the samples cannot rank; implementations without a result are left out."""
-    asv = load_asv(root, machine)
-    runs = [run for run in asv.runs if commit is None or run.commit.startswith(commit)]
-    if not runs:
-        raise ReadmeError(f"headline: no asv run {'at commit ' + commit if commit else ''} under {root}/asv"
-                          + (f" for machine {machine}" if machine else "") + "; run asv and `capsbench keep` first")
-    run = runs[-1]  # load_asv orders them oldest first (harness.suite.run_order)
+    asv, run = chosen_run(root, commit, machine, "headline")
     rows = run_rows(asv.table, run)
     iterations, _ = step_iterations(rows, run.config_name)
     frame = summary_table(rows, iterations)
@@ -125,13 +131,7 @@ def routing_algorithms_block(root: Path, commit: str | None = None, machine: str
     chooses): its train step and routing forward + backward under each algorithm it measured beside dynamic
     routing's, with spreads and ratios (:func:`routing_algorithms_lines`), for a page whose headline is
     another run.  Raises :class:`ReadmeError` where that run measured dynamic routing alone."""
-    asv = load_asv(root, machine)
-    runs = [run for run in asv.runs if commit is None or run.commit.startswith(commit)]
-    if not runs:
-        raise ReadmeError(f"routing_algorithms: no asv run {'at commit ' + commit if commit else ''} under "
-                          f"{root}/asv" + (f" for machine {machine}" if machine else "")
-                          + "; run asv and `capsbench keep` first")
-    run = runs[-1]
+    asv, run = chosen_run(root, commit, machine, "routing_algorithms")
     rows = run_rows(asv.table, run)
     iterations, _ = step_iterations(rows, run.config_name)
     status = parity_table(rows).set_index("implementation")["parity"]
