@@ -75,10 +75,15 @@ def config_support(cls: type, config: CapsNetConfig, routing_variant: str = "vec
     gradient (:func:`routing_algorithm_support`, whether the algorithm has that gradient at all
     (``RoutingAlgorithm.routing_gradients``: a plugin's algorithm may have ``full`` alone), then
     :func:`routing_gradient_support`): the first that fails, else :meth:`Availability.ok`."""
+    algorithm = routing_algorithm_support(cls, getattr(config, "routing_algorithm", "dynamic"), routing_variant)
+    return algorithm if not algorithm else gradient_support_under(cls, config)
+
+
+def gradient_support_under(cls: type, config: CapsNetConfig) -> Availability:
+    """Whether ``cls`` computes ``config``'s routing gradient under its routing algorithm: whether the
+    algorithm has that gradient at all, then :func:`routing_gradient_support` (the second half of
+    :func:`config_support`, for a caller that has checked the algorithm already)."""
     name, gradient = getattr(config, "routing_algorithm", "dynamic"), getattr(config, "routing_gradient", "full")
-    algorithm = routing_algorithm_support(cls, name, routing_variant)
-    if not algorithm:
-        return algorithm
     meaningful = routing_algorithms.get(name).routing_gradients
     if gradient not in meaningful:
         return Availability.missing(f"the routing algorithm {name!r} has the routing gradient "
@@ -194,7 +199,7 @@ class Implementation(abc.ABC):
                                               routing_variant)
         if not algorithm:
             raise UnsupportedRoutingAlgorithmError(f"{type(self).__name__} {algorithm.reason}")
-        support = config_support(type(self), config, routing_variant)
+        support = gradient_support_under(type(self), config)
         if not support:
             raise UnsupportedRoutingGradientError(f"{type(self).__name__} {support.reason}")
         validate_parameters(params, config)

@@ -36,6 +36,7 @@ from harness.contract import (  # noqa: F401 (re-exported: plugins import the co
     UnsupportedRoutingAlgorithmError,
     UnsupportedRoutingGradientError,
     config_support,
+    gradient_support_under,
     routing_algorithm_support,
     routing_gradient_support,
 )
@@ -120,7 +121,7 @@ class ImplementationInfo:
         algorithm = routing_algorithm_support(self.cls, config.routing_algorithm, self.routing_variant)
         if not algorithm:
             raise UnsupportedRoutingAlgorithmError(f"implementation {self.name!r} {algorithm.reason}")
-        support = self.computes(config)
+        support = gradient_support_under(self.cls, config)
         if not support:
             raise UnsupportedRoutingGradientError(f"implementation {self.name!r} {support.reason}")
         return self.cls(config, params, dtype=dtype, device=self.device, routing_variant=self.routing_variant)
